@@ -1,0 +1,286 @@
+"""Edges by backward passes through the local replacement model, and the `attribute` pipeline.
+
+An edge from source s to target t is `A[t, s] = r_t . J(s -> t) w_s`: inject the target's reading
+vector as a gradient at its read point, backpropagate through the frozen model, and dot the gradient
+at the source's write point with the source's writing vector. One backward pass serves a whole
+batch of targets, and one gradient serves every source at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import HookedSAETransformer
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
+
+from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
+from .pruning import check_threshold, compute_influence, prune_graph
+from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
+
+__all__ = [
+    "read_hook_name",
+    "write_hook_name",
+    "setup_attribution",
+    "prepare_backward_batches",
+    "compute_adjacency_matrix",
+    "AttributionResult",
+    "attribute",
+    "validate_transcoders",
+]
+
+Batch = tuple[int, list[NodeInfo], Tensor, Tensor, list[int | str]]
+
+
+def read_hook_name(layer: int | str) -> str:
+    """Where a target reads: a latent reads its MLP input (after ln2), a logit the ln_final output."""
+    return "unembed.hook_in" if layer == "L" else f"blocks.{layer}.mlp.hook_in"
+
+
+def write_hook_name(layer: int | str) -> str:
+    """Where a source writes: embeddings into the first residual stream, latents and errors into mlp_out."""
+    return "blocks.0.hook_resid_pre" if layer == "E" else f"blocks.{layer}.hook_mlp_out"
+
+
+def setup_attribution(
+    model: HookedSAETransformer,
+    tokens: Tensor,
+    freeze: FreezeHooks,
+    target_reading_vecs: Float[Tensor, "batch d_model"],
+    target_positions: Int[Tensor, " batch"],
+    target_layers: list[int | str],
+) -> dict[str, Tensor]:
+    """Gradients of each target's reading at every source write point, one batch row per target.
+
+    Runs the frozen model on `batch` copies of the prompt (the replacement hooks must be installed),
+    forms `sum_i r_i . read_i[pos_i]` with each target reading its own copy, and differentiates it.
+
+    Returns:
+        `{write hook name: grad of shape (batch, seq, d_model)}` for `blocks.0.hook_resid_pre` and every
+        `blocks.{l}.hook_mlp_out`.
+    """
+    batch = target_reading_vecs.shape[0]
+    if not (len(target_layers) == batch == target_positions.shape[0]):
+        raise ValueError(f"Got {batch} reading vectors, {target_positions.shape[0]} positions and "
+                         f"{len(target_layers)} layers: one of each per target.")
+    reading = target_reading_vecs.detach()
+    n_layers = model.cfg.n_layers
+    write_names = [write_hook_name("E")] + [write_hook_name(layer) for layer in range(n_layers)]
+    read_names = {read_hook_name(layer) for layer in target_layers}
+    seen: dict[str, Tensor] = {}
+
+    def leaf_at_embeddings(x: Tensor, hook: HookPoint) -> Tensor:
+        # Differentiate from here down: no gradient reaches the weights, nothing piles up in .grad.
+        seen[hook.name] = x.detach().requires_grad_(True)
+        return seen[hook.name]
+
+    def remember(x: Tensor, hook: HookPoint) -> None:
+        seen[hook.name] = x
+
+    last_resid = f"blocks.{n_layers - 1}.hook_resid_post"
+    fwd_hooks: list[tuple[str, Callable]] = [(write_names[0], leaf_at_embeddings)]
+    fwd_hooks += [(name, remember) for name in sorted((set(write_names[1:]) | read_names | {last_resid})
+                                                      - {"unembed.hook_in"})]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=freeze.fwd_hooks + fwd_hooks):
+        # return_type=None stops before the final norm and unembedding (a vocab-sized matmul we don't
+        # need); logit targets read the final norm's output, which we apply ourselves (scale frozen).
+        model(tokens.expand(batch, -1), return_type=None)
+        if "unembed.hook_in" in read_names:
+            seen["unembed.hook_in"] = model.ln_final(seen[last_resid])
+        rows = torch.arange(batch, device=reading.device)
+        objective = torch.zeros((), dtype=reading.dtype, device=reading.device)
+        for name in sorted(read_names):
+            sel = torch.tensor([read_hook_name(layer) == name for layer in target_layers], device=reading.device)
+            acts = seen[name][rows[sel], target_positions.to(reading.device)[sel]]
+            objective = objective + (acts * reading[sel].to(acts.dtype)).sum()
+        grads = torch.autograd.grad(objective, [seen[n] for n in write_names], allow_unused=True)
+
+    return {
+        name: (g if g is not None else torch.zeros_like(seen[name])).detach()
+        for name, g in zip(write_names, grads)
+    }
+
+
+def prepare_backward_batches(graph: GraphNodes, batch_size: int = 8) -> list[Batch]:
+    """Split the targets (every node but the embeddings) into per-layer batches of `batch_size`.
+
+    Returns:
+        `(global_start_idx, batch_nodes, reading_vecs (b, d_model), positions (b,), layers)` per batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    device = graph.reading_vecs.device
+    batches = []
+    for key, (start, end) in graph.node_range_dict.items():
+        if key == "E":
+            continue
+        for lo in range(start, end, batch_size):
+            hi = min(lo + batch_size, end)
+            nodes = graph.nodes[lo:hi]
+            positions = torch.tensor([n.ctx_idx for n in nodes], device=device, dtype=torch.long)
+            batches.append((lo, nodes, graph.reading_vecs[lo:hi], positions, [n.layer for n in nodes]))
+    return batches
+
+
+def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[str, Tensor, Tensor, Tensor]]:
+    """Sources grouped by write point: (hook name, node indices, positions, masked writing vectors)."""
+    groups = []
+    for key, (start, end) in graph.node_range_dict.items():
+        if key == "L" or end == start:
+            continue
+        idx = torch.arange(start, end, device=graph.writing_vecs.device)
+        pos = torch.tensor([n.ctx_idx for n in graph.nodes[start:end]], device=idx.device)
+        # Sources at masked positions (the chat-template prefix) send no edges.
+        writes = graph.writing_vecs[start:end] * (pos >= start_posn).unsqueeze(-1)
+        groups.append((write_hook_name(key), idx, pos, writes))
+    return groups
+
+
+def compute_adjacency_matrix(
+    model: HookedSAETransformer,
+    tokens: Tensor,
+    graph: GraphNodes,
+    freeze: FreezeHooks,
+    tc_hooks: TranscoderReplacementHooks,
+    batches: list[Batch],
+    start_posn: int = 4,
+) -> Float[Tensor, "n_nodes n_nodes"]:
+    """Fill `A[target, source]` one batch of targets at a time.
+
+    Each batch costs one backward pass; its gradients are contracted with every source's writing
+    vector in one einsum per write point (no loop over source nodes).
+
+    Returns:
+        A of shape (n_nodes, n_nodes); `A[j, i]` is the edge from node i to node j.
+    """
+    n = len(graph.nodes)
+    A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    groups = _source_groups(graph, start_posn)
+    installed_here = not tc_hooks.installed
+    tc_hooks.install()
+    try:
+        for lo, nodes, reading, positions, layers in tqdm(batches, desc="Backward batches", leave=False):
+            grads = setup_attribution(model, tokens, freeze, reading, positions, layers)
+            rows = slice(lo, lo + len(nodes))
+            for name, idx, pos, writes in groups:
+                g = grads[name][: len(nodes), pos]  # (b, n_sources, d_model)
+                A[rows, idx] = torch.einsum("bnd,nd->bn", g.to(writes.dtype), writes)
+    finally:
+        if installed_here:
+            tc_hooks.remove()
+    return A
+
+
+@dataclass
+class AttributionResult:
+    """Everything `attribute` computed: the full graph, its adjacency, and the pruned subgraph."""
+
+    graph: GraphNodes
+    adjacency_matrix: Tensor
+    kept_indices: Tensor
+    pruned_matrix: Tensor
+    prompt: str
+    str_tokens: list[str]
+    logit_weights: Tensor | None = None  # probabilities of the logit nodes
+    influence: Tensor | None = None  # influence of every node (full graph) on the logits
+    settings: dict = field(default_factory=dict)  # the arguments `attribute` ran with
+
+    @property
+    def kept_nodes(self) -> list[NodeInfo]:
+        return [self.graph.nodes[i] for i in self.kept_indices.tolist()]
+
+
+def validate_transcoders(model: HookedSAETransformer, transcoders: dict[int, Transcoder]) -> None:
+    """Raise a clear error unless there is one transcoder per layer, each matching `d_model`."""
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+    if sorted(transcoders) != list(range(n_layers)):
+        raise ValueError(f"transcoders must have one entry per layer 0..{n_layers - 1} of this model, got "
+                         f"layers {sorted(transcoders)}. Load the transcoders for this model.")
+    for layer, tc in transcoders.items():
+        d_in, d_out = tc.cfg.d_in, getattr(tc.cfg, "d_out", tc.cfg.d_in)
+        if d_in != d_model or d_out != d_model:
+            raise ValueError(f"transcoders[{layer}] maps {d_in} -> {d_out} dims but the model has d_model="
+                             f"{d_model}: these transcoders belong to another model.")
+        if tc.cfg.metadata.hook_name != f"blocks.{layer}.mlp.hook_in":
+            raise ValueError(f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r}; attribution needs "
+                             f"'blocks.{layer}.mlp.hook_in' (the ln2 output). Set tc.cfg.metadata.hook_name.")
+
+
+def attribute(
+    model: HookedSAETransformer,
+    transcoders: dict[int, Transcoder],
+    prompt: str,
+    n_output_nodes: int = 3,
+    start_posn: int = 4,
+    top_k: int = 5,
+    batch_size: int = 8,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.85,
+    _adjacency_matrix: Float[Tensor, "n_nodes n_nodes"] | None = None,
+) -> AttributionResult:
+    """The whole pipeline: freeze, find active latents, build nodes, compute edges, prune.
+
+    Args:
+        prompt: text (the chat template, if any, already applied).
+        n_output_nodes: how many of the most probable next tokens become logit nodes.
+        start_posn: positions before this (the chat-template prefix) get no intermediate nodes or edges.
+        top_k: latents kept per (layer, position); the rest are folded into the error node.
+        batch_size: targets per backward pass.
+        node_threshold, edge_threshold: fractions of influence kept by pruning, in (0, 1].
+        _adjacency_matrix: reuse a matrix computed before (same prompt and settings) to re-prune cheaply.
+    """
+    check_threshold("node_threshold", node_threshold)
+    check_threshold("edge_threshold", edge_threshold)
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt is empty: pass the text to attribute (use format_prompt for chat models).")
+    if start_posn < 0:
+        raise ValueError(f"start_posn must be >= 0, got {start_posn}.")
+    validate_transcoders(model, transcoders)
+    if not 1 <= n_output_nodes <= model.cfg.d_vocab:
+        raise ValueError(f"n_output_nodes must be in [1, {model.cfg.d_vocab}] (the vocabulary size), got "
+                         f"{n_output_nodes}.")
+
+    tokens = model.to_tokens(prompt)
+    if tokens.shape[1] <= start_posn:
+        raise ValueError(f"The prompt has {tokens.shape[1]} tokens, no more than start_posn={start_posn} masked "
+                         f"ones, so there is nothing to attribute: use a longer prompt or a smaller start_posn.")
+    str_tokens = [model.tokenizer.decode([i]) for i in tokens[0].tolist()]
+
+    freeze = FreezeHooks(model)
+    cache = freeze.cache_frozen_values(tokens)
+    tc_hooks = TranscoderReplacementHooks(model, transcoders, cache)
+    with torch.no_grad():
+        logits = model(tokens)
+    reading_vecs, top_token_info = compute_salient_logits(model, logits, n_output_nodes)
+    graph = build_graph_nodes(model, transcoders, cache, tc_hooks, reading_vecs, top_token_info, tokens,
+                              start_posn, top_k)
+
+    if _adjacency_matrix is not None:
+        if _adjacency_matrix.shape != (len(graph), len(graph)):
+            raise ValueError(f"_adjacency_matrix has shape {tuple(_adjacency_matrix.shape)} but this prompt and "
+                             f"settings give {len(graph)} nodes; recompute it (leave _adjacency_matrix=None).")
+        adjacency = _adjacency_matrix
+    else:
+        batches = prepare_backward_batches(graph, batch_size)
+        adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
+
+    logit_weights = torch.tensor([n.token_prob for n in graph.nodes if n.node_type == NodeType.LOGIT],
+                                 dtype=adjacency.dtype, device=adjacency.device)
+    kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)
+    return AttributionResult(
+        graph=graph,
+        adjacency_matrix=adjacency,
+        kept_indices=kept,
+        pruned_matrix=pruned,
+        prompt=prompt,
+        str_tokens=str_tokens,
+        logit_weights=logit_weights,
+        influence=compute_influence(adjacency, logit_weights, model.cfg.n_layers),
+        settings=dict(n_output_nodes=n_output_nodes, start_posn=start_posn, top_k=top_k, batch_size=batch_size,
+                      node_threshold=node_threshold, edge_threshold=edge_threshold),
+    )
