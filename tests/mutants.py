@@ -1,0 +1,1022 @@
+"""A catalogue of learner answers for the autograder: realistic mistakes, and correct alternatives.
+
+Each `Mutant` names the exercise it answers, the implementation, and the substring the autograder's
+failure message must contain (the hint that names the mistake). Entries with `hint=None` are correct
+answers written differently from the reference (loops, another algorithm, another style): they must
+pass. `tests/test_autograder.py` runs them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from part3_attribution_graphs import solutions as S
+from part3_attribution_graphs.nodes import NodeInfo, NodeType
+
+
+@dataclass(frozen=True)
+class Mutant:
+    exercise: str  # the test is tests.test_<exercise>
+    name: str
+    impl: Any
+    hint: str | None  # substring of the expected failure; None: a correct alternative that must pass
+
+
+MUTANTS: list[Mutant] = []
+ALTERNATIVES: list[Mutant] = []
+
+
+def mutant(exercise: str, hint: str) -> Callable:
+    def register(impl: Any) -> Any:
+        MUTANTS.append(Mutant(exercise, impl.__name__, impl, hint))
+        return impl
+
+    return register
+
+
+def alternative(exercise: str) -> Callable:
+    def register(impl: Any) -> Any:
+        ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None))
+        return impl
+
+    return register
+
+
+# ==================================================================================================
+# TranscoderReplacementHooks
+# ==================================================================================================
+
+
+class _LearnerHooks:
+    """A learner's class in the notebook's style; subclasses switch on one mistake each."""
+
+    permanent = True
+
+    def __init__(self, model, transcoders, cache):
+        self.model = model
+        self.transcoders = transcoders
+        self.cache = cache
+        self.transcoder_acts: dict[int, Tensor] = {}
+        self.transcoder_output: dict[int, Tensor] = {}
+        self.current_ln_inputs: dict[int, Tensor] = {}
+
+    def encode(self, layer, tc):
+        with torch.no_grad():
+            acts = tc.encode(self.cache[tc.cfg.metadata.hook_name])
+            self.transcoder_acts[layer] = acts
+            self.transcoder_output[layer] = tc.decode(acts)
+
+    def capture_name(self, layer, tc):
+        return tc.cfg.metadata.hook_name
+
+    def skip(self, layer, tc, x):
+        return x @ tc.W_skip.T
+
+    def replace(self, mlp_out, skip):
+        return skip + (mlp_out - skip).detach()
+
+    def install(self):
+        for layer, tc in self.transcoders.items():
+            self.encode(layer, tc)
+
+            def capture(x, hook, layer=layer):
+                self.current_ln_inputs[layer] = x
+
+            def skip_hook(mlp_out, hook, layer=layer, tc=tc):
+                return self.replace(mlp_out, self.skip(layer, tc, self.current_ln_inputs[layer]))
+
+            self.model.add_hook(self.capture_name(layer, tc), capture, is_permanent=self.permanent)
+            self.model.add_hook(tc.cfg.metadata.hook_name_out, skip_hook, is_permanent=self.permanent)
+
+    def remove(self):
+        self.model.reset_hooks(including_permanent=True)
+
+
+@mutant("transcoder_replacement_hooks", "flows through the real MLP")
+class HooksWithoutDetach(_LearnerHooks):
+    def replace(self, mlp_out, skip):
+        return skip + (mlp_out - skip)
+
+
+@mutant("transcoder_replacement_hooks", "use x @ W_skip.T")
+class HooksSkipNotTransposed(_LearnerHooks):
+    def skip(self, layer, tc, x):
+        return x @ tc.W_skip
+
+
+@mutant("transcoder_replacement_hooks", "LIVE MLP input")
+class HooksCachedInput(_LearnerHooks):
+    def skip(self, layer, tc, x):
+        return self.cache[tc.cfg.metadata.hook_name] @ tc.W_skip.T
+
+
+@mutant("transcoder_replacement_hooks", "reads hook_resid_mid")
+class HooksReadResidMid(_LearnerHooks):
+    def capture_name(self, layer, tc):
+        return f"blocks.{layer}.hook_resid_mid"
+
+
+@mutant("transcoder_replacement_hooks", "your remove() left 8 hooks on the model")
+class HooksRemoveKeepsPermanent(_LearnerHooks):
+    def remove(self):
+        self.model.reset_hooks()  # only temporary hooks: the permanent ones stay
+
+
+@mutant("transcoder_replacement_hooks", "not permanent")
+class HooksNotPermanent(_LearnerHooks):
+    permanent = False
+
+
+@mutant("transcoder_replacement_hooks", "includes the skip term")
+class HooksOutputWithSkip(_LearnerHooks):
+    def encode(self, layer, tc):
+        with torch.no_grad():
+            x = self.cache[tc.cfg.metadata.hook_name]
+            self.transcoder_acts[layer] = tc.encode(x)
+            self.transcoder_output[layer] = tc(x)  # forward adds the skip
+
+
+@mutant("transcoder_replacement_hooks", "different logits")
+class HooksReturnSkipOnly(_LearnerHooks):
+    def replace(self, mlp_out, skip):
+        return skip
+
+
+@mutant("transcoder_replacement_hooks", "install() added no hooks")
+class HooksInstallOnlyEncodes(_LearnerHooks):
+    def install(self):
+        for layer, tc in self.transcoders.items():
+            self.encode(layer, tc)
+
+
+@mutant("transcoder_replacement_hooks", "did you fill in the stub?")
+class HooksStub(_LearnerHooks):
+    def install(self):
+        raise NotImplementedError()
+
+
+@mutant("transcoder_replacement_hooks", "`transcoder_acts` should be a dict")
+class HooksNeverEncode(_LearnerHooks):
+    def encode(self, layer, tc):
+        pass
+
+
+@alternative("transcoder_replacement_hooks")
+class HooksEncodeInInitOwnHandles:
+    """Activations in __init__, F.linear for the skip, removes exactly its own hooks."""
+
+    def __init__(self, model, transcoders, cache):
+        self.model, self.transcoders = model, transcoders
+        with torch.no_grad():
+            self.transcoder_acts = {i: tc.encode(cache[tc.cfg.metadata.hook_name]) for i, tc in transcoders.items()}
+            self.transcoder_output = {i: transcoders[i].decode(a) for i, a in self.transcoder_acts.items()}
+        self.live: dict[int, Tensor] = {}
+        self.added: list[tuple[Any, Any]] = []
+
+    def install(self):
+        for layer, tc in self.transcoders.items():
+            for name, fn in ((tc.cfg.metadata.hook_name, self._capture(layer)),
+                             (tc.cfg.metadata.hook_name_out, self._skip(layer, tc))):
+                hp = self.model.mod_dict[name]
+                hp.add_hook(fn, is_permanent=True)
+                self.added.append((hp, hp.fwd_hooks[-1]))
+
+    def _capture(self, layer):
+        def fn(x, hook):
+            self.live[layer] = x
+
+        return fn
+
+    def _skip(self, layer, tc):
+        def fn(mlp_out, hook):
+            skip = F.linear(self.live[layer], tc.W_skip)
+            return skip + (mlp_out - skip).detach()
+
+        return fn
+
+    def remove(self):
+        for hp, handle in self.added:
+            handle.hook.remove()
+            hp.fwd_hooks.remove(handle)
+        self.added = []
+
+
+@alternative("transcoder_replacement_hooks")
+class HooksSeedStyleEinsum(_LearnerHooks):
+    """The notebook's skeleton filled in, with an einsum and reset_hooks(including_permanent=True)."""
+
+    def skip(self, layer, tc, x):
+        return torch.einsum("bsi,oi->bso", x, tc.W_skip)
+
+
+@alternative("transcoder_replacement_hooks")
+class HooksReference(S.TranscoderReplacementHooks):
+    """The reference itself, subclassed (e.g. a learner who extends the given class)."""
+
+
+# ==================================================================================================
+# compute_salient_logits
+# ==================================================================================================
+
+
+def _salient(model, logits, n, *, pos=-1, softmax_dim=-1, demean="vocab", return_logits=False, transpose=False):
+    if softmax_dim == -1:
+        probs = logits[0, pos].softmax(dim=-1)
+    else:
+        probs = logits.softmax(dim=softmax_dim)[0, pos]
+    top_probs, top_ids = probs.topk(n)
+    W_U = model.W_U
+    if demean == "vocab":
+        vecs = W_U[:, top_ids].T - W_U.mean(dim=-1)
+    elif demean == "d_model":
+        vecs = (W_U - W_U.mean(dim=0, keepdim=True))[:, top_ids].T
+    else:
+        vecs = W_U[:, top_ids].T
+    values = logits[0, pos, top_ids] if return_logits else top_probs
+    info = [(model.tokenizer.decode(i.item()), v.item()) for i, v in zip(top_ids, values)]
+    return (vecs.T if transpose else vecs), info
+
+
+@mutant("compute_salient_logits", "not demeaned")
+def salient_not_demeaned(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, demean=None)
+
+
+@mutant("compute_salient_logits", "use logits[0, -1]")
+def salient_position_zero(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, pos=0)
+
+
+@mutant("compute_salient_logits", "wrong dimension")
+def salient_softmax_over_seq(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, softmax_dim=1)
+
+
+@mutant("compute_salient_logits", "not probabilities")
+def salient_returns_logits(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, return_logits=True)
+
+
+@mutant("compute_salient_logits", "wrong axis")
+def salient_mean_over_d_model(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, demean="d_model")
+
+
+@mutant("compute_salient_logits", "has shape (64, 3), expected (3, 64)")
+def salient_columns_not_rows(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, transpose=True)
+
+
+@mutant("compute_salient_logits", "did you fill in the stub?")
+def salient_stub(model, logits, n_output_nodes=3):
+    raise NotImplementedError()
+
+
+@mutant("compute_salient_logits", "should return a tuple of 2 things, got NoneType")
+def salient_forgets_return(model, logits, n_output_nodes=3):
+    _salient(model, logits, n_output_nodes)
+
+
+@mutant("compute_salient_logits", "keep the order of decreasing probability")
+def salient_sorted_by_token_id(model, logits, n_output_nodes=3):
+    probs = logits[0, -1].softmax(dim=-1)
+    ids = probs.topk(n_output_nodes).indices.sort().values
+    vecs = model.W_U[:, ids].T - model.W_U.mean(dim=-1)
+    return vecs, [(model.tokenizer.decode([int(i)]), probs[i].item()) for i in ids]
+
+
+@alternative("compute_salient_logits")
+def salient_by_sorting(model, logits, n_output_nodes=3):
+    probs = torch.softmax(logits[0, -1].float(), dim=0)
+    order = probs.argsort(descending=True)[:n_output_nodes]
+    centred = model.W_U - model.W_U.mean(dim=1, keepdim=True)
+    info = [(model.to_single_str_token(int(i)), float(probs[i])) for i in order]
+    return centred[:, order].T.detach(), info
+
+
+@alternative("compute_salient_logits")
+def salient_seed_style(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes)
+
+
+# ==================================================================================================
+# build_embedding_nodes
+# ==================================================================================================
+
+
+def _embeddings(model, cache, tokens, *, source="cache", read_same=False, feature="token", layer="E", first=0,
+                stacked=False):
+    embeds = {"cache": lambda: cache["blocks.0.hook_resid_pre"][0], "W_E": lambda: model.W_E[tokens[0]],
+              "W_E_by_position": lambda: model.W_E[: tokens.shape[1]]}[source]()
+    nodes, writing, reading = [], [], []
+    for pos in range(first, tokens.shape[1]):
+        tok = tokens[0, pos].item()
+        nodes.append(NodeInfo(NodeType.EMBEDDING, layer, pos, tok if feature == "token" else pos,
+                              str_token=model.tokenizer.decode(tok)))
+        writing.append(embeds[pos])
+        reading.append(embeds[pos] if read_same else torch.zeros(model.cfg.d_model))
+    if stacked:
+        return nodes, torch.stack(writing), torch.stack(reading)
+    return nodes, writing, reading
+
+
+@mutant("build_embedding_nodes", "indexed W_E by position")
+def embeddings_by_position(model, cache, tokens):
+    return _embeddings(model, cache, tokens, source="W_E_by_position")
+
+
+@mutant("build_embedding_nodes", "after block 0")
+def embeddings_resid_post(model, cache, tokens):
+    _, post = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post")
+    nodes, _, reading = _embeddings(model, cache, tokens)
+    return nodes, list(post["blocks.0.hook_resid_post"][0].unbind(0)), reading
+
+
+@mutant("build_embedding_nodes", "reading vectors should be zeros")
+def embeddings_read_themselves(model, cache, tokens):
+    return _embeddings(model, cache, tokens, read_same=True)
+
+
+@mutant("build_embedding_nodes", "that is the position")
+def embeddings_feature_is_position(model, cache, tokens):
+    return _embeddings(model, cache, tokens, feature="position")
+
+
+@mutant("build_embedding_nodes", 'embedding nodes have layer "E"')
+def embeddings_layer_zero(model, cache, tokens):
+    return _embeddings(model, cache, tokens, layer=0)
+
+
+@mutant("build_embedding_nodes", "<bos> included")
+def embeddings_skip_bos(model, cache, tokens):
+    return _embeddings(model, cache, tokens, first=1)
+
+
+@mutant("build_embedding_nodes", "not a stacked tensor")
+def embeddings_stacked(model, cache, tokens):
+    return _embeddings(model, cache, tokens, stacked=True)
+
+
+@alternative("build_embedding_nodes")
+def embeddings_seed_style(model, cache, tokens):
+    return _embeddings(model, cache, tokens)
+
+
+@alternative("build_embedding_nodes")
+def embeddings_from_W_E(model, cache, tokens):
+    """TransformerLens folds Gemma's sqrt(d_model) into W_E, so its rows are exactly the cached embeddings."""
+    return _embeddings(model, cache, tokens, source="W_E")
+
+
+@alternative("build_embedding_nodes")
+def embeddings_vectorised(model, cache, tokens):
+    embeds = cache["blocks.0.hook_resid_pre"][0]
+    strs = model.to_str_tokens(tokens[0])
+    nodes = [NodeInfo(NodeType.EMBEDDING, "E", p, int(t), str_token=s) for p, (t, s) in enumerate(zip(tokens[0], strs))]
+    return nodes, list(embeds.unbind(0)), list(torch.zeros_like(embeds).unbind(0))
+
+
+class _NotebookNodeType(Enum):
+    """A notebook that defines its own copy of the enum (same values, a different class)."""
+
+    EMBEDDING = "embedding"
+    LATENT = "latent"
+    MLP_ERROR = "mlp_error"
+    LOGIT = "logit"
+
+
+@dataclass
+class _NotebookNodeInfo:
+    node_type: _NotebookNodeType
+    layer: int | str
+    ctx_idx: int
+    feature: int
+    activation: float = 0.0
+    token_prob: float = 0.0
+    str_token: str = ""
+    label: str = ""
+
+
+@alternative("build_embedding_nodes")
+def embeddings_with_notebook_classes(model, cache, tokens):
+    embeds = cache["blocks.0.hook_resid_pre"][0]
+    nodes = [_NotebookNodeInfo(_NotebookNodeType.EMBEDDING, "E", p, t, str_token=model.tokenizer.decode([t]))
+             for p, t in enumerate(tokens[0].tolist())]
+    return nodes, [e for e in embeds], [torch.zeros_like(e) for e in embeds]
+
+
+# ==================================================================================================
+# build_intermediate_nodes
+# ==================================================================================================
+
+
+def _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5, *, error="project",
+                  keep_zero=False, reading="enc_col", writing="scaled", first=None, no_error=False, fixed_k=None):
+    """The notebook's loop, filled in; keyword switches reproduce one mistake each."""
+    nodes, writing_vecs, reading_vecs, ranges = [], [], [], {}
+    first = start_posn if first is None else first
+    for layer in range(len(transcoders)):
+        tc = transcoders[layer]
+        layer_start = len(nodes)
+        acts_all = tc_hooks.transcoder_acts[layer][0]
+        mlp_out = cache[tc.cfg.metadata.hook_name_out][0]
+        for pos in range(first, tokens.shape[1]):
+            acts = acts_all[pos]
+            k = fixed_k or top_k
+            if not keep_zero:
+                k = min(k, int((acts > 0).sum()))
+            vals, idx = acts.topk(k)
+            kept = torch.zeros(d_model)
+            for a, f in zip(vals.tolist(), idx.tolist()):
+                nodes.append(NodeInfo(NodeType.LATENT, layer, pos, f, activation=a))
+                w_vec = a * tc.W_dec[f] if writing == "scaled" else tc.W_dec[f]
+                writing_vecs.append(w_vec.detach())
+                kept = kept + a * tc.W_dec[f].detach()
+                if reading == "enc_col":
+                    r_vec = tc.W_enc[:, f]
+                elif reading == "enc_row":
+                    r_vec = tc.W_enc[f]
+                else:
+                    r_vec = tc.W_dec[f]
+                reading_vecs.append(r_vec.detach())
+            if no_error:
+                continue
+            skip = tc_hooks.skip_output[layer][0, pos]
+            b_dec = tc.b_dec.detach()
+            decoded = tc_hooks.transcoder_output[layer][0, pos]
+            if error == "project":
+                err = mlp_out[pos] - kept - b_dec - skip
+            elif error == "seed":
+                err = mlp_out[pos] - decoded
+            elif error == "no_b_dec":
+                err = mlp_out[pos] - kept - skip
+            elif error == "no_skip":
+                err = mlp_out[pos] - kept - b_dec
+            else:  # "all_latents"
+                err = mlp_out[pos] - decoded - skip
+            nodes.append(NodeInfo(NodeType.MLP_ERROR, layer, pos, 0))
+            writing_vecs.append(err.detach())
+            reading_vecs.append(torch.zeros(d_model))
+        ranges[layer] = (layer_start, len(nodes))
+    return nodes, writing_vecs, reading_vecs, ranges
+
+
+@mutant("build_intermediate_nodes", "counted twice")
+def intermediate_seed_error(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="seed")
+
+
+@mutant("build_intermediate_nodes", "forgets b_dec")
+def intermediate_error_without_b_dec(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="no_b_dec")
+
+
+@mutant("build_intermediate_nodes", "forgets the skip term")
+def intermediate_error_without_skip(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="no_skip")
+
+
+@mutant("build_intermediate_nodes", "subtract only the latents kept")
+def intermediate_error_without_all_latents(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="all_latents")
+
+
+@mutant("build_intermediate_nodes", "zero activation")
+def intermediate_keeps_zero_latents(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, keep_zero=True)
+
+
+@mutant("build_intermediate_nodes", "W_enc[:, f]")
+def intermediate_reads_encoder_row(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, reading="enc_row")
+
+
+@mutant("build_intermediate_nodes", "reads its encoder direction")
+def intermediate_reads_decoder(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, reading="dec")
+
+
+@mutant("build_intermediate_nodes", "not scaled by the activation")
+def intermediate_unscaled_writing(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, writing="unscaled")
+
+
+@mutant("build_intermediate_nodes", "off by one")
+def intermediate_positions_off_by_one(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, first=start_posn + 1)
+
+
+@mutant("build_intermediate_nodes", "not a hard-coded 4")
+def intermediate_hard_coded_start(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, first=4)
+
+
+@mutant("build_intermediate_nodes", "no MLP_ERROR node")
+def intermediate_no_error_nodes(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, no_error=True)
+
+
+@mutant("build_intermediate_nodes", "most active")
+def intermediate_hard_coded_top_k(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, fixed_k=5)
+
+
+@alternative("build_intermediate_nodes")
+def intermediate_notebook_loop(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k)
+
+
+@alternative("build_intermediate_nodes")
+def intermediate_by_feature_index(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    """Latents listed by feature index, and the error as the seed's plus the skip and the dropped latents."""
+    nodes, writing, reading, ranges = [], [], [], {}
+    for layer, tc in sorted(transcoders.items()):
+        start = len(nodes)
+        for pos in range(start_posn, tokens.shape[1]):
+            acts = tc_hooks.transcoder_acts[layer][0, pos]
+            active = torch.nonzero(acts > 0).flatten()
+            chosen = active[acts[active].argsort(descending=True)[:top_k]].sort().values
+            for f in chosen.tolist():
+                nodes.append(NodeInfo(NodeType.LATENT, layer, pos, f, activation=acts[f].item()))
+                writing.append(acts[f] * tc.W_dec[f].detach())
+                reading.append(tc.W_enc.detach().T[f])
+            dropped = active[~torch.isin(active, chosen)]
+            dropped_out = acts[dropped] @ tc.W_dec.detach()[dropped]
+            mlp_out = cache[tc.cfg.metadata.hook_name_out][0, pos]
+            error = mlp_out - tc_hooks.transcoder_output[layer][0, pos] - tc_hooks.skip_output[layer][0, pos] + dropped_out
+            nodes.append(NodeInfo(NodeType.MLP_ERROR, layer, pos, 0))
+            writing.append(error)
+            reading.append(torch.zeros(d_model))
+        ranges[layer] = (start, len(nodes))
+    return nodes, writing, reading, ranges
+
+
+# ==================================================================================================
+# prepare_backward_batches
+# ==================================================================================================
+
+
+def _batches(graph, batch_size=8, *, skip_e=True, local_start=False, positions_list=False, skip_logits=False,
+             read_shift=0, keep_empty=False):
+    batches = []
+    for key, (start, end) in graph.node_range_dict.items():
+        if (key == "E" and skip_e) or (key == "L" and skip_logits):
+            continue
+        offsets = list(range(0, end - start, batch_size)) or ([0] if keep_empty else [])
+        for off in offsets:
+            lo, hi = start + off, min(start + off + batch_size, end)
+            nodes = graph.nodes[lo:hi]
+            positions = [n.ctx_idx for n in nodes]
+            batches.append((off if local_start else lo, nodes,
+                            graph.reading_vecs[lo + read_shift: hi + read_shift],
+                            positions if positions_list else torch.tensor(positions), [n.layer for n in nodes]))
+    return batches
+
+
+@mutant("prepare_backward_batches", "skip the embeddings")
+def batches_with_embeddings(graph, batch_size=8):
+    return _batches(graph, batch_size, skip_e=False)
+
+
+@mutant("prepare_backward_batches", "offset within the layer")
+def batches_local_start(graph, batch_size=8):
+    return _batches(graph, batch_size, local_start=True)
+
+
+@mutant("prepare_backward_batches", "single layer")
+def batches_across_layers(graph, batch_size=8):
+    first = graph.node_range_dict["E"][1]
+    out = []
+    for lo in range(first, len(graph.nodes), batch_size):
+        nodes = graph.nodes[lo: lo + batch_size]
+        out.append((lo, nodes, graph.reading_vecs[lo: lo + len(nodes)], torch.tensor([n.ctx_idx for n in nodes]),
+                    [n.layer for n in nodes]))
+    return out
+
+
+@mutant("prepare_backward_batches", "positions should be a tensor")
+def batches_positions_list(graph, batch_size=8):
+    return _batches(graph, batch_size, positions_list=True)
+
+
+@mutant("prepare_backward_batches", "logit nodes ('L') are targets too")
+def batches_without_logits(graph, batch_size=8):
+    return _batches(graph, batch_size, skip_logits=True)
+
+
+@mutant("prepare_backward_batches", "reading_vecs should be graph.reading_vecs")
+def batches_reading_shifted(graph, batch_size=8):
+    return _batches(graph, batch_size, read_shift=1)
+
+
+@mutant("prepare_backward_batches", "is empty")
+def batches_keep_empty_layers(graph, batch_size=8):
+    return _batches(graph, batch_size, keep_empty=True)
+
+
+@alternative("prepare_backward_batches")
+def batches_seed_style(graph, batch_size=8):
+    return _batches(graph, batch_size)
+
+
+@alternative("prepare_backward_batches")
+def batches_with_split(graph, batch_size=8):
+    out = []
+    for key, (start, end) in graph.node_range_dict.items():
+        if key == "E" or end == start:
+            continue
+        idx = torch.arange(start, end)
+        for chunk in idx.split(batch_size):
+            lo = int(chunk[0])
+            nodes = [graph.nodes[i] for i in chunk.tolist()]
+            out.append((lo, nodes, graph.reading_vecs[chunk], torch.tensor([n.ctx_idx for n in nodes]),
+                        [n.layer for n in nodes]))
+    return out[::-1]  # order of batches does not matter
+
+
+# ==================================================================================================
+# compute_adjacency_matrix
+# ==================================================================================================
+
+
+def _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4, *, transpose=False, mask=True,
+               fixed_mask=None, install=True, remove=True, all_from_embeddings=False, local_rows=False):
+    """The notebook's skeleton filled in (loop over sources); switches reproduce one mistake each."""
+    n = len(graph.nodes)
+    A = torch.zeros(n, n)
+    for start, nodes, reading, positions, layers in batches:
+        if install:
+            tc_hooks.install()
+        grads = S.setup_attribution(model, tokens, freeze, reading, positions, layers)
+        if remove:
+            tc_hooks.remove()
+        for src, node in enumerate(graph.nodes):
+            if node.node_type == NodeType.LOGIT:
+                continue
+            name = ("blocks.0.hook_resid_pre" if node.node_type == NodeType.EMBEDDING or all_from_embeddings
+                    else f"blocks.{node.layer}.hook_mlp_out")
+            g = grads[name][: len(nodes), node.ctx_idx]
+            weights = g @ graph.writing_vecs[src]
+            limit = start_posn if fixed_mask is None else fixed_mask
+            if mask and node.ctx_idx < limit:
+                weights = torch.zeros_like(weights)
+            rows = slice(0, len(nodes)) if local_rows else slice(start, start + len(nodes))
+            if transpose:
+                A[src, rows] = weights
+            else:
+                A[rows, src] = weights
+    return A
+
+
+@mutant("compute_adjacency_matrix", "transposed")
+def adjacency_transposed(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, transpose=True)
+
+
+@mutant("compute_adjacency_matrix", "positions < start_posn")
+def adjacency_unmasked(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, mask=False)
+
+
+@mutant("compute_adjacency_matrix", "positions < start_posn")
+def adjacency_mask_hard_coded(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, fixed_mask=4)
+
+
+@mutant("compute_adjacency_matrix", "install the transcoder hooks")
+def adjacency_without_tc_hooks(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, install=False, remove=False)
+
+
+@mutant("compute_adjacency_matrix", "left 8 hooks on the model")
+def adjacency_never_removes(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, remove=False)
+
+
+@mutant("compute_adjacency_matrix", "edges from embeddings are right")
+def adjacency_one_gradient_for_all(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, all_from_embeddings=True)
+
+
+@mutant("compute_adjacency_matrix", "fill rows global_start_idx + b")
+def adjacency_batch_rows(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, local_rows=True)
+
+
+@mutant("compute_adjacency_matrix", "KeyError")
+def adjacency_resid_post_key(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    """The seed's hint names hook_resid_post, which setup_attribution does not return."""
+    tc_hooks.install()
+    try:
+        grads = S.setup_attribution(model, tokens, freeze, *batches[0][2:])
+        return grads[f"blocks.{graph.nodes[-1].layer}.hook_resid_post"]
+    finally:
+        tc_hooks.remove()
+
+
+@alternative("compute_adjacency_matrix")
+def adjacency_seed_loop(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
+
+
+@alternative("compute_adjacency_matrix")
+def adjacency_vectorised(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    """Install once, one matmul per batch over all sources at once."""
+    n = len(graph.nodes)
+    A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype)
+    sources = [i for i, nd in enumerate(graph.nodes) if nd.node_type != NodeType.LOGIT and nd.ctx_idx >= start_posn]
+    names = ["blocks.0.hook_resid_pre" if graph.nodes[i].layer == "E" else f"blocks.{graph.nodes[i].layer}.hook_mlp_out"
+             for i in sources]
+    pos = torch.tensor([graph.nodes[i].ctx_idx for i in sources])
+    tc_hooks.install()
+    try:
+        for start, nodes, reading, positions, layers in batches:
+            grads = S.setup_attribution(model, tokens, freeze, reading, positions, layers)
+            g = torch.stack([grads[name][:, p] for name, p in zip(names, pos.tolist())], dim=1)  # (b, n_src, d)
+            A[start: start + len(nodes), sources] = (g * graph.writing_vecs[sources]).sum(-1)
+    finally:
+        tc_hooks.remove()
+    return A
+
+
+# ==================================================================================================
+# compute_influence
+# ==================================================================================================
+
+
+def _influence(A, logit_weights, n_layers, *, k0=False, terms=None, normalise="rows", left=True,
+               logits_first=False, clamp=True):
+    absA = A.abs() if normalise != "signed" else A
+    if normalise in ("rows", "signed"):
+        sums = absA.sum(dim=1, keepdim=True)
+        B = absA / (sums.clamp(min=1e-8) if clamp else sums)
+    elif normalise == "cols":
+        B = absA / absA.sum(dim=0, keepdim=True).clamp(min=1e-8)
+    else:
+        B = absA
+    v = torch.zeros(A.shape[0])
+    if logits_first:
+        v[: len(logit_weights)] = logit_weights
+    else:
+        v[-len(logit_weights):] = logit_weights
+    total = v.clone() if k0 else torch.zeros_like(v)
+    for _ in range(n_layers + 1 if terms is None else terms):
+        v = v @ B if left else B @ v
+        total += v
+    return total
+
+
+@mutant("compute_influence", "k = 0")
+def influence_with_k0(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, k0=True)
+
+
+@mutant("compute_influence", "too few power-series terms")
+def influence_too_few_terms(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, terms=n_layers)
+
+
+@mutant("compute_influence", "did not normalise")
+def influence_not_normalised(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, normalise="none")
+
+
+@mutant("compute_influence", "absolute values")
+def influence_signed(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, normalise="signed")
+
+
+@mutant("compute_influence", "normalised columns")
+def influence_columns(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, normalise="cols")
+
+
+@mutant("compute_influence", "v @ B, not B @ v")
+def influence_wrong_direction(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, left=False)
+
+
+@mutant("compute_influence", "LAST n_logit nodes")
+def influence_logits_first(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, logits_first=True)
+
+
+@mutant("compute_influence", "NaN")
+def influence_divides_by_zero(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, clamp=False)
+
+
+@mutant("compute_influence", "modified the adjacency matrix in place")
+def influence_in_place_abs(adjacency_matrix, logit_weights, n_layers):
+    adjacency_matrix.abs_()  # saves memory, but the caller's matrix loses its signs
+    return _influence(adjacency_matrix, logit_weights, n_layers)
+
+
+@alternative("compute_influence")
+def influence_power_series(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers)
+
+
+@alternative("compute_influence")
+def influence_triangular_solve(adjacency_matrix, logit_weights, n_layers):
+    """x (I - B) = w B, with I - B unit lower triangular: no series at all."""
+    B = S.normalize_matrix(adjacency_matrix).double()
+    w = torch.zeros(B.shape[0], dtype=B.dtype)
+    w[-len(logit_weights):] = logit_weights.double()
+    I_minus_B = torch.eye(B.shape[0], dtype=B.dtype) - B
+    x = torch.linalg.solve_triangular(I_minus_B, (w @ B).unsqueeze(0), upper=False, left=False)
+    return x.squeeze(0).to(adjacency_matrix.dtype)
+
+
+@alternative("compute_influence")
+def influence_until_nilpotent(adjacency_matrix, logit_weights, n_layers):
+    """Keep multiplying until nothing is left (B is nilpotent), ignoring n_layers."""
+    B = S.normalize_matrix(adjacency_matrix)
+    v = F.pad(logit_weights, (adjacency_matrix.shape[0] - len(logit_weights), 0))
+    total = torch.zeros_like(v)
+    while v.abs().sum() > 0:
+        v = v @ B
+        total = total + v
+    return total
+
+
+# ==================================================================================================
+# prune_nodes
+# ==================================================================================================
+
+
+def _prune_nodes(A, w, n_layers, threshold=0.8, *, keep_logits=True, sort=True, shift=0, strict=False,
+                 ascending=False, rows_only=False, over_all=False):
+    n, n_logits = A.shape[0], len(w)
+    influence = S.compute_influence(A, w, n_layers)
+    scores = influence if over_all else influence[:-n_logits]
+    order = scores.argsort(descending=not ascending)
+    cum = scores[order].cumsum(0) / scores.sum()
+    n_keep = int((cum <= threshold).sum() if strict else (cum < threshold).sum()) + 1 + shift
+    kept = order[: min(n_keep, len(order))]
+    if keep_logits and not over_all:
+        kept = torch.cat([kept, torch.arange(n - n_logits, n)])
+    if sort:
+        kept = kept.sort().values
+    return kept, (A[kept] if rows_only else A[kept][:, kept])
+
+
+@mutant("prune_nodes", "logit nodes must always be kept")
+def prune_nodes_drops_logits(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, keep_logits=False)
+
+
+@mutant("prune_nodes", "logit nodes must always be kept")
+def prune_nodes_threshold_over_all_nodes(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, over_all=True)
+
+
+@mutant("prune_nodes", "should be sorted")
+def prune_nodes_unsorted(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, sort=False)
+
+
+@mutant("prune_nodes", "one node short")
+def prune_nodes_one_short(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, shift=-1)
+
+
+@mutant("prune_nodes", "exact tie")
+def prune_nodes_strict_at_tie(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, strict=True)
+
+
+@mutant("prune_nodes", "least influential")
+def prune_nodes_ascending(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, ascending=True)
+
+
+@mutant("prune_nodes", "restrict both rows and columns")
+def prune_nodes_rows_only(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold, rows_only=True)
+
+
+@mutant("prune_nodes", "should be a 1-D integer tensor, got a list")
+def prune_nodes_returns_list(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    kept, pruned = _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold)
+    return kept.tolist(), pruned
+
+
+@alternative("prune_nodes")
+def prune_nodes_seed_style(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    return _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold)
+
+
+@alternative("prune_nodes")
+def prune_nodes_topk_searchsorted(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    n, n_logits = adjacency_matrix.shape[0], len(logit_weights)
+    influence = S.compute_influence(adjacency_matrix, logit_weights, n_layers)[: n - n_logits]
+    values, order = influence.topk(n - n_logits)
+    cum = values.cumsum(0) / values.sum()
+    n_keep = int(torch.searchsorted(cum, torch.tensor([threshold], dtype=cum.dtype))) + 1
+    keep = set(order[:n_keep].tolist()) | set(range(n - n_logits, n))
+    kept = torch.tensor(sorted(keep))
+    return kept, adjacency_matrix[kept[:, None], kept[None, :]]
+
+
+# ==================================================================================================
+# prune_edges
+# ==================================================================================================
+
+
+def _prune_edges(A, w, n_layers, threshold=0.85, *, add_logits=True, by_target=True, strict=False,
+                 orphans=False, keep_logits=True, zero_dropped=True, sort=True):
+    n_logits = len(w)
+    importance = S.compute_influence(A, w, n_layers)
+    if add_logits:
+        importance[-n_logits:] += w
+    B = S.normalize_matrix(A)
+    scores = B * (importance[:, None] if by_target else importance[None, :])
+    flat = scores.flatten().sort(descending=True).values
+    cum = flat.cumsum(0) / flat.sum()
+    cut = flat[(cum > threshold).long().argmax() if strict else (cum >= threshold).long().argmax()]
+    mask = scores >= cut
+    edges = A * mask
+    alive = (edges != 0).any(0) | (edges != 0).any(1)
+    if keep_logits:
+        alive[-n_logits:] = True
+    kept = torch.arange(A.shape[0]) if orphans else torch.where(alive)[0]
+    if not sort:
+        kept = kept.flip(0)
+    M = edges if zero_dropped else A
+    return kept, M[kept][:, kept]
+
+
+@mutant("prune_edges", "add the logit weights")
+def prune_edges_no_logit_weights(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, add_logits=False)
+
+
+@mutant("prune_edges", "orphans")
+def prune_edges_keeps_orphans(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, orphans=True)
+
+
+@mutant("prune_edges", "logit nodes must always be kept")
+def prune_edges_drops_logits(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, add_logits=False, keep_logits=False)
+
+
+@mutant("prune_edges", "TARGET's importance")
+def prune_edges_scored_by_source(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, by_target=False)
+
+
+@mutant("prune_edges", "Zero out the edges you drop")
+def prune_edges_keeps_dropped_weights(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, zero_dropped=False)
+
+
+@mutant("prune_edges", "exact tie")
+def prune_edges_strict_at_tie(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, strict=True)
+
+
+@mutant("prune_edges", "should be sorted")
+def prune_edges_unsorted(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, sort=False)
+
+
+@alternative("prune_edges")
+def prune_edges_seed_style(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold)
+
+
+@alternative("prune_edges")
+def prune_edges_topk(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    """Keep exactly the k best edges (torch.topk), k the fewest that reach the threshold."""
+    n, n_logits = adjacency_matrix.shape[0], len(logit_weights)
+    importance = S.compute_influence(adjacency_matrix, logit_weights, n_layers)
+    importance = importance + F.pad(logit_weights, (n - n_logits, 0))
+    scores = (S.normalize_matrix(adjacency_matrix) * importance[:, None]).flatten()
+    values, idx = scores.topk(scores.numel())
+    k = int(((values.cumsum(0) / values.sum()) < threshold).sum()) + 1
+    mask = torch.zeros(n * n, dtype=torch.bool)
+    mask[idx[:k]] = True
+    edges = adjacency_matrix * mask.view(n, n)
+    alive = (edges != 0).any(0) | (edges != 0).any(1)
+    alive[n - n_logits:] = True
+    kept = alive.nonzero().flatten()
+    return kept, edges[kept][:, kept]
+
+
+def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:
+    """{exercise: (mutants, alternatives)}."""
+    out: dict[str, tuple[list[Mutant], list[Mutant]]] = {}
+    for m in MUTANTS:
+        out.setdefault(m.exercise, ([], []))[0].append(m)
+    for m in ALTERNATIVES:
+        out.setdefault(m.exercise, ([], []))[1].append(m)
+    return out

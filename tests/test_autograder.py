@@ -1,0 +1,248 @@
+"""The autograder grades correctly: every reference and every correct alternative passes, every known
+mistake fails with the hint that names it, and no test leaves a trace on the model it ran on."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+import part3_attribution_graphs.tests as autograder
+from part3_attribution_graphs import attribution, nodes, pruning, replacement, solutions
+from part3_attribution_graphs.toy import make_toy_world
+
+try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
+    from mutants import ALTERNATIVES, MUTANTS, catalogue_by_exercise
+except ImportError:  # pragma: no cover - if tests/ ever becomes a package
+    from tests.mutants import ALTERNATIVES, MUTANTS, catalogue_by_exercise
+
+REFERENCE = {
+    "transcoder_replacement_hooks": solutions.TranscoderReplacementHooks,
+    "compute_salient_logits": solutions.compute_salient_logits,
+    "build_embedding_nodes": solutions.build_embedding_nodes,
+    "build_intermediate_nodes": solutions.build_intermediate_nodes,
+    "prepare_backward_batches": solutions.prepare_backward_batches,
+    "compute_adjacency_matrix": solutions.compute_adjacency_matrix,
+    "compute_influence": solutions.compute_influence,
+    "prune_nodes": solutions.prune_nodes,
+    "prune_edges": solutions.prune_edges,
+}
+
+
+def grade(exercise: str, impl, **kwargs) -> tuple[str | None, str]:
+    """Run one autograder test: (failure message or None, what it printed on stdout)."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            getattr(autograder, f"test_{exercise}")(impl, **kwargs)
+    except AssertionError as e:
+        return str(e), out.getvalue()
+    return None, out.getvalue()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Toy-sized matrices: one thread beats two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def hook_total(model) -> int:
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
+
+
+def fingerprint(model, transcoders) -> list[torch.Tensor]:
+    params = list(model.state_dict().values()) + [p for tc in transcoders.values() for p in tc.state_dict().values()]
+    return [p.detach().clone() for p in params]
+
+
+@pytest.fixture(scope="module")
+def grader_world():
+    """The toy world the autograder builds and caches for itself (what a learner's calls run on)."""
+    return autograder._get_world(None, None)
+
+
+@pytest.fixture(scope="module")
+def second_world():
+    """Stands in for 'the model the notebook loaded', passed as model=..., transcoders=...."""
+    with one_thread():
+        return make_toy_world(seed=1)
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_trace(grader_world):
+    """Whatever a test does, the grader's model ends with the hooks and weights it started with."""
+    model, tcs = grader_world.model, grader_world.transcoders
+    hooks, before = hook_total(model), fingerprint(model, tcs)
+    yield
+    assert hook_total(model) == hooks, "a test left hooks on the autograder's model"
+    after = fingerprint(model, tcs)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a test changed the autograder's weights"
+
+
+def _id(m) -> str:
+    return f"{m.exercise}:{m.name}"
+
+
+@pytest.mark.parametrize("exercise", sorted(REFERENCE))
+def test_reference_passes_with_one_line(exercise):
+    message, printed = grade(exercise, REFERENCE[exercise])
+    assert message is None, message
+    assert printed == f"All tests in `test_{exercise}` passed!\n"
+
+
+@pytest.mark.parametrize("m", MUTANTS, ids=_id)
+def test_mutant_fails_with_its_hint(m):
+    message, printed = grade(m.exercise, m.impl)
+    assert message is not None, f"{m.name} passed test_{m.exercise}"
+    assert m.hint in message, f"{m.name}: expected the hint {m.hint!r}, got:\n{message}"
+    assert printed == ""
+
+
+@pytest.mark.parametrize("m", ALTERNATIVES, ids=_id)
+def test_correct_alternative_passes(m):
+    message, printed = grade(m.exercise, m.impl)
+    assert message is None, f"{m.name} should pass test_{m.exercise}:\n{message}"
+    assert printed == f"All tests in `test_{m.exercise}` passed!\n"
+
+
+def test_catalogue_covers_every_exercise():
+    by_exercise = catalogue_by_exercise()
+    assert sorted(by_exercise) == sorted(REFERENCE)
+    for exercise, (wrong, right) in by_exercise.items():
+        assert len(wrong) >= 3, f"{exercise}: only {len(wrong)} mutants"
+        assert len(right) >= 2, f"{exercise}: only {len(right)} correct alternatives"
+    assert len({_id(m) for m in MUTANTS + ALTERNATIVES}) == len(MUTANTS) + len(ALTERNATIVES)
+
+
+def test_solutions_reexport_the_stage_modules():
+    homes = (attribution, nodes, pruning, replacement)
+    for name in solutions.__all__:
+        obj = getattr(solutions, name)
+        if callable(obj):
+            assert any(getattr(mod, name, None) is obj for mod in homes) or name == "format_prompt", name
+    assert solutions.START_POSN == 4
+
+
+# -- the model=..., transcoders=... path, on a second world the grader has never seen --------------------
+
+
+@pytest.mark.parametrize("exercise", sorted(REFERENCE))
+def test_reference_passes_on_a_passed_model(exercise, second_world):
+    model, tcs = second_world
+    before, hooks = fingerprint(model, tcs), hook_total(model)
+    message, printed = grade(exercise, REFERENCE[exercise], model=model, transcoders=tcs)
+    assert message is None, message
+    assert printed == f"All tests in `test_{exercise}` passed!\n"
+    assert hook_total(model) == hooks
+    assert all(torch.equal(a, b) for a, b in zip(before, fingerprint(model, tcs)))
+
+
+@pytest.mark.parametrize("m", MUTANTS, ids=_id)
+def test_mutant_fails_on_a_passed_model(m, second_world):
+    model, tcs = second_world
+    hooks = hook_total(model)
+    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    assert message is not None and m.hint in message, message
+    assert hook_total(model) == hooks
+
+
+@pytest.mark.parametrize("m", ALTERNATIVES, ids=_id)
+def test_correct_alternative_passes_on_a_passed_model(m, second_world):
+    model, tcs = second_world
+    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    assert message is None, message
+
+
+def test_passed_model_in_float64_and_bfloat16():
+    """Tolerances follow the model's dtype: the reference passes, a real mistake still fails."""
+    for dtype in (torch.float64, torch.bfloat16):
+        with one_thread():
+            if dtype == torch.bfloat16:
+                model, tcs = make_toy_world(seed=2)
+                model = model.to(dtype)
+                model.cfg.dtype = dtype
+                tcs = {layer: tc.to(dtype) for layer, tc in tcs.items()}
+            else:
+                model, tcs = make_toy_world(seed=2, dtype=dtype)
+        for exercise in ("transcoder_replacement_hooks", "build_intermediate_nodes", "compute_adjacency_matrix"):
+            message, _ = grade(exercise, REFERENCE[exercise], model=model, transcoders=tcs)
+            assert message is None, f"{dtype} {exercise}: {message}"
+        wrong = next(m for m in MUTANTS if m.exercise == "compute_adjacency_matrix")
+        message, _ = grade(wrong.exercise, wrong.impl, model=model, transcoders=tcs)
+        assert message is not None and wrong.hint in message, message
+
+
+# -- misuse and robustness ------------------------------------------------------------------------------
+
+
+def test_misuse_gives_a_plain_message():
+    message, _ = grade("compute_influence", 42)
+    assert "Pass the function itself" in message
+    message, _ = grade("transcoder_replacement_hooks", solutions.compute_influence)
+    assert "Pass the class itself" in message
+    message, _ = grade("prune_nodes", solutions.prune_nodes, model=object())
+    assert "Pass both `model=` and `transcoders=`" in message
+
+
+def test_stray_hooks_on_a_passed_model_are_reported_not_trusted(second_world):
+    model, tcs = second_world
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: 2 * x)
+    try:
+        message, _ = grade("compute_adjacency_matrix", solutions.compute_adjacency_matrix, model=model, transcoders=tcs)
+    finally:
+        model.reset_hooks()
+    assert "already carries 1 hooks" in message
+
+
+def test_learner_exception_is_reported_with_its_line():
+    def compute_influence(adjacency_matrix, logit_weights, n_layers):
+        scale = adjacency_matrix.shape[0] / 0.0
+        return torch.zeros(3)[int(scale)]
+
+    message, _ = grade("compute_influence", compute_influence)
+    assert "compute_influence raised" in message
+    assert "line" in message and "scale = adjacency_matrix.shape[0] / 0.0" in message
+
+
+def test_failure_traceback_is_short():
+    """The AssertionError carries no chained exception from the autograder's internals."""
+    with pytest.raises(AssertionError) as info, contextlib.redirect_stderr(io.StringIO()):
+        autograder.test_compute_influence(lambda *args: None)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert "should be a torch.Tensor, got NoneType" in str(info.value)
+
+
+def test_hooks_leaked_before_a_crash_are_cleaned(grader_world):
+    model = grader_world.model
+
+    def compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+        tc_hooks.install()
+        model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: x)
+        model.blocks[0].mlp.register_forward_hook(lambda *args: None)  # a raw PyTorch hook, too
+        raise RuntimeError("boom")
+
+    message, _ = grade("compute_adjacency_matrix", compute_adjacency_matrix)
+    assert "raised RuntimeError: boom" in message
+    assert not model.blocks[0].mlp._forward_hooks
+    # leaves_no_trace checks the TransformerLens hooks
+
+
+def test_grad_disabled_globally_like_arena_notebooks():
+    """ARENA notebooks often run torch.set_grad_enabled(False): tests must still work."""
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        for exercise in ("transcoder_replacement_hooks", "compute_adjacency_matrix"):
+            assert grade(exercise, REFERENCE[exercise])[0] is None
+        cached = next(m for m in MUTANTS if m.name == "HooksCachedInput")
+        message, _ = grade(cached.exercise, cached.impl)
+        assert cached.hint in message
+    finally:
+        torch.set_grad_enabled(previous)
