@@ -60,6 +60,12 @@ class NodeInfo:
 
     @property
     def node_id(self) -> str:
+        """Unique within a graph: `{layer}_{feature}_{pos}`, and `{layer}_err_{pos}` for error nodes.
+
+        (Error nodes have feature 0, so the plain pattern would clash with latent 0 at the same spot.)
+        """
+        if self.node_type == NodeType.MLP_ERROR:
+            return f"{self.layer}_err_{self.ctx_idx}"
         return f"{self.layer}_{self.feature}_{self.ctx_idx}"
 
 

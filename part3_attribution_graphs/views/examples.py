@@ -1,0 +1,426 @@
+"""Feature example data: what makes each transcoder latent fire, in GemmaScope 2's file layout.
+
+GemmaScope 2 ships, beside each transcoder's `params.safetensors`, an `examples.safetensors` in
+`google/gemma-scope-2-{size}-{it|pt}` under `transcoder_all/layer_{l}_width_{w}_l0_{l0}[_affine]/`.
+Its tensors (names and shapes as public code that reads these files uses them; F latents, K examples
+per latent, N corpus sequences of length T; the dtypes are not documented, so readers here cast):
+
+| key                   | shape    | meaning                                                            |
+|-----------------------|----------|--------------------------------------------------------------------|
+| `activations`         | (F, K)   | the K largest activations of each latent, largest first (0 = unused slot) |
+| `seq_ids`             | (F, K)   | which corpus sequence each of them is in (rows of `tokens`)        |
+| `positions`           | (F, K)   | the token position in that sequence                                |
+| `feature_frequencies` | (F,)     | the fraction of corpus tokens on which the latent fires            |
+| `top_tokens`          | (F, 10)  | token ids of the latent's largest direct logit effects              |
+| `top_logits`          | (F, 10)  | those effects                                                       |
+| `bottom_tokens`       | (F, 10)  | token ids of its most negative direct logit effects                 |
+| `bottom_logits`       | (F, 10)  | those effects                                                       |
+| `tokens`              | (N, T)   | the corpus, as token ids                                            |
+
+A latent can appear several times in one sequence (at several positions), which is what lets us
+shade more than one token per example. `make_toy_example_data` builds the same layout for the toy
+world, so everything downstream also runs offline.
+
+When only some latents are needed, `load_example_data(..., features=[...])` reads just their rows
+and the sequences they point to (a full file is ~800 MB, most of it the corpus). The result then
+carries `feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..worlds.gemma import HubUnreachableError
+
+__all__ = [
+    "EXAMPLE_KEYS",
+    "example_repo_id",
+    "example_file_path",
+    "load_example_data",
+    "load_example_data_parallel",
+    "features_in_graph",
+    "make_toy_example_data",
+    "feature_row",
+    "feature_examples",
+    "activation_histogram",
+    "inspect_feature",
+]
+
+EXAMPLE_KEYS = ("activations", "seq_ids", "positions", "feature_frequencies", "top_tokens", "top_logits",
+                "bottom_tokens", "bottom_logits", "tokens")
+_PER_FEATURE = ("activations", "seq_ids", "positions", "feature_frequencies", "top_tokens", "top_logits",
+                "bottom_tokens", "bottom_logits")
+
+TOY_HINT = ("Offline, build example data for the toy world instead: "
+            "`utils.make_toy_example_data(model, transcoders)`.")
+
+
+def example_repo_id(model_size: str = "1b", instruction_tuned: bool = True) -> str:
+    """The hub repository of GemmaScope 2 for one Gemma 3 model, e.g. `google/gemma-scope-2-1b-it`."""
+    return f"google/gemma-scope-2-{model_size}-{'it' if instruction_tuned else 'pt'}"
+
+
+def example_file_path(layer: int, category: str = "transcoder_all", width: str = "16k", l0: str = "small",
+                      affine: bool = True) -> str:
+    """Path of one transcoder's example file inside the repository."""
+    return f"{category}/layer_{layer}_width_{width}_l0_{l0}{'_affine' if affine else ''}/examples.safetensors"
+
+
+def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path:
+    """The local path of `filename`: read from `local_dir` if it is already there, else downloaded."""
+    if local_dir is not None and (Path(local_dir) / filename).is_file():
+        return Path(local_dir) / filename
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir,
+                                    token=os.getenv("HF_TOKEN") or None))
+    except Exception as err:  # network, auth and missing-file errors all come through here
+        raise HubUnreachableError(
+            f"Could not download {filename} from the Hugging Face hub repository {repo_id} "
+            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository "
+            f"is gated), or pass local_dir= a folder that already holds this file. {TOY_HINT}"
+        ) from err
+
+
+def _read_subset(path: Path, features: list[int], n_examples: int | None) -> dict[str, Tensor]:
+    """Rows of `features` only, plus the corpus sequences they refer to, re-indexed."""
+    from safetensors import safe_open
+
+    out: dict[str, list[Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        missing = [k for k in EXAMPLE_KEYS if k not in keys]
+        if missing:
+            raise KeyError(f"{path} lacks {missing}; it has {sorted(keys)}.")
+        for key in _PER_FEATURE:
+            sl = f.get_slice(key)
+            rows = [sl[i:i + 1] for i in features]
+            out[key] = rows
+        data = {k: torch.cat(v) for k, v in out.items()}
+        if n_examples is not None:
+            for key in ("activations", "seq_ids", "positions"):
+                data[key] = data[key][:, :n_examples]
+        seq = data["seq_ids"].long()
+        used = sorted({int(s) for s in seq[(data["activations"] > 0) & (seq >= 0)].tolist()})
+        tok_slice = f.get_slice("tokens")
+        n_seq = tok_slice.get_shape()[0]
+        rows = [tok_slice[s:s + 1] for s in used if s < n_seq]
+        data["tokens"] = torch.cat(rows) if rows else torch.zeros(0, tok_slice.get_shape()[1], dtype=torch.int32)
+    remap = torch.full((max(used, default=-1) + 2,), -1, dtype=torch.long)
+    remap[torch.tensor(used, dtype=torch.long)] = torch.arange(len(used))
+    data["seq_ids"] = torch.where(seq >= 0, remap[seq.clamp(min=0, max=len(remap) - 1)], -1)
+    data["feature_ids"] = torch.tensor(features, dtype=torch.long)
+    return data
+
+
+def load_example_data(
+    layer: int,
+    model_size: str = "1b",
+    category: str = "transcoder_all",
+    width: str = "16k",
+    l0: str = "small",
+    affine: bool = True,
+    instruction_tuned: bool = True,
+    repo_id: str | None = None,
+    local_dir: str | Path | None = None,
+    features: Iterable[int] | None = None,
+    n_examples: int | None = None,
+) -> dict[str, Tensor]:
+    """One transcoder's `examples.safetensors` from GemmaScope 2, as a dict of tensors.
+
+    Args:
+        layer: the transcoder's layer.
+        model_size, instruction_tuned: pick the repository `google/gemma-scope-2-{size}-{it|pt}`.
+        category, width, l0, affine: pick the transcoder folder, e.g. `transcoder_all/layer_3_width_16k_l0_small_affine`.
+        repo_id: overrides the repository.
+        local_dir: download into (and, if the file is already there, read from) this folder.
+        features: read only these latents (and the sequences they need); adds `feature_ids`.
+        n_examples: keep only the first (largest) this many examples per latent.
+
+    Raises:
+        HubUnreachableError: the file could not be downloaded.
+    """
+    from safetensors.torch import load_file
+
+    repo_id = repo_id or example_repo_id(model_size, instruction_tuned)
+    path = _download(repo_id, example_file_path(layer, category, width, l0, affine), local_dir)
+    if features is not None:
+        return _read_subset(path, [int(i) for i in features], n_examples)
+    data = load_file(str(path))
+    missing = [k for k in EXAMPLE_KEYS if k not in data]
+    if missing:
+        raise KeyError(f"{path} lacks {missing}; it has {sorted(data)}.")
+    if n_examples is not None:
+        for key in ("activations", "seq_ids", "positions"):
+            data[key] = data[key][:, :n_examples].contiguous()
+    return data
+
+
+def load_example_data_parallel(
+    layers: Iterable[int],
+    model_size: str = "1b",
+    category: str = "transcoder_all",
+    width: str = "16k",
+    l0: str = "small",
+    affine: bool = True,
+    instruction_tuned: bool = True,
+    repo_id: str | None = None,
+    local_dir: str | Path | None = None,
+    max_workers: int = 4,
+    features_by_layer: dict[int, Iterable[int]] | None = None,
+    n_examples: int | None = None,
+) -> dict[int, dict[str, Tensor]]:
+    """`load_example_data` for several layers, downloading in parallel threads; keyed by layer.
+
+    Each full file holds its own ~500 MB corpus, so loading all 26 layers whole needs ~20 GB of RAM.
+    Pass `features_by_layer` (e.g. `features_in_graph(result)`) to read only what a graph needs.
+    """
+    layers = list(layers)
+
+    def load(layer: int) -> dict[str, Tensor]:
+        feats = None if features_by_layer is None else list(features_by_layer.get(layer, []))
+        return load_example_data(layer, model_size, category, width, l0, affine, instruction_tuned, repo_id,
+                                 local_dir, features=feats, n_examples=n_examples)
+
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        loaded = list(tqdm(pool.map(load, layers), total=len(layers), desc="Example data"))
+    return dict(zip(layers, loaded))
+
+
+def features_in_graph(result) -> dict[int, list[int]]:
+    """The latents of a pruned graph, as `{layer: sorted latent indices}`."""
+    from .neuronpedia import kept_nodes, node_kind
+
+    out: dict[int, set[int]] = {}
+    for node in kept_nodes(result):
+        if node_kind(node) == "latent":
+            out.setdefault(int(node.layer), set()).add(int(node.feature))
+    return {layer: sorted(f) for layer, f in sorted(out.items())}
+
+
+@torch.no_grad()
+def make_toy_example_data(
+    model,
+    transcoders: dict,
+    n_sequences: int = 256,
+    seq_len: int = 24,
+    n_examples: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+    features_by_layer: dict[int, Iterable[int]] | None = None,
+) -> dict[int, dict[str, Tensor]]:
+    """Example data for every transcoder of an offline world, in GemmaScope 2's layout (keyed by layer).
+
+    Runs the model on `n_sequences` random token sequences (each after `<bos>`), encodes each layer's
+    MLP input with its transcoder, and keeps each latent's `n_examples` largest activations. The
+    `<bos>` position is left out, as its activations say nothing about the text.
+
+    `features_by_layer` (e.g. `features_in_graph(result)`) limits the `top_*`/`bottom_*` logit tables
+    to those latents (the others are left at zero): on a real vocabulary (Gemma's 262k tokens) the
+    full tables cost minutes on a CPU, the rest seconds.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tok = model.tokenizer
+    special = set(tok.all_special_ids)
+    words = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    tokens = words[torch.randint(len(words), (n_sequences, seq_len), generator=gen)]
+    tokens[:, 0] = tok.bos_token_id
+    device = model.W_U.device
+    names = [f"blocks.{layer}.mlp.hook_in" for layer in sorted(transcoders)]
+
+    acts: dict[int, list[Tensor]] = {layer: [] for layer in transcoders}
+    for lo in range(0, n_sequences, batch_size):
+        # Stop after the last transcoder's block: the unembedding (262k wide on Gemma) is not needed.
+        _, cache = model.run_with_cache(tokens[lo:lo + batch_size].to(device), names_filter=lambda n: n in names,
+                                        stop_at_layer=max(transcoders) + 1)
+        for layer, tc in transcoders.items():
+            a = tc.encode(cache[f"blocks.{layer}.mlp.hook_in"].to(tc.W_enc.dtype)).float().cpu()
+            a[:, 0] = 0.0
+            acts[layer].append(a)
+
+    W_U = model.W_U.detach().float()
+    out = {}
+    for layer, tc in sorted(transcoders.items()):
+        a = torch.cat(acts[layer])  # (n_seq, seq, d_sae)
+        flat = a.reshape(-1, a.shape[-1]).T  # (d_sae, n_seq * seq)
+        k = min(n_examples, flat.shape[1])
+        vals, idx = flat.topk(k, dim=1)
+        fired = vals > 0
+        # Direct logit effects W_dec @ W_U, in chunks of latents (a real vocabulary is 262k wide).
+        n_top = min(10, W_U.shape[1])
+        tops, bots = [], []
+        W_dec = tc.W_dec.detach().float().to(W_U.device)
+        if features_by_layer is None:
+            rows = torch.arange(W_dec.shape[0])
+        else:
+            rows = torch.tensor(sorted({int(f) for f in features_by_layer.get(layer, [])}), dtype=torch.long)
+        for lo in range(0, len(rows), 256):
+            logits = W_dec[rows[lo:lo + 256].to(W_dec.device)] @ W_U
+            tops.append(logits.topk(n_top, dim=1))
+            bots.append(logits.topk(n_top, dim=1, largest=False))
+        top_vals = torch.zeros(W_dec.shape[0], n_top)
+        bot_vals = torch.zeros(W_dec.shape[0], n_top)
+        top_ids = torch.zeros(W_dec.shape[0], n_top, dtype=torch.long)
+        bot_ids = torch.zeros(W_dec.shape[0], n_top, dtype=torch.long)
+        if tops:
+            top_vals[rows] = torch.cat([t.values for t in tops]).cpu()
+            top_ids[rows] = torch.cat([t.indices for t in tops]).cpu()
+            bot_vals[rows] = torch.cat([b.values for b in bots]).cpu()
+            bot_ids[rows] = torch.cat([b.indices for b in bots]).cpu()
+        out[layer] = {
+            "activations": torch.where(fired, vals, 0.0).float(),
+            "seq_ids": torch.where(fired, idx // seq_len, -1).int(),
+            "positions": torch.where(fired, idx % seq_len, -1).int(),
+            "feature_frequencies": ((a[:, 1:] > 0).float().mean(dim=(0, 1))).float(),
+            "top_tokens": top_ids.int().cpu(),
+            "top_logits": top_vals.float().cpu(),
+            "bottom_tokens": bot_ids.int().cpu(),
+            "bottom_logits": bot_vals.float().cpu(),
+            "tokens": tokens.int(),
+        }
+    return out
+
+
+def feature_row(example_data: dict[str, Tensor], feature_id: int) -> int | None:
+    """Row of `feature_id` in the per-latent tensors (None if a subset load left it out)."""
+    ids = example_data.get("feature_ids")
+    if ids is None:
+        n = example_data["activations"].shape[0]
+        return int(feature_id) if 0 <= int(feature_id) < n else None
+    hits = (ids == int(feature_id)).nonzero()
+    return int(hits[0, 0]) if len(hits) else None
+
+
+def _decoder(tokenizer):
+    """Token id -> display string, caching each id once."""
+    cache: dict[int, str] = {}
+
+    def decode(ids: list[int]) -> list[str]:
+        new = sorted({i for i in ids if i not in cache})
+        if new:
+            if tokenizer is None:
+                cache.update({i: f"<{i}>" for i in new})
+            else:
+                cache.update(zip(new, tokenizer.batch_decode([[i] for i in new])))
+        return [cache[i] for i in ids]
+
+    return decode
+
+
+def feature_examples(
+    example_data: dict[str, Tensor],
+    feature_id: int,
+    tokenizer=None,
+    n_examples: int = 5,
+    left: int = 12,
+    right: int = 4,
+) -> list[dict]:
+    """The latent's top sequences (one per distinct sequence, strongest first), windowed around the peak.
+
+    Returns:
+        A list of `{"seq_id", "max_act", "peak", "token_ids", "tokens", "acts"}`; `peak` indexes the window,
+        and `acts[i]` is the latent's recorded activation on `tokens[i]` (0 where none was recorded).
+    """
+    row = feature_row(example_data, feature_id)
+    if row is None:
+        return []
+    act = example_data["activations"][row].float()
+    seq = example_data["seq_ids"][row].long()
+    pos = example_data["positions"][row].long()
+    corpus = example_data["tokens"]
+    valid = (act > 0) & (seq >= 0) & (seq < corpus.shape[0]) & (pos >= 0) & (pos < corpus.shape[1])
+    act, seq, pos = act[valid], seq[valid], pos[valid]
+    order = act.argsort(descending=True)
+    decode = _decoder(tokenizer)
+
+    examples, seen = [], set()
+    for j in order.tolist():
+        s = int(seq[j])
+        if s in seen:
+            continue
+        seen.add(s)
+        p = int(pos[j])
+        lo, hi = max(0, p - left), min(corpus.shape[1], p + right + 1)
+        ids = corpus[s, lo:hi].tolist()
+        acts = [0.0] * len(ids)
+        same = seq == s
+        for q, a in zip(pos[same].tolist(), act[same].tolist()):
+            if lo <= q < hi:
+                acts[q - lo] = max(acts[q - lo], float(a))
+        examples.append({"seq_id": s, "max_act": float(act[j]), "peak": p - lo, "token_ids": ids,
+                         "tokens": decode(ids), "acts": acts})
+        if len(examples) >= n_examples:
+            break
+    return examples
+
+
+def activation_histogram(
+    example_data: dict[str, Tensor], feature_id: int, bins: int = 30
+) -> tuple[Int[Tensor, " bins"], Float[Tensor, " bins_plus_1"]] | None:
+    """Histogram `(counts, bin edges)` of the latent's recorded (top-K, nonzero) activations, or None."""
+    row = feature_row(example_data, feature_id)
+    if row is None:
+        return None
+    act = example_data["activations"][row].float()
+    act = act[act > 0]
+    if act.numel() == 0:
+        return None
+    lo, hi = 0.0, float(act.max())
+    counts = torch.histc(act, bins=bins, min=lo, max=hi if hi > lo else lo + 1.0).long()
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    return counts, edges
+
+
+def inspect_feature(example_data: dict[str, Tensor], feature_id: int, tokenizer, n_examples: int = 5,
+                    left: int = 12, right: int = 4):
+    """A styled DataFrame of one latent's top sequences: a row per example, a column per token offset.
+
+    Cells are shaded green by the latent's activation on that token; tokens that are among the
+    latent's top (bottom) direct logit effects are underlined blue (red).
+    """
+    import pandas as pd
+
+    examples = feature_examples(example_data, feature_id, tokenizer, n_examples, left, right)
+    if not examples:
+        return pd.DataFrame({"note": [f"No recorded activations for latent {feature_id}."]}).style
+    row = feature_row(example_data, feature_id)
+    # All-zero tables mean "not computed" (see make_toy_example_data's features_by_layer).
+    has_logits = bool(example_data["top_logits"][row].abs().sum() > 0)
+    top_ids = set(example_data["top_tokens"][row].tolist()) if has_logits else set()
+    bottom_ids = set(example_data["bottom_tokens"][row].tolist()) if has_logits else set()
+    peak_act = max(e["max_act"] for e in examples)
+
+    offsets = range(-left, right + 1)
+    cols = [f"{o:+d}" if o else "0" for o in offsets]
+    text, styles = [], []
+    for e in examples:
+        cells, css = [""] * len(cols), [""] * len(cols)
+        for i, (t, a, tid) in enumerate(zip(e["tokens"], e["acts"], e["token_ids"])):
+            c = i - e["peak"] + left
+            cells[c] = t.replace("\n", "⏎")
+            rules = []
+            if a > 0:
+                rules.append(f"background-color: rgba(34, 160, 70, {0.15 + 0.85 * a / peak_act:.2f})")
+            if tid in top_ids:
+                rules.append("border-bottom: 3px solid #2563eb")
+            elif tid in bottom_ids:
+                rules.append("border-bottom: 3px solid #dc2626")
+            css[c] = "; ".join(rules)
+        text.append([f"{e['max_act']:.3g}"] + cells)
+        styles.append([""] + css)
+
+    df = pd.DataFrame(text, columns=["max act"] + cols, index=[f"seq {e['seq_id']}" for e in examples])
+    css_df = pd.DataFrame(styles, columns=df.columns, index=df.index)
+    return (df.style.apply(lambda _: css_df, axis=None).format(escape="html")
+            .set_caption(f"Latent {feature_id}: top {len(examples)} sequences (green: activation; "
+                         f"underline: blue = among its top logit tokens, red = bottom)")
+            .set_table_styles([{"selector": "td", "props": "font-family: monospace; white-space: pre; "
+                                                            "padding: 2px 4px"}]))

@@ -1,0 +1,453 @@
+"""The dashboard, the Neuronpedia and circuit-tracer exports, feature example data and the pruning figures,
+all on the offline toy world."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from part3_attribution_graphs import utils
+from part3_attribution_graphs.attribution import attribute
+from part3_attribution_graphs.nodes import NodeType
+from part3_attribution_graphs.pruning import n_to_cross, prune_edges, prune_nodes
+from part3_attribution_graphs.toy import make_toy_world
+from part3_attribution_graphs.views import dashboard as dashboard_mod
+from part3_attribution_graphs.views import examples as examples_mod
+from part3_attribution_graphs.views.dashboard import latent_logit_tables
+from part3_attribution_graphs.views.examples import (
+    feature_examples,
+    load_example_data,
+    load_example_data_parallel,
+)
+from part3_attribution_graphs.views.neuronpedia import (
+    FEATURE_TYPES,
+    cantor_pair,
+    export_neuronpedia,
+    load_schema,
+)
+from part3_attribution_graphs.worlds.gemma import HubUnreachableError, format_prompt
+
+PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is **large")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_toy_world()
+
+
+@pytest.fixture(scope="module")
+def result(world):
+    model, tcs = world
+    return attribute(model, tcs, PROMPT, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def example_data(world):
+    model, tcs = world
+    return utils.make_toy_example_data(model, tcs, n_sequences=128)
+
+
+@pytest.fixture(scope="module")
+def dashboard(world, result, example_data, tmp_path_factory):
+    model, tcs = world
+    out = tmp_path_factory.mktemp("dashboard")
+    page = utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=example_data,
+                                              output_dir=out, display=False, scores={"replacement": 0.61})
+    return page, out
+
+
+def page_data(page: str) -> dict:
+    """The JSON the page renders from (it is embedded in the HTML)."""
+    m = re.search(r'<script type="application/json" id="dashboard-data">(.*?)</script>', page, re.S)
+    assert m, "no embedded data"
+    return json.loads(m.group(1))
+
+
+def n_edges(result) -> int:
+    return int((result.pruned_matrix != 0).sum())
+
+
+# ------------------------------------------------------------------------------------------- Neuronpedia
+
+
+def test_export_validates_against_schema(world, result, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = load_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    model, tcs = world
+    data = export_neuronpedia(result, model, tcs, slug="toy-opposite", path=tmp_path / "graph.json")
+    jsonschema.validate(data, schema)
+    assert json.loads((tmp_path / "graph.json").read_text()) == data
+
+    # A broken export is caught by the schema (so the check above means something).
+    bad = json.loads(json.dumps(data))
+    del bad["nodes"][0]["jsNodeId"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_export_matches_pruned_graph(world, result):
+    model, tcs = world
+    data = export_neuronpedia(result, model, tcs, path=None)
+    assert len(data["nodes"]) == len(result.kept_indices)
+    assert len(data["links"]) == n_edges(result)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(set(ids)) == len(ids), "node ids must be unique"
+    assert {link["source"] for link in data["links"]} | {link["target"] for link in data["links"]} <= set(ids)
+
+    meta = data["metadata"]
+    assert meta["prompt"] == PROMPT and meta["prompt_tokens"] == result.str_tokens
+    assert meta["scan"] == "toy-gemma-3" and meta["schema_version"] == 1
+    assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.85}
+
+    # Every link carries the pruned matrix's weight for its (target, source) pair.
+    pos = {node_id: k for k, node_id in enumerate(ids)}
+    M = result.pruned_matrix
+    for link in data["links"]:
+        assert link["weight"] == pytest.approx(float(M[pos[link["target"]], pos[link["source"]]]), rel=1e-5)
+
+    # Node fields follow the graph and Neuronpedia's conventions.
+    for entry, node in zip(data["nodes"], result.kept_nodes):
+        assert entry["feature_type"] == FEATURE_TYPES[node.node_type.value]
+        assert entry["ctx_idx"] == node.ctx_idx
+        if node.node_type == NodeType.LATENT:
+            assert entry["feature"] == cantor_pair(node.layer, node.feature)
+            assert entry["activation"] == pytest.approx(node.activation, rel=1e-5)
+            assert entry["layer"] == str(node.layer)
+        if node.node_type == NodeType.LOGIT:
+            assert float(entry["clerp"].split("(p=")[1].rstrip(")")) == pytest.approx(node.token_prob, abs=1e-3)
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    assert all(0 <= n["influence"] <= 1 + 1e-9 for n in data["nodes"])
+
+
+def test_cantor_pairing_is_neuronpedias():
+    # Neuronpedia decodes with w = floor((sqrt(8z + 1) - 1) / 2), index = z - w(w + 1) / 2, layer = w - index.
+    for layer, f in [(0, 0), (3, 17), (25, 16383)]:
+        z = cantor_pair(layer, f)
+        w = int(((8 * z + 1) ** 0.5 - 1) // 2)
+        index = z - w * (w + 1) // 2
+        assert (w - index, index) == (layer, f)
+
+
+# ------------------------------------------------------------------------------------------- dashboard
+
+
+def test_dashboard_files_and_counts(dashboard, result):
+    page, out = dashboard
+    assert (out / "index.html").read_text(encoding="utf-8") == page
+    assert (out / "neuronpedia.json").exists()
+    data = page_data(page)
+    assert len(data["nodes"]) == len(result.kept_indices) == data["meta"]["n_nodes"]
+    assert len(data["edges"]) == n_edges(result) == data["meta"]["n_edges"]
+    assert data["meta"]["scores"] == {"replacement": 0.61}
+    assert data["meta"]["node_threshold"] == 0.8 and data["meta"]["edge_threshold"] == 0.85
+    # Every edge joins an earlier node (in graph order) to a later one.
+    assert all(s < t for s, t, _ in data["edges"])
+    # What the tests and the browser look for is in the page.
+    for marker in ('id="panel"', "logit-table", "data-node-id", '"node ', '"edge"'):
+        assert marker in page
+
+
+def test_logit_tables_match_direct_topk(world, result, dashboard):
+    model, tcs = world
+    data = page_data(dashboard[0])
+    latents = sorted({(int(n.layer), n.feature) for n in result.kept_nodes if n.node_type == NodeType.LATENT})
+    assert latents
+    tables = latent_logit_tables(model, tcs, latents, k=10)
+    for layer, f in latents:
+        effects = tcs[layer].W_dec[f].detach() @ model.W_U.detach()
+        top_v, top_i = effects.topk(10)
+        bot_v, bot_i = effects.topk(10, largest=False)
+        t = tables[(layer, f)]
+        assert [tok for tok, _ in t["top"]] == [model.tokenizer.decode([i]) for i in top_i.tolist()]
+        assert [tok for tok, _ in t["bottom"]] == [model.tokenizer.decode([i]) for i in bot_i.tolist()]
+        assert torch.allclose(torch.tensor([v for _, v in t["top"]]), top_v, atol=1e-5)
+        assert torch.allclose(torch.tensor([v for _, v in t["bottom"]]), bot_v, atol=1e-5)
+        assert sum(t["hist"][0]) == model.cfg.d_vocab
+        # The page shows the same tables.
+        panel = data["latents"][f"{layer}_{f}"]
+        assert [row[0] for row in panel["top"]] == [tok for tok, _ in t["top"]]
+        assert panel["top"][0][1] == pytest.approx(float(top_v[0]), rel=1e-3)
+        assert panel["ex"]["examples"], "toy example data should give every kept latent some examples"
+
+
+def test_page_needs_no_network(dashboard):
+    page = dashboard[0]
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
+    assert not re.search(r"<link[^>]*\bhref\s*=", page, re.I)
+    assert not re.search(r"@import|url\(\s*['\"]?(https?:)?//", page, re.I)
+    assert "http://" not in page and "https://" not in page
+
+
+def test_dashboard_without_transcoders_or_examples(world, result, tmp_path):
+    model, _ = world
+    page = utils.create_attribution_dashboard(result, model, output_dir=tmp_path, display=False)
+    data = page_data(page)
+    assert "logits" in data["meta"]["notes"] and "examples" in data["meta"]["notes"]
+    assert all("top" not in panel for panel in data["latents"].values())
+    assert len(data["nodes"]) == len(result.kept_indices)
+
+
+def test_dashboard_takes_a_bare_result(world, result, tmp_path):
+    """A result with only the six fields the course's first `AttributionResult` had still renders."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class BareResult:
+        graph: object
+        adjacency_matrix: torch.Tensor
+        kept_indices: torch.Tensor
+        pruned_matrix: torch.Tensor
+        prompt: str
+        str_tokens: list
+
+    bare = BareResult(result.graph, result.adjacency_matrix, result.kept_indices, result.pruned_matrix,
+                      result.prompt, result.str_tokens)
+    model, tcs = world
+    data = page_data(utils.create_attribution_dashboard(bare, model, tcs, output_dir=tmp_path, display=False))
+    full = page_data(utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False))
+    assert [n["influence"] for n in data["nodes"]] == [n["influence"] for n in full["nodes"]]
+    assert data["edges"] == full["edges"]
+
+
+def test_dashboard_escapes_script_breaking_text(world, result, tmp_path):
+    model, _ = world
+    data = dashboard_mod.dashboard_data(result, model)
+    data["meta"]["prompt"] = "</script><script>alert(1)</script> & more"
+    page = dashboard_mod.render_dashboard_html(data)
+    assert page.count("</script>") == 2  # only the page's own two script elements end
+    assert page_data(page)["meta"]["prompt"] == data["meta"]["prompt"]
+
+
+def test_display_uses_srcdoc_iframe(monkeypatch, world, result, tmp_path):
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    model, tcs = world
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=True)
+    assert len(shown) == 1
+    frame = shown[0].data
+    assert "<iframe srcdoc=" in frame and "sandbox=\"allow-scripts" in frame
+    assert "<script>" not in frame  # the page is escaped inside the attribute
+
+
+# ------------------------------------------------------------------------------------------- example data
+
+
+def write_hub_layout(root: Path, data_by_layer: dict, **kw) -> None:
+    for layer, data in data_by_layer.items():
+        path = root / examples_mod.example_file_path(layer, **kw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in data.items()}, str(path))
+
+
+def test_example_loader_offline(monkeypatch, tmp_path, example_data):
+    hub = tmp_path / "hub"
+    write_hub_layout(hub, {2: example_data[2], 3: example_data[3]})
+    calls = []
+
+    def fake_download(repo_id, filename, local_dir=None, token=None):
+        calls.append((repo_id, filename))
+        return str(hub / filename)
+
+    monkeypatch.setattr(examples_mod, "hf_hub_download", fake_download)
+    loaded = load_example_data(2)
+    assert calls == [("google/gemma-scope-2-1b-it", "transcoder_all/layer_2_width_16k_l0_small_affine/examples.safetensors")]
+    assert set(loaded) == set(example_data[2])
+    for key, value in example_data[2].items():
+        assert torch.equal(loaded[key], value), key
+
+    both = load_example_data_parallel([2, 3], max_workers=2)
+    assert sorted(both) == [2, 3] and torch.equal(both[3]["activations"], example_data[3]["activations"])
+
+    # Other variants name other repositories and folders.
+    calls.clear()
+
+    def record_then_fail(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        raise FileNotFoundError(filename)
+
+    monkeypatch.setattr(examples_mod, "hf_hub_download", record_then_fail)
+    with pytest.raises(HubUnreachableError):
+        load_example_data(5, model_size="270m", instruction_tuned=False, l0="big", affine=False, width="262k")
+    assert calls == [("google/gemma-scope-2-270m-pt", "transcoder_all/layer_5_width_262k_l0_big/examples.safetensors")]
+
+
+def test_example_subset_load_matches_full(monkeypatch, tmp_path, world, example_data):
+    model, _ = world
+    hub = tmp_path / "hub"
+    write_hub_layout(hub, {1: example_data[1]})
+    monkeypatch.setattr(examples_mod, "hf_hub_download", lambda repo_id, filename, **kw: str(hub / filename))
+    fired = (example_data[1]["activations"][:, 0] > 0).nonzero().flatten()[:5].tolist()
+    short = load_example_data(1, features=fired, n_examples=20)
+    assert short["activations"].shape == (len(fired), 20)
+    subset = load_example_data(1, features=fired)
+    assert subset["feature_ids"].tolist() == fired
+    assert subset["tokens"].shape[0] <= example_data[1]["tokens"].shape[0]
+    for f in fired:
+        full = feature_examples(example_data[1], f, model.tokenizer, n_examples=3)
+        part = feature_examples(subset, f, model.tokenizer, n_examples=3)
+        assert [e["tokens"] for e in part] == [e["tokens"] for e in full]
+        assert [e["acts"] for e in part] == [e["acts"] for e in full]
+    assert feature_examples(subset, max(fired) + 1000, model.tokenizer) == []
+
+
+def test_example_loader_reads_local_dir_without_download(monkeypatch, tmp_path, example_data):
+    write_hub_layout(tmp_path, {0: example_data[0]})
+
+    def no_network(**kw):
+        raise AssertionError("should not download")
+
+    monkeypatch.setattr(examples_mod, "hf_hub_download", no_network)
+    loaded = load_example_data(0, local_dir=tmp_path)
+    assert torch.equal(loaded["tokens"], example_data[0]["tokens"])
+
+
+def test_example_loader_without_network_says_so(monkeypatch):
+    def offline(**kw):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(examples_mod, "hf_hub_download", offline)
+    with pytest.raises(HubUnreachableError, match="network") as info:
+        load_example_data(0)
+    assert "make_toy_example_data" in str(info.value) and "google/gemma-scope-2-1b-it" in str(info.value)
+
+
+def test_toy_example_data_layout(world, example_data):
+    model, tcs = world
+    for layer, data in example_data.items():
+        assert set(data) == set(examples_mod.EXAMPLE_KEYS)
+        F = tcs[layer].cfg.d_sae
+        assert data["activations"].shape[0] == F and data["top_tokens"].shape == (F, 10)
+        # Activations are sorted per latent, and each one is what the transcoder gives on that token.
+        acts = data["activations"]
+        assert torch.all(acts[:, :-1] >= acts[:, 1:])
+        f = int(acts[:, 0].argmax())
+        s, p = int(data["seq_ids"][f, 0]), int(data["positions"][f, 0])
+        _, cache = model.run_with_cache(data["tokens"][s:s + 1].long(), names_filter=f"blocks.{layer}.mlp.hook_in")
+        direct = tcs[layer].encode(cache[f"blocks.{layer}.mlp.hook_in"])[0, p, f].detach()
+        assert float(direct) == pytest.approx(float(acts[f, 0]), rel=1e-4)
+
+
+def test_inspect_feature(world, example_data):
+    model, _ = world
+    f = int(example_data[2]["activations"][:, 0].argmax())
+    styler = utils.inspect_feature(example_data[2], f, model.tokenizer, n_examples=4)
+    assert len(styler.data) == 4
+    page = styler.to_html()
+    assert "background-color: rgba(34, 160, 70" in page
+    assert "max act" in page
+
+
+# ------------------------------------------------------------------------------------------- circuit-tracer
+
+
+def test_circuit_tracer_export_loads_back(world, result, example_data, tmp_path):
+    pytest.importorskip("circuit_tracer")
+    from circuit_tracer.frontend import feature_models, graph_models
+    from circuit_tracer.frontend.local_server import serve
+
+    model, tcs = world
+    graph_file = utils.export_circuit_tracer(result, tmp_path, slug="toy-opposite", model=model, transcoders=tcs,
+                                             example_data_by_layer=example_data)
+    graph = graph_models.Model.model_validate_json(graph_file.read_text())
+    assert len(graph.nodes) == len(result.kept_indices) and len(graph.links) == n_edges(result)
+    index = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in index["graphs"]] == ["toy-opposite"]
+    graph_models.Metadata.model_validate(index["graphs"][0])
+    n_latents = len({(n.layer, n.feature) for n in result.kept_nodes if n.node_type == NodeType.LATENT})
+    feature_files = sorted((tmp_path / "features").glob("*.json"))
+    assert len(feature_files) == n_latents
+    for path in feature_files:
+        feature_models.Model.model_validate_json(path.read_text())
+
+    # Writing a second graph keeps the first in the index.
+    utils.export_circuit_tracer(result, tmp_path, slug="second")
+    assert [g["slug"] for g in json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]] == [
+        "toy-opposite", "second"]
+
+    # circuit-tracer's own server hands the files to its viewer.
+    server = serve(data_dir=str(tmp_path), port=0)
+    try:
+        port = server.httpd.server_address[1]
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/data/graph-metadata.json", timeout=10) as resp:
+            assert len(json.loads(resp.read())["graphs"]) == 2
+        with urllib.request.urlopen(f"{base}/graph_data/toy-opposite.json", timeout=10) as resp:
+            assert graph_models.Model.model_validate_json(resp.read()).metadata.slug == "toy-opposite"
+        scan = graph.metadata.scan  # the viewer fetches f"{scan}/{feature}.json" for a "./" scan
+        latent = next(n for n in graph.nodes if n.feature_type == "cross layer transcoder")
+        with urllib.request.urlopen(f"{base}/{scan[2:]}/{latent.feature}.json", timeout=10) as resp:
+            assert feature_models.Model.model_validate_json(resp.read()).index == latent.feature
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+def test_demo_pruning_with_reference_functions():
+    figs = utils.demo_pruning(prune_nodes, prune_edges)
+    assert len(figs) == 3 and all(isinstance(f, go.Figure) for f in figs)
+    n_kept = [sum(len(t.x) for t in f.data if t.name == "kept") for f in figs]
+    assert n_kept[0] == 30 and n_kept[0] >= n_kept[1] >= n_kept[2] >= 3
+
+
+def test_demo_pruning_accepts_lists_and_masks_and_explains_bad_output():
+    def nodes_as_mask(A, w, n_layers, threshold):
+        kept, pruned = prune_nodes(A, w, n_layers, threshold)
+        mask = torch.zeros(A.shape[0], dtype=torch.bool)
+        mask[kept] = True
+        return mask, pruned.numpy()
+
+    def edges_as_lists(A, w, n_layers, threshold):
+        kept, pruned = prune_edges(A, w, n_layers, threshold)
+        return kept.tolist(), pruned.tolist()
+
+    figs = utils.demo_pruning(nodes_as_mask, edges_as_lists)
+    ref = utils.demo_pruning(prune_nodes, prune_edges)
+    assert [f.layout.title.text for f in figs] == [f.layout.title.text for f in ref]
+
+    with pytest.raises(ValueError, match="should be"):
+        utils.demo_pruning(lambda A, w, n, t: (torch.arange(3), A), prune_edges)
+    with pytest.raises(ValueError, match="return"):
+        utils.demo_pruning(lambda A, w, n, t: None, prune_edges)
+    with pytest.raises(ValueError, match="in \\[0, 30\\)"):
+        utils.demo_pruning(lambda A, w, n, t: (torch.tensor([0, 99]), A[:2, :2]), prune_edges)
+
+
+def test_plot_cumulative_influence(result):
+    fig = utils.plot_cumulative_influence(result.influence, threshold=0.8)
+    y = torch.tensor(fig.data[0].y)
+    assert y[-1] == pytest.approx(1.0) and torch.all(y[1:] >= y[:-1] - 1e-12)
+    needed = n_to_cross(result.influence.sort(descending=True).values, 0.8)
+    assert any(getattr(s, "x0", None) == needed for s in fig.layout.shapes)
+
+
+def test_utils_reexports():
+    for name in ("create_attribution_dashboard", "export_neuronpedia", "export_circuit_tracer", "load_example_data",
+                 "load_example_data_parallel", "make_toy_example_data", "inspect_feature", "demo_pruning",
+                 "plot_cumulative_influence", "load_saes_parallel"):
+        assert callable(getattr(utils, name)), name
+
+
+def test_toy_example_data_logit_tables_for_chosen_latents(world, result, example_data):
+    model, tcs = world
+    wanted = utils.features_in_graph(result)
+    part = utils.make_toy_example_data(model, tcs, n_sequences=128, features_by_layer=wanted)
+    for layer, data in part.items():
+        chosen = wanted.get(layer, [])
+        assert torch.equal(data["top_tokens"][chosen], example_data[layer]["top_tokens"][chosen])
+        assert torch.equal(data["activations"], example_data[layer]["activations"])
+        others = [f for f in range(data["top_logits"].shape[0]) if f not in set(chosen)]
+        assert torch.all(data["top_logits"][others] == 0)
