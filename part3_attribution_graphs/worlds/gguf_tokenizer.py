@@ -44,7 +44,7 @@ __all__ = [
 
 # SentencePiece piece types, as stored in `tokenizer.ggml.token_type`.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-TOKENIZER_NAME = "gemma3-270m-gguf"
+TOKENIZER_NAME = "g3-270m-gguf-bpe"  # no "gemma": TransformerLens special-cases such names
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 
 
