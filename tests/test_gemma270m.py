@@ -13,7 +13,14 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from part3_attribution_graphs import solutions
+from part3_attribution_graphs import tests as autograder
+from part3_attribution_graphs.attribution import attribute, read_hook_name
+from part3_attribution_graphs.linear_model import LinearisedModel
+from part3_attribution_graphs.nodes import NodeType
+from part3_attribution_graphs.replacement import FreezeHooks
 from part3_attribution_graphs.worlds import gemma270m as g
+from part3_attribution_graphs.worlds.gemma import format_prompt
 from part3_attribution_graphs.worlds.gguf_tokenizer import sentencepiece_reference_proto
 
 pytestmark = pytest.mark.gemma270m
@@ -236,3 +243,45 @@ def test_skip_replacement_keeps_logits_and_routes_gradient_through_skip(world) -
         v = torch.randn(outs[layer].shape, generator=gen)
         (grad,) = torch.autograd.grad((outs[layer] * v).sum(), leaves[layer], retain_graph=True)
         torch.testing.assert_close(grad, v @ transcoders[layer].W_skip.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the course pipeline on real weights
+
+PIPELINE_PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is")
+
+
+def test_pipeline_builds_a_complete_graph_on_real_weights(world) -> None:
+    """attribute() on a chat prompt; incoming edges + bias terms = what each target reads."""
+    model, transcoders = world
+    before = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
+    result = attribute(model, transcoders, PIPELINE_PROMPT, batch_size=128, start_posn=0)
+    assert sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values()) == before
+    graph, A = result.graph, result.adjacency_matrix.double()
+    assert torch.count_nonzero(torch.triu(A)) == 0
+    assert len(result.kept_indices) > len(graph.node_range_dict) and torch.count_nonzero(result.pruned_matrix) > 0
+
+    freeze = FreezeHooks(model)
+    lin = LinearisedModel(model, transcoders, freeze.cache_frozen_values(model.to_tokens(PIPELINE_PROMPT)))
+    clean, biases = lin.forward(*lin.clean_inputs()), lin.forward(*lin.bias_inputs())
+    targets = [i for i, n in enumerate(graph.nodes) if n.node_type in (NodeType.LATENT, NodeType.LOGIT)]
+    worst = 0.0
+    for t in targets:
+        node, r = graph.nodes[t], graph.reading_vecs[t].double()
+        name = read_hook_name(node.layer)
+        value, bias = float(clean[name][node.ctx_idx] @ r), float(biases[name][node.ctx_idx] @ r)
+        worst = max(worst, abs(A[t].sum().item() + bias - value) / (A[t].abs().sum().item() + abs(bias)))
+    print(f"\n270M graph: {len(graph)} nodes, {len(targets)} targets, worst completeness residual {worst:.2e}, "
+          f"kept {len(result.kept_indices)} nodes / {torch.count_nonzero(result.pruned_matrix)} edges")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("exercise", [
+    "transcoder_replacement_hooks", "compute_salient_logits", "build_embedding_nodes", "build_intermediate_nodes",
+    "prepare_backward_batches", "compute_adjacency_matrix", "compute_influence", "prune_nodes", "prune_edges",
+])
+def test_autograder_passes_the_reference_on_real_weights(exercise, world, capsys) -> None:
+    model, transcoders = world
+    reference = getattr(solutions, "TranscoderReplacementHooks" if exercise == "transcoder_replacement_hooks"
+                        else exercise)
+    getattr(autograder, f"test_{exercise}")(reference, model=model, transcoders=transcoders)
+    assert f"All tests in `test_{exercise}` passed!" in capsys.readouterr().out
