@@ -2,8 +2,9 @@
 
 An edge from source s to target t is `A[t, s] = r_t . J(s -> t) w_s`: inject the target's reading
 vector as a gradient at its read point, backpropagate through the frozen model, and dot the gradient
-at the source's write point with the source's writing vector. One backward pass serves a whole
-batch of targets, and one gradient serves every source at once.
+at the source's write point with the source's writing vector. The model is frozen, so one forward
+pass serves every target; one backward pass serves a whole batch of targets, and one gradient serves
+every source at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
     "setup_attribution",
     "prepare_backward_batches",
     "compute_adjacency_matrix",
+    "FrozenForward",
+    "run_frozen_forward",
     "AttributionResult",
     "attribute",
     "validate_transcoders",
@@ -46,31 +49,31 @@ def write_hook_name(layer: int | str) -> str:
     return "blocks.0.hook_resid_pre" if layer == "E" else f"blocks.{layer}.hook_mlp_out"
 
 
-def setup_attribution(
-    model: HookedSAETransformer,
-    tokens: Tensor,
-    freeze: FreezeHooks,
-    target_reading_vecs: Float[Tensor, "batch d_model"],
-    target_positions: Int[Tensor, " batch"],
-    target_layers: list[int | str],
-) -> dict[str, Tensor]:
-    """Gradients of each target's reading at every source write point, one batch row per target.
+@dataclass
+class FrozenForward:
+    """One forward pass of the local replacement model, with its autograd graph kept for many backwards.
 
-    Runs the frozen model on `batch` copies of the prompt (the replacement hooks must be installed),
-    forms `sum_i r_i . read_i[pos_i]` with each target reading its own copy, and differentiates it.
-
-    Returns:
-        `{write hook name: grad of shape (batch, seq, d_model)}` for `blocks.0.hook_resid_pre` and every
-        `blocks.{l}.hook_mlp_out`.
+    `reads` and `writes` map hook names to the live activations (1, seq, d_model) where targets read
+    and sources write. Differentiating a read w.r.t. the writes goes through the frozen model only.
     """
-    batch = target_reading_vecs.shape[0]
-    if not (len(target_layers) == batch == target_positions.shape[0]):
-        raise ValueError(f"Got {batch} reading vectors, {target_positions.shape[0]} positions and "
-                         f"{len(target_layers)} layers: one of each per target.")
-    reading = target_reading_vecs.detach()
+
+    reads: dict[str, Tensor]
+    writes: dict[str, Tensor]
+
+
+def run_frozen_forward(
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "1 seq"],
+    freeze: FreezeHooks,
+    read_names: set[str],
+) -> FrozenForward:
+    """Run the frozen model once (the replacement hooks must be installed) and keep its graph.
+
+    Args:
+        read_names: the read points the targets will use (see `read_hook_name`).
+    """
     n_layers = model.cfg.n_layers
     write_names = [write_hook_name("E")] + [write_hook_name(layer) for layer in range(n_layers)]
-    read_names = {read_hook_name(layer) for layer in target_layers}
     seen: dict[str, Tensor] = {}
 
     def leaf_at_embeddings(x: Tensor, hook: HookPoint) -> Tensor:
@@ -83,27 +86,80 @@ def setup_attribution(
 
     last_resid = f"blocks.{n_layers - 1}.hook_resid_post"
     fwd_hooks: list[tuple[str, Callable]] = [(write_names[0], leaf_at_embeddings)]
-    fwd_hooks += [(name, remember) for name in sorted((set(write_names[1:]) | read_names | {last_resid})
+    fwd_hooks += [(name, remember) for name in sorted((set(write_names[1:]) | set(read_names) | {last_resid})
                                                       - {"unembed.hook_in"})]
 
     with torch.enable_grad(), model.hooks(fwd_hooks=freeze.fwd_hooks + fwd_hooks):
         # return_type=None stops before the final norm and unembedding (a vocab-sized matmul we don't
         # need); logit targets read the final norm's output, which we apply ourselves (scale frozen).
-        model(tokens.expand(batch, -1), return_type=None)
+        model(tokens[:1], return_type=None)
         if "unembed.hook_in" in read_names:
             seen["unembed.hook_in"] = model.ln_final(seen[last_resid])
-        rows = torch.arange(batch, device=reading.device)
-        objective = torch.zeros((), dtype=reading.dtype, device=reading.device)
-        for name in sorted(read_names):
-            sel = torch.tensor([read_hook_name(layer) == name for layer in target_layers], device=reading.device)
-            acts = seen[name][rows[sel], target_positions.to(reading.device)[sel]]
-            objective = objective + (acts * reading[sel].to(acts.dtype)).sum()
-        grads = torch.autograd.grad(objective, [seen[n] for n in write_names], allow_unused=True)
+    return FrozenForward(reads={name: seen[name] for name in read_names},
+                         writes={name: seen[name] for name in write_names})
 
-    return {
-        name: (g if g is not None else torch.zeros_like(seen[name])).detach()
-        for name, g in zip(write_names, grads)
-    }
+
+def setup_attribution(
+    model: HookedSAETransformer,
+    tokens: Tensor,
+    freeze: FreezeHooks,
+    target_reading_vecs: Float[Tensor, "batch d_model"],
+    target_positions: Int[Tensor, " batch"],
+    target_layers: list[int | str],
+    *,
+    forward: FrozenForward | None = None,
+) -> dict[str, Tensor]:
+    """Gradients of each target's reading at every source write point, one batch row per target.
+
+    Runs the frozen model once (the replacement hooks must be installed), unless `forward` hands in a
+    pass made earlier by `run_frozen_forward`. Then one backward pass differentiates all the targets
+    together: target i seeds the gradient `r_i` at its read point and position, and
+    `is_grads_batched=True` keeps each seed in its own batch row (autograd vectorises the backward
+    over the seeds with `torch.vmap`). This gives the same rows as running `batch` copies of the prompt
+    with target i reading copy i, without the copies.
+
+    Returns:
+        `{write hook name: grad of shape (batch, seq, d_model)}` for `blocks.0.hook_resid_pre` and every
+        `blocks.{l}.hook_mlp_out`; write points the targets cannot see get (broadcast) zeros.
+    """
+    batch = target_reading_vecs.shape[0]
+    if not (len(target_layers) == batch == target_positions.shape[0]):
+        raise ValueError(f"Got {batch} reading vectors, {target_positions.shape[0]} positions and "
+                         f"{len(target_layers)} layers: one of each per target.")
+    read_names = sorted({read_hook_name(layer) for layer in target_layers})
+    reuse = forward is not None  # then later batches backpropagate through the same graph: keep it
+    if forward is None:
+        forward = run_frozen_forward(model, tokens, freeze, set(read_names))
+    reading = target_reading_vecs.detach()
+    positions = target_positions.to(reading.device)
+
+    # One seed per target: zeros except r_i at (row i, its position) of its own read point.
+    seeds = []
+    for name in read_names:
+        read = forward.reads[name]
+        mine = [i for i, layer in enumerate(target_layers) if read_hook_name(layer) == name]
+        if len(mine) == batch:  # the usual case, one read point per batch: no index list to send to the GPU
+            rows = torch.arange(batch, device=read.device)
+        else:
+            rows = torch.tensor(mine, device=read.device)
+        seed = torch.zeros(batch, *read.shape, dtype=read.dtype, device=read.device)
+        seed[rows, 0, positions[rows]] = reading[rows].to(read.dtype)
+        seeds.append(seed)
+
+    # Autograd visits only the part of the graph below the targets' read points.
+    write_names = list(forward.writes)
+    grads = torch.autograd.grad([forward.reads[name] for name in read_names],
+                                [forward.writes[name] for name in write_names], grad_outputs=seeds,
+                                retain_graph=reuse, allow_unused=True, is_grads_batched=True)
+    out = {}
+    for name, g in zip(write_names, grads):
+        shape = (batch, *forward.writes[name].shape[1:])
+        if g is not None:
+            out[name] = g[:, 0]
+        else:  # in the batched loop, a free broadcast view; on its own, a real tensor one may write to
+            zero = forward.writes[name].new_zeros(())
+            out[name] = zero.expand(shape) if reuse else zero.expand(shape).clone()
+    return out
 
 
 def prepare_backward_batches(graph: GraphNodes, batch_size: int = 8) -> list[Batch]:
@@ -127,18 +183,52 @@ def prepare_backward_batches(graph: GraphNodes, batch_size: int = 8) -> list[Bat
     return batches
 
 
-def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[str, Tensor, Tensor, Tensor]]:
-    """Sources grouped by write point: (hook name, node indices, positions, masked writing vectors)."""
+def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[int | str, str, slice, Tensor, Tensor]]:
+    """Sources grouped by write point: (layer key, hook name, node slice, slots, writing vectors by slot).
+
+    Within a write point the sources are laid out by position: slot (p, k) holds the k-th source at
+    position p, and `slots` gives each source's flat slot `p * k_max + k` in node order. Then one
+    batched matmul per write point contracts each position's gradient with the sources there.
+    """
     groups = []
     for key, (start, end) in graph.node_range_dict.items():
         if key == "L" or end == start:
             continue
-        idx = torch.arange(start, end, device=graph.writing_vecs.device)
-        pos = torch.tensor([n.ctx_idx for n in graph.nodes[start:end]], device=idx.device)
+        positions = [n.ctx_idx for n in graph.nodes[start:end]]
+        rank, seen_at = [], {}
+        for p in positions:  # k: how many sources came before this one at its position
+            rank.append(seen_at.get(p, 0))
+            seen_at[p] = rank[-1] + 1
+        k_max, device = max(seen_at.values()), graph.writing_vecs.device
+        slots = torch.tensor([p * k_max + k for p, k in zip(positions, rank)], device=device)
         # Sources at masked positions (the chat-template prefix) send no edges.
-        writes = graph.writing_vecs[start:end] * (pos >= start_posn).unsqueeze(-1)
-        groups.append((write_hook_name(key), idx, pos, writes))
+        keep = torch.tensor(positions, device=device) >= start_posn
+        by_slot = graph.writing_vecs.new_zeros(graph.seq_len * k_max, graph.writing_vecs.shape[1])
+        by_slot[slots] = graph.writing_vecs[start:end] * keep.unsqueeze(-1)
+        groups.append((key, write_hook_name(key), slice(start, end), slots,
+                       by_slot.view(graph.seq_len, k_max, -1)))
     return groups
+
+
+def _reading_targets(graph: GraphNodes, batches: list[Batch]) -> list[tuple[Tensor, Tensor, Tensor, list]]:
+    """The batches without the targets that read nothing (error nodes), as (rows of A, readings, positions, layers).
+
+    Their rows of A are zero whatever the gradients, so they would only take room in a backward pass.
+    The index tensors are made here, once, so that the loop over batches never waits for the host.
+    """
+    reads_something = graph.reading_vecs.ne(0).any(dim=-1).tolist()  # one device -> host copy
+    out = []
+    for lo, nodes, reading, positions, layers in batches:
+        keep = [i for i in range(len(nodes)) if reads_something[lo + i]]
+        if keep:
+            idx = torch.tensor(keep, device=reading.device)
+            out.append((lo + idx, reading[idx], positions[idx], [layers[i] for i in keep]))
+    return out
+
+
+def _can_reach(source_key: int | str, target_layers: list[int | str]) -> bool:
+    """Whether a source in layer `source_key` can send an edge to any of these targets (earlier layers only)."""
+    return source_key == "E" or "L" in target_layers or source_key < max(target_layers)
 
 
 def compute_adjacency_matrix(
@@ -152,8 +242,9 @@ def compute_adjacency_matrix(
 ) -> Float[Tensor, "n_nodes n_nodes"]:
     """Fill `A[target, source]` one batch of targets at a time.
 
-    Each batch costs one backward pass; its gradients are contracted with every source's writing
-    vector in one einsum per write point (no loop over source nodes).
+    One forward pass of the frozen model serves every batch. Each batch then costs one backward
+    pass, whose gradients are contracted with every source's writing vector in one einsum per write
+    point: no loop over source nodes, and nothing in the loop makes the host wait for the GPU.
 
     Returns:
         A of shape (n_nodes, n_nodes); `A[j, i]` is the edge from node i to node j.
@@ -161,15 +252,19 @@ def compute_adjacency_matrix(
     n = len(graph.nodes)
     A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
     groups = _source_groups(graph, start_posn)
+    targets = _reading_targets(graph, batches)
+    read_names = {read_hook_name(layer) for *_, layers in targets for layer in layers}
     installed_here = not tc_hooks.installed
     tc_hooks.install()
     try:
-        for lo, nodes, reading, positions, layers in tqdm(batches, desc="Backward batches", leave=False):
-            grads = setup_attribution(model, tokens, freeze, reading, positions, layers)
-            rows = slice(lo, lo + len(nodes))
-            for name, idx, pos, writes in groups:
-                g = grads[name][: len(nodes), pos]  # (b, n_sources, d_model)
-                A[rows, idx] = torch.einsum("bnd,nd->bn", g.to(writes.dtype), writes)
+        forward = run_frozen_forward(model, tokens, freeze, read_names)
+        for rows, reading, positions, layers in tqdm(targets, desc="Backward batches", leave=False):
+            grads = setup_attribution(model, tokens, freeze, reading, positions, layers, forward=forward)
+            for key, name, cols, slots, writes in groups:
+                if _can_reach(key, layers):
+                    # (b, seq, d) x (seq, k_max, d) -> (b, seq, k_max): each position's gradient . its sources
+                    edges = torch.einsum("bpd,pkd->bpk", grads[name].to(writes.dtype), writes)
+                    A[rows, cols] = edges.flatten(1)[:, slots]
     finally:
         if installed_here:
             tc_hooks.remove()
@@ -218,7 +313,7 @@ def attribute(
     n_output_nodes: int = 3,
     start_posn: int = 4,
     top_k: int = 5,
-    batch_size: int = 8,
+    batch_size: int = 256,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.85,
     _adjacency_matrix: Float[Tensor, "n_nodes n_nodes"] | None = None,
@@ -230,7 +325,9 @@ def attribute(
         n_output_nodes: how many of the most probable next tokens become logit nodes.
         start_posn: positions before this (the chat-template prefix) get no intermediate nodes or edges.
         top_k: latents kept per (layer, position); the rest are folded into the error node.
-        batch_size: targets per backward pass.
+        batch_size: targets per backward pass. One forward pass serves all of them, so larger batches
+            mostly save per-pass overhead (on a GPU); the gradients held at once take about
+            `batch_size * seq * d_model * (n_layers + 1)` numbers.
         node_threshold, edge_threshold: fractions of influence kept by pruning, in (0, 1].
         _adjacency_matrix: reuse a matrix computed before (same prompt and settings) to re-prune cheaply.
     """

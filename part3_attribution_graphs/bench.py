@@ -1,0 +1,542 @@
+"""Speed benchmark: the seed's per-node loop, our `attribute`, and circuit-tracer, on one graph.
+
+    python -m part3_attribution_graphs.bench --case toy
+    python -m part3_attribution_graphs.bench --case cpu-large
+    python -m part3_attribution_graphs.bench --case gemma1b-shape --device cuda --dtype bfloat16
+
+All three methods run in one process on the same model, prompt and node set: every active latent at
+positions from `--start-posn` on (our `top_k` is set above the transcoder width, and circuit-tracer's
+`zero_positions` to the same prefix), the same three logit targets, one error node per (layer,
+position) and one embedding node per position.
+
+(a) the seed's loop (re-implemented here): per batch of 8 targets, a forward pass on 8 copies of the
+    prompt and a backward pass, then a Python loop over every source node with scalar writes into A;
+(b) our `attribute`: one forward pass, then one backward pass per batch of targets, contracted with
+    all sources at once;
+(c) circuit-tracer 0.5.0's `attribute` (TransformerLens backend), built from the same weights.
+
+The worlds are random-weight Gemma 3 models with skip transcoders fitted like the toy world's:
+`toy` (the lesson's toy world), `cpu-large` (6 layers, d_model 256, 2k latents, 32-token prompt) and
+`gemma1b-shape` (Gemma 3-1B's exact shape, 16k latents with L0 near 15, 30-token prompt; meant for a
+GPU). `--tiny` shrinks any case to seconds on a CPU, to test the code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import json
+import math
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
+from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig
+from torch import Tensor
+from transformer_lens import HookedTransformerConfig
+from transformer_lens.hook_points import HookPoint
+
+from .attribution import (
+    AttributionResult,
+    Batch,
+    _reading_targets,
+    attribute,
+    prepare_backward_batches,
+    read_hook_name,
+    write_hook_name,
+)
+from .nodes import GraphNodes, NodeType
+from .replacement import FreezeHooks, TranscoderReplacementHooks
+from .worlds.gemma import format_prompt
+from .worlds.toy import SPECIAL_TOKENS, make_toy_tokenizer, make_toy_world
+
+__all__ = ["WorldSpec", "CASES", "make_world", "seed_compute_adjacency_matrix", "run_case", "main"]
+
+GEMMA3_1B_ATTN = (["local"] * 5 + ["global"]) * 4 + ["local"] * 2  # 26 layers, 5 local : 1 global
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The shape of a random-weight Gemma 3 world, its transcoders and its benchmark prompt."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_sae: int
+    target_l0: int  # latents firing per token, on average over the calibration text
+    attn_types: tuple[str, ...]
+    window_size: int
+    user: str
+    response: str
+    n_tokens: int  # the prompt's length, checked
+    d_vocab: int | None = None  # None: the toy tokenizer's vocabulary
+    n_ctx: int = 256  # positions the rotary tables cover (prompts are short)
+
+
+CASES: dict[str, WorldSpec | None] = {
+    "toy": None,  # `make_toy_world()` itself
+    "cpu-large": WorldSpec(
+        n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, d_head=64, d_mlp=1024, d_sae=2048, target_l0=12,
+        attn_types=("local", "local", "global") * 2, window_size=8,
+        user="Write me a short rhyming couplet.",
+        response="The sun descends, a golden hue,\nAs evening whispers, soft and true", n_tokens=32),
+    "gemma1b-shape": WorldSpec(
+        n_layers=26, d_model=1152, n_heads=4, n_kv_heads=1, d_head=256, d_mlp=6912, d_sae=16384, target_l0=15,
+        attn_types=tuple(GEMMA3_1B_ATTN), window_size=512, d_vocab=262144,
+        user="What is the capital of the state containing Dallas? Answer immediately.",
+        response="The capital of the state containing Dallas is", n_tokens=30),
+}
+TOY_PROMPT = ("What is the opposite of small?", "The opposite of small is **large")
+
+
+def shrink(spec: WorldSpec) -> WorldSpec:
+    """The same architecture and prompt at a size that builds and runs in seconds on a CPU."""
+    attn = spec.attn_types[:3] if "global" in spec.attn_types[:3] else ("local", "local", "global")
+    return replace(spec, n_layers=3, d_model=64, d_head=16, d_mlp=128, d_sae=min(spec.d_sae, 512),
+                   attn_types=attn, d_vocab=min(spec.d_vocab or 0, 4096) or None)
+
+
+# ---------------------------------------------------------------- worlds
+
+
+def _config(spec: WorldSpec, d_vocab: int, device: str) -> HookedTransformerConfig:
+    return HookedTransformerConfig(
+        d_model=spec.d_model, d_head=spec.d_head, n_heads=spec.n_heads, n_key_value_heads=spec.n_kv_heads,
+        d_mlp=spec.d_mlp, n_layers=spec.n_layers, n_ctx=spec.n_ctx, d_vocab=d_vocab, act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS", use_normalization_before_and_after=True, use_qk_norm=True, gated_mlp=True,
+        final_rms=True, positional_embedding_type="rotary", rotary_base=1_000_000, rotary_base_local=10_000,
+        use_local_attn=True, window_size=spec.window_size, attn_types=list(spec.attn_types), use_attn_scale=True,
+        eps=1e-6, original_architecture="Gemma3ForCausalLM", default_prepend_bos=True,
+        tokenizer_prepends_bos=False, dtype=torch.float32, device=device, seed=None, init_weights=False,
+    )
+
+
+@torch.no_grad()
+def _fill_weights(model: HookedSAETransformer, gen: torch.Generator) -> None:
+    """Random weights with the toy world's scales (norm weights far from 1, no biases)."""
+    d = model.cfg.d_model
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith(".w"):
+            p.normal_(generator=gen).mul_(0.5).add_(1.0)
+        elif name.split(".")[-1].lstrip("_").startswith("b_"):
+            p.zero_()
+        elif name == "embed.W_E":
+            p.normal_(generator=gen)
+        elif name == "unembed.W_U":
+            p.normal_(generator=gen).div_(d**0.5)
+        else:
+            fan_in = p.shape[-2] if p.ndim >= 2 else p.shape[-1]
+            p.normal_(generator=gen).div_(fan_in**0.5)
+
+
+@torch.no_grad()
+def _fit_transcoder(layer: int, x: Float[Tensor, "n d"], y: Float[Tensor, "n d"], spec: WorldSpec,
+                    gen: torch.Generator) -> JumpReLUSkipTranscoder:
+    """A skip transcoder for one MLP: least-squares affine skip, random encoder, thresholds set for L0."""
+    n, d = x.shape
+    dev = x.device
+    cfg = JumpReLUSkipTranscoderConfig(d_in=d, d_sae=spec.d_sae, d_out=d, dtype="float32", device=str(dev),
+                                       apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
+    cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
+    cfg.metadata.model_name = "bench-gemma-3"
+    tc = JumpReLUSkipTranscoder(cfg)
+
+    x64, y64 = x.double(), y.double()
+    x_aug = torch.cat([x64, torch.ones(n, 1, dtype=torch.float64, device=dev)], dim=1)
+    sol = torch.linalg.lstsq(x_aug, y64).solution  # (d + 1, d)
+    W_skip, b_skip = sol[:d].T.contiguous(), sol[d]
+    resid = y64 - x_aug @ sol
+
+    W_enc = torch.randn(d, spec.d_sae, generator=gen, dtype=torch.float64, device=dev) / d**0.5
+    b_enc = 0.1 * torch.randn(spec.d_sae, generator=gen, dtype=torch.float64, device=dev)
+    pre = x64 @ W_enc + b_enc
+    mu, sd = pre.mean(0), pre.std(0)
+    lo, hi = 0.0, 20.0  # threshold = mu + z sd per latent; bisect z until L0 hits the target
+    for _ in range(40):
+        z = (lo + hi) / 2
+        l0 = (pre > mu + z * sd).sum(1).double().mean()
+        lo, hi = (z, hi) if l0 > spec.target_l0 else (lo, z)
+    threshold = (mu + hi * sd).clamp(min=1e-3)
+    acts = torch.where(pre > threshold, pre, torch.zeros_like(pre))
+
+    if spec.d_sae <= 4096:  # ridge fit of what the skip misses, as in the toy world
+        gram = acts.T @ acts + 1e-1 * torch.eye(spec.d_sae, dtype=torch.float64, device=dev)
+        W_dec = torch.linalg.solve(gram, acts.T @ resid)
+    else:  # a 16k x 16k solve is not worth it for a timing benchmark: random, scaled to half the residual
+        W_dec = torch.randn(spec.d_sae, d, generator=gen, dtype=torch.float64, device=dev)
+        W_dec *= 0.5 * resid.norm(dim=-1).mean() / (acts @ W_dec).norm(dim=-1).mean().clamp(min=1e-12)
+    b_dec = b_skip + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64, device=dev)
+    for name, val in dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
+                          W_skip=W_skip).items():
+        getattr(tc, name).copy_(val.float())
+    return tc.eval()
+
+
+def make_world(spec: WorldSpec, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               ) -> tuple[HookedSAETransformer, dict[int, JumpReLUSkipTranscoder]]:
+    """A random-weight Gemma 3 model of this shape and one fitted skip transcoder per layer.
+
+    The toy tokenizer serves every size; a larger `d_vocab` only widens the (un)embedding.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokenizer = make_toy_tokenizer()
+    cfg = _config(spec, spec.d_vocab or len(tokenizer), device)
+    model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    _fill_weights(model, gen)
+    model.eval()
+    model.set_use_hook_mlp_in(True)
+
+    # Calibration text: random words after a BOS, enough tokens to fit a d_model x d_model skip.
+    n_seq = max(24, 3 * spec.d_model // 31 + 1)
+    calib = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (n_seq, 32), generator=gen, device=device)
+    calib[:, 0] = tokenizer.bos_token_id
+    names = {f"blocks.{layer}.{site}" for layer in range(spec.n_layers) for site in ("mlp.hook_in", "hook_mlp_out")}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(calib, names_filter=lambda n: n in names, return_type=None)
+    transcoders = {}
+    for layer in range(spec.n_layers):
+        x = cache[f"blocks.{layer}.mlp.hook_in"][:, 1:].reshape(-1, spec.d_model)
+        y = cache[f"blocks.{layer}.hook_mlp_out"][:, 1:].reshape(-1, spec.d_model)
+        transcoders[layer] = _fit_transcoder(layer, x, y, spec, gen).to(dtype)
+    del cache
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.cfg.dtype = dtype
+    return model, transcoders
+
+
+# ---------------------------------------------------------------- (a) the seed's loop
+
+
+def seed_setup_attribution(
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "1 seq"],
+    freeze: FreezeHooks,
+    reading: Float[Tensor, "batch d_model"],
+    positions: Int[Tensor, " batch"],
+    layers: list[int | str],
+) -> dict[str, Tensor]:
+    """The seed's batched backward: run `batch` copies of the prompt, target i reads copy i, backprop the sum.
+
+    Differs from the seed in one way that only helps it: gradients are taken w.r.t. the write points
+    alone (`autograd.grad`), not accumulated into every weight (`.backward()`).
+    """
+    batch, n_layers = reading.shape[0], model.cfg.n_layers
+    writes = [write_hook_name("E")] + [write_hook_name(layer) for layer in range(n_layers)]
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    acts: dict[str, Tensor] = {}
+
+    def leaf(x: Tensor, hook: HookPoint) -> Tensor:
+        acts[hook.name] = x.detach().requires_grad_(True)
+        return acts[hook.name]
+
+    def keep(x: Tensor, hook: HookPoint) -> None:
+        acts[hook.name] = x
+
+    names = (set(writes[1:]) | {read_hook_name(layer) for layer in layers} | {last}) - {"unembed.hook_in"}
+    hooks: list[tuple[str, Callable]] = [(writes[0], leaf)] + [(name, keep) for name in sorted(names)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=freeze.fwd_hooks + hooks):
+        model(tokens.expand(batch, -1), return_type=None)
+        if "L" in layers:  # logits read the final norm's output (scale frozen), which return_type=None skips
+            acts["unembed.hook_in"] = model.ln_final(acts[last])
+        terms = []
+        for i in range(batch):
+            value = acts[read_hook_name(layers[i])][i, positions[i]]
+            terms.append((value * reading[i].to(value.dtype)).sum())
+        grads = torch.autograd.grad(torch.stack(terms).sum(), [acts[w] for w in writes], allow_unused=True)
+    return {w: torch.zeros_like(acts[w]) if g is None else g for w, g in zip(writes, grads)}
+
+
+def seed_compute_adjacency_matrix(
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "1 seq"],
+    graph: GraphNodes,
+    freeze: FreezeHooks,
+    tc_hooks: TranscoderReplacementHooks,
+    batches: list[Batch],
+    start_posn: int,
+    only_batches: set[int] | None = None,
+) -> Float[Tensor, "n_nodes n_nodes"]:
+    """The seed's loop structure: per batch, install hooks, backward, then every source node one at a time.
+
+    Args:
+        only_batches: run just these batch indices (to time a sample of a long run).
+    """
+    n = len(graph.nodes)
+    A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    for b_idx, (lo, nodes, reading, positions, layers) in enumerate(batches):
+        if only_batches is not None and b_idx not in only_batches:
+            continue
+        tc_hooks.install()
+        try:
+            grads = seed_setup_attribution(model, tokens, freeze, reading, positions, layers)
+        finally:
+            tc_hooks.remove()
+        for src in range(n):
+            node = graph.nodes[src]
+            if node.node_type == NodeType.LOGIT:
+                continue
+            grad_at_pos = grads[write_hook_name(node.layer)][: len(nodes), node.ctx_idx]  # (batch, d_model)
+            edge = (grad_at_pos * graph.writing_vecs[src].unsqueeze(0)).sum(-1)
+            if node.ctx_idx < start_posn:
+                edge = torch.zeros_like(edge)
+            for b in range(len(nodes)):
+                A[lo + b, src] = edge[b]
+    return A
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the lifetime peak is all we can get
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: `torch.cuda.max_memory_allocated` on a GPU, sampled RSS on a CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes() - self.base)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:  # hand freed heap back to the OS, so earlier runs do not hide this one's growth
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+            self.base = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() - self.base)
+
+
+def _timed(fn: Callable, device: str, repeats: int) -> tuple[float, float, int, object]:
+    """Fastest wall time and CPU time of `repeats` runs (after a warm-up run when repeats > 1), peak memory,
+    last result. CPU time (all threads of this process) is steadier than wall time on a shared machine."""
+    if repeats > 1:
+        fn()
+    best, best_cpu, peak, out = math.inf, math.inf, 0, None
+    for _ in range(repeats):
+        with PeakMemory(device) as mem:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            _sync(device)
+            best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+        peak = max(peak, mem.peak)
+    return best, best_cpu, peak, out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Row:
+    method: str
+    seconds: float
+    cpu_seconds: float
+    passes: str
+    peak_mib: float
+    n_nodes: int
+    note: str = ""
+
+
+def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int | None = None,
+             ct_batch_size: int = 512, start_posn: int = 4, repeats: int = 3, skip_seed_loop: bool = False,
+             skip_circuit_tracer: bool = False, seed_max_batches: int | None = None, tiny: bool = False,
+             ) -> dict:
+    """Build the case's world, time (a), (b), (c) on one prompt and node set; return rows and ratios."""
+    batch_size = batch_size or inspect.signature(attribute).parameters["batch_size"].default
+    spec = CASES[case]
+    t0 = time.perf_counter()
+    if spec is None:
+        model, transcoders = make_toy_world(0, dtype=torch.float32)
+        if device != "cpu":
+            model, transcoders = model.to(device), {k: v.to(device) for k, v in transcoders.items()}
+        if dtype != torch.float32:
+            model, transcoders = model.to(dtype), {k: v.to(dtype) for k, v in transcoders.items()}
+            model.cfg.dtype = dtype
+        user, response, d_sae = *TOY_PROMPT, transcoders[0].cfg.d_sae
+    else:
+        spec = shrink(spec) if tiny else spec
+        model, transcoders = make_world(spec, dtype=dtype, device=device)
+        user, response, d_sae = spec.user, spec.response, spec.d_sae
+    build_s = time.perf_counter() - t0
+    prompt = format_prompt(user, response)
+    tokens = model.to_tokens(prompt)
+    if spec is not None and tokens.shape[1] != spec.n_tokens:
+        raise RuntimeError(f"The {case} prompt has {tokens.shape[1]} tokens, expected {spec.n_tokens}.")
+
+    every_latent = d_sae + 1
+    rows: list[Row] = []
+
+    # (b) ours
+    def ours() -> AttributionResult:
+        return attribute(model, transcoders, prompt, start_posn=start_posn, top_k=every_latent, batch_size=batch_size)
+
+    b_s, b_cpu, b_mem, result = _timed(ours, device, repeats)
+    graph = result.graph
+    n_targets = len(_reading_targets(graph, prepare_backward_batches(graph, batch_size)))
+    rows.append(Row("(b) ours: attribute", b_s, b_cpu, f"1 fwd + {n_targets} bwd", b_mem / 2**20, len(graph),
+                    f"batch_size={batch_size}"))
+    n_latents = sum(n.node_type == NodeType.LATENT for n in graph.nodes)
+    lesson_s, lesson_cpu, lesson_mem, lesson = _timed(
+        lambda: attribute(model, transcoders, prompt, start_posn=start_posn, batch_size=batch_size), device, repeats)
+    lesson_row = Row("(b') ours, lesson default top_k=5", lesson_s, lesson_cpu, "1 fwd + "
+                     f"{len(_reading_targets(lesson.graph, prepare_backward_batches(lesson.graph, batch_size)))} bwd",
+                     lesson_mem / 2**20, len(lesson.graph), "fewer nodes: for reference, not in the ratios")
+    token_ids = [n.feature for n in graph.nodes if n.node_type == NodeType.LOGIT]
+
+    out: dict = dict(case=case + (" (tiny)" if tiny else ""), device=device, dtype=str(dtype).replace("torch.", ""),
+                     n_tokens=tokens.shape[1], n_latents=n_latents, build_seconds=build_s,
+                     spec=asdict(spec) if spec is not None else "make_toy_world()")
+
+    # (a) the seed's loop, on the same graph
+    if not skip_seed_loop:
+        batches = prepare_backward_batches(graph, 8)
+        if seed_max_batches is None and case == "gemma1b-shape" and not tiny:
+            seed_max_batches = 40  # the whole loop would take about an hour
+        only = None
+        if seed_max_batches is not None and seed_max_batches < len(batches):
+            step = len(batches) / seed_max_batches  # spread over all layers: deeper targets cost more
+            only = {int(i * step) for i in range(seed_max_batches)}
+        freeze = FreezeHooks(model)
+        cache = freeze.cache_frozen_values(tokens)
+        tc_hooks = TranscoderReplacementHooks(model, transcoders, cache)
+
+        def seed() -> Tensor:
+            return seed_compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn, only)
+
+        loop_s, loop_cpu, a_mem, A_seed = _timed(seed, device, 1)
+        rest_s, rest_cpu, _, _ = _timed(lambda: attribute(model, transcoders, prompt, start_posn=start_posn, top_k=every_latent,
+                                                _adjacency_matrix=A_seed), device, 1)
+        note = ""
+        if only is not None:
+            loop_s, loop_cpu = loop_s * len(batches) / len(only), loop_cpu * len(batches) / len(only)
+            note = f"loop extrapolated from {len(only)} of {len(batches)} batches"
+        else:
+            A = result.adjacency_matrix.double()
+            diff = (A_seed.double() - A).abs().max().item() / A.abs().max().item()
+            note = f"same A as (b) to {diff:.1e} (max rel.)"
+            out["seed_vs_ours_max_rel_diff"] = diff
+        rows.insert(0, Row("(a) seed's per-node loop", loop_s + rest_s, loop_cpu + rest_cpu, f"{len(batches)} x (fwd on 8 copies + bwd)",
+                           a_mem / 2**20, len(graph), note))
+
+    # (c) circuit-tracer
+    if not skip_circuit_tracer:
+        from .crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
+
+        ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
+        c_s, c_cpu, c_mem, ct_graph = _timed(lambda: ct_attribute(ct_model, tokens, token_ids, ct_batch_size), device, repeats)
+        n_feat = len(ct_graph.selected_features)
+        passes = math.ceil(len(token_ids) / ct_batch_size) + math.ceil(n_feat / ct_batch_size)
+        ours_A, theirs_A, keys = aligned_adjacency(result, ct_graph)
+        diff = ((ours_A.double() - theirs_A.double()).abs().max() / theirs_A.double().abs().max()).item()
+        out["ct_vs_ours_max_rel_diff"] = diff
+        rows.append(Row("(c) circuit-tracer attribute", c_s, c_cpu, f"1 fwd on {ct_batch_size} copies + {passes} bwd",
+                        c_mem / 2**20, ct_graph.adjacency_matrix.shape[0],
+                        f"batch_size={ct_batch_size}; {n_feat} latents; same edges as (b) to {diff:.1e} (max rel.)"))
+        del ct_model
+
+    rows.append(lesson_row)
+    wall, cpu = {r.method[:3]: r.seconds for r in rows}, {r.method[:3]: r.cpu_seconds for r in rows}
+    out["rows"] = [asdict(r) for r in rows]
+    for key, m in [("a_over_b", "(a)"), ("c_over_b", "(c)")]:
+        out[key] = wall[m] / wall["(b)"] if m in wall else None
+        out[key + "_cpu"] = cpu[m] / cpu["(b)"] if m in cpu else None
+    return out
+
+
+def format_table(res: dict) -> str:
+    """A markdown table of one case's results."""
+    threads = f", {res['threads']} CPU threads" if "threads" in res else ""
+    lines = [f"### {res['case']}: {res['device']}, {res['dtype']}, {res['n_tokens']} tokens, "
+             f"{res['n_latents']} active latents{threads}",
+             "",
+             "| method | s / graph | CPU s | passes | peak memory (MiB) | nodes | note |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['method']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {r['passes']} | {r['peak_mib']:.0f} | {r['n_nodes']} "
+                     f"| {r['note']} |")
+    ratios = []
+    for key, label in [("a_over_b", "a/b"), ("c_over_b", "c/b")]:
+        if res[key] is not None:
+            ratios.append(f"{label} = {res[key]:.1f}x (wall), {res[key + '_cpu']:.1f}x (CPU time)")
+    if ratios:
+        lines += ["", ", ".join(ratios)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=list(CASES), default="toy")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    parser.add_argument("--batch-size", type=int, default=None, help="ours (default: attribute's default)")
+    parser.add_argument("--ct-batch-size", type=int, default=512, help="circuit-tracer's (default: its own, 512)")
+    parser.add_argument("--start-posn", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of (b) and (c); the fastest counts")
+    parser.add_argument("--skip-seed-loop", action="store_true")
+    parser.add_argument("--skip-circuit-tracer", action="store_true")
+    parser.add_argument("--seed-max-batches", type=int, default=None,
+                        help="time only this many of the seed loop's batches (spread evenly) and extrapolate "
+                             "(default: all, but 40 for gemma1b-shape)")
+    parser.add_argument("--tiny", action="store_true", help="shrink the case to a CPU-sized smoke test")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible to torch.")
+    res = run_case(args.case, args.device, getattr(torch, args.dtype), args.batch_size, args.ct_batch_size,
+                   args.start_posn, args.repeats, args.skip_seed_loop, args.skip_circuit_tracer,
+                   args.seed_max_batches, args.tiny)
+    res["threads"] = torch.get_num_threads()
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    main()
