@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .attribution import attribute
+from .scores import compute_graph_scores
 from .worlds.gemma import START_POSN, format_prompt
 
 DEFAULT_USER = "What is the opposite of small?"
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="out/graph", type=Path)
     parser.add_argument("--n-output-nodes", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--node-threshold", type=float, default=0.8)
     parser.add_argument("--edge-threshold", type=float, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
@@ -77,10 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.save({"adjacency_matrix": result.adjacency_matrix, "kept_indices": result.kept_indices,
                 "pruned_matrix": result.pruned_matrix, "node_ids": [n["node_id"] for n in nodes]},
                args.out / "graph.pt")
+    scores = compute_graph_scores(result)
     if not args.no_dashboard:
         from .utils import create_attribution_dashboard
 
-        create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False)
+        create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
+                                     scores=scores)
 
     summary = {
         "world": args.world,
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nodes": len(result.graph),
         "kept_nodes": len(result.kept_indices),
         "kept_edges": int(torch.count_nonzero(result.pruned_matrix)),
+        "scores": {k: round(float(v), 4) for k, v in scores.items()},
         "top_logits": [(n.str_token, round(n.token_prob, 4)) for n in result.graph.nodes if n.node_type.value == "logit"],
         "load_s": round(t_load, 2),
         "attribute_s": round(t_graph, 2),
