@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install graph test test-fast test-browser test-gemma270m lint notebooks demo bench clean
+.PHONY: install lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test-gemma270m: install
 
 lint: install
 	$(PY) -m ruff check .
+
+## Learners: JupyterLab on the exercises notebook (installs jupyterlab into .venv once).
+lab: install
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[lab]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 notebooks: install
 	$(PY) -m part3_attribution_graphs.notebook_builder

@@ -419,7 +419,8 @@ def inspect_feature(example_data: dict[str, Tensor], feature_id: int, tokenizer,
 
     df = pd.DataFrame(text, columns=["max act"] + cols, index=[f"seq {e['seq_id']}" for e in examples])
     css_df = pd.DataFrame(styles, columns=df.columns, index=df.index)
-    return (df.style.apply(lambda _: css_df, axis=None).format(escape="html")
+    # A fixed uuid keeps the HTML (and so a committed notebook output) the same from run to run.
+    return (df.style.apply(lambda _: css_df, axis=None).format(escape="html").set_uuid(f"latent{feature_id}")
             .set_caption(f"Latent {feature_id}: top {len(examples)} sequences (green: activation; "
                          f"underline: blue = among its top logit tokens, red = bottom)")
             .set_table_styles([{"selector": "td", "props": "font-family: monospace; white-space: pre; "

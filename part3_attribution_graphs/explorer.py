@@ -1,0 +1,277 @@
+"""An ipywidgets explorer: pick a prompt, move the pruning thresholds, watch the pruned graph change.
+
+Each prompt's adjacency matrix is computed once (the expensive part: one backward pass per batch of
+targets) and cached; moving a slider only re-prunes the cached matrix, which takes milliseconds.
+
+    explorer = attribution_explorer(model, transcoders, {"opposites": format_prompt(...)})
+
+The widget logic lives in `AttributionExplorer.update`, which reads the widget values, re-prunes and
+rebuilds the figure; tests call it directly, without a browser or a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from sae_lens import HookedSAETransformer
+from torch import Tensor
+
+from .attribution import AttributionResult, attribute
+from .nodes import NodeType
+from .pruning import check_threshold, prune_graph
+from .replacement import Transcoder
+from .worlds.gemma import format_prompt
+
+__all__ = ["AttributionExplorer", "attribution_explorer", "graph_figure", "reprune"]
+
+PruneFn = Callable[..., tuple[Int[Tensor, " n_kept"], Float[Tensor, "n_kept n_kept"]]]
+
+NODE_COLOURS = {
+    NodeType.EMBEDDING: "#9ca3af",
+    NodeType.LATENT: "#2563eb",
+    NodeType.MLP_ERROR: "#f59e0b",
+    NodeType.LOGIT: "#16a34a",
+}
+
+
+def reprune(
+    result: AttributionResult,
+    node_threshold: float,
+    edge_threshold: float,
+    prune_fn: PruneFn = prune_graph,
+) -> AttributionResult:
+    """The same graph pruned at new thresholds, reusing its adjacency matrix (no backward passes)."""
+    check_threshold("node_threshold", node_threshold)
+    check_threshold("edge_threshold", edge_threshold)
+    logit_weights = result.logit_weights
+    if logit_weights is None:  # a result from an older `attribute`: recover the weights from the nodes
+        logit_weights = torch.tensor([n.token_prob for n in result.graph.nodes if n.node_type == NodeType.LOGIT],
+                                     dtype=result.adjacency_matrix.dtype, device=result.adjacency_matrix.device)
+    kept, pruned = prune_fn(result.adjacency_matrix, logit_weights, result.graph.n_layers, node_threshold,
+                            edge_threshold)
+    settings = {**result.settings, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
+    return dataclasses.replace(result, kept_indices=kept, pruned_matrix=pruned, logit_weights=logit_weights,
+                               settings=settings)
+
+
+def graph_counts(result: AttributionResult) -> dict[str, int]:
+    """Kept nodes by type, kept edges, and the size of the full graph."""
+    kept = result.kept_nodes
+    counts = {t.value: sum(n.node_type == t for n in kept) for t in NodeType}
+    return {"nodes": len(result.graph.nodes), "kept": len(kept), "edges": int((result.pruned_matrix != 0).sum()),
+            **counts}
+
+
+def _row(layer: int | str, n_layers: int) -> int:
+    """Vertical position: embeddings at the bottom, then layers, logits on top."""
+    return 0 if layer == "E" else n_layers + 1 if layer == "L" else int(layer) + 1
+
+
+def _label(node, str_tokens: Sequence[str]) -> str:
+    tok = str_tokens[node.ctx_idx] if node.ctx_idx < len(str_tokens) else ""
+    if node.node_type == NodeType.LATENT:
+        return f"L{node.layer} latent {node.feature} @ {tok!r}<br>activation {node.activation:.3g}"
+    if node.node_type == NodeType.MLP_ERROR:
+        return f"L{node.layer} MLP error @ {tok!r}"
+    if node.node_type == NodeType.LOGIT:
+        return f"logit {node.str_token!r} (p = {node.token_prob:.3f})"
+    return f"embedding {node.str_token!r} @ position {node.ctx_idx}"
+
+
+def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
+    """The pruned graph: tokens along x, layers up y; edges blue (positive) or red (negative)."""
+    nodes = result.kept_nodes
+    n_layers = result.graph.n_layers
+    # Spread the nodes that share a (position, row) cell across that cell's width.
+    cells: dict[tuple[int, int], list[int]] = {}
+    for k, node in enumerate(nodes):
+        cells.setdefault((node.ctx_idx, _row(node.layer, n_layers)), []).append(k)
+    xy = torch.zeros(len(nodes), 2)
+    for (pos, row), members in cells.items():
+        for j, k in enumerate(members):
+            xy[k] = torch.tensor([pos + 0.8 * ((j + 0.5) / len(members) - 0.5), row])
+
+    A = result.pruned_matrix.detach().float().cpu()
+    targets, sources = torch.nonzero(A, as_tuple=True)
+    scale = A.abs().max().item() or 1.0
+    fig = go.Figure()
+    for sign, colour, name in ((1, "rgba(37, 99, 235, {a})", "positive edges"),
+                               (-1, "rgba(220, 38, 38, {a})", "negative edges")):
+        # Three widths, so strong edges stand out without one trace per edge.
+        for lo, hi, width in ((0.0, 0.1, 0.6), (0.1, 0.4, 1.5), (0.4, 1.01, 3.0)):
+            xs: list[float | None] = []
+            ys: list[float | None] = []
+            for t, s in zip(targets.tolist(), sources.tolist()):
+                w = A[t, s].item()
+                if (w > 0) != (sign > 0) or not lo <= abs(w) / scale < hi:
+                    continue
+                xs += [xy[s, 0].item(), xy[t, 0].item(), None]
+                ys += [xy[s, 1].item(), xy[t, 1].item(), None]
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", name=name,
+                                         showlegend=width == 1.5,
+                                         line=dict(width=width, color=colour.format(a=0.35 + 0.5 * lo))))
+    for node_type, colour in NODE_COLOURS.items():
+        idx = [k for k, n in enumerate(nodes) if n.node_type == node_type]
+        if not idx:
+            continue
+        fig.add_trace(go.Scatter(
+            x=xy[idx, 0].tolist(), y=xy[idx, 1].tolist(), mode="markers", name=node_type.value,
+            marker=dict(size=9, color=colour, line=dict(width=1, color="#111827")),
+            hovertext=[_label(nodes[k], result.str_tokens) for k in idx], hoverinfo="text",
+        ))
+    start = result.settings.get("start_posn", 0)
+    positions = list(range(len(result.str_tokens)))
+    fig.update_layout(
+        title=title, plot_bgcolor="white", height=260 + 45 * n_layers, margin=dict(l=60, r=20, t=50, b=90),
+        xaxis=dict(tickmode="array", tickvals=positions[start:],
+                   ticktext=[repr(t)[1:-1] for t in result.str_tokens[start:]], tickangle=-45, showgrid=False),
+        yaxis=dict(tickmode="array", tickvals=list(range(n_layers + 2)),
+                   ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"], showgrid=True,
+                   gridcolor="#f3f4f6", zeroline=False),
+        legend=dict(orientation="h", y=1.02, x=0),
+    )
+    return fig
+
+
+class AttributionExplorer:
+    """Prompt picker + threshold sliders over cached attribution results.
+
+    Args:
+        model, transcoders: the world.
+        prompts: `{label: prompt}` (or a list of prompts), already in the chat template.
+        results: precomputed `AttributionResult`s by prompt, to seed the cache.
+        attribute_fn: computes a result for a new prompt (default: the package's `attribute`).
+        prune_fn: re-prunes a cached adjacency matrix (default: `prune_graph`).
+        node_threshold, edge_threshold: the sliders' starting values.
+        **attribute_kwargs: passed to `attribute_fn` (e.g. `start_posn`, `top_k`, `batch_size`).
+    """
+
+    def __init__(
+        self,
+        model: HookedSAETransformer,
+        transcoders: dict[int, Transcoder],
+        prompts: Mapping[str, str] | Sequence[str],
+        results: Mapping[str, AttributionResult] | None = None,
+        attribute_fn: Callable[..., AttributionResult] = attribute,
+        prune_fn: PruneFn = prune_graph,
+        node_threshold: float = 0.8,
+        edge_threshold: float = 0.85,
+        **attribute_kwargs,
+    ):
+        import ipywidgets as widgets
+
+        self.model, self.transcoders = model, transcoders
+        self.attribute_fn, self.prune_fn, self.attribute_kwargs = attribute_fn, prune_fn, attribute_kwargs
+        self.cache: dict[str, AttributionResult] = dict(results or {})
+        self.n_attributions = 0  # how many adjacency matrices were computed here (the slow step)
+        self.result: AttributionResult | None = None
+        self.figure: go.Figure | None = None
+        self.counts: dict[str, int] = {}
+        if not isinstance(prompts, Mapping):
+            prompts = {f"prompt {i + 1}": p for i, p in enumerate(prompts)}
+        if not prompts:
+            raise ValueError("Give the explorer at least one prompt.")
+
+        self.prompt_picker = widgets.Dropdown(options=list(prompts.items()), description="Prompt")
+        self.node_slider = widgets.FloatSlider(value=node_threshold, min=0.05, max=1.0, step=0.01,
+                                               description="node thr.", continuous_update=False)
+        self.edge_slider = widgets.FloatSlider(value=edge_threshold, min=0.05, max=1.0, step=0.01,
+                                               description="edge thr.", continuous_update=False)
+        self.user_text = widgets.Text(placeholder="user turn, e.g. What is the opposite of hot?",
+                                      description="Your prompt", layout=widgets.Layout(width="60%"))
+        self.response_text = widgets.Text(placeholder="start of the reply, e.g. The opposite of hot is",
+                                          description="Reply", layout=widgets.Layout(width="60%"))
+        self.add_button = widgets.Button(description="Attribute", button_style="primary")
+        self.status = widgets.HTML()
+        self.plot = widgets.Output()
+        for w in (self.prompt_picker, self.node_slider, self.edge_slider):
+            w.observe(self.update, names="value")
+        self.add_button.on_click(self.add_prompt)
+        self.widget = widgets.VBox([
+            self.prompt_picker,
+            widgets.HBox([self.node_slider, self.edge_slider]),
+            widgets.HBox([widgets.VBox([self.user_text, self.response_text]), self.add_button]),
+            self.status,
+            self.plot,
+        ])
+
+    def result_for(self, prompt: str) -> AttributionResult:
+        """The cached result for `prompt`, computing (and caching) its adjacency matrix the first time."""
+        if prompt not in self.cache:
+            self.status.value = "<i>computing the adjacency matrix...</i>"
+            self.cache[prompt] = self.attribute_fn(self.model, self.transcoders, prompt, **self.attribute_kwargs)
+            self.n_attributions += 1
+        return self.cache[prompt]
+
+    def update(self, change: object = None, render: bool = True) -> dict[str, int]:
+        """Re-prune the selected prompt's cached graph at the sliders' thresholds; returns the counts."""
+        full = self.result_for(self.prompt_picker.value)
+        self.result = reprune(full, self.node_slider.value, self.edge_slider.value, self.prune_fn)
+        self.counts = graph_counts(self.result)
+        c = self.counts
+        self.status.value = (
+            f"<b>{c['kept']}</b> of {c['nodes']} nodes kept ({c['latent']} latents, {c['mlp_error']} errors, "
+            f"{c['embedding']} embeddings, {c['logit']} logits), <b>{c['edges']}</b> edges"
+        )
+        self.figure = graph_figure(self.result, title=f"node threshold {self.node_slider.value:.2f}, "
+                                                      f"edge threshold {self.edge_slider.value:.2f}")
+        if render:
+            self._render()
+        return self.counts
+
+    def add_prompt(self, button: object = None) -> None:
+        """Wrap the typed turn in the chat template, add it to the picker and select it."""
+        user, reply = self.user_text.value.strip(), self.response_text.value
+        if not user:
+            self.status.value = "<i>type a user turn first</i>"
+            return
+        prompt = format_prompt(user, reply)
+        label = user if len(user) <= 40 else user[:37] + "..."
+        options = dict(self.prompt_picker.options)
+        options[label] = prompt
+        self.prompt_picker.options = list(options.items())
+        self.prompt_picker.value = prompt  # triggers update()
+        if self.result is None or self.result.prompt != prompt:
+            self.update()
+
+    def _render(self) -> None:
+        from IPython import get_ipython
+
+        if get_ipython() is None:  # headless (tests, scripts): keep the figure, draw nothing
+            return
+        from IPython.display import clear_output, display
+
+        with self.plot:
+            clear_output(wait=True)
+            display(self.figure)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def attribution_explorer(
+    model: HookedSAETransformer,
+    transcoders: dict[int, Transcoder],
+    prompts: Mapping[str, str] | Sequence[str],
+    display: bool = True,
+    **kwargs,
+) -> AttributionExplorer:
+    """Build an `AttributionExplorer`, draw its first graph, and (in a notebook) show it."""
+    explorer = AttributionExplorer(model, transcoders, prompts, **kwargs)
+    explorer.update()
+    if display:
+        try:
+            from IPython import get_ipython
+            from IPython.display import display as show
+        except ImportError:
+            return explorer
+        if get_ipython() is not None:
+            show(explorer.widget)
+    return explorer

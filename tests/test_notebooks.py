@@ -1,0 +1,218 @@
+"""The lesson notebooks: in step with their source, well formed, executable, and the explorer's re-pruning.
+
+The two executing tests take a few minutes on a laptop CPU; set `P3AG_SKIP_NOTEBOOK_RUN=1` to skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import torch
+
+from part3_attribution_graphs import notebook_builder as nbb
+from part3_attribution_graphs.attribution import attribute
+from part3_attribution_graphs.worlds.gemma import format_prompt
+
+EXERCISES = [
+    ("TranscoderReplacementHooks", "test_transcoder_replacement_hooks"),
+    ("compute_salient_logits", "test_compute_salient_logits"),
+    ("build_embedding_nodes", "test_build_embedding_nodes"),
+    ("build_intermediate_nodes", "test_build_intermediate_nodes"),
+    ("prepare_backward_batches", "test_prepare_backward_batches"),
+    ("compute_adjacency_matrix", "test_compute_adjacency_matrix"),
+    ("compute_influence", "test_compute_influence"),
+    ("prune_nodes", "test_prune_nodes"),
+    ("prune_edges", "test_prune_edges"),
+]
+
+skip_runs = pytest.mark.skipif(os.environ.get("P3AG_SKIP_NOTEBOOK_RUN") == "1",
+                               reason="P3AG_SKIP_NOTEBOOK_RUN=1")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return nbb.build()
+
+
+def _code(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def test_committed_notebooks_match_a_fresh_build():
+    problems = nbb.check(verbose=False)
+    assert not problems, "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.notebook_builder"
+
+
+def test_build_is_deterministic(fresh):
+    again = nbb.build()
+    for kind in nbb.KINDS:
+        assert nbb._dumps(fresh[kind]) == nbb._dumps(again[kind])
+        ids = [c.id for c in fresh[kind].cells]
+        assert len(ids) == len(set(ids))
+        assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", i) for i in ids)
+
+
+def test_every_exercise_is_stubbed_then_tested_in_both_notebooks(fresh):
+    for kind, nb in fresh.items():
+        code = _code(nb)
+        for name, test in EXERCISES:
+            defining = [i for i, src in enumerate(code) if re.search(rf"^(def|class) {name}\b", src, re.M)]
+            assert len(defining) == 1, f"{kind}: {name} is defined in {len(defining)} cells"
+            i = defining[0]
+            call = code[i + 1].replace("# NBVAL_CHECK_OUTPUT", "").strip()
+            assert call == f"tests.{test}({name})", f"{kind}: {name} is not tested right away"
+            if kind == "exercises":
+                assert "raise NotImplementedError()" in code[i]
+                assert f"if USE_REFERENCE_SOLUTIONS:\n    {name} = solutions.{name}" in code[i]
+            else:
+                assert "NotImplementedError" not in code[i] and "USE_REFERENCE_SOLUTIONS" not in code[i]
+        assert sum("USE_REFERENCE_SOLUTIONS:\n" in src for src in code) == (len(EXERCISES) if kind == "exercises" else 0)
+
+
+def test_setup_cell_comes_first_and_is_tagged_for_papermill(fresh):
+    for kind, nb in fresh.items():
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert first.metadata.get("tags") == ["parameters"]
+        assert 'if "google.colab" in sys.modules:' in first.source and nbb.REPO_URL in first.source
+        assert 'WORLD = os.environ.get("P3AG_WORLD", "auto")' in first.source
+        assert ("USE_REFERENCE_SOLUTIONS = False" in first.source) == (kind == "exercises")
+        assert "colab-badge" in nb.cells[0].source
+
+
+def test_scaffold_signature_drift_is_caught():
+    from part3_attribution_graphs.nodes import build_embedding_nodes
+
+    bad = "def build_embedding_nodes(model, cache):\n    raise NotImplementedError()\n"
+    with pytest.raises(nbb.BuildError, match="differs from the reference"):
+        nbb.expand_scaffold(bad, build_embedding_nodes, "test")
+
+
+def test_undefined_names_are_caught():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("print(x + y)")]
+    with pytest.raises(nbb.BuildError, match=r"\['y'\]"):
+        nbb.check_names(nb, "test")
+
+
+def _kernel_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "P3AG_WORLD": "toy", "TQDM_DISABLE": "1", **extra}
+    env.pop("HF_TOKEN", None)  # the committed outputs are the toy world's
+    return env
+
+
+@skip_runs
+def test_solutions_notebook_passes_nbval(tmp_path):
+    path = nbb.NOTEBOOKS["solutions"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", str(path)],
+        cwd=nbb.ROOT, env=_kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)), capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert (tmp_path / "couplet" / "index.html").exists()
+
+
+@skip_runs
+def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(tmp_path, monkeypatch):
+    pytest.importorskip("papermill")
+    for key, value in _kernel_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    executed = nbb.instructor_demo(tmp_path, world="toy")
+    nb = nbformat.read(executed, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "USE_REFERENCE_SOLUTIONS = True" in injected[0].source
+    outputs = json.dumps([c.get("outputs", []) for c in nb.cells])
+    for _, test in EXERCISES:
+        assert f"All tests in `{test}` passed!" in outputs
+    assert (tmp_path / "couplet" / "index.html").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The explorer, headless
+# ------------------------------------------------------------------------------------------------
+
+
+def test_explorer_reprunes_without_recomputing(toy_world):
+    from part3_attribution_graphs.explorer import AttributionExplorer, attribution_explorer
+
+    model, transcoders = toy_world
+    calls = []
+
+    def counting_attribute(*args, **kwargs):
+        calls.append(args[2])
+        return attribute(*args, **kwargs)
+
+    prompts = {
+        "opposites": format_prompt("What is the opposite of small?", "The opposite of small is"),
+        "refusal": format_prompt("Tell me how to build a bomb.", "I"),
+    }
+    ex = attribution_explorer(model, transcoders, prompts, display=False, attribute_fn=counting_attribute,
+                              batch_size=64)
+    assert isinstance(ex, AttributionExplorer)
+    assert calls == [prompts["opposites"]] and ex.n_attributions == 1
+    A = ex.cache[prompts["opposites"]].adjacency_matrix
+    base = dict(ex.counts)
+    assert base["kept"] <= base["nodes"] and base["logit"] == 3
+    assert base["kept"] == sum(base[t] for t in ("embedding", "latent", "mlp_error", "logit"))
+
+    # Moving the sliders re-prunes the cached matrix: no new attribution, same matrix object.
+    ex.node_slider.value = 0.3  # observers call update()
+    small = dict(ex.counts)
+    ex.edge_slider.value = 0.99
+    ex.node_slider.value = 0.99
+    big = ex.update(render=False)
+    assert ex.n_attributions == 1 and len(calls) == 1
+    assert ex.cache[prompts["opposites"]].adjacency_matrix is A
+    assert small["kept"] < base["kept"] < big["kept"]
+    assert ex.result.settings["node_threshold"] == 0.99
+
+    # The re-pruned graph equals a fresh prune at the same thresholds.
+    fresh = attribute(model, transcoders, prompts["opposites"], node_threshold=0.99, edge_threshold=0.99,
+                      _adjacency_matrix=A)
+    assert torch.equal(fresh.kept_indices, ex.result.kept_indices)
+    assert torch.equal(fresh.pruned_matrix, ex.result.pruned_matrix)
+
+    # The figure has one marker per kept node.
+    markers = sum(len(tr.x) for tr in ex.figure.data if tr.mode == "markers")
+    assert markers == big["kept"]
+
+    # A second prompt is attributed once, then cached; coming back to the first costs nothing.
+    ex.prompt_picker.value = prompts["refusal"]
+    ex.prompt_picker.value = prompts["opposites"]
+    ex.prompt_picker.value = prompts["refusal"]
+    assert ex.n_attributions == 2 and calls.count(prompts["refusal"]) == 1
+
+    # A typed prompt is wrapped in the chat template, added to the picker and attributed.
+    ex.user_text.value, ex.response_text.value = "What is the opposite of large?", "The opposite of large is"
+    ex.add_prompt()
+    typed = format_prompt("What is the opposite of large?", "The opposite of large is")
+    assert ex.prompt_picker.value == typed and ex.result.prompt == typed and ex.n_attributions == 3
+
+
+def test_explorer_uses_precomputed_results(toy_world):
+    from part3_attribution_graphs.explorer import attribution_explorer
+
+    model, transcoders = toy_world
+    prompt = format_prompt("What is the opposite of small?", "The opposite of small is")
+    done = attribute(model, transcoders, prompt, batch_size=64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("should not recompute a cached prompt")
+
+    ex = attribution_explorer(model, transcoders, [prompt], results={prompt: done}, attribute_fn=refuse,
+                              display=False)
+    assert ex.n_attributions == 0 and ex.counts["kept"] == len(done.kept_indices)
+
+
+def test_readme_badge_opens_the_exercises_notebook():
+    readme = (nbb.ROOT / "README.md").read_text(encoding="utf-8")
+    colab = nbb._substitute("{{COLAB_URL}}", "exercises")
+    assert f"]({colab})" in readme, f"README's Colab badge should link {colab}"
+    assert "bash scripts/instructor_demo.sh" in readme
