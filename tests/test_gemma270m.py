@@ -6,6 +6,7 @@ The first run converts and fits (a few minutes on 2 CPU cores) and fills the cac
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 
@@ -72,31 +73,35 @@ TOKENIZER_STRINGS = [
 ]
 
 
-class _NetworkGuard:
-    """Refuse and record every outgoing socket connection while active."""
+@contextlib.contextmanager
+def no_network() -> Iterator[list[object]]:
+    """Refuse and record every outgoing socket connection inside the block; yields the attempts."""
+    attempts: list[object] = []
 
-    def __init__(self) -> None:
-        self.attempts: list[object] = []
-
-    def connect(self, sock: socket.socket, address: object) -> None:
-        self.attempts.append(address)
+    def refuse(sock: socket.socket, address: object) -> None:
+        attempts.append(address)
         raise OSError(f"network access attempted during an offline load: {address!r}")
 
-
-@pytest.fixture(scope="session")
-def network_guard() -> Iterator[_NetworkGuard]:
-    guard = _NetworkGuard()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guard.connect)
-        mp.setattr(socket.socket, "connect_ex", guard.connect)
-        yield guard
+        # Patched on the class, `refuse` is called as a method: (the socket, the address).
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
+        yield attempts
+
+
+def test_no_network_guard_refuses_and_records() -> None:
+    with no_network() as attempts, socket.socket() as sock, pytest.raises(OSError, match="offline load"):
+        sock.connect(("127.0.0.1", 9))
+    assert attempts == [("127.0.0.1", 9)]
+    assert socket.socket.connect is not None and "refuse" not in repr(socket.socket.connect)
 
 
 @pytest.fixture(scope="session")
-def world(network_guard: _NetworkGuard) -> tuple:
-    model, transcoders = g.load_gemma3_270m_offline()
+def world() -> tuple:
+    with no_network() as attempts:
+        model, transcoders = g.load_gemma3_270m_offline()
     print("\nload timings (s):", {k: round(v, 1) for k, v in g.last_load_timings.items()})
-    assert network_guard.attempts == []
+    assert attempts == []
     return model, transcoders
 
 
@@ -106,9 +111,10 @@ def gguf_path():
 
 
 @pytest.fixture(scope="session")
-def hf_model(gguf_path, network_guard: _NetworkGuard):
-    hf = g.load_hf_gemma3_270m(gguf_path)
-    assert network_guard.attempts == []
+def hf_model(gguf_path):
+    with no_network() as attempts:
+        hf = g.load_hf_gemma3_270m(gguf_path)
+    assert attempts == []
     return hf
 
 
