@@ -29,6 +29,7 @@ websocket = pytest.importorskip("websocket", reason="pip install websocket-clien
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402
+from part3_attribution_graphs.scores import compute_graph_scores  # noqa: E402
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
 from part3_attribution_graphs.worlds.gemma import format_prompt  # noqa: E402
 
@@ -128,9 +129,10 @@ def toy_dashboard(tmp_path_factory):
                        batch_size=64)
     examples = utils.make_toy_example_data(model, tcs)
     out = tmp_path_factory.mktemp("dashboard")
+    scores = compute_graph_scores(result)
     utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=examples, output_dir=out,
-                                       display=False, scores={"replacement": 0.5, "completeness": 0.8})
-    return result, out / "index.html"
+                                       display=False, scores=scores)
+    return result, out / "index.html", scores
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,7 @@ def page(chromium):
 
 
 def test_dashboard_renders_offline(page, toy_dashboard):
-    result, index = toy_dashboard
+    result, index, scores = toy_dashboard
     cdp = page
     for domain in ("Page", "Runtime", "Log", "Network"):
         cdp.send(f"{domain}.enable")
@@ -181,6 +183,10 @@ def test_dashboard_renders_offline(page, toy_dashboard):
     assert cdp.evaluate("document.querySelectorAll('#graph .node').length") == n_nodes
     assert cdp.evaluate("document.querySelectorAll('#graph .edge').length") == n_edges
     assert cdp.evaluate("new Set([...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)).size") == n_nodes
+    header = cdp.evaluate("document.querySelector('header').innerText")
+    for name, value in scores.items():  # the graph's own scores, as a reader sees them (3 significant figures)
+        label = name.removesuffix("_score").replace("_", " ")
+        assert f"{label} score {float(f'{value:.3g}'):g}" in header, header
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
     assert not cdp.evaluate("document.querySelector('#panel .logit-table')")
 

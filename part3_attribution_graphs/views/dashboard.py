@@ -402,7 +402,8 @@ _JS = r"""
     });
     Object.keys(META.scores || {}).forEach(function (k) {
       var v = META.scores[k];
-      parts.push('<span class="score">' + esc(k) + " score <b>" + esc(typeof v === "number" ? fmt(v) : v) +
+      var label = k.replace(/_score$/, "").replace(/_/g, " ") + " score";  // "replacement_score" -> "replacement score"
+      parts.push('<span class="score">' + esc(label) + " <b>" + esc(typeof v === "number" ? fmt(v) : v) +
                  "</b></span>");
     });
     parts.push("</div>");
