@@ -216,3 +216,30 @@ def test_readme_badge_opens_the_exercises_notebook():
     colab = nbb._substitute("{{COLAB_URL}}", "exercises")
     assert f"]({colab})" in readme, f"README's Colab badge should link {colab}"
     assert "bash scripts/instructor_demo.sh" in readme
+
+
+@skip_runs
+def test_exercises_notebook_as_a_learner_first_opens_it(tmp_path, monkeypatch):
+    """Run with every stub still in place: each exercise's test says to fill in the stub, and nothing else breaks
+    before the first exercise."""
+    for key, value in _kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    nb = nbformat.read(nbb.NOTEBOOKS["exercises"], as_version=4)
+    client = nbb.notebook_client(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                                 shutdown_kernel="immediate",
+                                 resources={"metadata": {"path": str(nbb.NOTEBOOKS["exercises"].parent)}})
+    client.execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+
+    def error(cell) -> str | None:
+        errs = [o for o in cell.outputs if o.output_type == "error"]
+        return f"{errs[0].ename}: {errs[0].evalue}" if errs else None
+
+    first_exercise = next(i for i, c in enumerate(code) if "raise NotImplementedError()" in c.source)
+    for cell in code[:first_exercise + 1]:
+        assert error(cell) is None, f"{cell.source[:80]!r} failed before any exercise: {error(cell)}"
+    for name, test in EXERCISES:
+        cell = next(c for c in code if c.source.replace("# NBVAL_CHECK_OUTPUT", "").strip() == f"tests.{test}({name})")
+        message = error(cell) or ""
+        assert message.startswith("AssertionError") and "did you fill in the stub?" in message, (name, message)
