@@ -15,12 +15,11 @@ The source, `notebook_source/attribution_graphs.md`, is Markdown:
 - A ```` ```exercise module:name ```` fence is an exercise. The solutions notebook shows the reference
   source (`inspect.getsource`); the exercises notebook shows the fence body (a scaffold), or, when the body
   is empty, the signature, docstring and `raise NotImplementedError()`, followed in both cases by
-  `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. A scaffold is either written out, with
-  `<<header>>` (the reference's decorators, signature and docstring), `<<header:meth>>` and
-  `<<source:meth>>` (a method's header or whole source) filled in; or it is the reference source with
-  regions hidden: each `<<hide from="REGEX" to="REGEX">>` line, followed by the lines to show instead,
-  replaces the reference lines from the one line matching `from` to the next line matching `to`
-  (`<<hide after="REGEX" before="REGEX">>` hides the lines strictly between the two matches).
+  `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. A scaffold is either written out in full, or it
+  is the reference source with regions hidden: each `<<hide from="REGEX" to="REGEX">>` line, followed by
+  the lines to show instead, replaces the reference lines from the one line matching `from` to the next
+  line matching `to` (`<<hide after="REGEX" before="REGEX">>` hides the lines strictly between the two
+  matches).
 - A ```` ```given module:a,b ```` fence is the reference source of `a` and `b` as a code cell in both
   notebooks; a ```` ```listing module:a,b ```` fence shows it as a read-only listing (for classes the
   notebook imports, so that every helper and test sees the same class).
@@ -240,18 +239,6 @@ def _header_lines(lines: list[str], node: ast.AST) -> list[str]:
     return lines[first - 1 : last]
 
 
-def _node_lines(lines: list[str], node: ast.AST) -> list[str]:
-    first = node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno
-    return lines[first - 1 : node.end_lineno]
-
-
-def _method_node(cls_node: ast.ClassDef, name: str) -> ast.AST:
-    for node in cls_node.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return node
-    raise BuildError(f"class {cls_node.name} has no method {name!r}")
-
-
 def stub_source(obj: object) -> str:
     """Signature, docstring and `raise NotImplementedError()` of a reference function."""
     src = reference_source(obj)
@@ -300,29 +287,14 @@ def hide_regions(scaffold: str, src: str, where: str) -> str:
 
 
 def expand_scaffold(scaffold: str, obj: object, where: str) -> str:
-    """Expand a scaffold (`<<hide ..>>` regions, or `<<header>>` / `<<source:m>>` lines) from the reference."""
+    """The exercise cell for a scaffold: the reference with `<<hide ..>>` regions replaced, or the scaffold as written."""
     src = reference_source(obj)
-    lines = src.splitlines()
-    node = _def_node(src)
     if HIDE.search(scaffold):
-        expanded = hide_regions(scaffold, src, where).rstrip() + "\n"
-        _check_scaffold(expanded, node, where)
-        return expanded
-    out: list[str] = []
-    for line in scaffold.splitlines():
-        m = re.fullmatch(r"(\s*)<<(header|source)(?::(\w+))?>>\s*", line)
-        if not m:
-            out.append(line)
-            continue
-        indent, what, member = m.groups()
-        target = node if member is None else _method_node(node, member)
-        if member is not None and not isinstance(node, ast.ClassDef):
-            raise BuildError(f"{where}: <<{what}:{member}>> needs a class target")
-        chunk = _header_lines(lines, target) if what == "header" else _node_lines(lines, target)
-        chunk = textwrap.dedent("\n".join(chunk)).splitlines()
-        out.extend((indent + c) if c.strip() else c for c in chunk)
-    expanded = "\n".join(out).rstrip() + "\n"
-    _check_scaffold(expanded, node, where)
+        expanded = hide_regions(scaffold, src, where)
+    else:
+        expanded = scaffold
+    expanded = expanded.rstrip() + "\n"
+    _check_scaffold(expanded, _def_node(src), where)
     return expanded
 
 
