@@ -32,6 +32,7 @@ __all__ = [
     "FrozenForward",
     "run_frozen_forward",
     "AttributionResult",
+    "logit_weights_of",
     "attribute",
     "validate_transcoders",
 ]
@@ -271,6 +272,14 @@ def compute_adjacency_matrix(
     return A
 
 
+def logit_weights_of(
+    graph: GraphNodes, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Float[Tensor, " n_logits"]:
+    """The logit nodes' probabilities in node order: the weights that influence and pruning start from."""
+    probs = [n.token_prob for n in graph.nodes if n.node_type == NodeType.LOGIT]
+    return torch.tensor(probs, dtype=dtype, device=device)
+
+
 @dataclass
 class AttributionResult:
     """Everything `attribute` computed: the full graph, its adjacency, and the pruned subgraph."""
@@ -366,8 +375,7 @@ def attribute(
         batches = prepare_backward_batches(graph, batch_size)
         adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
 
-    logit_weights = torch.tensor([n.token_prob for n in graph.nodes if n.node_type == NodeType.LOGIT],
-                                 dtype=adjacency.dtype, device=adjacency.device)
+    logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
     kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)
     return AttributionResult(
         graph=graph,

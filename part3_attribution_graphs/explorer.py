@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 
-from .attribution import AttributionResult, attribute
+from .attribution import AttributionResult, attribute, logit_weights_of
 from .nodes import NodeType
 from .pruning import check_threshold, prune_graph
 from .replacement import Transcoder
@@ -49,8 +49,7 @@ def reprune(
     check_threshold("edge_threshold", edge_threshold)
     logit_weights = result.logit_weights
     if logit_weights is None:  # a result from an older `attribute`: recover the weights from the nodes
-        logit_weights = torch.tensor([n.token_prob for n in result.graph.nodes if n.node_type == NodeType.LOGIT],
-                                     dtype=result.adjacency_matrix.dtype, device=result.adjacency_matrix.device)
+        logit_weights = logit_weights_of(result.graph, result.adjacency_matrix.dtype, result.adjacency_matrix.device)
     kept, pruned = prune_fn(result.adjacency_matrix, logit_weights, result.graph.n_layers, node_threshold,
                             edge_threshold)
     settings = {**result.settings, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
@@ -97,21 +96,22 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
 
     A = result.pruned_matrix.detach().float().cpu()
     targets, sources = torch.nonzero(A, as_tuple=True)
-    scale = A.abs().max().item() or 1.0
+    weights = A[targets, sources]
+    relative = weights.double().abs() / (A.abs().max().item() or 1.0)  # as Python floats would divide
+
+    def segments(axis: int, pick: Tensor) -> list[float | None]:
+        """source, target, gap (None) for each picked edge: one trace draws them all."""
+        ends = zip(xy[sources[pick], axis].tolist(), xy[targets[pick], axis].tolist())
+        return [v for pair in ends for v in (*pair, None)]
+
     fig = go.Figure()
-    for sign, colour, name in ((1, "rgba(37, 99, 235, {a})", "positive edges"),
-                               (-1, "rgba(220, 38, 38, {a})", "negative edges")):
+    for positive, colour, name in ((True, "rgba(37, 99, 235, {a})", "positive edges"),
+                                   (False, "rgba(220, 38, 38, {a})", "negative edges")):
         # Three widths, so strong edges stand out without one trace per edge.
         for lo, hi, width in ((0.0, 0.1, 0.6), (0.1, 0.4, 1.5), (0.4, 1.01, 3.0)):
-            xs: list[float | None] = []
-            ys: list[float | None] = []
-            for t, s in zip(targets.tolist(), sources.tolist()):
-                w = A[t, s].item()
-                if (w > 0) != (sign > 0) or not lo <= abs(w) / scale < hi:
-                    continue
-                xs += [xy[s, 0].item(), xy[t, 0].item(), None]
-                ys += [xy[s, 1].item(), xy[t, 1].item(), None]
-            if xs:
+            pick = ((weights > 0) == positive) & (relative >= lo) & (relative < hi)
+            if pick.any():
+                xs, ys = segments(0, pick), segments(1, pick)
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", name=name,
                                          showlegend=width == 1.5,
                                          line=dict(width=width, color=colour.format(a=0.35 + 0.5 * lo))))

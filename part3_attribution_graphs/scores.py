@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .attribution import AttributionResult
+from .attribution import AttributionResult, logit_weights_of
 from .nodes import NodeType
 from .pruning import compute_influence, normalize_matrix
 
@@ -50,7 +50,7 @@ def compute_graph_scores(result: AttributionResult) -> dict[str, float]:
 
     logit_weights = result.logit_weights
     if logit_weights is None:
-        logit_weights = torch.tensor([n.token_prob for n in result.graph.nodes if n.node_type == NodeType.LOGIT])
+        logit_weights = logit_weights_of(result.graph)
     w = torch.zeros(A.shape[0], dtype=torch.float64)
     w[is_logit] = logit_weights.detach().double().cpu()
     influence = compute_influence(A, logit_weights.detach().double().cpu(), result.graph.n_layers)
