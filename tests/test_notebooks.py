@@ -1,6 +1,7 @@
 """The lesson notebooks: in step with their source, well formed, executable, and the explorer's re-pruning.
 
-The two executing tests take a few minutes on a laptop CPU; set `P3AG_SKIP_NOTEBOOK_RUN=1` to skip them.
+The three tests that execute a notebook take about 45 s together on a 2-core CPU; set
+`P3AG_SKIP_NOTEBOOK_RUN=1` to skip them.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def _kernel_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def in_kernel_env(tmp_path, monkeypatch):
+    """This process's environment as `_kernel_env` (for kernels started in-process); dashboards go to tmp_path."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for key, value in _kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)).items():
+        monkeypatch.setenv(key, value)
+    return tmp_path
+
+
 @skip_runs
 def test_solutions_notebook_passes_nbval(tmp_path):
     path = nbb.NOTEBOOKS["solutions"]
@@ -119,11 +129,9 @@ def test_solutions_notebook_passes_nbval(tmp_path):
 
 
 @skip_runs
-def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(tmp_path, monkeypatch):
+def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(in_kernel_env):
     pytest.importorskip("papermill")
-    for key, value in _kernel_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    tmp_path = in_kernel_env
     executed = nbb.instructor_demo(tmp_path, world="toy")
     nb = nbformat.read(executed, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
@@ -219,12 +227,9 @@ def test_readme_badge_opens_the_exercises_notebook():
 
 
 @skip_runs
-def test_exercises_notebook_as_a_learner_first_opens_it(tmp_path, monkeypatch):
+def test_exercises_notebook_as_a_learner_first_opens_it(in_kernel_env):
     """Run with every stub still in place: each exercise's test says to fill in the stub, and nothing else breaks
     before the first exercise."""
-    for key, value in _kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
     nb = nbformat.read(nbb.NOTEBOOKS["exercises"], as_version=4)
     client = nbb.notebook_client(nb, timeout=300, kernel_name="python3", allow_errors=True,
                                  shutdown_kernel="immediate",
