@@ -1,7 +1,7 @@
 """Build one attribution graph and write its files: `python -m part3_attribution_graphs [--world toy]`.
 
 Writes to `--out` (default `out/graph`):
-  graph.pt          adjacency matrix, node table, pruned indices and matrix (torch.save)
+  graph.pt          the whole AttributionResult (read it back with AttributionResult.load)
   nodes.json        every node with its influence, and whether pruning kept it
   index.html        the self-contained dashboard (open it from disk; no network needed)
   neuronpedia.json  the pruned graph in Neuronpedia's schema
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     (args.out / "nodes.json").write_text(json.dumps({"prompt": prompt, "str_tokens": result.str_tokens,
                                                      "settings": result.settings, "nodes": nodes}, indent=1))
-    torch.save({"adjacency_matrix": result.adjacency_matrix, "kept_indices": result.kept_indices,
-                "pruned_matrix": result.pruned_matrix, "node_ids": [n["node_id"] for n in nodes]},
-               args.out / "graph.pt")
+    result.save(args.out / "graph.pt")  # AttributionResult.load(path) reads it back
     scores = compute_graph_scores(result)
     if not args.no_dashboard:
         from .utils import create_attribution_dashboard

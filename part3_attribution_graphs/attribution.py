@@ -10,7 +10,7 @@ every source at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -22,6 +22,7 @@ from transformer_lens.hook_points import HookPoint
 from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
 from .pruning import check_threshold, compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
+from .result import AttributionResult
 
 __all__ = [
     "read_hook_name",
@@ -280,25 +281,6 @@ def logit_weights_of(
     return torch.tensor(probs, dtype=dtype, device=device)
 
 
-@dataclass
-class AttributionResult:
-    """Everything `attribute` computed: the full graph, its adjacency, and the pruned subgraph."""
-
-    graph: GraphNodes
-    adjacency_matrix: Tensor
-    kept_indices: Tensor
-    pruned_matrix: Tensor
-    prompt: str
-    str_tokens: list[str]
-    logit_weights: Tensor | None = None  # probabilities of the logit nodes
-    influence: Tensor | None = None  # influence of every node (full graph) on the logits
-    settings: dict = field(default_factory=dict)  # the arguments `attribute` ran with
-
-    @property
-    def kept_nodes(self) -> list[NodeInfo]:
-        return [self.graph.nodes[i] for i in self.kept_indices.tolist()]
-
-
 def validate_transcoders(model: HookedSAETransformer, transcoders: dict[int, Transcoder]) -> None:
     """Raise a clear error unless there is one transcoder per layer, each matching `d_model`."""
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
@@ -325,7 +307,6 @@ def attribute(
     batch_size: int = 256,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.85,
-    _adjacency_matrix: Float[Tensor, "n_nodes n_nodes"] | None = None,
 ) -> AttributionResult:
     """The whole pipeline: freeze, find active latents, build nodes, compute edges, prune.
 
@@ -338,10 +319,12 @@ def attribute(
             mostly save per-pass overhead (on a GPU); the gradients held at once take about
             `batch_size * seq * d_model * (n_layers + 1)` numbers.
         node_threshold, edge_threshold: fractions of influence kept by pruning, in (0, 1].
-        _adjacency_matrix: reuse a matrix computed before (same prompt and settings) to re-prune cheaply.
+
+    To re-prune the result at other thresholds without new backward passes, use `result.prune` /
+    `prune(result, node_threshold, edge_threshold)`.
     """
-    check_threshold("node_threshold", node_threshold)
-    check_threshold("edge_threshold", edge_threshold)
+    node_threshold = check_threshold("node_threshold", node_threshold)
+    edge_threshold = check_threshold("edge_threshold", edge_threshold)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt is empty: pass the text to attribute (use format_prompt for chat models).")
     if start_posn < 0:
@@ -366,14 +349,8 @@ def attribute(
     graph = build_graph_nodes(model, transcoders, cache, tc_hooks, reading_vecs, top_token_info, tokens,
                               start_posn, top_k)
 
-    if _adjacency_matrix is not None:
-        if _adjacency_matrix.shape != (len(graph), len(graph)):
-            raise ValueError(f"_adjacency_matrix has shape {tuple(_adjacency_matrix.shape)} but this prompt and "
-                             f"settings give {len(graph)} nodes; recompute it (leave _adjacency_matrix=None).")
-        adjacency = _adjacency_matrix
-    else:
-        batches = prepare_backward_batches(graph, batch_size)
-        adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
+    batches = prepare_backward_batches(graph, batch_size)
+    adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
 
     logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
     kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)

@@ -11,24 +11,22 @@ rebuilds the figure; tests call it directly, without a browser or a kernel.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 
-from .attribution import AttributionResult, attribute, logit_weights_of
+from .attribution import attribute
 from .nodes import NodeType
-from .pruning import check_threshold, prune_graph
+from .pruning import prune_graph
 from .replacement import Transcoder
+from .result import AttributionResult, PruneFn, prune
 from .worlds.gemma import format_prompt
 
-__all__ = ["AttributionExplorer", "attribution_explorer", "graph_figure", "reprune"]
-
-PruneFn = Callable[..., tuple[Int[Tensor, " n_kept"], Float[Tensor, "n_kept n_kept"]]]
+__all__ = ["AttributionExplorer", "attribution_explorer", "graph_figure"]
 
 NODE_COLOURS = {
     NodeType.EMBEDDING: "#9ca3af",
@@ -36,25 +34,6 @@ NODE_COLOURS = {
     NodeType.MLP_ERROR: "#f59e0b",
     NodeType.LOGIT: "#16a34a",
 }
-
-
-def reprune(
-    result: AttributionResult,
-    node_threshold: float,
-    edge_threshold: float,
-    prune_fn: PruneFn = prune_graph,
-) -> AttributionResult:
-    """The same graph pruned at new thresholds, reusing its adjacency matrix (no backward passes)."""
-    check_threshold("node_threshold", node_threshold)
-    check_threshold("edge_threshold", edge_threshold)
-    logit_weights = result.logit_weights
-    if logit_weights is None:  # a result from an older `attribute`: recover the weights from the nodes
-        logit_weights = logit_weights_of(result.graph, result.adjacency_matrix.dtype, result.adjacency_matrix.device)
-    kept, pruned = prune_fn(result.adjacency_matrix, logit_weights, result.graph.n_layers, node_threshold,
-                            edge_threshold)
-    settings = {**result.settings, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
-    return dataclasses.replace(result, kept_indices=kept, pruned_matrix=pruned, logit_weights=logit_weights,
-                               settings=settings)
 
 
 def graph_counts(result: AttributionResult) -> dict[str, int]:
@@ -144,7 +123,8 @@ class AttributionExplorer:
     Args:
         model, transcoders: the world.
         prompts: `{label: prompt}` (or a list of prompts), already in the chat template.
-        results: precomputed `AttributionResult`s by prompt, to seed the cache.
+        results: precomputed results by prompt, to seed the cache: `AttributionResult`s, or paths of results
+            saved with `result.save(path)`.
         attribute_fn: computes a result for a new prompt (default: the package's `attribute`).
         prune_fn: re-prunes a cached adjacency matrix (default: `prune_graph`).
         node_threshold, edge_threshold: the sliders' starting values.
@@ -156,7 +136,7 @@ class AttributionExplorer:
         model: HookedSAETransformer,
         transcoders: dict[int, Transcoder],
         prompts: Mapping[str, str] | Sequence[str],
-        results: Mapping[str, AttributionResult] | None = None,
+        results: Mapping[str, AttributionResult | str | Path] | None = None,
         attribute_fn: Callable[..., AttributionResult] = attribute,
         prune_fn: PruneFn = prune_graph,
         node_threshold: float = 0.8,
@@ -167,7 +147,10 @@ class AttributionExplorer:
 
         self.model, self.transcoders = model, transcoders
         self.attribute_fn, self.prune_fn, self.attribute_kwargs = attribute_fn, prune_fn, attribute_kwargs
-        self.cache: dict[str, AttributionResult] = dict(results or {})
+        self.cache: dict[str, AttributionResult] = {
+            prompt: r if isinstance(r, AttributionResult) else AttributionResult.load(r)
+            for prompt, r in (results or {}).items()
+        }
         self.n_attributions = 0  # how many adjacency matrices were computed here (the slow step)
         self.result: AttributionResult | None = None
         self.figure: go.Figure | None = None
@@ -211,7 +194,7 @@ class AttributionExplorer:
     def update(self, change: object = None, render: bool = True) -> dict[str, int]:
         """Re-prune the selected prompt's cached graph at the sliders' thresholds; returns the counts."""
         full = self.result_for(self.prompt_picker.value)
-        self.result = reprune(full, self.node_slider.value, self.edge_slider.value, self.prune_fn)
+        self.result = prune(full, self.node_slider.value, self.edge_slider.value, self.prune_fn)
         self.counts = graph_counts(self.result)
         c = self.counts
         self.status.value = (

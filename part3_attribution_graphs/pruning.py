@@ -17,11 +17,16 @@ __all__ = [
 ]
 
 
-def check_threshold(name: str, value: float) -> None:
-    """Raise unless `value` is a fraction in (0, 1]."""
+def check_threshold(name: str, value: float) -> float:
+    """Return `value` as a float, or raise unless it is a fraction in (0, 1] (numpy and 0-d torch scalars are fine)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a numpy scalar
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a fraction in (0, 1] (e.g. 0.8 keeps 80% of the influence), "
                          f"got {value!r}.")
+    return float(value)
 
 
 def normalize_matrix(adjacency_matrix: Float[Tensor, "n_nodes n_nodes"]) -> Float[Tensor, "n_nodes n_nodes"]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .attribution import AttributionResult, logit_weights_of
 from .nodes import NodeType
 from .pruning import compute_influence, normalize_matrix
+from .result import AttributionResult
 
 __all__ = ["compute_graph_scores"]
 
@@ -49,8 +49,6 @@ def compute_graph_scores(result: AttributionResult) -> dict[str, float]:
         raise ValueError("The logit nodes must come last in the graph (as `attribute` builds it).")
 
     logit_weights = result.logit_weights
-    if logit_weights is None:
-        logit_weights = logit_weights_of(result.graph)
     w = torch.zeros(A.shape[0], dtype=torch.float64)
     w[is_logit] = logit_weights.detach().double().cpu()
     influence = compute_influence(A, logit_weights.detach().double().cpu(), result.graph.n_layers)

@@ -195,25 +195,15 @@ def test_dashboard_without_transcoders_or_examples(world, result, tmp_path):
     assert len(data["nodes"]) == len(result.kept_indices)
 
 
-def test_dashboard_takes_a_bare_result(world, result, tmp_path):
-    """A result with only the six fields the course's first `AttributionResult` had still renders."""
-    from dataclasses import dataclass
+def test_dashboard_renders_a_saved_and_reloaded_result(world, result, tmp_path):
+    """The dashboard needs nothing that `save` drops: a reloaded result draws the same page data."""
+    from part3_attribution_graphs.result import AttributionResult
 
-    @dataclass
-    class BareResult:
-        graph: object
-        adjacency_matrix: torch.Tensor
-        kept_indices: torch.Tensor
-        pruned_matrix: torch.Tensor
-        prompt: str
-        str_tokens: list
-
-    bare = BareResult(result.graph, result.adjacency_matrix, result.kept_indices, result.pruned_matrix,
-                      result.prompt, result.str_tokens)
+    loaded = AttributionResult.load(result.save(tmp_path / "graph.pt"))
     model, tcs = world
-    data = page_data(utils.create_attribution_dashboard(bare, model, tcs, output_dir=tmp_path, display=False))
+    data = page_data(utils.create_attribution_dashboard(loaded, model, tcs, output_dir=tmp_path, display=False))
     full = page_data(utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False))
-    assert [n["influence"] for n in data["nodes"]] == [n["influence"] for n in full["nodes"]]
+    assert data["nodes"] == full["nodes"]
     assert data["edges"] == full["edges"]
 
 

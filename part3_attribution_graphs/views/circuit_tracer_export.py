@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..attribution import AttributionResult
+from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
 from .neuronpedia import build_graph_json, cantor_pair, kept_nodes, node_kind
 

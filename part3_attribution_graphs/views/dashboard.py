@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..attribution import AttributionResult
+from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
 from .neuronpedia import (
     cumulative_influence,

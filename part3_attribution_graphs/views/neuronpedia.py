@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ..attribution import AttributionResult
 from ..nodes import NodeInfo
-from ..pruning import compute_influence
+from ..result import AttributionResult
 
 __all__ = [
     "node_kind",
@@ -76,26 +75,19 @@ def kept_nodes(result: AttributionResult) -> list[NodeInfo]:
 
 
 def result_influence(result: AttributionResult) -> torch.Tensor:
-    """Every node's influence on the logits (computed from the adjacency matrix if the result lacks it)."""
-    infl = getattr(result, "influence", None)
-    if infl is None:
-        w = torch.tensor([n.token_prob for n in result.graph.nodes if node_kind(n) == "logit"],
-                         dtype=result.adjacency_matrix.dtype, device=result.adjacency_matrix.device)
-        infl = compute_influence(result.adjacency_matrix, w, result.graph.n_layers)
-    return infl.detach().float().cpu()
+    """Every node's influence on the logits, over the full graph."""
+    return result.influence.detach().float().cpu()
 
 
 def result_settings(result: AttributionResult) -> dict:
-    """The arguments `attribute` ran with (empty if the result does not record them)."""
-    return dict(getattr(result, "settings", None) or {})
+    """The arguments `attribute` ran with."""
+    return dict(result.settings)
 
 
 def result_tokens(result: AttributionResult) -> list[str]:
     """The prompt's tokens as strings."""
-    tokens = getattr(result, "str_tokens", None)
-    if tokens:
-        return list(tokens)
-    return [n.str_token for n in result.graph.nodes if node_kind(n) == "embedding"]
+    return list(result.str_tokens)
+
 
 SCHEMA_PATH = Path(__file__).with_name("neuronpedia_schema.json")
 
