@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 from part3_attribution_graphs import notebook_builder as nbb
 from part3_attribution_graphs.attribution import attribute
+from part3_attribution_graphs.pruning import prune_graph
 from part3_attribution_graphs.worlds.gemma import format_prompt
 
 EXERCISES = [
@@ -182,8 +184,8 @@ def test_explorer_reprunes_without_recomputing(toy_world):
     assert ex.result.settings["node_threshold"] == 0.99
 
     # The re-pruned graph equals a fresh prune at the same thresholds.
-    fresh = attribute(model, transcoders, prompts["opposites"], node_threshold=0.99, edge_threshold=0.99,
-                      _adjacency_matrix=A)
+    fresh = prune_graph(A, ex.cache[prompts["opposites"]].logit_weights, model.cfg.n_layers, 0.99, 0.99)
+    fresh = SimpleNamespace(kept_indices=fresh[0], pruned_matrix=fresh[1])
     assert torch.equal(fresh.kept_indices, ex.result.kept_indices)
     assert torch.equal(fresh.pruned_matrix, ex.result.pruned_matrix)
 
