@@ -721,19 +721,22 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
     model, d_model = w.model, w.model.cfg.d_model
     exp_vecs, exp_info = compute_salient_logits(model, logits, n)
     exp_ids = [info.token_id for info in exp_info]
-    exp_strs, exp_probs = [s for s, _ in exp_info], torch.tensor([p for _, p in exp_info], dtype=torch.float64)
+    exp_strs = [info.str_token for info in exp_info]
+    exp_probs = torch.tensor([info.prob for info in exp_info], dtype=torch.float64)
     given = logits.clone()
     out = _run(fn, model, given, n, what="compute_salient_logits")
     _check_unchanged(logits, given, "the logits")
     vecs, info = _items(out, 2, "compute_salient_logits")
     vecs = _tensor(vecs, f"reading_vecs{label}", shape=(n, d_model), device=w.device)
     if not isinstance(info, (list, tuple)) or len(info) != n:
-        raise _Fail(f"top_token_info{label} should be a list of {n} (token string, probability) pairs, got "
-                    f"{_short(repr(info), 120)}.")
+        raise _Fail(f"top_token_info{label} should be a list of {n} SalientToken(str_token, prob, token_id), "
+                    f"got {_short(repr(info), 120)}.")
     strs, probs = [], []
     for item in info:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise _Fail(f"Each entry of top_token_info should be a (token string, probability) pair, got {item!r}.")
+        # A bare (str, prob) pair gets through to the last check, so that other mistakes are named first.
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise _Fail(f"Each entry of top_token_info should be a SalientToken(str_token, prob, token_id), "
+                        f"got {item!r}.")
         if not isinstance(item[0], str):
             raise _Fail(f"Token strings should be str (model.tokenizer.decode(...)), got {type(item[0]).__name__}.")
         strs.append(item[0])
@@ -796,6 +799,16 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
         ], w.tol)
         raise _Fail(hint or f"The probabilities{label} should be softmax(logits[0, -1])[token]: expected "
                             f"{_fmt(exp_probs)}, got {_fmt(probs_t)}.")
+    # The token ids: the logit nodes, the dashboard and the Neuronpedia export identify each output by its id.
+    for item, exp_id in zip(info, exp_ids):
+        if len(item) != 3:
+            raise _Fail(f"Return each token as SalientToken(str_token, prob, token_id), not the pair "
+                        f"{item!r}: the logit nodes take their token id from it, and the exports name each "
+                        "output by it.")
+        token_id = _int(item[2], f"The token_id of {item[0]!r}")
+        if token_id != exp_id:
+            raise _Fail(f"The token_id of {item[0]!r} should be its index in the vocabulary, {exp_id} (an "
+                        f"index from topk), got {token_id}.")
 
 
 @_public_test("compute_salient_logits")
@@ -852,6 +865,9 @@ def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: 
         hint = _diagnose(W, [
             ("you indexed W_E by position; index it by token id (W_E[tokens[0]]), or simply use "
              "cache['blocks.0.hook_resid_pre'][0]", lambda: model.W_E.detach()[: len(ids)]),
+            ("you scaled the embeddings by sqrt(d_model), but TransformerLens already folds Gemma's scale into "
+             "W_E, so they are scaled twice: use cache['blocks.0.hook_resid_pre'][0] as it is",
+             lambda: exp * d_model**0.5),
             ("your writing vectors are the residual stream after block 0; an embedding node writes what enters "
              "block 0: cache['blocks.0.hook_resid_pre'][0]", lambda: _resid_after_block0(model, tokens)),
             ("your writing vectors are zeros: each embedding node writes its embedding, "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from part3_attribution_graphs import solutions as S
-from part3_attribution_graphs.nodes import NodeInfo, NodeType
+from part3_attribution_graphs.nodes import NodeInfo, NodeType, SalientToken
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,9 @@ class HooksReference(S.TranscoderReplacementHooks):
 # ==================================================================================================
 
 
-def _salient(model, logits, n, *, pos=-1, softmax_dim=-1, demean="vocab", return_logits=False, transpose=False):
+def _salient(
+    model, logits, n, *, pos=-1, softmax_dim=-1, demean="vocab", return_logits=False, transpose=False, ids="token"
+):
     if softmax_dim == -1:
         probs = logits[0, pos].softmax(dim=-1)
     else:
@@ -240,7 +242,11 @@ def _salient(model, logits, n, *, pos=-1, softmax_dim=-1, demean="vocab", return
     else:
         vecs = W_U[:, top_ids].T
     values = logits[0, pos, top_ids] if return_logits else top_probs
-    info = [(model.tokenizer.decode(i.item()), v.item()) for i, v in zip(top_ids, values)]
+    if ids == "pair":
+        info = [(model.tokenizer.decode(i.item()), v.item()) for i, v in zip(top_ids, values)]
+    else:
+        info = [SalientToken(model.tokenizer.decode(i.item()), v.item(), i.item() if ids == "token" else rank)
+                for rank, (i, v) in enumerate(zip(top_ids, values))]
     return (vecs.T if transpose else vecs), info
 
 
@@ -292,12 +298,23 @@ def salient_sorted_by_token_id(model, logits, n_output_nodes=3):
     return vecs, [(model.tokenizer.decode([int(i)]), probs[i].item()) for i in ids]
 
 
+@mutant("compute_salient_logits", "not the pair")
+def salient_plain_pairs(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, ids="pair")
+
+
+@mutant("compute_salient_logits", "should be its index in the vocabulary")
+def salient_rank_as_id(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, ids="rank")
+
+
 @alternative("compute_salient_logits")
 def salient_by_sorting(model, logits, n_output_nodes=3):
+    """Plain (str, prob, id) triples, with 0-dim tensor ids, work as well as SalientToken."""
     probs = torch.softmax(logits[0, -1].float(), dim=0)
     order = probs.argsort(descending=True)[:n_output_nodes]
     centred = model.W_U - model.W_U.mean(dim=1, keepdim=True)
-    info = [(model.to_single_str_token(int(i)), float(probs[i])) for i in order]
+    info = [(model.to_single_str_token(int(i)), float(probs[i]), i) for i in order]
     return centred[:, order].T.detach(), info
 
 
@@ -330,6 +347,13 @@ def _embeddings(model, cache, tokens, *, source="cache", read_same=False, featur
 @mutant("build_embedding_nodes", "indexed W_E by position")
 def embeddings_by_position(model, cache, tokens):
     return _embeddings(model, cache, tokens, source="W_E_by_position")
+
+
+@mutant("build_embedding_nodes", "scaled twice")
+def embeddings_scaled_by_sqrt_d_model(model, cache, tokens):
+    """What the old hint suggested: W_E already holds Gemma's sqrt(d_model) scale."""
+    nodes, writing, reading = _embeddings(model, cache, tokens, source="W_E")
+    return nodes, [w * model.cfg.d_model**0.5 for w in writing], reading
 
 
 @mutant("build_embedding_nodes", "after block 0")
