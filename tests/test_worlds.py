@@ -110,6 +110,16 @@ def test_hub_check_fails_fast_naming_the_offline_worlds(refuse):
     assert "toy" in msg and "gemma270m" in msg and "network" in msg
 
 
+def test_hub_check_is_bounded_even_when_name_lookup_hangs(monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(20))
+    t0 = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="no answer within 1 s"):
+        check_hub("the transcoders", timeout=1.0)
+    assert time.perf_counter() - t0 < 3.0
+
+
 def test_hub_offline_setting_means_unreachable(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert not hub.hub_reachable()

@@ -8,6 +8,7 @@ inside transformers or SAELens.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 __all__ = [
@@ -107,27 +108,42 @@ def use_token(token: str | None) -> None:
         os.environ["HF_TOKEN"] = token
 
 
+def _probe(timeout: float) -> str | None:
+    """None if the hub answers one HEAD request within `timeout` s (any HTTP status), else what went wrong."""
+    import requests
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    outcome: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            requests.head(f"{hub_endpoint()}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False)
+            outcome.append(None)
+        except requests.RequestException as err:
+            outcome.append(type(err).__name__)
+
+    # A thread bounds the whole check: requests' timeout does not cover a hanging DNS lookup.
+    thread = threading.Thread(target=ask, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
 def hub_reachable(timeout: float = CHECK_TIMEOUT_S) -> bool:
     """Whether the hub answers one HTTP request within `timeout` seconds (any status counts as an answer).
 
     `HF_HUB_OFFLINE=1` means no: huggingface_hub would refuse every download anyway.
     """
-    import requests
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        requests.head(f"{hub_endpoint()}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False)
-    except requests.RequestException:
-        return False
-    return True
+    return _probe(timeout) is None
 
 
 def check_hub(what: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise `HubUnreachableError`, naming the offline worlds, unless the hub answers within `timeout` s."""
-    if not hub_reachable(timeout):
+    problem = _probe(timeout)
+    if problem is not None:
         raise HubUnreachableError(
-            f"The Hugging Face hub ({hub_endpoint()}) did not answer within {timeout:g} s, so {what} cannot be "
+            f"The Hugging Face hub ({hub_endpoint()}) is out of reach ({problem}), so {what} cannot be "
             f"downloaded. Check your network connection (or unset HF_HUB_OFFLINE). {OFFLINE_HINT}"
         )
