@@ -273,6 +273,7 @@ def test_example_rows_by_range_read_a_few_mb_not_the_file(big_example_file, tmp_
         got = load_example_data(7, model_size="270m", instruction_tuned=False, features=features, n_examples=20,
                                 range_cache=cache)
         first = served.bytes_sent
+        resolved = [path for path, _ in served.requests if "/resolve/" in path]
         again = load_example_data(7, model_size="270m", instruction_tuned=False, features=features,
                                   n_examples=20, range_cache=cache)
         second = served.bytes_sent - first
@@ -282,6 +283,7 @@ def test_example_rows_by_range_read_a_few_mb_not_the_file(big_example_file, tmp_
     print(f"file {file_size / 2**20:.1f} MiB; read {first / 2**20:.2f} MiB for 50 latents and {n_seq} sequences "
           f"(exactly needed {needed / 2**20:.2f} MiB); again from the cache: {second} bytes")
     assert first < 1.5 * needed + 2**16 and first < 0.05 * file_size
+    assert len(resolved) == 1  # after the hub's first redirect, ranges go straight to its storage URL
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     assert second == header  # the second read fetches only the header (to check the file is the same)
 
@@ -307,8 +309,11 @@ def test_example_data_parallel_by_range_on_a_real_graph(toy_world, tmp_path):
     full = make_toy_example_data(model, transcoders, n_sequences=64)
     write_example_files(full, tmp_path, repo_id=REPO_ID)
     with offline_hub(tmp_path) as served:
-        got = load_example_data_parallel(sorted(wanted), model_size="270m", instruction_tuned=False,
+        got = load_example_data_parallel(range(model.cfg.n_layers), model_size="270m", instruction_tuned=False,
                                          features_by_layer=wanted, n_examples=8, range_cache=tmp_path / "c.db")
+        none = load_example_data(0, model_size="270m", instruction_tuned=False, features=[],
+                                 range_cache=tmp_path / "c.db")
+    assert none["activations"].shape == (0, full[0]["activations"].shape[1]) and none["tokens"].shape[0] == 0
     assert served.bytes_sent < sum(p.stat().st_size for p in tmp_path.rglob("examples.safetensors"))
     for layer, feats in wanted.items():
         assert got[layer]["feature_ids"].tolist() == feats

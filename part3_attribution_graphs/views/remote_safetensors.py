@@ -70,7 +70,8 @@ class RemoteSafetensors:
         self.bytes_fetched = 0
         self.requests = 0
         self._lock = threading.Lock()
-        self._session = None
+        self._local = threading.local()  # one HTTP session per thread (requests' sessions are not thread-safe)
+        self._direct_url: str | None = None  # where the hub redirected us (its CDN), reused while it works
         self._cache_path = None if cache is False else Path(cache or default_range_cache())
         self._chunks: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint, not touching
         header_len = int.from_bytes(self._fetch(0, 8), "little")
@@ -128,10 +129,20 @@ class RemoteSafetensors:
         import requests
         from huggingface_hub.utils import build_hf_headers
 
-        if self._session is None:
-            self._session = requests.Session()
-        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={start}-{end - 1}"}
-        response = self._session.get(self.url, headers=headers, timeout=30)
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        range_header = {"Range": f"bytes={start}-{end - 1}"}
+        response = None
+        if self._direct_url is not None:  # skip the hub's redirect: one round trip instead of two
+            response = session.get(self._direct_url, headers=range_header, timeout=30)
+            if response.status_code in (401, 403, 404, 410):  # the signed URL expired: ask the hub again
+                response = None
+        if response is None:
+            response = session.get(self.url, headers={**build_hf_headers(token=self.token), **range_header},
+                                   timeout=30)
+            if response.history and response.ok:
+                self._direct_url = response.url
         response.raise_for_status()
         if response.status_code != 206:
             raise OSError(f"{self.url} ignored the Range header (HTTP {response.status_code}); not downloading "

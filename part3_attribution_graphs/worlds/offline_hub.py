@@ -10,9 +10,10 @@ then serves that folder as the hub:
 - SAELens' HTTP GET with a `Range` header (to read a safetensors header without downloading the
   file) is substituted, served as a byte range of the local file;
 - everything else that talks HTTP (the hub check of `worlds.hub`, the example data read by range in
-  `views.remote_safetensors`) goes, unchanged, to a loopback HTTP server that serves the folder at
-  `{endpoint}/{repo_id}/resolve/{revision}/{path}`, honours `Range`, answers `/api/...` with 200, and
-  counts the bytes it sends (`OfflineHub.bytes_sent`). huggingface_hub's `ENDPOINT` points there.
+  `views.remote_safetensors`) goes, unchanged, to a loopback HTTP server that, like the hub, redirects
+  `{endpoint}/{repo_id}/resolve/{revision}/{path}` to a storage URL (here `/cdn/{repo_id}/{path}`),
+  serves files there honouring `Range`, answers `/api/...` with 200, and counts the bytes it sends
+  (`OfflineHub.bytes_sent`). huggingface_hub's `ENDPOINT` points there.
 
 Everything between (config inference, shape reading, the W_skip transpose, class registry, range
 arithmetic, caching) is the installed code, unchanged.
@@ -118,8 +119,15 @@ def _handler(hub: OfflineHub) -> type[BaseHTTPRequestHandler]:
             if self.path.startswith("/api/"):
                 self._reply(200, b"{}", body)
                 return
-            match = re.match(r"^/(.+?)/resolve/[^/]+/(.+)$", self.path)
-            path = hub.root / match.group(1) / match.group(2) if match else None
+            resolve = re.match(r"^/(.+?)/resolve/[^/]+/(.+)$", self.path)
+            if resolve:  # as the hub does, redirect file downloads to its storage (here: /cdn/...)
+                self.send_response(302)
+                self.send_header("Location", f"/cdn/{resolve.group(1)}/{resolve.group(2)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            match = re.match(r"^/cdn/(.+)$", self.path)
+            path = hub.root / match.group(1) if match else None
             if path is None or not path.is_file():
                 self._reply(404, b"Entry not found", body)
                 return
