@@ -115,13 +115,14 @@ def _probe(timeout: float) -> str | None:
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    endpoint = hub_endpoint()  # read here: the thread may outlive a caller's temporary setting
     outcome: list[str | None] = []
 
     def ask() -> None:
         try:
-            requests.head(f"{hub_endpoint()}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False)
+            requests.head(f"{endpoint}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False)
             outcome.append(None)
-        except requests.RequestException as err:
+        except Exception as err:  # whatever stops the request, the hub is out of reach
             outcome.append(type(err).__name__)
 
     # A thread bounds the whole check: requests' timeout does not cover a hanging DNS lookup.
