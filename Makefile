@@ -47,7 +47,7 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks/
 
 notebooks: install
-	$(PY) -m part3_attribution_graphs.notebook_builder
+	$(PY) -m part3_attribution_graphs.tools.notebook_builder
 
 demo: install
 	bash scripts/instructor_demo.sh

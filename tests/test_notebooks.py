@@ -16,7 +16,7 @@ import nbformat
 import pytest
 import torch
 
-from part3_attribution_graphs import notebook_builder as nbb
+from part3_attribution_graphs.tools import notebook_builder as nbb
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.worlds.gemma import format_prompt
 
@@ -47,7 +47,7 @@ def _code(nb) -> list[str]:
 
 def test_committed_notebooks_match_a_fresh_build():
     problems = nbb.check(verbose=False)
-    assert not problems, "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.notebook_builder"
+    assert not problems, "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.tools.notebook_builder"
 
 
 def test_build_is_deterministic(fresh):

@@ -1,9 +1,9 @@
 """Build the exercises and solutions notebooks from one lesson source.
 
-    python -m part3_attribution_graphs.notebook_builder              # write both, execute the solutions one
-    python -m part3_attribution_graphs.notebook_builder --no-execute # write both, no outputs (fast)
-    python -m part3_attribution_graphs.notebook_builder --check      # exit 1 if the committed ones are stale
-    python -m part3_attribution_graphs.notebook_builder --demo out/instructor_demo [--world toy]
+    python -m part3_attribution_graphs.tools.notebook_builder              # write both, execute the solutions one
+    python -m part3_attribution_graphs.tools.notebook_builder --no-execute # write both, no outputs (fast)
+    python -m part3_attribution_graphs.tools.notebook_builder --check      # exit 1 if the committed ones are stale
+    python -m part3_attribution_graphs.tools.notebook_builder --demo out/instructor_demo [--world toy]
 
 The source, `notebook_source/attribution_graphs.md`, is Markdown:
 
@@ -56,7 +56,7 @@ __all__ = ["REPO_URL", "SOURCE", "NOTEBOOKS", "build", "check", "execute_solutio
 # The one place the repository URL lives: the Colab badge and the Colab install cell both use it.
 REPO_URL = "https://github.com/part3-attribution-graphs/part3_attribution_graphs"
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "notebook_source" / "attribution_graphs.md"
 NOTEBOOKS = {
     "exercises": ROOT / "notebooks" / "part3_attribution_graphs_exercises.ipynb",
@@ -541,6 +541,7 @@ def _clean_after_execution(nb: nbformat.NotebookNode) -> None:
                         if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
 
 
+# TODO(lead): remove once the tqdm stall fix lands
 def _patient_get_msg(get_msg):
     """Wrap a channel's async `get_msg` so that it waits in one-second slices.
 
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             problems = check()
             if problems:
-                print("Rebuild with `python -m part3_attribution_graphs.notebook_builder`.", file=sys.stderr)
+                print("Rebuild with `python -m part3_attribution_graphs.tools.notebook_builder`.", file=sys.stderr)
                 return 1
             print("Notebooks are in step with notebook_source/.")
             return 0

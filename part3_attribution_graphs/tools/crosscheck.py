@@ -31,9 +31,9 @@ from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 
-from .attribution import AttributionResult
-from .nodes import NodeInfo, NodeType
-from .replacement import Transcoder
+from ..attribution import AttributionResult
+from ..nodes import NodeInfo, NodeType
+from ..replacement import Transcoder
 
 __all__ = [
     "ct_transcoder_set",
