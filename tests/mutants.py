@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from part3_attribution_graphs import exercises
 from part3_attribution_graphs import solutions as S
 from part3_attribution_graphs.nodes import NodeInfo, NodeType
 
@@ -34,6 +35,8 @@ ALTERNATIVES: list[Mutant] = []
 
 
 def mutant(exercise: str, hint: str) -> Callable:
+    exercises.get(exercise)  # a KeyError for an exercise the registry does not know
+
     def register(impl: Any) -> Any:
         MUTANTS.append(Mutant(exercise, impl.__name__, impl, hint))
         return impl
@@ -42,6 +45,8 @@ def mutant(exercise: str, hint: str) -> Callable:
 
 
 def alternative(exercise: str) -> Callable:
+    exercises.get(exercise)
+
     def register(impl: Any) -> Any:
         ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None))
         return impl

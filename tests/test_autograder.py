@@ -11,6 +11,8 @@ import torch
 
 import part3_attribution_graphs.tests as autograder
 from part3_attribution_graphs import attribution, nodes, pruning, replacement, solutions
+from part3_attribution_graphs.exercises import EXERCISES
+from part3_attribution_graphs.tests import harness
 from part3_attribution_graphs.toy import make_toy_world
 
 try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
@@ -18,17 +20,8 @@ try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
 except ImportError:  # pragma: no cover - if tests/ ever becomes a package
     from tests.mutants import ALTERNATIVES, MUTANTS, catalogue_by_exercise
 
-REFERENCE = {
-    "transcoder_replacement_hooks": solutions.TranscoderReplacementHooks,
-    "compute_salient_logits": solutions.compute_salient_logits,
-    "build_embedding_nodes": solutions.build_embedding_nodes,
-    "build_intermediate_nodes": solutions.build_intermediate_nodes,
-    "prepare_backward_batches": solutions.prepare_backward_batches,
-    "compute_adjacency_matrix": solutions.compute_adjacency_matrix,
-    "compute_influence": solutions.compute_influence,
-    "prune_nodes": solutions.prune_nodes,
-    "prune_edges": solutions.prune_edges,
-}
+# {exercise: the reference answer}, from the registry: a new exercise is picked up here with no edit.
+REFERENCE = {e.name: getattr(solutions, e.qualname) for e in EXERCISES}
 
 
 def grade(exercise: str, impl, **kwargs) -> tuple[str | None, str]:
@@ -65,7 +58,7 @@ def fingerprint(model, transcoders) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def grader_world():
     """The toy world the autograder builds and caches for itself (what a learner's calls run on)."""
-    return autograder._get_world(None, None)
+    return harness._get_world(None, None)
 
 
 @pytest.fixture(scope="module")

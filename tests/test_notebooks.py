@@ -16,8 +16,8 @@ import nbformat
 import pytest
 import torch
 
-from part3_attribution_graphs.tools import notebook_builder as nbb
 from part3_attribution_graphs.attribution import attribute
+from part3_attribution_graphs.tools import notebook_builder as nbb
 from part3_attribution_graphs.worlds.gemma import format_prompt
 
 EXERCISES = [
