@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import pytest
 import torch
@@ -24,15 +25,27 @@ except ImportError:  # pragma: no cover - if tests/ ever becomes a package
 REFERENCE = {e.name: getattr(solutions, e.qualname) for e in EXERCISES}
 
 
-def grade(exercise: str, impl, **kwargs) -> tuple[str | None, str]:
+def grade(exercise: str, impl, time_limit_s: float | None = None, **kwargs) -> tuple[str | None, str]:
     """Run one autograder test: (failure message or None, what it printed on stdout)."""
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), time_limit(time_limit_s):
             getattr(autograder, f"test_{exercise}")(impl, **kwargs)
     except AssertionError as e:
         return str(e), out.getvalue()
     return None, out.getvalue()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """The autograder's per-call time limit, set to `seconds` for a while (None: leave it)."""
+    saved = harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S
+    if seconds is not None:
+        harness.TIME_LIMIT_S = harness.REAL_TIME_LIMIT_S = seconds
+    try:
+        yield
+    finally:
+        harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S = saved
 
 
 @contextlib.contextmanager
@@ -71,7 +84,8 @@ def second_world():
 @pytest.fixture(autouse=True)
 def leaves_no_trace(grader_world):
     """Whatever a test does, the grader's model ends with the hooks and weights it started with."""
-    model, tcs = grader_world.model, grader_world.transcoders
+    world = harness._get_world(None, None)  # rebuilt if a test changed the cached world's tensors
+    model, tcs = world.model, world.transcoders
     hooks, before = hook_total(model), fingerprint(model, tcs)
     yield
     assert hook_total(model) == hooks, "a test left hooks on the autograder's model"
@@ -92,7 +106,7 @@ def test_reference_passes_with_one_line(exercise):
 
 @pytest.mark.parametrize("m", MUTANTS, ids=_id)
 def test_mutant_fails_with_its_hint(m):
-    message, printed = grade(m.exercise, m.impl)
+    message, printed = grade(m.exercise, m.impl, m.time_limit_s)
     assert message is not None, f"{m.name} passed test_{m.exercise}"
     assert m.hint in message, f"{m.name}: expected the hint {m.hint!r}, got:\n{message}"
     assert printed == ""
@@ -141,7 +155,7 @@ def test_reference_passes_on_a_passed_model(exercise, second_world):
 def test_mutant_fails_on_a_passed_model(m, second_world):
     model, tcs = second_world
     hooks = hook_total(model)
-    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    message, _ = grade(m.exercise, m.impl, m.time_limit_s, model=model, transcoders=tcs)
     assert message is not None and m.hint in message, message
     assert hook_total(model) == hooks
 
@@ -239,3 +253,121 @@ def test_grad_disabled_globally_like_arena_notebooks():
         assert cached.hint in message
     finally:
         torch.set_grad_enabled(previous)
+
+
+# -- hygiene: a side effect fails its own test, names what changed, is undone, and never reaches the next test --
+
+
+def _mutant(name: str):
+    return next(m for m in MUTANTS if m.name == name)
+
+
+def _clean(world) -> bool:
+    return harness._new_hooks(world.model, ({}, set()), world.transcoders) == 0
+
+
+def test_demeaning_W_U_in_place_fails_its_own_test_and_the_next_passes():
+    world = harness._get_world(None, None)
+    model, W_U = world.model, world.model.unembed.W_U
+    before = W_U.detach().clone()
+    m = _mutant("salient_demeans_W_U_in_place")
+    message, _ = grade(m.exercise, m.impl)
+    assert m.hint in message and "restored" in message
+    assert model.unembed.W_U is W_U and torch.equal(W_U, before)
+    for exercise in ("compute_salient_logits", "compute_adjacency_matrix"):
+        assert grade(exercise, REFERENCE[exercise])[0] is None, exercise
+
+
+@pytest.mark.parametrize("how", ["reassigned", "data"])
+def test_other_ways_of_changing_a_weight_are_caught_and_undone(how):
+    world = harness._get_world(None, None)
+    W_U = world.model.unembed.W_U
+    before = W_U.detach().clone()
+
+    def compute_salient_logits(model, logits, n_output_nodes=3):
+        if how == "reassigned":
+            model.unembed.W_U = torch.nn.Parameter(model.W_U - model.W_U.mean(dim=-1, keepdim=True))
+        else:
+            model.W_U.data -= model.W_U.data.mean(dim=-1, keepdim=True)
+        return solutions.compute_salient_logits(model, logits, n_output_nodes)
+
+    message, _ = grade("compute_salient_logits", compute_salient_logits)
+    assert "changed model.unembed.W_U" in message, message
+    assert world.model.unembed.W_U is W_U and torch.equal(W_U, before)
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
+
+
+@pytest.mark.parametrize("name, site", [
+    ("salient_leaves_a_hook", "blocks.1.hook_resid_post"),
+    ("embeddings_leave_a_torch_hook", "blocks.0.mlp"),
+    ("intermediate_leaves_a_transcoder_hook", "transcoders[1].hook_sae_acts_post"),
+])
+def test_a_leaked_hook_fails_its_own_test_and_the_next_passes(name, site):
+    m = _mutant(name)
+    message, _ = grade(m.exercise, m.impl)
+    assert f"left 1 hook on the model (1 on {site})" in message, message
+    world = harness._get_world(None, None)
+    assert _clean(world)
+    for exercise in ("transcoder_replacement_hooks", "compute_adjacency_matrix"):
+        assert grade(exercise, REFERENCE[exercise])[0] is None, exercise
+
+
+def test_a_leaked_hook_would_break_the_next_test():
+    """The control for the test above: the same hook left on the grader's model (bypassing the clean-up) makes
+    a correct adjacency fail, as issue 12 saw ("50 rows are all zero")."""
+    world = harness._get_world(None, None)
+    world.model.add_hook("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))
+    try:
+        message, _ = grade("compute_adjacency_matrix", REFERENCE["compute_adjacency_matrix"])
+    finally:
+        world.model.reset_hooks()
+    assert message is not None and "rows are all zero" in message
+
+
+def test_an_input_edited_in_place_fails_and_the_world_is_rebuilt():
+    m = _mutant("embeddings_scale_the_cache")
+    message, _ = grade(m.exercise, m.impl)
+    assert m.hint in message, message
+    world = harness._get_world(None, None)
+    _, cache = world.model.run_with_cache(world.tokens, names_filter="blocks.0.hook_resid_pre")
+    assert torch.equal(world.cache["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_pre"])
+    assert grade("build_embedding_nodes", REFERENCE["build_embedding_nodes"])[0] is None
+
+
+def test_an_endless_loop_is_stopped_and_leaves_the_model_clean():
+    def compute_salient_logits(model, logits, n_output_nodes=3):
+        model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: 2 * x)
+        while True:
+            pass
+
+    start = time.perf_counter()
+    message, _ = grade("compute_salient_logits", compute_salient_logits, time_limit_s=1.0)
+    assert time.perf_counter() - start < 30
+    assert "did not finish within 1 s" in message and "`while True:`" in message, message
+    assert "left 1 hook on the model (1 on blocks.0.hook_resid_pre)" in message
+    assert _clean(harness._get_world(None, None))
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
+
+
+def test_time_limit_degrades_to_none_off_the_main_thread():
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(grade("compute_influence", REFERENCE["compute_influence"],
+                                                                 time_limit_s=0.5)))
+    with one_thread():
+        thread.start()
+        thread.join(timeout=120)
+    assert done and done[0][0] is None
+
+
+def test_a_failure_renders_as_the_message_and_the_learners_line():
+    """IPython shows `_render_traceback_()` instead of the traceback: our frames must not appear."""
+    try:
+        autograder.test_compute_influence(lambda *args: None)  # the learner's line
+    except AssertionError as e:
+        assert isinstance(e, autograder.AutograderFailure)
+        rendered = "\n".join(e._render_traceback_())
+    assert "autograder.test_compute_influence(lambda *args: None)" in rendered
+    assert "should be a torch.Tensor, got NoneType" in rendered
+    assert "harness.py" not in rendered and "part3_attribution_graphs" not in rendered
