@@ -11,7 +11,6 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from part3_attribution_graphs import solutions
@@ -26,6 +25,9 @@ from part3_attribution_graphs.worlds.gemma import format_prompt
 from part3_attribution_graphs.worlds.gguf_tokenizer import sentencepiece_reference_proto
 
 pytestmark = pytest.mark.gemma270m
+# The tier's own dependencies come with the `gemma270m` extra (`make test` installs it; `make test-fast` deselects
+# this tier, and collection must not fail without it).
+spm = pytest.importorskip("sentencepiece", reason="install the gemma270m extra: pip install -e '.[gemma270m]'")
 
 CHAT = "<start_of_turn>user\nWrite me a short rhyming couplet.<end_of_turn>\n<start_of_turn>model\n"
 
