@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..pruning import compute_influence, normalize_matrix
 from .harness import (
+    _chain,
     _check_unchanged,
     _close,
     _diagnose,
@@ -16,12 +17,9 @@ from .harness import (
     _public_test,
     _run,
     _tensor,
+    _two_logit_graph,
     _World,
     _worst,
-)
-from .pruning_cases import (
-    _chain,
-    _two_logit_graph,
     _zero_row_graph,
 )
 

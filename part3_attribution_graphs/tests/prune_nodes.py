@@ -13,16 +13,14 @@ from .harness import (
     _Fail,
     _fmt,
     _items,
-    _public_test,
-    _run,
-    _World,
-    _worst,
-)
-from .pruning_cases import (
     _prune_check,
+    _public_test,
     _robust_threshold,
+    _run,
     _tie_graph,
     _two_logit_graph,
+    _World,
+    _worst,
 )
 
 
