@@ -371,3 +371,36 @@ def test_a_failure_renders_as_the_message_and_the_learners_line():
     assert "autograder.test_compute_influence(lambda *args: None)" in rendered
     assert "should be a torch.Tensor, got NoneType" in rendered
     assert "harness.py" not in rendered and "part3_attribution_graphs" not in rendered
+
+
+def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world_dropped(monkeypatch):
+    """Above COPY_LIMIT the harness keeps no copy: it cannot undo the change, says so, and rebuilds its world."""
+    with one_thread():
+        model, tcs = make_toy_world(seed=3)
+    W_U = model.unembed.W_U
+    before = W_U.detach().clone()
+    monkeypatch.setattr(harness, "COPY_LIMIT", 0)
+    m = _mutant("salient_demeans_W_U_in_place")
+    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    assert m.hint in message and "reload the model" in message, message
+    assert harness._REAL is None  # the next test rebuilds its references from the model as it now is
+    assert not torch.equal(W_U, before)  # nothing to restore from: the learner reloads
+    with torch.no_grad():
+        W_U.copy_(before)
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+
+
+def test_a_passed_model_changed_between_tests_is_not_blamed_on_the_next(second_world):
+    model, tcs = second_world
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+    W_U = model.unembed.W_U
+    before = W_U.detach().clone()
+    try:
+        with torch.no_grad():
+            W_U.data.mul_(1.5)  # the learner's own cell, between two tests (no version bump)
+        message, _ = grade("compute_influence", REFERENCE["compute_influence"], model=model, transcoders=tcs)
+        assert message is None, message
+        assert torch.equal(W_U, before * 1.5)  # left as the learner made it
+    finally:
+        with torch.no_grad():
+            W_U.copy_(before)

@@ -426,6 +426,11 @@ class _Guard:
                       for name, d, key, t in _tensor_slots(w.model, w.transcoders)]
         self.world = {path: (t, _version(t)) for path, t in _world_tensors(w).items()}
         self.pristine = _pristine(w)
+        if self.pristine is not None:  # a passed model may have changed between tests: that is not this call's doing
+            for _, d, key, t, *_ in self.slots:
+                kept = self.pristine.get((id(d), key))
+                if kept is None or kept.shape != t.shape or not torch.equal(kept, t.detach()):
+                    self.pristine[(id(d), key)] = t.detach().clone()
 
     def hook_sites(self) -> dict[str, int]:
         return _new_hook_sites(self.w.model, self.hooks, self.w.transcoders)
@@ -853,7 +858,7 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
                 if (model is None) != (transcoders is None):
                     raise _Fail("Pass both `model=` and `transcoders=` (or neither, to test on the toy world).")
                 if model is not None and hasattr(model, "modules"):
-                    stray = _new_hooks(model, ({}, set()))
+                    stray = _new_hooks(model, ({}, set()), transcoders if isinstance(transcoders, dict) else None)
                     if stray:
                         raise _Fail(f"Your model already carries {stray} hooks (left by an earlier cell?), which "
                                     "would distort every comparison: remove them first, e.g. "
