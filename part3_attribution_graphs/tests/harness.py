@@ -112,7 +112,7 @@ class _World:
     cache: Any
     logits: Float[Tensor, "1 seq d_vocab"]
     graph: GraphNodes
-    batches: list
+    batches: list[Batch]
     adjacency: Float[Tensor, "n n"]
     logit_weights: Float[Tensor, " n_logits"]
     tol: float
