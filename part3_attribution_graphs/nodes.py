@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -27,6 +27,7 @@ from transformer_lens import ActivationCache
 from .replacement import Transcoder, TranscoderReplacementHooks, hook_names_out
 
 __all__ = [
+    "Layer",
     "NodeType",
     "NodeInfo",
     "GraphNodes",
@@ -37,6 +38,10 @@ __all__ = [
     "build_logit_nodes",
     "build_graph_nodes",
 ]
+
+
+# A node's layer: "E" for embeddings, the layer index for latents and errors, "L" for logits.
+Layer = int | Literal["E", "L"]
 
 
 class NodeType(Enum):
@@ -51,7 +56,7 @@ class NodeInfo:
     """One node of the attribution graph."""
 
     node_type: NodeType
-    layer: int | str  # "E" for embeddings, the layer index for latents and errors, "L" for logits
+    layer: Layer  # "E" for embeddings, the layer index for latents and errors, "L" for logits
     ctx_idx: int  # token position
     feature: int  # token id (embeddings, logits) or latent index (latents); 0 for error nodes
     activation: float = 0.0  # latents: activation value
@@ -77,7 +82,7 @@ class GraphNodes:
     nodes: list[NodeInfo] = field(default_factory=list)
     writing_vecs: Tensor | None = None  # (n_nodes, d_model)
     reading_vecs: Tensor | None = None  # (n_nodes, d_model)
-    node_range_dict: dict = field(default_factory=dict)  # "E" | layer | "L" -> (start, end)
+    node_range_dict: dict[Layer, tuple[int, int]] = field(default_factory=dict)  # layer -> (start, end) in nodes
     seq_len: int = 0
     n_layers: int = 0
 

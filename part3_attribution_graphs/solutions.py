@@ -1,48 +1,31 @@
 """The reference answers to every exercise, under the names the notebook uses.
 
-Nothing is defined here: each name is re-exported from the stage module that owns it, so the
-notebook, the autograder (`tests.py`) and the pipeline all run the same code.
+Nothing is defined here. The exercises' references come from the registry (`exercises.py`), the helpers
+the lesson gives come from the stage modules that own them, so the notebook, the autograder and the
+pipeline all run the same code.
 """
 
-from .attribution import (
-    AttributionResult,
-    attribute,
-    compute_adjacency_matrix,
-    prepare_backward_batches,
-    setup_attribution,
-)
-from .nodes import (
-    GraphNodes,
-    NodeInfo,
-    NodeType,
-    build_embedding_nodes,
-    build_graph_nodes,
-    build_intermediate_nodes,
-    build_logit_nodes,
-    compute_salient_logits,
-)
-from .pruning import compute_influence, normalize_matrix, prune_edges, prune_graph, prune_nodes
-from .replacement import FreezeHooks, TranscoderReplacementHooks
+from .attribution import AttributionResult, attribute, setup_attribution
+from .exercises import EXERCISES
+from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, build_logit_nodes
+from .pruning import normalize_matrix, prune_graph
+from .replacement import FreezeHooks
 from .worlds.gemma import START_POSN, format_prompt
 
-__all__ = [
+# The exercises, one name per registry record (e.g. `solutions.compute_influence`).
+for _exercise in EXERCISES:
+    globals()[_exercise.qualname] = _exercise.load_reference()
+del _exercise
+
+__all__ = [e.qualname for e in EXERCISES] + [
     "FreezeHooks",
-    "TranscoderReplacementHooks",
-    "compute_salient_logits",
     "NodeType",
     "NodeInfo",
     "GraphNodes",
-    "build_embedding_nodes",
-    "build_intermediate_nodes",
     "build_logit_nodes",
     "build_graph_nodes",
     "setup_attribution",
-    "prepare_backward_batches",
-    "compute_adjacency_matrix",
     "normalize_matrix",
-    "compute_influence",
-    "prune_nodes",
-    "prune_edges",
     "prune_graph",
     "AttributionResult",
     "attribute",

@@ -37,5 +37,5 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$ROOT"
 # papermill with -p USE_REFERENCE_SOLUTIONS True -p WORLD ... -p OUTPUT_DIR ..., through a papermill engine that
-# re-polls the kernel every second (see notebook_builder.instructor_demo for why plain papermill can hang).
-P3AG_WORLD="$WORLD" "$PY" -m part3_attribution_graphs.notebook_builder --demo "$OUT" --world "$WORLD"
+# re-polls the kernel every second (see tools/notebook_builder.py, instructor_demo, for why plain papermill can hang).
+P3AG_WORLD="$WORLD" "$PY" -m part3_attribution_graphs.tools.notebook_builder --demo "$OUT" --world "$WORLD"

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from part3_attribution_graphs import exercises
 from part3_attribution_graphs import solutions as S
+from part3_attribution_graphs.attribution import (
+    _can_reach,
+    _reading_targets,
+    _source_groups,
+    read_hook_name,
+    run_frozen_forward,
+)
 from part3_attribution_graphs.nodes import NodeInfo, NodeType, SalientToken
 
 
@@ -27,21 +35,26 @@ class Mutant:
     name: str
     impl: Any
     hint: str | None  # substring of the expected failure; None: a correct alternative that must pass
+    time_limit_s: float | None = None  # grade with this time limit (for mutants that never return)
 
 
 MUTANTS: list[Mutant] = []
 ALTERNATIVES: list[Mutant] = []
 
 
-def mutant(exercise: str, hint: str) -> Callable:
+def mutant(exercise: str, hint: str, *, time_limit_s: float | None = None) -> Callable:
+    exercises.get(exercise)  # a KeyError for an exercise the registry does not know
+
     def register(impl: Any) -> Any:
-        MUTANTS.append(Mutant(exercise, impl.__name__, impl, hint))
+        MUTANTS.append(Mutant(exercise, impl.__name__, impl, hint, time_limit_s))
         return impl
 
     return register
 
 
 def alternative(exercise: str) -> Callable:
+    exercises.get(exercise)
+
     def register(impl: Any) -> Any:
         ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None))
         return impl
@@ -323,6 +336,37 @@ def salient_seed_style(model, logits, n_output_nodes=3):
     return _salient(model, logits, n_output_nodes)
 
 
+
+
+# Side effects: each answer below is right, but leaves the model changed for the next exercise.
+
+
+@mutant("compute_salient_logits", "changed model.unembed.W_U (demeaning it?) in place")
+def salient_demeans_W_U_in_place(model, logits, n_output_nodes=3):
+    """`-=` on a detached view writes into the model's own unembedding."""
+    probs = logits[0, -1].softmax(dim=-1)
+    top_probs, top_ids = probs.topk(n_output_nodes)
+    W_U = model.W_U.detach()
+    W_U -= W_U.mean(dim=-1, keepdim=True)
+    return W_U[:, top_ids].T.clone(), [(model.tokenizer.decode([int(i)]), p.item()) for i, p in zip(top_ids, top_probs)]
+
+
+@mutant("compute_salient_logits", "left 1 hook on the model (1 on blocks.1.hook_resid_post)")
+def salient_leaves_a_hook(model, logits, n_output_nodes=3):
+    """A debugging hook (it zeroes the residual stream) added and never removed."""
+    model.add_hook("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))
+    return _salient(model, logits, n_output_nodes)
+
+
+@mutant("compute_salient_logits", "did not finish within 1 s", time_limit_s=1.0)
+def salient_never_returns(model, logits, n_output_nodes=3):
+    """An endless loop: the test must stop it."""
+    k = 0
+    while k >= 0:
+        k += 1
+    return _salient(model, logits, n_output_nodes)
+
+
 # ==================================================================================================
 # build_embedding_nodes
 # ==================================================================================================
@@ -434,6 +478,23 @@ def embeddings_with_notebook_classes(model, cache, tokens):
     nodes = [_NotebookNodeInfo(_NotebookNodeType.EMBEDDING, "E", p, t, str_token=model.tokenizer.decode([t]))
              for p, t in enumerate(tokens[0].tolist())]
     return nodes, [e for e in embeds], [torch.zeros_like(e) for e in embeds]
+
+
+
+
+@mutant("build_embedding_nodes", "left 1 hook on the model (1 on blocks.0.mlp)")
+def embeddings_leave_a_torch_hook(model, cache, tokens):
+    """A raw PyTorch hook on an MLP module, never removed."""
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, out: out * 0)
+    return _embeddings(model, cache, tokens)
+
+
+@mutant("build_embedding_nodes", "changed its input cache['blocks.0.hook_resid_pre'] in place")
+def embeddings_scale_the_cache(model, cache, tokens):
+    """Follows a wrong hint (multiply by sqrt(d_model)) on the cached tensor itself."""
+    embeddings = cache["blocks.0.hook_resid_pre"]
+    embeddings *= model.cfg.d_model**0.5
+    return _embeddings(model, cache, tokens)
 
 
 # ==================================================================================================
@@ -580,6 +641,15 @@ def intermediate_by_feature_index(transcoders, cache, tc_hooks, tokens, d_model,
             reading.append(torch.zeros(d_model))
         ranges[layer] = (start, len(nodes))
     return nodes, writing, reading, ranges
+
+
+
+
+@mutant("build_intermediate_nodes", "left 1 hook on the model (1 on transcoders[1].hook_sae_acts_post)")
+def intermediate_leaves_a_transcoder_hook(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    """A TransformerLens hook on a transcoder's own hook point, never removed."""
+    transcoders[1].hook_sae_acts_post.add_hook(lambda x, hook: 0 * x)
+    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k)
 
 
 # ==================================================================================================
@@ -768,6 +838,62 @@ def adjacency_vectorised(model, tokens, graph, freeze, tc_hooks, batches, start_
     finally:
         tc_hooks.remove()
     return A
+
+
+
+
+def _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4, *, place):
+    """The notebook's scaffold (groups of sources by write point), with `place` writing each group's edges."""
+    A = torch.zeros(len(graph.nodes), len(graph.nodes), dtype=graph.writing_vecs.dtype)
+    groups = _source_groups(graph, start_posn)
+    targets = _reading_targets(graph, batches)
+    read_names = {read_hook_name(layer) for *_, layers in targets for layer in layers}
+    tc_hooks.install()
+    try:
+        forward = run_frozen_forward(model, tokens, freeze, read_names)
+        for rows, reading, positions, layers in targets:
+            grads = S.setup_attribution(model, tokens, freeze, reading, positions, layers, forward=forward)
+            for key, name, cols, slots, writes in groups:
+                if _can_reach(key, layers):
+                    edges = torch.einsum("bpd,pkd->bpk", grads[name], writes)
+                    place(A, rows, cols, slots, edges)
+    finally:
+        tc_hooks.remove()
+    return A
+
+
+@mutant("compute_adjacency_matrix", "writes into a copy")
+def adjacency_writes_into_a_copy(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    def place(A, rows, cols, slots, edges):
+        A[rows][:, cols] = edges.flatten(1)[:, slots]
+
+    return _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn, place=place)
+
+
+@mutant("compute_adjacency_matrix", "take each source's column with [:, slots]")
+def adjacency_without_slots(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    """The first n_sources columns of the (position, k) layout, as if it held one column per source."""
+    def place(A, rows, cols, slots, edges):
+        A[rows, cols] = edges.flatten(1)[:, : cols.stop - cols.start]
+
+    return _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn, place=place)
+
+
+@mutant("compute_adjacency_matrix", "take each source's column with [:, slots]")
+def adjacency_flattened_without_slots(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    """The whole (position, k) layout, padding included: a shape mismatch."""
+    def place(A, rows, cols, slots, edges):
+        A[rows, cols] = edges.flatten(1)
+
+    return _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn, place=place)
+
+
+@alternative("compute_adjacency_matrix")
+def adjacency_grouped_like_the_notebook(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    def place(A, rows, cols, slots, edges):
+        A[rows, cols] = edges.flatten(1)[:, slots]
+
+    return _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn, place=place)
 
 
 # ==================================================================================================

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import pytest
 import torch
 
 import part3_attribution_graphs.tests as autograder
 from part3_attribution_graphs import attribution, nodes, pruning, replacement, solutions
+from part3_attribution_graphs.exercises import EXERCISES
+from part3_attribution_graphs.tests import harness
 from part3_attribution_graphs.toy import make_toy_world
 
 try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
@@ -18,28 +21,31 @@ try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
 except ImportError:  # pragma: no cover - if tests/ ever becomes a package
     from tests.mutants import ALTERNATIVES, MUTANTS, catalogue_by_exercise
 
-REFERENCE = {
-    "transcoder_replacement_hooks": solutions.TranscoderReplacementHooks,
-    "compute_salient_logits": solutions.compute_salient_logits,
-    "build_embedding_nodes": solutions.build_embedding_nodes,
-    "build_intermediate_nodes": solutions.build_intermediate_nodes,
-    "prepare_backward_batches": solutions.prepare_backward_batches,
-    "compute_adjacency_matrix": solutions.compute_adjacency_matrix,
-    "compute_influence": solutions.compute_influence,
-    "prune_nodes": solutions.prune_nodes,
-    "prune_edges": solutions.prune_edges,
-}
+# {exercise: the reference answer}, from the registry: a new exercise is picked up here with no edit.
+REFERENCE = {e.name: getattr(solutions, e.qualname) for e in EXERCISES}
 
 
-def grade(exercise: str, impl, **kwargs) -> tuple[str | None, str]:
+def grade(exercise: str, impl, time_limit_s: float | None = None, **kwargs) -> tuple[str | None, str]:
     """Run one autograder test: (failure message or None, what it printed on stdout)."""
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), time_limit(time_limit_s):
             getattr(autograder, f"test_{exercise}")(impl, **kwargs)
     except AssertionError as e:
         return str(e), out.getvalue()
     return None, out.getvalue()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """The autograder's per-call time limit, set to `seconds` for a while (None: leave it)."""
+    saved = harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S
+    if seconds is not None:
+        harness.TIME_LIMIT_S = harness.REAL_TIME_LIMIT_S = seconds
+    try:
+        yield
+    finally:
+        harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S = saved
 
 
 @contextlib.contextmanager
@@ -65,7 +71,7 @@ def fingerprint(model, transcoders) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def grader_world():
     """The toy world the autograder builds and caches for itself (what a learner's calls run on)."""
-    return autograder._get_world(None, None)
+    return harness._get_world(None, None)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,8 @@ def second_world():
 @pytest.fixture(autouse=True)
 def leaves_no_trace(grader_world):
     """Whatever a test does, the grader's model ends with the hooks and weights it started with."""
-    model, tcs = grader_world.model, grader_world.transcoders
+    world = harness._get_world(None, None)  # rebuilt if a test changed the cached world's tensors
+    model, tcs = world.model, world.transcoders
     hooks, before = hook_total(model), fingerprint(model, tcs)
     yield
     assert hook_total(model) == hooks, "a test left hooks on the autograder's model"
@@ -99,7 +106,7 @@ def test_reference_passes_with_one_line(exercise):
 
 @pytest.mark.parametrize("m", MUTANTS, ids=_id)
 def test_mutant_fails_with_its_hint(m):
-    message, printed = grade(m.exercise, m.impl)
+    message, printed = grade(m.exercise, m.impl, m.time_limit_s)
     assert message is not None, f"{m.name} passed test_{m.exercise}"
     assert m.hint in message, f"{m.name}: expected the hint {m.hint!r}, got:\n{message}"
     assert printed == ""
@@ -148,7 +155,7 @@ def test_reference_passes_on_a_passed_model(exercise, second_world):
 def test_mutant_fails_on_a_passed_model(m, second_world):
     model, tcs = second_world
     hooks = hook_total(model)
-    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    message, _ = grade(m.exercise, m.impl, m.time_limit_s, model=model, transcoders=tcs)
     assert message is not None and m.hint in message, message
     assert hook_total(model) == hooks
 
@@ -246,3 +253,154 @@ def test_grad_disabled_globally_like_arena_notebooks():
         assert cached.hint in message
     finally:
         torch.set_grad_enabled(previous)
+
+
+# -- hygiene: a side effect fails its own test, names what changed, is undone, and never reaches the next test --
+
+
+def _mutant(name: str):
+    return next(m for m in MUTANTS if m.name == name)
+
+
+def _clean(world) -> bool:
+    return harness._new_hooks(world.model, ({}, set()), world.transcoders) == 0
+
+
+def test_demeaning_W_U_in_place_fails_its_own_test_and_the_next_passes():
+    world = harness._get_world(None, None)
+    model, W_U = world.model, world.model.unembed.W_U
+    before = W_U.detach().clone()
+    m = _mutant("salient_demeans_W_U_in_place")
+    message, _ = grade(m.exercise, m.impl)
+    assert m.hint in message and "restored" in message
+    assert model.unembed.W_U is W_U and torch.equal(W_U, before)
+    for exercise in ("compute_salient_logits", "compute_adjacency_matrix"):
+        assert grade(exercise, REFERENCE[exercise])[0] is None, exercise
+
+
+@pytest.mark.parametrize("how", ["reassigned", "data"])
+def test_other_ways_of_changing_a_weight_are_caught_and_undone(how):
+    world = harness._get_world(None, None)
+    W_U = world.model.unembed.W_U
+    before = W_U.detach().clone()
+
+    def compute_salient_logits(model, logits, n_output_nodes=3):
+        if how == "reassigned":
+            model.unembed.W_U = torch.nn.Parameter(model.W_U - model.W_U.mean(dim=-1, keepdim=True))
+        else:
+            model.W_U.data -= model.W_U.data.mean(dim=-1, keepdim=True)
+        return solutions.compute_salient_logits(model, logits, n_output_nodes)
+
+    message, _ = grade("compute_salient_logits", compute_salient_logits)
+    assert "changed model.unembed.W_U" in message, message
+    assert world.model.unembed.W_U is W_U and torch.equal(W_U, before)
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
+
+
+@pytest.mark.parametrize("name, site", [
+    ("salient_leaves_a_hook", "blocks.1.hook_resid_post"),
+    ("embeddings_leave_a_torch_hook", "blocks.0.mlp"),
+    ("intermediate_leaves_a_transcoder_hook", "transcoders[1].hook_sae_acts_post"),
+])
+def test_a_leaked_hook_fails_its_own_test_and_the_next_passes(name, site):
+    m = _mutant(name)
+    message, _ = grade(m.exercise, m.impl)
+    assert f"left 1 hook on the model (1 on {site})" in message, message
+    world = harness._get_world(None, None)
+    assert _clean(world)
+    for exercise in ("transcoder_replacement_hooks", "compute_adjacency_matrix"):
+        assert grade(exercise, REFERENCE[exercise])[0] is None, exercise
+
+
+def test_a_leaked_hook_would_break_the_next_test():
+    """The control for the test above: the same hook left on the grader's model (bypassing the clean-up) makes
+    a correct adjacency fail, as issue 12 saw ("50 rows are all zero")."""
+    world = harness._get_world(None, None)
+    world.model.add_hook("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))
+    try:
+        message, _ = grade("compute_adjacency_matrix", REFERENCE["compute_adjacency_matrix"])
+    finally:
+        world.model.reset_hooks()
+    assert message is not None and "rows are all zero" in message
+
+
+def test_an_input_edited_in_place_fails_and_the_world_is_rebuilt():
+    m = _mutant("embeddings_scale_the_cache")
+    message, _ = grade(m.exercise, m.impl)
+    assert m.hint in message, message
+    world = harness._get_world(None, None)
+    _, cache = world.model.run_with_cache(world.tokens, names_filter="blocks.0.hook_resid_pre")
+    assert torch.equal(world.cache["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_pre"])
+    assert grade("build_embedding_nodes", REFERENCE["build_embedding_nodes"])[0] is None
+
+
+def test_an_endless_loop_is_stopped_and_leaves_the_model_clean():
+    def compute_salient_logits(model, logits, n_output_nodes=3):
+        model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: 2 * x)
+        while True:
+            pass
+
+    start = time.perf_counter()
+    message, _ = grade("compute_salient_logits", compute_salient_logits, time_limit_s=1.0)
+    assert time.perf_counter() - start < 30
+    assert "did not finish within 1 s" in message and "`while True:`" in message, message
+    assert "left 1 hook on the model (1 on blocks.0.hook_resid_pre)" in message
+    assert _clean(harness._get_world(None, None))
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
+
+
+def test_time_limit_degrades_to_none_off_the_main_thread():
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(grade("compute_influence", REFERENCE["compute_influence"],
+                                                                 time_limit_s=0.5)))
+    with one_thread():
+        thread.start()
+        thread.join(timeout=120)
+    assert done and done[0][0] is None
+
+
+def test_a_failure_renders_as_the_message_and_the_learners_line():
+    """IPython shows `_render_traceback_()` instead of the traceback: our frames must not appear."""
+    try:
+        autograder.test_compute_influence(lambda *args: None)  # the learner's line
+    except AssertionError as e:
+        assert isinstance(e, autograder.AutograderFailure)
+        rendered = "\n".join(e._render_traceback_())
+    assert "autograder.test_compute_influence(lambda *args: None)" in rendered
+    assert "should be a torch.Tensor, got NoneType" in rendered
+    assert "harness.py" not in rendered and "part3_attribution_graphs" not in rendered
+
+
+def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world_dropped(monkeypatch):
+    """Above COPY_LIMIT the harness keeps no copy: it cannot undo the change, says so, and rebuilds its world."""
+    with one_thread():
+        model, tcs = make_toy_world(seed=3)
+    W_U = model.unembed.W_U
+    before = W_U.detach().clone()
+    monkeypatch.setattr(harness, "COPY_LIMIT", 0)
+    m = _mutant("salient_demeans_W_U_in_place")
+    message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
+    assert m.hint in message and "reload the model" in message, message
+    assert harness._REAL is None  # the next test rebuilds its references from the model as it now is
+    assert not torch.equal(W_U, before)  # nothing to restore from: the learner reloads
+    with torch.no_grad():
+        W_U.copy_(before)
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+
+
+def test_a_passed_model_changed_between_tests_is_not_blamed_on_the_next(second_world):
+    model, tcs = second_world
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+    W_U = model.unembed.W_U
+    before = W_U.detach().clone()
+    try:
+        with torch.no_grad():
+            W_U.data.mul_(1.5)  # the learner's own cell, between two tests (no version bump)
+        message, _ = grade("compute_influence", REFERENCE["compute_influence"], model=model, transcoders=tcs)
+        assert message is None, message
+        assert torch.equal(W_U, before * 1.5)  # left as the learner made it
+    finally:
+        with torch.no_grad():
+            W_U.copy_(before)

@@ -1,6 +1,6 @@
 """Our adjacency matrix against circuit-tracer's, on the same toy model, prompt and nodes (offline).
 
-See `part3_attribution_graphs/crosscheck.py` for where the two definitions differ and how we align them.
+See `part3_attribution_graphs/tools/crosscheck.py` for where the two definitions differ and how we align them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
 pytest.importorskip("circuit_tracer")
 from part3_attribution_graphs import bench  # noqa: E402
-from part3_attribution_graphs.crosscheck import (  # noqa: E402
+from part3_attribution_graphs.tools.crosscheck import (  # noqa: E402
     aligned_adjacency,
     ct_attribute,
     ct_node_keys,

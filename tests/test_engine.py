@@ -14,7 +14,7 @@ import torch
 from conftest import hook_count
 
 from part3_attribution_graphs import attribution as attribution_module
-from part3_attribution_graphs.attribution import attribute, read_hook_name
+from part3_attribution_graphs.attribution import Batch, attribute, prepare_backward_batches, read_hook_name
 from part3_attribution_graphs.linear_model import LinearisedModel
 from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.pruning import compute_influence, normalize_matrix
@@ -223,6 +223,17 @@ def test_batch_size_does_not_change_edges(toy_world):
     a = attribute(model, transcoders, PROMPT, batch_size=7).adjacency_matrix
     b = attribute(model, transcoders, PROMPT, batch_size=512).adjacency_matrix
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_have_named_fields_and_still_unpack(toy_world):
+    result = attribute(*toy_world, PROMPT, batch_size=7)
+    batches = prepare_backward_batches(result.graph, batch_size=7)
+    for b in batches:
+        start, nodes, reading, positions, layers = b  # positional use keeps working
+        assert isinstance(b, Batch) and b.start == start and b.nodes is nodes and b.layers == layers
+        assert torch.equal(b.reading_vecs, result.graph.reading_vecs[start : start + len(nodes)])
+        assert b.positions.tolist() == [n.ctx_idx for n in nodes] and len(set(map(str, b.layers))) == 1
+    assert sum(len(b.nodes) for b in batches) == len(result.graph) - result.graph.seq_len  # all but embeddings
 
 
 # ---------------------------------------------------------------- linearity facts

@@ -11,12 +11,12 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from part3_attribution_graphs import solutions
 from part3_attribution_graphs import tests as autograder
 from part3_attribution_graphs.attribution import attribute, read_hook_name
+from part3_attribution_graphs.exercises import EXERCISES
 from part3_attribution_graphs.linear_model import LinearisedModel
 from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.replacement import FreezeHooks
@@ -25,6 +25,9 @@ from part3_attribution_graphs.worlds.gemma import format_prompt
 from part3_attribution_graphs.worlds.gguf_tokenizer import sentencepiece_reference_proto
 
 pytestmark = pytest.mark.gemma270m
+# The tier's own dependencies come with the `gemma270m` extra (`make test` installs it; `make test-fast` deselects
+# this tier, and collection must not fail without it).
+spm = pytest.importorskip("sentencepiece", reason="install the gemma270m extra: pip install -e '.[gemma270m]'")
 
 CHAT = "<start_of_turn>user\nWrite me a short rhyming couplet.<end_of_turn>\n<start_of_turn>model\n"
 
@@ -282,13 +285,9 @@ def test_pipeline_builds_a_complete_graph_on_real_weights(world) -> None:
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("exercise", [
-    "transcoder_replacement_hooks", "compute_salient_logits", "build_embedding_nodes", "build_intermediate_nodes",
-    "prepare_backward_batches", "compute_adjacency_matrix", "compute_influence", "prune_nodes", "prune_edges",
-])
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
 def test_autograder_passes_the_reference_on_real_weights(exercise, world, capsys) -> None:
     model, transcoders = world
-    reference = getattr(solutions, "TranscoderReplacementHooks" if exercise == "transcoder_replacement_hooks"
-                        else exercise)
-    getattr(autograder, f"test_{exercise}")(reference, model=model, transcoders=transcoders)
-    assert f"All tests in `test_{exercise}` passed!" in capsys.readouterr().out
+    reference = getattr(solutions, exercise.qualname)
+    getattr(autograder, exercise.test_name)(reference, model=model, transcoders=transcoders)
+    assert f"All tests in `{exercise.test_name}` passed!" in capsys.readouterr().out

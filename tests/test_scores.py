@@ -59,7 +59,7 @@ def test_scores_equal_circuit_tracers_on_the_same_graph(key, results, toy_world)
     pytest.importorskip("circuit_tracer")
     from circuit_tracer.graph import compute_graph_scores as ct_graph_scores
 
-    from part3_attribution_graphs.crosscheck import to_ct_graph
+    from part3_attribution_graphs.tools.crosscheck import to_ct_graph
 
     model, _ = toy_world
     result = results[key]
@@ -76,7 +76,7 @@ def test_scores_equal_circuit_tracers_on_its_own_graph(results, toy_world):
     pytest.importorskip("circuit_tracer")
     from circuit_tracer.graph import compute_graph_scores as ct_graph_scores
 
-    from part3_attribution_graphs.crosscheck import ct_attribute, ct_replacement_model
+    from part3_attribution_graphs.tools.crosscheck import ct_attribute, ct_replacement_model
 
     model, transcoders = toy_world
     result = results[0, EVERY_LATENT]

@@ -31,9 +31,9 @@ from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 
-from .nodes import NodeInfo, NodeType
-from .replacement import Transcoder
-from .result import AttributionResult
+from ..nodes import NodeInfo, NodeType
+from ..replacement import Transcoder
+from ..result import AttributionResult
 
 __all__ = [
     "ct_transcoder_set",

@@ -1,9 +1,9 @@
 """Build the exercises and solutions notebooks from one lesson source.
 
-    python -m part3_attribution_graphs.notebook_builder              # write both, execute the solutions one
-    python -m part3_attribution_graphs.notebook_builder --no-execute # write both, no outputs (fast)
-    python -m part3_attribution_graphs.notebook_builder --check      # exit 1 if the committed ones are stale
-    python -m part3_attribution_graphs.notebook_builder --demo out/instructor_demo [--world toy]
+    python -m part3_attribution_graphs.tools.notebook_builder              # write both, execute the solutions one
+    python -m part3_attribution_graphs.tools.notebook_builder --no-execute # write both, no outputs (fast)
+    python -m part3_attribution_graphs.tools.notebook_builder --check      # exit 1 if the committed ones are stale
+    python -m part3_attribution_graphs.tools.notebook_builder --demo out/instructor_demo [--world toy]
 
 The source, `notebook_source/attribution_graphs.md`, is Markdown:
 
@@ -12,10 +12,14 @@ The source, `notebook_source/attribution_graphs.md`, is Markdown:
   `<!--# ... -->` lines are notes for authors and are dropped. Code inside prose uses `~~~` fences.
 - A ```` ```python ```` fence is a code cell. Words after `python`: `exercises` or `solutions` (only that
   notebook), `id=...` (cell id), `tags=a,b` (cell tags).
-- A ```` ```exercise module:name ```` fence is an exercise. The solutions notebook shows the reference
+- Exercises come from the registry, `part3_attribution_graphs/exercises.py`. A `<!-- exercise NAME -->` line
+  in prose is replaced by that exercise's header (difficulty, importance, suggested time). A
+  ```` ```exercise NAME ```` fence is the exercise's code cell: the solutions notebook shows the reference
   source (`inspect.getsource`); the exercises notebook shows the fence body (a scaffold), or, when the body
-  is empty, the signature, docstring and `raise NotImplementedError()`, followed in both cases by
-  `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. A scaffold is either written out in full, or it
+  is empty, the signature, docstring and a `raise NotImplementedError(...)` that names the exercise,
+  followed in both cases by `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. The next cell must call
+  `tests.test_NAME(...)`. The build fails on a name the registry lacks, on a registered exercise without
+  exactly one header and one fence, and on a `tests.test_<x>` the autograder does not have. A scaffold is either written out in full, or it
   is the reference source with regions hidden: each `<<hide from="REGEX" to="REGEX">>` line, followed by
   the lines to show instead, replaces the reference lines from the one line matching `from` to the next
   line matching `to` (`<<hide after="REGEX" before="REGEX">>` hides the lines strictly between the two
@@ -51,12 +55,14 @@ from pathlib import Path
 
 import nbformat
 
+from ..exercises import EXERCISES, Exercise
+
 __all__ = ["REPO_URL", "SOURCE", "NOTEBOOKS", "build", "check", "execute_solutions", "main"]
 
 # The one place the repository URL lives: the Colab badge and the Colab install cell both use it.
 REPO_URL = "https://github.com/part3-attribution-graphs/part3_attribution_graphs"
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "notebook_source" / "attribution_graphs.md"
 NOTEBOOKS = {
     "exercises": ROOT / "notebooks" / "part3_attribution_graphs_exercises.ipynb",
@@ -104,17 +110,35 @@ def _parse_fence_info(info: str, line: int) -> Block:
             block.cell_id = word[3:]
         elif word.startswith("tags="):
             block.tags = [t for t in word[5:].split(",") if t]
-        elif ":" in word and not block.target:
+        elif (":" in word or kind == "exercise") and not block.target:
             block.target = word
         else:
             raise BuildError(f"line {line}: unknown word {word!r} after ```{kind}")
-    if kind in ("exercise", "given", "listing") and not block.target:
+    if kind in ("given", "listing") and not block.target:
         raise BuildError(f"line {line}: ```{kind} needs a `module:name` target")
+    if kind == "exercise":
+        block.target = _exercise(block.target, line).name
     return block
 
 
-def parse_source(text: str) -> list[Block]:
-    """Split the lesson source into markdown and code blocks, in order."""
+def _exercise(name: str, line: int) -> Exercise:
+    """The registry record an exercise fence or header names (by name, or by its `module:qualname`)."""
+    for record in EXERCISES:
+        if name in (record.name, record.reference):
+            return record
+    raise BuildError(f"line {line}: {name!r} is not a registered exercise. Add a record to "
+                     f"part3_attribution_graphs/exercises.py, or use one of: {', '.join(e.name for e in EXERCISES)}.")
+
+
+EXERCISE_HEADER = re.compile(r"<!--\s*exercise\s+(\S+)\s*-->")
+
+
+def parse_source(text: str, headers: list[tuple[str, int]] | None = None) -> list[Block]:
+    """Split the lesson source into markdown and code blocks, in order.
+
+    `headers`, if given, receives (exercise name, line) for every `<!-- exercise NAME -->` header.
+    """
+    headers = [] if headers is None else headers
     blocks: list[Block] = []
     prose: list[str] = []
     prose_start = 1
@@ -162,6 +186,13 @@ def parse_source(text: str) -> list[Block]:
                     raise BuildError(f"line {lineno}: `<!--#` note is never closed by `-->`")
             i += 1
             prose_start = i + 1
+            continue
+        m = EXERCISE_HEADER.fullmatch(stripped)
+        if not in_tilde and m:
+            record = _exercise(m.group(1), lineno)
+            prose.extend(record.header_markdown().splitlines())
+            headers.append((record.name, lineno))
+            i += 1
             continue
         m = re.fullmatch(r"<!--\s*only\s+(exercises|solutions)\s*-->", stripped)
         if not in_tilde and m:
@@ -369,10 +400,12 @@ def _cells_for(block: Block, kind: str) -> list[tuple[str, str, str]]:
         return [("markdown", block.body, "md:" + block.body)]
     if block.kind == "python":
         return [("code", block.body, "code:" + block.body)]
+    if block.kind == "exercise":
+        return _exercise_cell(block, kind, where)
     resolved = _resolve(block.target)
     if block.kind == "listing":
         code = "\n\n".join(reference_source(obj).rstrip() for _, _, obj in resolved)
-        names = ", ".join(f"`{name}`" for _, name, _ in resolved)
+        names = ", ".join(f"<code>{name}</code>" for _, name, _ in resolved)  # HTML: backticks would show
         module = resolved[0][0]
         body = (f"<details open><summary>Source of {names} (imported from <code>{module}</code>)</summary>\n\n"
                 f"~~~python\n{code}\n~~~\n\n</details>")
@@ -384,16 +417,25 @@ def _cells_for(block: Block, kind: str) -> list[tuple[str, str, str]]:
             raise BuildError(f"{where}: a ```given fence takes no body")
         code = "\n\n\n".join(reference_source(obj).rstrip() for _, _, obj in resolved) + "\n"
         return [("code", code, "given:" + block.target)]
-    # exercise
-    if len(resolved) != 1:
-        raise BuildError(f"{where}: an exercise pulls exactly one name")
-    _, name, obj = resolved[0]
+    raise BuildError(f"{where}: unknown block kind {block.kind!r}")
+
+
+def _name_the_stub(code: str, record: Exercise) -> str:
+    """Every bare `raise NotImplementedError()` of an exercise cell, with a message naming the exercise."""
+    message = f"Exercise {record.qualname}: replace this line with your code"
+    return code.replace("raise NotImplementedError()", f'raise NotImplementedError("{message}")')
+
+
+def _exercise_cell(block: Block, kind: str, where: str) -> list[tuple[str, str, str]]:
+    record = _exercise(block.target, block.line)
+    name, obj = record.qualname, record.load_reference()
     if kind == "solutions":
         code = reference_source(obj)
     else:
         code = expand_scaffold(block.body, obj, where) if block.body else stub_source(obj)
+        code = _name_the_stub(code, record)
         code += f"\n\nif USE_REFERENCE_SOLUTIONS:\n    {name} = solutions.{name}\n"
-    return [("code", code.rstrip() + "\n", "exercise:" + block.target)]
+    return [("code", code.rstrip() + "\n", "exercise:" + record.reference)]
 
 
 def build_notebook(blocks: list[Block], kind: str) -> nbformat.NotebookNode:
@@ -510,9 +552,39 @@ def check_names(nb: nbformat.NotebookNode, kind: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+TEST_CALL = re.compile(r"\btests\.(test_\w+)")
+
+
+def check_exercises(blocks: list[Block], headers: list[tuple[str, int]]) -> None:
+    """Raise unless the lesson and the registry agree: every registered exercise has one header, one fence and a
+    test cell right after the fence, and every `tests.test_<x>` the lesson mentions exists."""
+    from .. import tests as autograder
+    for block in blocks:
+        for m in TEST_CALL.finditer(block.body):
+            if not hasattr(autograder, m.group(1)):
+                raise BuildError(f"line {block.line}: the lesson calls tests.{m.group(1)}, which does not exist; the "
+                                 f"autograder has {', '.join(e.test_name for e in EXERCISES)}.")
+    for record in EXERCISES:
+        fences = [i for i, b in enumerate(blocks) if b.kind == "exercise" and b.target == record.name]
+        lines = [line for name, line in headers if name == record.name]
+        if len(fences) != 1 or len(lines) != 1:
+            raise BuildError(f"exercise {record.name!r} is registered, so the lesson needs exactly one "
+                             f"`<!-- exercise {record.name} -->` header and one ```exercise {record.name} fence; it "
+                             f"has {len(lines)} and {len(fences)}.")
+        nxt = blocks[fences[0] + 1] if fences[0] + 1 < len(blocks) else None
+        if nxt is None or nxt.kind != "python" or f"tests.{record.test_name}(" not in nxt.body:
+            raise BuildError(f"line {blocks[fences[0]].line}: the ```exercise {record.name} fence must be followed by "
+                             f"a code cell calling tests.{record.test_name}({record.qualname}).")
+        if lines[0] > blocks[fences[0]].line:
+            raise BuildError(f"line {lines[0]}: the header of {record.name!r} comes after its exercise fence.")
+
+
 def build(kinds: tuple[str, ...] = KINDS) -> dict[str, nbformat.NotebookNode]:
-    """Fresh notebooks (no outputs) from the source, checked for undefined names."""
-    blocks = parse_source(SOURCE.read_text(encoding="utf-8"))
+    """Fresh notebooks (no outputs) from the source, checked against the exercise registry and for undefined
+    names."""
+    headers: list[tuple[str, int]] = []
+    blocks = parse_source(SOURCE.read_text(encoding="utf-8"), headers)
+    check_exercises(blocks, headers)
     notebooks = {kind: build_notebook(blocks, kind) for kind in kinds}
     for kind, nb in notebooks.items():
         check_names(nb, kind)
@@ -541,6 +613,7 @@ def _clean_after_execution(nb: nbformat.NotebookNode) -> None:
                         if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
 
 
+# TODO(lead): remove once the tqdm stall fix lands
 def _patient_get_msg(get_msg):
     """Wrap a channel's async `get_msg` so that it waits in one-second slices.
 
@@ -704,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             problems = check()
             if problems:
-                print("Rebuild with `python -m part3_attribution_graphs.notebook_builder`.", file=sys.stderr)
+                print("Rebuild with `python -m part3_attribution_graphs.tools.notebook_builder`.", file=sys.stderr)
                 return 1
             print("Notebooks are in step with notebook_source/.")
             return 0
