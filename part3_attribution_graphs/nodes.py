@@ -64,7 +64,8 @@ class NodeInfo:
 
         (Error nodes have feature 0, so the plain pattern would clash with latent 0 at the same spot.)
         """
-        if self.node_type == NodeType.MLP_ERROR:
+        # Compared by value, so exports also take nodes whose `node_type` is a look-alike enum.
+        if getattr(self.node_type, "value", self.node_type) == NodeType.MLP_ERROR.value:
             return f"{self.layer}_err_{self.ctx_idx}"
         return f"{self.layer}_{self.feature}_{self.ctx_idx}"
 

@@ -1,0 +1,1 @@
+"""Developer tools: benchmarks and helpers that learners do not need."""
