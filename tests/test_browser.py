@@ -132,7 +132,7 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     })()""")
     cdp.mouse("mouseMoved", hover["x"], hover["y"])
     assert sorted(cdp.evaluate("window.dashboard.drawnEdges()")) == expect and expect
-    assert cdp.evaluate("document.getElementById('graph-svg').classList.contains('focus')")
+    assert cdp.evaluate("document.querySelectorAll('.node.hl').length") == 1
     assert "Logit" in cdp.evaluate("document.getElementById('tooltip').textContent")
     cdp.mouse("mouseMoved", 5, 5)
     assert cdp.evaluate("window.dashboard.drawnEdges().length") == 0

@@ -133,7 +133,7 @@ def network_requests(cdp: DevTools) -> list[str]:
 
 
 @contextmanager
-def launch(chromium: str, width: int = 1600, height: int = 1000) -> Iterator[DevTools]:
+def launch(chromium: str, width: int = 1600, height: int = 1000, timeout: float = 60.0) -> Iterator[DevTools]:
     """Start headless Chromium with a throwaway profile; yield a DevTools client for its page."""
     profile = tempfile.mkdtemp(prefix="p3ag-chromium-")
     args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -157,7 +157,7 @@ def launch(chromium: str, width: int = 1600, height: int = 1000) -> Iterator[Dev
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
             targets = json.loads(resp.read())
         ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        cdp = DevTools(ws_url)
+        cdp = DevTools(ws_url, timeout=timeout)
         yield cdp
     finally:
         if cdp is not None:

@@ -418,8 +418,7 @@
     lit.forEach(function (el) { el.classList.remove("hl", "nb"); });
     lit = [];
     var f = state.hover !== null && items[state.hover] ? state.hover : (state.clicked !== null ? itemOf[state.clicked] : undefined);
-    if (f === undefined || f === null || state.subgraph) { svgEl.classList.remove("focus"); return; }
-    svgEl.classList.add("focus");
+    if (f === undefined || f === null || state.subgraph) return;
     itemEls[f].classList.add("hl"); lit.push(itemEls[f]);
     var it = items[f];
     if (it.node === undefined) return;
@@ -478,6 +477,7 @@
     tip.classList.add("hidden");
     setHover(null);
   });
+  graphEl.addEventListener("mouseleave", function () { tip.classList.add("hidden"); });
   var drag = null;
   graphEl.addEventListener("mousemove", function (ev) {
     if (drag) {
@@ -610,8 +610,8 @@
 
   // ------------------------------------------------------------------------------------------- panel
   var panel = document.getElementById("panel");
-  function fitPanel() {  // beside the graph, the panel is as tall as the graph and scrolls
-    panel.style.maxHeight = (wrapEl.offsetHeight) + "px";
+  function fitPanel() {  // beside the graph, the panel is about as tall as the graph and scrolls
+    panel.style.maxHeight = (H + 80) + "px";  // from the layout, not read back (that would force a reflow)
   }
 
   function histogram(counts, lo, hi, title, signed, mark) {
@@ -867,7 +867,8 @@
   });
   if (window.ResizeObserver) new ResizeObserver(fitFrame).observe(document.body);
 
-  showThresholds(); reprune(); render(); overview();
+  // At the thresholds it was written with, the page shows what Python pruned: no re-pruning needed.
+  showThresholds(); render(); overview();
   var initial = DATA.state || {};
   if ((initial.qParams && Object.keys(initial.qParams).length) || (initial.labels && Object.keys(initial.labels).length)) applyState(initial);
   // Served over http (e.g. by Jupyter): a saved neuronpedia.json beside the page restores its state.
