@@ -194,6 +194,21 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     cdp.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
 
+    # The wheel zooms about the cursor (a node under it stays put, its neighbours spread out); reset undoes it.
+    def node_xy(node_id):
+        return cdp.evaluate(f"(() => {{ const r = document.querySelector('.node[data-node-id=\"{node_id}\"] .shape')"
+                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+
+    other = cdp.evaluate("document.querySelector('.node[data-type=logit]').dataset.nodeId")
+    (x0, y0), (ox, oy) = node_xy(best), node_xy(other)
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=x0, y=y0, deltaX=0, deltaY=-400)
+    cdp.evaluate(FRAME)
+    (x1, y1), (ox1, oy1) = node_xy(best), node_xy(other)
+    assert abs(x1 - x0) < 2 and abs(y1 - y0) < 2
+    assert abs(ox1 - x1) > 1.5 * abs(ox - x0) or abs(oy1 - y1) > 1.5 * abs(oy - y0)
+    cdp.evaluate("document.getElementById('reset-view').click()")
+    assert node_xy(other) == pytest.approx([ox, oy], abs=1)
+
     # "show all edges" draws every edge.
     cdp.evaluate("document.getElementById('show-all').click()")
     assert cdp.evaluate("window.dashboard.drawnEdges().length") == len(view.edges)

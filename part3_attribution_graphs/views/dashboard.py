@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ from .neuronpedia import (
     view_graph,
 )
 from .palette import NODE_NAMES, css_variables
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 __all__ = [
     "latent_logit_tables",
@@ -64,7 +68,7 @@ def _sig(x: float, digits: int = 4) -> float:
 
 @torch.no_grad()
 def latent_logit_tables(
-    model,
+    model: HookedSAETransformer,
     transcoders: dict,
     latents: list[tuple[int, int]],
     k: int = 10,
@@ -144,7 +148,7 @@ def derived_label(panel: dict) -> str:
 
 def dashboard_data(
     result: AttributionResult,
-    model,
+    model: HookedSAETransformer | None,
     transcoders: dict | None = None,
     example_data_by_layer: dict[int, dict] | None = None,
     scores: dict | None = None,
@@ -218,7 +222,7 @@ def dashboard_data(
                 ex = _example_info(data, f, getattr(model, "tokenizer", None), n_examples)
                 if ex is not None:
                     panels[f"{layer}_{f}"]["ex"] = ex
-    for key, panel in panels.items():
+    for panel in panels.values():
         panel["derived"] = derived_label(panel)
 
     settings = result_settings(result)
@@ -333,7 +337,7 @@ def _show_inline(page: str, index: Path) -> None:
 
 def create_attribution_dashboard(
     result: AttributionResult,
-    model,
+    model: HookedSAETransformer | None,
     transcoders: dict | None = None,
     example_data_by_layer: dict[int, dict] | None = None,
     output_dir: str | Path = "out/dashboard",

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -40,6 +41,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..worlds.gemma import HubUnreachableError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "EXAMPLE_KEYS",
@@ -413,7 +417,7 @@ class FeatureTable:
 def inspect_feature(
     example_data: dict[str, Tensor],
     feature_id: int,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase | None,
     n_examples: int = 5,
     left: int = 12,
     right: int = 4,

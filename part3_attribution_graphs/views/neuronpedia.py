@@ -35,12 +35,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..attribution import AttributionResult
 from ..nodes import NodeInfo
 from ..pruning import compute_influence
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 __all__ = [
     "node_kind",
@@ -193,7 +197,7 @@ def pruned_edges(result: AttributionResult) -> list[tuple[int, int, float]]:
     return list(zip(sources.tolist(), targets.tolist(), weights))
 
 
-def default_scan(model=None, transcoders: dict | None = None) -> str:
+def default_scan(model: HookedSAETransformer | None = None, transcoders: dict | None = None) -> str:
     """The model id Neuronpedia files a graph under: the model's name, else the transcoders' model name."""
     name = getattr(getattr(model, "cfg", None), "model_name", None)
     if name and name != "custom":
@@ -224,7 +228,7 @@ def _round(x: float, digits: int = 6) -> float:
 
 def build_graph_json(
     result: AttributionResult,
-    model=None,
+    model: HookedSAETransformer | None = None,
     transcoders: dict | None = None,
     slug: str = "attribution-graph",
     scan: str | None = None,
@@ -360,7 +364,7 @@ def _version() -> str:
 
 def export_neuronpedia(
     result: AttributionResult,
-    model=None,
+    model: HookedSAETransformer | None = None,
     transcoders: dict | None = None,
     slug: str = "attribution-graph",
     path: str | Path | None = "out/dashboard/neuronpedia.json",

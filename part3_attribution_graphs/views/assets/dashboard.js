@@ -211,11 +211,12 @@
     META.tokens.forEach(function (t, p) {
       if (!state.subgraph || perCol[p] || logitCol[p]) cols.push(p);
     });
-    var logitSpacing = state.subgraph ? 90 : 44, minCol = state.subgraph ? 110 : 16;
+    // The subgraph has few nodes, each labelled: give every node room for its label.
+    var logitSpacing = state.subgraph ? 150 : 44, minCol = state.subgraph ? 170 : 16;
     function widths(sp) {
       return cols.map(function (p) { return Math.max(minCol, (perCol[p] || 1) * sp + 4, (logitCol[p] || 0) * logitSpacing); });
     }
-    var sp = state.subgraph ? 40 : 14, ws = widths(sp), sum = function (a) { return a.reduce(function (x, y) { return x + y; }, 0); };
+    var sp = state.subgraph ? 170 : 14, ws = widths(sp), sum = function (a) { return a.reduce(function (x, y) { return x + y; }, 0); };
     while (sum(ws) > avail - left - 10 && sp > 3) { sp -= 0.5; ws = widths(sp); }
     if (sum(ws) > avail - left - 10) {  // still too wide: squeeze every column alike
       var f = (avail - left - 10) / sum(ws);
@@ -252,10 +253,13 @@
     // The most influential latents next, skipping one whose label would run into another's.
     var taken = [], n = 0;
     Object.keys(set).forEach(function (k) { taken.push(items[k]); });
+    var room = 110 / view.k;
     lat.forEach(function (k) {
       if (n >= 10 || set[k]) return;
       var it = items[k], clash = taken.some(function (o) {
-        return o.row === it.row && Math.abs(o.bx - it.bx) < 120 / view.k;
+        return o.row === it.row && Math.abs(o.bx - it.bx) < room;
+      }) || items.some(function (o) {  // a label must not run over the nodes to its right
+        return o !== it && o.row === it.row && o.bx > it.bx && o.bx - it.bx < room;
       });
       if (!clash) { set[k] = true; taken.push(it); n++; }
     });
@@ -296,7 +300,7 @@
           text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(l.text, 10)) + "</text>";
         } else {
           text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + (r + 3).toFixed(1) + '" y="3">' +
-                 esc(cut(l.text, state.subgraph ? 30 : 22)) + "</text>";
+                 esc(cut(l.text, 22)) + "</text>";
         }
       }
       out.push('<g class="' + cls + '"' + attrs + ' data-item="' + k + '" tabindex="0" role="button" aria-label="' +
