@@ -589,3 +589,30 @@ def test_toy_example_data_logit_tables_for_chosen_latents(world, result, example
         assert torch.equal(data["activations"], example_data[layer]["activations"])
         others = [f for f in range(data["top_logits"].shape[0]) if f not in set(chosen)]
         assert torch.all(data["top_logits"][others] == 0)
+
+
+def test_explorer_adds_a_prompt_without_flicker(world, result):
+    from part3_attribution_graphs.explorer import AttributionExplorer
+
+    model, tcs = world
+    other = format_prompt("What is the opposite of hot?", "The opposite of hot is")
+
+    class Recording(AttributionExplorer):
+        shown: list
+
+        def update(self, change=None, render=True):
+            self.shown.append(self.prompt_picker.value)
+            return super().update(change, render)
+
+    second = format_prompt("What is the opposite of big?", "The opposite of big is")
+    ex = Recording(model, tcs, {"first": PROMPT, "second": second},
+                   results={PROMPT: result, second: result, other: result},
+                   attribute_fn=lambda *a, **k: pytest.fail("cached prompts are not recomputed"))
+    ex.shown = []
+    ex.prompt_picker.value = second
+    assert ex.shown == [second]
+    ex.shown = []
+    ex.user_text.value, ex.response_text.value = "What is the opposite of hot?", "The opposite of hot is"
+    ex.add_prompt()
+    # One update, for the new prompt: the graph never flicks back to the first prompt on the way.
+    assert ex.shown == [other] and ex.prompt_picker.value == other
