@@ -126,8 +126,9 @@ def cantor_pair(x: int, y: int) -> int:
 
 
 def export_node_id(node: NodeInfo) -> str:
-    """The node's id in every export: `NodeInfo.node_id` (also for look-alike node classes)."""
-    return NodeInfo.node_id.fget(node)
+    """The node's id in every export: `NodeInfo.node_id` (a look-alike node class without it borrows it)."""
+    node_id = getattr(node, "node_id", None)
+    return node_id if isinstance(node_id, str) else NodeInfo.node_id.fget(node)
 
 
 def export_node_ids(result: AttributionResult) -> list[str]:
