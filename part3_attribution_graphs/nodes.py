@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -85,29 +84,31 @@ class GraphNodes:
         return len(self.nodes)
 
 
-class SalientToken(NamedTuple):
-    """One output token the graph explains: its text, its probability, and its vocabulary index.
+class SalientToken(tuple):
+    """A `(str_token, prob)` pair that also remembers its token id (as `.token_id`).
 
-    The logit nodes take their `feature` from `token_id`, and the exports identify a logit by it, so
-    a plain `(str_token, prob)` pair is not enough.
+    It unpacks and compares like the plain 2-tuple, so code written for `(str, float)` keeps working,
+    while the logit nodes can still record which vocabulary entry they are.
     """
 
-    str_token: str
-    prob: float
     token_id: int
+
+    def __new__(cls, str_token: str, prob: float, token_id: int) -> SalientToken:
+        obj = super().__new__(cls, (str_token, prob))
+        obj.token_id = int(token_id)
+        return obj
 
 
 def compute_salient_logits(
     model: HookedSAETransformer,
     logits: Float[Tensor, "batch seq d_vocab"],
     n_output_nodes: int = 3,
-) -> tuple[Float[Tensor, "n_output d_model"], list[SalientToken]]:
+) -> tuple[Float[Tensor, "n_output d_model"], list[tuple[str, float]]]:
     """Pick the `n_output_nodes` most probable next tokens and return their demeaned unembeddings.
 
     Returns:
         reading_vecs: `W_U[:, v] - W_U.mean(-1)` for each chosen token v, shape (n_output, d_model).
-        top_token_info: `SalientToken(str_token, prob, token_id)` per chosen token, most probable first
-            (`prob` a Python float, `token_id` a Python int).
+        top_token_info: `(token string, probability)` per chosen token, most probable first.
     """
     d_vocab = logits.shape[-1]
     if not isinstance(n_output_nodes, int) or not 1 <= n_output_nodes <= d_vocab:
@@ -117,9 +118,7 @@ def compute_salient_logits(
     top_probs, top_ids = probs.topk(n_output_nodes)
     W_U = model.W_U.detach()
     reading_vecs = (W_U[:, top_ids] - W_U.mean(dim=-1, keepdim=True)).T
-    info = [
-        SalientToken(model.tokenizer.decode([i]), p, i) for p, i in zip(top_probs.tolist(), top_ids.tolist())
-    ]
+    info = [SalientToken(model.tokenizer.decode([i]), p, i) for i, p in zip(top_ids.tolist(), top_probs.tolist())]
     return reading_vecs, info
 
 
@@ -204,24 +203,20 @@ def build_intermediate_nodes(
 
 def build_logit_nodes(
     reading_vecs_logit: Float[Tensor, "n_output d_model"],
-    top_token_info: list[SalientToken],
+    top_token_info: list[tuple[str, float]],
     seq_len: int,
     d_model: int,
 ) -> tuple[list[NodeInfo], list[Tensor], list[Tensor]]:
     """One logit node per salient token, at the last position, reading its demeaned unembedding.
 
-    `feature` holds the token id, taken from each `SalientToken` (any `(str_token, prob, token_id)`
-    triple works).
+    `feature` holds the token id when `top_token_info` carries one (see `SalientToken`), else the
+    rank of the token among the outputs.
     """
-    nodes = []
-    for info in top_token_info:
-        if len(info) != 3:
-            # A (str, prob) pair has no token id, and guessing one would mislabel the exported logits.
-            raise ValueError(f"top_token_info entries must be SalientToken(str_token, prob, token_id), got "
-                             f"{info!r}: the logit nodes need the token id.")
-        str_token, prob, token_id = info
-        nodes.append(NodeInfo(NodeType.LOGIT, "L", seq_len - 1, int(token_id), token_prob=float(prob),
-                              str_token=str_token))
+    nodes = [
+        NodeInfo(NodeType.LOGIT, "L", seq_len - 1, getattr(info, "token_id", i), token_prob=float(info[1]),
+                 str_token=info[0])
+        for i, info in enumerate(top_token_info)
+    ]
     reading = list(reading_vecs_logit.detach().unbind(0))
     writing = [torch.zeros(d_model, dtype=reading_vecs_logit.dtype, device=reading_vecs_logit.device)
                for _ in nodes]
@@ -234,7 +229,7 @@ def build_graph_nodes(
     cache: ActivationCache,
     tc_hooks: TranscoderReplacementHooks,
     reading_vecs_logit: Float[Tensor, "n_output d_model"],
-    top_token_info: list[SalientToken],
+    top_token_info: list[tuple[str, float]],
     tokens: Int[Tensor, "1 seq"],
     start_posn: int = 4,
     top_k: int = 5,
