@@ -295,6 +295,14 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
         .map(e => window.dashboard.data.nodes[+e.dataset.index].cum)""")
     assert shown_cums and max(shown_cums) <= crossing
     assert cdp.evaluate("document.getElementById('node-thr-val').textContent") == "0.50"
+    # The edge slider keeps the highest-scoring share of the edges: fewer edges, same rule for nodes.
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 0.6;
+                    s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+    fewer = cdp.evaluate("window.dashboard.visible()")
+    assert fewer["edges"] < after["edges"] and fewer["nodes"] <= after["nodes"], (after, fewer)
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 1;
+                    s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+    assert cdp.evaluate("window.dashboard.visible()") == after
 
     # Save: a real download of neuronpedia.json.
     downloads = tmp_path / "downloads"
