@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--node-threshold", type=float, default=0.8)
     parser.add_argument("--edge-threshold", type=float, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
+    parser.add_argument("--no-examples", action="store_true",
+                        help="skip the latents' example data (the dashboard's activation sections)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -69,10 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
     result.save(args.out / "graph.pt")  # AttributionResult.load(path) reads it back
     scores = compute_graph_scores(result)
     if not args.no_dashboard:
-        from .utils import create_attribution_dashboard
+        from .utils import create_attribution_dashboard, features_in_graph, make_toy_example_data
 
+        # Example data generated from the world itself (offline); a real world's come from
+        # utils.load_example_data_parallel, which needs the hub.
+        examples = None if args.no_examples else make_toy_example_data(
+            model, transcoders, features_by_layer=features_in_graph(result))
         create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
-                                     scores=scores)
+                                     scores=scores, example_data_by_layer=examples)
 
     summary = {
         "world": args.world,

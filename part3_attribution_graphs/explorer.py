@@ -24,16 +24,18 @@ from .nodes import NodeType
 from .pruning import prune_graph
 from .replacement import Transcoder
 from .result import AttributionResult, PruneFn, prune
+from .views.palette import NODE_FILL, NODE_NAMES, NODE_STROKE, edge_rgba
 from .worlds.gemma import format_prompt
 
 __all__ = ["AttributionExplorer", "attribution_explorer", "graph_figure"]
 
-NODE_COLOURS = {
-    NodeType.EMBEDDING: "#9ca3af",
-    NodeType.LATENT: "#2563eb",
-    NodeType.MLP_ERROR: "#f59e0b",
-    NodeType.LOGIT: "#16a34a",
-}
+# The shared palette (views/palette.py), so the explorer and the dashboard colour a graph alike.
+NODE_COLOURS = {t: NODE_FILL[t.value] for t in NodeType}
+
+
+def _shown(token: str) -> str:
+    """A token as every view prints it: newlines as ⏎, tabs as →."""
+    return token.replace("\n", "⏎").replace("\t", "→")
 
 
 def graph_counts(result: AttributionResult) -> dict[str, int]:
@@ -50,14 +52,14 @@ def _row(layer: int | str, n_layers: int) -> int:
 
 
 def _label(node, str_tokens: Sequence[str]) -> str:
-    tok = str_tokens[node.ctx_idx] if node.ctx_idx < len(str_tokens) else ""
+    tok = _shown(str_tokens[node.ctx_idx]) if node.ctx_idx < len(str_tokens) else ""
     if node.node_type == NodeType.LATENT:
-        return f"L{node.layer} latent {node.feature} @ {tok!r}<br>activation {node.activation:.3g}"
+        return f"latent {node.feature} @ layer {node.layer}, “{tok}”<br>activation {node.activation:.3g}"
     if node.node_type == NodeType.MLP_ERROR:
-        return f"L{node.layer} MLP error @ {tok!r}"
+        return f"MLP error @ layer {node.layer}, “{tok}”"
     if node.node_type == NodeType.LOGIT:
-        return f"logit {node.str_token!r} (p = {node.token_prob:.3f})"
-    return f"embedding {node.str_token!r} @ position {node.ctx_idx}"
+        return f"logit “{_shown(node.str_token)}” (p = {node.token_prob:.3f})"
+    return f"embedding “{_shown(node.str_token)}” @ position {node.ctx_idx}"
 
 
 def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
@@ -84,8 +86,7 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
         return [v for pair in ends for v in (*pair, None)]
 
     fig = go.Figure()
-    for positive, colour, name in ((True, "rgba(37, 99, 235, {a})", "positive edges"),
-                                   (False, "rgba(220, 38, 38, {a})", "negative edges")):
+    for positive, name in ((True, "positive edges"), (False, "negative edges")):
         # Three widths, so strong edges stand out without one trace per edge.
         for lo, hi, width in ((0.0, 0.1, 0.6), (0.1, 0.4, 1.5), (0.4, 1.01, 3.0)):
             pick = ((weights > 0) == positive) & (relative >= lo) & (relative < hi)
@@ -93,14 +94,14 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
                 xs, ys = segments(0, pick), segments(1, pick)
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", name=name,
                                          showlegend=width == 1.5,
-                                         line=dict(width=width, color=colour.format(a=0.35 + 0.5 * lo))))
+                                         line=dict(width=width, color=edge_rgba(positive, 0.35 + 0.5 * lo))))
     for node_type, colour in NODE_COLOURS.items():
         idx = [k for k, n in enumerate(nodes) if n.node_type == node_type]
         if not idx:
             continue
         fig.add_trace(go.Scatter(
-            x=xy[idx, 0].tolist(), y=xy[idx, 1].tolist(), mode="markers", name=node_type.value,
-            marker=dict(size=9, color=colour, line=dict(width=1, color="#111827")),
+            x=xy[idx, 0].tolist(), y=xy[idx, 1].tolist(), mode="markers", name=NODE_NAMES[node_type.value],
+            marker=dict(size=9, color=colour, line=dict(width=1, color=NODE_STROKE[node_type.value])),
             hovertext=[_label(nodes[k], result.str_tokens) for k in idx], hoverinfo="text",
         ))
     start = result.settings.get("start_posn", 0)
@@ -108,7 +109,7 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
     fig.update_layout(
         title=title, plot_bgcolor="white", height=260 + 45 * n_layers, margin=dict(l=60, r=20, t=50, b=90),
         xaxis=dict(tickmode="array", tickvals=positions[start:],
-                   ticktext=[repr(t)[1:-1] for t in result.str_tokens[start:]], tickangle=-45, showgrid=False),
+                   ticktext=[_shown(t) for t in result.str_tokens[start:]], tickangle=-45, showgrid=False),
         yaxis=dict(tickmode="array", tickvals=list(range(n_layers + 2)),
                    ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"], showgrid=True,
                    gridcolor="#f3f4f6", zeroline=False),
@@ -165,10 +166,12 @@ class AttributionExplorer:
                                                description="node thr.", continuous_update=False)
         self.edge_slider = widgets.FloatSlider(value=edge_threshold, min=0.05, max=1.0, step=0.01,
                                                description="edge thr.", continuous_update=False)
+        # Wide boxes with their whole description: a learner types sentences here.
+        box = dict(layout=widgets.Layout(width="40em", max_width="100%"), style={"description_width": "7em"})
         self.user_text = widgets.Text(placeholder="user turn, e.g. What is the opposite of hot?",
-                                      description="Your prompt", layout=widgets.Layout(width="60%"))
+                                      description="Your prompt", **box)
         self.response_text = widgets.Text(placeholder="start of the reply, e.g. The opposite of hot is",
-                                          description="Reply", layout=widgets.Layout(width="60%"))
+                                          description="Reply", **box)
         self.add_button = widgets.Button(description="Attribute", button_style="primary")
         self.status = widgets.HTML()
         self.plot = widgets.Output()
@@ -217,10 +220,15 @@ class AttributionExplorer:
         label = user if len(user) <= 40 else user[:37] + "..."
         options = dict(self.prompt_picker.options)
         options[label] = prompt
-        self.prompt_picker.options = list(options.items())
-        self.prompt_picker.value = prompt  # triggers update()
-        if self.result is None or self.result.prompt != prompt:
-            self.update()
+        # New options reset the picker to its first entry: unhook update() meanwhile, so the graph does
+        # not flick to the first prompt and back.
+        self.prompt_picker.unobserve(self.update, names="value")
+        try:
+            self.prompt_picker.options = list(options.items())
+            self.prompt_picker.value = prompt
+        finally:
+            self.prompt_picker.observe(self.update, names="value")
+        self.update()
 
     def _render(self) -> None:
         from IPython import get_ipython

@@ -1,117 +1,45 @@
-"""Render the toy dashboard in headless Chromium, offline, and check what a user would see.
+"""Render the toy dashboard in headless Chromium, offline, and use it as a learner would.
 
-Chromium is driven over the Chrome DevTools Protocol with a small client on `websocket-client`.
+Chromium is driven over the Chrome DevTools Protocol (`part3_attribution_graphs.tools.chromium`).
 The page is opened from a file:// URL; every http(s)/ws(s) request is blocked and recorded, so the
-test fails if the page tries to reach the network. A screenshot (after clicking a latent) is saved
-to `out/test-artifacts/dashboard.png`.
+tests fail if the page tries to reach the network. Screenshots go to `out/test-artifacts/`.
 
 Needs Debian's `chromium` (`bash scripts/install_chromium.sh`); if it is missing and cannot be
-installed, the test is skipped. Set CHROMIUM=/path/to/binary to use another Chromium build.
+installed, the tests are skipped. Set CHROMIUM=/path/to/binary to use another Chromium build.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.browser
 
-websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
+pytest.importorskip("websocket", reason="pip install websocket-client")
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402
 from part3_attribution_graphs.scores import compute_graph_scores  # noqa: E402
+from part3_attribution_graphs.tools.chromium import (  # noqa: E402
+    INSTALL_HINT,
+    find_chromium,
+    launch,
+    network_requests,
+    page_errors,
+)
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
+from part3_attribution_graphs.views.neuronpedia import view_graph  # noqa: E402
 from part3_attribution_graphs.worlds.gemma import format_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "out" / "test-artifacts"
-INSTALL_HINT = ("install it with `bash scripts/install_chromium.sh` (Debian/Ubuntu: `sudo apt-get install chromium`), "
-                "or set CHROMIUM=/path/to/chromium")
-
-
-def find_chromium(try_install: bool = True) -> str | None:
-    """Path of a Chromium binary; runs scripts/install_chromium.sh once if none is found."""
-    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    if try_install and os.environ.get("SKIP_CHROMIUM_INSTALL") != "1":
-        try:
-            subprocess.run(["bash", str(REPO / "scripts" / "install_chromium.sh")], capture_output=True,
-                           timeout=300, env={**os.environ, "NONINTERACTIVE": "1"}, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return find_chromium(try_install=False)
-    return None
-
-
-class DevTools:
-    """A minimal synchronous Chrome DevTools Protocol client for one page."""
-
-    def __init__(self, ws_url: str, timeout: float = 30.0):
-        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def send(self, method: str, **params) -> dict:
-        self.next_id += 1
-        my_id = self.next_id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method} failed: {msg['error']}")
-                return msg.get("result", {})
-            self._on_event(msg)
-
-    def _on_event(self, msg: dict) -> None:
-        if "method" not in msg:
-            return
-        self.events.append(msg)
-        # Refuse every request that leaves the machine, and remember that it was tried.
-        if msg["method"] == "Fetch.requestPaused":
-            self.ws.send(json.dumps({"id": 10**9 + len(self.events), "method": "Fetch.failRequest",
-                                     "params": {"requestId": msg["params"]["requestId"],
-                                                "errorReason": "BlockedByClient"}}))
-
-    def wait_for(self, method: str, timeout: float = 30.0) -> dict:
-        deadline = time.time() + timeout
-        seen = len(self.events)
-        for ev in self.events:
-            if ev["method"] == method:
-                return ev
-        while time.time() < deadline:
-            msg = json.loads(self.ws.recv())
-            self._on_event(msg)
-            for ev in self.events[seen:]:
-                if ev["method"] == method:
-                    return ev
-            seen = len(self.events)
-        raise TimeoutError(f"no {method} within {timeout}s")
-
-    def evaluate(self, expression: str):
-        out = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in out:
-            raise RuntimeError(f"page raised: {out['exceptionDetails']}")
-        return out["result"].get("value")
-
-    def click(self, x: float, y: float) -> None:
-        for kind, extra in (("mouseMoved", {}), ("mousePressed", {"button": "left", "clickCount": 1}),
-                            ("mouseReleased", {"button": "left", "clickCount": 1})):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
-
-    def close(self) -> None:
-        self.ws.close()
+CTRL, SHIFT = 2, 8
+FRAME = "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +51,17 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def toy_dashboard(tmp_path_factory):
+def world():
     model, tcs = make_toy_world()
     result = attribute(model, tcs, format_prompt("What is the opposite of small?", "The opposite of small is **large"),
                        batch_size=64)
     examples = utils.make_toy_example_data(model, tcs)
+    return model, tcs, result, examples
+
+
+@pytest.fixture(scope="module")
+def toy_dashboard(world, tmp_path_factory):
+    model, tcs, result, examples = world
     out = tmp_path_factory.mktemp("dashboard")
     scores = compute_graph_scores(result)
     utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=examples, output_dir=out,
@@ -137,112 +71,298 @@ def toy_dashboard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(chromium):
-    profile = tempfile.mkdtemp(prefix="p3ag-chromium-")
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-allow-origins=*",
-            # Belt and braces: a dead proxy for anything the DevTools block might miss.
-            "--proxy-server=127.0.0.1:9", "--window-size=1600,1000", "about:blank"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        port_file = Path(profile) / "DevToolsActivePort"
-        deadline = time.time() + 30
-        while not (port_file.exists() and port_file.read_text().strip()) and time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"chromium exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
-            targets = json.loads(resp.read())
-        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        cdp = DevTools(ws_url)
+    with launch(chromium) as cdp:
         yield cdp
-        cdp.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_dashboard_renders_offline(page, toy_dashboard):
+def centre(cdp, selector: str) -> dict:
+    """The centre of the first element matching `selector`, in viewport pixels (scrolled into view)."""
+    box = cdp.evaluate(f"""(() => {{
+        let el = document.querySelector({json.dumps(selector)});
+        if (!el) return null;
+        el = el.querySelector('.shape') || el;  // a node's centre is its shape's, not its label's
+        el.scrollIntoView({{block: 'center', inline: 'center'}});
+        const r = el.getBoundingClientRect();
+        return {{x: r.x + r.width / 2, y: r.y + r.height / 2}};
+    }})()""")
+    assert box, f"nothing matches {selector}"
+    return box
+
+
+def shot(cdp, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    data = cdp.send("Page.captureScreenshot", format="png")
+    path = ARTIFACTS / name
+    path.write_bytes(base64.b64decode(data["data"]))
+    return path
+
+
+def assert_clean(cdp) -> None:
+    assert not page_errors(cdp), page_errors(cdp)
+    assert not network_requests(cdp), network_requests(cdp)
+
+
+def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     result, index, scores = toy_dashboard
     cdp = page
-    for domain in ("Page", "Runtime", "Log", "Network"):
-        cdp.send(f"{domain}.enable")
-    cdp.send("Fetch.enable", patterns=[{"urlPattern": p} for p in ("http://*", "https://*", "ws://*", "wss://*")])
-    cdp.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
-    cdp.send("Page.navigate", url=index.resolve().as_uri())
-    cdp.wait_for("Page.loadEventFired")
-    cdp.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    cdp.open(index.resolve().as_uri(), 1600)
+    view = view_graph(result)
 
-    n_nodes = len(result.kept_indices)
-    n_edges = int((result.pruned_matrix != 0).sum())
+    n_nodes = len(view.indices)
     assert cdp.evaluate("document.querySelectorAll('#graph .node').length") == n_nodes
-    assert cdp.evaluate("document.querySelectorAll('#graph .edge').length") == n_edges
     assert cdp.evaluate("new Set([...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)).size") == n_nodes
+    ids = cdp.evaluate("[...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)")
+    assert set(ids) == {result.graph.nodes[i].node_id for i in view.indices}  # the one id function
     header = cdp.evaluate("document.querySelector('header').innerText")
     for name, value in scores.items():  # the graph's own scores, as a reader sees them (3 significant figures)
         label = name.removesuffix("_score").replace("_", " ")
         assert f"{label} score {float(f'{value:.3g}'):g}" in header, header
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
-    assert not cdp.evaluate("document.querySelector('#panel .logit-table')")
+    # The overview's "top features" are latents only, each with a label.
+    top = cdp.evaluate("[...document.querySelectorAll('.top-features [data-goto]')].map(e => e.textContent)")
+    assert top and all(t.startswith("Latent ") and "@ layer" in t for t in top), top
+    # Edges are drawn on demand: none until something is hovered, clicked or pinned.
+    assert cdp.evaluate("window.dashboard.drawnEdges().length") == 0
 
-    # Hovering a logit node highlights exactly its edges; moving away clears the highlight.
-    hover = cdp.evaluate("""(() => {
-        const el = document.querySelector('.node[data-type=logit]');
-        const i = +el.dataset.index, n = window.dashboard.data.edges.filter(e => e[1] === i).length;
-        const r = el.getBoundingClientRect();
-        return {x: r.x + r.width / 2, y: r.y + r.height / 2, n};
+    # Hovering a logit node draws exactly its incoming edges; moving away clears them.
+    hover = centre(cdp, ".node[data-type=logit]")
+    expect = cdp.evaluate("""(() => {
+        const i = +document.querySelector('.node[data-type=logit]').dataset.index;
+        return window.dashboard.data.edges.map((e, j) => e[1] === i ? j : -1).filter(j => j >= 0).sort((a, b) => a - b);
     })()""")
-    cdp.send("Input.dispatchMouseEvent", type="mouseMoved", x=hover["x"], y=hover["y"])
-    assert cdp.evaluate("document.getElementById('graph-svg').classList.contains('focus')")
-    assert cdp.evaluate("document.querySelectorAll('.edge.hl').length") == hover["n"] > 0
-    cdp.send("Input.dispatchMouseEvent", type="mouseMoved", x=5, y=5)
-    assert cdp.evaluate("document.querySelectorAll('.edge.hl').length") == 0
+    cdp.mouse("mouseMoved", hover["x"], hover["y"])
+    assert sorted(cdp.evaluate("window.dashboard.drawnEdges()")) == expect and expect
+    assert cdp.evaluate("document.querySelectorAll('.node.hl').length") == 1
+    assert "Logit" in cdp.evaluate("document.getElementById('tooltip').textContent")
+    cdp.mouse("mouseMoved", 5, 5)
+    assert cdp.evaluate("window.dashboard.drawnEdges().length") == 0
 
     # Click the most influential latent, as a user would (a real mouse event at its centre).
-    box = cdp.evaluate("""(() => {
-        const els = [...document.querySelectorAll('.node[data-type=latent]')];
-        els.sort((a, b) => b.getAttribute('r') - a.getAttribute('r'));
-        const el = els[0]; el.scrollIntoView({block: 'center', inline: 'center'});
-        const r = el.getBoundingClientRect();
-        return {x: r.x + r.width / 2, y: r.y + r.height / 2, id: el.dataset.nodeId};
+    best = cdp.evaluate("""(() => {
+        const d = window.dashboard.data, lat = d.nodes.map((n, i) => i).filter(i => d.nodes[i].type === 'latent');
+        lat.sort((a, b) => d.nodes[b].influence - d.nodes[a].influence);
+        return d.nodes[lat[0]].id;
     })()""")
+    box = centre(cdp, f'.node[data-node-id="{best}"]')
     cdp.click(box["x"], box["y"])
     panel = cdp.evaluate("""(() => {
         const p = document.getElementById('panel');
         const t = p.querySelector('table.logit-table');
         return {visible: !p.classList.contains('empty') && p.offsetWidth > 0, title: p.querySelector('h2').textContent,
-                panel_for: p.dataset.nodeId,
-                rows: t ? t.querySelectorAll('tbody tr').length : 0,
+                panel_for: p.dataset.nodeId, rows: t ? t.querySelectorAll('tbody tr').length : 0,
                 selected: document.querySelector('.node.selected')?.dataset.nodeId,
-                seqs: p.querySelectorAll('.seq').length, hists: p.querySelectorAll('svg.hist').length};
+                seqs: p.querySelectorAll('.seq').length, hists: p.querySelectorAll('svg.hist').length,
+                marker: p.querySelectorAll('line.this-prompt').length, label: !!p.querySelector('#label-input'),
+                derived: p.querySelector('.derived-mark')?.textContent, act: p.querySelector('.act-line')?.textContent};
     })()""")
     assert panel["visible"], panel
-    assert panel["selected"] == panel["panel_for"] == box["id"]
-    assert panel["title"].startswith("Latent L"), panel
-    assert panel["rows"] == 10, panel
-    assert panel["seqs"] > 0 and panel["hists"] == 2, panel
+    assert panel["selected"] == panel["panel_for"] == best
+    assert panel["title"].startswith("Latent ") and "@ layer" in panel["title"], panel
+    assert panel["rows"] == 10 and panel["seqs"] > 0 and panel["hists"] == 2, panel
+    assert panel["marker"] == 1 and "% of its top activations" in panel["act"], panel
+    assert panel["label"] and panel["derived"] == "derived", panel
+    # A token in a top-activation sequence is one unbreakable box.
+    assert cdp.evaluate("getComputedStyle(document.querySelector('.seq .t')).display") == "inline-block"
+    shot(cdp, "dashboard.png")
 
-    cdp.send("Input.dispatchMouseEvent", type="mouseMoved", x=5, y=5)  # hide the tooltip for the screenshot
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    cdp.evaluate("window.scrollTo(0, 0); document.getElementById('graph-wrap').scrollLeft = 0")
-    shot = cdp.send("Page.captureScreenshot", format="png")
-    (ARTIFACTS / "dashboard.png").write_bytes(base64.b64decode(shot["data"]))
+    # An edge of the clicked node has a tooltip: hover the middle of its strongest drawn edge.
+    mid = cdp.evaluate("""(() => {
+        const d = window.dashboard, js = d.drawnEdges(), E = d.data.edges;
+        js.sort((a, b) => Math.abs(E[b][2]) - Math.abs(E[a][2]));
+        const els = i => document.querySelector(`.node[data-index="${i}"] .shape`).getBoundingClientRect();
+        for (const j of js) {  // a point on the edge that is not over a node
+            const a = els(E[j][0]), b = els(E[j][1]);
+            for (const f of [0.5, 0.3, 0.7, 0.2, 0.8]) {
+                const x = a.x + a.width / 2 + f * (b.x + b.width / 2 - a.x - a.width / 2);
+                const y = a.y + a.height / 2 + f * (b.y + b.height / 2 - a.y - a.height / 2);
+                if (!document.elementFromPoint(x, y).closest('.node')) return {x, y};
+            }
+        }
+        return null;
+    })()""")
+    cdp.mouse("mouseMoved", mid["x"], mid["y"])
+    assert "weight" in cdp.evaluate("document.getElementById('tooltip').textContent")
 
-    methods = [e["method"] for e in cdp.events]
-    errors = [e["params"] for e in cdp.events if e["method"] == "Runtime.exceptionThrown"]
-    errors += [e["params"] for e in cdp.events
-               if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")]
-    errors += [e["params"]["entry"] for e in cdp.events
-               if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-    assert not errors, errors
-    tried = [e["params"]["request"]["url"] for e in cdp.events if e["method"] == "Network.requestWillBeSent"]
-    assert all(u.startswith(("file://", "data:", "about:")) for u in tried), tried
-    assert "Fetch.requestPaused" not in methods
+    # Clicking empty space deselects; Escape too; the keyboard reaches nodes.
+    empty = cdp.evaluate("(() => { const r = document.getElementById('graph').getBoundingClientRect(); "
+                         "return {x: r.x + 20, y: r.y + 8}; })()")
+    cdp.click(empty["x"], empty["y"])
+    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
+    cdp.evaluate(f"document.querySelector('.node[data-node-id=\"{best}\"]').focus()")
+    cdp.send("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    assert cdp.evaluate("document.getElementById('panel').dataset.nodeId") == best
+    cdp.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
+
+    # The wheel zooms about the cursor (a node under it stays put, its neighbours spread out); reset undoes it.
+    def node_xy(node_id):
+        return cdp.evaluate(f"(() => {{ const r = document.querySelector('.node[data-node-id=\"{node_id}\"] .shape')"
+                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+
+    other = cdp.evaluate("document.querySelector('.node[data-type=logit]').dataset.nodeId")
+    (x0, y0), (ox, oy) = node_xy(best), node_xy(other)
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=x0, y=y0, deltaX=0, deltaY=-400)
+    cdp.evaluate(FRAME)
+    (x1, y1), (ox1, oy1) = node_xy(best), node_xy(other)
+    assert abs(x1 - x0) < 2 and abs(y1 - y0) < 2
+    assert abs(ox1 - x1) > 1.5 * abs(ox - x0) or abs(oy1 - y1) > 1.5 * abs(oy - y0)
+    cdp.evaluate("document.getElementById('reset-view').click()")
+    assert node_xy(other) == pytest.approx([ox, oy], abs=1)
+
+    # "show all edges" draws every edge.
+    cdp.evaluate("document.getElementById('show-all').click()")
+    assert cdp.evaluate("window.dashboard.drawnEdges().length") == len(view.edges)
+    cdp.evaluate("document.getElementById('show-all').click()")
+    assert_clean(cdp)
+
+
+def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_path, world):
+    result, index, _ = toy_dashboard
+    cdp = page
+    cdp.open(index.resolve().as_uri(), 1600)
+    # Two latents that both feed the same node, and that node: pin all three with ctrl/shift-clicks.
+    pick = cdp.evaluate("""(() => {
+        const d = window.dashboard.data, N = d.nodes, into = {};
+        d.edges.forEach(e => { if (N[e[0]].type === 'latent') (into[e[1]] = into[e[1]] || []).push(e[0]); });
+        const t = Object.keys(into).find(k => new Set(into[k]).size >= 2);
+        const m = [...new Set(into[t])].slice(0, 2);
+        return {target: N[t].id, members: m.map(i => N[i].id)};
+    })()""")
+    for node_id, mod in zip([*pick["members"], pick["target"]], (CTRL, SHIFT, CTRL)):
+        box = centre(cdp, f'.node[data-node-id="{node_id}"]')
+        cdp.click(box["x"], box["y"], modifiers=mod)
+    pinned = cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)")
+    assert pinned == [*pick["members"], pick["target"]]
+    assert cdp.evaluate("document.querySelectorAll('.node.pinned').length") == 3
+    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")  # pinning is not clicking
+    assert cdp.evaluate("window.dashboard.drawnEdges().length") > 0  # pinned nodes show their edges
+
+    # Tick the two latents, name the group, build the supernode, look at the subgraph.
+    for node_id in pick["members"]:
+        i = cdp.evaluate(f"window.dashboard.data.nodes.findIndex(n => n.id === {json.dumps(node_id)})")
+        cdp.evaluate(f"document.querySelector('[data-tick=\"{i}\"]').click()")
+    cdp.evaluate("document.getElementById('supernode-name').value = 'size words'")
+    cdp.evaluate("document.getElementById('group-btn').click()")
+    assert cdp.evaluate("window.dashboard.state.supernodes.length") == 1
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    sub = cdp.evaluate("""(() => {
+        const d = window.dashboard, its = d.items();
+        return {types: its.map(it => it.type).sort(), n: document.querySelectorAll('.node').length,
+                label: document.querySelector('.node.super text')?.textContent};
+    })()""")
+    assert sub["n"] == 2 and "super" in sub["types"] and sub["label"] == "size words", sub
+    # The supernode's edge to the target is the sum of its members' edges (checked against Python's matrix).
+    drawn = cdp.evaluate("""(() => {
+        const d = window.dashboard; d.redraw();
+        return d.items().map(it => it.type);
+    })()""")
+    assert "super" in drawn
+    summed = cdp.evaluate("""(() => {
+        const d = window.dashboard, tip = document.getElementById('tooltip');
+        const a = document.querySelector('.node.super .shape').getBoundingClientRect();
+        const b = document.querySelector('.node:not(.super) .shape').getBoundingClientRect();
+        return {x: (a.x + a.width / 2 + b.x + b.width / 2) / 2, y: (a.y + a.height / 2 + b.y + b.height / 2) / 2};
+    })()""")
+    cdp.mouse("mouseMoved", summed["x"], summed["y"])
+    tip = cdp.evaluate("document.getElementById('tooltip').textContent")
+    view = view_graph(result)
+    ids = [result.graph.nodes[i].node_id for i in view.indices]
+    want = sum(w for s, t, w in view.edges if ids[t] == pick["target"] and ids[s] in pick["members"])
+    assert "sum of members' edges" in tip, tip
+    shown_weight = float(tip.split("weight ")[1].split(" ")[0])
+    assert shown_weight == pytest.approx(want, rel=2e-3), (tip, want)
+    cdp.mouse("mouseMoved", 5, 5)
+    path = shot(cdp, "subgraph-supernode.png")
+    assert path.stat().st_size > 0
+
+    # Back to the whole graph; label the first member; move the node slider down.
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    cdp.evaluate(f"window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.id === {json.dumps(pick['members'][0])}))")
+    cdp.evaluate("""(() => { const el = document.getElementById('label-input'); el.value = 'says "small"';
+                    el.dispatchEvent(new Event('change', {bubbles: true})); })()""")
+    assert cdp.evaluate("window.dashboard.state.labels")[pick["members"][0]] == 'says "small"'
+    node_label = cdp.evaluate(f"document.querySelector('.node[data-node-id=\"{pick['members'][0]}\"] text').textContent")
+    assert node_label == 'says "small"'
+    before = cdp.evaluate("window.dashboard.visible()")
+    cdp.evaluate("""(() => { const s = document.getElementById('node-thr'); s.value = 0.5;
+                    s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+    after = cdp.evaluate("window.dashboard.visible()")
+    assert after["nodes"] < before["nodes"] and after["edges"] < before["edges"], (before, after)
+    # Only nodes within the first crossing of 0.5 cumulative influence are left (prune_nodes' rule).
+    cums = sorted(n["cum"] for n in cdp.evaluate("window.dashboard.data.nodes") if n["type"] in ("latent", "error"))
+    crossing = next(c for c in cums if c >= 0.5 - 1e-9)
+    shown_cums = cdp.evaluate("""[...document.querySelectorAll('.node.latent, .node.error')]
+        .map(e => window.dashboard.data.nodes[+e.dataset.index].cum)""")
+    assert shown_cums and max(shown_cums) <= crossing
+    assert cdp.evaluate("document.getElementById('node-thr-val').textContent") == "0.50"
+    # The edge slider keeps the highest-scoring share of the edges: fewer edges, same rule for nodes.
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 0.6;
+                    s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+    fewer = cdp.evaluate("window.dashboard.visible()")
+    assert fewer["edges"] < after["edges"] and fewer["nodes"] <= after["nodes"], (after, fewer)
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 1;
+                    s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+    assert cdp.evaluate("window.dashboard.visible()") == after
+
+    # Save: a real download of neuronpedia.json.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    cdp.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    cdp.evaluate("document.getElementById('save-btn').click()")
+    deadline = time.time() + 20
+    while not (downloads / "neuronpedia.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    saved = json.loads((downloads / "neuronpedia.json").read_text())
+    q = saved["qParams"]
+    assert q["pinnedIds"] == pinned
+    assert q["supernodes"] == [["size words", *pick["members"]]]
+    assert q["clickedId"] == pick["members"][0]
+    assert q["labels"] == {pick["members"][0]: 'says "small"'}
+    assert q["node_threshold"] == 0.5
+    assert {n["node_id"]: n["clerp"] for n in saved["nodes"]}[pick["members"][0]] == 'says "small"'
+    assert len(saved["links"]) == len(view.edges) and len(saved["nodes"]) == len(view.indices)
+
+    # Reload: a fresh page has no state; loading the file brings it all back.
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
+    doc = cdp.send("DOM.getDocument")
+    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
+    cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    restored = cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
+        return {pinned: s.pinned.map(i => N[i].id), supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
+                labels: s.labels, thr: s.nodeThr, clicked: document.getElementById('panel').dataset.nodeId}; })()""")
+    assert restored == {"pinned": pinned, "supernodes": [["size words", *pick["members"]]],
+                        "labels": {pick["members"][0]: 'says "small"'}, "thr": 0.5, "clicked": pick["members"][0]}
+    assert_clean(cdp)
+
+    # The saved file beside the page: writing the dashboard again into that folder keeps the state.
+    model, tcs, _, examples = world
+    folder = tmp_path / "again"
+    folder.mkdir()
+    shutil.copy(downloads / "neuronpedia.json", folder / "neuronpedia.json")
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=folder, display=False)
+    cdp.open((folder / "index.html").resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)") == pinned
+    assert json.loads((folder / "neuronpedia.json").read_text())["qParams"]["pinnedIds"] == pinned
+    assert_clean(cdp)
+
+
+def test_narrow_view_shows_the_logits(page, toy_dashboard):
+    _, index, _ = toy_dashboard
+    cdp = page
+    cdp.open(index.resolve().as_uri(), 900, height=900)
+    boxes = cdp.evaluate("""[...document.querySelectorAll('.node[data-type=logit]')].map(e => {
+        const r = e.getBoundingClientRect(); return [r.left, r.right, r.top, r.bottom]; })""")
+    assert boxes
+    for left, right, top, bottom in boxes:
+        assert 0 <= left and right <= 900 and 0 <= top and bottom <= 900, boxes
+    # No horizontal scrolling, and the panel sits under the graph.
+    assert cdp.evaluate("document.documentElement.scrollWidth") <= 900
+    graph_bottom = cdp.evaluate("document.getElementById('graph').getBoundingClientRect().bottom")
+    assert cdp.evaluate("document.getElementById('panel').getBoundingClientRect().top") >= graph_bottom
+    shot(cdp, "dashboard-900.png")
+    assert_clean(cdp)
 
 
 def test_chromium_missing_gives_install_hint(monkeypatch):
@@ -250,4 +370,3 @@ def test_chromium_missing_gives_install_hint(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert find_chromium(try_install=False) is None
     assert "scripts/install_chromium.sh" in INSTALL_HINT
-

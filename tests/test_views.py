@@ -31,6 +31,7 @@ from part3_attribution_graphs.views.neuronpedia import (
     cantor_pair,
     export_neuronpedia,
     load_schema,
+    view_graph,
 )
 from part3_attribution_graphs.worlds.gemma import HubUnreachableError, format_prompt
 
@@ -71,7 +72,12 @@ def page_data(page: str) -> dict:
 
 
 def n_edges(result) -> int:
-    return int((result.pruned_matrix != 0).sum())
+    """Edges the viewers show (the pruned graph less the edges of latents dropped by `view_graph`)."""
+    return len(view_graph(result).edges)
+
+
+def n_nodes(result) -> int:
+    return len(view_graph(result).indices)
 
 
 # ------------------------------------------------------------------------------------------- Neuronpedia
@@ -96,7 +102,7 @@ def test_export_validates_against_schema(world, result, tmp_path):
 def test_export_matches_pruned_graph(world, result):
     model, tcs = world
     data = export_neuronpedia(result, model, tcs, path=None)
-    assert len(data["nodes"]) == len(result.kept_indices)
+    assert len(data["nodes"]) == n_nodes(result)
     assert len(data["links"]) == n_edges(result)
     ids = [n["node_id"] for n in data["nodes"]]
     assert len(set(ids)) == len(ids), "node ids must be unique"
@@ -108,13 +114,15 @@ def test_export_matches_pruned_graph(world, result):
     assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.85}
 
     # Every link carries the pruned matrix's weight for its (target, source) pair.
-    pos = {node_id: k for k, node_id in enumerate(ids)}
+    pos = {result.graph.nodes[i].node_id: k for k, i in enumerate(result.kept_indices.tolist())}
     M = result.pruned_matrix
     for link in data["links"]:
         assert link["weight"] == pytest.approx(float(M[pos[link["target"]], pos[link["source"]]]), rel=1e-5)
 
     # Node fields follow the graph and Neuronpedia's conventions.
-    for entry, node in zip(data["nodes"], result.kept_nodes):
+    shown = [result.graph.nodes[i] for i in view_graph(result).indices]
+    assert [n["node_id"] for n in data["nodes"]] == [n.node_id for n in shown]  # one id function
+    for entry, node in zip(data["nodes"], shown):
         assert entry["feature_type"] == FEATURE_TYPES[node.node_type.value]
         assert entry["ctx_idx"] == node.ctx_idx
         if node.node_type == NodeType.LATENT:
@@ -144,21 +152,22 @@ def test_dashboard_files_and_counts(dashboard, result):
     assert (out / "index.html").read_text(encoding="utf-8") == page
     assert (out / "neuronpedia.json").exists()
     data = page_data(page)
-    assert len(data["nodes"]) == len(result.kept_indices) == data["meta"]["n_nodes"]
+    assert len(data["nodes"]) == n_nodes(result) == data["meta"]["n_nodes"]
     assert len(data["edges"]) == n_edges(result) == data["meta"]["n_edges"]
     assert data["meta"]["scores"] == {"replacement": 0.61}
     assert data["meta"]["node_threshold"] == 0.8 and data["meta"]["edge_threshold"] == 0.85
     # Every edge joins an earlier node (in graph order) to a later one.
     assert all(s < t for s, t, _ in data["edges"])
     # What the tests and the browser look for is in the page.
-    for marker in ('id="panel"', "logit-table", "data-node-id", '"node ', '"edge"'):
+    for marker in ('id="panel"', "logit-table", "data-node-id", "edge-canvas", "--latent-fill"):
         assert marker in page
 
 
 def test_logit_tables_match_direct_topk(world, result, dashboard):
     model, tcs = world
     data = page_data(dashboard[0])
-    latents = sorted({(int(n.layer), n.feature) for n in result.kept_nodes if n.node_type == NodeType.LATENT})
+    shown = [result.graph.nodes[i] for i in view_graph(result).indices]
+    latents = sorted({(int(n.layer), n.feature) for n in shown if n.node_type == NodeType.LATENT})
     assert latents
     tables = latent_logit_tables(model, tcs, latents, k=10)
     for layer, f in latents:
@@ -192,7 +201,7 @@ def test_dashboard_without_transcoders_or_examples(world, result, tmp_path):
     data = page_data(page)
     assert "logits" in data["meta"]["notes"] and "examples" in data["meta"]["notes"]
     assert all("top" not in panel for panel in data["latents"].values())
-    assert len(data["nodes"]) == len(result.kept_indices)
+    assert len(data["nodes"]) == n_nodes(result)
 
 
 def test_dashboard_renders_a_saved_and_reloaded_result(world, result, tmp_path):
@@ -226,9 +235,134 @@ def test_display_uses_srcdoc_iframe(monkeypatch, world, result, tmp_path):
     model, tcs = world
     utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=True)
     assert len(shown) == 1
-    frame = shown[0].data
+    frame = shown[0]._repr_html_()
     assert "<iframe srcdoc=" in frame and "sandbox=\"allow-scripts" in frame
     assert "<script>" not in frame  # the page is escaped inside the attribute
+    # Viewers that drop the HTML (an untrusted notebook, a terminal) still say what and where it is.
+    index = str((tmp_path / "index.html").resolve())
+    assert repr(shown[0]) == f"Attribution dashboard: {index} (open it in a browser)"
+    assert index in frame.split("<iframe")[0]
+
+
+def test_view_drops_latents_without_edges_like_circuit_tracer(result):
+    view = view_graph(result)
+    graph, kept = result.graph, result.kept_indices.tolist()
+    # Independently: apply the rule to the pruned matrix, one node at a time, until it holds.
+    M = (result.pruned_matrix != 0).tolist()
+    alive = set(range(len(kept)))
+    while True:
+        drop = set()
+        for k in alive:
+            kind = graph.nodes[kept[k]].node_type
+            ins = any(M[k][j] for j in alive)
+            outs = any(M[j][k] for j in alive)
+            if (kind == NodeType.LATENT and not (ins and outs)) or (kind == NodeType.MLP_ERROR and not outs):
+                drop.add(k)
+        if not drop:
+            break
+        alive -= drop
+    want = {kept[k] for k in alive} | {i for i, n in enumerate(graph.nodes) if n.node_type == NodeType.EMBEDDING}
+    assert view.indices == sorted(want)
+    assert set(view.dropped) == set(kept) - {kept[k] for k in alive}
+    assert view.dropped, "the toy graph has latents without an incoming edge: the rule should drop some"
+    # Every token has its embedding node; every shown latent has an incoming and an outgoing edge.
+    assert sum(graph.nodes[i].node_type == NodeType.EMBEDDING for i in view.indices) == len(result.str_tokens)
+    has_in = {t for _, t, _ in view.edges}
+    has_out = {s for s, _, _ in view.edges}
+    for k, i in enumerate(view.indices):
+        if graph.nodes[i].node_type == NodeType.LATENT:
+            assert k in has_in and k in has_out
+
+
+def test_one_node_id_for_every_export_and_examples_by_default(tmp_path):
+    from part3_attribution_graphs.__main__ import main
+
+    out = tmp_path / "graph"
+    main(["--out", str(out), "--batch-size", "64"])
+    nodes_json = {n["node_id"] for n in json.loads((out / "nodes.json").read_text())["nodes"]}
+    page = page_data((out / "index.html").read_text(encoding="utf-8"))
+    export = json.loads((out / "neuronpedia.json").read_text())
+    assert {n["id"] for n in page["nodes"]} == {n["node_id"] for n in export["nodes"]}
+    assert {n["id"] for n in page["nodes"]} <= nodes_json
+    assert any(n["id"].startswith("L_") for n in page["nodes"] if n["type"] == "logit")
+    # `make graph` includes example data: every latent panel has top activations.
+    panels = list(page["latents"].values())
+    assert panels and all(p["ex"]["examples"] for p in panels)
+    assert "examples" not in page["meta"]["notes"]
+
+
+def test_no_examples_flag(tmp_path):
+    from part3_attribution_graphs.__main__ import main
+
+    main(["--out", str(tmp_path), "--batch-size", "64", "--no-examples"])
+    page = page_data((tmp_path / "index.html").read_text(encoding="utf-8"))
+    assert "examples" in page["meta"]["notes"]
+    assert all("ex" not in p for p in page["latents"].values())
+
+
+def test_interventions_in_the_node_panel(world, result, tmp_path):
+    model, tcs = world
+    shown = view_graph(result).indices
+    a, b = shown[-1], shown[len(shown) // 2]
+    page = utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False,
+                                              interventions={a: (-0.25, -0.2), b: (0.125, 0.5)})
+    nodes = page_data(page)["nodes"]
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id[result.graph.nodes[a].node_id]["ablate"] == [-0.25, -0.2]
+    assert by_id[result.graph.nodes[b].node_id]["ablate"] == [0.125, 0.5]
+    assert sum("ablate" in n for n in nodes) == 2
+    assert "ablate: predicted \\u0394" in page  # the panel's wording (the script writes Δ as \u0394)
+    missing = next(i for i in range(len(result.graph.nodes)) if i not in set(shown))
+    with pytest.raises(ValueError, match="does not show"):
+        utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False,
+                                           interventions={missing: (0.0, 0.0)})
+
+
+def test_labels_derived_and_saved_state_restored(world, result, example_data, tmp_path):
+    model, tcs = world
+    page = utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=example_data,
+                                              output_dir=tmp_path, display=False)
+    data = page_data(page)
+    # Every latent has a derived label, from the tokens it peaks on.
+    assert all(p["derived"].startswith("fires on ") for p in data["latents"].values())
+    assert data["state"] == {}
+    # A state saved by the page (the same keys) beside the page is carried into the next page and export.
+    saved = json.loads((tmp_path / "neuronpedia.json").read_text())
+    latents = [n["node_id"] for n in saved["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    saved["qParams"].update(pinnedIds=latents[:3] + ["gone_1_2"], supernodes=[["pair", *latents[:2]]],
+                            clickedId=latents[0], labels={latents[0]: "my label", "gone_1_2": "x"})
+    (tmp_path / "neuronpedia.json").write_text(json.dumps(saved))
+    data = page_data(utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False))
+    q = data["state"]["qParams"]
+    assert q["pinnedIds"] == latents[:3] + ["gone_1_2"]  # the page drops unknown ids itself
+    assert data["state"]["labels"] == {latents[0]: "my label", "gone_1_2": "x"}
+    export = json.loads((tmp_path / "neuronpedia.json").read_text())
+    assert export["qParams"]["pinnedIds"] == latents[:3]
+    assert export["qParams"]["supernodes"] == [["pair", *latents[:2]]]
+    assert export["qParams"]["labels"] == {latents[0]: "my label"}
+    assert {n["node_id"]: n["clerp"] for n in export["nodes"]}[latents[0]] == "my label"
+
+
+def test_page_is_built_from_the_assets(dashboard):
+    from part3_attribution_graphs.views.dashboard import ASSETS
+    from part3_attribution_graphs.views.palette import NODE_FILL
+
+    page = dashboard[0]
+    for name in ("dashboard.css", "dashboard.js"):
+        assert (ASSETS / name).read_text(encoding="utf-8").strip()[:200] in page
+    assert all(colour in page for colour in NODE_FILL.values())
+
+
+def test_explorer_uses_the_palette_and_graph_names(result):
+    from part3_attribution_graphs.explorer import graph_figure
+    from part3_attribution_graphs.views.palette import NODE_FILL, NODE_NAMES
+
+    fig = graph_figure(result)
+    markers = {t.name: t.marker.color for t in fig.data if t.mode == "markers"}
+    assert markers == {NODE_NAMES[k]: NODE_FILL[k] for k in NODE_FILL if NODE_NAMES[k] in markers}
+    assert "mlp_error" not in markers and "MLP error" in markers
+    ticks = fig.layout.xaxis.ticktext
+    assert not any("\\n" in t for t in ticks) and any("⏎" in t for t in ticks)
 
 
 # ------------------------------------------------------------------------------------------- example data
@@ -332,11 +466,15 @@ def test_toy_example_data_layout(world, example_data):
 def test_inspect_feature(world, example_data):
     model, _ = world
     f = int(example_data[2]["activations"][:, 0].argmax())
-    styler = utils.inspect_feature(example_data[2], f, model.tokenizer, n_examples=4)
-    assert len(styler.data) == 4
-    page = styler.to_html()
+    table = utils.inspect_feature(example_data[2], f, model.tokenizer, n_examples=4, layer=2)
+    assert len(table.data) == 4
+    page = table._repr_html_()
+    # Inline styles only (an untrusted notebook strips <style> blocks), and the layer is named.
+    assert "<style" not in page and 'style="' in page
     assert "background-color: rgba(34, 160, 70" in page
-    assert "max act" in page
+    assert "max act" in page and f"Latent {f} @ layer 2" in page
+    assert repr(table).startswith(f"Latent {f} @ layer 2")
+    assert not any("\n" in str(v) for v in table.data.to_numpy().ravel())
 
 
 # ------------------------------------------------------------------------------------------- circuit-tracer
@@ -351,7 +489,7 @@ def test_circuit_tracer_export_loads_back(world, result, example_data, tmp_path)
     graph_file = utils.export_circuit_tracer(result, tmp_path, slug="toy-opposite", model=model, transcoders=tcs,
                                              example_data_by_layer=example_data)
     graph = graph_models.Model.model_validate_json(graph_file.read_text())
-    assert len(graph.nodes) == len(result.kept_indices) and len(graph.links) == n_edges(result)
+    assert len(graph.nodes) == n_nodes(result) and len(graph.links) == n_edges(result)
     index = json.loads((tmp_path / "graph-metadata.json").read_text())
     assert [g["slug"] for g in index["graphs"]] == ["toy-opposite"]
     graph_models.Metadata.model_validate(index["graphs"][0])
@@ -441,3 +579,30 @@ def test_toy_example_data_logit_tables_for_chosen_latents(world, result, example
         assert torch.equal(data["activations"], example_data[layer]["activations"])
         others = [f for f in range(data["top_logits"].shape[0]) if f not in set(chosen)]
         assert torch.all(data["top_logits"][others] == 0)
+
+
+def test_explorer_adds_a_prompt_without_flicker(world, result):
+    from part3_attribution_graphs.explorer import AttributionExplorer
+
+    model, tcs = world
+    other = format_prompt("What is the opposite of hot?", "The opposite of hot is")
+
+    class Recording(AttributionExplorer):
+        shown: list
+
+        def update(self, change=None, render=True):
+            self.shown.append(self.prompt_picker.value)
+            return super().update(change, render)
+
+    second = format_prompt("What is the opposite of big?", "The opposite of big is")
+    ex = Recording(model, tcs, {"first": PROMPT, "second": second},
+                   results={PROMPT: result, second: result, other: result},
+                   attribute_fn=lambda *a, **k: pytest.fail("cached prompts are not recomputed"))
+    ex.shown = []
+    ex.prompt_picker.value = second
+    assert ex.shown == [second]
+    ex.shown = []
+    ex.user_text.value, ex.response_text.value = "What is the opposite of hot?", "The opposite of hot is"
+    ex.add_prompt()
+    # One update, for the new prompt: the graph never flicks back to the first prompt on the way.
+    assert ex.shown == [other] and ex.prompt_picker.value == other

@@ -1,3 +1,4 @@
-"""Developer tools, never imported by the notebooks or the pipeline: the notebook builder
-(`python -m part3_attribution_graphs.tools.notebook_builder`) and the circuit-tracer cross-check
-(`part3_attribution_graphs.tools.crosscheck`)."""
+"""Developer tools that learners never import: the notebook builder (`python -m
+part3_attribution_graphs.tools.notebook_builder`), the speed benchmarks (`tools.bench`,
+`tools.bench_dashboard`), the circuit-tracer cross-check (`tools.crosscheck`) and the headless
+Chromium client the browser tests and the dashboard benchmark share (`tools.chromium`)."""

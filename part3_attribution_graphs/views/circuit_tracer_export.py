@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
 from .neuronpedia import build_graph_json, cantor_pair, kept_nodes, node_kind
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["LOCAL_FEATURE_SCAN", "export_circuit_tracer", "feature_json"]
 
@@ -34,7 +39,7 @@ def feature_json(
     feature: int,
     logit_table: dict | None,
     example_data: dict | None,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     activation: float = 0.0,
     transcoder_id: str = "",
     n_examples: int = 10,
@@ -86,7 +91,7 @@ def export_circuit_tracer(
     result: AttributionResult,
     path: str | Path,
     slug: str = "attribution-graph",
-    model=None,
+    model: HookedSAETransformer | None = None,
     transcoders: dict | None = None,
     example_data_by_layer: dict[int, dict] | None = None,
     scan: str | None = None,

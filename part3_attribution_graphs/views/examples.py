@@ -33,6 +33,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -41,6 +42,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..worlds.hub import HubUnreachableError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "EXAMPLE_KEYS",
@@ -436,18 +440,61 @@ def activation_histogram(
     return counts, edges
 
 
-def inspect_feature(example_data: dict[str, Tensor], feature_id: int, tokenizer, n_examples: int = 5,
-                    left: int = 12, right: int = 4):
-    """A styled DataFrame of one latent's top sequences: a row per example, a column per token offset.
+class FeatureTable:
+    """One latent's top sequences as an HTML table with inline styles (they survive an untrusted notebook).
+
+    `data` is the table as a DataFrame; `cell_styles` the CSS of each cell; the notebook shows the HTML,
+    and plain-text viewers a one-line summary.
+    """
+
+    def __init__(self, data, cell_styles, caption: str):
+        self.data, self.cell_styles, self.caption = data, cell_styles, caption
+
+    def to_html(self) -> str:
+        import html
+
+        cell = "padding: 2px 4px; font-family: monospace; white-space: pre; border: 1px solid #e5e7eb;"
+        head = "".join(f'<th style="{cell} background: #f9fafb;">{html.escape(str(c))}</th>'
+                       for c in ["", *self.data.columns])
+        rows = []
+        for (name, values), (_, styles) in zip(self.data.iterrows(), self.cell_styles.iterrows()):
+            cells = "".join(f'<td style="{cell} {st}">{html.escape(str(v))}</td>' for v, st in zip(values, styles))
+            rows.append(f'<tr><th style="{cell} text-align: left;">{html.escape(str(name))}</th>{cells}</tr>')
+        return (f'<table style="border-collapse: collapse; font-size: 12px;"><caption style="text-align: left; '
+                f'caption-side: top; padding: 2px 0;">{html.escape(self.caption)}</caption><thead><tr>{head}</tr>'
+                f"</thead><tbody>{''.join(rows)}</tbody></table>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __repr__(self) -> str:
+        return f"{self.caption} ({len(self.data)} rows; shown as a table in a notebook)"
+
+
+def inspect_feature(
+    example_data: dict[str, Tensor],
+    feature_id: int,
+    tokenizer: PreTrainedTokenizerBase | None,
+    n_examples: int = 5,
+    left: int = 12,
+    right: int = 4,
+    layer: int | None = None,
+) -> FeatureTable:
+    """A table of one latent's top sequences: a row per example, a column per token offset from the peak.
 
     Cells are shaded green by the latent's activation on that token; tokens that are among the
-    latent's top (bottom) direct logit effects are underlined blue (red).
+    latent's top (bottom) direct logit effects are underlined blue (red). Newlines show as ⏎.
+    `layer` names the latent's layer in the caption ("Latent 302 @ layer 2").
     """
     import pandas as pd
 
+    from .palette import ACTIVATION_RGB, EDGE_NEGATIVE, EDGE_POSITIVE
+
+    name = f"Latent {feature_id}" + (f" @ layer {layer}" if layer is not None else "")
     examples = feature_examples(example_data, feature_id, tokenizer, n_examples, left, right)
     if not examples:
-        return pd.DataFrame({"note": [f"No recorded activations for latent {feature_id}."]}).style
+        empty = pd.DataFrame({"note": [f"No recorded activations for {name.lower()}."]})
+        return FeatureTable(empty, pd.DataFrame({"note": [""]}), name)
     row = feature_row(example_data, feature_id)
     # All-zero tables mean "not computed" (see make_toy_example_data's features_by_layer).
     has_logits = bool(example_data["top_logits"][row].abs().sum() > 0)
@@ -465,20 +512,16 @@ def inspect_feature(example_data: dict[str, Tensor], feature_id: int, tokenizer,
             cells[c] = t.replace("\n", "⏎")
             rules = []
             if a > 0:
-                rules.append(f"background-color: rgba(34, 160, 70, {0.15 + 0.85 * a / peak_act:.2f})")
+                rules.append(f"background-color: rgba({ACTIVATION_RGB}, {0.15 + 0.85 * a / peak_act:.2f})")
             if tid in top_ids:
-                rules.append("border-bottom: 3px solid #2563eb")
+                rules.append(f"border-bottom: 3px solid {EDGE_POSITIVE}")
             elif tid in bottom_ids:
-                rules.append("border-bottom: 3px solid #dc2626")
+                rules.append(f"border-bottom: 3px solid {EDGE_NEGATIVE}")
             css[c] = "; ".join(rules)
         text.append([f"{e['max_act']:.3g}"] + cells)
         styles.append([""] + css)
 
     df = pd.DataFrame(text, columns=["max act"] + cols, index=[f"seq {e['seq_id']}" for e in examples])
     css_df = pd.DataFrame(styles, columns=df.columns, index=df.index)
-    # A fixed uuid keeps the HTML (and so a committed notebook output) the same from run to run.
-    return (df.style.apply(lambda _: css_df, axis=None).format(escape="html").set_uuid(f"latent{feature_id}")
-            .set_caption(f"Latent {feature_id}: top {len(examples)} sequences (green: activation; "
-                         f"underline: blue = among its top logit tokens, red = bottom)")
-            .set_table_styles([{"selector": "td", "props": "font-family: monospace; white-space: pre; "
-                                                            "padding: 2px 4px"}]))
+    return FeatureTable(df, css_df, f"{name}: top {len(examples)} sequences (green: activation; underline: "
+                                    "blue = among its top logit tokens, red = bottom)")

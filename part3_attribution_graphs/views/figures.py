@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .palette import EDGE_NEGATIVE, EDGE_POSITIVE, NODE_FILL, NODE_STROKE
+
 __all__ = ["random_layered_dag", "demo_pruning", "plot_cumulative_influence"]
 
 PruneFn = Callable[..., tuple[Tensor, Tensor]]
@@ -123,11 +125,11 @@ def _dag_figure(
         for (positive, width), (xs, ys) in sorted(groups.items()):
             fig.add_trace(go.Scatter(
                 x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                line=dict(color="#2563eb" if positive else "#dc2626", width=1 + 1.5 * width),
+                line=dict(color=EDGE_POSITIVE if positive else EDGE_NEGATIVE, width=1 + 1.5 * width),
                 opacity=0.35 + 0.2 * width,
             ))
     n = A_full_shape
-    colours = ["#c4b5fd" if i >= n - n_logit else "#f6c177" for i in range(n)]
+    colours = [NODE_FILL["logit"] if i >= n - n_logit else NODE_FILL["latent"] for i in range(n)]
     for is_kept in (False, True):
         idx = [i for i in range(n) if (i in kept_set) == is_kept]
         if not idx:
@@ -136,7 +138,7 @@ def _dag_figure(
             x=positions[idx, 0], y=positions[idx, 1], mode="markers+text",
             text=[str(i) for i in idx], textposition="middle center", textfont=dict(size=9),
             marker=dict(size=18, color=[colours[i] for i in idx] if is_kept else "#f3f4f6",
-                        line=dict(width=1, color="#374151" if is_kept else "#d1d5db")),
+                        line=dict(width=1, color=NODE_STROKE["latent"] if is_kept else "#d1d5db")),
             opacity=1.0 if is_kept else 0.5,
             name="kept" if is_kept else "pruned",
             hovertext=[f"node {i}, layer {layer_of[i] if i < n - n_logit else 'logit'}" for i in idx],
@@ -212,7 +214,7 @@ def plot_cumulative_influence(influence: Float[Tensor, " n_nodes"], threshold: f
     n_needed = int((cum < threshold).sum()) + 1 if total > 0 else len(cum)
     n_needed = min(n_needed, len(cum))
     fig = go.Figure(go.Scatter(x=np.arange(1, len(cum) + 1), y=cum, mode="lines", name="cumulative influence",
-                               line=dict(color="#2563eb")))
+                               line=dict(color=EDGE_POSITIVE)))
     fig.add_hline(y=threshold, line_dash="dash", line_color="#dc2626",
                   annotation_text=f"{threshold:.0%} threshold", annotation_position="bottom right")
     fig.add_vline(x=n_needed, line_dash="dot", line_color="#6b7280",

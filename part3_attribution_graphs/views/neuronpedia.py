@@ -5,18 +5,24 @@ The format is the one Neuronpedia's graph viewer and circuit-tracer's local fron
 JSON Schema for it is `neuronpedia_schema.json` beside this file). Top level: `metadata`,
 `qParams`, `nodes`, `links`.
 
-Node conventions follow circuit-tracer's `frontend/graph_models.py`, so both viewers decode them:
+Node conventions follow circuit-tracer's `frontend/graph_models.py`, so both viewers decode them.
+`node_id` is `NodeInfo.node_id` (the one id function of the package: `nodes.json`, the dashboard and
+this export agree); both viewers treat it as an opaque key.
 
 | our node       | node_id                   | feature                 | layer            | feature_type               |
 |----------------|---------------------------|-------------------------|------------------|----------------------------|
 | embedding      | `E_{token id}_{pos}`      | pos                     | `"E"`            | `"embedding"`              |
 | latent (l, f)  | `{l}_{f}_{pos}`           | cantor(l, f)            | `"l"`            | `"cross layer transcoder"` |
 | MLP error (l)  | `{l}_err_{pos}`           | -1                      | `"l"`            | `"mlp reconstruction error"` |
-| logit (v)      | `{n_layers+1}_{v}_{pos}`  | v                       | `"{n_layers+1}"` | `"logit"`                  |
+| logit (v)      | `L_{v}_{pos}`             | v                       | `"{n_layers+1}"` | `"logit"`                  |
 
 `metadata.schema_version = 1` tells Neuronpedia that latent `feature`s are Cantor pairs of
 (layer, index). circuit-tracer names error nodes `0_{l}_{pos}`, which collides with latent ids of
 layer 0; ours keep an `err` tag instead so every id is unique.
+
+What the viewers show (`view_graph`) is the pruned graph as circuit-tracer shows its own: a latent
+needs an incoming and an outgoing edge and an error node an outgoing one (dropped until none is left
+without), and every prompt token has its embedding node, pruned or not.
 
 A node's `influence` is the viewers' pruning score: the cumulative share of total influence reached
 when nodes are sorted by influence and this node is included (small = important), as in
@@ -27,12 +33,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..nodes import NodeInfo
 from ..result import AttributionResult
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 __all__ = [
     "node_kind",
@@ -45,11 +56,15 @@ __all__ = [
     "cantor_pair",
     "export_node_id",
     "export_node_ids",
+    "ViewGraph",
+    "view_graph",
     "cumulative_influence",
     "pruned_edges",
     "default_scan",
     "build_graph_json",
     "export_neuronpedia",
+    "saved_state",
+    "apply_state",
     "load_schema",
 ]
 
@@ -102,22 +117,55 @@ def cantor_pair(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def export_node_id(node: NodeInfo, n_layers: int) -> str:
-    """The unique string id of a node in the exported graph (see the module docstring's table)."""
-    kind = node_kind(node)
-    if kind == "embedding":
-        return f"E_{node.feature}_{node.ctx_idx}"
-    if kind == "latent":
-        return f"{node.layer}_{node.feature}_{node.ctx_idx}"
-    if kind == "mlp_error":
-        return f"{node.layer}_err_{node.ctx_idx}"
-    return f"{n_layers + 1}_{node.feature}_{node.ctx_idx}"
+def export_node_id(node: NodeInfo) -> str:
+    """The node's id in every export: `NodeInfo.node_id` (a look-alike node class without it borrows it)."""
+    node_id = getattr(node, "node_id", None)
+    return node_id if isinstance(node_id, str) else NodeInfo.node_id.fget(node)
 
 
 def export_node_ids(result: AttributionResult) -> list[str]:
-    """Export ids of the kept nodes, in `result.kept_indices` order."""
-    n_layers = result.graph.n_layers
-    return [export_node_id(n, n_layers) for n in kept_nodes(result)]
+    """Export ids of the nodes the viewers show, in `view_graph(result).indices` order."""
+    return [export_node_id(result.graph.nodes[i]) for i in view_graph(result).indices]
+
+
+@dataclass
+class ViewGraph:
+    """The graph the viewers show: graph node indices (sorted) and edges between their positions."""
+
+    indices: list[int]
+    edges: list[tuple[int, int, float]]  # (source position, target position, weight)
+    dropped: list[int]  # kept graph indices that the view leaves out (no incoming/outgoing edge)
+
+
+def view_graph(result: AttributionResult) -> ViewGraph:
+    """The pruned graph with circuit-tracer's last clean-up, plus an embedding node for every token.
+
+    Repeats until nothing changes: a latent without an incoming or an outgoing edge goes, an error
+    node without an outgoing edge goes (with their edges). Logit nodes always stay.
+    """
+    nodes = result.graph.nodes
+    kept = result.kept_indices.tolist()
+    M = result.pruned_matrix.detach().cpu() != 0  # M[target, source]
+    kinds = [node_kind(nodes[i]) for i in kept]
+    latent = torch.tensor([k == "latent" for k in kinds], dtype=torch.bool)
+    error = torch.tensor([k == "mlp_error" for k in kinds], dtype=torch.bool)
+    alive = torch.ones(len(kept), dtype=torch.bool)
+    while True:
+        live = M & alive[:, None] & alive[None, :]
+        has_in, has_out = live.any(dim=1), live.any(dim=0)
+        now = alive & ~(latent & ~(has_in & has_out)) & ~(error & ~has_out)
+        if torch.equal(now, alive):
+            break
+        alive = now
+    keep_pos = torch.where(alive)[0].tolist()
+    indices = sorted({kept[p] for p in keep_pos} | {i for i, n in enumerate(nodes) if node_kind(n) == "embedding"})
+    where = {g: k for k, g in enumerate(indices)}
+    W = result.pruned_matrix.detach().cpu()
+    targets, sources = torch.nonzero(W * (alive[:, None] & alive[None, :]), as_tuple=True)
+    weights = W[targets, sources].tolist()
+    edges = [(where[kept[s]], where[kept[t]], w) for s, t, w in zip(sources.tolist(), targets.tolist(), weights)]
+    dropped = [kept[p] for p in torch.where(~alive)[0].tolist()]
+    return ViewGraph(indices, edges, dropped)
 
 
 def cumulative_influence(influence: torch.Tensor) -> torch.Tensor:
@@ -142,7 +190,7 @@ def pruned_edges(result: AttributionResult) -> list[tuple[int, int, float]]:
     return list(zip(sources.tolist(), targets.tolist(), weights))
 
 
-def default_scan(model=None, transcoders: dict | None = None) -> str:
+def default_scan(model: HookedSAETransformer | None = None, transcoders: dict | None = None) -> str:
     """The model id Neuronpedia files a graph under: the model's name, else the transcoders' model name."""
     name = getattr(getattr(model, "cfg", None), "model_name", None)
     if name and name != "custom":
@@ -173,21 +221,24 @@ def _round(x: float, digits: int = 6) -> float:
 
 def build_graph_json(
     result: AttributionResult,
-    model=None,
+    model: HookedSAETransformer | None = None,
     transcoders: dict | None = None,
     slug: str = "attribution-graph",
     scan: str | None = None,
     description: str = "",
     neuronpedia_source_set: str | None = None,
     logit_tables: dict | None = None,
+    state: dict | None = None,
 ) -> dict:
     """The pruned graph as a Neuronpedia/circuit-tracer graph dict (see the module docstring).
 
-    `logit_tables` (from `latent_logit_tables`) saves recomputing the latents' labels.
+    `logit_tables` (from `latent_logit_tables`) saves recomputing the latents' labels; `state` (from
+    `saved_state`) restores a saved viewer state (pins, supernodes, labels) for nodes that still exist.
     """
     graph, n_layers = result.graph, result.graph.n_layers
-    kept = result.kept_indices.tolist()
-    ids = export_node_ids(result)
+    view = view_graph(result)
+    kept = view.indices
+    ids = [export_node_id(graph.nodes[i]) for i in kept]
     infl = result_influence(result)
     cum = cumulative_influence(infl)
     clerps = _latent_clerps(result, model, transcoders, logit_tables)
@@ -230,7 +281,7 @@ def build_graph_json(
             entry["clerp"] = f'Output "{node.str_token}" (p={node.token_prob:.3f})'
         nodes.append(entry)
 
-    links = [{"source": ids[s], "target": ids[t], "weight": _round(w)} for s, t, w in pruned_edges(result)]
+    links = [{"source": ids[s], "target": ids[t], "weight": _round(w)} for s, t, w in view.edges]
 
     settings = result_settings(result)
     metadata = {
@@ -260,7 +311,42 @@ def build_graph_json(
         metadata["feature_details"] = {"neuronpedia_source_set": neuronpedia_source_set}
 
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    if state:
+        apply_state(nodes, q_params, state)
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+
+
+def saved_state(graph_json: dict) -> dict:
+    """The viewer state a saved graph JSON carries: `{"qParams": {...}, "labels": {node_id: label}}`.
+
+    Our dashboard saves its user-edited labels as `qParams.labels` (an extra key both viewers ignore);
+    the pins, supernodes, clicked node and thresholds are in the `qParams` keys Neuronpedia reads.
+    """
+    q = dict(graph_json.get("qParams") or {})
+    labels = {str(k): str(v) for k, v in (q.pop("labels", None) or {}).items()}
+    return {"qParams": q, "labels": labels}
+
+
+def apply_state(nodes: list[dict], q_params: dict, state: dict) -> None:
+    """Put a saved state into an export: keep the pins and supernodes of nodes that still exist."""
+    ids = {n["node_id"] for n in nodes}
+    q = state.get("qParams") or {}
+    pinned = q.get("pinnedIds") or []
+    if isinstance(pinned, str):  # Neuronpedia's URLs write them comma-separated
+        pinned = [p for p in pinned.split(",") if p]
+    q_params["pinnedIds"] = [p for p in pinned if p in ids]
+    q_params["supernodes"] = [[str(sn[0]), *[m for m in sn[1:] if m in ids]] for sn in q.get("supernodes") or []
+                              if sn and any(m in ids for m in sn[1:])]
+    q_params["clickedId"] = q.get("clickedId", "") if q.get("clickedId", "") in ids else ""
+    for key in ("node_threshold", "edge_threshold", "linkType", "sg_pos"):
+        if key in q:
+            q_params[key] = q[key]
+    labels = {k: v for k, v in (state.get("labels") or {}).items() if k in ids}
+    if labels:
+        q_params["labels"] = labels
+        for n in nodes:
+            if n["node_id"] in labels:
+                n["clerp"] = labels[n["node_id"]]
 
 
 def _version() -> str:
@@ -271,13 +357,14 @@ def _version() -> str:
 
 def export_neuronpedia(
     result: AttributionResult,
-    model=None,
+    model: HookedSAETransformer | None = None,
     transcoders: dict | None = None,
     slug: str = "attribution-graph",
     path: str | Path | None = "out/dashboard/neuronpedia.json",
     scan: str | None = None,
     neuronpedia_source_set: str | None = None,
     logit_tables: dict | None = None,
+    state: dict | None = None,
 ) -> dict:
     """Write the pruned graph as a Neuronpedia graph JSON (upload it at neuronpedia.org) and return it.
 
@@ -289,9 +376,10 @@ def export_neuronpedia(
         scan: overrides the model id.
         neuronpedia_source_set: the Neuronpedia source set the transcoders correspond to, if any.
         logit_tables: `latent_logit_tables(...)` output, if already computed.
+        state: a saved viewer state (`saved_state(...)`) to carry into the export.
     """
     data = build_graph_json(result, model, transcoders, slug=slug, scan=scan,
-                            neuronpedia_source_set=neuronpedia_source_set, logit_tables=logit_tables)
+                            neuronpedia_source_set=neuronpedia_source_set, logit_tables=logit_tables, state=state)
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

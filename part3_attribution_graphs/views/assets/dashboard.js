@@ -1,0 +1,892 @@
+// The attribution-graph dashboard. Reads the JSON in #dashboard-data (written by views/dashboard.py) and
+// draws nodes as SVG and edges on a canvas, only the edges asked for: the hovered, clicked and pinned
+// nodes' edges, or every edge with "show all edges". Plain ES5, no libraries, no network.
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("dashboard-data").textContent);
+  var META = DATA.meta, NODES = DATA.nodes, EDGES = DATA.edges, LATENTS = DATA.latents;
+  var nRows = META.n_layers + 2;
+
+  // ------------------------------------------------------------------------------------------- helpers
+  function esc(s) {
+    return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+      .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  }
+  function shown(s) { return String(s).replace(/\n/g, "\u23ce").replace(/\t/g, "\u2192"); }
+  function tok(s) { return esc(shown(s)); }
+  function fmt(x) {
+    if (x === null || x === undefined) return "-";
+    var a = Math.abs(x);
+    if (a !== 0 && (a < 1e-3 || a >= 1e4)) return x.toExponential(2);
+    return (+x.toPrecision(3)).toString();
+  }
+  function cut(s, n) { s = String(s); return s.length > n ? s.slice(0, n - 1) + "\u2026" : s; }
+  function rowLabel(r) { return r === 0 ? "Emb" : (r === nRows - 1 ? "Logit" : "L" + (r - 1)); }
+  function css(name) { return getComputedStyle(document.documentElement).getPropertyValue(name).trim(); }
+  var POS = css("--edge-pos") || "#2563eb", NEG = css("--edge-neg") || "#dc2626";
+
+  var byId = {};
+  NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; n.inAbs = 0; });
+  EDGES.forEach(function (e, j) {
+    NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); NODES[e[1]].inAbs += Math.abs(e[2]);
+  });
+  var maxAbs = 1e-12, maxInfl = 1e-12;
+  EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
+  NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
+
+  // ------------------------------------------------------------------------------------------- state
+  var state = {
+    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {},
+    nodeThr: META.node_threshold || 1, edgeThr: 1, showAll: false, subgraph: false
+  };
+  function labelOf(i) {
+    var n = NODES[i];
+    if (state.labels[n.id]) return {text: state.labels[n.id], derived: false};
+    if (n.label) return {text: n.label, derived: false};
+    var info = n.key ? LATENTS[n.key] : null;
+    return info && info.derived ? {text: info.derived, derived: true} : null;
+  }
+  function nodeTitle(n) {
+    var t = META.tokens[n.ctx];
+    if (n.type === "latent") return "Latent " + n.feature + " @ layer " + n.layer + ", \u201c" + shown(t) + "\u201d";
+    if (n.type === "error") return "MLP error @ layer " + n.layer + ", \u201c" + shown(t) + "\u201d";
+    if (n.type === "embedding") return "Embedding \u201c" + shown(n.token) + "\u201d (pos " + n.ctx + ")";
+    return "Logit \u201c" + shown(n.token) + "\u201d (p = " + fmt(n.prob) + ")";
+  }
+
+  // ------------------------------------------------------------------------------------------- pruning
+  // The sliders re-prune what the page holds: nodes by their cumulative influence (as `prune_nodes`
+  // does), then edges by the share of the edge score `|w| / (target's |input|) * target's importance`
+  // (as `prune_edges` does), then circuit-tracer's clean-up (a latent needs an input and an output).
+  var nodeVis = NODES.map(function () { return true; }), edgeVis = EDGES.map(function () { return true; });
+  var byCum = NODES.map(function (n, i) { return i; }).filter(function (i) {
+    return NODES[i].type !== "logit" && NODES[i].type !== "embedding";
+  });
+  byCum.sort(function (a, b) { return NODES[a].cum - NODES[b].cum; });
+  var edgeScore = EDGES.map(function (e) {
+    var t = NODES[e[1]], imp = Math.max(t.influence, 0) + (t.type === "logit" ? (t.prob || 0) : 0);
+    return t.inAbs > 0 ? Math.abs(e[2]) / t.inAbs * imp : 0;
+  });
+  var byScore = EDGES.map(function (e, j) { return j; });
+  byScore.sort(function (a, b) { return edgeScore[b] - edgeScore[a]; });
+
+  function reprune() {
+    var i, j, k;
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit" || NODES[i].type === "embedding";
+    var prev = 0;
+    for (k = 0; k < byCum.length; k++) {  // keep nodes until the running share reaches the threshold
+      if (prev >= state.nodeThr - 1e-9) break;
+      nodeVis[byCum[k]] = true; prev = NODES[byCum[k]].cum;
+    }
+    var live = byScore.filter(function (j) { return nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]]; });
+    var total = 0;
+    live.forEach(function (j) { total += edgeScore[j]; });
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = false;
+    var acc = 0;
+    for (k = 0; k < live.length; k++) {
+      if (total > 0 && acc / total >= state.edgeThr - 1e-9) break;
+      edgeVis[live[k]] = true; acc += edgeScore[live[k]];
+    }
+    var changed = true;
+    while (changed) {
+      changed = false;
+      for (i = 0; i < NODES.length; i++) {
+        var n = NODES[i];
+        if (!nodeVis[i] || n.type === "logit" || n.type === "embedding") continue;
+        var hasIn = n.inE.some(function (j) { return edgeVis[j]; }), hasOut = n.outE.some(function (j) { return edgeVis[j]; });
+        if (!hasOut || (n.type === "latent" && !hasIn)) {
+          nodeVis[i] = false; changed = true;
+          n.inE.concat(n.outE).forEach(function (j) { edgeVis[j] = false; });
+        }
+      }
+    }
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = edgeVis[j] && nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]];
+  }
+
+  // ------------------------------------------------------------------------------------------- header
+  (function header() {
+    var s = META.settings || {};
+    var parts = [
+      "<h1>Attribution graph</h1>",
+      '<div class="prompt">' + tok(META.prompt) + "</div>",
+      '<div class="stats">',
+      "<span>nodes <b>" + META.n_nodes + "</b> of " + META.n_nodes_full + "</span>",
+      "<span>edges <b>" + META.n_edges + "</b></span>",
+      "<span>node threshold <b>" + fmt(META.node_threshold) + "</b></span>",
+      "<span>edge threshold <b>" + fmt(META.edge_threshold) + "</b></span>",
+      "<span>layers <b>" + META.n_layers + "</b></span>",
+      "<span>model <b>" + esc(META.scan) + "</b></span>"
+    ];
+    ["top_k", "n_output_nodes", "start_posn"].forEach(function (k) {
+      if (s[k] !== undefined) parts.push("<span>" + esc(k) + " <b>" + esc(s[k]) + "</b></span>");
+    });
+    Object.keys(META.scores || {}).forEach(function (k) {
+      var v = META.scores[k];
+      var label = k.replace(/_score$/, "").replace(/_/g, " ") + " score";  // "replacement_score" -> "replacement score"
+      parts.push('<span class="score">' + esc(label) + " <b>" + esc(typeof v === "number" ? fmt(v) : v) +
+                 "</b></span>");
+    });
+    parts.push("</div>");
+    Object.keys(META.notes || {}).forEach(function (k) {
+      parts.push('<div class="note">' + esc(META.notes[k]) + "</div>");
+    });
+    document.getElementById("header").innerHTML = parts.join("");
+    var names = META.kind_names || {};
+    function sw(kind, round) {
+      var v = kind === "error" ? "mlp-error" : kind;
+      return '<span><span class="sw" style="background:var(--' + v + "-fill);border-color:var(--" + v + "-stroke)" +
+             (round ? ";border-radius:6px" : "") + '"></span>' + esc(names[kind] || kind) + "</span>";
+    }
+    document.getElementById("legend").innerHTML = [
+      sw("embedding"), sw("latent", true), sw("error"), sw("logit"),
+      '<span><span class="sw" style="background:var(--edge-pos);height:3px"></span>positive edge</span>',
+      '<span><span class="sw" style="background:var(--edge-neg);height:3px"></span>negative edge</span>',
+      '<span class="muted">size: influence &middot; hover: edges &middot; click: details &middot; ctrl/shift-click: ' +
+        "pin &middot; wheel: zoom &middot; drag: pan</span>"
+    ].join("");
+  })();
+
+  // ------------------------------------------------------------------------------------------- layout
+  // An item is what the graph draws: one node, or a supernode (in the subgraph view).
+  var graphEl = document.getElementById("graph"), wrapEl = document.getElementById("graph-wrap");
+  var svgEl = document.getElementById("graph-svg"), nodesG = document.getElementById("nodes");
+  var axesG = document.getElementById("axes"), canvas = document.getElementById("edge-canvas");
+  var ctx2d = canvas.getContext("2d");
+  var items = [], itemOf = {}, itemEls = [], drawnEdges = [];
+  var masked = META.settings && META.settings.start_posn !== undefined ? META.settings.start_posn : 0;
+  var rowH = Math.max(26, Math.min(64, Math.floor(560 / nRows)));
+  var left = 44, top = 26, bottom = 84, W = 0, H = 0, colX = {}, cols = [];
+  var view = {k: 1, x: 0, y: 0};
+
+  function superOf(i) {
+    for (var s = 0; s < state.supernodes.length; s++) if (state.supernodes[s].members.indexOf(i) >= 0) return s;
+    return -1;
+  }
+
+  function buildItems() {
+    items = []; itemOf = {};
+    if (state.subgraph) {
+      state.pinned.forEach(function (i) {
+        if (superOf(i) < 0) { itemOf[i] = items.length; items.push({node: i}); }
+      });
+      state.supernodes.forEach(function (sn, s) {
+        var k = items.length;
+        items.push({sup: s});
+        sn.members.forEach(function (i) { itemOf[i] = k; });
+      });
+    } else {
+      NODES.forEach(function (n, i) { if (nodeVis[i]) { itemOf[i] = items.length; items.push({node: i}); } });
+    }
+    items.forEach(function (it) {
+      if (it.sup === undefined) {
+        var n = NODES[it.node];
+        it.type = n.type; it.row = n.row; it.ctx = n.ctx; it.influence = n.influence;
+      } else {
+        var m = state.supernodes[it.sup].members;
+        it.type = "super";
+        it.row = Math.round(m.reduce(function (a, i) { return a + NODES[i].row; }, 0) / m.length);
+        it.ctx = Math.max.apply(null, m.map(function (i) { return NODES[i].ctx; }));
+        it.influence = m.reduce(function (a, i) { return a + NODES[i].influence; }, 0);
+      }
+    });
+  }
+
+  // Fit the graph to the width available: nodes that share a (row, token) cell are spread across the
+  // token's column; spacing shrinks down to 3 px before anything overlaps (then zoom in).
+  function layout() {
+    var avail = Math.max(240, wrapEl.clientWidth - 16);
+    var cells = {}, perCol = {}, logitCol = {};
+    items.forEach(function (it, k) { (cells[it.row + "_" + it.ctx] = cells[it.row + "_" + it.ctx] || []).push(k); });
+    Object.keys(cells).forEach(function (key) {
+      var c = cells[key];
+      c.sort(function (a, b) {
+        var ea = items[a].type === "error" ? 1 : 0, eb = items[b].type === "error" ? 1 : 0;
+        return ea - eb || items[b].influence - items[a].influence;
+      });
+      var p = items[c[0]].ctx;
+      if (items[c[0]].type === "logit") logitCol[p] = Math.max(logitCol[p] || 0, c.length);
+      else perCol[p] = Math.max(perCol[p] || 0, c.length);
+    });
+    cols = [];
+    META.tokens.forEach(function (t, p) {
+      if (!state.subgraph || perCol[p] || logitCol[p]) cols.push(p);
+    });
+    // The subgraph has few nodes, each labelled: give every node room for its label.
+    var logitSpacing = state.subgraph ? 150 : 44, minCol = state.subgraph ? 170 : 16;
+    function widths(sp) {
+      return cols.map(function (p) { return Math.max(minCol, (perCol[p] || 1) * sp + 4, (logitCol[p] || 0) * logitSpacing); });
+    }
+    var sp = state.subgraph ? 170 : 14, ws = widths(sp), sum = function (a) { return a.reduce(function (x, y) { return x + y; }, 0); };
+    while (sum(ws) > avail - left - 10 && sp > 3) { sp -= 0.5; ws = widths(sp); }
+    if (sum(ws) > avail - left - 10) {  // still too wide: squeeze every column alike
+      var f = (avail - left - 10) / sum(ws);
+      ws = ws.map(function (w) { return w * f; }); logitSpacing *= f; sp *= f;
+    }
+    var stretch = Math.min(4, (avail - left - 10) / sum(ws));
+    if (stretch > 1) ws = ws.map(function (w) { return w * stretch; });
+    colX = {};
+    var acc = left;
+    cols.forEach(function (p, c) { colX[p] = acc + ws[c] / 2; acc += ws[c]; });
+    W = Math.max(avail, acc + 10); H = top + nRows * rowH + bottom;
+    var rScale = Math.max(0.45, Math.min(1, sp / 14));
+    Object.keys(cells).forEach(function (key) {
+      var c = cells[key], m = c.length;
+      c.forEach(function (k, j) {
+        var it = items[k], logit = it.type === "logit";
+        it.bx = colX[it.ctx] + (j - (m - 1) / 2) * (logit ? logitSpacing : sp);
+        it.by = top + (nRows - 1 - it.row) * rowH + rowH / 2;
+        var share = it.type === "logit" ? (NODES[it.node].prob || 0) : Math.max(it.influence, 0) / maxInfl;
+        it.r = it.type === "super" ? 9 : (logit ? 1 : rScale) * (3 + 5 * Math.sqrt(Math.min(1, share)));
+      });
+    });
+  }
+  function sx(x) { return x * view.k + view.x; }
+  function sy(y) { return y * view.k + view.y; }
+
+  // Labels beside the most influential latents (and every pinned node and supernode).
+  function labelled() {
+    var set = {};
+    if (state.subgraph) { items.forEach(function (it, k) { set[k] = true; }); return set; }
+    var lat = items.map(function (it, k) { return k; }).filter(function (k) { return items[k].type === "latent"; });
+    lat.sort(function (a, b) { return items[b].influence - items[a].influence; });
+    state.pinned.forEach(function (i) { if (itemOf[i] !== undefined) set[itemOf[i]] = true; });
+    // The most influential latents next, skipping one whose label would run into another's.
+    var taken = [], n = 0;
+    Object.keys(set).forEach(function (k) { taken.push(items[k]); });
+    var room = 110 / view.k;
+    lat.forEach(function (k) {
+      if (n >= 10 || set[k]) return;
+      var it = items[k], clash = taken.some(function (o) {
+        return o.row === it.row && Math.abs(o.bx - it.bx) < room;
+      }) || items.some(function (o) {  // a label must not run over the nodes to its right
+        return o !== it && o.row === it.row && o.bx > it.bx && o.bx - it.bx < room;
+      });
+      if (!clash) { set[k] = true; taken.push(it); n++; }
+    });
+    return set;
+  }
+  function itemLabel(it) {
+    if (it.type === "super") return {text: state.supernodes[it.sup].name, derived: false};
+    var n = NODES[it.node];
+    if (n.type === "logit") return {text: shown(n.token), derived: false};
+    if (state.subgraph && n.type !== "latent") return {text: nodeTitle(n), derived: false};
+    return n.type === "latent" ? labelOf(it.node) : null;
+  }
+
+  function drawNodes() {
+    var out = [], lab = labelled();
+    items.forEach(function (it, k) {
+      var cls = "node " + it.type, attrs;
+      if (it.type === "super") {
+        attrs = ' data-node-id="supernode-' + it.sup + '" data-type="super" data-supernode="' + it.sup + '"';
+      } else {
+        var n = NODES[it.node];
+        if (state.pinned.indexOf(it.node) >= 0) cls += " pinned";
+        if (it.node === state.clicked) cls += " selected";
+        if (!state.subgraph && superOf(it.node) >= 0) cls += " member";
+        attrs = ' data-node-id="' + esc(n.id) + '" data-type="' + n.type + '" data-index="' + it.node + '"';
+      }
+      var shape, r = it.r;
+      if (it.type === "latent" || it.type === "super") shape = '<circle class="shape" r="' + r.toFixed(1) + '"></circle>';
+      else {
+        var h = it.type === "error" ? Math.max(2.5, r * 0.8) : r;
+        shape = '<rect class="shape" x="' + (-h).toFixed(1) + '" y="' + (-h).toFixed(1) + '" width="' + (2 * h).toFixed(1) +
+                '" height="' + (2 * h).toFixed(1) + '" rx="2"></rect>';
+      }
+      var text = "";
+      var l = lab[k] || it.type === "logit" ? itemLabel(it) : null;
+      if (l && l.text) {
+        if (it.type === "logit") {
+          text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(l.text, 10)) + "</text>";
+        } else {
+          text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + (r + 3).toFixed(1) + '" y="3">' +
+                 esc(cut(l.text, 22)) + "</text>";
+        }
+      }
+      out.push('<g class="' + cls + '"' + attrs + ' data-item="' + k + '" tabindex="0" role="button" aria-label="' +
+               esc(it.type === "super" ? "supernode " + state.supernodes[it.sup].name : nodeTitle(NODES[it.node])) +
+               '" transform="translate(' + sx(it.bx).toFixed(1) + "," + sy(it.by).toFixed(1) + ')">' + shape + text + "</g>");
+    });
+    nodesG.innerHTML = out.join("");
+    itemEls = [];
+    var els = nodesG.children;
+    for (var k = 0; k < els.length; k++) itemEls[k] = els[k];
+  }
+
+  function drawAxes() {
+    var out = [];
+    for (var r = 0; r < nRows; r++) {
+      var y = sy(top + (nRows - 1 - r) * rowH + rowH / 2);
+      out.push('<line class="gridline" x1="' + left + '" x2="' + (W - 4) + '" y1="' + y.toFixed(1) + '" y2="' + y.toFixed(1) + '"></line>');
+      out.push('<text class="axis" x="' + (left - 6) + '" y="' + (y + 4).toFixed(1) + '" text-anchor="end">' + rowLabel(r) + "</text>");
+    }
+    var ty = H - bottom + 14;
+    cols.forEach(function (p) {
+      var x = sx(colX[p]);
+      if (x < left - 5 || x > W + 5) return;
+      out.push('<text class="tok' + (p < masked ? " masked" : "") + '" x="' + x.toFixed(1) + '" y="' + ty +
+               '" text-anchor="end" transform="rotate(-35 ' + x.toFixed(1) + " " + ty + ')">' + esc(cut(shown(META.tokens[p]), 14)) + "</text>");
+    });
+    axesG.innerHTML = out.join("");
+  }
+
+  function moveNodes() {
+    items.forEach(function (it, k) {
+      itemEls[k].setAttribute("transform", "translate(" + sx(it.bx).toFixed(1) + "," + sy(it.by).toFixed(1) + ")");
+    });
+  }
+
+  // ------------------------------------------------------------------------------------------- edges
+  // Which edges to draw: [source item, target item, weight, edge index or -1 for a summed edge].
+  function edgesToDraw() {
+    var list = [];
+    if (state.subgraph) {  // every edge among the shown items; a supernode's edges are its members' sums
+      var sums = {};
+      EDGES.forEach(function (e, j) {
+        if (!edgeVis[j]) return;
+        var a = itemOf[e[0]], b = itemOf[e[1]];
+        if (a === undefined || b === undefined || a === b) return;
+        var key = a + ">" + b;
+        if (!sums[key]) sums[key] = [a, b, 0, items[a].sup === undefined && items[b].sup === undefined ? j : -1];
+        else sums[key][3] = -1;
+        sums[key][2] += e[2];
+      });
+      Object.keys(sums).forEach(function (key) { list.push(sums[key]); });
+      return list;
+    }
+    var pick = {}, focus = [];
+    if (state.hover !== null && items[state.hover] && items[state.hover].node !== undefined) focus.push(items[state.hover].node);
+    if (state.clicked !== null) focus.push(state.clicked);
+    focus = focus.concat(state.pinned);
+    if (state.showAll) EDGES.forEach(function (e, j) { if (edgeVis[j]) pick[j] = true; });
+    else focus.forEach(function (i) {
+      NODES[i].inE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
+      NODES[i].outE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
+    });
+    Object.keys(pick).forEach(function (j) {
+      var e = EDGES[j];
+      list.push([itemOf[e[0]], itemOf[e[1]], e[2], +j]);
+    });
+    return list;
+  }
+
+  function drawEdges() {
+    var dpr = window.devicePixelRatio || 1;
+    if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
+      canvas.width = Math.round(W * dpr); canvas.height = Math.round(H * dpr);
+      canvas.style.width = W + "px"; canvas.style.height = H + "px";
+    }
+    ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx2d.clearRect(0, 0, W, H);
+    drawnEdges = edgesToDraw();
+    var localMax = 1e-12;
+    drawnEdges.forEach(function (d) { localMax = Math.max(localMax, Math.abs(d[2])); });
+    var scale = state.subgraph ? localMax : maxAbs;
+    var hot = {};  // in "show all", the focused nodes' edges are drawn on top at full strength
+    if (state.showAll && !state.subgraph && (state.hover !== null || state.clicked !== null)) {
+      var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked;
+      if (f !== undefined && f !== null) NODES[f].inE.concat(NODES[f].outE).forEach(function (j) { hot[j] = true; });
+    }
+    var dim = Object.keys(hot).length > 0;
+    drawnEdges.sort(function (a, b) { return (hot[a[3]] ? 1 : 0) - (hot[b[3]] ? 1 : 0) || Math.abs(a[2]) - Math.abs(b[2]); });
+    ctx2d.lineCap = "round";
+    drawnEdges.forEach(function (d) {
+      var s = items[d[0]], t = items[d[1]], a = Math.min(1, Math.abs(d[2]) / scale);
+      ctx2d.globalAlpha = dim && !hot[d[3]] ? 0.06 : 0.2 + 0.7 * a;
+      ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG;
+      ctx2d.lineWidth = 0.5 + 3.5 * a;
+      ctx2d.beginPath();
+      ctx2d.moveTo(sx(s.bx), sy(s.by));
+      ctx2d.lineTo(sx(t.bx), sy(t.by));
+      ctx2d.stroke();
+    });
+    ctx2d.globalAlpha = 1;
+  }
+
+  // The drawn edge nearest to a point (within 5 px), for the edge tooltip.
+  function edgeAt(px, py) {
+    var best = null, bestD = 25;
+    drawnEdges.forEach(function (d) {
+      var s = items[d[0]], t = items[d[1]];
+      var x1 = sx(s.bx), y1 = sy(s.by), x2 = sx(t.bx), y2 = sy(t.by), dx = x2 - x1, dy = y2 - y1;
+      var l2 = dx * dx + dy * dy, u = l2 > 0 ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / l2)) : 0;
+      var ex = x1 + u * dx - px, ey = y1 + u * dy - py, dd = ex * ex + ey * ey;
+      if (dd < bestD) { bestD = dd; best = d; }
+    });
+    return best;
+  }
+
+  // ------------------------------------------------------------------------------------------- focus
+  var lit = [];
+  function highlight() {
+    lit.forEach(function (el) { el.classList.remove("hl", "nb"); });
+    lit = [];
+    var f = state.hover !== null && items[state.hover] ? state.hover : (state.clicked !== null ? itemOf[state.clicked] : undefined);
+    if (f === undefined || f === null || state.subgraph) return;
+    itemEls[f].classList.add("hl"); lit.push(itemEls[f]);
+    var it = items[f];
+    if (it.node === undefined) return;
+    var n = NODES[it.node];
+    n.inE.concat(n.outE).forEach(function (j) {
+      if (!edgeVis[j]) return;
+      var e = EDGES[j], other = itemOf[e[0] === it.node ? e[1] : e[0]];
+      if (other !== undefined) { itemEls[other].classList.add("nb"); lit.push(itemEls[other]); }
+    });
+  }
+
+  function render() {  // the whole graph: items, layout, nodes, axes, edges
+    buildItems(); layout();
+    svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
+    graphEl.style.height = H + "px";
+    if (state.hover !== null && !items[state.hover]) state.hover = null;
+    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel();
+  }
+  function refresh() { drawEdges(); highlight(); }
+
+  // ------------------------------------------------------------------------------------------- events
+  var tip = document.getElementById("tooltip");
+  function itemFromEvent(ev) {
+    var el = ev.target.closest ? ev.target.closest(".node") : null;
+    return el ? +el.getAttribute("data-item") : null;
+  }
+  function showTip(text, ev) {
+    tip.textContent = text; tip.classList.remove("hidden");
+    tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 10) + "px";
+  }
+  function itemTip(k) {
+    var it = items[k];
+    if (it.type === "super") {
+      var sn = state.supernodes[it.sup];
+      return "Supernode \u201c" + sn.name + "\u201d: " + sn.members.length + " nodes\n" +
+             sn.members.map(function (i) { return nodeTitle(NODES[i]); }).join("\n");
+    }
+    var n = NODES[it.node], lines = [nodeTitle(n)], l = labelOf(it.node);
+    if (l && n.type === "latent") lines.push((l.derived ? "label (derived): " : "label: ") + l.text);
+    if (n.type === "latent") lines.push("activation " + fmt(n.act));
+    if (n.type !== "logit") lines.push("influence " + fmt(n.influence));
+    lines.push(n.inE.filter(function (j) { return edgeVis[j]; }).length + " in, " +
+               n.outE.filter(function (j) { return edgeVis[j]; }).length + " out edges");
+    return lines.join("\n");
+  }
+  function setHover(k) { if (state.hover === k) return; state.hover = k; refresh(); }
+
+  graphEl.addEventListener("mouseover", function (ev) {
+    var k = itemFromEvent(ev);
+    if (k === null) return;
+    setHover(k);
+    showTip(itemTip(k), ev);
+  });
+  graphEl.addEventListener("mouseout", function (ev) {
+    if (itemFromEvent(ev) === null) return;
+    tip.classList.add("hidden");
+    setHover(null);
+  });
+  graphEl.addEventListener("mouseleave", function () { tip.classList.add("hidden"); });
+  var drag = null;
+  graphEl.addEventListener("mousemove", function (ev) {
+    if (drag) {
+      var dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+      if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
+      if (drag.moved) {
+        graphEl.classList.add("panning");
+        view.x = drag.vx + dx; view.y = drag.vy + dy;
+        moveNodes(); drawAxes(); drawEdges();
+      }
+      return;
+    }
+    if (itemFromEvent(ev) !== null) {
+      tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 10) + "px";
+      return;
+    }
+    var r = graphEl.getBoundingClientRect(), d = edgeAt(ev.clientX - r.left, ev.clientY - r.top);
+    if (d) {
+      var a = items[d[0]], b = items[d[1]];
+      var name = function (it) { return it.type === "super" ? "supernode " + state.supernodes[it.sup].name : nodeTitle(NODES[it.node]); };
+      showTip(name(a) + "\n\u2192 " + name(b) + "\nweight " + fmt(d[2]) + (d[3] < 0 ? " (sum of members' edges)" : ""), ev);
+    } else tip.classList.add("hidden");
+  });
+  graphEl.addEventListener("mousedown", function (ev) {
+    if (ev.button !== 0 || itemFromEvent(ev) !== null) return;
+    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false};
+  });
+  window.addEventListener("mouseup", function () {
+    if (drag && drag.moved) setTimeout(function () { drag = null; }, 0); else drag = null;
+    graphEl.classList.remove("panning");
+  });
+  graphEl.addEventListener("wheel", function (ev) {
+    ev.preventDefault();
+    var r = graphEl.getBoundingClientRect(), px = ev.clientX - r.left, py = ev.clientY - r.top;
+    var k = Math.max(0.5, Math.min(40, view.k * Math.exp(-ev.deltaY * 0.0015)));
+    view.x = px - (px - view.x) * k / view.k; view.y = py - (py - view.y) * k / view.k; view.k = k;
+    moveNodes(); drawAxes(); drawEdges();
+  }, {passive: false});
+  graphEl.addEventListener("click", function (ev) {
+    if (drag && drag.moved) return;
+    var k = itemFromEvent(ev);
+    if (k === null) { select(null); return; }
+    var it = items[k];
+    if (it.sup !== undefined) { select(null); showSupernode(it.sup); return; }
+    if (ev.ctrlKey || ev.shiftKey || ev.metaKey) togglePin(it.node); else select(it.node);
+  });
+  graphEl.addEventListener("focusin", function (ev) { var k = itemFromEvent(ev); if (k !== null) setHover(k); });
+  graphEl.addEventListener("focusout", function () { setHover(null); });
+  graphEl.addEventListener("keydown", function (ev) {
+    var k = itemFromEvent(ev);
+    if (k === null || items[k].node === undefined) return;
+    if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); select(items[k].node); }
+    else if (ev.key === "p") togglePin(items[k].node);
+  });
+  document.addEventListener("keydown", function (ev) { if (ev.key === "Escape") select(null); });
+
+  // ------------------------------------------------------------------------------------------- pins and supernodes
+  var status = document.getElementById("status");
+  function say(text) { status.textContent = text; }
+  function togglePin(i) {
+    var k = state.pinned.indexOf(i);
+    if (k >= 0) { state.pinned.splice(k, 1); delete state.ticked[i]; } else state.pinned.push(i);
+    render();
+    if (state.clicked !== null) select(state.clicked);
+  }
+  function drawPins() {
+    var box = document.getElementById("pins"), out = [];
+    state.pinned.forEach(function (i) {
+      if (superOf(i) >= 0) return;
+      var n = NODES[i], l = labelOf(i);
+      out.push('<span class="pin"><label><input type="checkbox" data-tick="' + i + '"' + (state.ticked[i] ? " checked" : "") +
+               "> " + esc(cut(nodeTitle(n), 42)) + (l && n.type === "latent" ? ' <span class="muted">' + esc(cut(l.text, 24)) + "</span>" : "") +
+               '</label><button type="button" data-unpin="' + i + '" title="unpin">\u00d7</button></span>');
+    });
+    state.supernodes.forEach(function (sn, s) {
+      out.push('<span class="sn">\u25c9 <input type="text" data-sn-name="' + s + '" value="' + esc(sn.name) + '" aria-label="supernode name"> (' +
+               sn.members.length + ' nodes)<button type="button" data-ungroup="' + s + '" title="ungroup">ungroup</button></span>');
+    });
+    box.innerHTML = out.length ? '<span class="muted">pinned:</span>' + out.join("") : "";
+    document.getElementById("subgraph-btn").classList.toggle("on", state.subgraph);
+  }
+  document.getElementById("pins").addEventListener("change", function (ev) {
+    var t = ev.target;
+    if (t.hasAttribute("data-tick")) state.ticked[+t.getAttribute("data-tick")] = t.checked;
+    if (t.hasAttribute("data-sn-name")) { state.supernodes[+t.getAttribute("data-sn-name")].name = t.value || "supernode"; render(); }
+  });
+  document.getElementById("pins").addEventListener("click", function (ev) {
+    var t = ev.target;
+    if (t.hasAttribute("data-unpin")) togglePin(+t.getAttribute("data-unpin"));
+    if (t.hasAttribute("data-ungroup")) { state.supernodes.splice(+t.getAttribute("data-ungroup"), 1); render(); }
+  });
+  function group(name, members) {
+    members = members.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
+    if (members.length < 2) { say("tick two or more pinned latents to group them"); return false; }
+    members.forEach(function (i) { if (state.pinned.indexOf(i) < 0) state.pinned.push(i); delete state.ticked[i]; });
+    state.supernodes.push({name: name || "supernode " + (state.supernodes.length + 1), members: members});
+    say("grouped " + members.length + " latents");
+    render();
+    return true;
+  }
+  document.getElementById("group-btn").addEventListener("click", function () {
+    var ticked = state.pinned.filter(function (i) { return state.ticked[i]; });
+    if (group(document.getElementById("supernode-name").value.trim(), ticked)) document.getElementById("supernode-name").value = "";
+  });
+  document.getElementById("subgraph-btn").addEventListener("click", function () {
+    state.subgraph = !state.subgraph; view = {k: 1, x: 0, y: 0}; render();
+  });
+  document.getElementById("clear-pins").addEventListener("click", function () {
+    state.pinned = []; state.supernodes = []; state.ticked = {}; state.subgraph = false; render();
+  });
+  document.getElementById("show-all").addEventListener("change", function (ev) { state.showAll = ev.target.checked; refresh(); });
+  document.getElementById("reset-view").addEventListener("click", function () { view = {k: 1, x: 0, y: 0}; render(); });
+
+  // ------------------------------------------------------------------------------------------- sliders
+  var nodeThr = document.getElementById("node-thr"), edgeThr = document.getElementById("edge-thr");
+  nodeThr.max = String(Math.min(1, META.node_threshold || 1));
+  function showThresholds() {
+    nodeThr.value = state.nodeThr; edgeThr.value = state.edgeThr;
+    document.getElementById("node-thr-val").textContent = (+state.nodeThr).toFixed(2);
+    document.getElementById("edge-thr-val").textContent = (+state.edgeThr).toFixed(2);
+  }
+  function onSlide() {
+    state.nodeThr = +nodeThr.value; state.edgeThr = +edgeThr.value;
+    showThresholds(); reprune(); render();
+    var nv = nodeVis.filter(Boolean).length, ev = edgeVis.filter(Boolean).length;
+    say(nv + " nodes, " + ev + " edges shown");
+    if (state.clicked !== null) select(state.clicked); else overview();
+  }
+  nodeThr.addEventListener("input", onSlide); edgeThr.addEventListener("input", onSlide);
+
+  // ------------------------------------------------------------------------------------------- panel
+  var panel = document.getElementById("panel");
+  function fitPanel() {  // beside the graph, the panel is about as tall as the graph and scrolls
+    panel.style.maxHeight = (H + 80) + "px";  // from the layout, not read back (that would force a reflow)
+  }
+
+  function histogram(counts, lo, hi, title, signed, mark) {
+    var w = 360, h = 80, pad = 18, n = counts.length, bw = (w - 2) / n, maxC = 0;
+    counts.forEach(function (c) { maxC = Math.max(maxC, Math.log10(1 + c)); });
+    var out = ['<svg class="hist" width="' + w + '" height="' + (h + pad) + '" viewBox="0 0 ' + w + " " + (h + pad) + '">'];
+    counts.forEach(function (c, k) {
+      var bh = maxC > 0 ? (h - 4) * Math.log10(1 + c) / maxC : 0, centre = lo + (k + 0.5) * (hi - lo) / n;
+      var colour = signed ? (centre >= 0 ? POS : NEG) : "rgb(" + css("--act-rgb") + ")";
+      out.push('<rect x="' + (1 + k * bw).toFixed(1) + '" y="' + (h - bh).toFixed(1) + '" width="' + Math.max(bw - 1, 0.5).toFixed(1) +
+               '" height="' + bh.toFixed(1) + '" fill="' + colour + '" opacity="0.8"><title>' + fmt(lo + k * (hi - lo) / n) + " to " +
+               fmt(lo + (k + 1) * (hi - lo) / n) + ": " + c + "</title></rect>");
+    });
+    if (mark !== undefined && hi > lo) {
+      var mx = Math.max(1, Math.min(w - 1, 1 + (mark - lo) / (hi - lo) * (w - 2)));
+      out.push('<line class="this-prompt" x1="' + mx.toFixed(1) + '" x2="' + mx.toFixed(1) + '" y1="0" y2="' + h +
+               '" stroke="#111827" stroke-width="2" stroke-dasharray="3 2"></line>');
+    }
+    out.push('<line x1="0" x2="' + w + '" y1="' + h + '" y2="' + h + '" stroke="#9ca3af"></line>');
+    out.push('<text class="axis" x="0" y="' + (h + 13) + '">' + fmt(lo) + "</text>");
+    out.push('<text class="axis" x="' + w + '" y="' + (h + 13) + '" text-anchor="end">' + fmt(hi) + "</text>");
+    out.push('<text class="axis" x="' + (w / 2) + '" y="' + (h + 13) + '" text-anchor="middle">' + esc(title) + "</text></svg>");
+    return out.join("");
+  }
+  // Share of the recorded activations below x (from the histogram; bins split evenly).
+  function quantile(counts, lo, hi, x) {
+    var total = 0, below = 0, n = counts.length;
+    counts.forEach(function (c, k) {
+      total += c;
+      var a = lo + k * (hi - lo) / n, b = lo + (k + 1) * (hi - lo) / n;
+      below += x >= b ? c : (x > a ? c * (x - a) / (b - a) : 0);
+    });
+    return total ? below / total : 0;
+  }
+
+  function linkList(i, which) {
+    var n = NODES[i], list = (which === "in" ? n.inE : n.outE).filter(function (j) { return edgeVis[j]; });
+    if (!list.length) return '<div class="muted">none</div>';
+    list.sort(function (a, b) { return Math.abs(EDGES[b][2]) - Math.abs(EDGES[a][2]); });
+    return '<div class="links">' + list.slice(0, 10).map(function (j) {
+      var e = EDGES[j], other = which === "in" ? e[0] : e[1];
+      return '<div data-goto="' + other + '"><span>' + esc(nodeTitle(NODES[other])) + '</span><span style="color:' +
+             (e[2] >= 0 ? POS : NEG) + '">' + fmt(e[2]) + "</span></div>";
+    }).join("") + (list.length > 10 ? '<div class="muted">\u2026 ' + (list.length - 10) + " more</div>" : "") + "</div>";
+  }
+
+  function latentSections(n) {
+    var info = LATENTS[n.key] || {}, out = [];
+    out.push("<h3>Direct logit effects (W_dec[f] \u00b7 W_U)</h3>");
+    if (info.top) {
+      var rows = ['<table class="logit-table"><thead><tr><th>top token</th><th>effect</th><th>bottom token</th>' +
+                  "<th>effect</th></tr></thead><tbody>"];
+      for (var k = 0; k < Math.max(info.top.length, info.bottom.length); k++) {
+        var t = info.top[k], b = info.bottom[k];
+        rows.push("<tr><td>" + (t ? tok(t[0]) : "") + '</td><td class="pos">' + (t ? fmt(t[1]) : "") + "</td><td>" +
+                  (b ? tok(b[0]) : "") + '</td><td class="neg">' + (b ? fmt(b[1]) : "") + "</td></tr>");
+      }
+      rows.push("</tbody></table>");
+      out.push(rows.join(""));
+      out.push(histogram(info.logit_hist[0], info.logit_hist[1], info.logit_hist[2], "logit effect (log count)", true));
+    } else {
+      out.push('<div class="note">' + esc((META.notes || {}).logits || "No logit data for this latent.") + "</div>");
+    }
+    out.push("<h3>Activations</h3>");
+    var ex = info.ex;
+    if (ex) {
+      var q = ex.hist ? quantile(ex.hist[0], ex.hist[1], ex.hist[2], n.act) : null;
+      out.push('<div class="muted act-line">fires on ' + fmt(100 * ex.freq) + "% of tokens; this prompt: <b>" + fmt(n.act) + "</b>" +
+               (q !== null ? " (above " + Math.round(100 * q) + "% of its top activations; dashed line)" : "") + "</div>");
+      if (ex.hist) out.push(histogram(ex.hist[0], ex.hist[1], ex.hist[2], "top activations (log count)", false, n.act));
+      out.push("<h3>Top activations</h3>");
+      if (!ex.examples.length) out.push('<div class="muted">no recorded examples</div>');
+      var rgb = css("--act-rgb");
+      ex.examples.forEach(function (e) {
+        var spans = e.tokens.map(function (t, q) {
+          var a = e.acts[q] / (e.max || 1);
+          var style = a > 0 ? ' style="background: rgba(' + rgb + "," + (0.15 + 0.85 * Math.min(1, a)).toFixed(2) + ')"' : "";
+          return '<span class="t' + (q === e.peak ? " peak" : "") + '"' + style + ' title="' + fmt(e.acts[q]) + '">' + tok(t) + "</span>";
+        });
+        out.push('<div class="seq"><span class="maxact">' + fmt(e.max) + "</span>" + spans.join("") + "</div>");
+      });
+    } else {
+      out.push('<div class="note">' + esc((META.notes || {}).examples || "No example data for this latent's layer.") + "</div>");
+    }
+    return out.join("");
+  }
+
+  function select(i) {
+    state.clicked = i;
+    nodesG.querySelectorAll(".node.selected").forEach(function (el) { el.classList.remove("selected"); });
+    if (i === null) { overview(); refresh(); return; }
+    if (itemOf[i] !== undefined && items[itemOf[i]].node === i) itemEls[itemOf[i]].classList.add("selected");
+    refresh();
+    var n = NODES[i], facts = [];
+    facts.push(["type", n.type === "error" ? "MLP reconstruction error" : n.type]);
+    if (n.layer !== undefined) facts.push(["layer", n.layer]);
+    if (n.type === "latent") facts.push(["latent", n.feature]);
+    facts.push(["position", n.ctx + " (\u201c" + shown(META.tokens[n.ctx]) + "\u201d)"]);
+    if (n.type === "latent") facts.push(["activation", fmt(n.act)]);
+    if (n.type === "logit") facts.push(["probability", fmt(n.prob)]);
+    if (n.type === "embedding" || n.type === "logit") facts.push(["token id", n.feature]);
+    if (n.type !== "logit") { facts.push(["influence", fmt(n.influence)]); facts.push(["cumulative influence", fmt(n.cum)]); }
+    facts.push(["node id", n.id]);
+    var pinned = state.pinned.indexOf(i) >= 0;
+    var html = ['<button class="close" title="close (Esc)">\u00d7</button>', "<h2>" + esc(nodeTitle(n)) + "</h2>"];
+    if (n.type === "latent") {
+      var l = labelOf(i);
+      html.push('<div class="label-row"><input type="text" id="label-input" aria-label="label" placeholder="' +
+                esc(l && l.derived ? l.text : "label this latent") + '" value="' + esc(l && !l.derived ? l.text : "") + '">' +
+                (l && l.derived ? '<span class="derived-mark" title="derived from its data; type to replace it">derived</span>' : "") + "</div>");
+    }
+    html.push('<div><button type="button" id="pin-btn">' + (pinned ? "unpin" : "pin") + "</button></div>");
+    html.push('<table class="facts">' + facts.map(function (f) {
+      return "<tr><td>" + esc(f[0]) + "</td><td>" + esc(f[1]) + "</td></tr>";
+    }).join("") + "</table>");
+    if (n.ablate) {
+      html.push('<div class="ablate">ablate: predicted \u0394 <b>' + fmt(n.ablate[0]) + "</b> / measured \u0394 <b>" +
+                fmt(n.ablate[1]) + "</b> <span class=\"muted\">(top logit)</span></div>");
+    }
+    if (n.type === "latent") html.push(latentSections(n));
+    if (n.type !== "embedding") html.push("<h3>Strongest inputs</h3>" + linkList(i, "in"));
+    if (n.type !== "logit") html.push("<h3>Strongest outputs</h3>" + linkList(i, "out"));
+    panel.innerHTML = html.join("");
+    panel.classList.remove("empty");
+    panel.setAttribute("data-node-id", n.id);
+    panel.scrollTop = 0;
+  }
+
+  function showSupernode(s) {
+    var sn = state.supernodes[s];
+    panel.innerHTML = '<button class="close" title="close (Esc)">\u00d7</button><h2>Supernode \u201c' + esc(sn.name) + "\u201d</h2>" +
+      '<div class="muted">edges drawn for it are the sums of its members\u2019 edges</div><h3>Members</h3><div class="links">' +
+      sn.members.map(function (i) { return '<div data-goto="' + i + '"><span>' + esc(nodeTitle(NODES[i])) + "</span><span>" + fmt(NODES[i].influence) + "</span></div>"; }).join("") +
+      "</div>";
+    panel.classList.remove("empty");
+    panel.setAttribute("data-node-id", "supernode-" + s);
+  }
+
+  // With nothing selected, the panel lists the logits and the most influential latents.
+  function overview() {
+    var idx = NODES.map(function (n, i) { return i; }).filter(function (i) { return nodeVis[i]; });
+    var logits = idx.filter(function (i) { return NODES[i].type === "logit"; });
+    logits.sort(function (a, b) { return NODES[b].prob - NODES[a].prob; });
+    var top = idx.filter(function (i) { return NODES[i].type === "latent"; });
+    top.sort(function (a, b) { return NODES[b].influence - NODES[a].influence; });
+    function rows(list, value) {
+      return '<div class="links">' + list.map(function (i) {
+        var l = NODES[i].type === "latent" ? labelOf(i) : null;
+        return '<div data-goto="' + i + '"><span>' + esc(nodeTitle(NODES[i])) + (l ? ' <span class="lab">' + esc(cut(l.text, 30)) + "</span>" : "") +
+               "</span><span>" + value(NODES[i]) + "</span></div>";
+      }).join("") + "</div>";
+    }
+    panel.innerHTML = "<h2>Click a node to see its details</h2>" +
+      "<h3>Logits</h3>" + rows(logits, function (n) { return "p = " + fmt(n.prob); }) +
+      '<h3>Top features</h3><div class="top-features">' + rows(top.slice(0, 15), function (n) { return fmt(n.influence); }) + "</div>" +
+      (META.n_dropped ? '<div class="muted">' + META.n_dropped + " kept latents/errors without an incoming or outgoing edge are " +
+       "not shown (as circuit-tracer does).</div>" : "");
+    panel.classList.add("empty");
+    panel.removeAttribute("data-node-id");
+  }
+
+  panel.addEventListener("click", function (ev) {
+    if (ev.target.closest(".close")) { select(null); return; }
+    if (ev.target.id === "pin-btn") { togglePin(state.clicked); return; }
+    var go = ev.target.closest("[data-goto]");
+    if (go) select(+go.getAttribute("data-goto"));
+  });
+  panel.addEventListener("change", function (ev) {
+    if (ev.target.id !== "label-input" || state.clicked === null) return;
+    var v = ev.target.value.trim(), id = NODES[state.clicked].id;
+    if (v) state.labels[id] = v; else delete state.labels[id];
+    render(); select(state.clicked);
+  });
+
+  // ------------------------------------------------------------------------------------------- save and load
+  // The saved file is the Neuronpedia graph JSON with this page's state in qParams (pinnedIds,
+  // supernodes as [name, ...node ids], clickedId) and the labels as node clerps and qParams.labels.
+  function stateJSON() {
+    var exp = DATA.export, ids = NODES.map(function (n) { return n.id; });
+    var nodes = exp.nodes.map(function (n) {
+      var copy = {}, k;
+      for (k in n) if (Object.prototype.hasOwnProperty.call(n, k)) copy[k] = n[k];
+      if (state.labels[n.node_id]) copy.clerp = state.labels[n.node_id];
+      return copy;
+    });
+    return JSON.stringify({
+      metadata: exp.metadata,
+      qParams: {
+        pinnedIds: state.pinned.map(function (i) { return ids[i]; }),
+        supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(function (i) { return ids[i]; })); }),
+        linkType: "both",
+        clickedId: state.clicked !== null ? ids[state.clicked] : "",
+        sg_pos: "",
+        node_threshold: state.nodeThr,
+        edge_threshold: state.edgeThr,
+        labels: state.labels
+      },
+      nodes: nodes,
+      links: EDGES.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
+    });
+  }
+  function applyState(s) {
+    var q = (s && s.qParams) || {}, known = function (id) { return byId[id] !== undefined; };
+    var pins = q.pinnedIds || [];
+    if (typeof pins === "string") pins = pins.split(",");
+    state.pinned = pins.filter(known).map(function (id) { return byId[id]; });
+    state.supernodes = (q.supernodes || []).map(function (sn) {
+      return {name: String(sn[0]), members: sn.slice(1).filter(known).map(function (id) { return byId[id]; })};
+    }).filter(function (sn) { return sn.members.length > 0; });
+    state.labels = {};
+    var labels = (s && s.labels) || q.labels || {};
+    Object.keys(labels).forEach(function (id) { if (known(id)) state.labels[id] = String(labels[id]); });
+    if (typeof q.node_threshold === "number") state.nodeThr = Math.min(+nodeThr.max, q.node_threshold);
+    if (typeof q.edge_threshold === "number") state.edgeThr = q.edge_threshold;
+    state.ticked = {}; state.subgraph = false;
+    showThresholds(); reprune(); render();
+    if (q.clickedId && known(q.clickedId)) select(byId[q.clickedId]); else select(null);
+  }
+  document.getElementById("save-btn").addEventListener("click", function () {
+    var blob = new Blob([stateJSON()], {type: "application/json"}), a = document.createElement("a");
+    a.href = URL.createObjectURL(blob); a.download = "neuronpedia.json";
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(function () { URL.revokeObjectURL(a.href); }, 1000);
+    say("saved neuronpedia.json: put it beside index.html (or load it here) to restore this state");
+  });
+  document.getElementById("load-file").addEventListener("change", function (ev) {
+    var file = ev.target.files[0];
+    if (!file) return;
+    var reader = new FileReader();
+    reader.onload = function () {
+      try { applyState(JSON.parse(reader.result)); say("loaded " + file.name); }
+      catch (err) { say("could not read " + file.name + ": " + err.message); }
+    };
+    reader.readAsText(file);
+    ev.target.value = "";
+  });
+
+  // ------------------------------------------------------------------------------------------- start
+  // Inline in a notebook the page sits in an iframe: size that frame to the page, so nothing scrolls twice.
+  function fitFrame() {
+    try {
+      var f = window.frameElement;
+      if (f) f.style.height = (document.documentElement.scrollHeight + 2) + "px";
+    } catch (err) { /* a cross-origin frame: keep its own height */ }
+  }
+  var lastWidth = wrapEl.clientWidth, resizeTimer = null;
+  window.addEventListener("resize", function () {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(function () {
+      if (wrapEl.clientWidth !== lastWidth) { lastWidth = wrapEl.clientWidth; render(); }
+      fitFrame();
+    }, 120);
+  });
+  if (window.ResizeObserver) new ResizeObserver(fitFrame).observe(document.body);
+
+  // At the thresholds it was written with, the page shows what Python pruned: no re-pruning needed.
+  showThresholds(); render(); overview();
+  var initial = DATA.state || {};
+  if ((initial.qParams && Object.keys(initial.qParams).length) || (initial.labels && Object.keys(initial.labels).length)) applyState(initial);
+  // Served over http (e.g. by Jupyter): a saved neuronpedia.json beside the page restores its state.
+  if (/^https?:$/.test(location.protocol) && !window.frameElement) {
+    fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
+      var q = j && j.qParams;
+      if (q && ((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.labels)) applyState(j);
+    }).catch(function () { /* no saved state beside the page */ });
+  }
+  fitFrame();
+  window.dashboard = {
+    data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
+    stateJSON: stateJSON, applyState: applyState, items: function () { return items; },
+    drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
+    visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; }
+  };
+})();
