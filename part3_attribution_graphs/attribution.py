@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
-from tqdm.auto import tqdm
+from .progress import tqdm
 from transformer_lens.hook_points import HookPoint
 
 from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits

@@ -37,7 +37,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..worlds.gemma import HubUnreachableError
 
