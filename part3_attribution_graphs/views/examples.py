@@ -37,8 +37,8 @@ import torch
 from huggingface_hub import hf_hub_download
 from jaxtyping import Float, Int
 from torch import Tensor
-from ..progress import tqdm
 
+from ..progress import tqdm
 from ..worlds.gemma import HubUnreachableError
 
 __all__ = [
