@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from part3_attribution_graphs import notebook_builder as nbb
-
+SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions" / "part3_attribution_graphs_solutions.ipynb"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -41,13 +41,13 @@ def test_solutions_notebook_runs_under_plain_nbclient(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("P3AG_WORLD", "toy")
     monkeypatch.setenv("P3AG_OUTPUT_DIR", str(tmp_path))
-    nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
+    nb = nbformat.read(SOLUTIONS, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
     # A cell that stalled would wait out this timeout and then fail on the captures below.
     client = RecordingClient(nb, timeout=300, kernel_name="python3",
-                             resources={"metadata": {"path": str(nbb.NOTEBOOKS["solutions"].parent)}})
+                             resources={"metadata": {"path": str(SOLUTIONS.parent)}})
     client.execute()
 
     assert client.captures == [], "a cell captured output into an Output widget (see the module docstring)"
