@@ -9,21 +9,28 @@ Writes to `--out` (default `out/graph`):
 
 from __future__ import annotations
 
+# Only the standard library at module level: `--help` and argument errors answer at once, before
+# torch and TransformerLens (many seconds) are imported.
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from .attribution import attribute
-from .scores import compute_graph_scores
-from .worlds.gemma import START_POSN, format_prompt
-from .worlds.registry import WORLD_NAMES
-
 DEFAULT_USER = "What is the opposite of small?"
 DEFAULT_RESPONSE = "The opposite of small is **large"
+
+
+def world_names() -> tuple[str, ...]:
+    """The worlds `--world` accepts, from the one registry (it imports no heavy module)."""
+    from .worlds.registry import WORLD_NAMES
+
+    return WORLD_NAMES
+
+
+class CLIError(Exception):
+    """A problem with the command line or its environment, reported as one line."""
 
 
 def load_world(name: str):
@@ -33,21 +40,69 @@ def load_world(name: str):
     return load_named(name)[1:]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", default="toy", choices=WORLD_NAMES)
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] (0.8 keeps 80% of the influence), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m part3_attribution_graphs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", default="toy", choices=world_names())
     parser.add_argument("--user", default=DEFAULT_USER, help="the user's turn of the chat prompt")
     parser.add_argument("--response", default=DEFAULT_RESPONSE, help="the start of the model's answer")
-    parser.add_argument("--out", default="out/graph", type=Path)
-    parser.add_argument("--n-output-nodes", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--node-threshold", type=float, default=0.8)
-    parser.add_argument("--edge-threshold", type=float, default=0.85)
+    parser.add_argument("--out", default="out/graph", type=Path, help="folder for the files (created if needed)")
+    parser.add_argument("--n-output-nodes", type=_count(1), default=3)
+    parser.add_argument("--top-k", type=_count(0), default=5)
+    parser.add_argument("--batch-size", type=_count(1), default=256)
+    parser.add_argument("--node-threshold", type=_fraction, default=0.8)
+    parser.add_argument("--edge-threshold", type=_fraction, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
     parser.add_argument("--no-examples", action="store_true",
                         help="skip the latents' example data (the dashboard's activation sections)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the full traceback")
+    return parser
+
+
+def check_out_dir(out: Path) -> Path:
+    """Create `out` if needed and check that files can be written there, before any slow work starts."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder: choose a folder for the graph's files.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise CLIError(f"cannot write to --out {out} ({err.strerror or err}): choose a folder you can write to.") from None
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load the world, attribute the prompt, write the files; returns the summary that `main` prints."""
+    import torch
+
+    from .attribution import attribute
+    from .scores import compute_graph_scores
+    from .worlds.gemma import START_POSN, format_prompt
 
     t0 = time.perf_counter()
     model, transcoders = load_world(args.world)
@@ -59,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
                        edge_threshold=args.edge_threshold)
     t_graph = time.perf_counter() - t0
 
-    args.out.mkdir(parents=True, exist_ok=True)
     kept = set(result.kept_indices.tolist())
     nodes = [
         {**asdict(n), "node_type": n.node_type.value, "node_id": n.node_id,
@@ -80,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
                                      scores=scores, example_data_by_layer=examples)
 
-    summary = {
+    return {
         "world": args.world,
         "prompt_tokens": len(result.str_tokens),
         "nodes": len(result.graph),
@@ -92,6 +146,26 @@ def main(argv: list[str] | None = None) -> dict:
         "attribute_s": round(t_graph, 2),
         "files": sorted(p.name for p in args.out.iterdir()),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the arguments, check `--out`, run; an error is printed as one line (exit status 1), not a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with status 2 and a usage line on a bad argument
+    try:
+        check_out_dir(args.out)
+        summary = run(args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    except Exception as err:  # noqa: BLE001 - every failure becomes one readable line
+        if args.traceback:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, however the message was wrapped
+        if not isinstance(err, CLIError):
+            if not isinstance(err, (ValueError, TypeError, RuntimeError, OSError)):
+                message = f"{type(err).__name__}: {message}"
+            message += " (--traceback shows where)"
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
     print(json.dumps(summary, indent=1))
     return summary
 

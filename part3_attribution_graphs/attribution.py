@@ -17,11 +17,12 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
+from .checks import check_attribute_inputs, check_finite_adjacency, check_transcoders, one_run_per_model
 from .nodes import GraphNodes, Layer, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
-from .pruning import check_threshold, compute_influence, prune_graph
+from .progress import tqdm
+from .pruning import compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
 from .result import AttributionResult
 
@@ -291,21 +292,12 @@ def logit_weights_of(
 
 
 def validate_transcoders(model: HookedSAETransformer, transcoders: dict[int, Transcoder]) -> None:
-    """Raise a clear error unless there is one transcoder per layer, each matching `d_model`."""
-    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    if sorted(transcoders) != list(range(n_layers)):
-        raise ValueError(f"transcoders must have one entry per layer 0..{n_layers - 1} of this model, got "
-                         f"layers {sorted(transcoders)}. Load the transcoders for this model.")
-    for layer, tc in transcoders.items():
-        d_in, d_out = tc.cfg.d_in, getattr(tc.cfg, "d_out", tc.cfg.d_in)
-        if d_in != d_model or d_out != d_model:
-            raise ValueError(f"transcoders[{layer}] maps {d_in} -> {d_out} dims but the model has d_model="
-                             f"{d_model}: these transcoders belong to another model.")
-        if tc.cfg.metadata.hook_name != f"blocks.{layer}.mlp.hook_in":
-            raise ValueError(f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r}; attribution needs "
-                             f"'blocks.{layer}.mlp.hook_in' (the ln2 output). Set tc.cfg.metadata.hook_name.")
+    """Raise a clear error unless there is one transcoder per layer, matching `d_model`, reading and writing that
+    layer's MLP, with finite weights (see `checks.check_transcoders`)."""
+    check_transcoders(model, transcoders)
 
 
+@one_run_per_model
 def attribute(
     model: HookedSAETransformer,
     transcoders: dict[int, Transcoder],
@@ -332,21 +324,11 @@ def attribute(
     To re-prune the result at other thresholds without new backward passes, use `result.prune` /
     `prune(result, node_threshold, edge_threshold)`.
     """
-    node_threshold = check_threshold("node_threshold", node_threshold)
-    edge_threshold = check_threshold("edge_threshold", edge_threshold)
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt is empty: pass the text to attribute (use format_prompt for chat models).")
-    if start_posn < 0:
-        raise ValueError(f"start_posn must be >= 0, got {start_posn}.")
-    validate_transcoders(model, transcoders)
-    if not 1 <= n_output_nodes <= model.cfg.d_vocab:
-        raise ValueError(f"n_output_nodes must be in [1, {model.cfg.d_vocab}] (the vocabulary size), got "
-                         f"{n_output_nodes}.")
-
+    # Clear errors for bad input (and a warning for hooks already on the model), before any hook goes on.
+    n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold = check_attribute_inputs(
+        model, transcoders, prompt, n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold
+    )
     tokens = model.to_tokens(prompt)
-    if tokens.shape[1] <= start_posn:
-        raise ValueError(f"The prompt has {tokens.shape[1]} tokens, no more than start_posn={start_posn} masked "
-                         f"ones, so there is nothing to attribute: use a longer prompt or a smaller start_posn.")
     str_tokens = [model.tokenizer.decode([i]) for i in tokens[0].tolist()]
 
     freeze = FreezeHooks(model)
@@ -361,6 +343,7 @@ def attribute(
     batches = prepare_backward_batches(graph, batch_size)
     adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
 
+    check_finite_adjacency(adjacency)
     logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
     kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)
     return AttributionResult(

@@ -11,6 +11,7 @@ rebuilds the figure; tests call it directly, without a browser or a kernel.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -190,7 +191,10 @@ class AttributionExplorer:
         """The cached result for `prompt`, computing (and caching) its adjacency matrix the first time."""
         if prompt not in self.cache:
             self.status.value = "<i>computing the adjacency matrix...</i>"
-            self.cache[prompt] = self.attribute_fn(self.model, self.transcoders, prompt, **self.attribute_kwargs)
+            # From a widget event, printed output (the progress bar) has no cell to go to: show it in the plot.
+            with self.plot if _in_widget_event() else contextlib.nullcontext():
+                result = self.attribute_fn(self.model, self.transcoders, prompt, **self.attribute_kwargs)
+            self.cache[prompt] = result
             self.n_attributions += 1
         return self.cache[prompt]
 
@@ -235,16 +239,26 @@ class AttributionExplorer:
 
         if get_ipython() is None:  # headless (tests, scripts): keep the figure, draw nothing
             return
-        from IPython.display import clear_output, display
-
-        with self.plot:
-            clear_output(wait=True)
-            display(self.figure)
+        # Set the Output widget's contents from the kernel rather than capturing a display into it. A
+        # capture during a cell makes nbclient (and so papermill, nbval, nbconvert), which plays the
+        # front end, send the widget's new state to the kernel on the shell channel while it waits
+        # there for the cell's reply, and that reply can then go unnoticed until the cell times out.
+        bundle = self.figure._repr_mimebundle_()  # what `display(figure)` shows, for plotly's renderer
+        self.plot.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.widget)
+
+
+def _in_widget_event() -> bool:
+    """Whether the kernel is handling a widget's message (a click, a slider move), not running a cell."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)
+    parent = kernel.get_parent() if kernel is not None and hasattr(kernel, "get_parent") else None
+    return bool(parent) and parent.get("header", {}).get("msg_type") == "comm_msg"
 
 
 def attribution_explorer(

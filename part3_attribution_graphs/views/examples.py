@@ -39,8 +39,8 @@ import torch
 from huggingface_hub import hf_hub_download
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from ..worlds.hub import HubUnreachableError
 
 if TYPE_CHECKING:

