@@ -268,3 +268,46 @@ def test_bad_prompt_and_constraints(toy_world):
         intervene(model, tcs, PROMPT, [], constrained_layers=[9])
     with pytest.raises(ValueError, match="max_new_tokens"):
         intervene_generate(model, tcs, PROMPT, [], max_new_tokens=-1)
+
+
+# ------------------------------------------------------------------------------ circuit-tracer
+
+
+CT_MODES = {
+    # name: (our keywords, circuit-tracer's keywords). The settings that make the two compute the same thing:
+    # circuit-tracer runs the real MLPs (hold_errors=False) and its freeze_attention freezes patterns only.
+    "direct (all layers constrained)": (dict(constrained_layers=range(4)), dict(constrained_layers=range(4))),
+    "frozen patterns": (dict(freeze_norms=False, hold_errors=False), dict(freeze_attention=True)),
+    "live": (dict(freeze_attention=False, hold_errors=False), dict(freeze_attention=False)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("mode", list(CT_MODES))
+@pytest.mark.parametrize("apply_fn", [True, False], ids=["acts", "pre"])
+def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
+    pytest.importorskip("circuit_tracer")
+    from part3_attribution_graphs.crosscheck import ct_replacement_model
+
+    model, tcs = toy_world
+    ct_model = ct_replacement_model(model, tcs, start_posn=0)
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        acts = {layer: tc.encode(c) for layer, tc in tcs.items()
+                for c in [model.run_with_cache(tokens, names_filter=tc.cfg.metadata.hook_name)[1]
+                          [tc.cfg.metadata.hook_name][0]]}
+    # (circuit-tracer takes 1-D token ids.) Ablate the most active latent at three positions in three layers, and steer one up 3x.
+    edits = []
+    for layer, pos in ((0, 6), (1, 9), (2, 12)):
+        f = int(acts[layer][pos].argmax())
+        edits.append((layer, pos, f, 0.0))
+    f = int(acts[1][15].argmax())
+    edits.append((1, 15, f, 3 * float(acts[1][15, f])))
+    ours_kw, ct_kw = CT_MODES[mode]
+    ours = intervene(model, tcs, tokens, edits, apply_activation_function=apply_fn, **ours_kw)
+    ct_logits, ct_acts = ct_model.feature_intervention(tokens[0], edits, apply_activation_function=apply_fn, **ct_kw)
+    clean = model(tokens)
+    assert rel_err(ct_logits - clean, ours.logits - clean) < 1e-4  # the change, not just the logits
+    assert rel_err(ours.logits, ct_logits) < 1e-5
+    for layer in range(4):
+        assert rel_err(ours.activations[layer], ct_acts[layer]) < 1e-5, layer
