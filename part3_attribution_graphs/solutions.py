@@ -11,6 +11,7 @@ from .attribution import (
     prepare_backward_batches,
     setup_attribution,
 )
+from .interventions import intervene, intervene_generate, predicted_effects, run_with_latent_set
 from .nodes import (
     GraphNodes,
     NodeInfo,
@@ -46,6 +47,10 @@ __all__ = [
     "prune_graph",
     "AttributionResult",
     "attribute",
+    "run_with_latent_set",
+    "intervene",
+    "intervene_generate",
+    "predicted_effects",
     "format_prompt",
     "START_POSN",
 ]

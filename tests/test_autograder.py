@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import part3_attribution_graphs.tests as autograder
-from part3_attribution_graphs import attribution, nodes, pruning, replacement, solutions
+from part3_attribution_graphs import (
+    attribution,
+    autograde_interventions,
+    interventions,
+    nodes,
+    pruning,
+    replacement,
+    solutions,
+)
 from part3_attribution_graphs.toy import make_toy_world
 
 try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
@@ -28,6 +36,9 @@ REFERENCE = {
     "compute_influence": solutions.compute_influence,
     "prune_nodes": solutions.prune_nodes,
     "prune_edges": solutions.prune_edges,
+    # TODO(lead): the exercise registry replaces this table and the module lookup in `grade`.
+    "run_with_latent_set": interventions.run_with_latent_set,
+    "predicted_effects": interventions.predicted_effects,
 }
 
 
@@ -36,7 +47,8 @@ def grade(exercise: str, impl, **kwargs) -> tuple[str | None, str]:
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            getattr(autograder, f"test_{exercise}")(impl, **kwargs)
+            module = autograder if hasattr(autograder, f"test_{exercise}") else autograde_interventions
+            getattr(module, f"test_{exercise}")(impl, **kwargs)
     except AssertionError as e:
         return str(e), out.getvalue()
     return None, out.getvalue()
@@ -122,7 +134,7 @@ def test_catalogue_covers_every_exercise():
 
 
 def test_solutions_reexport_the_stage_modules():
-    homes = (attribution, nodes, pruning, replacement)
+    homes = (attribution, interventions, nodes, pruning, replacement)
     for name in solutions.__all__:
         obj = getattr(solutions, name)
         if callable(obj):
