@@ -2,7 +2,8 @@
 
 Writes to `--out` (default `out/graph`):
   graph.pt          adjacency matrix, node table, pruned indices and matrix (torch.save)
-  nodes.json        every node with its influence, and whether pruning kept it
+  nodes.json        every node with its influence, and whether pruning kept it (with --interventions N,
+                    the N most influential latents also carry their predicted and measured ablation effect)
   index.html        the self-contained dashboard (open it from disk; no network needed)
   neuronpedia.json  the pruned graph in Neuronpedia's schema
 """
@@ -10,6 +11,7 @@ Writes to `--out` (default `out/graph`):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from dataclasses import asdict
@@ -42,6 +44,30 @@ def load_world(name: str):
     raise ValueError(f"unknown world {name!r}: choose toy, gemma270m or gemma")
 
 
+def _measure_interventions(model, transcoders, result, n: int, nodes: list[dict]) -> dict:
+    """Ablate the n most influential latents; record predicted and measured top-logit changes in `nodes`.
+
+    "frozen" runs the graph's own local replacement model (patterns and norm scales frozen), "live" lets
+    attention and norms respond; both hold the MLP errors and let every other latent respond.
+    Returns {"frozen": {node: (predicted, measured)}, "live": ..., "agreement": {...}}, or {} when n is 0.
+    """
+    if n <= 0:
+        return {}
+    from .interventions import ablation_effects, agreement, most_influential_latents
+
+    top = most_influential_latents(result, n)
+    out, stats = {}, {}
+    for mode, freeze in (("frozen", True), ("live", False)):
+        predicted, measured = ablation_effects(model, transcoders, result, top, freeze_attention=freeze)
+        out[mode] = {i: (float(p), float(m)) for i, p, m in zip(top, predicted, measured)}
+        stats[mode] = {k: round(v, 4) for k, v in agreement(predicted, measured).items()}
+    for i in top:
+        nodes[i]["ablation"] = {"predicted": out["live"][i][0], "measured_frozen": out["frozen"][i][1],
+                                "measured_live": out["live"][i][1]}
+    out["agreement"] = stats
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", default="toy", choices=["toy", "gemma270m", "gemma"])
@@ -54,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--node-threshold", type=float, default=0.8)
     parser.add_argument("--edge-threshold", type=float, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
+    parser.add_argument("--interventions", type=int, default=0, metavar="N",
+                        help="ablate the N most influential latents and measure the top logit's change")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -73,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
          "influence": float(result.influence[i]), "kept": i in kept}
         for i, n in enumerate(result.graph.nodes)
     ]
+    measured = _measure_interventions(model, transcoders, result, args.interventions, nodes)
     (args.out / "nodes.json").write_text(json.dumps({"prompt": prompt, "str_tokens": result.str_tokens,
                                                      "settings": result.settings, "nodes": nodes}, indent=1))
     torch.save({"adjacency_matrix": result.adjacency_matrix, "kept_indices": result.kept_indices,
@@ -82,8 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_dashboard:
         from .utils import create_attribution_dashboard
 
+        extra = {}
+        # TODO(lead): pass `interventions=` unconditionally once the dashboard branch (which adds it) is merged.
+        if measured and "interventions" in inspect.signature(create_attribution_dashboard).parameters:
+            extra["interventions"] = measured["live"]
         create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
-                                     scores=scores)
+                                     scores=scores, **extra)
 
     summary = {
         "world": args.world,
@@ -97,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         "attribute_s": round(t_graph, 2),
         "files": sorted(p.name for p in args.out.iterdir()),
     }
+    if measured:
+        summary["interventions"] = measured["agreement"]
     print(json.dumps(summary, indent=1))
     return summary
 

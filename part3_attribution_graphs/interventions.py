@@ -49,6 +49,8 @@ __all__ = [
     "predicted_effects",
     "demeaned_logit",
     "ablation_effects",
+    "most_influential_latents",
+    "agreement",
 ]
 
 Intervention = tuple[int, int, int, float]  # (layer, position, latent, value)
@@ -362,3 +364,17 @@ def ablation_effects(
         out = intervene(model, transcoders, tokens, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs)
         measured.append(float(demeaned_logit(out.logits, token) - clean))
     return predicted.cpu(), torch.tensor(measured, dtype=predicted.dtype)
+
+
+def most_influential_latents(result: AttributionResult, n: int) -> list[int]:
+    """Node indices of the `n` latents with the largest influence on the logits, most influential first."""
+    latents = [i for i, node in enumerate(result.graph.nodes) if node.node_type == NodeType.LATENT]
+    return sorted(latents, key=lambda i: -float(result.influence[i]))[:n]
+
+
+def agreement(predicted: Float[Tensor, " n"], measured: Float[Tensor, " n"]) -> dict[str, float]:
+    """Pearson correlation and median relative error |measured - predicted| / |measured| of two effect lists."""
+    p, m = predicted.double().cpu(), measured.double().cpu()
+    corr = float(torch.corrcoef(torch.stack([p, m]))[0, 1]) if len(p) > 1 else float("nan")
+    rel = ((m - p).abs() / m.abs().clamp(min=1e-12)).median()
+    return {"correlation": corr, "median_relative_error": float(rel)}
