@@ -30,6 +30,9 @@ EXERCISES = [
     ("compute_influence", "test_compute_influence"),
     ("prune_nodes", "test_prune_nodes"),
     ("prune_edges", "test_prune_edges"),
+    # TODO(lead): plain tests.test_<name> once the registry port moves these into the tests/ package.
+    ("run_with_latent_set", "autograde_interventions.test_run_with_latent_set"),
+    ("predicted_effects", "autograde_interventions.test_predicted_effects"),
 ]
 
 skip_runs = pytest.mark.skipif(os.environ.get("P3AG_SKIP_NOTEBOOK_RUN") == "1",
@@ -67,7 +70,8 @@ def test_every_exercise_is_stubbed_then_tested_in_both_notebooks(fresh):
             assert len(defining) == 1, f"{kind}: {name} is defined in {len(defining)} cells"
             i = defining[0]
             call = code[i + 1].replace("# NBVAL_CHECK_OUTPUT", "").strip()
-            assert call == f"tests.{test}({name})", f"{kind}: {name} is not tested right away"
+            module = "" if "." in test else "tests."
+            assert call == f"{module}{test}({name})", f"{kind}: {name} is not tested right away"
             if kind == "exercises":
                 assert "raise NotImplementedError()" in code[i]
                 assert f"if USE_REFERENCE_SOLUTIONS:\n    {name} = solutions.{name}" in code[i]
