@@ -311,3 +311,21 @@ def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
     assert rel_err(ours.logits, ct_logits) < 1e-5
     for layer in range(4):
         assert rel_err(ours.activations[layer], ct_acts[layer]) < 1e-5, layer
+
+
+def test_cli_stores_predicted_and_measured_ablations(tmp_path, capsys):
+    import json
+
+    from part3_attribution_graphs.__main__ import main
+
+    summary = main(["--interventions", "2", "--no-dashboard", "--out", str(tmp_path)])
+    nodes = json.loads((tmp_path / "nodes.json").read_text())["nodes"]
+    ablated = [n for n in nodes if "ablation" in n]
+    assert len(ablated) == 2 and all(n["node_type"] == "latent" for n in ablated)
+    top = sorted((n for n in nodes if n["node_type"] == "latent"), key=lambda n: -n["influence"])[:2]
+    assert [n["node_id"] for n in ablated] == sorted([n["node_id"] for n in top], key=lambda i: [
+        n["node_id"] for n in nodes].index(i))
+    for n in ablated:
+        assert set(n["ablation"]) == {"predicted", "measured_frozen", "measured_live"}
+        assert n["ablation"]["predicted"] != 0 and n["ablation"]["measured_live"] != 0
+    assert set(summary["interventions"]) == {"frozen", "live"}
