@@ -2,9 +2,12 @@
 
 Writes to `--out` (default `out/graph`):
   graph.pt          the whole AttributionResult (read it back with AttributionResult.load)
-  nodes.json        every node with its influence, and whether pruning kept it
+  nodes.json        every node with its influence, and whether pruning kept it (with --interventions N,
+                    the N most influential latents also carry their predicted and measured ablation effect)
   index.html        the self-contained dashboard (open it from disk; no network needed)
   neuronpedia.json  the pruned graph in Neuronpedia's schema
+
+`--result out/graph/graph.pt` redraws a saved graph (re-pruned at the given thresholds) without attributing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,30 @@ def load_world(name: str):
     from .worlds.registry import load_world as load_named
 
     return load_named(name)[1:]
+
+
+def _measure_interventions(model, transcoders, result, n: int, nodes: list[dict]) -> dict:
+    """Ablate the n most influential latents; record predicted and measured top-logit changes in `nodes`.
+
+    "frozen" runs the graph's own local replacement model (patterns and norm scales frozen), "live" lets
+    attention and norms respond; both hold the MLP errors and let every other latent respond.
+    Returns {"frozen": {node: (predicted, measured)}, "live": ..., "agreement": {...}}, or {} when n is 0.
+    """
+    if n <= 0:
+        return {}
+    from .interventions import ablation_effects, agreement, most_influential_latents
+
+    top = most_influential_latents(result, n)
+    out, stats = {}, {}
+    for mode, freeze in (("frozen", True), ("live", False)):
+        predicted, measured = ablation_effects(model, transcoders, result, top, freeze_attention=freeze)
+        out[mode] = {i: (float(p), float(m)) for i, p, m in zip(top, predicted, measured)}
+        stats[mode] = {k: round(v, 4) for k, v in agreement(predicted, measured).items()}
+    for i in top:
+        nodes[i]["ablation"] = {"predicted": out["live"][i][0], "measured_frozen": out["frozen"][i][1],
+                                "measured_live": out["live"][i][1]}
+    out["agreement"] = stats
+    return out
 
 
 def _count(minimum: int):
@@ -79,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-dashboard", action="store_true")
     parser.add_argument("--no-examples", action="store_true",
                         help="skip the latents' example data (the dashboard's activation sections)")
+    parser.add_argument("--result", type=Path, default=None, metavar="GRAPH_PT",
+                        help="redraw a graph saved earlier (its graph.pt) instead of attributing a prompt; "
+                             "the thresholds re-prune it")
+    parser.add_argument("--interventions", type=_count(0), default=0, metavar="N",
+                        help="ablate the N most influential latents and measure the top logit's change")
     parser.add_argument("--traceback", action="store_true", help="on an error, show the full traceback")
     return parser
 
@@ -107,11 +139,21 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     model, transcoders = load_world(args.world)
     t_load = time.perf_counter() - t0
-    prompt = format_prompt(args.user, args.response)
     t0 = time.perf_counter()
-    result = attribute(model, transcoders, prompt, n_output_nodes=args.n_output_nodes, start_posn=START_POSN,
-                       top_k=args.top_k, batch_size=args.batch_size, node_threshold=args.node_threshold,
-                       edge_threshold=args.edge_threshold)
+    if args.result is not None:  # a graph saved earlier: re-prune it and redraw, no backward pass
+        from .result import AttributionResult, prune
+
+        result = prune(AttributionResult.load(args.result), args.node_threshold, args.edge_threshold)
+        if result.graph.n_layers != model.cfg.n_layers or result.graph.writing_vecs.shape[1] != model.cfg.d_model:
+            raise CLIError(f"--result {args.result} was made on another model than --world {args.world} "
+                           f"({result.graph.n_layers} layers, d_model {result.graph.writing_vecs.shape[1]}): "
+                           "pass the world it was made on.")
+        prompt = result.prompt
+    else:
+        prompt = format_prompt(args.user, args.response)
+        result = attribute(model, transcoders, prompt, n_output_nodes=args.n_output_nodes, start_posn=START_POSN,
+                           top_k=args.top_k, batch_size=args.batch_size, node_threshold=args.node_threshold,
+                           edge_threshold=args.edge_threshold)
     t_graph = time.perf_counter() - t0
 
     kept = set(result.kept_indices.tolist())
@@ -120,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
          "influence": float(result.influence[i]), "kept": i in kept}
         for i, n in enumerate(result.graph.nodes)
     ]
+    measured = _measure_interventions(model, transcoders, result, args.interventions, nodes)
     (args.out / "nodes.json").write_text(json.dumps({"prompt": prompt, "str_tokens": result.str_tokens,
                                                      "settings": result.settings, "nodes": nodes}, indent=1))
     result.save(args.out / "graph.pt")  # AttributionResult.load(path) reads it back
@@ -132,9 +175,10 @@ def run(args: argparse.Namespace) -> dict:
         examples = None if args.no_examples else make_toy_example_data(
             model, transcoders, features_by_layer=features_in_graph(result))
         create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
-                                     scores=scores, example_data_by_layer=examples)
+                                     scores=scores, example_data_by_layer=examples,
+                                     interventions=measured["live"] if measured else None)
 
-    return {
+    summary = {
         "world": args.world,
         "prompt_tokens": len(result.str_tokens),
         "nodes": len(result.graph),
@@ -146,6 +190,9 @@ def run(args: argparse.Namespace) -> dict:
         "attribute_s": round(t_graph, 2),
         "files": sorted(p.name for p in args.out.iterdir()),
     }
+    if measured:
+        summary["interventions"] = measured["agreement"]
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

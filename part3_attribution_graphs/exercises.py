@@ -98,6 +98,10 @@ EXERCISES: tuple[Exercise, ...] = (
              "prune_nodes", difficulty=2, importance=3, minutes=(10, 15)),
     Exercise("prune_edges", f"{PACKAGE}.pruning:prune_edges", "function",
              "prune_edges", difficulty=3, importance=3, minutes=(15, 15)),
+    Exercise("run_with_latent_set", f"{PACKAGE}.interventions:run_with_latent_set", "function",
+             "run_with_latent_set", difficulty=2, importance=4, minutes=(15, 15)),
+    Exercise("predicted_effects", f"{PACKAGE}.interventions:predicted_effects", "function",
+             "predicted_effects", difficulty=3, importance=4, minutes=(15, 20)),
 )
 
 

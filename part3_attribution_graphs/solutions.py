@@ -7,6 +7,7 @@ pipeline all run the same code.
 
 from .attribution import AttributionResult, attribute, setup_attribution
 from .exercises import EXERCISES
+from .interventions import intervene, intervene_generate
 from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, build_logit_nodes
 from .pruning import normalize_matrix, prune_graph
 from .replacement import FreezeHooks
@@ -29,6 +30,8 @@ __all__ = [e.qualname for e in EXERCISES] + [
     "prune_graph",
     "AttributionResult",
     "attribute",
+    "intervene",
+    "intervene_generate",
     "format_prompt",
     "START_POSN",
 ]

@@ -1162,6 +1162,194 @@ def prune_edges_topk(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
     return kept, edges[kept][:, kept]
 
 
+# ==================================================================================================
+# run_with_latent_set (interventions)
+# ==================================================================================================
+
+
+def _latent_set(model, transcoder, tokens, position, latent, value, *, hook="out", where="position", add=False,
+                error="held", cleanup=True):
+    """A learner's answer in the notebook's style; keyword switches reproduce one mistake each."""
+    read, write = transcoder.cfg.metadata.hook_name, transcoder.cfg.metadata.hook_name_out
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=read)
+        x = cache[read][0, position]
+        clean = transcoder.encode(x)[latent]
+        change = (value if add else value - clean) * transcoder.W_dec[latent]
+    name = {"out": write, "in": read, "resid_mid": write.replace("hook_mlp_out", "hook_resid_mid")}[hook]
+    pos = {"position": position, "all": slice(None), "next": position + 1}[where]
+
+    def hook_fn(act, hook):
+        act = act.clone()
+        if error == "recomputed":  # the error re-derived from the edited transcoder output absorbs the edit
+            acts = transcoder.encode(x)
+            acts[latent] = value
+            new = transcoder.decode(acts) + x @ transcoder.W_skip.T
+            act[:, position] = new + (act[:, position] - new)
+        elif error == "dropped":
+            acts = transcoder.encode(x)
+            acts[latent] = value
+            act[:, position] = transcoder.decode(acts) + x @ transcoder.W_skip.T
+        else:
+            act[:, pos] += change
+        return act
+
+    with torch.no_grad():
+        if not cleanup:
+            model.add_hook(name, hook_fn)
+            return model(tokens)
+        with model.hooks(fwd_hooks=[(name, hook_fn)]):
+            return model(tokens)
+
+
+@mutant("run_with_latent_set", "to SET the activation, add the difference")
+def latent_set_adds_value(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, add=True)
+
+
+@mutant("run_with_latent_set", "at every position")
+def latent_set_every_position(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, where="all")
+
+
+@mutant("run_with_latent_set", "wrong position")
+def latent_set_next_position(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, where="next")
+
+
+@mutant("run_with_latent_set", "you edit the MLP's input")
+def latent_set_at_mlp_in(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, hook="in")
+
+
+@mutant("run_with_latent_set", "hook_resid_mid")
+def latent_set_at_resid_mid(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, hook="resid_mid")
+
+
+@mutant("run_with_latent_set", "your change cancels out")
+def latent_set_recomputes_error(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, error="recomputed")
+
+
+@mutant("run_with_latent_set", "drops the error")
+def latent_set_drops_error(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, error="dropped")
+
+
+@mutant("run_with_latent_set", "left 1 hook(s) on the model")
+def latent_set_leaves_hook(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, cleanup=False)
+
+
+@alternative("run_with_latent_set")
+def latent_set_reference(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value)
+
+
+@alternative("run_with_latent_set")
+def latent_set_in_one_pass(model, transcoder, tokens, position, latent, value):
+    """Reads the clean activation from the live MLP input of the same pass (nothing upstream has changed)."""
+    seen = {}
+
+    def read(x, hook):
+        seen["a"] = transcoder.encode(x[0, position])[latent]
+
+    def write(mlp_out, hook):
+        return mlp_out + F.pad(((value - seen["a"]) * transcoder.W_dec[latent])[None],
+                               (0, 0, position, mlp_out.shape[1] - position - 1))
+
+    hooks = [(transcoder.cfg.metadata.hook_name, read), (transcoder.cfg.metadata.hook_name_out, write)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        return model(tokens)
+
+
+# ==================================================================================================
+# predicted_effects (interventions)
+# ==================================================================================================
+
+
+def _effects(result, node_indices, *, divide=True, steps=None, total=True):
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    idx = list(node_indices)
+    gain = torch.zeros(A.shape[0], dtype=A.dtype)
+    for u, n in enumerate(nodes):
+        if n.node_type == NodeType.LATENT:
+            gain[u] = 1 / n.activation if divide else 1.0
+    M = A * gain
+    direct = A[:, idx]
+    if not total:
+        return direct.T, direct.T
+    if steps is None:
+        out = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - M, direct)
+    else:
+        out, term = direct.clone(), direct
+        for _ in range(steps):
+            term = M @ term
+            out = out + term
+    return direct.T, out.T
+
+
+@mutant("predicted_effects", "your total effect is the direct effect")
+def effects_total_is_direct(result, node_indices):
+    return _effects(result, node_indices, total=False)
+
+
+@mutant("predicted_effects", "divide each latent's column of A by its activation")
+def effects_not_divided(result, node_indices):
+    return _effects(result, node_indices, divide=False)
+
+
+@mutant("predicted_effects", "multiplied the latent columns by the activations")
+def effects_times_activation(result, node_indices):
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    acts = torch.tensor([n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype)
+    total = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - A * acts, A[:, list(node_indices)])
+    return A[:, list(node_indices)].T, total.T
+
+
+@mutant("predicted_effects", "paths of one or two edges only")
+def effects_one_step(result, node_indices):
+    return _effects(result, node_indices, steps=1)
+
+
+@mutant("predicted_effects", "one row per source")
+def effects_columns(result, node_indices):
+    direct, total = _effects(result, node_indices)
+    return direct.T, total.T
+
+
+@alternative("predicted_effects")
+def effects_looped(result, node_indices):
+    """Node by node in graph order: each latent's change passes on to everything after it."""
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    direct = A[:, list(node_indices)].T
+    total = torch.zeros_like(direct)
+    for j, s in enumerate(node_indices):
+        x = A[:, s].clone()
+        for u, n in enumerate(nodes):  # u's change is final once every earlier node's is
+            if n.node_type == NodeType.LATENT and u != s:
+                x[u + 1:] += A[u + 1:, u] * x[u] / n.activation
+        total[j] = x
+    return direct, total
+
+
+@alternative("predicted_effects")
+def effects_neumann(result, node_indices):
+    """The closed form as a Neumann series: a path passes through at most one latent per layer."""
+    return _effects(result, node_indices, steps=result.graph.n_layers)
+
+
+@alternative("predicted_effects")
+def effects_triangular(result, node_indices):
+    """A is strictly lower triangular in node order: a unit-triangular solve."""
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    gain = torch.tensor([1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype)
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    total = torch.linalg.solve_triangular(eye - A * gain, A[:, list(node_indices)], upper=False, unitriangular=True)
+    return A[:, list(node_indices)].T, total.T
+
+
 def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:
     """{exercise: (mutants, alternatives)}."""
     out: dict[str, tuple[list[Mutant], list[Mutant]]] = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import part3_attribution_graphs.tests as autograder
-from part3_attribution_graphs import attribution, nodes, pruning, replacement, solutions
+from part3_attribution_graphs import attribution, interventions, nodes, pruning, replacement, solutions
 from part3_attribution_graphs.exercises import EXERCISES
 from part3_attribution_graphs.tests import harness
 from part3_attribution_graphs.toy import make_toy_world
@@ -129,7 +129,7 @@ def test_catalogue_covers_every_exercise():
 
 
 def test_solutions_reexport_the_stage_modules():
-    homes = (attribution, nodes, pruning, replacement)
+    homes = (attribution, interventions, nodes, pruning, replacement)
     for name in solutions.__all__:
         obj = getattr(solutions, name)
         if callable(obj):

@@ -58,7 +58,8 @@ def test_every_exercise_is_stubbed_then_tested_in_both_notebooks(fresh):
             assert len(defining) == 1, f"{kind}: {name} is defined in {len(defining)} cells"
             i = defining[0]
             call = code[i + 1].replace("# NBVAL_CHECK_OUTPUT", "").strip()
-            assert call == f"tests.{test}({name})", f"{kind}: {name} is not tested right away"
+            module = "" if "." in test else "tests."
+            assert call == f"{module}{test}({name})", f"{kind}: {name} is not tested right away"
             if kind == "exercises":
                 assert f'raise NotImplementedError("Exercise {name}: replace this line with your code")' in code[i]
                 assert f"if USE_REFERENCE_SOLUTIONS:\n    {name} = solutions.{name}" in code[i]
