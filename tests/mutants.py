@@ -1237,7 +1237,7 @@ def latent_set_drops_error(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, error="dropped")
 
 
-@mutant("run_with_latent_set", "left 1 hook(s) on the model")
+@mutant("run_with_latent_set", "left 1 hook on the model")
 def latent_set_leaves_hook(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, cleanup=False)
 

@@ -287,7 +287,7 @@ CT_MODES = {
 @pytest.mark.parametrize("apply_fn", [True, False], ids=["acts", "pre"])
 def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
     pytest.importorskip("circuit_tracer")
-    from part3_attribution_graphs.crosscheck import ct_replacement_model
+    from part3_attribution_graphs.tools.crosscheck import ct_replacement_model
 
     model, tcs = toy_world
     ct_model = ct_replacement_model(model, tcs, start_posn=0)
