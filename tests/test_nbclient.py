@@ -11,7 +11,6 @@ notebook would show "Error displaying widget: model not found" there).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nbformat
@@ -35,7 +34,6 @@ class RecordingClient(NotebookClient):
 
 
 @pytest.mark.notebook
-@pytest.mark.skipif(os.environ.get("P3AG_SKIP_NOTEBOOK_RUN") == "1", reason="P3AG_SKIP_NOTEBOOK_RUN=1")
 def test_solutions_notebook_runs_under_plain_nbclient(tmp_path, monkeypatch):
     for key in ("TQDM_DISABLE", "HF_TOKEN", "PLOTLY_RENDERER"):
         monkeypatch.delenv(key, raising=False)

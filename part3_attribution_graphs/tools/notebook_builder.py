@@ -613,88 +613,28 @@ def _clean_after_execution(nb: nbformat.NotebookNode) -> None:
                         if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
 
 
-# TODO(lead): remove once the tqdm stall fix lands
-def _patient_get_msg(get_msg):
-    """Wrap a channel's async `get_msg` so that it waits in one-second slices.
-
-    A wait on the kernel's zmq sockets can miss its wake-up and sleep through a message that has already
-    arrived, until the wait's own timeout (which for a cell is the whole cell timeout). Re-polling every
-    second finds the message; the overall deadline is unchanged.
-    """
-    from queue import Empty
-
-    async def get(timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-            try:
-                return await get_msg(timeout=left)
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-
-    return get
-
-
-def _patient(client_class: type) -> type:
-    """A subclass of an nbclient client class whose kernel channels wait patiently (see `_patient_get_msg`)."""
-    from jupyter_core.utils import run_sync
-
-    class Patient(client_class):
-        async def async_start_new_kernel_client(self):
-            kc = await super().async_start_new_kernel_client()
-            for channel in (kc.shell_channel, kc.iopub_channel):
-                channel.get_msg = _patient_get_msg(channel.get_msg)
-            return kc
-
-        # nbclient binds the sync name to the base class's coroutine: rebind it to ours.
-        start_new_kernel_client = run_sync(async_start_new_kernel_client)
-
-    Patient.__name__ = Patient.__qualname__ = f"Patient{client_class.__name__}"
-    return Patient
-
-
 def notebook_client(nb: nbformat.NotebookNode, **kwargs):
-    """An `nbclient.NotebookClient` whose waits for kernel messages re-poll every second."""
+    """A plain `nbclient.NotebookClient` (kept as a function so tests and the builder build it one way)."""
     from nbclient import NotebookClient
 
-    return _patient(NotebookClient)(nb, **kwargs)
+    return NotebookClient(nb, **kwargs)
 
 
 def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str = "python3") -> Path:
     """Run the exercises notebook with papermill and `USE_REFERENCE_SOLUTIONS=True`; return the executed copy.
 
     Same as `papermill notebooks/part3_attribution_graphs_exercises.ipynb OUT.ipynb -p USE_REFERENCE_SOLUTIONS True
-    -p WORLD ... -p OUTPUT_DIR ...`, but through a papermill engine whose kernel waits re-poll (see
-    `_patient_get_msg`): papermill waits without a timeout, so one missed wake-up would hang it for good.
-    The dashboards land in `out_dir/<prompt>/`.
+    -p WORLD ... -p OUTPUT_DIR ...`. The dashboards land in `out_dir/<prompt>/`.
     """
     import papermill
-    from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine, papermill_engines
-    from papermill.utils import merge_kwargs, remove_args
 
-    client_class = _patient(PapermillNotebookClient)
-
-    class PatientEngine(NBClientEngine):
-        @classmethod
-        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
-                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
-            # As NBClientEngine does, with our client class.
-            kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
-            final = merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout,
-                                 kernel_name=kernel_name, log=papermill.log.logger, log_output=log_output,
-                                 stdout_file=stdout_file, stderr_file=stderr_file)
-            return client_class(nb_man, **final).execute()
-
-    papermill_engines.register("p3ag-patient", PatientEngine)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     executed = out / NOTEBOOKS["exercises"].name.replace(".ipynb", ".executed.ipynb")
     papermill.execute_notebook(
         str(NOTEBOOKS["exercises"]), str(executed),
         parameters={"USE_REFERENCE_SOLUTIONS": True, "WORLD": world, "OUTPUT_DIR": str(out)},
-        engine_name="p3ag-patient", kernel_name=kernel_name, cwd=str(NOTEBOOKS["exercises"].parent),
+        kernel_name=kernel_name, cwd=str(NOTEBOOKS["exercises"].parent),
         progress_bar=sys.stderr.isatty(),
     )
     return executed
@@ -704,7 +644,9 @@ def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
     """Execute the solutions notebook in place on the toy world; returns the wall time in seconds."""
     env_overrides = {
         "P3AG_WORLD": "toy",
-        "TQDM_DISABLE": "1",  # progress bars would make the committed outputs differ run to run
+        # Not needed to finish (plain nbclient runs the notebook as it is): finished bars leave their timings
+        # as text, which would make the committed outputs differ from run to run.
+        "TQDM_DISABLE": "1",
         "PLOTLY_RENDERER": "plotly_mimetype",  # figure JSON only, not 4 MB of plotly.js per notebook
     }
     saved = {k: os.environ.get(k) for k in [*env_overrides, "P3AG_OUTPUT_DIR"]}
@@ -712,9 +654,7 @@ def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
         os.environ.update(env_overrides)
         os.environ["P3AG_OUTPUT_DIR"] = tmp
         try:
-            # "immediate": kill the kernel when done; a graceful shutdown has been seen to stall for minutes.
             client = notebook_client(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                                     shutdown_kernel="immediate",
                                      resources={"metadata": {"path": str(NOTEBOOKS["solutions"].parent)}})
             start = time.perf_counter()
             client.execute()
