@@ -9,6 +9,7 @@ every source at once.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 from .nodes import GraphNodes, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
 from .pruning import check_threshold, compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
+from .transposed import TransposedModel
 
 __all__ = [
     "read_hook_name",
@@ -29,6 +31,7 @@ __all__ = [
     "setup_attribution",
     "prepare_backward_batches",
     "compute_adjacency_matrix",
+    "transposed_adjacency_matrix",
     "FrozenForward",
     "run_frozen_forward",
     "AttributionResult",
@@ -272,6 +275,41 @@ def compute_adjacency_matrix(
     return A
 
 
+def transposed_adjacency_matrix(
+    model: HookedSAETransformer,
+    graph: GraphNodes,
+    freeze: FreezeHooks,
+    transcoders: dict[int, Transcoder],
+    batches: list[Batch],
+    start_posn: int = 4,
+) -> Float[Tensor, "n_nodes n_nodes"]:
+    """`compute_adjacency_matrix`'s result, with the backward passes written out (`TransposedModel`).
+
+    Needs no forward pass and no hooks (the frozen values hold everything), and each batch's gradients
+    stop at its last target's position and its highest target's layer. For the models
+    `TransposedModel.supports`; `attribute` uses it when it can.
+    """
+    n = len(graph.nodes)
+    A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    transposed = TransposedModel(model, transcoders, freeze)
+    groups = []
+    for key, _, cols, slots, writes in _source_groups(graph, start_posn):
+        # Sources are in position order, so those before position P are the first `before[P]` of the group.
+        positions = [node.ctx_idx for node in graph.nodes[cols]]
+        before = [bisect_left(positions, p) for p in range(graph.seq_len + 1)]
+        groups.append((key, cols.start, slots, writes, before))
+    for rows, reading, positions, layers in tqdm(_reading_targets(graph, batches), desc="Backward batches",
+                                                 leave=False):
+        grads = transposed.gradients(reading, positions, layers)
+        for key, start, slots, writes, before in groups:
+            g = grads.get(key)
+            m = 0 if g is None else before[g.shape[1]]
+            if m:
+                edges = torch.einsum("bpd,pkd->bpk", g.to(writes.dtype), writes[: g.shape[1]])
+                A[rows, start : start + m] = edges.flatten(1)[:, slots[:m]]
+    return A
+
+
 def logit_weights_of(
     graph: GraphNodes, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Float[Tensor, " n_logits"]:
@@ -373,7 +411,10 @@ def attribute(
         adjacency = _adjacency_matrix
     else:
         batches = prepare_backward_batches(graph, batch_size)
-        adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
+        if TransposedModel.supports(model, freeze):
+            adjacency = transposed_adjacency_matrix(model, graph, freeze, transcoders, batches, start_posn)
+        else:
+            adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
 
     logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
     kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)

@@ -13,7 +13,7 @@ from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
 pytest.importorskip("circuit_tracer")
-from part3_attribution_graphs import bench  # noqa: E402
+from part3_attribution_graphs.tools import bench  # noqa: E402
 from part3_attribution_graphs.crosscheck import (  # noqa: E402
     aligned_adjacency,
     ct_attribute,

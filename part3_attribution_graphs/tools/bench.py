@@ -1,8 +1,8 @@
 """Speed benchmark: the seed's per-node loop, our `attribute`, and circuit-tracer, on one graph.
 
-    python -m part3_attribution_graphs.bench --case toy
-    python -m part3_attribution_graphs.bench --case cpu-large
-    python -m part3_attribution_graphs.bench --case gemma1b-shape --device cuda --dtype bfloat16
+    python -m part3_attribution_graphs.tools.bench --case toy
+    python -m part3_attribution_graphs.tools.bench --case cpu-large
+    python -m part3_attribution_graphs.tools.bench --case gemma1b-shape --device cuda --dtype bfloat16
 
 All three methods run in one process on the same model, prompt and node set: every active latent at
 positions from `--start-posn` on (our `top_k` is set above the transcoder width, and circuit-tracer's
@@ -43,7 +43,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from .attribution import (
+from ..attribution import (
     AttributionResult,
     Batch,
     _reading_targets,
@@ -52,10 +52,10 @@ from .attribution import (
     read_hook_name,
     write_hook_name,
 )
-from .nodes import GraphNodes, NodeType
-from .replacement import FreezeHooks, TranscoderReplacementHooks
-from .worlds.gemma import format_prompt
-from .worlds.toy import SPECIAL_TOKENS, make_toy_tokenizer, make_toy_world
+from ..nodes import GraphNodes, NodeType
+from ..replacement import FreezeHooks, TranscoderReplacementHooks
+from ..worlds.gemma import format_prompt
+from ..worlds.toy import SPECIAL_TOKENS, make_toy_tokenizer, make_toy_world
 
 __all__ = ["WorldSpec", "CASES", "make_world", "seed_compute_adjacency_matrix", "run_case", "main"]
 
@@ -462,7 +462,7 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
 
     # (c) circuit-tracer
     if not skip_circuit_tracer:
-        from .crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
+        from ..crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
 
         ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
         c_s, c_cpu, c_mem, ct_graph = _timed(lambda: ct_attribute(ct_model, tokens, token_ids, ct_batch_size), device, repeats)

@@ -1,0 +1,1 @@
+"""Developer tools (benchmarks, cross-checks, the notebook builder): never imported by the lesson."""
