@@ -20,6 +20,8 @@ MLP); `compute_adjacency_matrix` falls back to autograd otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
@@ -109,13 +111,13 @@ class TransposedModel:
         reading: Float[Tensor, "batch d_model"],
         positions: Int[Tensor, " batch"],
         layers: list[int | str],
-    ) -> dict[int | str, Float[Tensor, "batch pos d_model"]]:
+    ) -> Iterator[tuple[int | str, Float[Tensor, "batch pos d_model"]]]:
         """Each target's gradient at every write point below it, at positions `0 .. max(positions)`.
 
-        Returns:
-            `{layer: grad at blocks.{layer}.hook_mlp_out}` for the layers below the highest target (and
-            every layer if a logit is among the targets) and `{"E": grad at blocks.0.hook_resid_pre}`.
-            Positions after the last target's are left out: their gradients are zero.
+        Yields `(layer, grad at blocks.{layer}.hook_mlp_out)` from the top down, for the layers below the
+        highest target (every layer if a logit is among the targets), then `("E", grad at
+        blocks.0.hook_resid_pre)`. Positions after the last target's are left out: their gradients are
+        zero. One layer's gradient is alive at a time, so memory does not grow with depth.
         """
         b = reading.shape[0]
         P = int(positions.max()) + 1
@@ -130,11 +132,10 @@ class TransposedModel:
             i = rows[is_logit]
             g[i, positions[i]] = reading[i] * self.final[positions[i]]
         live = bool(is_logit.any())  # g is still all zero above the first latent target
-        grads: dict[int | str, Tensor] = {}
         for layer in range(top, -1, -1):
             W_skip, n2, groups, rep = self.layers[layer]
             if live:
-                grads[layer] = g
+                yield layer, g
             h = g @ W_skip if live and W_skip is not None else torch.zeros_like(g)
             mine = latent_layer == layer
             if bool(mine.any()):  # latent targets read this layer's mlp_in: their seeds enter here
@@ -150,5 +151,4 @@ class TransposedModel:
                 gv = torch.matmul(mix_t[:P, : P * rep], gz)  # (b, k, d_head)
                 g_pre = g_pre + gv @ v_out
             g = g_pre
-        grads["E"] = g
-        return grads
+        yield "E", g
