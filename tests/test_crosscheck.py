@@ -13,7 +13,6 @@ from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
 pytest.importorskip("circuit_tracer")
-from part3_attribution_graphs.tools import bench  # noqa: E402
 from part3_attribution_graphs.crosscheck import (  # noqa: E402
     aligned_adjacency,
     ct_attribute,
@@ -21,6 +20,7 @@ from part3_attribution_graphs.crosscheck import (  # noqa: E402
     ct_replacement_model,
     our_node_key,
 )
+from part3_attribution_graphs.tools import bench  # noqa: E402
 
 PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is **large")
 COUPLET = format_prompt("Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and")
@@ -112,7 +112,7 @@ def test_top_k_latents_are_a_subset_and_their_edges_agree_where_no_error_node_di
 def test_bench_gemma_shape_code_path_runs_tiny(dtype, capsys):
     """The GPU case's code path (Gemma 3-1B's head layout, 5:1 local/global, bf16 and float32) at CPU size."""
     res = bench.main(["--case", "gemma1b-shape", "--tiny", "--dtype", dtype, "--repeats", "1",
-                      "--seed-max-batches", "3", "--ct-batch-size", "128"])
+                      "--seed-max-batches", "3", "--ct-batch-sizes", "128"])
     out = capsys.readouterr().out
     assert "(a) seed's per-node loop" in out and "(b) ours" in out and "(c) circuit-tracer" in out
     assert res["n_tokens"] == 30 and res["n_latents"] > 100
