@@ -136,3 +136,22 @@ def test_seed_loop_reimplementation_gives_our_matrix(toy_world):
                                             prepare_backward_batches(ours.graph, 8), START_POSN)
     assert not tc_hooks.installed
     assert max_rel_diff(A, ours.adjacency_matrix) < RTOL
+
+
+def test_gpu_script_dry_run_writes_the_readme_rows(tmp_path, capsys):
+    """The one-command GPU benchmark, on its CPU stand-ins: every case runs and the README gets dated rows."""
+    from part3_attribution_graphs.tools import gpu_bench
+
+    readme = tmp_path / "README.md"
+    readme.write_text("| case | a | b | c | a/b | c/b |\n|---|---|---|---|---|---|\n| toy | 1 | 2 | 3 | | |\n"
+                      "| Gemma 3-1B shape on an H100, bf16 / fp32 | pending | pending | pending | | |\n\nAfter.\n")
+    results = gpu_bench.main(["--dry-run", "--readme", str(readme)])
+    assert [r["dtype"] for r in results] == ["bfloat16", "float32", "float32"]
+    lines = readme.read_text().splitlines()
+    assert lines[2] == "| toy | 1 | 2 | 3 | | |" and lines[-1] == "After."
+    rows = [line for line in lines if line.startswith(gpu_bench.ROW_PREFIXES)]
+    assert len(rows) == 3 and "pending" not in readme.read_text()
+    assert all("CPU dry run" in row and row.count("|") == 7 for row in rows)
+    # Run again: the script replaces its own rows rather than adding more.
+    gpu_bench.update_readme(readme, rows[:1])
+    assert sum(line.startswith(gpu_bench.ROW_PREFIXES) for line in readme.read_text().splitlines()) == 1
