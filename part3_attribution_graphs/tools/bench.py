@@ -393,6 +393,9 @@ class Row:
     n_nodes: int
     note: str = ""
 
+    def __post_init__(self) -> None:  # one line per row as it is measured: a long case's table comes only at the end
+        print(f"measured {self.method}: {self.seconds:.2f} s, {self.cpu_seconds:.2f} CPU s", flush=True)
+
 
 def floor_flops(model: HookedSAETransformer, graph: GraphNodes) -> float:
     """Multiply-adds x 2 that the targets' backward passes cannot avoid, from the model's shape.
@@ -502,6 +505,37 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                                               _adjacency_matrix=A), device, 1)
         return s, c
 
+    # (c) circuit-tracer, at each batch size
+    if not skip_circuit_tracer:
+        from ..crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
+
+        ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
+        ct_rows = []
+        for ct_batch_size in ct_batch_sizes:
+            c_s, c_cpu, c_mem, ct_graph = _timed(lambda bs=ct_batch_size: ct_attribute(ct_model, tokens, token_ids, bs,
+                                                                      max_feature_nodes), device, repeats)
+            n_feat = len(ct_graph.selected_features)
+            passes = math.ceil(len(token_ids) / ct_batch_size) + math.ceil(n_feat / ct_batch_size)
+            if max_feature_nodes is None:
+                ours_A, theirs_A, keys = aligned_adjacency(result, ct_graph)
+                diff = ((ours_A.double() - theirs_A.double()).abs().max() / theirs_A.double().abs().max()).item()
+                out["ct_vs_ours_max_rel_diff"] = diff
+                same = f"same edges as (b) to {diff:.1e} (max rel.)"
+            else:
+                same = "its own choice of latents"
+            ct_rows.append(Row(f"(c) circuit-tracer attribute, batch_size={ct_batch_size}", c_s, c_cpu,
+                               f"1 fwd on {ct_batch_size} copies + {passes} bwd", c_mem / 2**20,
+                               ct_graph.adjacency_matrix.shape[0], f"{n_feat} latents; {same}"))
+            del ct_graph
+        best = min(ct_rows, key=lambda r: r.seconds)
+        best.note = "fastest of the sweep; " + best.note
+        rows += ct_rows
+        out["c_best_over_b"] = best.seconds / b_s
+        out["c_best_over_b_cpu"] = best.cpu_seconds / b_cpu
+        default = [r for r, bs in zip(ct_rows, ct_batch_sizes) if bs == CT_DEFAULT_BATCH]
+        out["c_default_over_b"] = default[0].seconds / b_s if default else None
+        del ct_model
+
     # (b0) ours before the written-out backward: the lesson's compute_adjacency_matrix (autograd, vmap)
     if autograd_row:
         freeze = FreezeHooks(model)
@@ -547,37 +581,6 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
         rows.insert(0, Row("(a) seed's per-node loop", loop_s + rest_s, loop_cpu + rest_cpu,
                            f"{len(seed_batches)} x (fwd on 8 copies + bwd)", a_mem / 2**20, len(graph), note))
         del A_seed
-
-    # (c) circuit-tracer, at each batch size
-    if not skip_circuit_tracer:
-        from ..crosscheck import aligned_adjacency, ct_attribute, ct_replacement_model
-
-        ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
-        ct_rows = []
-        for ct_batch_size in ct_batch_sizes:
-            c_s, c_cpu, c_mem, ct_graph = _timed(lambda bs=ct_batch_size: ct_attribute(ct_model, tokens, token_ids, bs,
-                                                                      max_feature_nodes), device, repeats)
-            n_feat = len(ct_graph.selected_features)
-            passes = math.ceil(len(token_ids) / ct_batch_size) + math.ceil(n_feat / ct_batch_size)
-            if max_feature_nodes is None:
-                ours_A, theirs_A, keys = aligned_adjacency(result, ct_graph)
-                diff = ((ours_A.double() - theirs_A.double()).abs().max() / theirs_A.double().abs().max()).item()
-                out["ct_vs_ours_max_rel_diff"] = diff
-                same = f"same edges as (b) to {diff:.1e} (max rel.)"
-            else:
-                same = "its own choice of latents"
-            ct_rows.append(Row(f"(c) circuit-tracer attribute, batch_size={ct_batch_size}", c_s, c_cpu,
-                               f"1 fwd on {ct_batch_size} copies + {passes} bwd", c_mem / 2**20,
-                               ct_graph.adjacency_matrix.shape[0], f"{n_feat} latents; {same}"))
-            del ct_graph
-        best = min(ct_rows, key=lambda r: r.seconds)
-        best.note = "fastest of the sweep; " + best.note
-        rows += ct_rows
-        out["c_best_over_b"] = best.seconds / b_s
-        out["c_best_over_b_cpu"] = best.cpu_seconds / b_cpu
-        default = [r for r, bs in zip(ct_rows, ct_batch_sizes) if bs == CT_DEFAULT_BATCH]
-        out["c_default_over_b"] = default[0].seconds / b_s if default else None
-        del ct_model
 
     if not tiny and spec is not None or case == "toy":
         lesson_s, lesson_cpu, lesson_mem, lesson = _timed(
