@@ -3,6 +3,8 @@
     python -m part3_attribution_graphs.tools.bench --case toy
     python -m part3_attribution_graphs.tools.bench --case cpu-large
     python -m part3_attribution_graphs.tools.bench --case gemma1b-shape --device cuda --dtype bfloat16
+    python -m part3_attribution_graphs.tools.bench --case gemma270m
+    python -m part3_attribution_graphs.tools.bench --case gemma270m-long --skip-seed-loop
 
 All three methods run in one process on the same model, prompt and node set: every active latent at
 positions from `--start-posn` on (our `top_k` is set above the transcoder width, and circuit-tracer's
@@ -11,14 +13,19 @@ position) and one embedding node per position.
 
 (a) the seed's loop (re-implemented here): per batch of 8 targets, a forward pass on 8 copies of the
     prompt and a backward pass, then a Python loop over every source node with scalar writes into A;
-(b) our `attribute`: one forward pass, then one backward pass per batch of targets, contracted with
-    all sources at once;
-(c) circuit-tracer 0.5.0's `attribute` (TransformerLens backend), built from the same weights.
+(b) our `attribute`: one backward pass per batch of targets (written out by `TransposedModel` where
+    the architecture allows, else autograd), contracted with all sources at once; (b0), with
+    `--autograd-row`, is the lesson's autograd engine `compute_adjacency_matrix`;
+(c) circuit-tracer 0.5.0's `attribute` (TransformerLens backend), built from the same weights, at each
+    of `--ct-batch-sizes`.
 
-The worlds are random-weight Gemma 3 models with skip transcoders fitted like the toy world's:
-`toy` (the lesson's toy world), `cpu-large` (6 layers, d_model 256, 2k latents, 32-token prompt) and
-`gemma1b-shape` (Gemma 3-1B's exact shape, 16k latents with L0 near 15, 30-token prompt; meant for a
-GPU). `--tiny` shrinks any case to seconds on a CPU, to test the code path.
+The worlds are random-weight Gemma 3 models built by `worlds.synthetic.make_world` (as the toy world
+is): `toy` (the lesson's toy world), `cpu-large` (6 layers, d_model 256, 2k latents, 32-token prompt)
+and `gemma1b-shape` (Gemma 3-1B's exact shape, 16k latents with L0 near 15, 30-token prompt; meant for
+a GPU); and the real Gemma 3 270M (`gemma270m`, 23 tokens, every active latent; `gemma270m-long`, 118
+tokens, latents capped). `--tiny` shrinks a random world to seconds on a CPU, to test the code path.
+The output ends with the floor: the products the targets' backward passes cannot avoid, counted from
+the model's shape, at the matrix-product rate measured in the same run, and the fraction of it (b) reaches.
 """
 
 from __future__ import annotations
@@ -37,10 +44,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from jaxtyping import Float, Int
-from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
-from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig
+from sae_lens import HookedSAETransformer
 from torch import Tensor
-from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from ..attribution import (
@@ -57,32 +62,12 @@ from ..nodes import GraphNodes, NodeType
 from ..replacement import FreezeHooks, TranscoderReplacementHooks
 from ..transposed import TransposedModel
 from ..worlds.gemma import format_prompt
+from ..worlds.synthetic import WorldSpec, make_world
 from ..worlds.toy import SPECIAL_TOKENS, make_toy_tokenizer, make_toy_world
 
 __all__ = ["WorldSpec", "CASES", "make_world", "seed_compute_adjacency_matrix", "run_case", "main"]
 
 GEMMA3_1B_ATTN = (["local"] * 5 + ["global"]) * 4 + ["local"] * 2  # 26 layers, 5 local : 1 global
-
-
-@dataclass(frozen=True)
-class WorldSpec:
-    """The shape of a random-weight Gemma 3 world, its transcoders and its benchmark prompt."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_mlp: int
-    d_sae: int
-    target_l0: int  # latents firing per token, on average over the calibration text
-    attn_types: tuple[str, ...]
-    window_size: int
-    user: str
-    response: str
-    n_tokens: int  # the prompt's length, checked
-    d_vocab: int | None = None  # None: the toy tokenizer's vocabulary
-    n_ctx: int = 256  # positions the rotary tables cover (prompts are short)
 
 
 CASES: dict[str, WorldSpec | None] = {
@@ -119,116 +104,6 @@ def shrink(spec: WorldSpec) -> WorldSpec:
     attn = spec.attn_types[:3] if "global" in spec.attn_types[:3] else ("local", "local", "global")
     return replace(spec, n_layers=3, d_model=64, d_head=16, d_mlp=128, d_sae=min(spec.d_sae, 512),
                    attn_types=attn, d_vocab=min(spec.d_vocab or 0, 4096) or None)
-
-
-# ---------------------------------------------------------------- worlds
-
-
-def _config(spec: WorldSpec, d_vocab: int, device: str) -> HookedTransformerConfig:
-    return HookedTransformerConfig(
-        d_model=spec.d_model, d_head=spec.d_head, n_heads=spec.n_heads, n_key_value_heads=spec.n_kv_heads,
-        d_mlp=spec.d_mlp, n_layers=spec.n_layers, n_ctx=spec.n_ctx, d_vocab=d_vocab, act_fn="gelu_pytorch_tanh",
-        normalization_type="RMS", use_normalization_before_and_after=True, use_qk_norm=True, gated_mlp=True,
-        final_rms=True, positional_embedding_type="rotary", rotary_base=1_000_000, rotary_base_local=10_000,
-        use_local_attn=True, window_size=spec.window_size, attn_types=list(spec.attn_types), use_attn_scale=True,
-        eps=1e-6, original_architecture="Gemma3ForCausalLM", default_prepend_bos=True,
-        tokenizer_prepends_bos=False, dtype=torch.float32, device=device, seed=None, init_weights=False,
-    )
-
-
-@torch.no_grad()
-def _fill_weights(model: HookedSAETransformer, gen: torch.Generator) -> None:
-    """Random weights with the toy world's scales (norm weights far from 1, no biases)."""
-    d = model.cfg.d_model
-    for name, p in sorted(model.named_parameters()):
-        if name.endswith(".w"):
-            p.normal_(generator=gen).mul_(0.5).add_(1.0)
-        elif name.split(".")[-1].lstrip("_").startswith("b_"):
-            p.zero_()
-        elif name == "embed.W_E":
-            p.normal_(generator=gen)
-        elif name == "unembed.W_U":
-            p.normal_(generator=gen).div_(d**0.5)
-        else:
-            fan_in = p.shape[-2] if p.ndim >= 2 else p.shape[-1]
-            p.normal_(generator=gen).div_(fan_in**0.5)
-
-
-@torch.no_grad()
-def _fit_transcoder(layer: int, x: Float[Tensor, "n d"], y: Float[Tensor, "n d"], spec: WorldSpec,
-                    gen: torch.Generator) -> JumpReLUSkipTranscoder:
-    """A skip transcoder for one MLP: least-squares affine skip, random encoder, thresholds set for L0."""
-    n, d = x.shape
-    dev = x.device
-    cfg = JumpReLUSkipTranscoderConfig(d_in=d, d_sae=spec.d_sae, d_out=d, dtype="float32", device=str(dev),
-                                       apply_b_dec_to_input=False)
-    cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-    cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-    cfg.metadata.model_name = "bench-gemma-3"
-    tc = JumpReLUSkipTranscoder(cfg)
-
-    x64, y64 = x.double(), y.double()
-    x_aug = torch.cat([x64, torch.ones(n, 1, dtype=torch.float64, device=dev)], dim=1)
-    sol = torch.linalg.lstsq(x_aug, y64).solution  # (d + 1, d)
-    W_skip, b_skip = sol[:d].T.contiguous(), sol[d]
-    resid = y64 - x_aug @ sol
-
-    W_enc = torch.randn(d, spec.d_sae, generator=gen, dtype=torch.float64, device=dev) / d**0.5
-    b_enc = 0.1 * torch.randn(spec.d_sae, generator=gen, dtype=torch.float64, device=dev)
-    pre = x64 @ W_enc + b_enc
-    mu, sd = pre.mean(0), pre.std(0)
-    lo, hi = 0.0, 20.0  # threshold = mu + z sd per latent; bisect z until L0 hits the target
-    for _ in range(40):
-        z = (lo + hi) / 2
-        l0 = (pre > mu + z * sd).sum(1).double().mean()
-        lo, hi = (z, hi) if l0 > spec.target_l0 else (lo, z)
-    threshold = (mu + hi * sd).clamp(min=1e-3)
-    acts = torch.where(pre > threshold, pre, torch.zeros_like(pre))
-
-    if spec.d_sae <= 4096:  # ridge fit of what the skip misses, as in the toy world
-        gram = acts.T @ acts + 1e-1 * torch.eye(spec.d_sae, dtype=torch.float64, device=dev)
-        W_dec = torch.linalg.solve(gram, acts.T @ resid)
-    else:  # a 16k x 16k solve is not worth it for a timing benchmark: random, scaled to half the residual
-        W_dec = torch.randn(spec.d_sae, d, generator=gen, dtype=torch.float64, device=dev)
-        W_dec *= 0.5 * resid.norm(dim=-1).mean() / (acts @ W_dec).norm(dim=-1).mean().clamp(min=1e-12)
-    b_dec = b_skip + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64, device=dev)
-    for name, val in dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
-                          W_skip=W_skip).items():
-        getattr(tc, name).copy_(val.float())
-    return tc.eval()
-
-
-def make_world(spec: WorldSpec, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               ) -> tuple[HookedSAETransformer, dict[int, JumpReLUSkipTranscoder]]:
-    """A random-weight Gemma 3 model of this shape and one fitted skip transcoder per layer.
-
-    The toy tokenizer serves every size; a larger `d_vocab` only widens the (un)embedding.
-    """
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tokenizer = make_toy_tokenizer()
-    cfg = _config(spec, spec.d_vocab or len(tokenizer), device)
-    model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=True)
-    _fill_weights(model, gen)
-    model.eval()
-    model.set_use_hook_mlp_in(True)
-
-    # Calibration text: random words after a BOS, enough tokens to fit a d_model x d_model skip.
-    n_seq = max(24, 3 * spec.d_model // 31 + 1)
-    calib = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (n_seq, 32), generator=gen, device=device)
-    calib[:, 0] = tokenizer.bos_token_id
-    names = {f"blocks.{layer}.{site}" for layer in range(spec.n_layers) for site in ("mlp.hook_in", "hook_mlp_out")}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(calib, names_filter=lambda n: n in names, return_type=None)
-    transcoders = {}
-    for layer in range(spec.n_layers):
-        x = cache[f"blocks.{layer}.mlp.hook_in"][:, 1:].reshape(-1, spec.d_model)
-        y = cache[f"blocks.{layer}.hook_mlp_out"][:, 1:].reshape(-1, spec.d_model)
-        transcoders[layer] = _fit_transcoder(layer, x, y, spec, gen).to(dtype)
-    del cache
-    if dtype != torch.float32:
-        model = model.to(dtype)
-        model.cfg.dtype = dtype
-    return model, transcoders
 
 
 # ---------------------------------------------------------------- (a) the seed's loop
@@ -451,7 +326,7 @@ def _build(case: str, device: str, dtype: torch.dtype, tiny: bool) -> tuple:
             model.cfg.dtype = dtype
         return model, transcoders, format_prompt(*TOY_PROMPT), None, transcoders[0].cfg.d_sae
     spec = shrink(spec) if tiny else spec
-    model, transcoders = make_world(spec, dtype=dtype, device=device)
+    model, transcoders = make_world(spec, make_toy_tokenizer(), len(SPECIAL_TOKENS), dtype=dtype, device=device)
     prompt = format_prompt(spec.user, spec.response)
     if model.to_tokens(prompt).shape[1] != spec.n_tokens:
         raise RuntimeError(f"The {case} prompt has {model.to_tokens(prompt).shape[1]} tokens, expected {spec.n_tokens}.")
