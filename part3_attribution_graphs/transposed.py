@@ -120,26 +120,29 @@ class TransposedModel:
         zero. One layer's gradient is alive at a time, so memory does not grow with depth.
         """
         b = reading.shape[0]
-        P = int(positions.max()) + 1
+        P = int(positions.max()) + 1  # the one wait for the device per batch
         reading = reading.to(self.dtype)
-        rows = torch.arange(b, device=reading.device)
-        is_logit = torch.tensor([layer == "L" for layer in layers], device=reading.device)
-        latent_layer = torch.tensor([-1 if layer == "L" else layer for layer in layers], device=reading.device)
-        top = self.n_layers - 1 if bool(is_logit.any()) else int(latent_layer.max())
+        device = reading.device
+        # Which rows read where, from the Python list: no device round trip inside the layer loop.
+        logit_rows = [i for i, layer in enumerate(layers) if layer == "L"]
+        latent_rows: dict[int, list[int]] = {}
+        for i, layer in enumerate(layers):
+            if layer != "L":
+                latent_rows.setdefault(int(layer), []).append(i)
+        top = self.n_layers - 1 if logit_rows else max(latent_rows)
 
         g = reading.new_zeros(b, P, reading.shape[1])
-        if bool(is_logit.any()):  # logits read ln_final's output: the seed enters at the last resid_post
-            i = rows[is_logit]
+        if logit_rows:  # logits read ln_final's output: the seed enters at the last resid_post
+            i = torch.tensor(logit_rows, device=device)
             g[i, positions[i]] = reading[i] * self.final[positions[i]]
-        live = bool(is_logit.any())  # g is still all zero above the first latent target
+        live = bool(logit_rows)  # g is still all zero above the first latent target
         for layer in range(top, -1, -1):
             W_skip, n2, groups, rep = self.layers[layer]
             if live:
                 yield layer, g
             h = g @ W_skip if live and W_skip is not None else torch.zeros_like(g)
-            mine = latent_layer == layer
-            if bool(mine.any()):  # latent targets read this layer's mlp_in: their seeds enter here
-                i = rows[mine]
+            if layer in latent_rows:  # latent targets read this layer's mlp_in: their seeds enter here
+                i = torch.tensor(latent_rows[layer], device=device)
                 h.index_put_((i, positions[i]), reading[i], accumulate=True)
                 live = True
             if not live:

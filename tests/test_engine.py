@@ -355,6 +355,20 @@ def test_transposed_model_gives_the_autograd_edges(top_k, start_posn, batch_size
     torch.testing.assert_close(result.adjacency_matrix, A, rtol=0, atol=1e-12 * A.abs().max().item())
 
 
+def test_transposed_model_handles_one_batch_of_every_layer_and_the_logits(toy_world_f64):
+    """`attribute` batches per layer; a batch mixing every layer and the logits must give the same rows."""
+    model, transcoders = toy_world_f64
+    result = attribute(model, transcoders, PROMPT, start_posn=START_POSN, top_k=3, batch_size=16)
+    graph = result.graph
+    tokens = model.to_tokens(PROMPT)
+    freeze = FreezeHooks(model)
+    freeze.cache_frozen_values(tokens)
+    positions = torch.tensor([n.ctx_idx for n in graph.nodes])
+    one_batch = [(0, graph.nodes, graph.reading_vecs, positions, [n.layer for n in graph.nodes])]
+    A = attribution_module.transposed_adjacency_matrix(model, graph, freeze, transcoders, one_batch, START_POSN)
+    torch.testing.assert_close(A, result.adjacency_matrix, rtol=0, atol=1e-12 * A.abs().max().item())
+
+
 @pytest.mark.parametrize("cap", [0, 40, 200])
 def test_node_cap_keeps_the_most_influential_latents_and_stays_complete(cap, toy_world_f64):
     """With `max_feature_nodes`, dropped latents go into the error nodes: edges + biases still = readings."""
