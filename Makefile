@@ -59,7 +59,7 @@ demo: install
 	bash scripts/instructor_demo.sh
 
 bench: install
-	$(PY) -m part3_attribution_graphs.bench
+	$(PY) -m part3_attribution_graphs.tools.bench
 
 clean:
 	rm -rf out .pytest_cache

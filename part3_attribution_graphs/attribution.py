@@ -9,6 +9,7 @@ every source at once.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,12 +20,19 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from .checks import check_attribute_inputs, check_finite_adjacency, check_transcoders, one_run_per_model
+from .checks import (
+    as_count,
+    check_attribute_inputs,
+    check_finite_adjacency,
+    check_transcoders,
+    one_run_per_model,
+)
 from .nodes import GraphNodes, Layer, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
 from .progress import tqdm
 from .pruning import compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
 from .result import AttributionResult
+from .transposed import TransposedModel
 
 __all__ = [
     "Batch",
@@ -33,6 +41,9 @@ __all__ = [
     "setup_attribution",
     "prepare_backward_batches",
     "compute_adjacency_matrix",
+    "transposed_adjacency_matrix",
+    "logit_direct_influence",
+    "fold_latents",
     "FrozenForward",
     "run_frozen_forward",
     "AttributionResult",
@@ -283,6 +294,99 @@ def compute_adjacency_matrix(
     return A
 
 
+def transposed_adjacency_matrix(
+    model: HookedSAETransformer,
+    graph: GraphNodes,
+    freeze: FreezeHooks,
+    transcoders: dict[int, Transcoder],
+    batches: list[Batch],
+    start_posn: int = 4,
+) -> Float[Tensor, "n_nodes n_nodes"]:
+    """`compute_adjacency_matrix`'s result, with the backward passes written out (`TransposedModel`).
+
+    Needs no forward pass and no hooks (the frozen values hold everything), and each batch's gradients
+    stop at its last target's position and its highest target's layer. For the models
+    `TransposedModel.supports`; `attribute` uses it when it can.
+    """
+    n = len(graph.nodes)
+    A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    transposed = TransposedModel(model, transcoders, freeze)
+    groups = {}
+    for key, _, cols, slots, writes in _source_groups(graph, start_posn):
+        # Sources are in position order, so those before position P are the first `before[P]` of the group.
+        positions = [node.ctx_idx for node in graph.nodes[cols]]
+        before = [bisect_left(positions, p) for p in range(graph.seq_len + 1)]
+        groups[key] = (cols.start, slots, writes, before)
+    for rows, reading, positions, layers in tqdm(_reading_targets(graph, batches), desc="Backward batches",
+                                                 leave=False):
+        for key, g in transposed.gradients(reading, positions, layers):
+            if key not in groups:
+                continue
+            start, slots, writes, before = groups[key]
+            m = before[g.shape[1]]
+            if m:
+                edges = torch.einsum("bpd,pkd->bpk", g.to(writes.dtype), writes[: g.shape[1]])
+                A[rows, start : start + m] = edges.flatten(1)[:, slots[:m]]
+    return A
+
+
+def logit_direct_influence(
+    model: HookedSAETransformer,
+    tokens: Int[Tensor, "1 seq"],
+    graph: GraphNodes,
+    freeze: FreezeHooks,
+    tc_hooks: TranscoderReplacementHooks,
+    start_posn: int = 4,
+) -> Float[Tensor, " n_nodes"]:
+    """An influence estimate from the logit rows alone: `sum_l p_l |A[l, s]| / sum_s' |A[l, s']|`.
+
+    One backward pass (the logit targets only). Through the replacement model's linear paths it
+    already counts a latent's effect via later layers' skips and attention, but not via other latents.
+    """
+    start, end = graph.node_range_dict["L"]
+    nodes = graph.nodes[start:end]
+    positions = torch.tensor([n.ctx_idx for n in nodes], device=graph.reading_vecs.device)
+    layers: list[int | str] = [n.layer for n in nodes]
+    with tc_hooks:
+        grads = setup_attribution(model, tokens, freeze, graph.reading_vecs[start:end], positions, layers)
+    rows = torch.zeros(end - start, len(graph), dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    for _, name, cols, slots, writes in _source_groups(graph, start_posn):
+        rows[:, cols] = torch.einsum("bpd,pkd->bpk", grads[name].to(writes.dtype), writes).flatten(1)[:, slots]
+    shares = rows.abs() / rows.abs().sum(dim=1, keepdim=True).clamp(min=1e-30)
+    return logit_weights_of(graph, shares.dtype, shares.device) @ shares
+
+
+def fold_latents(graph: GraphNodes, keep: Tensor) -> GraphNodes:
+    """The graph without the latents where `keep` is False, each folded into its (layer, position)'s error node.
+
+    An error node writes what the graph's latents miss of the MLP output, so it takes on the dropped
+    latents' writing vectors and every target's edges plus biases still add up to its reading.
+    """
+    keep_list = keep.tolist()
+    kept: list[int] = []
+    into: list[tuple[int, int]] = []  # (dropped latent, position in `kept` of its error node)
+    pending: list[int] = []
+    for i, node in enumerate(graph.nodes):
+        if node.node_type == NodeType.LATENT and not keep_list[i]:
+            pending.append(i)
+            continue
+        if node.node_type == NodeType.MLP_ERROR:  # the latents before it share its layer and position
+            into += [(j, len(kept)) for j in pending]
+            pending = []
+        kept.append(i)
+    index = torch.tensor(kept, device=graph.writing_vecs.device)
+    writing = graph.writing_vecs[index]
+    if into:
+        src, dst = (torch.tensor(v, device=writing.device) for v in zip(*into))
+        writing = writing.index_add(0, dst, graph.writing_vecs[src])
+    # `kept` is sorted: a group's new range is where its old bounds fall in it.
+    ranges = {key: (bisect_left(kept, start), bisect_left(kept, end))
+              for key, (start, end) in graph.node_range_dict.items()}
+    return GraphNodes(nodes=[graph.nodes[i] for i in kept], writing_vecs=writing,
+                      reading_vecs=graph.reading_vecs[index], node_range_dict=ranges, seq_len=graph.seq_len,
+                      n_layers=graph.n_layers)
+
+
 def logit_weights_of(
     graph: GraphNodes, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Float[Tensor, " n_logits"]:
@@ -308,18 +412,26 @@ def attribute(
     batch_size: int = 256,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.85,
+    max_feature_nodes: int | None = None,
 ) -> AttributionResult:
     """The whole pipeline: freeze, find active latents, build nodes, compute edges, prune.
+
+    Edges come from `transposed_adjacency_matrix` when `TransposedModel.supports` the model (the same
+    numbers as `compute_adjacency_matrix`, faster), else from `compute_adjacency_matrix`.
 
     Args:
         prompt: text (the chat template, if any, already applied).
         n_output_nodes: how many of the most probable next tokens become logit nodes.
         start_posn: positions before this (the chat-template prefix) get no intermediate nodes or edges.
         top_k: latents kept per (layer, position); the rest are folded into the error node.
-        batch_size: targets per backward pass. One forward pass serves all of them, so larger batches
-            mostly save per-pass overhead (on a GPU); the gradients held at once take about
-            `batch_size * seq * d_model * (n_layers + 1)` numbers.
+        batch_size: targets per backward pass. Larger batches mostly save per-pass overhead (on a GPU);
+            the gradients held at once take about `batch_size * seq * d_model` numbers (times
+            `n_layers + 1` on the autograd path, for models `TransposedModel` does not support).
         node_threshold, edge_threshold: fractions of influence kept by pruning, in (0, 1].
+        max_feature_nodes: keep at most this many latents, those with the largest influence estimate
+            (`logit_direct_influence`), and fold the rest into the error nodes; for long prompts, where
+            the dense adjacency (nodes x nodes) and the backward passes grow with the number of latents.
+            None keeps every latent that `top_k` lets through.
 
     To re-prune the result at other thresholds without new backward passes, use `result.prune` /
     `prune(result, node_threshold, edge_threshold)`.
@@ -328,6 +440,8 @@ def attribute(
     n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold = check_attribute_inputs(
         model, transcoders, prompt, n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold
     )
+    if max_feature_nodes is not None:
+        max_feature_nodes = as_count("max_feature_nodes", max_feature_nodes)
     tokens = model.to_tokens(prompt)
     str_tokens = [model.tokenizer.decode([i]) for i in tokens[0].tolist()]
 
@@ -339,9 +453,19 @@ def attribute(
     reading_vecs, top_token_info = compute_salient_logits(model, logits, n_output_nodes)
     graph = build_graph_nodes(model, transcoders, cache, tc_hooks, reading_vecs, top_token_info, tokens,
                               start_posn, top_k)
+    is_latent = torch.tensor([n.node_type == NodeType.LATENT for n in graph.nodes])
+    if max_feature_nodes is not None and int(is_latent.sum()) > max_feature_nodes:
+        estimate = logit_direct_influence(model, tokens, graph, freeze, tc_hooks, start_posn).cpu()
+        estimate = torch.where(is_latent, estimate, torch.tensor(-1.0, dtype=estimate.dtype))
+        keep = torch.zeros(len(graph), dtype=torch.bool)
+        keep[estimate.topk(max_feature_nodes).indices] = True
+        graph = fold_latents(graph, keep | ~is_latent)
 
     batches = prepare_backward_batches(graph, batch_size)
-    adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
+    if TransposedModel.supports(model, freeze):
+        adjacency = transposed_adjacency_matrix(model, graph, freeze, transcoders, batches, start_posn)
+    else:
+        adjacency = compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn)
 
     check_finite_adjacency(adjacency)
     logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
@@ -356,5 +480,6 @@ def attribute(
         logit_weights=logit_weights,
         influence=compute_influence(adjacency, logit_weights, model.cfg.n_layers),
         settings=dict(n_output_nodes=n_output_nodes, start_posn=start_posn, top_k=top_k, batch_size=batch_size,
-                      node_threshold=node_threshold, edge_threshold=edge_threshold),
+                      max_feature_nodes=max_feature_nodes, node_threshold=node_threshold,
+                      edge_threshold=edge_threshold),
     )

@@ -13,7 +13,7 @@ from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
 pytest.importorskip("circuit_tracer")
-from part3_attribution_graphs import bench  # noqa: E402
+from part3_attribution_graphs.tools import bench  # noqa: E402
 from part3_attribution_graphs.tools.crosscheck import (  # noqa: E402
     aligned_adjacency,
     ct_attribute,
@@ -112,7 +112,7 @@ def test_top_k_latents_are_a_subset_and_their_edges_agree_where_no_error_node_di
 def test_bench_gemma_shape_code_path_runs_tiny(dtype, capsys):
     """The GPU case's code path (Gemma 3-1B's head layout, 5:1 local/global, bf16 and float32) at CPU size."""
     res = bench.main(["--case", "gemma1b-shape", "--tiny", "--dtype", dtype, "--repeats", "1",
-                      "--seed-max-batches", "3", "--ct-batch-size", "128"])
+                      "--seed-max-batches", "3", "--ct-batch-sizes", "128"])
     out = capsys.readouterr().out
     assert "(a) seed's per-node loop" in out and "(b) ours" in out and "(c) circuit-tracer" in out
     assert res["n_tokens"] == 30 and res["n_latents"] > 100
@@ -136,3 +136,22 @@ def test_seed_loop_reimplementation_gives_our_matrix(toy_world):
                                             prepare_backward_batches(ours.graph, 8), START_POSN)
     assert not tc_hooks.installed
     assert max_rel_diff(A, ours.adjacency_matrix) < RTOL
+
+
+def test_gpu_script_dry_run_writes_the_readme_rows(tmp_path, capsys):
+    """The one-command GPU benchmark, on its CPU stand-ins: every case runs and the README gets dated rows."""
+    from part3_attribution_graphs.tools import gpu_bench
+
+    readme = tmp_path / "README.md"
+    readme.write_text("| case | a | b | c | a/b | c/b |\n|---|---|---|---|---|---|\n| toy | 1 | 2 | 3 | | |\n"
+                      "| Gemma 3-1B shape on an H100, bf16 / fp32 | pending | pending | pending | | |\n\nAfter.\n")
+    results = gpu_bench.main(["--dry-run", "--readme", str(readme)])
+    assert [r["dtype"] for r in results] == ["bfloat16", "float32", "float32"]
+    lines = readme.read_text().splitlines()
+    assert lines[2] == "| toy | 1 | 2 | 3 | | |" and lines[-1] == "After."
+    rows = [line for line in lines if line.startswith(gpu_bench.ROW_PREFIXES)]
+    assert len(rows) == 3 and "pending" not in readme.read_text()
+    assert all("CPU dry run" in row and row.count("|") == 7 for row in rows)
+    # Run again: the script replaces its own rows rather than adding more.
+    gpu_bench.update_readme(readme, rows[:1])
+    assert sum(line.startswith(gpu_bench.ROW_PREFIXES) for line in readme.read_text().splitlines()) == 1

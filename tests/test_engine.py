@@ -298,7 +298,8 @@ def test_no_hook_survives_a_call_even_a_failing_one(toy_world, monkeypatch):
             return real(*args, **kwargs)
 
         monkeypatch.setattr(attribution_module, "setup_attribution", fails_on_third_batch)
-        with pytest.raises(RuntimeError, match="boom"):
+        monkeypatch.setattr(attribution_module.TransposedModel, "supports", staticmethod(lambda *a: False))
+        with pytest.raises(RuntimeError, match="boom"):  # on the autograd path, which installs hooks
             attribute(model, transcoders, PROMPT, batch_size=16)
         assert hook_count(model) == before
 
@@ -325,6 +326,7 @@ def test_no_hook_survives_a_call_even_a_failing_one(toy_world, monkeypatch):
     (dict(prompt=""), "prompt"),
     (dict(prompt="<start_of_turn>user"), "start_posn"),
     (dict(batch_size=0), "batch_size"),
+    (dict(max_feature_nodes=-1), "max_feature_nodes"),
 ])
 def test_bad_input_is_rejected_clearly(kwargs, needle, toy_world):
     model, transcoders = toy_world
@@ -343,3 +345,80 @@ def test_transcoders_for_another_model_are_rejected(toy_world):
     other_model.cfg.d_model = 32  # pretend the transcoders came from a wider model
     with pytest.raises(ValueError, match="d_model"):
         attribute(other_model, other, PROMPT)
+
+
+# ---------------------------------------------------------------- the two backward engines and the node cap
+
+
+@pytest.mark.parametrize("top_k,start_posn,batch_size", [(EVERY_LATENT, START_POSN, 64), (2, 0, 7)])
+def test_transposed_model_gives_the_autograd_edges(top_k, start_posn, batch_size, toy_world_f64):
+    """`attribute`'s written-out backward equals `compute_adjacency_matrix`'s autograd one (float64)."""
+    model, transcoders = toy_world_f64
+    result = attribute(model, transcoders, COUPLET, start_posn=start_posn, top_k=top_k, batch_size=batch_size)
+    tokens = model.to_tokens(COUPLET)
+    freeze = FreezeHooks(model)
+    tc_hooks = TranscoderReplacementHooks(model, transcoders, freeze.cache_frozen_values(tokens))
+    assert attribution_module.TransposedModel.supports(model, freeze)
+    batches = attribution_module.prepare_backward_batches(result.graph, batch_size)
+    A = attribution_module.compute_adjacency_matrix(model, tokens, result.graph, freeze, tc_hooks, batches,
+                                                    start_posn)
+    assert A.abs().max() > 1
+    torch.testing.assert_close(result.adjacency_matrix, A, rtol=0, atol=1e-12 * A.abs().max().item())
+
+
+def test_transposed_model_handles_one_batch_of_every_layer_and_the_logits(toy_world_f64):
+    """`attribute` batches per layer; a batch mixing every layer and the logits must give the same rows."""
+    model, transcoders = toy_world_f64
+    result = attribute(model, transcoders, PROMPT, start_posn=START_POSN, top_k=3, batch_size=16)
+    graph = result.graph
+    tokens = model.to_tokens(PROMPT)
+    freeze = FreezeHooks(model)
+    freeze.cache_frozen_values(tokens)
+    positions = torch.tensor([n.ctx_idx for n in graph.nodes])
+    one_batch = [(0, graph.nodes, graph.reading_vecs, positions, [n.layer for n in graph.nodes])]
+    A = attribution_module.transposed_adjacency_matrix(model, graph, freeze, transcoders, one_batch, START_POSN)
+    torch.testing.assert_close(A, result.adjacency_matrix, rtol=0, atol=1e-12 * A.abs().max().item())
+
+
+@pytest.mark.parametrize("cap", [0, 40, 200])
+def test_node_cap_keeps_the_most_influential_latents_and_stays_complete(cap, toy_world_f64):
+    """With `max_feature_nodes`, dropped latents go into the error nodes: edges + biases still = readings."""
+    model, transcoders = toy_world_f64
+    full = attribute(model, transcoders, COUPLET, start_posn=0, top_k=EVERY_LATENT, batch_size=64)
+    capped = attribute(model, transcoders, COUPLET, start_posn=0, top_k=EVERY_LATENT, batch_size=64,
+                       max_feature_nodes=cap)
+    graph, A = capped.graph, capped.adjacency_matrix
+    latents = [n for n in graph.nodes if n.node_type == NodeType.LATENT]
+    n_full = sum(n.node_type == NodeType.LATENT for n in full.graph.nodes)
+    assert len(latents) == cap < n_full
+    assert len(graph) == len(full.graph) - (n_full - cap)
+    assert capped.settings["max_feature_nodes"] == cap
+    # Every group's range still holds exactly its nodes, in order.
+    for key, (start, end) in graph.node_range_dict.items():
+        assert all(n.layer == key for n in graph.nodes[start:end]), key
+    assert sum(end - start for start, end in graph.node_range_dict.values()) == len(graph)
+    # The kept latents are the ones with the largest estimate.
+    tokens = model.to_tokens(COUPLET)
+    freeze = FreezeHooks(model)
+    tc_hooks = TranscoderReplacementHooks(model, transcoders, freeze.cache_frozen_values(tokens))
+    estimate = attribution_module.logit_direct_influence(model, tokens, full.graph, freeze, tc_hooks, 0)
+    is_latent = torch.tensor([n.node_type == NodeType.LATENT for n in full.graph.nodes])
+    kept = {(n.layer, n.ctx_idx, n.feature) for n in latents}
+    kept_est = [estimate[i].item() for i, n in enumerate(full.graph.nodes) if (n.layer, n.ctx_idx, n.feature) in kept
+                and is_latent[i]]
+    dropped_est = [estimate[i].item() for i, n in enumerate(full.graph.nodes)
+                   if is_latent[i] and (n.layer, n.ctx_idx, n.feature) not in kept]
+    assert not kept_est or min(kept_est) >= max(dropped_est)
+    # Completeness: each target's incoming edges plus its bias term equal what it reads.
+    lin, _ = linearised(model, transcoders, COUPLET)
+    clean, biases = lin.forward(*lin.clean_inputs()), lin.forward(*lin.bias_inputs())
+    worst = 0.0
+    for t, node in enumerate(graph.nodes):
+        if node.node_type not in (NodeType.LATENT, NodeType.LOGIT):
+            continue
+        name, r = read_hook_name(node.layer), graph.reading_vecs[t].double()
+        value, bias = float(clean[name][node.ctx_idx] @ r), float(biases[name][node.ctx_idx] @ r)
+        worst = max(worst, abs(A[t].sum().item() + bias - value) / (A[t].abs().sum().item() + abs(bias)))
+    assert worst < 1e-10
+    # The error nodes hold the dropped latents: the same total write per (layer, position) as the full graph.
+    torch.testing.assert_close(graph.writing_vecs.sum(0), full.graph.writing_vecs.sum(0))

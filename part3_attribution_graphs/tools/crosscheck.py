@@ -108,12 +108,15 @@ def ct_replacement_model(model: HookedSAETransformer, transcoders: dict[int, Tra
     return ct_model
 
 
-def ct_attribute(ct_model, tokens: Int[Tensor, "1 seq"], token_ids: list[int], batch_size: int = 512):
-    """circuit-tracer's `attribute` on these tokens, with these logit targets (every active latent kept)."""
+def ct_attribute(ct_model, tokens: Int[Tensor, "1 seq"], token_ids: list[int], batch_size: int = 512,
+                 max_feature_nodes: int | None = None):
+    """circuit-tracer's `attribute` on these tokens, with these logit targets (every active latent kept,
+    unless `max_feature_nodes` caps them)."""
     from circuit_tracer import attribute
 
     ids = torch.tensor(token_ids, dtype=torch.long, device=tokens.device)
-    return attribute(tokens[0], ct_model, attribution_targets=ids, batch_size=batch_size, verbose=False)
+    return attribute(tokens[0], ct_model, attribution_targets=ids, batch_size=batch_size, verbose=False,
+                     max_feature_nodes=max_feature_nodes)
 
 
 def our_node_key(node: NodeInfo) -> NodeKey:

@@ -61,7 +61,6 @@ from typing import Any
 
 import torch
 from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
-from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformer_lens import HookedTransformerConfig
@@ -69,6 +68,7 @@ from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from part3_attribution_graphs.worlds.gguf_tokenizer import build_gemma3_tokenizer, wrap_gemma3_tokenizer
+from part3_attribution_graphs.worlds.synthetic import new_skip_transcoder, set_transcoder_params
 
 __all__ = [
     "CACHE_VERSION",
@@ -253,15 +253,7 @@ def _mlp_io(model: HookedSAETransformer, tokens: torch.Tensor, batch: int = 8) -
 
 
 def _new_transcoder(layer: int, d_in: int, d_sae: int) -> JumpReLUSkipTranscoder:
-    cfg = JumpReLUSkipTranscoderConfig(
-        d_in=d_in, d_sae=d_sae, d_out=d_in, dtype="float32", device="cpu", apply_b_dec_to_input=False
-    )
-    cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-    cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-    cfg.metadata.model_name = "gemma-3-270m"
-    tc = JumpReLUSkipTranscoder(cfg)
-    tc.eval()
-    return tc
+    return new_skip_transcoder(layer, d_in, d_sae, "gemma-3-270m")
 
 
 @torch.no_grad()
@@ -294,12 +286,9 @@ def _fit_one(
     W_dec = torch.linalg.solve(gram + lam * torch.eye(d_sae, dtype=gram.dtype), sparse.T @ resid)
     b_dec = (y - x @ W_skip.T - sparse @ W_dec).mean(dim=0)
 
-    tc = _new_transcoder(layer, d, d_sae)
-    params = {"W_enc": W_enc, "b_enc": torch.zeros(d_sae, dtype=torch.float64), "W_dec": W_dec,
-              "b_dec": b_dec, "threshold": threshold, "W_skip": W_skip}
-    for name, val in params.items():
-        getattr(tc, name).copy_(val.float())
-    return tc
+    b_enc = torch.zeros(d_sae, dtype=torch.float64)
+    return set_transcoder_params(_new_transcoder(layer, d, d_sae), W_enc=W_enc, b_enc=b_enc, W_dec=W_dec,
+                                 b_dec=b_dec, threshold=threshold, W_skip=W_skip)
 
 
 def fit_transcoders(

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
-from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformer_lens import HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["make_toy_world", "make_toy_tokenizer", "TOY_WORDS", "TOY_N_LAYERS"]
+from .synthetic import WorldSpec, make_world
+
+__all__ = ["make_toy_world", "make_toy_tokenizer", "TOY_SPEC", "TOY_WORDS", "TOY_N_LAYERS"]
 
 TOY_N_LAYERS = 4
 D_MODEL = 64
@@ -85,107 +85,11 @@ def make_toy_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _toy_config(d_vocab: int, dtype: torch.dtype) -> HookedTransformerConfig:
-    return HookedTransformerConfig(
-        d_model=D_MODEL,
-        d_head=16,
-        n_heads=4,
-        n_key_value_heads=2,  # grouped-query attention, as in Gemma 3
-        d_mlp=128,
-        n_layers=TOY_N_LAYERS,
-        n_ctx=128,
-        d_vocab=d_vocab,
-        act_fn="gelu_pytorch_tanh",
-        normalization_type="RMS",
-        use_normalization_before_and_after=True,
-        use_qk_norm=True,
-        gated_mlp=True,
-        final_rms=True,
-        positional_embedding_type="rotary",
-        rotary_base=1_000_000,
-        rotary_base_local=10_000,
-        use_local_attn=True,
-        window_size=6,
-        attn_types=["local", "local", "global", "local"],
-        use_attn_scale=True,
-        eps=1e-6,
-        original_architecture="Gemma3ForCausalLM",
-        default_prepend_bos=True,
-        tokenizer_prepends_bos=False,
-        dtype=dtype,
-        seed=None,
-        init_weights=False,
-    )
-
-
-@torch.no_grad()
-def _fill_model_weights(model: HookedSAETransformer, gen: torch.Generator) -> None:
-    d = model.cfg.d_model
-    for name, p in sorted(model.named_parameters()):
-        shape = p.shape
-        if name.endswith(".w"):  # RMSNorm weights: Gemma stores 1 + w, and they are far from 1
-            val = 1.0 + 0.5 * torch.randn(shape, generator=gen)
-        elif name.split(".")[-1].lstrip("_").startswith("b_"):  # Gemma has no biases (GQA's _b_K, _b_V too)
-            val = torch.zeros(shape)
-        elif name == "embed.W_E":
-            val = torch.randn(shape, generator=gen) / d**0.5 * d**0.5  # unit-ish rows, times sqrt(d)
-        elif name == "unembed.W_U":
-            val = torch.randn(shape, generator=gen) / d**0.5
-        else:
-            fan_in = shape[-2] if p.ndim >= 2 else shape[-1]
-            val = torch.randn(shape, generator=gen) / fan_in**0.5
-        p.copy_(val.to(p.dtype))
-
-
-def _calibration_tokens(model: HookedSAETransformer, gen: torch.Generator) -> torch.Tensor:
-    """Random word sequences (after a BOS) to fit skips and thresholds on."""
-    n_special = len(SPECIAL_TOKENS)
-    toks = torch.randint(n_special, model.cfg.d_vocab, (24, 32), generator=gen)
-    toks[:, 0] = model.tokenizer.bos_token_id
-    return toks
-
-
-@torch.no_grad()
-def _make_transcoder(
-    layer: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, dtype: torch.dtype
-) -> JumpReLUSkipTranscoder:
-    """Fit a skip transcoder to (MLP input x, MLP output y) pairs, in float64 then cast."""
-    d = x.shape[-1]
-    cfg = JumpReLUSkipTranscoderConfig(
-        d_in=d, d_sae=D_SAE, d_out=d, dtype="float32", device="cpu", apply_b_dec_to_input=False
-    )
-    cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-    cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-    cfg.metadata.model_name = "toy-gemma-3"
-    tc = JumpReLUSkipTranscoder(cfg)
-
-    x64, y64 = x.double(), y.double()
-    # Affine skip: least squares y ~ x @ W_skip.T + b (b becomes part of b_dec). Non-symmetric.
-    x_aug = torch.cat([x64, torch.ones(len(x64), 1, dtype=torch.float64)], dim=1)
-    sol = torch.linalg.lstsq(x_aug, y64).solution  # (d+1, d)
-    W_skip = sol[:d].T.contiguous()
-    b_skip = sol[d]
-    resid = y64 - x_aug @ sol
-
-    W_enc = torch.randn(d, D_SAE, generator=gen, dtype=torch.float64) / d**0.5
-    pre = x64 @ W_enc
-    # b_enc shifts every latent a little; thresholds sit at the (1 - L0/d_sae) quantile per latent.
-    b_enc = 0.1 * torch.randn(D_SAE, generator=gen, dtype=torch.float64)
-    q = 1.0 - TARGET_L0 / D_SAE
-    threshold = torch.quantile(pre + b_enc, q, dim=0).clamp(min=1e-3)
-    acts = torch.where(pre + b_enc > threshold, (pre + b_enc).clamp(min=0), torch.zeros_like(pre))
-
-    # Decoder: ridge fit of what the skip misses, so the error nodes are smaller than the MLP output.
-    ridge = 1e-1 * torch.eye(D_SAE, dtype=torch.float64)
-    W_dec = torch.linalg.solve(acts.T @ acts + ridge, acts.T @ resid)
-    b_dec = b_skip + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64)
-
-    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold,
-              "W_skip": W_skip}
-    for name, val in params.items():
-        getattr(tc, name).copy_(val.float())
-    tc.eval()
-    return tc.to(dtype) if dtype != torch.float32 else tc
+TOY_SPEC = WorldSpec(
+    n_layers=TOY_N_LAYERS, d_model=D_MODEL, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_sae=D_SAE,
+    target_l0=TARGET_L0, attn_types=("local", "local", "global", "local"), window_size=6, n_ctx=128,
+    model_name="toy-gemma-3",
+)
 
 
 def make_toy_world(
@@ -201,26 +105,4 @@ def make_toy_world(
         `(model, transcoders)`, transcoders keyed by layer, reading `blocks.{l}.mlp.hook_in` and
         writing `blocks.{l}.hook_mlp_out`.
     """
-    gen = torch.Generator().manual_seed(seed)
-    tokenizer = make_toy_tokenizer()
-    model = HookedSAETransformer(_toy_config(len(tokenizer), torch.float32), tokenizer=tokenizer,
-                                 move_to_device=False)
-    _fill_model_weights(model, gen)
-    model.eval()
-    model.set_use_hook_mlp_in(True)
-
-    # Fit every transcoder to its own MLP on calibration text, always in float32 for bit-stable results.
-    calib = _calibration_tokens(model, gen)
-    names = [f"blocks.{layer}.{site}" for layer in range(TOY_N_LAYERS) for site in ("mlp.hook_in", "hook_mlp_out")]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(calib, names_filter=lambda n: n in names)
-    transcoders = {}
-    for layer in range(TOY_N_LAYERS):
-        x = cache[f"blocks.{layer}.mlp.hook_in"][:, 1:].reshape(-1, D_MODEL)
-        y = cache[f"blocks.{layer}.hook_mlp_out"][:, 1:].reshape(-1, D_MODEL)
-        transcoders[layer] = _make_transcoder(layer, x, y, gen, dtype)
-
-    if dtype != torch.float32:
-        model = model.to(dtype)
-        model.cfg.dtype = dtype
-    return model, transcoders
+    return make_world(TOY_SPEC, make_toy_tokenizer(), len(SPECIAL_TOKENS), seed=seed, dtype=dtype)
