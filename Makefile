@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench clean
+.PHONY: install lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,7 @@ $(VENV)/.installed-gemma270m: $(VENV)/.installed
 test: install $(VENV)/.installed-gemma270m
 	bash scripts/install_chromium.sh || echo "chromium unavailable: the browser test will say why it skipped"
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
 ## Without the Gemma 270M, browser and notebook-execution tiers.
@@ -46,6 +47,7 @@ test-gemma270m: install $(VENV)/.installed-gemma270m
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 ## Learners: JupyterLab on the exercises notebook (installs jupyterlab into .venv once).
 lab: install
@@ -60,6 +62,11 @@ demo: install
 
 bench: install
 	$(PY) -m part3_attribution_graphs.tools.bench
+
+## The dashboard's render and hover times in headless Chromium (installs Debian's chromium first).
+bench-dashboard: install
+	bash scripts/install_chromium.sh
+	$(PY) -m part3_attribution_graphs.tools.bench_dashboard
 
 clean:
 	rm -rf out .pytest_cache

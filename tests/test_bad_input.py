@@ -77,16 +77,20 @@ def test_2_a_weight_broken_after_a_successful_check_is_still_caught(clean_toy, r
         attribute(model, mine, PROMPT, start_posn=START_POSN)
 
 
-def test_2_a_non_finite_adjacency_is_refused_before_pruning(clean_toy, monkeypatch):
+@pytest.mark.parametrize("engine", ["compute_adjacency_matrix", "transposed_adjacency_matrix"])
+def test_2_a_non_finite_adjacency_is_refused_before_pruning(clean_toy, monkeypatch, engine):
+    """Whichever route `attribute` takes to the edges (autograd or the written-out backward)."""
     model, transcoders = clean_toy
-    real = attribution_module.compute_adjacency_matrix
+    real = getattr(attribution_module, engine)
 
     def one_nan_edge(*args, **kwargs):  # what a NaN or an overflow anywhere in the model would produce
         adjacency = real(*args, **kwargs)
         adjacency[-1, 0] = float("nan")
         return adjacency
 
-    monkeypatch.setattr(attribution_module, "compute_adjacency_matrix", one_nan_edge)
+    monkeypatch.setattr(attribution_module, engine, one_nan_edge)
+    if engine == "compute_adjacency_matrix":  # send attribute down the autograd route
+        monkeypatch.setattr(attribution_module.TransposedModel, "supports", staticmethod(lambda *a: False))
     with pytest.raises(FloatingPointError, match="1 NaN or inf entries.*from node 0"):
         attribute(model, transcoders, PROMPT, start_posn=START_POSN, batch_size=64)
 
@@ -212,7 +216,7 @@ def test_numpy_and_torch_integers_are_counts(clean_toy, reference):
     result = attribute(model, transcoders, PROMPT, start_posn=np.int64(START_POSN), top_k=torch.tensor(5),
                        batch_size=np.int32(64), n_output_nodes=np.int16(3))
     _same_graph(result, reference)
-    assert all(type(v) in (int, float) for v in result.settings.values())
+    assert all(type(v) in (int, float, type(None)) for v in result.settings.values())  # JSON-ready
 
 
 @pytest.mark.parametrize("make", [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v])],
