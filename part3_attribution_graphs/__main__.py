@@ -37,7 +37,8 @@ class CLIError(Exception):
 
 
 def load_world(name: str):
-    """(model, transcoders) of a world in `worlds.registry.WORLD_NAMES` (`gemma` needs HF_TOKEN and the hub)."""
+    """(model, transcoders) of a world in `worlds.registry.WORLD_NAMES` (`gemma` needs HF_TOKEN and the
+    hub)."""
     from .worlds.registry import load_world as load_named
 
     return load_named(name)[1:]
@@ -61,8 +62,11 @@ def _measure_interventions(model, transcoders, result, n: int, nodes: list[dict]
         out[mode] = {i: (float(p), float(m)) for i, p, m in zip(top, predicted, measured)}
         stats[mode] = {k: round(v, 4) for k, v in agreement(predicted, measured).items()}
     for i in top:
-        nodes[i]["ablation"] = {"predicted": out["live"][i][0], "measured_frozen": out["frozen"][i][1],
-                                "measured_live": out["live"][i][1]}
+        nodes[i]["ablation"] = {
+            "predicted": out["live"][i][0],
+            "measured_frozen": out["frozen"][i][1],
+            "measured_live": out["live"][i][1],
+        }
     out["agreement"] = stats
     return out
 
@@ -87,30 +91,50 @@ def _fraction(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] (0.8 keeps 80% of the influence), got {value}")
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction in (0, 1] (0.8 keeps 80% of the influence), got {value}"
+        )
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m part3_attribution_graphs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m part3_attribution_graphs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--world", default="toy", choices=world_names())
     parser.add_argument("--user", default=DEFAULT_USER, help="the user's turn of the chat prompt")
     parser.add_argument("--response", default=DEFAULT_RESPONSE, help="the start of the model's answer")
-    parser.add_argument("--out", default="out/graph", type=Path, help="folder for the files (created if needed)")
+    parser.add_argument(
+        "--out", default="out/graph", type=Path, help="folder for the files (created if needed)"
+    )
     parser.add_argument("--n-output-nodes", type=_count(1), default=3)
     parser.add_argument("--top-k", type=_count(0), default=5)
     parser.add_argument("--batch-size", type=_count(1), default=256)
     parser.add_argument("--node-threshold", type=_fraction, default=0.8)
     parser.add_argument("--edge-threshold", type=_fraction, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
-    parser.add_argument("--no-examples", action="store_true",
-                        help="skip the latents' example data (the dashboard's activation sections)")
-    parser.add_argument("--result", type=Path, default=None, metavar="GRAPH_PT",
-                        help="redraw a graph saved earlier (its graph.pt) instead of attributing a prompt; "
-                             "the thresholds re-prune it")
-    parser.add_argument("--interventions", type=_count(0), default=0, metavar="N",
-                        help="ablate the N most influential latents and measure the top logit's change")
+    parser.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="skip the latents' example data (the dashboard's activation sections)",
+    )
+    parser.add_argument(
+        "--result",
+        type=Path,
+        default=None,
+        metavar="GRAPH_PT",
+        help="redraw a graph saved earlier (its graph.pt) instead of attributing a prompt; "
+        "the thresholds re-prune it",
+    )
+    parser.add_argument(
+        "--interventions",
+        type=_count(0),
+        default=0,
+        metavar="N",
+        help="ablate the N most influential latents and measure the top logit's change",
+    )
     parser.add_argument("--traceback", action="store_true", help="on an error, show the full traceback")
     return parser
 
@@ -124,7 +148,9 @@ def check_out_dir(out: Path) -> Path:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise CLIError(f"cannot write to --out {out} ({err.strerror or err}): choose a folder you can write to.") from None
+        raise CLIError(
+            f"cannot write to --out {out} ({err.strerror or err}): choose a folder you can write to."
+        ) from None
     return out
 
 
@@ -144,27 +170,49 @@ def run(args: argparse.Namespace) -> dict:
         from .result import AttributionResult, prune
 
         result = prune(AttributionResult.load(args.result), args.node_threshold, args.edge_threshold)
-        if result.graph.n_layers != model.cfg.n_layers or result.graph.writing_vecs.shape[1] != model.cfg.d_model:
-            raise CLIError(f"--result {args.result} was made on another model than --world {args.world} "
-                           f"({result.graph.n_layers} layers, d_model {result.graph.writing_vecs.shape[1]}): "
-                           "pass the world it was made on.")
+        if (
+            result.graph.n_layers != model.cfg.n_layers
+            or result.graph.writing_vecs.shape[1] != model.cfg.d_model
+        ):
+            raise CLIError(
+                f"--result {args.result} was made on another model than --world {args.world} "
+                f"({result.graph.n_layers} layers, d_model {result.graph.writing_vecs.shape[1]}): "
+                "pass the world it was made on."
+            )
         prompt = result.prompt
     else:
         prompt = format_prompt(args.user, args.response)
-        result = attribute(model, transcoders, prompt, n_output_nodes=args.n_output_nodes, start_posn=START_POSN,
-                           top_k=args.top_k, batch_size=args.batch_size, node_threshold=args.node_threshold,
-                           edge_threshold=args.edge_threshold)
+        result = attribute(
+            model,
+            transcoders,
+            prompt,
+            n_output_nodes=args.n_output_nodes,
+            start_posn=START_POSN,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            node_threshold=args.node_threshold,
+            edge_threshold=args.edge_threshold,
+        )
     t_graph = time.perf_counter() - t0
 
     kept = set(result.kept_indices.tolist())
     nodes = [
-        {**asdict(n), "node_type": n.node_type.value, "node_id": n.node_id,
-         "influence": float(result.influence[i]), "kept": i in kept}
+        {
+            **asdict(n),
+            "node_type": n.node_type.value,
+            "node_id": n.node_id,
+            "influence": float(result.influence[i]),
+            "kept": i in kept,
+        }
         for i, n in enumerate(result.graph.nodes)
     ]
     measured = _measure_interventions(model, transcoders, result, args.interventions, nodes)
-    (args.out / "nodes.json").write_text(json.dumps({"prompt": prompt, "str_tokens": result.str_tokens,
-                                                     "settings": result.settings, "nodes": nodes}, indent=1))
+    (args.out / "nodes.json").write_text(
+        json.dumps(
+            {"prompt": prompt, "str_tokens": result.str_tokens, "settings": result.settings, "nodes": nodes},
+            indent=1,
+        )
+    )
     result.save(args.out / "graph.pt")  # AttributionResult.load(path) reads it back
     scores = compute_graph_scores(result)
     if not args.no_dashboard:
@@ -172,11 +220,21 @@ def run(args: argparse.Namespace) -> dict:
 
         # Example data generated from the world itself (offline); a real world's come from
         # utils.load_example_data_parallel, which needs the hub.
-        examples = None if args.no_examples else make_toy_example_data(
-            model, transcoders, features_by_layer=features_in_graph(result))
-        create_attribution_dashboard(result, model, transcoders=transcoders, output_dir=args.out, display=False,
-                                     scores=scores, example_data_by_layer=examples,
-                                     interventions=measured["live"] if measured else None)
+        examples = (
+            None
+            if args.no_examples
+            else make_toy_example_data(model, transcoders, features_by_layer=features_in_graph(result))
+        )
+        create_attribution_dashboard(
+            result,
+            model,
+            transcoders=transcoders,
+            output_dir=args.out,
+            display=False,
+            scores=scores,
+            example_data_by_layer=examples,
+            interventions=measured["live"] if measured else None,
+        )
 
     summary = {
         "world": args.world,
@@ -185,7 +243,9 @@ def run(args: argparse.Namespace) -> dict:
         "kept_nodes": len(result.kept_indices),
         "kept_edges": int(torch.count_nonzero(result.pruned_matrix)),
         "scores": {k: round(float(v), 4) for k, v in scores.items()},
-        "top_logits": [(n.str_token, round(n.token_prob, 4)) for n in result.graph.nodes if n.node_type.value == "logit"],
+        "top_logits": [
+            (n.str_token, round(n.token_prob, 4)) for n in result.graph.nodes if n.node_type.value == "logit"
+        ],
         "load_s": round(t_load, 2),
         "attribute_s": round(t_graph, 2),
         "files": sorted(p.name for p in args.out.iterdir()),
@@ -196,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the arguments, check `--out`, run; an error is printed as one line (exit status 1), not a traceback."""
+    """Parse the arguments, check `--out`, run; an error is printed as one line (exit status 1), not a
+    traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 and a usage line on a bad argument
     try:
@@ -207,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception as err:  # noqa: BLE001 - every failure becomes one readable line
         if args.traceback:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line, however the message was wrapped
+        message = (
+            " ".join(str(err).split()) or type(err).__name__
+        )  # one line, however the message was wrapped
         if not isinstance(err, CLIError):
             if not isinstance(err, (ValueError, TypeError, RuntimeError, OSError)):
                 message = f"{type(err).__name__}: {message}"

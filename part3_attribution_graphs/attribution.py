@@ -52,10 +52,14 @@ __all__ = [
     "validate_transcoders",
 ]
 
-class Batch(NamedTuple):
-    """One backward pass's targets: consecutive nodes of one layer (a tuple, so it also unpacks in this order)."""
 
-    start: int  # index of the first node in graph.nodes (the batch fills rows start : start + len(nodes) of A)
+class Batch(NamedTuple):
+    """One backward pass's targets: consecutive nodes of one layer (a tuple, so it also unpacks in this
+    order)."""
+
+    start: (
+        int  # index of the first node in graph.nodes (the batch fills rows start : start + len(nodes) of A)
+    )
     nodes: list[NodeInfo]
     reading_vecs: Float[Tensor, "batch d_model"]
     positions: Int[Tensor, " batch"]
@@ -109,8 +113,10 @@ def run_frozen_forward(
 
     last_resid = f"blocks.{n_layers - 1}.hook_resid_post"
     fwd_hooks: list[tuple[str, Callable]] = [(write_names[0], leaf_at_embeddings)]
-    fwd_hooks += [(name, remember) for name in sorted((set(write_names[1:]) | set(read_names) | {last_resid})
-                                                      - {"unembed.hook_in"})]
+    fwd_hooks += [
+        (name, remember)
+        for name in sorted((set(write_names[1:]) | set(read_names) | {last_resid}) - {"unembed.hook_in"})
+    ]
 
     with torch.enable_grad(), model.hooks(fwd_hooks=freeze.fwd_hooks + fwd_hooks):
         # return_type=None stops before the final norm and unembedding (a vocab-sized matmul we don't
@@ -118,8 +124,9 @@ def run_frozen_forward(
         model(tokens[:1], return_type=None)
         if "unembed.hook_in" in read_names:
             seen["unembed.hook_in"] = model.ln_final(seen[last_resid])
-    return FrozenForward(reads={name: seen[name] for name in read_names},
-                         writes={name: seen[name] for name in write_names})
+    return FrozenForward(
+        reads={name: seen[name] for name in read_names}, writes={name: seen[name] for name in write_names}
+    )
 
 
 def setup_attribution(
@@ -147,8 +154,10 @@ def setup_attribution(
     """
     batch = target_reading_vecs.shape[0]
     if not (len(target_layers) == batch == target_positions.shape[0]):
-        raise ValueError(f"Got {batch} reading vectors, {target_positions.shape[0]} positions and "
-                         f"{len(target_layers)} layers: one of each per target.")
+        raise ValueError(
+            f"Got {batch} reading vectors, {target_positions.shape[0]} positions and "
+            f"{len(target_layers)} layers: one of each per target."
+        )
     read_names = sorted({read_hook_name(layer) for layer in target_layers})
     reuse = forward is not None  # then later batches backpropagate through the same graph: keep it
     if forward is None:
@@ -171,9 +180,14 @@ def setup_attribution(
 
     # Autograd visits only the part of the graph below the targets' read points.
     write_names = list(forward.writes)
-    grads = torch.autograd.grad([forward.reads[name] for name in read_names],
-                                [forward.writes[name] for name in write_names], grad_outputs=seeds,
-                                retain_graph=reuse, allow_unused=True, is_grads_batched=True)
+    grads = torch.autograd.grad(
+        [forward.reads[name] for name in read_names],
+        [forward.writes[name] for name in write_names],
+        grad_outputs=seeds,
+        retain_graph=reuse,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
     out = {}
     for name, g in zip(write_names, grads):
         shape = (batch, *forward.writes[name].shape[1:])
@@ -228,13 +242,15 @@ def _source_groups(graph: GraphNodes, start_posn: int) -> list[tuple[Layer, str,
         keep = torch.tensor(positions, device=device) >= start_posn
         by_slot = graph.writing_vecs.new_zeros(graph.seq_len * k_max, graph.writing_vecs.shape[1])
         by_slot[slots] = graph.writing_vecs[start:end] * keep.unsqueeze(-1)
-        groups.append((key, write_hook_name(key), slice(start, end), slots,
-                       by_slot.view(graph.seq_len, k_max, -1)))
+        groups.append(
+            (key, write_hook_name(key), slice(start, end), slots, by_slot.view(graph.seq_len, k_max, -1))
+        )
     return groups
 
 
 def _reading_targets(graph: GraphNodes, batches: list[Batch]) -> list[tuple[Tensor, Tensor, Tensor, list]]:
-    """The batches without the targets that read nothing (error nodes), as (rows of A, readings, positions, layers).
+    """The batches without the targets that read nothing (error nodes), as (rows of A, readings, positions,
+    layers).
 
     Their rows of A are zero whatever the gradients, so they would only take room in a backward pass.
     The index tensors are made here, once, so that the loop over batches never waits for the host.
@@ -250,7 +266,8 @@ def _reading_targets(graph: GraphNodes, batches: list[Batch]) -> list[tuple[Tens
 
 
 def _can_reach(source_key: Layer, target_layers: list[Layer]) -> bool:
-    """Whether a source in layer `source_key` can send an edge to any of these targets (earlier layers only)."""
+    """Whether a source in layer `source_key` can send an edge to any of these targets (earlier layers
+    only)."""
     return source_key == "E" or "L" in target_layers or source_key < max(target_layers)
 
 
@@ -317,8 +334,9 @@ def transposed_adjacency_matrix(
         positions = [node.ctx_idx for node in graph.nodes[cols]]
         before = [bisect_left(positions, p) for p in range(graph.seq_len + 1)]
         groups[key] = (cols.start, slots, writes, before)
-    for rows, reading, positions, layers in tqdm(_reading_targets(graph, batches), desc="Backward batches",
-                                                 leave=False):
+    for rows, reading, positions, layers in tqdm(
+        _reading_targets(graph, batches), desc="Backward batches", leave=False
+    ):
         for key, g in transposed.gradients(reading, positions, layers):
             if key not in groups:
                 continue
@@ -349,15 +367,20 @@ def logit_direct_influence(
     layers: list[int | str] = [n.layer for n in nodes]
     with tc_hooks:
         grads = setup_attribution(model, tokens, freeze, graph.reading_vecs[start:end], positions, layers)
-    rows = torch.zeros(end - start, len(graph), dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
+    rows = torch.zeros(
+        end - start, len(graph), dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device
+    )
     for _, name, cols, slots, writes in _source_groups(graph, start_posn):
-        rows[:, cols] = torch.einsum("bpd,pkd->bpk", grads[name].to(writes.dtype), writes).flatten(1)[:, slots]
+        rows[:, cols] = torch.einsum("bpd,pkd->bpk", grads[name].to(writes.dtype), writes).flatten(1)[
+            :, slots
+        ]
     shares = rows.abs() / rows.abs().sum(dim=1, keepdim=True).clamp(min=1e-30)
     return logit_weights_of(graph, shares.dtype, shares.device) @ shares
 
 
 def fold_latents(graph: GraphNodes, keep: Tensor) -> GraphNodes:
-    """The graph without the latents where `keep` is False, each folded into its (layer, position)'s error node.
+    """The graph without the latents where `keep` is False, each folded into its (layer, position)'s error
+    node.
 
     An error node writes what the graph's latents miss of the MLP output, so it takes on the dropped
     latents' writing vectors and every target's edges plus biases still add up to its reading.
@@ -380,11 +403,18 @@ def fold_latents(graph: GraphNodes, keep: Tensor) -> GraphNodes:
         src, dst = (torch.tensor(v, device=writing.device) for v in zip(*into))
         writing = writing.index_add(0, dst, graph.writing_vecs[src])
     # `kept` is sorted: a group's new range is where its old bounds fall in it.
-    ranges = {key: (bisect_left(kept, start), bisect_left(kept, end))
-              for key, (start, end) in graph.node_range_dict.items()}
-    return GraphNodes(nodes=[graph.nodes[i] for i in kept], writing_vecs=writing,
-                      reading_vecs=graph.reading_vecs[index], node_range_dict=ranges, seq_len=graph.seq_len,
-                      n_layers=graph.n_layers)
+    ranges = {
+        key: (bisect_left(kept, start), bisect_left(kept, end))
+        for key, (start, end) in graph.node_range_dict.items()
+    }
+    return GraphNodes(
+        nodes=[graph.nodes[i] for i in kept],
+        writing_vecs=writing,
+        reading_vecs=graph.reading_vecs[index],
+        node_range_dict=ranges,
+        seq_len=graph.seq_len,
+        n_layers=graph.n_layers,
+    )
 
 
 def logit_weights_of(
@@ -396,8 +426,8 @@ def logit_weights_of(
 
 
 def validate_transcoders(model: HookedSAETransformer, transcoders: dict[int, Transcoder]) -> None:
-    """Raise a clear error unless there is one transcoder per layer, matching `d_model`, reading and writing that
-    layer's MLP, with finite weights (see `checks.check_transcoders`)."""
+    """Raise a clear error unless there is one transcoder per layer, matching `d_model`, reading and writing
+    that layer's MLP, with finite weights (see `checks.check_transcoders`)."""
     check_transcoders(model, transcoders)
 
 
@@ -438,7 +468,15 @@ def attribute(
     """
     # Clear errors for bad input (and a warning for hooks already on the model), before any hook goes on.
     n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold = check_attribute_inputs(
-        model, transcoders, prompt, n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold
+        model,
+        transcoders,
+        prompt,
+        n_output_nodes,
+        start_posn,
+        top_k,
+        batch_size,
+        node_threshold,
+        edge_threshold,
     )
     if max_feature_nodes is not None:
         max_feature_nodes = as_count("max_feature_nodes", max_feature_nodes)
@@ -451,8 +489,9 @@ def attribute(
     with torch.no_grad():
         logits = model(tokens)
     reading_vecs, top_token_info = compute_salient_logits(model, logits, n_output_nodes)
-    graph = build_graph_nodes(model, transcoders, cache, tc_hooks, reading_vecs, top_token_info, tokens,
-                              start_posn, top_k)
+    graph = build_graph_nodes(
+        model, transcoders, cache, tc_hooks, reading_vecs, top_token_info, tokens, start_posn, top_k
+    )
     is_latent = torch.tensor([n.node_type == NodeType.LATENT for n in graph.nodes])
     if max_feature_nodes is not None and int(is_latent.sum()) > max_feature_nodes:
         estimate = logit_direct_influence(model, tokens, graph, freeze, tc_hooks, start_posn).cpu()
@@ -479,7 +518,13 @@ def attribute(
         str_tokens=str_tokens,
         logit_weights=logit_weights,
         influence=compute_influence(adjacency, logit_weights, model.cfg.n_layers),
-        settings=dict(n_output_nodes=n_output_nodes, start_posn=start_posn, top_k=top_k, batch_size=batch_size,
-                      max_feature_nodes=max_feature_nodes, node_threshold=node_threshold,
-                      edge_threshold=edge_threshold),
+        settings=dict(
+            n_output_nodes=n_output_nodes,
+            start_posn=start_posn,
+            top_k=top_k,
+            batch_size=batch_size,
+            max_feature_nodes=max_feature_nodes,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        ),
     )

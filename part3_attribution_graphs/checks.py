@@ -66,13 +66,16 @@ class AttributeArgs(NamedTuple):
 
 
 def as_count(name: str, value: object, minimum: int = 0) -> int:
-    """`value` as an int of at least `minimum`; anything that is not a whole number (bools included) is refused."""
+    """`value` as an int of at least `minimum`; anything that is not a whole number (bools included) is
+    refused."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a whole number, got the bool {value!r}.")
     try:
         count = operator.index(value)  # int, numpy integer or integer 0-d tensor; never a float
     except TypeError:
-        raise TypeError(f"{name} must be a whole number (an int), got {value!r} ({type(value).__name__}).") from None
+        raise TypeError(
+            f"{name} must be a whole number (an int), got {value!r} ({type(value).__name__})."
+        ) from None
     if count < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {count}.")
     return count
@@ -104,12 +107,16 @@ def _check_prompt_length(model: Any, prompt: str, start_posn: int) -> None:
     n_tokens = model.to_tokens(prompt, truncate=False).shape[1]
     n_ctx = model.cfg.n_ctx
     if n_tokens > n_ctx:
-        raise ValueError(f"The prompt has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}: it would be "
-                         f"cut to its first {n_ctx} tokens and the graph would explain another token. Shorten the "
-                         f"prompt, or load the model with a larger n_ctx.")
+        raise ValueError(
+            f"The prompt has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}: it would be "
+            f"cut to its first {n_ctx} tokens and the graph would explain another token. Shorten the "
+            f"prompt, or load the model with a larger n_ctx."
+        )
     if n_tokens <= start_posn:
-        raise ValueError(f"The prompt has {n_tokens} tokens, no more than start_posn={start_posn} masked ones, so "
-                         f"there is nothing to attribute: use a longer prompt or a smaller start_posn.")
+        raise ValueError(
+            f"The prompt has {n_tokens} tokens, no more than start_posn={start_posn} masked ones, so "
+            f"there is nothing to attribute: use a longer prompt or a smaller start_posn."
+        )
 
 
 # Transcoders whose weights were found finite, with the (version, storage) of each weight when checked:
@@ -128,39 +135,58 @@ def _check_finite_weights(layer: int, tc: torch.nn.Module) -> None:
     for name, p in tc.named_parameters():
         if not torch.isfinite(p).all():
             n_bad = int((~torch.isfinite(p)).sum())
-            raise ValueError(f"transcoders[{layer}].{name} has {n_bad} NaN or inf entries, which would make the "
-                             f"whole graph NaN. Reload or refit this transcoder.")
+            raise ValueError(
+                f"transcoders[{layer}].{name} has {n_bad} NaN or inf entries, which would make the "
+                f"whole graph NaN. Reload or refit this transcoder."
+            )
     _finite_when[tc] = state
 
 
 def check_transcoders(model: Any, transcoders: object) -> None:
-    """Raise a clear error unless there is one finite transcoder per layer that reads and writes that layer's MLP."""
+    """Raise a clear error unless there is one finite transcoder per layer that reads and writes that layer's
+    MLP."""
     if not isinstance(transcoders, Mapping):
-        hint = " (e.g. dict(enumerate(transcoders)) for a list in layer order)" if isinstance(
-            transcoders, (list, tuple)) else ""
-        raise TypeError(f"transcoders must be a dict {{layer: transcoder}}{hint}, got {type(transcoders).__name__}.")
+        hint = (
+            " (e.g. dict(enumerate(transcoders)) for a list in layer order)"
+            if isinstance(transcoders, (list, tuple))
+            else ""
+        )
+        raise TypeError(
+            f"transcoders must be a dict {{layer: transcoder}}{hint}, got {type(transcoders).__name__}."
+        )
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
     layers = list(transcoders)
     if not all(isinstance(k, int) and not isinstance(k, bool) for k in layers) or sorted(layers) != list(
-            range(n_layers)):
-        raise ValueError(f"transcoders must have one entry per layer 0..{n_layers - 1} of this model, got "
-                         f"layers {layers!r}. Load the transcoders for this model.")
+        range(n_layers)
+    ):
+        raise ValueError(
+            f"transcoders must have one entry per layer 0..{n_layers - 1} of this model, got "
+            f"layers {layers!r}. Load the transcoders for this model."
+        )
     for layer, tc in transcoders.items():
         d_in, d_out = tc.cfg.d_in, getattr(tc.cfg, "d_out", tc.cfg.d_in)
         if d_in != d_model or d_out != d_model:
-            raise ValueError(f"transcoders[{layer}] maps {d_in} -> {d_out} dims but the model has d_model="
-                             f"{d_model}: these transcoders belong to another model.")
+            raise ValueError(
+                f"transcoders[{layer}] maps {d_in} -> {d_out} dims but the model has d_model="
+                f"{d_model}: these transcoders belong to another model."
+            )
         reads, writes = tc.cfg.metadata.hook_name, getattr(tc.cfg.metadata, "hook_name_out", None)
         if reads != f"blocks.{layer}.mlp.hook_in":
-            raise ValueError(f"transcoders[{layer}] reads {reads!r}; attribution needs "
-                             f"'blocks.{layer}.mlp.hook_in' (the ln2 output). Set tc.cfg.metadata.hook_name.")
+            raise ValueError(
+                f"transcoders[{layer}] reads {reads!r}; attribution needs "
+                f"'blocks.{layer}.mlp.hook_in' (the ln2 output). Set tc.cfg.metadata.hook_name."
+            )
         if writes != f"blocks.{layer}.hook_mlp_out":
-            raise ValueError(f"transcoders[{layer}] writes {writes!r}; attribution needs "
-                             f"'blocks.{layer}.hook_mlp_out' (its own layer's MLP output). "
-                             f"Set tc.cfg.metadata.hook_name_out.")
+            raise ValueError(
+                f"transcoders[{layer}] writes {writes!r}; attribution needs "
+                f"'blocks.{layer}.hook_mlp_out' (its own layer's MLP output). "
+                f"Set tc.cfg.metadata.hook_name_out."
+            )
         if any(p.is_inference() for p in tc.parameters()):
-            raise RuntimeError(f"transcoders[{layer}] was loaded inside torch.inference_mode(), so autograd cannot "
-                               f"use its weights: load it outside inference_mode (torch.no_grad() is fine).")
+            raise RuntimeError(
+                f"transcoders[{layer}] was loaded inside torch.inference_mode(), so autograd cannot "
+                f"use its weights: load it outside inference_mode (torch.no_grad() is fine)."
+            )
         _check_finite_weights(layer, tc)
 
 
@@ -175,35 +201,48 @@ _TORCH_HOOK_KINDS = {
 def _fn_name(fn: object) -> str:
     # TransformerLens names its wrapper after repr(your function): "<function my_hook at 0x...>".
     name = getattr(fn, "__name__", None) or repr(fn)
-    match = re.fullmatch(r"<(?:function|bound method) ([^ ]+)(?: of .*)? at 0x[0-9a-f]+>|<bound method ([^ ]+) of .*>",
-                         name, re.S)
+    match = re.fullmatch(
+        r"<(?:function|bound method) ([^ ]+)(?: of .*)? at 0x[0-9a-f]+>|<bound method ([^ ]+) of .*>",
+        name,
+        re.S,
+    )
     return next((g for g in match.groups() if g), name) if match else name
 
 
 def existing_hooks(model: torch.nn.Module) -> list[str]:
-    """Every hook on the model's modules (TransformerLens or raw torch) and torch's global module hooks, described."""
+    """Every hook on the model's modules (TransformerLens or raw torch) and torch's global module hooks,
+    described."""
     found = []
     for name, module in model.named_modules():
         lens = {}
         if isinstance(module, HookPoint):
             for handles, direction in ((module.fwd_hooks, "forward"), (module.bwd_hooks, "backward")):
                 for h in handles:
-                    lens[h.hook.id] = f"TransformerLens {'permanent ' if h.is_permanent else ''}{direction} hook"
+                    lens[h.hook.id] = (
+                        f"TransformerLens {'permanent ' if h.is_permanent else ''}{direction} hook"
+                    )
         for attr, kind in _TORCH_HOOK_KINDS.items():
             for hook_id, fn in getattr(module, attr, {}).items():
                 found.append(f"{name or '<model>'}: {lens.get(hook_id, 'torch ' + kind)} {_fn_name(fn)}")
     import torch.nn.modules.module as torch_module
 
-    for attr in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
-                 "_global_backward_hooks"):
+    for attr in (
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks",
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+    ):
         for fn in getattr(torch_module, attr, {}).values():
-            found.append(f"every module: torch global {attr.removeprefix('_global_').replace('_', ' ')[:-1]} "
-                         f"{_fn_name(fn)}")
+            found.append(
+                f"every module: torch global {attr.removeprefix('_global_').replace('_', ' ')[:-1]} "
+                f"{_fn_name(fn)}"
+            )
     return found
 
 
 def _foreign_mlp(model: torch.nn.Module) -> str | None:
-    """The first block whose MLP forward is a closure over another module (what copy.deepcopy leaves behind)."""
+    """The first block whose MLP forward is a closure over another module (what copy.deepcopy leaves
+    behind)."""
     for i, block in enumerate(getattr(model, "blocks", [])):
         mlp = getattr(block, "mlp", None)
         forward = vars(mlp).get("forward") if mlp is not None else None
@@ -219,27 +258,31 @@ def _foreign_mlp(model: torch.nn.Module) -> str | None:
 
 
 def check_model(model: torch.nn.Module) -> None:
-    """Refuse models autograd cannot run or that compute with another model's MLPs; warn about existing hooks."""
+    """Refuse models autograd cannot run or that compute with another model's MLPs; warn about existing
+    hooks."""
     foreign = _foreign_mlp(model)
     if foreign is not None:
         raise RuntimeError(
             f"{foreign} of this model runs the MLP of another model: it looks like a copy.deepcopy of a "
-            f"HookedSAETransformer, whose MLP forward SAELens wraps in a closure over the original module, so the "
-            f"copy computes with the original's MLP weights and hooks. Build the second model the way you built the "
-            f"first, or copy the weights into a fresh one: twin = HookedSAETransformer(model.cfg, model.tokenizer); "
-            f"twin.load_state_dict(model.state_dict()); twin.set_use_hook_mlp_in(True)."
+            "HookedSAETransformer, whose MLP forward SAELens wraps in a closure over the original module, "
+            "so the copy computes with the original's MLP weights and hooks. Build the second model the way "
+            "you built the first, or copy the weights into a fresh one: twin = "
+            "HookedSAETransformer(model.cfg, model.tokenizer); twin.load_state_dict(model.state_dict()); "
+            "twin.set_use_hook_mlp_in(True)."
         )
     if any(p.is_inference() for p in model.parameters()):
-        raise RuntimeError("The model was loaded inside torch.inference_mode(), so autograd cannot use its weights "
-                           "(attribution differentiates through them): load it outside inference_mode "
-                           "(torch.no_grad() is fine).")
+        raise RuntimeError(
+            "The model was loaded inside torch.inference_mode(), so autograd cannot use its weights "
+            "(attribution differentiates through them): load it outside inference_mode "
+            "(torch.no_grad() is fine)."
+        )
     hooks = existing_hooks(model)
     if hooks:
         warnings.warn(
-            f"The model already carries {len(hooks)} hook(s), which run during attribution and change the graph: "
-            f"{'; '.join(hooks[:8])}{'; ...' if len(hooks) > 8 else ''}. Remove them first: "
-            f"model.reset_hooks(including_permanent=True) removes TransformerLens hooks, and a torch hook goes with "
-            f".remove() on the handle its register_*_hook call returned.",
+            f"The model already carries {len(hooks)} hook(s), which run during attribution and change the "
+            f"graph: {'; '.join(hooks[:8])}{'; ...' if len(hooks) > 8 else ''}. Remove them first: "
+            "model.reset_hooks(including_permanent=True) removes TransformerLens hooks, and a torch hook "
+            "goes with .remove() on the handle its register_*_hook call returned.",
             ExistingHooksWarning,
             stacklevel=5,  # the caller of `attribute`
         )
@@ -256,7 +299,8 @@ def check_attribute_inputs(
     node_threshold: object,
     edge_threshold: object,
 ) -> AttributeArgs:
-    """Check everything `attribute` is given, before any hook goes on; return the numbers as plain Python ones."""
+    """Check everything `attribute` is given, before any hook goes on; return the numbers as plain Python
+    ones."""
     args = AttributeArgs(
         n_output_nodes=as_count("n_output_nodes", n_output_nodes, minimum=1),
         start_posn=as_count("start_posn", start_posn),
@@ -266,8 +310,10 @@ def check_attribute_inputs(
         edge_threshold=as_fraction("edge_threshold", edge_threshold),
     )
     if args.n_output_nodes > model.cfg.d_vocab:
-        raise ValueError(f"n_output_nodes must be in [1, {model.cfg.d_vocab}] (the vocabulary size), got "
-                         f"{args.n_output_nodes}.")
+        raise ValueError(
+            f"n_output_nodes must be in [1, {model.cfg.d_vocab}] (the vocabulary size), got "
+            f"{args.n_output_nodes}."
+        )
     check_prompt(prompt)
     check_transcoders(model, transcoders)
     check_model(model)
@@ -281,9 +327,10 @@ def check_finite_adjacency(adjacency: Float[Tensor, "n_nodes n_nodes"]) -> None:
     if bad.any():
         target, source = (int(i) for i in bad.nonzero()[0])
         raise FloatingPointError(
-            f"The adjacency matrix has {int(bad.sum())} NaN or inf entries (the first is the edge from node {source} "
-            f"to node {target}). Check the model's and transcoders' weights for NaN or inf, and use float32 if "
-            f"they are float16 (which overflows).")
+            f"The adjacency matrix has {int(bad.sum())} NaN or inf entries (the first is the edge from node "
+            f"{source} to node {target}). Check the model's and transcoders' weights for NaN or inf, and use "
+            "float32 if they are float16 (which overflows)."
+        )
 
 
 # Models with an attribution running now (by id), and the thread running it.
@@ -307,9 +354,10 @@ def one_run_per_model(fn: F) -> F:
                 _running[id(model)] = threading.current_thread().name
         if other is not None:
             raise RuntimeError(
-                f"{fn.__name__} is already running on this model (in thread {other!r}); each run puts its own hooks "
-                f"on the model, so runs on one model must take turns. Wait for that call to finish, or give each "
-                f"thread its own model, loaded separately.")
+                f"{fn.__name__} is already running on this model (in thread {other!r}); each run puts its "
+                "own hooks on the model, so runs on one model must take turns. Wait for that call to "
+                "finish, or give each thread its own model, loaded separately."
+            )
         try:
             with torch.inference_mode(False):
                 return fn(model, *args, **kwargs)

@@ -28,7 +28,9 @@ class Exercise:
     """One exercise of the lesson."""
 
     name: str  # the exercise's id; its autograder test is `tests.test_<name>`
-    reference: str  # "module:qualname" of the reference answer, e.g. "part3_attribution_graphs.nodes:prune_nodes"
+    reference: (
+        str  # "module:qualname" of the reference answer, e.g. "part3_attribution_graphs.nodes:prune_nodes"
+    )
     expects: Literal["function", "class"]  # what the learner passes to the test
     autograder: str  # the module of `part3_attribution_graphs.tests` that defines `test_<name>`
     difficulty: int  # 1..5, shown as red dots in the lesson header
@@ -37,9 +39,13 @@ class Exercise:
 
     def __post_init__(self) -> None:
         if ":" not in self.reference or not self.name.isidentifier():
-            raise ValueError(f"Exercise {self.name!r}: reference must read 'module:qualname', got {self.reference!r}.")
+            raise ValueError(
+                f"Exercise {self.name!r}: reference must read 'module:qualname', got {self.reference!r}."
+            )
         if self.expects not in ("function", "class"):
-            raise ValueError(f"Exercise {self.name!r}: expects must be 'function' or 'class', got {self.expects!r}.")
+            raise ValueError(
+                f"Exercise {self.name!r}: expects must be 'function' or 'class', got {self.expects!r}."
+            )
         if not (1 <= self.difficulty <= 5 and 1 <= self.importance <= 5):
             raise ValueError(f"Exercise {self.name!r}: difficulty and importance are 1..5.")
         if not 0 < self.minutes[0] <= self.minutes[1]:
@@ -73,35 +79,114 @@ class Exercise:
         """The header block the lesson shows under the exercise's heading."""
         low, high = self.minutes
         time = f"{low} minutes" if low == high else f"{low}–{high} minutes"
-        return (f"> **Difficulty**: {'🔴' * self.difficulty}{'⚪' * (5 - self.difficulty)}\n"
-                f"> **Importance**: {'🔵' * self.importance}{'⚪' * (5 - self.importance)}\n"
-                ">\n"
-                f"> Suggested time: {time}.")
+        return (
+            f"> **Difficulty**: {'🔴' * self.difficulty}{'⚪' * (5 - self.difficulty)}\n"
+            f"> **Importance**: {'🔵' * self.importance}{'⚪' * (5 - self.importance)}\n"
+            ">\n"
+            f"> Suggested time: {time}."
+        )
 
 
 EXERCISES: tuple[Exercise, ...] = (
-    Exercise("transcoder_replacement_hooks", f"{PACKAGE}.replacement:TranscoderReplacementHooks", "class",
-             "transcoder_replacement_hooks", difficulty=3, importance=5, minutes=(25, 30)),
-    Exercise("compute_salient_logits", f"{PACKAGE}.nodes:compute_salient_logits", "function",
-             "compute_salient_logits", difficulty=2, importance=3, minutes=(10, 10)),
-    Exercise("build_embedding_nodes", f"{PACKAGE}.nodes:build_embedding_nodes", "function",
-             "build_embedding_nodes", difficulty=1, importance=3, minutes=(5, 10)),
-    Exercise("build_intermediate_nodes", f"{PACKAGE}.nodes:build_intermediate_nodes", "function",
-             "build_intermediate_nodes", difficulty=3, importance=4, minutes=(20, 20)),
-    Exercise("prepare_backward_batches", f"{PACKAGE}.attribution:prepare_backward_batches", "function",
-             "prepare_backward_batches", difficulty=2, importance=3, minutes=(10, 15)),
-    Exercise("compute_adjacency_matrix", f"{PACKAGE}.attribution:compute_adjacency_matrix", "function",
-             "compute_adjacency_matrix", difficulty=3, importance=5, minutes=(20, 30)),
-    Exercise("compute_influence", f"{PACKAGE}.pruning:compute_influence", "function",
-             "compute_influence", difficulty=2, importance=4, minutes=(15, 15)),
-    Exercise("prune_nodes", f"{PACKAGE}.pruning:prune_nodes", "function",
-             "prune_nodes", difficulty=2, importance=3, minutes=(10, 15)),
-    Exercise("prune_edges", f"{PACKAGE}.pruning:prune_edges", "function",
-             "prune_edges", difficulty=3, importance=3, minutes=(15, 15)),
-    Exercise("run_with_latent_set", f"{PACKAGE}.interventions:run_with_latent_set", "function",
-             "run_with_latent_set", difficulty=2, importance=4, minutes=(15, 15)),
-    Exercise("predicted_effects", f"{PACKAGE}.interventions:predicted_effects", "function",
-             "predicted_effects", difficulty=3, importance=4, minutes=(15, 20)),
+    Exercise(
+        "transcoder_replacement_hooks",
+        f"{PACKAGE}.replacement:TranscoderReplacementHooks",
+        "class",
+        "transcoder_replacement_hooks",
+        difficulty=3,
+        importance=5,
+        minutes=(25, 30),
+    ),
+    Exercise(
+        "compute_salient_logits",
+        f"{PACKAGE}.nodes:compute_salient_logits",
+        "function",
+        "compute_salient_logits",
+        difficulty=2,
+        importance=3,
+        minutes=(10, 10),
+    ),
+    Exercise(
+        "build_embedding_nodes",
+        f"{PACKAGE}.nodes:build_embedding_nodes",
+        "function",
+        "build_embedding_nodes",
+        difficulty=1,
+        importance=3,
+        minutes=(5, 10),
+    ),
+    Exercise(
+        "build_intermediate_nodes",
+        f"{PACKAGE}.nodes:build_intermediate_nodes",
+        "function",
+        "build_intermediate_nodes",
+        difficulty=3,
+        importance=4,
+        minutes=(20, 20),
+    ),
+    Exercise(
+        "prepare_backward_batches",
+        f"{PACKAGE}.attribution:prepare_backward_batches",
+        "function",
+        "prepare_backward_batches",
+        difficulty=2,
+        importance=3,
+        minutes=(10, 15),
+    ),
+    Exercise(
+        "compute_adjacency_matrix",
+        f"{PACKAGE}.attribution:compute_adjacency_matrix",
+        "function",
+        "compute_adjacency_matrix",
+        difficulty=3,
+        importance=5,
+        minutes=(20, 30),
+    ),
+    Exercise(
+        "compute_influence",
+        f"{PACKAGE}.pruning:compute_influence",
+        "function",
+        "compute_influence",
+        difficulty=2,
+        importance=4,
+        minutes=(15, 15),
+    ),
+    Exercise(
+        "prune_nodes",
+        f"{PACKAGE}.pruning:prune_nodes",
+        "function",
+        "prune_nodes",
+        difficulty=2,
+        importance=3,
+        minutes=(10, 15),
+    ),
+    Exercise(
+        "prune_edges",
+        f"{PACKAGE}.pruning:prune_edges",
+        "function",
+        "prune_edges",
+        difficulty=3,
+        importance=3,
+        minutes=(15, 15),
+    ),
+    Exercise(
+        "run_with_latent_set",
+        f"{PACKAGE}.interventions:run_with_latent_set",
+        "function",
+        "run_with_latent_set",
+        difficulty=2,
+        importance=4,
+        minutes=(15, 15),
+    ),
+    Exercise(
+        "predicted_effects",
+        f"{PACKAGE}.interventions:predicted_effects",
+        "function",
+        "predicted_effects",
+        difficulty=3,
+        importance=4,
+        minutes=(15, 20),
+    ),
 )
 
 

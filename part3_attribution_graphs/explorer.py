@@ -43,8 +43,12 @@ def graph_counts(result: AttributionResult) -> dict[str, int]:
     """Kept nodes by type, kept edges, and the size of the full graph."""
     kept = result.kept_nodes
     counts = {t.value: sum(n.node_type == t for n in kept) for t in NodeType}
-    return {"nodes": len(result.graph.nodes), "kept": len(kept), "edges": int((result.pruned_matrix != 0).sum()),
-            **counts}
+    return {
+        "nodes": len(result.graph.nodes),
+        "kept": len(kept),
+        "edges": int((result.pruned_matrix != 0).sum()),
+        **counts,
+    }
 
 
 def _row(layer: int | str, n_layers: int) -> int:
@@ -93,27 +97,54 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
             pick = ((weights > 0) == positive) & (relative >= lo) & (relative < hi)
             if pick.any():
                 xs, ys = segments(0, pick), segments(1, pick)
-                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", name=name,
-                                         showlegend=width == 1.5,
-                                         line=dict(width=width, color=edge_rgba(positive, 0.35 + 0.5 * lo))))
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=ys,
+                        mode="lines",
+                        hoverinfo="skip",
+                        name=name,
+                        showlegend=width == 1.5,
+                        line=dict(width=width, color=edge_rgba(positive, 0.35 + 0.5 * lo)),
+                    )
+                )
     for node_type, colour in NODE_COLOURS.items():
         idx = [k for k, n in enumerate(nodes) if n.node_type == node_type]
         if not idx:
             continue
-        fig.add_trace(go.Scatter(
-            x=xy[idx, 0].tolist(), y=xy[idx, 1].tolist(), mode="markers", name=NODE_NAMES[node_type.value],
-            marker=dict(size=9, color=colour, line=dict(width=1, color=NODE_STROKE[node_type.value])),
-            hovertext=[_label(nodes[k], result.str_tokens) for k in idx], hoverinfo="text",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=xy[idx, 0].tolist(),
+                y=xy[idx, 1].tolist(),
+                mode="markers",
+                name=NODE_NAMES[node_type.value],
+                marker=dict(size=9, color=colour, line=dict(width=1, color=NODE_STROKE[node_type.value])),
+                hovertext=[_label(nodes[k], result.str_tokens) for k in idx],
+                hoverinfo="text",
+            )
+        )
     start = result.settings.get("start_posn", 0)
     positions = list(range(len(result.str_tokens)))
     fig.update_layout(
-        title=title, plot_bgcolor="white", height=260 + 45 * n_layers, margin=dict(l=60, r=20, t=50, b=90),
-        xaxis=dict(tickmode="array", tickvals=positions[start:],
-                   ticktext=[_shown(t) for t in result.str_tokens[start:]], tickangle=-45, showgrid=False),
-        yaxis=dict(tickmode="array", tickvals=list(range(n_layers + 2)),
-                   ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"], showgrid=True,
-                   gridcolor="#f3f4f6", zeroline=False),
+        title=title,
+        plot_bgcolor="white",
+        height=260 + 45 * n_layers,
+        margin=dict(l=60, r=20, t=50, b=90),
+        xaxis=dict(
+            tickmode="array",
+            tickvals=positions[start:],
+            ticktext=[_shown(t) for t in result.str_tokens[start:]],
+            tickangle=-45,
+            showgrid=False,
+        ),
+        yaxis=dict(
+            tickmode="array",
+            tickvals=list(range(n_layers + 2)),
+            ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"],
+            showgrid=True,
+            gridcolor="#f3f4f6",
+            zeroline=False,
+        ),
         legend=dict(orientation="h", y=1.02, x=0),
     )
     return fig
@@ -163,35 +194,52 @@ class AttributionExplorer:
             raise ValueError("Give the explorer at least one prompt.")
 
         self.prompt_picker = widgets.Dropdown(options=list(prompts.items()), description="Prompt")
-        self.node_slider = widgets.FloatSlider(value=node_threshold, min=0.05, max=1.0, step=0.01,
-                                               description="node thr.", continuous_update=False)
-        self.edge_slider = widgets.FloatSlider(value=edge_threshold, min=0.05, max=1.0, step=0.01,
-                                               description="edge thr.", continuous_update=False)
+        self.node_slider = widgets.FloatSlider(
+            value=node_threshold,
+            min=0.05,
+            max=1.0,
+            step=0.01,
+            description="node thr.",
+            continuous_update=False,
+        )
+        self.edge_slider = widgets.FloatSlider(
+            value=edge_threshold,
+            min=0.05,
+            max=1.0,
+            step=0.01,
+            description="edge thr.",
+            continuous_update=False,
+        )
         # Wide boxes with their whole description: a learner types sentences here.
         box = dict(layout=widgets.Layout(width="40em", max_width="100%"), style={"description_width": "7em"})
-        self.user_text = widgets.Text(placeholder="user turn, e.g. What is the opposite of hot?",
-                                      description="Your prompt", **box)
-        self.response_text = widgets.Text(placeholder="start of the reply, e.g. The opposite of hot is",
-                                          description="Reply", **box)
+        self.user_text = widgets.Text(
+            placeholder="user turn, e.g. What is the opposite of hot?", description="Your prompt", **box
+        )
+        self.response_text = widgets.Text(
+            placeholder="start of the reply, e.g. The opposite of hot is", description="Reply", **box
+        )
         self.add_button = widgets.Button(description="Attribute", button_style="primary")
         self.status = widgets.HTML()
         self.plot = widgets.Output()
         for w in (self.prompt_picker, self.node_slider, self.edge_slider):
             w.observe(self.update, names="value")
         self.add_button.on_click(self.add_prompt)
-        self.widget = widgets.VBox([
-            self.prompt_picker,
-            widgets.HBox([self.node_slider, self.edge_slider]),
-            widgets.HBox([widgets.VBox([self.user_text, self.response_text]), self.add_button]),
-            self.status,
-            self.plot,
-        ])
+        self.widget = widgets.VBox(
+            [
+                self.prompt_picker,
+                widgets.HBox([self.node_slider, self.edge_slider]),
+                widgets.HBox([widgets.VBox([self.user_text, self.response_text]), self.add_button]),
+                self.status,
+                self.plot,
+            ]
+        )
 
     def result_for(self, prompt: str) -> AttributionResult:
         """The cached result for `prompt`, computing (and caching) its adjacency matrix the first time."""
         if prompt not in self.cache:
             self.status.value = "<i>computing the adjacency matrix...</i>"
-            # From a widget event, printed output (the progress bar) has no cell to go to: show it in the plot.
+            # From a widget event, printed output (the progress bar) has no cell to go to: show it in the
+            # plot.
             with self.plot if _in_widget_event() else contextlib.nullcontext():
                 result = self.attribute_fn(self.model, self.transcoders, prompt, **self.attribute_kwargs)
             self.cache[prompt] = result
@@ -208,8 +256,10 @@ class AttributionExplorer:
             f"<b>{c['kept']}</b> of {c['nodes']} nodes kept ({c['latent']} latents, {c['mlp_error']} errors, "
             f"{c['embedding']} embeddings, {c['logit']} logits), <b>{c['edges']}</b> edges"
         )
-        self.figure = graph_figure(self.result, title=f"node threshold {self.node_slider.value:.2f}, "
-                                                      f"edge threshold {self.edge_slider.value:.2f}")
+        self.figure = graph_figure(
+            self.result,
+            title=f"node threshold {self.node_slider.value:.2f}, edge threshold {self.edge_slider.value:.2f}",
+        )
         if render:
             self._render()
         return self.counts

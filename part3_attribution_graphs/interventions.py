@@ -15,12 +15,16 @@ make the change for real and measure it:
 With attention patterns and norm scales frozen, the replacement model is linear except for the JumpReLU
 gates, so the predictions are exact until a latent crosses its threshold (`tests/test_interventions.py`).
 
-| option | frozen | live |
-|---|---|---|
-| `freeze_attention` | attention patterns (and, by default, every norm scale) at their clean values | recomputed |
-| `freeze_norms` (None: follow `freeze_attention`) | every RMSNorm scale at its clean value | recomputed |
-| `constrained_layers` | in these layers every latent not intervened on keeps its clean value | latents respond |
-| `hold_errors` | MLP output = clean output + change of the transcoder's output | the real MLP runs, plus the edit |
+The options, each with what it does when on (frozen) and when off (live):
+
+- `freeze_attention`: frozen, attention patterns (and, by default, every norm scale) at their clean
+  values; live, recomputed.
+- `freeze_norms` (None: follow `freeze_attention`): frozen, every RMSNorm scale at its clean value;
+  live, recomputed.
+- `constrained_layers`: frozen, in these layers every latent not intervened on keeps its clean value;
+  live, latents respond.
+- `hold_errors`: frozen, MLP output = clean output + change of the transcoder's output; live, the real
+  MLP runs, plus the edit.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def run_with_latent_set(
     latent: int,
     value: float,
 ) -> Float[Tensor, "1 seq d_vocab"]:
-    """The logits when one latent of `transcoder` is set to `value` at `position` (the model otherwise as usual).
+    """The logits when one latent of `transcoder` is set to `value` at `position` (the model otherwise as
+    usual).
 
     At the transcoder's layer the MLP output becomes its clean value plus what the new activation changes in
     the transcoder's output, `(value - a) * W_dec[latent]` at `position` only, so the MLP error (what the
@@ -119,7 +124,9 @@ def run_with_latent_set(
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_tokens(model: HookedSAETransformer, prompt_or_tokens: str | Tensor | Sequence[int]) -> Int[Tensor, "1 seq"]:
+def _as_tokens(
+    model: HookedSAETransformer, prompt_or_tokens: str | Tensor | Sequence[int]
+) -> Int[Tensor, "1 seq"]:
     if isinstance(prompt_or_tokens, str):
         if not prompt_or_tokens:
             raise ValueError("The prompt is empty: pass text (format_prompt for chat models) or token ids.")
@@ -128,8 +135,10 @@ def _as_tokens(model: HookedSAETransformer, prompt_or_tokens: str | Tensor | Seq
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0 or tokens.is_floating_point():
-        raise ValueError(f"Pass one prompt: a string or token ids of shape (seq,) or (1, seq), got shape "
-                         f"{tuple(tokens.shape)} ({tokens.dtype}).")
+        raise ValueError(
+            f"Pass one prompt: a string or token ids of shape (seq,) or (1, seq), got shape "
+            f"{tuple(tokens.shape)} ({tokens.dtype})."
+        )
     return tokens.long()
 
 
@@ -142,19 +151,26 @@ def _check_interventions(
         try:
             layer, pos, latent, value = item
         except (TypeError, ValueError):
-            raise ValueError(f"interventions[{i}] = {item!r}: each intervention is (layer, position, latent, "
-                             "value).") from None
+            raise ValueError(
+                f"interventions[{i}] = {item!r}: each intervention is (layer, position, latent, value)."
+            ) from None
         layer, pos, latent = (int(x) for x in (layer, pos, latent))
         if layer not in transcoders:
-            raise ValueError(f"interventions[{i}]: there is no transcoder at layer {layer}; the transcoders cover "
-                             f"layers {sorted(transcoders)}.")
+            raise ValueError(
+                f"interventions[{i}]: there is no transcoder at layer {layer}; the transcoders cover "
+                f"layers {sorted(transcoders)}."
+            )
         if not 0 <= pos < seq_len:
-            raise ValueError(f"interventions[{i}]: position {pos} is outside the prompt, which has {seq_len} "
-                             f"tokens (positions 0..{seq_len - 1}).")
+            raise ValueError(
+                f"interventions[{i}]: position {pos} is outside the prompt, which has {seq_len} "
+                f"tokens (positions 0..{seq_len - 1})."
+            )
         d_sae = transcoders[layer].cfg.d_sae
         if not 0 <= latent < d_sae:
-            raise ValueError(f"interventions[{i}]: latent {latent} is out of range; layer {layer}'s transcoder "
-                             f"has {d_sae} latents (0..{d_sae - 1}).")
+            raise ValueError(
+                f"interventions[{i}]: latent {latent} is out of range; layer {layer}'s transcoder "
+                f"has {d_sae} latents (0..{d_sae - 1})."
+            )
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"interventions[{i}]: the value is {value}; set a finite number (0 ablates).")
@@ -163,7 +179,8 @@ def _check_interventions(
 
 
 def _pre_activation(tc: Transcoder, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-    """What each latent reads before its activation function: `x @ W_enc + b_enc` (SAELens' encode, ungated)."""
+    """What each latent reads before its activation function: `x @ W_enc + b_enc` (SAELens' encode,
+    ungated)."""
     return tc.process_sae_in(x) @ tc.W_enc + tc.b_enc
 
 
@@ -182,7 +199,9 @@ class _Splice:
         self.hold_errors, self.apply_fn = hold_errors, apply_activation_function
         self.clean_in = {layer: cache[tc.cfg.metadata.hook_name][0] for layer, tc in transcoders.items()}
         self.clean_out = {layer: cache[hook_names_out(tc)][0] for layer, tc in transcoders.items()}
-        self.clean_acts = {layer: tc.encode(self.clean_in[layer].to(tc.dtype)) for layer, tc in transcoders.items()}
+        self.clean_acts = {
+            layer: tc.encode(self.clean_in[layer].to(tc.dtype)) for layer, tc in transcoders.items()
+        }
         self.live_in: dict[int, Tensor] = {}
         self.activations: dict[int, Tensor] = {}
 
@@ -205,7 +224,8 @@ class _Splice:
         def write(mlp_out: Tensor, hook: HookPoint) -> Tensor:
             edits, x = self.edits.get(layer, []), self.live_in[layer]
             if layer in self.constrained or self.hold_errors:
-                # Error held: out - tc(x) stays at its clean value, so out = clean out + change of tc's output.
+                # Error held: out - tc(x) stays at its clean value, so out = clean out + change of tc's
+                # output.
                 base = self.clean_acts[layer] if layer in self.constrained else tc.encode(x)
                 d_acts = _set(base, edits) - self.clean_acts[layer]
                 d_out = d_acts @ tc.W_dec + skip_output(tc, x - self.clean_in[layer])
@@ -248,18 +268,24 @@ def intervene(
     edits = _check_interventions(transcoders, tokens.shape[1], interventions)
     constrained = set() if constrained_layers is None else {int(layer) for layer in constrained_layers}
     if constrained - set(transcoders):
-        raise ValueError(f"constrained_layers {sorted(constrained - set(transcoders))} have no transcoder; the "
-                         f"transcoders cover layers {sorted(transcoders)}.")
+        raise ValueError(
+            f"constrained_layers {sorted(constrained - set(transcoders))} have no transcoder; the "
+            f"transcoders cover layers {sorted(transcoders)}."
+        )
     for layer, tc in transcoders.items():
         if tc.cfg.metadata.hook_name not in model.hook_dict or hook_names_out(tc) not in model.hook_dict:
-            raise ValueError(f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r} and writes "
-                             f"{hook_names_out(tc)!r}, which this model does not have: wrong transcoders?")
+            raise ValueError(
+                f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r} and writes "
+                f"{hook_names_out(tc)!r}, which this model does not have: wrong transcoders?"
+            )
     freeze_norms = freeze_attention if freeze_norms is None else freeze_norms
 
     freeze = FreezeHooks(model)
     cache = freeze.cache_frozen_values(tokens)
     kept = ("hook_pattern",) * freeze_attention + ("hook_scale",) * freeze_norms
-    freeze.frozen_values = {name: v for name, v in freeze.frozen_values.items() if name.endswith(kept)} if kept else {}
+    freeze.frozen_values = (
+        {name: v for name, v in freeze.frozen_values.items() if name.endswith(kept)} if kept else {}
+    )
     splice = _Splice(transcoders, cache, edits, constrained, hold_errors, apply_activation_function)
     hooks = (freeze.fwd_hooks if freeze.frozen_values else []) + splice.fwd_hooks()
     with model.hooks(fwd_hooks=hooks):  # removes every hook on exit, errors included
@@ -315,9 +341,14 @@ def predicted_effects(result: AttributionResult, node_indices: Sequence[int]) ->
     idx = torch.as_tensor(list(node_indices), dtype=torch.long, device=A.device)
     for i in idx.tolist():
         if nodes[i].node_type != NodeType.LATENT:
-            raise ValueError(f"node {i} is a {nodes[i].node_type.value} node: effects are predicted for latents.")
-    acts = torch.tensor([n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes],
-                        dtype=A.dtype, device=A.device)
+            raise ValueError(
+                f"node {i} is a {nodes[i].node_type.value} node: effects are predicted for latents."
+            )
+    acts = torch.tensor(
+        [n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes],
+        dtype=A.dtype,
+        device=A.device,
+    )
     gain = torch.where(acts != 0, 1 / acts, torch.zeros_like(acts))
     M = A * gain  # column u scaled by 1 / a_u: the edge per unit change of u's activation
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
@@ -361,7 +392,9 @@ def ablation_effects(
     measured = []
     for i in node_indices:
         n = nodes[i]
-        out = intervene(model, transcoders, tokens, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs)
+        out = intervene(
+            model, transcoders, tokens, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs
+        )
         measured.append(float(demeaned_logit(out.logits, token) - clean))
     return predicted.cpu(), torch.tensor(measured, dtype=predicted.dtype)
 
@@ -373,7 +406,8 @@ def most_influential_latents(result: AttributionResult, n: int) -> list[int]:
 
 
 def agreement(predicted: Float[Tensor, " n"], measured: Float[Tensor, " n"]) -> dict[str, float]:
-    """Pearson correlation and median relative error |measured - predicted| / |measured| of two effect lists."""
+    """Pearson correlation and median relative error |measured - predicted| / |measured| of two effect
+    lists."""
     p, m = predicted.double().cpu(), measured.double().cpu()
     corr = float(torch.corrcoef(torch.stack([p, m]))[0, 1]) if len(p) > 1 else float("nan")
     rel = ((m - p).abs() / m.abs().clamp(min=1e-12)).median()

@@ -37,7 +37,9 @@ def _skip64(tc: Transcoder, x: Tensor) -> Tensor:
 class LinearisedModel:
     """The frozen model of one prompt, as an explicit function of its node inputs (float64 inside)."""
 
-    def __init__(self, model: HookedSAETransformer, transcoders: dict[int, Transcoder], cache: ActivationCache):
+    def __init__(
+        self, model: HookedSAETransformer, transcoders: dict[int, Transcoder], cache: ActivationCache
+    ):
         self.model, self.transcoders, self.cache = model, transcoders, cache
         self.n_layers = model.cfg.n_layers
 
@@ -62,8 +64,13 @@ class LinearisedModel:
             v = torch.einsum("pd,hde->phe", x, W_V) + attn.b_V.detach().double()
             pattern = self.cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # (head, q, k)
             z = torch.einsum("hqk,khe->qhe", pattern, v)
-            attn_out = einops.einsum(z, attn.W_O.detach().double(), "q h e, h e d -> q d") + attn.b_O.detach().double()
-            attn_out = attn_out / self._scale(f"blocks.{layer}.ln1_post.hook_scale") * self._norm_w(block.ln1_post)
+            attn_out = (
+                einops.einsum(z, attn.W_O.detach().double(), "q h e, h e d -> q d")
+                + attn.b_O.detach().double()
+            )
+            attn_out = (
+                attn_out / self._scale(f"blocks.{layer}.ln1_post.hook_scale") * self._norm_w(block.ln1_post)
+            )
             resid = resid + attn_out
             mlp_in = resid / self._scale(f"blocks.{layer}.ln2.hook_scale") * self._norm_w(block.ln2)
             out[f"blocks.{layer}.mlp.hook_in"] = mlp_in
@@ -78,13 +85,16 @@ class LinearisedModel:
         consts = []
         for layer in range(self.n_layers):
             x = self.cache[f"blocks.{layer}.mlp.hook_in"][0].double()
-            consts.append(self.cache[f"blocks.{layer}.hook_mlp_out"][0].double() - _skip64(self.transcoders[layer], x))
+            consts.append(
+                self.cache[f"blocks.{layer}.hook_mlp_out"][0].double() - _skip64(self.transcoders[layer], x)
+            )
         return embeds, consts
 
     def zero_inputs(self) -> tuple[Tensor, list[Tensor]]:
         seq, d = self.cache["blocks.0.hook_resid_pre"].shape[1:]
-        return torch.zeros(seq, d, dtype=torch.float64), [torch.zeros(seq, d, dtype=torch.float64)
-                                                          for _ in range(self.n_layers)]
+        return torch.zeros(seq, d, dtype=torch.float64), [
+            torch.zeros(seq, d, dtype=torch.float64) for _ in range(self.n_layers)
+        ]
 
     def bias_inputs(self) -> tuple[Tensor, list[Tensor]]:
         """Inputs holding only the constants that are not graph nodes: each layer's `b_dec` at every position.

@@ -82,7 +82,9 @@ class GraphNodes:
     nodes: list[NodeInfo] = field(default_factory=list)
     writing_vecs: Tensor | None = None  # (n_nodes, d_model)
     reading_vecs: Tensor | None = None  # (n_nodes, d_model)
-    node_range_dict: dict[Layer, tuple[int, int]] = field(default_factory=dict)  # layer -> (start, end) in nodes
+    node_range_dict: dict[Layer, tuple[int, int]] = field(
+        default_factory=dict
+    )  # layer -> (start, end) in nodes
     seq_len: int = 0
     n_layers: int = 0
 
@@ -116,8 +118,10 @@ def compute_salient_logits(
     """
     d_vocab = logits.shape[-1]
     if not isinstance(n_output_nodes, int) or not 1 <= n_output_nodes <= d_vocab:
-        raise ValueError(f"n_output_nodes must be an integer in [1, {d_vocab}] (the vocabulary size), "
-                         f"got {n_output_nodes!r}.")
+        raise ValueError(
+            f"n_output_nodes must be an integer in [1, {d_vocab}] (the vocabulary size), "
+            f"got {n_output_nodes!r}."
+        )
     probs = logits[0, -1].detach().float().softmax(dim=-1)
     top_probs, top_ids = probs.topk(n_output_nodes)
     W_U = model.W_U.detach()
@@ -222,14 +226,20 @@ def build_logit_nodes(
     for info in top_token_info:
         if len(info) != 3:
             # A (str, prob) pair has no token id, and guessing one would mislabel the exported logits.
-            raise ValueError(f"top_token_info entries must be SalientToken(str_token, prob, token_id), got "
-                             f"{info!r}: the logit nodes need the token id.")
+            raise ValueError(
+                f"top_token_info entries must be SalientToken(str_token, prob, token_id), got "
+                f"{info!r}: the logit nodes need the token id."
+            )
         str_token, prob, token_id = info
-        nodes.append(NodeInfo(NodeType.LOGIT, "L", seq_len - 1, int(token_id), token_prob=float(prob),
-                              str_token=str_token))
+        nodes.append(
+            NodeInfo(
+                NodeType.LOGIT, "L", seq_len - 1, int(token_id), token_prob=float(prob), str_token=str_token
+            )
+        )
     reading = list(reading_vecs_logit.detach().unbind(0))
-    writing = [torch.zeros(d_model, dtype=reading_vecs_logit.dtype, device=reading_vecs_logit.device)
-               for _ in nodes]
+    writing = [
+        torch.zeros(d_model, dtype=reading_vecs_logit.dtype, device=reading_vecs_logit.device) for _ in nodes
+    ]
     return nodes, writing, reading
 
 

@@ -18,14 +18,16 @@ __all__ = [
 
 
 def check_threshold(name: str, value: float) -> float:
-    """Return `value` as a float, or raise unless it is a fraction in (0, 1] (numpy and 0-d torch scalars are fine)."""
+    """Return `value` as a float, or raise unless it is a fraction in (0, 1] (numpy and 0-d torch scalars are
+    fine)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = value.item()
     elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()  # a numpy scalar
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a fraction in (0, 1] (e.g. 0.8 keeps 80% of the influence), "
-                         f"got {value!r}.")
+        raise ValueError(
+            f"{name} must be a fraction in (0, 1] (e.g. 0.8 keeps 80% of the influence), got {value!r}."
+        )
     return float(value)
 
 
@@ -48,7 +50,7 @@ def compute_influence(
     """
     B = normalize_matrix(adjacency_matrix)
     v = torch.zeros(B.shape[0], dtype=B.dtype, device=B.device)
-    v[B.shape[0] - logit_weights.shape[0]:] = logit_weights.to(B.dtype)
+    v[B.shape[0] - logit_weights.shape[0] :] = logit_weights.to(B.dtype)
     influence = torch.zeros_like(v)
     for _ in range(n_layers + 1):
         v = v @ B
@@ -106,7 +108,7 @@ def prune_edges(
     check_threshold("edge_threshold", threshold)
     n, n_logits = adjacency_matrix.shape[0], logit_weights.shape[0]
     importance = compute_influence(adjacency_matrix, logit_weights, n_layers)
-    importance[n - n_logits:] += logit_weights.to(importance.dtype)
+    importance[n - n_logits :] += logit_weights.to(importance.dtype)
     scores = normalize_matrix(adjacency_matrix) * importance[:, None]
 
     flat = scores.flatten().sort(descending=True).values
@@ -115,7 +117,7 @@ def prune_edges(
 
     nonzero = edges != 0
     has_edge = nonzero.any(dim=0) | nonzero.any(dim=1)
-    has_edge[n - n_logits:] = True
+    has_edge[n - n_logits :] = True
     kept = torch.where(has_edge)[0]
     return kept, edges[kept][:, kept]
 

@@ -36,8 +36,14 @@ __all__ = [
 Transcoder: TypeAlias = JumpReLUTranscoder | JumpReLUSkipTranscoder
 
 # What `cache_frozen_values` keeps besides the frozen values: where nodes read and write.
-CACHED_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in", "hook_mlp_out",
-                "unembed.hook_in")
+CACHED_SITES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "mlp.hook_in",
+    "hook_mlp_out",
+    "unembed.hook_in",
+)
 
 
 def hook_names_out(tc: Transcoder) -> str:
@@ -52,8 +58,9 @@ def skip_output(tc: Transcoder, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "
     return x @ tc.W_skip.T.to(x.dtype)
 
 
-def _add_hook(model: HookedSAETransformer, name: str, fn: Callable, *, dir: str = "fwd",
-              is_permanent: bool = False) -> tuple[HookPoint, object]:
+def _add_hook(
+    model: HookedSAETransformer, name: str, fn: Callable, *, dir: str = "fwd", is_permanent: bool = False
+) -> tuple[HookPoint, object]:
     """Add one TransformerLens hook and return what is needed to remove exactly that hook."""
     hp = model.mod_dict[name]
     hp.add_hook(fn, dir=dir, is_permanent=is_permanent)
@@ -111,7 +118,9 @@ class FreezeHooks:
 
         _, cache = self.model.run_with_cache(tokens, names_filter=wanted)
         self.frozen_values = {
-            name: cache[name].detach() for name in cache.keys() if name.endswith(("hook_pattern", "hook_scale"))
+            name: cache[name].detach()
+            for name in cache.keys()
+            if name.endswith(("hook_pattern", "hook_scale"))
         }
         return cache
 
@@ -139,7 +148,9 @@ class TranscoderReplacementHooks:
     `remove()` takes away exactly the hooks `install()` added.
     """
 
-    def __init__(self, model: HookedSAETransformer, transcoders: dict[int, Transcoder], cache: ActivationCache):
+    def __init__(
+        self, model: HookedSAETransformer, transcoders: dict[int, Transcoder], cache: ActivationCache
+    ):
         self.model = model
         self.transcoders = transcoders
         self.cache = cache
@@ -168,10 +179,14 @@ class TranscoderReplacementHooks:
         if self.installed:
             return self
         for layer, tc in self.transcoders.items():
-            self._handles.append(_add_hook(self.model, tc.cfg.metadata.hook_name,
-                                           self._make_capture_hook(layer), is_permanent=True))
-            self._handles.append(_add_hook(self.model, hook_names_out(tc),
-                                           self._make_skip_hook(layer, tc), is_permanent=True))
+            self._handles.append(
+                _add_hook(
+                    self.model, tc.cfg.metadata.hook_name, self._make_capture_hook(layer), is_permanent=True
+                )
+            )
+            self._handles.append(
+                _add_hook(self.model, hook_names_out(tc), self._make_skip_hook(layer, tc), is_permanent=True)
+            )
         return self
 
     def _make_capture_hook(self, layer: int) -> Callable:

@@ -102,21 +102,28 @@ class AttributionResult:
         """Read a result written by `save` (safely: tensors and plain data only)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No saved attribution result at {path}: write one with result.save(path), "
-                                    "or `python -m part3_attribution_graphs --out DIR` (DIR/graph.pt).")
+            raise FileNotFoundError(
+                f"No saved attribution result at {path}: write one with result.save(path), "
+                "or `python -m part3_attribution_graphs --out DIR` (DIR/graph.pt)."
+            )
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises several types for a file that isn't ours
-            raise ValueError(f"{path} is not a saved attribution result readable here ({type(e).__name__}: "
-                             f"{e}).") from None
+            raise ValueError(
+                f"{path} is not a saved attribution result readable here ({type(e).__name__}: {e})."
+            ) from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a saved AttributionResult (no {FORMAT!r} marker). Files written "
-                             "by older versions of this course (before save/load existed) cannot be read: "
-                             "re-run attribute and save the result.")
+            raise ValueError(
+                f"{path} is not a saved AttributionResult (no {FORMAT!r} marker). Files written "
+                "by older versions of this course (before save/load existed) cannot be read: "
+                "re-run attribute and save the result."
+            )
         version = payload.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{path} was written in format version {version!r}; this code reads up to "
-                             f"{FORMAT_VERSION}. Update the package.")
+            raise ValueError(
+                f"{path} was written in format version {version!r}; this code reads up to "
+                f"{FORMAT_VERSION}. Update the package."
+            )
         graph = GraphNodes(
             nodes=[_node_from_dict(d) for d in payload["nodes"]],
             writing_vecs=payload["writing_vecs"],
@@ -164,7 +171,8 @@ def prune(
     """
     node_threshold = check_threshold("node_threshold", node_threshold)
     edge_threshold = check_threshold("edge_threshold", edge_threshold)
-    kept, pruned = prune_fn(result.adjacency_matrix, result.logit_weights, result.graph.n_layers, node_threshold,
-                            edge_threshold)
+    kept, pruned = prune_fn(
+        result.adjacency_matrix, result.logit_weights, result.graph.n_layers, node_threshold, edge_threshold
+    )
     settings = {**result.settings, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
     return dataclasses.replace(result, kept_indices=kept, pruned_matrix=pruned, settings=settings)

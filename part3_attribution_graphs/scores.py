@@ -45,7 +45,7 @@ def compute_graph_scores(result: AttributionResult) -> dict[str, float]:
     is_error = torch.tensor([k == NodeType.MLP_ERROR for k in kinds])
     is_embedding = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
     is_logit = torch.tensor([k == NodeType.LOGIT for k in kinds])
-    if not is_logit[-int(is_logit.sum()):].all():
+    if not is_logit[-int(is_logit.sum()) :].all():
         raise ValueError("The logit nodes must come last in the graph (as `attribute` builds it).")
 
     logit_weights = result.logit_weights

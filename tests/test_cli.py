@@ -1,4 +1,5 @@
-"""`python -m part3_attribution_graphs`: fast answers to --help and bad arguments, --out checked first, one-line errors."""
+"""`python -m part3_attribution_graphs`: fast answers to --help and bad arguments, --out checked first,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ print(f"exit={code} torch={'torch' in sys.modules}")
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_TORCH, *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_TORCH, *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_answers_without_importing_torch():
@@ -33,12 +35,15 @@ def test_help_answers_without_importing_torch():
     assert proc.stdout.strip().endswith("exit=0 torch=False"), proc.stdout[-300:] + proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize(("args", "complaint"), [
-    (["--top-k", "2.5"], "argument --top-k: expected a whole number, got '2.5'"),
-    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
-    (["--node-threshold", "80"], "argument --node-threshold: must be a fraction in (0, 1]"),
-    (["--world", "gemma3"], "argument --world: invalid choice: 'gemma3'"),
-])
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--top-k", "2.5"], "argument --top-k: expected a whole number, got '2.5'"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--node-threshold", "80"], "argument --node-threshold: must be a fraction in (0, 1]"),
+        (["--world", "gemma3"], "argument --world: invalid choice: 'gemma3'"),
+    ],
+)
 def test_a_bad_argument_is_a_usage_error_before_any_heavy_import(args, complaint):
     proc = _run_cli(*args)
     assert complaint in proc.stderr

@@ -23,7 +23,9 @@ from part3_attribution_graphs.tools.crosscheck import (  # noqa: E402
 )
 
 PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is **large")
-COUPLET = format_prompt("Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and")
+COUPLET = format_prompt(
+    "Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and"
+)
 EVERY_LATENT = 10**6
 RTOL = 1e-5  # relative to the largest edge, float32
 
@@ -53,8 +55,9 @@ def test_circuit_tracer_model_is_our_model(toy_world):
         _, acts = ct_model.get_activations(tokens)
         cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_in"))[1]
         for layer, tc in transcoders.items():
-            torch.testing.assert_close(acts[layer], tc.encode(cache[f"blocks.{layer}.mlp.hook_in"])[0],
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                acts[layer], tc.encode(cache[f"blocks.{layer}.mlp.hook_in"])[0], rtol=1e-5, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, COUPLET])
@@ -72,7 +75,8 @@ def test_same_graph_edge_for_edge_without_masking(prompt, toy_world):
 
 
 def test_masked_prefix_is_the_only_difference(toy_world):
-    """With the chat-template prefix masked, edges agree on the common nodes; the definitions differ only there."""
+    """With the chat-template prefix masked, edges agree on the common nodes; the definitions differ only
+    there."""
     ours, theirs, _ = both_graphs(toy_world, PROMPT, start_posn=START_POSN)
     a, b, keys = aligned_adjacency(ours, theirs)
     assert max_rel_diff(a, b) < RTOL
@@ -84,8 +88,11 @@ def test_masked_prefix_is_the_only_difference(toy_world):
     # Its embeddings at masked positions still send edges; ours send none, by definition.
     ct_masked_embeds = [i for i, k in enumerate(ct_keys) if k[0] == "E" and k[1] < START_POSN]
     assert torch.count_nonzero(ct_A[:, ct_masked_embeds]) > 0
-    our_masked_embeds = [i for i, n in enumerate(ours.graph.nodes)
-                         if n.node_type == NodeType.EMBEDDING and n.ctx_idx < START_POSN]
+    our_masked_embeds = [
+        i
+        for i, n in enumerate(ours.graph.nodes)
+        if n.node_type == NodeType.EMBEDDING and n.ctx_idx < START_POSN
+    ]
     assert torch.count_nonzero(ours.adjacency_matrix[:, our_masked_embeds]) == 0
     # Every other node of either graph is in the other.
     ours_keys = {our_node_key(n) for n in ours.graph.nodes}
@@ -111,8 +118,21 @@ def test_top_k_latents_are_a_subset_and_their_edges_agree_where_no_error_node_di
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_gemma_shape_code_path_runs_tiny(dtype, capsys):
     """The GPU case's code path (Gemma 3-1B's head layout, 5:1 local/global, bf16 and float32) at CPU size."""
-    res = bench.main(["--case", "gemma1b-shape", "--tiny", "--dtype", dtype, "--repeats", "1",
-                      "--seed-max-batches", "3", "--ct-batch-sizes", "128"])
+    res = bench.main(
+        [
+            "--case",
+            "gemma1b-shape",
+            "--tiny",
+            "--dtype",
+            dtype,
+            "--repeats",
+            "1",
+            "--seed-max-batches",
+            "3",
+            "--ct-batch-sizes",
+            "128",
+        ]
+    )
     out = capsys.readouterr().out
     assert "(a) seed's per-node loop" in out and "(b) ours" in out and "(c) circuit-tracer" in out
     assert res["n_tokens"] == 30 and res["n_latents"] > 100
@@ -132,8 +152,9 @@ def test_seed_loop_reimplementation_gives_our_matrix(toy_world):
     tokens = model.to_tokens(PROMPT)
     freeze = FreezeHooks(model)
     tc_hooks = TranscoderReplacementHooks(model, transcoders, freeze.cache_frozen_values(tokens))
-    A = bench.seed_compute_adjacency_matrix(model, tokens, ours.graph, freeze, tc_hooks,
-                                            prepare_backward_batches(ours.graph, 8), START_POSN)
+    A = bench.seed_compute_adjacency_matrix(
+        model, tokens, ours.graph, freeze, tc_hooks, prepare_backward_batches(ours.graph, 8), START_POSN
+    )
     assert not tc_hooks.installed
     assert max_rel_diff(A, ours.adjacency_matrix) < RTOL
 
@@ -143,8 +164,10 @@ def test_gpu_script_dry_run_writes_the_readme_rows(tmp_path, capsys):
     from part3_attribution_graphs.tools import gpu_bench
 
     readme = tmp_path / "README.md"
-    readme.write_text("| case | a | b | c | a/b | c/b |\n|---|---|---|---|---|---|\n| toy | 1 | 2 | 3 | | |\n"
-                      "| Gemma 3-1B shape on an H100, bf16 / fp32 | pending | pending | pending | | |\n\nAfter.\n")
+    readme.write_text(
+        "| case | a | b | c | a/b | c/b |\n|---|---|---|---|---|---|\n| toy | 1 | 2 | 3 | | |\n"
+        "| Gemma 3-1B shape on an H100, bf16 / fp32 | pending | pending | pending | | |\n\nAfter.\n"
+    )
     results = gpu_bench.main(["--dry-run", "--readme", str(readme)])
     assert [r["dtype"] for r in results] == ["bfloat16", "float32", "float32"]
     lines = readme.read_text().splitlines()

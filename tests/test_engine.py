@@ -23,7 +23,9 @@ from part3_attribution_graphs.toy import make_toy_world
 from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
 PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is **large")
-COUPLET = format_prompt("Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and")
+COUPLET = format_prompt(
+    "Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and"
+)
 EVERY_LATENT = 10**6  # top_k large enough that every active latent becomes a node
 
 
@@ -110,9 +112,12 @@ def test_mlp_gradient_flows_through_w_skip_transposed(toy_world):
         x.retain_grad()
         seen[hook.name] = x
 
-    with TranscoderReplacementHooks(model, transcoders, cache), model.hooks(fwd_hooks=[
-        (f"blocks.{layer}.mlp.hook_in", keep), (f"blocks.{layer}.hook_mlp_out", keep)
-    ]):
+    with (
+        TranscoderReplacementHooks(model, transcoders, cache),
+        model.hooks(
+            fwd_hooks=[(f"blocks.{layer}.mlp.hook_in", keep), (f"blocks.{layer}.hook_mlp_out", keep)]
+        ),
+    ):
         model(tokens)
         (seen[f"blocks.{layer}.hook_mlp_out"][0, 5] @ v).backward()
     grad_in = seen[f"blocks.{layer}.mlp.hook_in"].grad[0, 5]
@@ -194,8 +199,15 @@ def test_every_edge_type_matches_a_perturbation_of_the_linear_model(prompt, toy_
     graph, A = result.graph, result.adjacency_matrix
     lin, _ = linearised(model, transcoders, prompt)
     classes = edge_classes(graph)
-    for kind in ["embedding->latent", "latent->latent (across positions)", "latent->latent (same position)",
-                 "mlp_error->latent", "latent->logit", "embedding->logit", "mlp_error->logit"]:
+    for kind in [
+        "embedding->latent",
+        "latent->latent (across positions)",
+        "latent->latent (same position)",
+        "mlp_error->latent",
+        "latent->logit",
+        "embedding->logit",
+        "mlp_error->logit",
+    ]:
         assert classes[kind], f"no {kind} edges to check"
     rng = random.Random(0)
     report = {}
@@ -206,15 +218,23 @@ def test_every_edge_type_matches_a_perturbation_of_the_linear_model(prompt, toy_
         worst = 0.0
         for s, t in sample:
             ns, nt = graph.nodes[s], graph.nodes[t]
-            expected = 0.0 if ns.ctx_idx < START_POSN else lin.edge_by_perturbation(
-                (ns.layer, ns.ctx_idx), graph.writing_vecs[s], (read_hook_name(nt.layer), nt.ctx_idx),
-                graph.reading_vecs[t])
+            expected = (
+                0.0
+                if ns.ctx_idx < START_POSN
+                else lin.edge_by_perturbation(
+                    (ns.layer, ns.ctx_idx),
+                    graph.writing_vecs[s],
+                    (read_hook_name(nt.layer), nt.ctx_idx),
+                    graph.reading_vecs[t],
+                )
+            )
             scale = A[t].abs().max().item() + 1e-12
             worst = max(worst, abs(A[t, s].item() - expected) / scale)
         report[kind] = worst
         assert worst < 1e-9, (kind, worst)
-    assert any(abs(A[t, s]) > 1e-3 for s, t in classes["latent->latent (across positions)"]), \
+    assert any(abs(A[t, s]) > 1e-3 for s, t in classes["latent->latent (across positions)"]), (
         "attention never carries a latent's effect to a later position"
+    )
     print("worst |edge - perturbation| / row max, by edge type:", {k: f"{v:.1e}" for k, v in report.items()})
 
 
@@ -233,7 +253,9 @@ def test_batches_have_named_fields_and_still_unpack(toy_world):
         assert isinstance(b, Batch) and b.start == start and b.nodes is nodes and b.layers == layers
         assert torch.equal(b.reading_vecs, result.graph.reading_vecs[start : start + len(nodes)])
         assert b.positions.tolist() == [n.ctx_idx for n in nodes] and len(set(map(str, b.layers))) == 1
-    assert sum(len(b.nodes) for b in batches) == len(result.graph) - result.graph.seq_len  # all but embeddings
+    assert (
+        sum(len(b.nodes) for b in batches) == len(result.graph) - result.graph.seq_len
+    )  # all but embeddings
 
 
 # ---------------------------------------------------------------- linearity facts
@@ -264,12 +286,14 @@ def test_influence_equals_the_inverse_series(toy_world):
     n = A.shape[0]
     B = normalize_matrix(A)
     w_full = torch.zeros(n, dtype=torch.float64)
-    w_full[n - len(w):] = w
+    w_full[n - len(w) :] = w
     eye = torch.eye(n, dtype=torch.float64)
     # Solve x (I - B) = w for x, i.e. (I - B)^T x^T = w^T; I - B is lower triangular with unit diagonal.
     x = torch.linalg.solve_triangular((eye - B).T, w_full.unsqueeze(1), upper=True).squeeze(1)
     torch.testing.assert_close(compute_influence(A, w, model.cfg.n_layers), x - w_full, rtol=1e-9, atol=1e-12)
-    assert torch.equal(torch.linalg.matrix_power(B, model.cfg.n_layers + 2), torch.zeros_like(B)), "B nilpotent"
+    assert torch.equal(torch.linalg.matrix_power(B, model.cfg.n_layers + 2), torch.zeros_like(B)), (
+        "B nilpotent"
+    )
 
 
 # ---------------------------------------------------------------- hooks and bad input
@@ -315,19 +339,22 @@ def test_no_hook_survives_a_call_even_a_failing_one(toy_world, monkeypatch):
         model.reset_hooks(including_permanent=True)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(node_threshold=0.0), "node_threshold"),
-    (dict(node_threshold=1.5), "node_threshold"),
-    (dict(edge_threshold=-0.1), "edge_threshold"),
-    (dict(edge_threshold=float("nan")), "edge_threshold"),
-    (dict(n_output_nodes=0), "n_output_nodes"),
-    (dict(n_output_nodes=10**7), "n_output_nodes"),
-    (dict(start_posn=200), "start_posn"),
-    (dict(prompt=""), "prompt"),
-    (dict(prompt="<start_of_turn>user"), "start_posn"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(max_feature_nodes=-1), "max_feature_nodes"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(node_threshold=0.0), "node_threshold"),
+        (dict(node_threshold=1.5), "node_threshold"),
+        (dict(edge_threshold=-0.1), "edge_threshold"),
+        (dict(edge_threshold=float("nan")), "edge_threshold"),
+        (dict(n_output_nodes=0), "n_output_nodes"),
+        (dict(n_output_nodes=10**7), "n_output_nodes"),
+        (dict(start_posn=200), "start_posn"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="<start_of_turn>user"), "start_posn"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(max_feature_nodes=-1), "max_feature_nodes"),
+    ],
+)
 def test_bad_input_is_rejected_clearly(kwargs, needle, toy_world):
     model, transcoders = toy_world
     before = hook_count(model)
@@ -360,8 +387,9 @@ def test_transposed_model_gives_the_autograd_edges(top_k, start_posn, batch_size
     tc_hooks = TranscoderReplacementHooks(model, transcoders, freeze.cache_frozen_values(tokens))
     assert attribution_module.TransposedModel.supports(model, freeze)
     batches = attribution_module.prepare_backward_batches(result.graph, batch_size)
-    A = attribution_module.compute_adjacency_matrix(model, tokens, result.graph, freeze, tc_hooks, batches,
-                                                    start_posn)
+    A = attribution_module.compute_adjacency_matrix(
+        model, tokens, result.graph, freeze, tc_hooks, batches, start_posn
+    )
     assert A.abs().max() > 1
     torch.testing.assert_close(result.adjacency_matrix, A, rtol=0, atol=1e-12 * A.abs().max().item())
 
@@ -376,7 +404,9 @@ def test_transposed_model_handles_one_batch_of_every_layer_and_the_logits(toy_wo
     freeze.cache_frozen_values(tokens)
     positions = torch.tensor([n.ctx_idx for n in graph.nodes])
     one_batch = [(0, graph.nodes, graph.reading_vecs, positions, [n.layer for n in graph.nodes])]
-    A = attribution_module.transposed_adjacency_matrix(model, graph, freeze, transcoders, one_batch, START_POSN)
+    A = attribution_module.transposed_adjacency_matrix(
+        model, graph, freeze, transcoders, one_batch, START_POSN
+    )
     torch.testing.assert_close(A, result.adjacency_matrix, rtol=0, atol=1e-12 * A.abs().max().item())
 
 
@@ -385,8 +415,9 @@ def test_node_cap_keeps_the_most_influential_latents_and_stays_complete(cap, toy
     """With `max_feature_nodes`, dropped latents go into the error nodes: edges + biases still = readings."""
     model, transcoders = toy_world_f64
     full = attribute(model, transcoders, COUPLET, start_posn=0, top_k=EVERY_LATENT, batch_size=64)
-    capped = attribute(model, transcoders, COUPLET, start_posn=0, top_k=EVERY_LATENT, batch_size=64,
-                       max_feature_nodes=cap)
+    capped = attribute(
+        model, transcoders, COUPLET, start_posn=0, top_k=EVERY_LATENT, batch_size=64, max_feature_nodes=cap
+    )
     graph, A = capped.graph, capped.adjacency_matrix
     latents = [n for n in graph.nodes if n.node_type == NodeType.LATENT]
     n_full = sum(n.node_type == NodeType.LATENT for n in full.graph.nodes)
@@ -404,10 +435,16 @@ def test_node_cap_keeps_the_most_influential_latents_and_stays_complete(cap, toy
     estimate = attribution_module.logit_direct_influence(model, tokens, full.graph, freeze, tc_hooks, 0)
     is_latent = torch.tensor([n.node_type == NodeType.LATENT for n in full.graph.nodes])
     kept = {(n.layer, n.ctx_idx, n.feature) for n in latents}
-    kept_est = [estimate[i].item() for i, n in enumerate(full.graph.nodes) if (n.layer, n.ctx_idx, n.feature) in kept
-                and is_latent[i]]
-    dropped_est = [estimate[i].item() for i, n in enumerate(full.graph.nodes)
-                   if is_latent[i] and (n.layer, n.ctx_idx, n.feature) not in kept]
+    kept_est = [
+        estimate[i].item()
+        for i, n in enumerate(full.graph.nodes)
+        if (n.layer, n.ctx_idx, n.feature) in kept and is_latent[i]
+    ]
+    dropped_est = [
+        estimate[i].item()
+        for i, n in enumerate(full.graph.nodes)
+        if is_latent[i] and (n.layer, n.ctx_idx, n.feature) not in kept
+    ]
     assert not kept_est or min(kept_est) >= max(dropped_est)
     # Completeness: each target's incoming edges plus its bias term equal what it reads.
     lin, _ = linearised(model, transcoders, COUPLET)

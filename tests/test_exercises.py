@@ -25,7 +25,9 @@ def test_every_record_is_exported_once_under_its_names():
         test = getattr(autograder, e.test_name)
         assert test.exercise is e and test.__module__ == e.autograder_module
         assert e.qualname in solutions.__all__ and e.test_name in autograder.__all__
-    assert [n for n in autograder.__all__ if n.startswith("test_")] == [e.test_name for e in exercises.EXERCISES]
+    assert [n for n in autograder.__all__ if n.startswith("test_")] == [
+        e.test_name for e in exercises.EXERCISES
+    ]
 
 
 def test_records_are_checked():
@@ -131,6 +133,12 @@ def test_adding_one_record_is_all_it_takes(tmp_path):
     (package / "tests" / "normalize_matrix.py").write_text(textwrap.dedent(TEST_MODULE), encoding="utf-8")
     with open(tmp_path / "notebook_source" / "attribution_graphs.md", "a", encoding="utf-8") as f:
         f.write(LESSON_BLOCK)
-    proc = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "picked up" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -51,8 +51,13 @@ def test_picking_a_new_prompt_shows_the_progress_bar_in_the_explorer(monkeypatch
         picker_id, plot_id = json.loads(streams.strip().splitlines()[-1])
 
         # What the front end sends when the learner picks the second prompt.
-        event = kc.session.msg("comm_msg", content={
-            "comm_id": picker_id, "data": {"method": "update", "state": {"index": 1}, "buffer_paths": []}})
+        event = kc.session.msg(
+            "comm_msg",
+            content={
+                "comm_id": picker_id,
+                "data": {"method": "update", "state": {"index": 1}, "buffer_paths": []},
+            },
+        )
         kc.shell_channel.send(event)
         event_id = event["header"]["msg_id"]
         seen = []
@@ -74,11 +79,22 @@ def test_picking_a_new_prompt_shows_the_progress_bar_in_the_explorer(monkeypatch
 
     captures = [i for i, m in enumerate(seen) if plot_capture(m) == event_id]
     releases = [i for i, m in enumerate(seen) if plot_capture(m) == ""]
-    bars = [i for i, m in enumerate(seen) if m["msg_type"] == "display_data"
-            and m["content"]["data"].get("text/plain", "").startswith("Backward batches")]
+    bars = [
+        i
+        for i, m in enumerate(seen)
+        if m["msg_type"] == "display_data"
+        and m["content"]["data"].get("text/plain", "").startswith("Backward batches")
+    ]
     assert captures and bars, "the progress bar was not shown inside the explorer"
     assert captures[0] < bars[0] and all(b < releases[0] for b in bars)
-    figures = [m for m in seen if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == plot_id
-               and any("application/vnd.plotly.v1+json" in o.get("data", {})
-                       for o in m["content"]["data"].get("state", {}).get("outputs", []))]
+    figures = [
+        m
+        for m in seen
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == plot_id
+        and any(
+            "application/vnd.plotly.v1+json" in o.get("data", {})
+            for o in m["content"]["data"].get("state", {}).get("outputs", [])
+        )
+    ]
     assert figures, "the new prompt's graph was not drawn in the explorer"

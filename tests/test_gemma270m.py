@@ -25,9 +25,12 @@ from part3_attribution_graphs.worlds.gemma import format_prompt
 from part3_attribution_graphs.worlds.gguf_tokenizer import sentencepiece_reference_proto
 
 pytestmark = pytest.mark.gemma270m
-# The tier's own dependencies come with the `gemma270m` extra (`make test` installs it; `make test-fast` deselects
+# The tier's own dependencies come with the `gemma270m` extra (`make test` installs it; `make test-fast`
+# deselects
 # this tier, and collection must not fail without it).
-spm = pytest.importorskip("sentencepiece", reason="install the gemma270m extra: pip install -e '.[gemma270m]'")
+spm = pytest.importorskip(
+    "sentencepiece", reason="install the gemma270m extra: pip install -e '.[gemma270m]'"
+)
 
 CHAT = "<start_of_turn>user\nWrite me a short rhyming couplet.<end_of_turn>\n<start_of_turn>model\n"
 
@@ -61,7 +64,7 @@ TOKENIZER_STRINGS = [
     "Rare script 𓀀𓁐 and symbols ∮ ∇ ≠ ≤ ∞",
     "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
     "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "<div class=\"x\">Hello <b>bold</b></div>",
+    '<div class="x">Hello <b>bold</b></div>',
     "https://example.com/path?query=1&b=two#frag",
     "email: someone@example.org",
     "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE",
@@ -268,7 +271,10 @@ def test_pipeline_builds_a_complete_graph_on_real_weights(world) -> None:
     assert sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values()) == before
     graph, A = result.graph, result.adjacency_matrix.double()
     assert torch.count_nonzero(torch.triu(A)) == 0
-    assert len(result.kept_indices) > len(graph.node_range_dict) and torch.count_nonzero(result.pruned_matrix) > 0
+    assert (
+        len(result.kept_indices) > len(graph.node_range_dict)
+        and torch.count_nonzero(result.pruned_matrix) > 0
+    )
 
     freeze = FreezeHooks(model)
     lin = LinearisedModel(model, transcoders, freeze.cache_frozen_values(model.to_tokens(PIPELINE_PROMPT)))
@@ -280,8 +286,10 @@ def test_pipeline_builds_a_complete_graph_on_real_weights(world) -> None:
         name = read_hook_name(node.layer)
         value, bias = float(clean[name][node.ctx_idx] @ r), float(biases[name][node.ctx_idx] @ r)
         worst = max(worst, abs(A[t].sum().item() + bias - value) / (A[t].abs().sum().item() + abs(bias)))
-    print(f"\n270M graph: {len(graph)} nodes, {len(targets)} targets, worst completeness residual {worst:.2e}, "
-          f"kept {len(result.kept_indices)} nodes / {torch.count_nonzero(result.pruned_matrix)} edges")
+    print(
+        f"\n270M graph: {len(graph)} nodes, {len(targets)} targets, worst completeness residual {worst:.2e}, "
+        f"kept {len(result.kept_indices)} nodes / {torch.count_nonzero(result.pruned_matrix)} edges"
+    )
     assert worst < 1e-4
 
 

@@ -75,18 +75,21 @@ def test_direct_effect_is_exact_with_downstream_latents_held(graphs, dtype):
     n_layers = model.cfg.n_layers
     settings = dict(constrained_layers=range(n_layers), apply_activation_function=False)
     clean = readings(intervene(model, tcs, tokens, [], **settings), result)
-    sources = [max((i for i in lat if nodes[i].layer == layer), key=lambda i: nodes[i].activation)
-               for layer in SOURCE_LAYERS]
+    sources = [
+        max((i for i in lat if nodes[i].layer == layer), key=lambda i: nodes[i].activation)
+        for layer in SOURCE_LAYERS
+    ]
     direct = predicted_effects(result, sources).direct[:, lat + logit]
     for j, s in enumerate(sources):
         n = nodes[s]
         for eps in (1.0, -1.0):  # the held model is linear: doubling and ablating are both exact
-            out = intervene(model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)],
-                            **settings)
+            out = intervene(
+                model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)], **settings
+            )
             err = rel_err((readings(out, result) - clean) / eps, direct[j])
             assert err < TOL[dtype], (n.layer, eps, err)
             print(f"direct {dtype} layer {n.layer} eps {eps}: residual {err:.2e}")
-    assert direct[:, -len(logit):].abs().max() > 0  # the sources do reach the logits
+    assert direct[:, -len(logit) :].abs().max() > 0  # the sources do reach the logits
 
 
 def safe_sources(model, tcs, result, tokens, grid):
@@ -109,7 +112,9 @@ def safe_sources(model, tcs, result, tokens, grid):
         for k in margin.argsort(descending=True).tolist()[:20]:
             n = nodes[mine[k]]
             for eps in (e for e in grid if abs(e) < margin[k]):
-                out = intervene(model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)])
+                out = intervene(
+                    model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)]
+                )
                 if flips(out, clean) == 0:
                     chosen.append((mine[k], eps))
                     break
@@ -124,15 +129,21 @@ def test_total_effect_is_exact_while_no_threshold_is_crossed(graphs, dtype):
     nodes = result.graph.nodes
     lat, logit, _, _ = targets_of(result)
     clean = readings(intervene(model, tcs, tokens, [], apply_activation_function=False), result)
-    # float32 round-off is ~1e-6 of the readings, so it needs an eps of 0.1 or more for 1e-4; float64 does not.
+    # float32 round-off is ~1e-6 of the readings, so it needs an eps of 0.1 or more for 1e-4; float64 does
+    # not.
     grid = (1.0, -0.5, 0.5, 0.2, -0.2, 0.1, -0.1) if dtype == torch.float32 else (0.1, 1e-2, 1e-3)
     checked = safe_sources(model, tcs, result, tokens, grid)
     assert [nodes[s].layer for s, _ in checked] == list(SOURCE_LAYERS)
     effects = predicted_effects(result, [s for s, _ in checked])
     for j, (s, eps) in enumerate(checked):
         n = nodes[s]
-        out = intervene(model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)],
-                        apply_activation_function=False)
+        out = intervene(
+            model,
+            tcs,
+            tokens,
+            [(n.layer, n.ctx_idx, n.feature, (1 + eps) * n.activation)],
+            apply_activation_function=False,
+        )
         measured = (readings(out, result) - clean) / eps
         err = rel_err(measured, effects.total[j, lat + logit])
         assert err < TOL[dtype], (n.layer, eps, err)
@@ -151,8 +162,9 @@ def test_predicted_effects_shapes_and_closed_form(graphs):
     assert effects.direct.shape == effects.total.shape == (2, len(nodes))
     torch.testing.assert_close(effects.direct, A[:, sources].T)
     # Path by path: total = sum over k of M^k A[:, s], with M the edges per unit activation change.
-    gain = torch.tensor([1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes],
-                        dtype=A.dtype)
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
     M, term, total = A * gain, A[:, sources], torch.zeros_like(A[:, sources])
     for _ in range(result.graph.n_layers + 2):
         total, term = total + term, M @ term
@@ -170,8 +182,12 @@ def test_no_intervention_reproduces_the_model_in_every_mode(toy_world):
     tokens = model.to_tokens(PROMPT)
     with torch.no_grad():
         want = model(tokens)
-    for kw in ({}, {"freeze_attention": False}, {"hold_errors": False, "freeze_attention": False},
-               {"constrained_layers": range(4)}):
+    for kw in (
+        {},
+        {"freeze_attention": False},
+        {"hold_errors": False, "freeze_attention": False},
+        {"constrained_layers": range(4)},
+    ):
         torch.testing.assert_close(intervene(model, tcs, tokens, [], **kw).logits, want, rtol=1e-5, atol=1e-5)
 
 
@@ -182,8 +198,9 @@ def test_run_with_latent_set_is_the_engine_in_live_mode(toy_world):
     before = hook_count(model)
     for layer, pos, latent, value in ((1, 7, 3, 0.0), (2, 10, 17, 4.0)):
         got = run_with_latent_set(model, tcs[layer], tokens, pos, latent, value)
-        want = intervene(model, tcs, tokens, [(layer, pos, latent, value)], freeze_attention=False,
-                         hold_errors=False).logits
+        want = intervene(
+            model, tcs, tokens, [(layer, pos, latent, value)], freeze_attention=False, hold_errors=False
+        ).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert hook_count(model) == before
 
@@ -201,7 +218,9 @@ def test_ablation_effects_are_the_total_effect_and_one_intervention_each(graphs)
     clean = demeaned_logit(intervene(model, tcs, tokens, [], freeze_attention=False).logits, token)
     n = nodes[top[1]]
     ablated = intervene(model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, 0.0)], freeze_attention=False)
-    assert measured[1].item() == pytest.approx((demeaned_logit(ablated.logits, token) - clean).item(), abs=1e-12)
+    assert measured[1].item() == pytest.approx(
+        (demeaned_logit(ablated.logits, token) - clean).item(), abs=1e-12
+    )
     assert (measured != 0).all()
 
 
@@ -212,7 +231,7 @@ def test_intervene_generate_without_interventions_is_greedy_decoding(toy_world):
         seq = tokens
         for _ in range(3):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    want = model.tokenizer.decode(seq[0, tokens.shape[1]:].tolist())
+    want = model.tokenizer.decode(seq[0, tokens.shape[1] :].tolist())
     assert intervene_generate(model, tcs, PROMPT, [], max_new_tokens=3, freeze_attention=False) == want
     steered = intervene_generate(model, tcs, PROMPT, [(2, tokens.shape[1] - 1, 5, 50.0)], max_new_tokens=3)
     assert isinstance(steered, str)
@@ -221,16 +240,19 @@ def test_intervene_generate_without_interventions_is_greedy_decoding(toy_world):
 # ------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("bad, message", [
-    ((1, 5, 10**6, 0.0), "latent 1000000 is out of range"),
-    ((1, 999, 3, 0.0), "position 999 is outside the prompt"),
-    ((1, -1, 3, 0.0), "position -1 is outside the prompt"),
-    ((7, 5, 3, 0.0), "no transcoder at layer 7"),
-    ((2, 5, 3, 0.0), "no transcoder at layer 2"),
-    ((1, 5, 3, float("nan")), "set a finite number"),
-    ((1, 5, 3, float("inf")), "set a finite number"),
-    ((1, 5, 3), "each intervention is (layer, position, latent, value)"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ((1, 5, 10**6, 0.0), "latent 1000000 is out of range"),
+        ((1, 999, 3, 0.0), "position 999 is outside the prompt"),
+        ((1, -1, 3, 0.0), "position -1 is outside the prompt"),
+        ((7, 5, 3, 0.0), "no transcoder at layer 7"),
+        ((2, 5, 3, 0.0), "no transcoder at layer 2"),
+        ((1, 5, 3, float("nan")), "set a finite number"),
+        ((1, 5, 3, float("inf")), "set a finite number"),
+        ((1, 5, 3), "each intervention is (layer, position, latent, value)"),
+    ],
+)
 def test_bad_input_is_refused_and_leaves_no_hook(toy_world, bad, message):
     model, tcs = toy_world
     partial = {layer: tc for layer, tc in tcs.items() if layer != 2}
@@ -293,10 +315,17 @@ def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
     ct_model = ct_replacement_model(model, tcs, start_posn=0)
     tokens = model.to_tokens(PROMPT)
     with torch.no_grad():
-        acts = {layer: tc.encode(c) for layer, tc in tcs.items()
-                for c in [model.run_with_cache(tokens, names_filter=tc.cfg.metadata.hook_name)[1]
-                          [tc.cfg.metadata.hook_name][0]]}
-    # (circuit-tracer takes 1-D token ids.) Ablate the most active latent at three positions in three layers, and steer one up 3x.
+        acts = {
+            layer: tc.encode(c)
+            for layer, tc in tcs.items()
+            for c in [
+                model.run_with_cache(tokens, names_filter=tc.cfg.metadata.hook_name)[1][
+                    tc.cfg.metadata.hook_name
+                ][0]
+            ]
+        }
+    # (circuit-tracer takes 1-D token ids.) Ablate the most active latent at three positions in three layers,
+    # and steer one up 3x.
     edits = []
     for layer, pos in ((0, 6), (1, 9), (2, 12)):
         f = int(acts[layer][pos].argmax())
@@ -305,7 +334,9 @@ def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
     edits.append((1, 15, f, 3 * float(acts[1][15, f])))
     ours_kw, ct_kw = CT_MODES[mode]
     ours = intervene(model, tcs, tokens, edits, apply_activation_function=apply_fn, **ours_kw)
-    ct_logits, ct_acts = ct_model.feature_intervention(tokens[0], edits, apply_activation_function=apply_fn, **ct_kw)
+    ct_logits, ct_acts = ct_model.feature_intervention(
+        tokens[0], edits, apply_activation_function=apply_fn, **ct_kw
+    )
     clean = model(tokens)
     assert rel_err(ct_logits - clean, ours.logits - clean) < 1e-4  # the change, not just the logits
     assert rel_err(ours.logits, ct_logits) < 1e-5
@@ -323,8 +354,9 @@ def test_cli_stores_predicted_and_measured_ablations(tmp_path, capsys):
     ablated = [n for n in nodes if "ablation" in n]
     assert len(ablated) == 2 and all(n["node_type"] == "latent" for n in ablated)
     top = sorted((n for n in nodes if n["node_type"] == "latent"), key=lambda n: -n["influence"])[:2]
-    assert [n["node_id"] for n in ablated] == sorted([n["node_id"] for n in top], key=lambda i: [
-        n["node_id"] for n in nodes].index(i))
+    assert [n["node_id"] for n in ablated] == sorted(
+        [n["node_id"] for n in top], key=lambda i: [n["node_id"] for n in nodes].index(i)
+    )
     for n in ablated:
         assert set(n["ablation"]) == {"predicted", "measured_frozen", "measured_live"}
         assert n["ablation"]["predicted"] != 0 and n["ablation"]["measured_live"] != 0

@@ -36,8 +36,11 @@ def test_missing_token_says_what_to_do(no_token):
 
 
 def test_missing_token_stops_the_world_loader_before_any_download(no_token, monkeypatch):
-    monkeypatch.setattr(gemma.HookedSAETransformer, "from_pretrained_no_processing",
-                        lambda *a, **k: pytest.fail("tried to download without a token"))
+    monkeypatch.setattr(
+        gemma.HookedSAETransformer,
+        "from_pretrained_no_processing",
+        lambda *a, **k: pytest.fail("tried to download without a token"),
+    )
     with pytest.raises(MissingTokenError):
         gemma.load_gemma_world()
 

@@ -1,4 +1,5 @@
-"""The solutions notebook under plain nbclient, with no environment override (no TQDM_DISABLE, no patient client).
+"""The solutions notebook under plain nbclient, with no environment override (no TQDM_DISABLE, no patient
+client).
 
 nbclient plays the front end for ipywidgets' Output widget: when a cell captures a display into one,
 nbclient sends the widget's new state to the kernel on the shell channel while it is waiting there for
@@ -44,14 +45,19 @@ def test_solutions_notebook_runs_under_plain_nbclient(tmp_path, monkeypatch):
         if cell.cell_type == "code":
             cell.outputs = []
     # A cell that stalled would wait out this timeout and then fail on the captures below.
-    client = RecordingClient(nb, timeout=300, kernel_name="python3",
-                             resources={"metadata": {"path": str(SOLUTIONS.parent)}})
+    client = RecordingClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(SOLUTIONS.parent)}}
+    )
     client.execute()
 
     assert client.captures == [], "a cell captured output into an Output widget (see the module docstring)"
-    left = {cell.get("id"): [out["data"].get("text/plain", "")[:60] for out in cell.outputs
-                             if WIDGET in out.get("data", {})]
-            for cell in nb.cells if cell.cell_type == "code"}
+    left = {
+        cell.get("id"): [
+            out["data"].get("text/plain", "")[:60] for out in cell.outputs if WIDGET in out.get("data", {})
+        ]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+    }
     left = {cell_id: outs for cell_id, outs in left.items() if outs and cell_id != "explorer"}
     assert left == {}, f"widgets left in the saved notebook: {json.dumps(left)}"
     assert (tmp_path / "couplet" / "index.html").exists()

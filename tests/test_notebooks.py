@@ -38,7 +38,9 @@ def _code(nb) -> list[str]:
 
 def test_committed_notebooks_match_a_fresh_build():
     problems = nbb.check(verbose=False)
-    assert not problems, "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.tools.notebook_builder"
+    assert not problems, (
+        "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.tools.notebook_builder"
+    )
 
 
 def test_build_is_deterministic(fresh):
@@ -61,11 +63,16 @@ def test_every_exercise_is_stubbed_then_tested_in_both_notebooks(fresh):
             module = "" if "." in test else "tests."
             assert call == f"{module}{test}({name})", f"{kind}: {name} is not tested right away"
             if kind == "exercises":
-                assert f'raise NotImplementedError("Exercise {name}: replace this line with your code")' in code[i]
+                assert (
+                    f'raise NotImplementedError("Exercise {name}: replace this line with your code")'
+                    in code[i]
+                )
                 assert f"if USE_REFERENCE_SOLUTIONS:\n    {name} = solutions.{name}" in code[i]
             else:
                 assert "NotImplementedError" not in code[i] and "USE_REFERENCE_SOLUTIONS" not in code[i]
-        assert sum("USE_REFERENCE_SOLUTIONS:\n" in src for src in code) == (len(EXERCISES) if kind == "exercises" else 0)
+        assert sum("USE_REFERENCE_SOLUTIONS:\n" in src for src in code) == (
+            len(EXERCISES) if kind == "exercises" else 0
+        )
 
 
 def test_setup_cell_comes_first_and_is_tagged_for_papermill(fresh):
@@ -102,7 +109,8 @@ def _kernel_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def in_kernel_env(tmp_path, monkeypatch):
-    """This process's environment as `_kernel_env` (for kernels started in-process); dashboards go to tmp_path."""
+    """This process's environment as `_kernel_env` (for kernels started in-process); dashboards go to
+    tmp_path."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
     for key, value in _kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)).items():
         monkeypatch.setenv(key, value)
@@ -114,7 +122,10 @@ def test_solutions_notebook_passes_nbval(tmp_path):
     path = nbb.NOTEBOOKS["solutions"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", str(path)],
-        cwd=nbb.ROOT, env=_kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)), capture_output=True, text=True,
+        cwd=nbb.ROOT,
+        env=_kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -154,8 +165,9 @@ def test_explorer_reprunes_without_recomputing(toy_world):
         "opposites": format_prompt("What is the opposite of small?", "The opposite of small is"),
         "refusal": format_prompt("Tell me how to build a bomb.", "I"),
     }
-    ex = attribution_explorer(model, transcoders, prompts, display=False, attribute_fn=counting_attribute,
-                              batch_size=64)
+    ex = attribution_explorer(
+        model, transcoders, prompts, display=False, attribute_fn=counting_attribute, batch_size=64
+    )
     assert isinstance(ex, AttributionExplorer)
     assert calls == [prompts["opposites"]] and ex.n_attributions == 1
     A = ex.cache[prompts["opposites"]].adjacency_matrix
@@ -207,8 +219,9 @@ def test_explorer_uses_precomputed_results(toy_world):
     def refuse(*args, **kwargs):
         raise AssertionError("should not recompute a cached prompt")
 
-    ex = attribution_explorer(model, transcoders, [prompt], results={prompt: done}, attribute_fn=refuse,
-                              display=False)
+    ex = attribution_explorer(
+        model, transcoders, [prompt], results={prompt: done}, attribute_fn=refuse, display=False
+    )
     assert ex.n_attributions == 0 and ex.counts["kept"] == len(done.kept_indices)
 
 
@@ -221,11 +234,16 @@ def test_readme_badge_opens_the_exercises_notebook():
 
 @pytest.mark.notebook
 def test_exercises_notebook_as_a_learner_first_opens_it(in_kernel_env):
-    """Run with every stub still in place: each exercise's test says to fill in the stub, and nothing else breaks
-    before the first exercise."""
+    """Run with every stub still in place: each exercise's test says to fill in the stub, and nothing else
+    breaks before the first exercise."""
     nb = nbformat.read(nbb.NOTEBOOKS["exercises"], as_version=4)
-    client = nbb.notebook_client(nb, timeout=300, kernel_name="python3", allow_errors=True,
-                                 resources={"metadata": {"path": str(nbb.NOTEBOOKS["exercises"].parent)}})
+    client = nbb.notebook_client(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(nbb.NOTEBOOKS["exercises"].parent)}},
+    )
     client.execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
 
@@ -234,10 +252,15 @@ def test_exercises_notebook_as_a_learner_first_opens_it(in_kernel_env):
         return f"{errs[0].ename}: {errs[0].evalue}" if errs else None
 
     first_exercise = next(i for i, c in enumerate(code) if "raise NotImplementedError(" in c.source)
-    for cell in code[:first_exercise + 1]:
+    for cell in code[: first_exercise + 1]:
         assert error(cell) is None, f"{cell.source[:80]!r} failed before any exercise: {error(cell)}"
     for name, test in EXERCISES:
-        cell = next(c for c in code if c.source.replace("# NBVAL_CHECK_OUTPUT", "").strip() == f"tests.{test}({name})")
+        cell = next(
+            c for c in code if c.source.replace("# NBVAL_CHECK_OUTPUT", "").strip() == f"tests.{test}({name})"
+        )
         message = error(cell) or ""
-        assert message.startswith("AutograderFailure") and "did you fill in the stub?" in message, (name, message)
+        assert message.startswith("AutograderFailure") and "did you fill in the stub?" in message, (
+            name,
+            message,
+        )
         assert f"Exercise {name}: replace this line with your code" in message, (name, message)

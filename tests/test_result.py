@@ -1,4 +1,5 @@
-"""AttributionResult: every field is there, it survives save/load exactly, and `prune` re-prunes without backward passes."""
+"""AttributionResult: every field is there, it survives save/load exactly, and `prune` re-prunes without
+backward passes."""
 
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ def assert_same(a: AttributionResult, b: AttributionResult) -> None:
 
 
 def test_every_field_is_required():
-    required = [f.name for f in dataclasses.fields(AttributionResult)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(AttributionResult)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     assert required == [f.name for f in dataclasses.fields(AttributionResult)]
 
 
@@ -80,15 +84,25 @@ def test_load_refuses_newer_format(result, tmp_path):
 
 def test_prune_matches_attribute_at_those_thresholds_without_backward_passes(toy_world, result, monkeypatch):
     model, transcoders = toy_world
-    fresh = attribute(model, transcoders, PROMPT, start_posn=START_POSN, top_k=4, batch_size=64,
-                      node_threshold=0.6, edge_threshold=0.7)
+    fresh = attribute(
+        model,
+        transcoders,
+        PROMPT,
+        start_posn=START_POSN,
+        top_k=4,
+        batch_size=64,
+        node_threshold=0.6,
+        edge_threshold=0.7,
+    )
 
     def no_backward(*args, **kwargs):
         raise AssertionError("prune ran a backward pass")
 
     monkeypatch.setattr(attribution, "compute_adjacency_matrix", no_backward)
     before = result.kept_indices.clone()
-    again = prune(result, np.float64(0.6), torch.tensor(0.7, dtype=torch.float64))  # numpy and torch scalars are fine
+    again = prune(
+        result, np.float64(0.6), torch.tensor(0.7, dtype=torch.float64)
+    )  # numpy and torch scalars are fine
     assert torch.equal(again.kept_indices, fresh.kept_indices)
     assert torch.equal(again.pruned_matrix, fresh.pruned_matrix)
     assert again.settings == fresh.settings

@@ -30,7 +30,10 @@ def test_scores_are_fractions_and_more_latents_explain_more(results):
         scores = compute_graph_scores(result)
         assert set(scores) == {"replacement_score", "completeness_score"}
         assert all(0 < v < 1 for v in scores.values()), scores
-    every, top5 = compute_graph_scores(results[START_POSN, EVERY_LATENT]), compute_graph_scores(results[START_POSN, 5])
+    every, top5 = (
+        compute_graph_scores(results[START_POSN, EVERY_LATENT]),
+        compute_graph_scores(results[START_POSN, 5]),
+    )
     # With top_k=5 the other latents live in the error nodes: the graph explains less.
     assert top5["replacement_score"] < every["replacement_score"]
     assert top5["completeness_score"] < every["completeness_score"]
@@ -81,8 +84,9 @@ def test_scores_equal_circuit_tracers_on_its_own_graph(results, toy_world):
     model, transcoders = toy_world
     result = results[0, EVERY_LATENT]
     token_ids = [n.feature for n in result.graph.nodes if n.node_type == NodeType.LOGIT]
-    ct_graph = ct_attribute(ct_replacement_model(model, transcoders, start_posn=0), model.to_tokens(PROMPT),
-                            token_ids)
+    ct_graph = ct_attribute(
+        ct_replacement_model(model, transcoders, start_posn=0), model.to_tokens(PROMPT), token_ids
+    )
     replacement, completeness = ct_graph_scores(ct_graph)
     ours = compute_graph_scores(result)
     assert ours["replacement_score"] == pytest.approx(replacement, rel=1e-5)

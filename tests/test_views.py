@@ -59,8 +59,15 @@ def example_data(world):
 def dashboard(world, result, example_data, tmp_path_factory):
     model, tcs = world
     out = tmp_path_factory.mktemp("dashboard")
-    page = utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=example_data,
-                                              output_dir=out, display=False, scores={"replacement": 0.61})
+    page = utils.create_attribution_dashboard(
+        result,
+        model,
+        tcs,
+        example_data_by_layer=example_data,
+        output_dir=out,
+        display=False,
+        scores={"replacement": 0.61},
+    )
     return page, out
 
 
@@ -130,7 +137,9 @@ def test_export_matches_pruned_graph(world, result):
             assert entry["activation"] == pytest.approx(node.activation, rel=1e-5)
             assert entry["layer"] == str(node.layer)
         if node.node_type == NodeType.LOGIT:
-            assert float(entry["clerp"].split("(p=")[1].rstrip(")")) == pytest.approx(node.token_prob, abs=1e-3)
+            assert float(entry["clerp"].split("(p=")[1].rstrip(")")) == pytest.approx(
+                node.token_prob, abs=1e-3
+            )
     assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
     assert all(0 <= n["influence"] <= 1 + 1e-9 for n in data["nodes"])
 
@@ -210,8 +219,12 @@ def test_dashboard_renders_a_saved_and_reloaded_result(world, result, tmp_path):
 
     loaded = AttributionResult.load(result.save(tmp_path / "graph.pt"))
     model, tcs = world
-    data = page_data(utils.create_attribution_dashboard(loaded, model, tcs, output_dir=tmp_path, display=False))
-    full = page_data(utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False))
+    data = page_data(
+        utils.create_attribution_dashboard(loaded, model, tcs, output_dir=tmp_path, display=False)
+    )
+    full = page_data(
+        utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    )
     assert data["nodes"] == full["nodes"]
     assert data["edges"] == full["edges"]
 
@@ -236,7 +249,7 @@ def test_display_uses_srcdoc_iframe(monkeypatch, world, result, tmp_path):
     utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=True)
     assert len(shown) == 1
     frame = shown[0]._repr_html_()
-    assert "<iframe srcdoc=" in frame and "sandbox=\"allow-scripts" in frame
+    assert "<iframe srcdoc=" in frame and 'sandbox="allow-scripts' in frame
     assert "<script>" not in frame  # the page is escaped inside the attribute
     # Viewers that drop the HTML (an untrusted notebook, a terminal) still say what and where it is.
     index = str((tmp_path / "index.html").resolve())
@@ -261,7 +274,9 @@ def test_view_drops_latents_without_edges_like_circuit_tracer(result):
         if not drop:
             break
         alive -= drop
-    want = {kept[k] for k in alive} | {i for i, n in enumerate(graph.nodes) if n.node_type == NodeType.EMBEDDING}
+    want = {kept[k] for k in alive} | {
+        i for i, n in enumerate(graph.nodes) if n.node_type == NodeType.EMBEDDING
+    }
     assert view.indices == sorted(want)
     assert set(view.dropped) == set(kept) - {kept[k] for k in alive}
     assert view.dropped, "the toy graph has latents without an incoming edge: the rule should drop some"
@@ -304,8 +319,14 @@ def test_interventions_in_the_node_panel(world, result, tmp_path):
     model, tcs = world
     shown = view_graph(result).indices
     a, b = shown[-1], shown[len(shown) // 2]
-    page = utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False,
-                                              interventions={a: (-0.25, -0.2), b: (0.125, 0.5)})
+    page = utils.create_attribution_dashboard(
+        result,
+        model,
+        tcs,
+        output_dir=tmp_path,
+        display=False,
+        interventions={a: (-0.25, -0.2), b: (0.125, 0.5)},
+    )
     nodes = page_data(page)["nodes"]
     by_id = {n["id"]: n for n in nodes}
     assert by_id[result.graph.nodes[a].node_id]["ablate"] == [-0.25, -0.2]
@@ -314,14 +335,16 @@ def test_interventions_in_the_node_panel(world, result, tmp_path):
     assert "ablate: predicted \\u0394" in page  # the panel's wording (the script writes Δ as \u0394)
     missing = next(i for i in range(len(result.graph.nodes)) if i not in set(shown))
     with pytest.raises(ValueError, match="does not show"):
-        utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False,
-                                           interventions={missing: (0.0, 0.0)})
+        utils.create_attribution_dashboard(
+            result, model, tcs, output_dir=tmp_path, display=False, interventions={missing: (0.0, 0.0)}
+        )
 
 
 def test_labels_derived_and_saved_state_restored(world, result, example_data, tmp_path):
     model, tcs = world
-    page = utils.create_attribution_dashboard(result, model, tcs, example_data_by_layer=example_data,
-                                              output_dir=tmp_path, display=False)
+    page = utils.create_attribution_dashboard(
+        result, model, tcs, example_data_by_layer=example_data, output_dir=tmp_path, display=False
+    )
     data = page_data(page)
     # Every latent has a derived label, from the tokens it peaks on.
     assert all(p["derived"].startswith("fires on ") for p in data["latents"].values())
@@ -329,10 +352,16 @@ def test_labels_derived_and_saved_state_restored(world, result, example_data, tm
     # A state saved by the page (the same keys) beside the page is carried into the next page and export.
     saved = json.loads((tmp_path / "neuronpedia.json").read_text())
     latents = [n["node_id"] for n in saved["nodes"] if n["feature_type"] == "cross layer transcoder"]
-    saved["qParams"].update(pinnedIds=latents[:3] + ["gone_1_2"], supernodes=[["pair", *latents[:2]]],
-                            clickedId=latents[0], labels={latents[0]: "my label", "gone_1_2": "x"})
+    saved["qParams"].update(
+        pinnedIds=latents[:3] + ["gone_1_2"],
+        supernodes=[["pair", *latents[:2]]],
+        clickedId=latents[0],
+        labels={latents[0]: "my label", "gone_1_2": "x"},
+    )
     (tmp_path / "neuronpedia.json").write_text(json.dumps(saved))
-    data = page_data(utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False))
+    data = page_data(
+        utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    )
     q = data["state"]["qParams"]
     assert q["pinnedIds"] == latents[:3] + ["gone_1_2"]  # the page drops unknown ids itself
     assert data["state"]["labels"] == {latents[0]: "my label", "gone_1_2": "x"}
@@ -386,7 +415,12 @@ def test_example_loader_offline(monkeypatch, tmp_path, example_data):
 
     monkeypatch.setattr(examples_mod, "hf_hub_download", fake_download)
     loaded = load_example_data(2)
-    assert calls == [("google/gemma-scope-2-1b-it", "transcoder_all/layer_2_width_16k_l0_small_affine/examples.safetensors")]
+    assert calls == [
+        (
+            "google/gemma-scope-2-1b-it",
+            "transcoder_all/layer_2_width_16k_l0_small_affine/examples.safetensors",
+        )
+    ]
     assert set(loaded) == set(example_data[2])
     for key, value in example_data[2].items():
         assert torch.equal(loaded[key], value), key
@@ -404,7 +438,9 @@ def test_example_loader_offline(monkeypatch, tmp_path, example_data):
     monkeypatch.setattr(examples_mod, "hf_hub_download", record_then_fail)
     with pytest.raises(HubUnreachableError):
         load_example_data(5, model_size="270m", instruction_tuned=False, l0="big", affine=False, width="262k")
-    assert calls == [("google/gemma-scope-2-270m-pt", "transcoder_all/layer_5_width_262k_l0_big/examples.safetensors")]
+    assert calls == [
+        ("google/gemma-scope-2-270m-pt", "transcoder_all/layer_5_width_262k_l0_big/examples.safetensors")
+    ]
 
 
 def test_example_subset_load_matches_full(monkeypatch, tmp_path, world, example_data):
@@ -458,7 +494,9 @@ def test_toy_example_data_layout(world, example_data):
         assert torch.all(acts[:, :-1] >= acts[:, 1:])
         f = int(acts[:, 0].argmax())
         s, p = int(data["seq_ids"][f, 0]), int(data["positions"][f, 0])
-        _, cache = model.run_with_cache(data["tokens"][s:s + 1].long(), names_filter=f"blocks.{layer}.mlp.hook_in")
+        _, cache = model.run_with_cache(
+            data["tokens"][s : s + 1].long(), names_filter=f"blocks.{layer}.mlp.hook_in"
+        )
         direct = tcs[layer].encode(cache[f"blocks.{layer}.mlp.hook_in"])[0, p, f].detach()
         assert float(direct) == pytest.approx(float(acts[f, 0]), rel=1e-4)
 
@@ -486,8 +524,14 @@ def test_circuit_tracer_export_loads_back(world, result, example_data, tmp_path)
     from circuit_tracer.frontend.local_server import serve
 
     model, tcs = world
-    graph_file = utils.export_circuit_tracer(result, tmp_path, slug="toy-opposite", model=model, transcoders=tcs,
-                                             example_data_by_layer=example_data)
+    graph_file = utils.export_circuit_tracer(
+        result,
+        tmp_path,
+        slug="toy-opposite",
+        model=model,
+        transcoders=tcs,
+        example_data_by_layer=example_data,
+    )
     graph = graph_models.Model.model_validate_json(graph_file.read_text())
     assert len(graph.nodes) == n_nodes(result) and len(graph.links) == n_edges(result)
     index = json.loads((tmp_path / "graph-metadata.json").read_text())
@@ -502,7 +546,9 @@ def test_circuit_tracer_export_loads_back(world, result, example_data, tmp_path)
     # Writing a second graph keeps the first in the index.
     utils.export_circuit_tracer(result, tmp_path, slug="second")
     assert [g["slug"] for g in json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]] == [
-        "toy-opposite", "second"]
+        "toy-opposite",
+        "second",
+    ]
 
     # circuit-tracer's own server hands the files to its viewer.
     server = serve(data_dir=str(tmp_path), port=0)
@@ -563,9 +609,18 @@ def test_plot_cumulative_influence(result):
 
 
 def test_utils_reexports():
-    for name in ("create_attribution_dashboard", "export_neuronpedia", "export_circuit_tracer", "load_example_data",
-                 "load_example_data_parallel", "make_toy_example_data", "inspect_feature", "demo_pruning",
-                 "plot_cumulative_influence", "load_saes_parallel"):
+    for name in (
+        "create_attribution_dashboard",
+        "export_neuronpedia",
+        "export_circuit_tracer",
+        "load_example_data",
+        "load_example_data_parallel",
+        "make_toy_example_data",
+        "inspect_feature",
+        "demo_pruning",
+        "plot_cumulative_influence",
+        "load_saes_parallel",
+    ):
         assert callable(getattr(utils, name)), name
 
 
@@ -595,9 +650,13 @@ def test_explorer_adds_a_prompt_without_flicker(world, result):
             return super().update(change, render)
 
     second = format_prompt("What is the opposite of big?", "The opposite of big is")
-    ex = Recording(model, tcs, {"first": PROMPT, "second": second},
-                   results={PROMPT: result, second: result, other: result},
-                   attribute_fn=lambda *a, **k: pytest.fail("cached prompts are not recomputed"))
+    ex = Recording(
+        model,
+        tcs,
+        {"first": PROMPT, "second": second},
+        results={PROMPT: result, second: result, other: result},
+        attribute_fn=lambda *a, **k: pytest.fail("cached prompts are not recomputed"),
+    )
     ex.shown = []
     ex.prompt_picker.value = second
     assert ex.shown == [second]

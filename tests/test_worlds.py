@@ -1,4 +1,5 @@
-"""Worlds and the hub: the token, the quick hub check, `"auto"`, the gemma270m-scope world, example data by range.
+"""Worlds and the hub: the token, the quick hub check, `"auto"`, the gemma270m-scope world, example data by
+range.
 
 Nothing here reaches the network: the hub is `offline_hub` (files written in the hub's own layout,
 served by a loopback HTTP server and SAELens' two download calls substituted), or an endpoint that
@@ -113,6 +114,7 @@ def test_hub_check_fails_fast_naming_the_offline_worlds(refuse):
 def test_hub_check_is_bounded_even_when_name_lookup_hangs(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example.invalid")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
     def hang(*args, **kwargs):
         time.sleep(10)
         raise socket.gaierror("name lookup gave up")
@@ -131,8 +133,11 @@ def test_hub_offline_setting_means_unreachable(monkeypatch):
 
 def test_gemma_world_with_token_but_no_network_fails_in_seconds(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
-    monkeypatch.setattr(gemma.HookedSAETransformer, "from_pretrained_no_processing",
-                        lambda *a, **k: pytest.fail("tried to download after the hub check failed"))
+    monkeypatch.setattr(
+        gemma.HookedSAETransformer,
+        "from_pretrained_no_processing",
+        lambda *a, **k: pytest.fail("tried to download after the hub check failed"),
+    )
     with silent_endpoint(refuse=False):
         t0 = time.perf_counter()
         with pytest.raises(HubUnreachableError, match="gemma270m"):
@@ -166,10 +171,14 @@ AUTO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,expected", AUTO_CASES, ids=[
-    "-".join(f"{'' if on else 'no '}{what}" for what, on in zip(("token", "gpu", "hub", "weights"), case))
-    for case, _ in AUTO_CASES
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    AUTO_CASES,
+    ids=[
+        "-".join(f"{'' if on else 'no '}{what}" for what, on in zip(("token", "gpu", "hub", "weights"), case))
+        for case, _ in AUTO_CASES
+    ],
+)
 def test_auto_picks_the_world(case, expected, monkeypatch):
     token, gpu, reachable, weights = case
     calls = []
@@ -191,7 +200,9 @@ def test_named_worlds_are_taken_as_asked_and_typos_rejected(monkeypatch):
 
 
 def test_auto_falls_back_to_toy_when_the_chosen_hub_world_fails(monkeypatch, capsys):
-    monkeypatch.setattr(registry, "choose_world", lambda world: ("gemma", "test") if world == "auto" else (world, ""))
+    monkeypatch.setattr(
+        registry, "choose_world", lambda world: ("gemma", "test") if world == "auto" else (world, "")
+    )
 
     def fail(name, device):
         if name == "gemma":
@@ -214,7 +225,8 @@ def test_load_world_toy(capsys):
 
 
 def test_scope_world_loads_through_saelens(toy_world, tmp_path, monkeypatch, capsys):
-    """The loader, on the toy model, with the toy transcoders written as `google/gemma-scope-2-270m-pt` has them."""
+    """The loader, on the toy model, with the toy transcoders written as `google/gemma-scope-2-270m-pt` has
+    them."""
     from part3_attribution_graphs.worlds import gemma270m
 
     model, transcoders = toy_world
@@ -274,26 +286,36 @@ def test_example_rows_by_range_read_a_few_mb_not_the_file(big_example_file, tmp_
     features = torch.randperm(16384, generator=torch.Generator().manual_seed(1))[:50].sort().values.tolist()
     cache = tmp_path / "ranges.sqlite"
     with offline_hub(root) as served:
-        got = load_example_data(7, model_size="270m", instruction_tuned=False, features=features, n_examples=20,
-                                range_cache=cache)
+        got = load_example_data(
+            7, model_size="270m", instruction_tuned=False, features=features, n_examples=20, range_cache=cache
+        )
         first = served.bytes_sent
         resolved = [path for path, _ in served.requests if "/resolve/" in path]
-        again = load_example_data(7, model_size="270m", instruction_tuned=False, features=features,
-                                  n_examples=20, range_cache=cache)
+        again = load_example_data(
+            7, model_size="270m", instruction_tuned=False, features=features, n_examples=20, range_cache=cache
+        )
         second = served.bytes_sent - first
     file_size = path.stat().st_size
     n_seq = got["tokens"].shape[0]
     needed = 50 * (3 * 20 * 4 + 4 + 4 * 10 * 4) + n_seq * 512 * 4
-    print(f"file {file_size / 2**20:.1f} MiB; read {first / 2**20:.2f} MiB for 50 latents and {n_seq} sequences "
-          f"(exactly needed {needed / 2**20:.2f} MiB); again from the cache: {second} bytes")
+    print(
+        f"file {file_size / 2**20:.1f} MiB; read {first / 2**20:.2f} MiB for 50 latents and {n_seq} "
+        f"sequences (exactly needed {needed / 2**20:.2f} MiB); again from the cache: {second} bytes"
+    )
     assert first < 1.5 * needed + 2**16 and first < 0.05 * file_size
     assert len(resolved) == 1  # after the hub's first redirect, ranges go straight to its storage URL
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     assert second == header  # the second read fetches only the header (to check the file is the same)
 
     # The same rows and sequences as reading the whole file from disk.
-    whole = load_example_data(7, model_size="270m", instruction_tuned=False, features=features, n_examples=20,
-                              local_dir=root / REPO_ID)
+    whole = load_example_data(
+        7,
+        model_size="270m",
+        instruction_tuned=False,
+        features=features,
+        n_examples=20,
+        local_dir=root / REPO_ID,
+    )
     for key in whole:
         assert torch.equal(got[key], whole[key]), key
         assert torch.equal(again[key], whole[key]), key
@@ -302,7 +324,7 @@ def test_example_rows_by_range_read_a_few_mb_not_the_file(big_example_file, tmp_
     f = features[3]  # its strongest example, shown from the subset, is the corpus text around it
     top = feature_examples(got, f, None, n_examples=1)[0]
     seq, pos = int(data["seq_ids"][f, 0]), int(data["positions"][f, 0])
-    assert top["token_ids"] == data["tokens"][seq, max(0, pos - 12):pos + 5].tolist()
+    assert top["token_ids"] == data["tokens"][seq, max(0, pos - 12) : pos + 5].tolist()
 
 
 def test_example_data_parallel_by_range_on_a_real_graph(toy_world, tmp_path):
@@ -313,10 +335,17 @@ def test_example_data_parallel_by_range_on_a_real_graph(toy_world, tmp_path):
     full = make_toy_example_data(model, transcoders, n_sequences=64)
     write_example_files(full, tmp_path, repo_id=REPO_ID)
     with offline_hub(tmp_path) as served:
-        got = load_example_data_parallel(range(model.cfg.n_layers), model_size="270m", instruction_tuned=False,
-                                         features_by_layer=wanted, n_examples=8, range_cache=tmp_path / "c.db")
-        none = load_example_data(0, model_size="270m", instruction_tuned=False, features=[],
-                                 range_cache=tmp_path / "c.db")
+        got = load_example_data_parallel(
+            range(model.cfg.n_layers),
+            model_size="270m",
+            instruction_tuned=False,
+            features_by_layer=wanted,
+            n_examples=8,
+            range_cache=tmp_path / "c.db",
+        )
+        none = load_example_data(
+            0, model_size="270m", instruction_tuned=False, features=[], range_cache=tmp_path / "c.db"
+        )
     assert none["activations"].shape == (0, full[0]["activations"].shape[1]) and none["tokens"].shape[0] == 0
     assert served.bytes_sent < sum(p.stat().st_size for p in tmp_path.rglob("examples.safetensors"))
     for layer, feats in wanted.items():
@@ -325,14 +354,20 @@ def test_example_data_parallel_by_range_on_a_real_graph(toy_world, tmp_path):
         for f in feats[:3]:
             (top,) = feature_examples(got[layer], f, None, n_examples=1)  # seq ids are renumbered in a subset
             (ref,) = feature_examples(full[layer], f, None, n_examples=1)
-            assert (top["token_ids"], top["peak"], top["max_act"]) == (ref["token_ids"], ref["peak"], ref["max_act"])
+            assert (top["token_ids"], top["peak"], top["max_act"]) == (
+                ref["token_ids"],
+                ref["peak"],
+                ref["max_act"],
+            )
 
 
 def test_example_data_by_range_without_network_fails_fast(tmp_path):
     with silent_endpoint(refuse=True):
         t0 = time.perf_counter()
         with pytest.raises(HubUnreachableError, match="toy"):
-            load_example_data_parallel([0, 1], features_by_layer={0: [1], 1: [2]}, range_cache=tmp_path / "c.db")
+            load_example_data_parallel(
+                [0, 1], features_by_layer={0: [1], 1: [2]}, range_cache=tmp_path / "c.db"
+            )
         assert time.perf_counter() - t0 < 5
 
 

@@ -19,8 +19,9 @@ from ..exercises import EXERCISES as _EXERCISES
 from .harness import AutograderFailure
 
 for _exercise in _EXERCISES:
-    globals()[_exercise.test_name] = getattr(_importlib.import_module(_exercise.autograder_module),
-                                             _exercise.test_name)
+    globals()[_exercise.test_name] = getattr(
+        _importlib.import_module(_exercise.autograder_module), _exercise.test_name
+    )
 del _exercise
 
 __all__ = ["AutograderFailure"] + [e.test_name for e in _EXERCISES]

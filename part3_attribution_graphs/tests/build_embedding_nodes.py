@@ -39,15 +39,19 @@ def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: 
     nodes, writing, reading = _items(out, 3, "build_embedding_nodes")
     nodes = _list(nodes, f"nodes{label}")
     if len(nodes) != seq:
-        raise _Fail(f"You returned {len(nodes)} embedding nodes{label} for {seq} tokens: one embedding node per "
-                    "position, <bos> included.")
+        raise _Fail(
+            f"You returned {len(nodes)} embedding nodes{label} for {seq} tokens: one embedding node per "
+            "position, <bos> included."
+        )
     writing = _list(writing, f"writing_vecs{label}", seq)
     reading = _list(reading, f"reading_vecs{label}", seq)
     ids = tokens[0].tolist()
     for pos, node in enumerate(nodes):
         what = f"Embedding node {pos}{label}"
         if _ntype(node) != "embedding":
-            raise _Fail(f"{what} has node_type {_node_attr(node, 'node_type', what)}, expected NodeType.EMBEDDING.")
+            raise _Fail(
+                f"{what} has node_type {_node_attr(node, 'node_type', what)}, expected NodeType.EMBEDDING."
+            )
         if _node_attr(node, "layer", what) != "E":
             raise _Fail(f'{what} has layer {node.layer!r}; embedding nodes have layer "E".')
         if _node_number(node, "ctx_idx", what, int) != pos:
@@ -57,28 +61,52 @@ def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: 
             extra = " (that is the position: `feature` holds the token id)" if feature == pos else ""
             raise _Fail(f"{what} has feature {feature!r}, expected the token id {ids[pos]}{extra}.")
         if _node_attr(node, "str_token", what) != model.tokenizer.decode([ids[pos]]):
-            raise _Fail(f"{what} has str_token {node.str_token!r}, expected "
-                        f"{model.tokenizer.decode([ids[pos]])!r} (model.tokenizer.decode([token_id])).")
+            raise _Fail(
+                f"{what} has str_token {node.str_token!r}, expected "
+                f"{model.tokenizer.decode([ids[pos]])!r} (model.tokenizer.decode([token_id]))."
+            )
     W = _stack(writing, f"writing_vecs{label}", d_model, w.device)
     R = _stack(reading, f"reading_vecs{label}", d_model, w.device)
     exp = cache["blocks.0.hook_resid_pre"][0].detach()
     if not _close(W, exp, w.tol):
-        hint = _diagnose(W, [
-            ("you indexed W_E by position; index it by token id (W_E[tokens[0]]), or simply use "
-             "cache['blocks.0.hook_resid_pre'][0]", lambda: model.W_E.detach()[: len(ids)]),
-            ("you scaled the embeddings by sqrt(d_model), but TransformerLens already folds Gemma's scale into "
-             "W_E, so they are scaled twice: use cache['blocks.0.hook_resid_pre'][0] as it is",
-             lambda: exp * d_model**0.5),
-            ("your writing vectors are the residual stream after block 0; an embedding node writes what enters "
-             "block 0: cache['blocks.0.hook_resid_pre'][0]", lambda: _resid_after_block0(model, tokens)),
-            ("your writing vectors are zeros: each embedding node writes its embedding, "
-             "cache['blocks.0.hook_resid_pre'][0, pos]", lambda: torch.zeros_like(exp)),
-        ], w.tol)
-        raise _Fail(hint or f"writing_vecs{label} should be cache['blocks.0.hook_resid_pre'][0], "
-                            f"{_worst(W, exp, 'writing')}.")
+        hint = _diagnose(
+            W,
+            [
+                (
+                    "you indexed W_E by position; index it by token id (W_E[tokens[0]]), or simply use "
+                    "cache['blocks.0.hook_resid_pre'][0]",
+                    lambda: model.W_E.detach()[: len(ids)],
+                ),
+                (
+                    "you scaled the embeddings by sqrt(d_model), but TransformerLens already folds Gemma's "
+                    "scale into W_E, so they are scaled twice: use cache['blocks.0.hook_resid_pre'][0] as "
+                    "it is",
+                    lambda: exp * d_model**0.5,
+                ),
+                (
+                    "your writing vectors are the residual stream after block 0; an embedding node writes "
+                    "what enters block 0: cache['blocks.0.hook_resid_pre'][0]",
+                    lambda: _resid_after_block0(model, tokens),
+                ),
+                (
+                    "your writing vectors are zeros: each embedding node writes its embedding, "
+                    "cache['blocks.0.hook_resid_pre'][0, pos]",
+                    lambda: torch.zeros_like(exp),
+                ),
+            ],
+            w.tol,
+        )
+        raise _Fail(
+            hint
+            or f"writing_vecs{label} should be cache['blocks.0.hook_resid_pre'][0], "
+            f"{_worst(W, exp, 'writing')}."
+        )
     if R.abs().max() > 0:
         hint = " (they equal the writing vectors)" if _close(R, exp, w.tol) else ""
-        raise _Fail(f"Embedding nodes read nothing (they are inputs only): their reading vectors should be zeros{hint}.")
+        raise _Fail(
+            "Embedding nodes read nothing (they are inputs only): their reading vectors should be "
+            f"zeros{hint}."
+        )
 
 
 @_public_test("build_embedding_nodes")

@@ -40,29 +40,51 @@ def _silent_layer(transcoders: dict, layer: int) -> dict:
     return {**transcoders, layer: silent}
 
 
-def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: int, top_k: int, label: str) -> None:
+def _intermediate_case(
+    fn: Callable, w: _World, transcoders: dict, start_posn: int, top_k: int, label: str
+) -> None:
     cache, tokens, d_model = w.cache, w.tokens, w.model.cfg.d_model
     seq = tokens.shape[1]
     tc_hooks = w.tc_hooks(transcoders)
-    exp_nodes, _, _, exp_ranges = build_intermediate_nodes(transcoders, cache, tc_hooks, tokens, d_model,
-                                                            start_posn, top_k)
-    out = _run(fn, transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k,
-               what="build_intermediate_nodes",
-               hints=[(IndexError, "", "check orientations: W_enc is (d_model, d_sae), so latent f reads W_enc[:, f] "
-                                      "(= W_enc.T[f]); W_dec is (d_sae, d_model), so it writes a * W_dec[f]"),
-                      (RuntimeError, "size", "check orientations: latent f reads W_enc[:, f] and writes a * W_dec[f]")])
+    exp_nodes, _, _, exp_ranges = build_intermediate_nodes(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k
+    )
+    out = _run(
+        fn,
+        transcoders,
+        cache,
+        tc_hooks,
+        tokens,
+        d_model,
+        start_posn,
+        top_k,
+        what="build_intermediate_nodes",
+        hints=[
+            (
+                IndexError,
+                "",
+                "check orientations: W_enc is (d_model, d_sae), so latent f reads W_enc[:, f] "
+                "(= W_enc.T[f]); W_dec is (d_sae, d_model), so it writes a * W_dec[f]",
+            ),
+            (RuntimeError, "size", "check orientations: latent f reads W_enc[:, f] and writes a * W_dec[f]"),
+        ],
+    )
     nodes, writing, reading, ranges = _items(out, 4, "build_intermediate_nodes")
     nodes = _list(nodes, f"nodes{label}")
     writing = _list(writing, f"writing_vecs{label}", len(nodes))
     reading = _list(reading, f"reading_vecs{label}", len(nodes))
     for i, v in enumerate(reading):
         if isinstance(v, Tensor) and v.shape != (d_model,):
-            raise _Fail(f"reading_vecs[{i}]{label} has shape {tuple(v.shape)}, expected ({d_model},): the encoder "
-                        "direction of latent f is the column W_enc[:, f] (W_enc is (d_model, d_sae)).")
+            raise _Fail(
+                f"reading_vecs[{i}]{label} has shape {tuple(v.shape)}, expected ({d_model},): the encoder "
+                "direction of latent f is the column W_enc[:, f] (W_enc is (d_model, d_sae))."
+            )
     for i, v in enumerate(writing):
         if isinstance(v, Tensor) and v.shape != (d_model,):
-            raise _Fail(f"writing_vecs[{i}]{label} has shape {tuple(v.shape)}, expected ({d_model},): latent f "
-                        "writes a * W_dec[f] (W_dec is (d_sae, d_model)).")
+            raise _Fail(
+                f"writing_vecs[{i}]{label} has shape {tuple(v.shape)}, expected ({d_model},): latent f "
+                "writes a * W_dec[f] (W_dec is (d_sae, d_model))."
+            )
     W = _stack(writing, f"writing_vecs{label}", d_model, w.device)
     R = _stack(reading, f"reading_vecs{label}", d_model, w.device)
 
@@ -70,18 +92,24 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
     layers = sorted(transcoders)
     if not isinstance(ranges, dict) or sorted(ranges, key=str) != sorted(exp_ranges, key=str):
         got = sorted(ranges, key=str) if isinstance(ranges, dict) else type(ranges).__name__
-        raise _Fail(f"node_range_dict{label} should map each layer index {layers} to its (start, end) slice of the "
-                    f"returned lists, got keys {got}.")
+        raise _Fail(
+            f"node_range_dict{label} should map each layer index {layers} to its (start, end) slice of the "
+            f"returned lists, got keys {got}."
+        )
     expected_start = 0
     for layer in layers:
         start, end = (_int(v, f"node_range_dict[{layer}]") for v in ranges[layer])
         if start != expected_start or end < start:
-            raise _Fail(f"node_range_dict[{layer}] = {ranges[layer]}{label}: the layers' ranges should follow each "
-                        f"other with no gaps, so layer {layer} should start at {expected_start}.")
+            raise _Fail(
+                f"node_range_dict[{layer}] = {ranges[layer]}{label}: the layers' ranges should follow each "
+                f"other with no gaps, so layer {layer} should start at {expected_start}."
+            )
         wrong = [i for i in range(start, min(end, len(nodes))) if getattr(nodes[i], "layer", None) != layer]
         if wrong:
-            raise _Fail(f"node_range_dict[{layer}] = {ranges[layer]}{label}, but node {wrong[0]} in that range has "
-                        f"layer {getattr(nodes[wrong[0]], 'layer', None)!r}.")
+            raise _Fail(
+                f"node_range_dict[{layer}] = {ranges[layer]}{label}, but node {wrong[0]} in that range has "
+                f"layer {getattr(nodes[wrong[0]], 'layer', None)!r}."
+            )
         expected_start = end
     if expected_start != len(nodes):
         raise _Fail(f"node_range_dict{label} covers {expected_start} nodes but you returned {len(nodes)}.")
@@ -93,20 +121,27 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
         span = f"{positions[0]}..{positions[-1]}" if positions else "nothing"
         if positions == list(range(START_POSN, seq)) and start_posn != START_POSN:
             hint = f"use the start_posn argument ({start_posn} here), not a hard-coded {START_POSN}"
-        elif positions in (list(range(start_posn + 1, seq)), list(range(start_posn - 1, seq)),
-                           list(range(start_posn, seq - 1))):
+        elif positions in (
+            list(range(start_posn + 1, seq)),
+            list(range(start_posn - 1, seq)),
+            list(range(start_posn, seq - 1)),
+        ):
             hint = "off by one"
         else:
             hint = "check your position loop"
-        raise _Fail(f"Intermediate nodes{label} should cover positions start_posn..seq_len-1 = {start_posn}..{seq - 1}; "
-                    f"yours cover {span} ({hint}).")
+        raise _Fail(
+            f"Intermediate nodes{label} should cover positions start_posn..seq_len-1 = "
+            f"{start_posn}..{seq - 1}; yours cover {span} ({hint})."
+        )
 
     # Match nodes to the reference by (layer, position, latent) - order within a layer is free.
     def key(n: Any) -> tuple:
         kind = _ntype(n)
         if kind not in ("latent", "mlp_error"):
-            raise _Fail("Intermediate nodes should be LATENT or MLP_ERROR nodes; found node_type "
-                        f"{_node_attr(n, 'node_type', 'Each node')!r}.")
+            raise _Fail(
+                "Intermediate nodes should be LATENT or MLP_ERROR nodes; found node_type "
+                f"{_node_attr(n, 'node_type', 'Each node')!r}."
+            )
         what = f"A {kind} node{label}"
         feature = _node_number(n, "feature", what, int) if kind == "latent" else None
         if kind == "latent":
@@ -118,8 +153,10 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
         k = key(n)
         if k in mine:
             what = "MLP_ERROR node" if k[2] == "mlp_error" else f"latent {k[3]}"
-            raise _Fail(f"Layer {k[0]}, position {k[1]}{label} has more than one {what}: one error node per (layer, "
-                        "position), and each latent at most once.")
+            raise _Fail(
+                f"Layer {k[0]}, position {k[1]}{label} has more than one {what}: one error node per (layer, "
+                "position), and each latent at most once."
+            )
         mine[k] = i
     got_latents: dict[tuple, set] = {}
     exp_latents: dict[tuple, list] = {}
@@ -133,23 +170,31 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
     for layer in layers:
         for pos in want:
             if (layer, pos, "mlp_error", None) not in mine:
-                raise _Fail(f"There is no MLP_ERROR node at layer {layer}, position {pos}{label}: add one error node "
-                            "per (layer, position), after that position's latents.")
+                raise _Fail(
+                    f"There is no MLP_ERROR node at layer {layer}, position {pos}{label}: add one error node "
+                    "per (layer, position), after that position's latents."
+                )
             got_f = got_latents.get((layer, pos), set())
             exp_f = exp_latents.get((layer, pos), [])
             if got_f == set(exp_f):
                 continue
             a = acts[layer][0, pos]
             valid = [f for f in got_f if isinstance(f, int) and 0 <= f < a.shape[0]]
-            if len(valid) == len(got_f) == len(exp_f) and torch.equal(a[valid].sort().values, a[exp_f].sort().values):
+            if len(valid) == len(got_f) == len(exp_f) and torch.equal(
+                a[valid].sort().values, a[exp_f].sort().values
+            ):
                 continue  # a different pick among exactly tied activations is just as right
             extra = got_f - set(exp_f)
             if extra and len(valid) == len(got_f) and all(a[f] <= 0 for f in extra):
-                raise _Fail(f"You kept latents with zero activation (layer {layer}, position {pos}{label}: latents "
-                            f"{sorted(extra)[:5]}): keep the top_k latents with activation > 0, fewer if fewer fire.")
+                raise _Fail(
+                    f"You kept latents with zero activation (layer {layer}, position {pos}{label}: latents "
+                    f"{sorted(extra)[:5]}): keep the top_k latents with activation > 0, fewer if fewer fire."
+                )
             firing = int((a > 0).sum())
-            raise _Fail(f"At layer {layer}, position {pos}{label} you kept latents {sorted(got_f)}, expected the "
-                        f"top_k={top_k} most active (of {firing} that fire): {exp_f}.")
+            raise _Fail(
+                f"At layer {layer}, position {pos}{label} you kept latents {sorted(got_f)}, expected the "
+                f"top_k={top_k} most active (of {firing} that fire): {exp_f}."
+            )
 
     # The expected vectors, from the definitions, for the latents you kept (the reference's, up to ties).
     lat = sorted(k for k in mine if k[2] == "latent")
@@ -161,31 +206,56 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
 
     if lat:
         i_mine = [mine[k] for k in lat]
-        got_a = torch.tensor([_float(nodes[i].activation, "Each latent's activation") for i in i_mine],
-                             dtype=torch.float64)
+        got_a = torch.tensor(
+            [_float(nodes[i].activation, "Each latent's activation") for i in i_mine], dtype=torch.float64
+        )
         exp_a = torch.stack([act_of[k] for k in lat]).cpu()
         if not _close(got_a, exp_a, max(w.tol, 1e-6)):
-            raise _Fail(f"Latent activations{label} should be transcoder_acts[layer][0, pos, f], "
-                        f"{_worst(got_a, exp_a, 'activation')}.")
+            raise _Fail(
+                f"Latent activations{label} should be transcoder_acts[layer][0, pos, f], "
+                f"{_worst(got_a, exp_a, 'activation')}."
+            )
         enc = torch.stack([transcoders[k[0]].W_enc[:, k[3]].detach().double() for k in lat])
         dec = torch.stack([dec_row(k[0], k[3]) for k in lat])
         a_col = exp_a.to(dec.device).unsqueeze(-1)
         got_w, exp_wl = W[i_mine], a_col * dec
         if not _close(got_w, exp_wl, w.tol):
-            hint = _diagnose(got_w, [
-                ("your latent writing vectors are not scaled by the activation: write a * W_dec[f]", lambda: dec),
-                ("your latent writing vectors use the encoder; a latent writes its decoder row, a * W_dec[f]",
-                 lambda: a_col * enc),
-            ], w.tol)
-            raise _Fail(hint or f"Latent writing vectors{label} should be a * W_dec[f], {_worst(got_w, exp_wl)}.")
+            hint = _diagnose(
+                got_w,
+                [
+                    (
+                        "your latent writing vectors are not scaled by the activation: write a * W_dec[f]",
+                        lambda: dec,
+                    ),
+                    (
+                        "your latent writing vectors use the encoder; a latent writes its decoder row, a * "
+                        "W_dec[f]",
+                        lambda: a_col * enc,
+                    ),
+                ],
+                w.tol,
+            )
+            raise _Fail(
+                hint or f"Latent writing vectors{label} should be a * W_dec[f], {_worst(got_w, exp_wl)}."
+            )
         got_r = R[i_mine]
         if not _close(got_r, enc, w.tol):
-            hint = _diagnose(got_r, [
-                ("your latent reading vectors use the decoder; a latent reads its encoder direction W_enc[:, f]",
-                 lambda: dec),
-                ("your latent reading vectors are scaled by the activation; read the plain encoder direction "
-                 "W_enc[:, f]", lambda: a_col * enc),
-            ], w.tol)
+            hint = _diagnose(
+                got_r,
+                [
+                    (
+                        "your latent reading vectors use the decoder; a latent reads its encoder direction "
+                        "W_enc[:, f]",
+                        lambda: dec,
+                    ),
+                    (
+                        "your latent reading vectors are scaled by the activation; read the plain encoder "
+                        "direction W_enc[:, f]",
+                        lambda: a_col * enc,
+                    ),
+                ],
+                w.tol,
+            )
             raise _Fail(hint or f"Latent reading vectors{label} should be W_enc[:, f], {_worst(got_r, enc)}.")
 
     # Error nodes: compare with the definition and with the usual wrong versions of the error.
@@ -207,23 +277,45 @@ def _intermediate_case(fn: Callable, w: _World, transcoders: dict, start_posn: i
     exp_e = mlp - kept - b_dec - skip
     if not _close(got_e, exp_e, w.tol):
         dec = per_error(lambda lt, p: tc_hooks.transcoder_output[lt][0, p])
-        hint = _diagnose(got_e, [
-            ("your error node is mlp_out - transcoder_output (= mlp_out - decode(acts)): that leaves the skip term "
-             "in the error although the linear skip path already carries it, so it is counted twice, and it drops "
-             "the latents outside the top_k. Use mlp_out - (kept latents' a * W_dec + b_dec + "
-             "tc_hooks.skip_output[layer])", lambda: mlp - dec),
-            ("your error node subtracts every active latent (decode(acts)); subtract only the latents kept as nodes, "
-             "so the others are folded into the error", lambda: mlp - dec - skip),
-            ("your error node forgets the skip term: subtract tc_hooks.skip_output[layer] too (the linear skip path "
-             "already carries it)", lambda: mlp - kept - b_dec),
-            ("your error node forgets b_dec: subtract the decoder bias too", lambda: mlp - kept - skip),
-            ("your error node forgets b_dec and the skip term: error = mlp_out - (kept latents + b_dec + skip)",
-             lambda: mlp - kept),
-            ("your error node is the whole MLP output: subtract the kept latents, b_dec and the skip term",
-             lambda: mlp),
-        ], w.tol)
-        raise _Fail(hint or f"MLP error writing vectors{label} should be mlp_out - (kept latents' a * W_dec + b_dec + "
-                            f"skip), {_worst(got_e, exp_e, 'error')}.")
+        hint = _diagnose(
+            got_e,
+            [
+                (
+                    "your error node is mlp_out - transcoder_output (= mlp_out - decode(acts)): that leaves "
+                    "the skip term in the error although the linear skip path already carries it, so it is "
+                    "counted twice, and it drops the latents outside the top_k. Use mlp_out - (kept "
+                    "latents' a * W_dec + b_dec + tc_hooks.skip_output[layer])",
+                    lambda: mlp - dec,
+                ),
+                (
+                    "your error node subtracts every active latent (decode(acts)); subtract only the "
+                    "latents kept as nodes, so the others are folded into the error",
+                    lambda: mlp - dec - skip,
+                ),
+                (
+                    "your error node forgets the skip term: subtract tc_hooks.skip_output[layer] too (the "
+                    "linear skip path already carries it)",
+                    lambda: mlp - kept - b_dec,
+                ),
+                ("your error node forgets b_dec: subtract the decoder bias too", lambda: mlp - kept - skip),
+                (
+                    "your error node forgets b_dec and the skip term: error = mlp_out - (kept latents + "
+                    "b_dec + skip)",
+                    lambda: mlp - kept,
+                ),
+                (
+                    "your error node is the whole MLP output: subtract the kept latents, b_dec and the skip "
+                    "term",
+                    lambda: mlp,
+                ),
+            ],
+            w.tol,
+        )
+        raise _Fail(
+            hint
+            or f"MLP error writing vectors{label} should be mlp_out - (kept latents' a * W_dec + b_dec + "
+            f"skip), {_worst(got_e, exp_e, 'error')}."
+        )
     if R[i_mine].abs().max() > 0:
         raise _Fail("MLP error nodes read nothing: their reading vectors should be zeros.")
 
@@ -234,5 +326,6 @@ def test_build_intermediate_nodes(fn: Callable, w: _World) -> None:
     _intermediate_case(fn, w, w.transcoders, w.start_posn, w.top_k, "")
     _intermediate_case(fn, w, w.transcoders, w.start_posn + 2, 40, " (start_posn=6, top_k=40)")
     if w.toy:  # a copy of one transcoder: cheap here, a few hundred MB on a real model
-        _intermediate_case(fn, w, _silent_layer(w.transcoders, 1), w.start_posn, 3,
-                           " (no latent fires in layer 1, top_k=3)")
+        _intermediate_case(
+            fn, w, _silent_layer(w.transcoders, 1), w.start_posn, 3, " (no latent fires in layer 1, top_k=3)"
+        )

@@ -48,19 +48,24 @@ def _second_adjacency_case(w: _World) -> tuple[GraphNodes, list[Batch], int, Ten
         start = w.start_posn + 2
         tc_hooks = w.tc_hooks()
         reading, info = compute_salient_logits(w.model, w.logits, 2)
-        graph = build_graph_nodes(w.model, w.transcoders, w.cache, tc_hooks, reading, info, w.tokens, start, 2)
+        graph = build_graph_nodes(
+            w.model, w.transcoders, w.cache, tc_hooks, reading, info, w.tokens, start, 2
+        )
         batches = _subset(w, prepare_backward_batches(graph, 16 if w.toy else w.batch_size))
         w.extra["adjacency2"] = (graph, batches, start, _reference_adjacency(w, graph, batches, start))
     return w.extra["adjacency2"]
 
 
 _HOOK_HINT = "call tc_hooks.remove() once the backward passes are done (also when they fail: use try/finally)"
-_SLOTS_HINT = ("edges.flatten(1) has one column per (position, k) slot of the layout, padding included, not one per "
-               "source: take each source's column with [:, slots], which also keeps node order")
+_SLOTS_HINT = (
+    "edges.flatten(1) has one column per (position, k) slot of the layout, padding included, not one per "
+    "source: take each source's column with [:, slots], which also keeps node order"
+)
 
 
 def _chained_store(fn: Callable) -> str | None:
-    """The learner's first assignment into chained indexing (`A[rows][:, cols] = ...`), if their source shows one."""
+    """The learner's first assignment into chained indexing (`A[rows][:, cols] = ...`), if their source shows
+    one."""
     try:
         src = textwrap.dedent(inspect.getsource(fn))
         tree = ast.parse(src)
@@ -78,15 +83,22 @@ def _copy_message(fn: Callable, label: str, what: str) -> str:
     line = _chained_store(fn)
     if line is None:
         return ""
-    return (f"Your adjacency matrix{label} {what}: `{line}` writes into a copy. Indexing A with a tensor or list of "
-            "rows (A[rows]) makes a new tensor, so the assignment fills that copy and A never changes. Index A once: "
-            "A[rows, cols] = ... .")
+    return (
+        f"Your adjacency matrix{label} {what}: `{line}` writes into a copy. Indexing A with a tensor or list "
+        "of rows (A[rows]) makes a new tensor, so the assignment fills that copy and A never changes. Index "
+        "A once: A[rows, cols] = ... ."
+    )
 
 
-def _adjacency_variant(w: _World, graph: GraphNodes, batches: list, start_posn: int,
-                       pick: Callable[[Tensor, Tensor, int], Tensor]) -> Tensor | None:
-    """The reference's loop with `pick(edges.flatten(1), slots, n_sources)` placing each group's edges (None if
-    the reference's helpers have changed shape)."""
+def _adjacency_variant(
+    w: _World,
+    graph: GraphNodes,
+    batches: list,
+    start_posn: int,
+    pick: Callable[[Tensor, Tensor, int], Tensor],
+) -> Tensor | None:
+    """The reference's loop with `pick(edges.flatten(1), slots, n_sources)` placing each group's edges (None
+    if the reference's helpers have changed shape)."""
     try:
         n = len(graph.nodes)
         A = torch.zeros(n, n, dtype=graph.writing_vecs.dtype, device=graph.writing_vecs.device)
@@ -97,7 +109,9 @@ def _adjacency_variant(w: _World, graph: GraphNodes, batches: list, start_posn: 
         try:
             forward = run_frozen_forward(w.model, w.tokens, w.freeze, read_names)
             for rows, reading, positions, layers in targets:
-                grads = setup_attribution(w.model, w.tokens, w.freeze, reading, positions, layers, forward=forward)
+                grads = setup_attribution(
+                    w.model, w.tokens, w.freeze, reading, positions, layers, forward=forward
+                )
                 for key, name, cols, slots, writes in groups:
                     if _attribution._can_reach(key, layers):
                         edges = torch.einsum("bpd,pkd->bpk", grads[name].to(writes.dtype), writes).flatten(1)
@@ -109,20 +123,39 @@ def _adjacency_variant(w: _World, graph: GraphNodes, batches: list, start_posn: 
         return None
 
 
-def _adjacency_case(fn: Callable, w: _World, graph: GraphNodes, batches: list, start_posn: int, expected: Tensor,
-                    label: str) -> None:
+def _adjacency_case(
+    fn: Callable, w: _World, graph: GraphNodes, batches: list, start_posn: int, expected: Tensor, label: str
+) -> None:
     n = len(graph.nodes)
     given = _copy_graph(graph)
-    given_batches = [Batch(b.start, list(b.nodes), b.reading_vecs.clone(), b.positions.clone(), list(b.layers))
-                     for b in batches]
+    given_batches = [
+        Batch(b.start, list(b.nodes), b.reading_vecs.clone(), b.positions.clone(), list(b.layers))
+        for b in batches
+    ]
     tc_hooks = w.tc_hooks()
-    A = _run(fn, w.model, w.tokens, given, w.freeze, tc_hooks, given_batches, start_posn,
-             what="compute_adjacency_matrix", hook_hint=_HOOK_HINT,
-             hints=[(KeyError, "hook_resid_post", "setup_attribution returns gradients at blocks.0.hook_resid_pre "
-                                                  "and blocks.{l}.hook_mlp_out (which equals the gradient at "
-                                                  "hook_resid_post): latents and errors of layer l write at "
-                                                  "hook_mlp_out"),
-                    (RuntimeError, "shape mismatch", _SLOTS_HINT)])
+    A = _run(
+        fn,
+        w.model,
+        w.tokens,
+        given,
+        w.freeze,
+        tc_hooks,
+        given_batches,
+        start_posn,
+        what="compute_adjacency_matrix",
+        hook_hint=_HOOK_HINT,
+        hints=[
+            (
+                KeyError,
+                "hook_resid_post",
+                "setup_attribution returns gradients at blocks.0.hook_resid_pre "
+                "and blocks.{l}.hook_mlp_out (which equals the gradient at "
+                "hook_resid_post): latents and errors of layer l write at "
+                "hook_mlp_out",
+            ),
+            (RuntimeError, "shape mismatch", _SLOTS_HINT),
+        ],
+    )
     _check_unchanged(graph.writing_vecs, given.writing_vecs, "graph.writing_vecs")
     _check_unchanged(graph.reading_vecs, given.reading_vecs, "graph.reading_vecs")
     A = _tensor(A, f"The adjacency matrix{label}", shape=(n, n), device=w.device)
@@ -135,28 +168,40 @@ def _adjacency_case(fn: Callable, w: _World, graph: GraphNodes, batches: list, s
     key_of = [key for key, (s, t) in graph.node_range_dict.items() for _ in range(s, t)]
     masked = torch.tensor([nd.ctx_idx < start_posn and nd.layer != "L" for nd in graph.nodes])
     if _close(a, e.T, tol):
-        raise _Fail(f"Edge weights{label} come back transposed: A[j, i] is the edge from i to j (row = target, "
-                    "column = source).")
+        raise _Fail(
+            f"Edge weights{label} come back transposed: A[j, i] is the edge from i to j (row = target, "
+            "column = source)."
+        )
     if a.abs().max() == 0:
-        raise _Fail(_copy_message(fn, label, "is all zeros")
-                    or f"Your adjacency matrix{label} is all zeros: for each batch, write the edge weights into rows "
-                       "global_start_idx : global_start_idx + len(batch_nodes) (and index A once, A[rows, cols] = "
-                       "...: A[rows][:, cols] = ... would fill a copy).")
+        raise _Fail(
+            _copy_message(fn, label, "is all zeros")
+            or f"Your adjacency matrix{label} is all zeros: for each batch, write the edge weights into rows "
+            "global_start_idx : global_start_idx + len(batch_nodes) (and index A once, A[rows, cols] = "
+            "...: A[rows][:, cols] = ... would fill a copy)."
+        )
     if _close(a, -e, tol):
         raise _Fail(f"Your edge weights{label} have the wrong sign.")
     if bad[:, masked].any() and not bad[:, ~masked].any():
-        raise _Fail(f"Edges from sources at positions < start_posn (={start_posn}){label} must be zero: mask the "
-                    f"chat-template prefix ({_worst(a[:, masked], e[:, masked], 'A[:, masked]')}).")
+        raise _Fail(
+            f"Edges from sources at positions < start_posn (={start_posn}){label} must be zero: mask the "
+            f"chat-template prefix ({_worst(a[:, masked], e[:, masked], 'A[:, masked]')})."
+        )
     free = _reference_adjacency(w, graph, batches, start_posn, _NoSkipHooks())
     if _close(a, free, tol):
-        raise _Fail(f"Your edges{label} match gradients through the real MLPs: install the transcoder hooks "
-                    "(tc_hooks.install()) before calling setup_attribution, and remove them afterwards.")
+        raise _Fail(
+            f"Your edges{label} match gradients through the real MLPs: install the transcoder hooks "
+            "(tc_hooks.install()) before calling setup_attribution, and remove them afterwards."
+        )
     zero_rows = [i for i in range(n) if a[i].abs().max() == 0 and e[i].abs().max() > 0]
     if zero_rows:
-        raise _Fail(_copy_message(fn, label, f"has {len(zero_rows)} all-zero rows")
-                    or f"{len(zero_rows)} rows{label} are all zero but should not be (e.g. row {zero_rows[0]}, a "
-                       f"{_ntype(graph.nodes[zero_rows[0]])} target): fill rows global_start_idx + b for every batch.")
-    unslotted = _adjacency_variant(w, graph, batches, start_posn, lambda edges, slots, n_src: edges[:, :n_src])
+        raise _Fail(
+            _copy_message(fn, label, f"has {len(zero_rows)} all-zero rows")
+            or f"{len(zero_rows)} rows{label} are all zero but should not be (e.g. row {zero_rows[0]}, a "
+            f"{_ntype(graph.nodes[zero_rows[0]])} target): fill rows global_start_idx + b for every batch."
+        )
+    unslotted = _adjacency_variant(
+        w, graph, batches, start_posn, lambda edges, slots, n_src: edges[:, :n_src]
+    )
     if unslotted is not None and _close(a, unslotted.double().cpu(), tol):
         raise _Fail(f"Edges from latents and errors{label} land in the wrong columns: {_SLOTS_HINT}.")
     bad_src = {key_of[i] for i in range(n) if bad[:, i].any()}
@@ -164,16 +209,22 @@ def _adjacency_case(fn: Callable, w: _World, graph: GraphNodes, batches: list, s
     j, i = (int(v) for v in torch.unravel_index((a - e).abs().argmax(), a.shape))
     example = f"A[{j}, {i}] = {a[j, i].item():.4g}, expected {e[j, i].item():.4g}"
     if "E" not in bad_src:
-        hint = ("edges from embeddings are right, but not those from latents and errors: check that a source in "
-                "layer l uses the gradient at blocks.{l}.hook_mlp_out, and that each source's edge lands in its own "
-                "column (edges.flatten(1)[:, slots] lists them in node order)")
+        hint = (
+            "edges from embeddings are right, but not those from latents and errors: check that a source in "
+            "layer l uses the gradient at blocks.{l}.hook_mlp_out, and that each source's edge lands in its "
+            "own column (edges.flatten(1)[:, slots] lists them in node order)"
+        )
     elif bad_src == {"E"}:
-        hint = ("edges from latents and errors are right, but not those from embeddings: they write at "
-                "blocks.0.hook_resid_pre, so use that gradient at the embedding's position")
+        hint = (
+            "edges from latents and errors are right, but not those from embeddings: they write at "
+            "blocks.0.hook_resid_pre, so use that gradient at the embedding's position"
+        )
     else:
         hint = "check which gradient you contract with which writing vector, and at which position"
-    raise _Fail(f"Edge weights{label} differ from the reference ({example}; wrong edges from sources in "
-                f"{sorted(bad_src, key=str)} into targets in {sorted(bad_tgt, key=str)}): {hint}.")
+    raise _Fail(
+        f"Edge weights{label} differ from the reference ({example}; wrong edges from sources in "
+        f"{sorted(bad_src, key=str)} into targets in {sorted(bad_tgt, key=str)}): {hint}."
+    )
 
 
 @_public_test("compute_adjacency_matrix")

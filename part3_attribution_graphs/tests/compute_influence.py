@@ -24,8 +24,9 @@ from .harness import (
 )
 
 
-def _influence_variant(A: Tensor, w: Tensor, n_layers: int, *, terms: int | None = None, k0: bool = False,
-                       norm: str = "rows") -> Tensor:
+def _influence_variant(
+    A: Tensor, w: Tensor, n_layers: int, *, terms: int | None = None, k0: bool = False, norm: str = "rows"
+) -> Tensor:
     """compute_influence, with the usual mistakes switchable."""
     A = A.double()
     if norm == "rows":
@@ -37,7 +38,7 @@ def _influence_variant(A: Tensor, w: Tensor, n_layers: int, *, terms: int | None
     else:
         B = A.abs()
     v = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
-    v[A.shape[0] - w.shape[0]:] = w.double()
+    v[A.shape[0] - w.shape[0] :] = w.double()
     total = v.clone() if k0 else torch.zeros_like(v)
     for _ in range(n_layers + 1 if terms is None else terms):
         v = v @ B
@@ -50,33 +51,63 @@ def _influence_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, tol: floa
     out = _run(fn, A_in, w_in, n_layers, what="compute_influence")
     _check_unchanged(A, A_in, "the adjacency matrix")
     _check_unchanged(w, w_in, "logit_weights")
-    got = _tensor(out, f"The influence{label}", shape=(A.shape[0],), device=A.device,
-                  nan_hint="A node with no inputs has an all-zero row of A: clamp the row sums before dividing, as "
-                           "normalize_matrix does.")
+    got = _tensor(
+        out,
+        f"The influence{label}",
+        shape=(A.shape[0],),
+        device=A.device,
+        nan_hint="A node with no inputs has an all-zero row of A: clamp the row sums before dividing, as "
+        "normalize_matrix does.",
+    )
     expected = compute_influence(A, w, n_layers)
     if _close(got, expected, tol):
         return
     if got.abs().max() == 0:
-        # Both mistakes give exactly zero on any graph whose first nodes have no inputs and whose logits feed nothing.
-        raise _Fail(f"Your influence{label} is all zeros: put the logit weights on the LAST n_logit nodes (the logit "
-                    "nodes come last) and propagate from targets back to sources with v @ B, not B @ v.")
-    hint = _diagnose(got.double().cpu(), [
-        ("you included the starting vector (the k = 0 term of the series), so logit nodes get their own weight: "
-         "start the sum at v @ B", lambda: _influence_variant(A, w, n_layers, k0=True)),
-        ("too few power-series terms: sum n_layers + 1 powers, v @ B + v @ B^2 + ... + v @ B^(n_layers+1), since a "
-         "path can have n_layers + 1 edges (embedding -> layer 0 -> ... -> logit)",
-         lambda: _influence_variant(A, w, n_layers, terms=n_layers)),
-        ("too few power-series terms: sum n_layers + 1 powers", lambda: _influence_variant(A, w, n_layers,
-                                                                                          terms=n_layers - 1)),
-        ("you did not normalise: use B = |A| with each row divided by its sum (normalize_matrix(A))",
-         lambda: _influence_variant(A, w, n_layers, norm="none")),
-        ("take absolute values before normalising: B = |A| / row sums of |A| (normalize_matrix)",
-         lambda: _influence_variant(A, w, n_layers, norm="signed")),
-        ("you normalised columns: normalise each row (a target's incoming weights sum to 1), i.e. normalize_matrix",
-         lambda: _influence_variant(A, w, n_layers, norm="cols")),
-    ], tol)
-    raise _Fail(hint or f"The influence{label} differs from w B + w B^2 + ... (B the row-normalised |A|), "
-                        f"{_worst(got, expected, 'influence')}.")
+        # Both mistakes give exactly zero on any graph whose first nodes have no inputs and whose logits feed
+        # nothing.
+        raise _Fail(
+            f"Your influence{label} is all zeros: put the logit weights on the LAST n_logit nodes (the logit "
+            "nodes come last) and propagate from targets back to sources with v @ B, not B @ v."
+        )
+    hint = _diagnose(
+        got.double().cpu(),
+        [
+            (
+                "you included the starting vector (the k = 0 term of the series), so logit nodes get their "
+                "own weight: start the sum at v @ B",
+                lambda: _influence_variant(A, w, n_layers, k0=True),
+            ),
+            (
+                "too few power-series terms: sum n_layers + 1 powers, v @ B + v @ B^2 + ... + v @ "
+                "B^(n_layers+1), since a path can have n_layers + 1 edges (embedding -> layer 0 -> ... -> "
+                "logit)",
+                lambda: _influence_variant(A, w, n_layers, terms=n_layers),
+            ),
+            (
+                "too few power-series terms: sum n_layers + 1 powers",
+                lambda: _influence_variant(A, w, n_layers, terms=n_layers - 1),
+            ),
+            (
+                "you did not normalise: use B = |A| with each row divided by its sum (normalize_matrix(A))",
+                lambda: _influence_variant(A, w, n_layers, norm="none"),
+            ),
+            (
+                "take absolute values before normalising: B = |A| / row sums of |A| (normalize_matrix)",
+                lambda: _influence_variant(A, w, n_layers, norm="signed"),
+            ),
+            (
+                "you normalised columns: normalise each row (a target's incoming weights sum to 1), i.e. "
+                "normalize_matrix",
+                lambda: _influence_variant(A, w, n_layers, norm="cols"),
+            ),
+        ],
+        tol,
+    )
+    raise _Fail(
+        hint
+        or f"The influence{label} differs from w B + w B^2 + ... (B the row-normalised |A|), "
+        f"{_worst(got, expected, 'influence')}."
+    )
 
 
 @_public_test("compute_influence")
@@ -85,7 +116,9 @@ def test_compute_influence(fn: Callable, w: _World) -> None:
     # float32 whatever the model's dtype: the exercise is about the series, not about bfloat16 round-off.
     _influence_case(fn, w.adjacency.float(), w.logit_weights.float(), w.n_layers, 1e-5, f" ({w.name})")
     tol = 1e-5
-    for label, (A, weights, n_layers) in [(" (a 3-node chain)", _chain()),
-                                         (" (a graph with an all-zero row)", _zero_row_graph()),
-                                         (" (two logit nodes)", _two_logit_graph())]:
+    for label, (A, weights, n_layers) in [
+        (" (a 3-node chain)", _chain()),
+        (" (a graph with an all-zero row)", _zero_row_graph()),
+        (" (two logit nodes)", _two_logit_graph()),
+    ]:
         _influence_case(fn, A, weights, n_layers, tol, label)

@@ -40,16 +40,22 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
     vecs, info = _items(out, 2, "compute_salient_logits")
     vecs = _tensor(vecs, f"reading_vecs{label}", shape=(n, d_model), device=w.device)
     if not isinstance(info, (list, tuple)) or len(info) != n:
-        raise _Fail(f"top_token_info{label} should be a list of {n} SalientToken(str_token, prob, token_id), "
-                    f"got {_short(repr(info), 120)}.")
+        raise _Fail(
+            f"top_token_info{label} should be a list of {n} SalientToken(str_token, prob, token_id), "
+            f"got {_short(repr(info), 120)}."
+        )
     strs, probs = [], []
     for item in info:
         # A bare (str, prob) pair gets through to the last check, so that other mistakes are named first.
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise _Fail(f"Each entry of top_token_info should be a SalientToken(str_token, prob, token_id), "
-                        f"got {item!r}.")
+            raise _Fail(
+                f"Each entry of top_token_info should be a SalientToken(str_token, prob, token_id), "
+                f"got {item!r}."
+            )
         if not isinstance(item[0], str):
-            raise _Fail(f"Token strings should be str (model.tokenizer.decode(...)), got {type(item[0]).__name__}.")
+            raise _Fail(
+                f"Token strings should be str (model.tokenizer.decode(...)), got {type(item[0]).__name__}."
+            )
         strs.append(item[0])
         probs.append(_float(item[1], "Each probability in top_token_info"))
     probs_t = torch.tensor(probs, dtype=torch.float64)
@@ -77,49 +83,99 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
             exp_vecs = (W_U[:, picked] - W_U.mean(dim=-1, keepdim=True)).T
 
     if not _close(vecs, exp_vecs, w.tol):
-        hint = _diagnose(vecs, [
-            ("your reading vectors are not demeaned: subtract W_U.mean(dim=-1), the mean unembedding over the "
-             "vocabulary, from each chosen column", lambda: W_U[:, exp_ids].T),
-            ("you demeaned over the wrong axis: subtract the mean over the vocabulary, W_U.mean(dim=-1) (one "
-             "d_model vector), not the mean over d_model", lambda: (W_U[:, exp_ids] - W_U[:, exp_ids].mean(dim=0)).T),
-            ("subtract the mean over the whole vocabulary, not just over the chosen tokens",
-             lambda: W_U[:, exp_ids].T - W_U[:, exp_ids].T.mean(dim=0)),
-            ("you read the prediction at position 0 (logits[0, 0]); the next token is predicted at the last "
-             "position: use logits[0, -1]", lambda: demeaned(top(logits[0, 0].double()))),
-            ("you took the softmax over the wrong dimension: take it over the vocabulary (dim=-1) of logits[0, -1]",
-             lambda: demeaned(top(logits.double().softmax(dim=1)[0, -1]))),
-            ("you picked the least likely tokens: take the n_output_nodes most probable ones (topk)",
-             lambda: demeaned(top(last, largest=False))),
-            ("the reading vectors come back in a different order: keep the order of decreasing probability",
-             lambda: demeaned(sorted(exp_ids))),
-        ], w.tol)
-        raise _Fail(hint or f"reading_vecs{label} differ from the demeaned unembeddings W_U[:, v] - W_U.mean(-1) of "
-                            f"the top tokens {exp_strs}, {_worst(vecs, exp_vecs, 'reading_vecs')}.")
+        hint = _diagnose(
+            vecs,
+            [
+                (
+                    "your reading vectors are not demeaned: subtract W_U.mean(dim=-1), the mean unembedding "
+                    "over the vocabulary, from each chosen column",
+                    lambda: W_U[:, exp_ids].T,
+                ),
+                (
+                    "you demeaned over the wrong axis: subtract the mean over the vocabulary, "
+                    "W_U.mean(dim=-1) (one d_model vector), not the mean over d_model",
+                    lambda: (W_U[:, exp_ids] - W_U[:, exp_ids].mean(dim=0)).T,
+                ),
+                (
+                    "subtract the mean over the whole vocabulary, not just over the chosen tokens",
+                    lambda: W_U[:, exp_ids].T - W_U[:, exp_ids].T.mean(dim=0),
+                ),
+                (
+                    "you read the prediction at position 0 (logits[0, 0]); the next token is predicted at "
+                    "the last position: use logits[0, -1]",
+                    lambda: demeaned(top(logits[0, 0].double())),
+                ),
+                (
+                    "you took the softmax over the wrong dimension: take it over the vocabulary (dim=-1) of "
+                    "logits[0, -1]",
+                    lambda: demeaned(top(logits.double().softmax(dim=1)[0, -1])),
+                ),
+                (
+                    "you picked the least likely tokens: take the n_output_nodes most probable ones (topk)",
+                    lambda: demeaned(top(last, largest=False)),
+                ),
+                (
+                    "the reading vectors come back in a different order: keep the order of decreasing "
+                    "probability",
+                    lambda: demeaned(sorted(exp_ids)),
+                ),
+            ],
+            w.tol,
+        )
+        raise _Fail(
+            hint
+            or f"reading_vecs{label} differ from the demeaned unembeddings W_U[:, v] - W_U.mean(-1) of "
+            f"the top tokens {exp_strs}, {_worst(vecs, exp_vecs, 'reading_vecs')}."
+        )
     if strs != exp_strs:
-        raise _Fail(f"The token strings should be model.tokenizer.decode([token_id]) of the chosen tokens, most "
-                    f"probable first: expected {exp_strs}, got {strs}.")
+        raise _Fail(
+            f"The token strings should be model.tokenizer.decode([token_id]) of the chosen tokens, most "
+            f"probable first: expected {exp_strs}, got {strs}."
+        )
     if not _close(probs_t, exp_probs, max(w.tol, 1e-5)):
-        hint = _diagnose(probs_t, [
-            ("you returned logits, not probabilities: apply softmax over the vocabulary", lambda: last[exp_ids]),
-            ("you returned log-probabilities: return probabilities (softmax, not log_softmax)",
-             lambda: last.log_softmax(-1)[exp_ids]),
-            ("you took the softmax over the wrong dimension: take it over the vocabulary (dim=-1) of logits[0, -1]",
-             lambda: logits.double().softmax(dim=1)[0, -1][exp_ids]),
-            ("you took the softmax over the wrong dimension (the batch dim makes every probability 1): use the "
-             "vocabulary dim, -1", lambda: logits.double().softmax(dim=0)[0, -1][exp_ids]),
-        ], w.tol)
-        raise _Fail(hint or f"The probabilities{label} should be softmax(logits[0, -1])[token]: expected "
-                            f"{_fmt(exp_probs)}, got {_fmt(probs_t)}.")
+        hint = _diagnose(
+            probs_t,
+            [
+                (
+                    "you returned logits, not probabilities: apply softmax over the vocabulary",
+                    lambda: last[exp_ids],
+                ),
+                (
+                    "you returned log-probabilities: return probabilities (softmax, not log_softmax)",
+                    lambda: last.log_softmax(-1)[exp_ids],
+                ),
+                (
+                    "you took the softmax over the wrong dimension: take it over the vocabulary (dim=-1) of "
+                    "logits[0, -1]",
+                    lambda: logits.double().softmax(dim=1)[0, -1][exp_ids],
+                ),
+                (
+                    "you took the softmax over the wrong dimension (the batch dim makes every probability "
+                    "1): use the vocabulary dim, -1",
+                    lambda: logits.double().softmax(dim=0)[0, -1][exp_ids],
+                ),
+            ],
+            w.tol,
+        )
+        raise _Fail(
+            hint
+            or f"The probabilities{label} should be softmax(logits[0, -1])[token]: expected "
+            f"{_fmt(exp_probs)}, got {_fmt(probs_t)}."
+        )
     # The token ids: the logit nodes, the dashboard and the Neuronpedia export identify each output by its id.
     for item, exp_id in zip(info, exp_ids):
         if len(item) != 3:
-            raise _Fail(f"Return each token as SalientToken(str_token, prob, token_id), not the pair "
-                        f"{item!r}: the logit nodes take their token id from it, and the exports name each "
-                        "output by it.")
+            raise _Fail(
+                f"Return each token as SalientToken(str_token, prob, token_id), not the pair "
+                f"{item!r}: the logit nodes take their token id from it, and the exports name each "
+                "output by it."
+            )
         token_id = _int(item[2], f"The token_id of {item[0]!r}")
         if token_id != exp_id:
-            raise _Fail(f"The token_id of {item[0]!r} should be its index in the vocabulary, {exp_id} (an "
-                        f"index from topk), got {token_id}.")
+            raise _Fail(
+                f"The token_id of {item[0]!r} should be its index in the vocabulary, {exp_id} (an "
+                f"index from topk), got {token_id}."
+            )
 
 
 @_public_test("compute_salient_logits")

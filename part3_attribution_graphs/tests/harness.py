@@ -133,8 +133,9 @@ class _World:
 
     def tc_hooks(self, transcoders: dict | None = None) -> TranscoderReplacementHooks:
         """A fresh, uninstalled reference hook object (cheap: one encode per layer)."""
-        return TranscoderReplacementHooks(self.model, self.transcoders if transcoders is None else transcoders,
-                                          self.cache)
+        return TranscoderReplacementHooks(
+            self.model, self.transcoders if transcoders is None else transcoders, self.cache
+        )
 
 
 _TOY: _World | None = None
@@ -143,7 +144,9 @@ _REAL: _World | None = None  # only the latest real model is kept, so an old one
 
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for comparing two correct computations done in a different order."""
-    return {torch.float64: 1e-8, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}.get(dtype, 2e-4)
+    return {torch.float64: 1e-8, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}.get(
+        dtype, 2e-4
+    )
 
 
 @contextlib.contextmanager
@@ -169,8 +172,9 @@ class _NoSkipHooks:
         pass
 
 
-def _reference_adjacency(w: _World, graph: GraphNodes, batches: list, start_posn: int,
-                         tc_hooks: Any = None) -> Tensor:
+def _reference_adjacency(
+    w: _World, graph: GraphNodes, batches: list, start_posn: int, tc_hooks: Any = None
+) -> Tensor:
     hooks = w.tc_hooks() if tc_hooks is None else tc_hooks
     with _no_progress_bars():
         return compute_adjacency_matrix(w.model, w.tokens, graph, w.freeze, hooks, batches, start_posn)
@@ -188,10 +192,24 @@ def _build_world(model: Any, transcoders: dict, toy: bool) -> _World:
         logits = model(tokens)
     reading, info = compute_salient_logits(model, logits, 3)
     graph = build_graph_nodes(model, transcoders, cache, tc_hooks, reading, info, tokens, START_POSN, top_k)
-    world = _World(model=model, transcoders=transcoders, toy=toy, tokens=tokens, start_posn=START_POSN,
-                   top_k=top_k, batch_size=batch_size, freeze=freeze, cache=cache, logits=logits.detach(),
-                   graph=graph, batches=[], adjacency=torch.empty(0), logit_weights=torch.empty(0),
-                   tol=_tolerance(model.cfg.dtype), small=sum(p.numel() for p in model.parameters()) < 20_000_000)
+    world = _World(
+        model=model,
+        transcoders=transcoders,
+        toy=toy,
+        tokens=tokens,
+        start_posn=START_POSN,
+        top_k=top_k,
+        batch_size=batch_size,
+        freeze=freeze,
+        cache=cache,
+        logits=logits.detach(),
+        graph=graph,
+        batches=[],
+        adjacency=torch.empty(0),
+        logit_weights=torch.empty(0),
+        tol=_tolerance(model.cfg.dtype),
+        small=sum(p.numel() for p in model.parameters()) < 20_000_000,
+    )
     world.batches = batches = _subset(world, prepare_backward_batches(graph, batch_size))
     world.adjacency = _reference_adjacency(world, graph, batches, START_POSN, tc_hooks)
     world.logit_weights = logit_weights_of(graph, world.adjacency.dtype, world.adjacency.device)
@@ -235,8 +253,10 @@ def _get_world(model: Any, transcoders: Any) -> _World:
         if not hasattr(model, "hook_dict") or not hasattr(model, "cfg"):
             raise _Fail(f"`model` should be the HookedSAETransformer you loaded, got {type(model).__name__}.")
         if not isinstance(transcoders, dict):
-            raise _Fail(f"`transcoders` should be the dict {{layer: transcoder}} you loaded, got "
-                        f"{type(transcoders).__name__}.")
+            raise _Fail(
+                f"`transcoders` should be the dict {{layer: transcoder}} you loaded, got "
+                f"{type(transcoders).__name__}."
+            )
         try:
             validate_transcoders(model, transcoders)
         except ValueError as e:
@@ -267,11 +287,16 @@ def _one_thread(active: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_HOOK_KWARG_DICTS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_HOOK_KWARG_DICTS = (
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
 
 
 def _modules(model: Any, transcoders: dict | None = None) -> Iterator[tuple[str, Any]]:
-    """(name, module) for the model's modules and, if given, every transcoder's, named as the learner would."""
+    """(name, module) for the model's modules and, if given, every transcoder's, named as the learner
+    would."""
     for name, m in model.named_modules():
         yield name or "model", m
     for layer, tc in (transcoders or {}).items():
@@ -282,8 +307,10 @@ def _modules(model: Any, transcoders: dict | None = None) -> Iterator[tuple[str,
 
 def _hook_state(model: Any, transcoders: dict | None = None) -> tuple[dict[int, tuple[set, ...]], set[int]]:
     """Which PyTorch hook ids each module holds, and which TransformerLens handles exist."""
-    torch_level = {id(m): tuple(set(getattr(m, d, None) or {}) for d in _HOOK_DICTS)
-                   for _, m in _modules(model, transcoders)}
+    torch_level = {
+        id(m): tuple(set(getattr(m, d, None) or {}) for d in _HOOK_DICTS)
+        for _, m in _modules(model, transcoders)
+    }
     lens_level = {id(h) for _, m in _modules(model, transcoders) for h in _lens_handles(m)}
     return torch_level, lens_level
 
@@ -343,7 +370,8 @@ def _describe_hooks(sites: dict[str, int]) -> str:
 
 
 def _tensor_slots(model: Any, transcoders: dict) -> Iterator[tuple[str, dict, str, Tensor]]:
-    """(display name, owning dict, key, tensor) for every parameter and buffer of the model and transcoders."""
+    """(display name, owning dict, key, tensor) for every parameter and buffer of the model and
+    transcoders."""
     for name, m in _modules(model, transcoders):
         prefix = "model." if name == "model" or not name.startswith("transcoders[") else ""
         base = "model" if name == "model" else f"{prefix}{name}"
@@ -395,7 +423,8 @@ def _world_tensors(w: _World) -> dict[str, Tensor]:
 
 
 def _pristine(w: _World) -> dict[tuple[int, str], Tensor] | None:
-    """A copy of every parameter and buffer of a small world (taken once), to restore from; None if too big."""
+    """A copy of every parameter and buffer of a small world (taken once), to restore from; None if too
+    big."""
     if "pristine" not in w.extra:
         slots = list(_tensor_slots(w.model, w.transcoders))
         if sum(t.numel() for *_, t in slots) > COPY_LIMIT:
@@ -422,11 +451,15 @@ class _Guard:
     def __init__(self, w: _World):
         self.w = w
         self.hooks = _hook_state(w.model, w.transcoders)
-        self.slots = [(name, d, key, t, _version(t), t.data_ptr(), t.grad, t.requires_grad)
-                      for name, d, key, t in _tensor_slots(w.model, w.transcoders)]
+        self.slots = [
+            (name, d, key, t, _version(t), t.data_ptr(), t.grad, t.requires_grad)
+            for name, d, key, t in _tensor_slots(w.model, w.transcoders)
+        ]
         self.world = {path: (t, _version(t)) for path, t in _world_tensors(w).items()}
         self.pristine = _pristine(w)
-        if self.pristine is not None:  # a passed model may have changed between tests: that is not this call's doing
+        if (
+            self.pristine is not None
+        ):  # a passed model may have changed between tests: that is not this call's doing
             for _, d, key, t, *_ in self.slots:
                 kept = self.pristine.get((id(d), key))
                 if kept is None or kept.shape != t.shape or not torch.equal(kept, t.detach()):
@@ -445,10 +478,16 @@ class _Guard:
         if sites:
             self.remove_hooks()
             n = sum(sites.values())
-            problems.append(f"{what} left {n} hook{'s' if n != 1 else ''} on the model ({_describe_hooks(sites)}): "
-                            + (hook_hint or "remove every hook your code adds before it returns (add them with "
-                                            "`with model.hooks(fwd_hooks=...):`, or keep the handles and remove "
-                                            "them in a `finally:` block)") + ".")
+            problems.append(
+                f"{what} left {n} hook{'s' if n != 1 else ''} on the model ({_describe_hooks(sites)}): "
+                + (
+                    hook_hint
+                    or "remove every hook your code adds before it returns (add them with "
+                    "`with model.hooks(fwd_hooks=...):`, or keep the handles and remove "
+                    "them in a `finally:` block)"
+                )
+                + "."
+            )
         changed, lost = [], False
         for name, d, key, t, version, ptr, grad, requires_grad in self.slots:
             now = d.get(key)
@@ -475,16 +514,23 @@ class _Guard:
                 if t.requires_grad != requires_grad and t.is_leaf:
                     t.requires_grad_(requires_grad)
         if changed:
-            undone = ("We could not undo this on a model this large: reload the model before going on."
-                      if lost else "The autograder has restored it.")
-            problems.append(f"{what} changed {_names(changed)} in place: work on copies (x - m, not x -= m; "
-                            f"no .data edits; do not reassign model weights). {undone}")
+            undone = (
+                "We could not undo this on a model this large: reload the model before going on."
+                if lost
+                else "The autograder has restored it."
+            )
+            problems.append(
+                f"{what} changed {_names(changed)} in place: work on copies (x - m, not x -= m; "
+                f"no .data edits; do not reassign model weights). {undone}"
+            )
             if lost:
                 _forget_world(self.w)
         touched = [path for path, (t, version) in self.world.items() if _version(t) != version]
         if touched:
-            problems.append(f"{what} changed its input {_names(touched)} in place: work on a copy (e.g. x.clone() "
-                            "before editing it, or x * s rather than x *= s). The autograder will rebuild it.")
+            problems.append(
+                f"{what} changed its input {_names(touched)} in place: work on a copy (e.g. x.clone() "
+                "before editing it, or x * s rather than x *= s). The autograder will rebuild it."
+            )
             _forget_world(self.w)
         return "\n".join(problems) if problems else None
 
@@ -535,8 +581,11 @@ def _short(text: str, limit: int = 300) -> str:
 @contextlib.contextmanager
 def _time_limit(seconds: float | None) -> Iterator[None]:
     """Raise `_TimeUp` in this thread after `seconds` (SIGALRM: Unix, main thread; elsewhere no limit)."""
-    usable = (seconds is not None and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
     if not usable:
         yield
         return
@@ -557,8 +606,14 @@ def _time_limit_s() -> float:
     return TIME_LIMIT_S if not _ACTIVE or _ACTIVE[-1][1].toy else REAL_TIME_LIMIT_S
 
 
-def _run(fn: Callable, *args: Any, what: str, hints: Sequence[tuple[type, str, str]] = (),
-         hooks_allowed: bool = False, hook_hint: str = "") -> Any:
+def _run(
+    fn: Callable,
+    *args: Any,
+    what: str,
+    hints: Sequence[tuple[type, str, str]] = (),
+    hooks_allowed: bool = False,
+    hook_hint: str = "",
+) -> Any:
     """Call learner code under the time limit; turn any exception into a clear failure (with a hint when we
     know the cause), and any side effect on the model or the cached world into a failure naming it (undone).
 
@@ -573,12 +628,16 @@ def _run(fn: Callable, *args: Any, what: str, hints: Sequence[tuple[type, str, s
             result = fn(*args)
     except NotImplementedError as e:
         exercise = _exercises.get(_ACTIVE[-1][0]).qualname if _ACTIVE else what
-        message = (f"{what} raised NotImplementedError{': ' + _short(e, 120) if str(e) else ''}. "
-                   f"`{exercise}` is still a stub: did you fill in the stub? Write your code in place of "
-                   "`raise NotImplementedError(...)` and run that cell again.")
+        message = (
+            f"{what} raised NotImplementedError{': ' + _short(e, 120) if str(e) else ''}. "
+            f"`{exercise}` is still a stub: did you fill in the stub? Write your code in place of "
+            "`raise NotImplementedError(...)` and run that cell again."
+        )
     except _TimeUp as e:
-        message = (f"{what} did not finish within {limit:.0f} s and was stopped{_where(e)}: an endless loop? "
-                   "(A correct answer takes well under a second on the toy world.)")
+        message = (
+            f"{what} did not finish within {limit:.0f} s and was stopped{_where(e)}: an endless loop? "
+            "(A correct answer takes well under a second on the toy world.)"
+        )
     except _Fail:
         raise
     except Exception as e:  # noqa: BLE001 - anything the learner's code raises becomes a readable failure
@@ -588,8 +647,9 @@ def _run(fn: Callable, *args: Any, what: str, hints: Sequence[tuple[type, str, s
                 message += f"\nHint: {hint}"
                 break
     finally:
-        side_effects = None if guard is None else guard.check(what, hooks_allowed=hooks_allowed,
-                                                               hook_hint=hook_hint)
+        side_effects = (
+            None if guard is None else guard.check(what, hooks_allowed=hooks_allowed, hook_hint=hook_hint)
+        )
     if side_effects:
         message = side_effects if message is None else f"{side_effects}\n{message}"
     if message is not None:
@@ -612,8 +672,15 @@ def _fmt(x: Any, n: int = 4) -> str:
     return repr(x)
 
 
-def _tensor(x: Any, what: str, *, shape: tuple | None = None, device: torch.device | None = None,
-            floating: bool = True, nan_hint: str = "") -> Tensor:
+def _tensor(
+    x: Any,
+    what: str,
+    *,
+    shape: tuple | None = None,
+    device: torch.device | None = None,
+    floating: bool = True,
+    nan_hint: str = "",
+) -> Tensor:
     """Check type, shape, dtype, device and finiteness; return the tensor detached."""
     if not isinstance(x, Tensor):
         raise _Fail(f"{what} should be a torch.Tensor, got {type(x).__name__}.")
@@ -639,8 +706,10 @@ def _items(x: Any, n: int, what: str) -> tuple:
 
 def _list(x: Any, what: str, n: int | None = None) -> list:
     if isinstance(x, Tensor):
-        raise _Fail(f"{what} should be a Python list (one entry per node), not a stacked tensor: "
-                    "build_graph_nodes joins the lists with +.")
+        raise _Fail(
+            f"{what} should be a Python list (one entry per node), not a stacked tensor: "
+            "build_graph_nodes joins the lists with +."
+        )
     if not isinstance(x, list):
         raise _Fail(f"{what} should be a list, got {type(x).__name__}.")
     if n is not None and len(x) != n:
@@ -701,7 +770,9 @@ def _worst(actual: Tensor, expected: Tensor, index_names: str = "") -> str:
     return f"at {where}: got {a.flatten()[i].item():.4g}, expected {e.flatten()[i].item():.4g}"
 
 
-def _diagnose(actual: Tensor, candidates: Sequence[tuple[str, Callable[[], Tensor]]], tol: float) -> str | None:
+def _diagnose(
+    actual: Tensor, candidates: Sequence[tuple[str, Callable[[], Tensor]]], tol: float
+) -> str | None:
     """The hint of the first known mistake whose output `actual` reproduces."""
     for hint, make in candidates:
         try:
@@ -724,8 +795,10 @@ def _ntype(node: Any) -> str:
 
 def _node_attr(node: Any, attr: str, what: str) -> Any:
     if not hasattr(node, attr):
-        raise _Fail(f"{what} has no attribute `{attr}`: build nodes with NodeInfo(node_type, layer, ctx_idx, "
-                    f"feature, ...).")
+        raise _Fail(
+            f"{what} has no attribute `{attr}`: build nodes with NodeInfo(node_type, layer, ctx_idx, "
+            f"feature, ...)."
+        )
     return getattr(node, attr)
 
 
@@ -733,8 +806,10 @@ def _node_number(node: Any, attr: str, what: str, kind: type) -> Any:
     """A node attribute that must be a plain Python number (node ids and JSON exports rely on it)."""
     value = _node_attr(node, attr, what)
     if isinstance(value, Tensor):
-        raise _Fail(f"{what}: `{attr}` is a tensor ({_short(repr(value), 60)}); store a plain Python "
-                    f"{kind.__name__} (use .item()).")
+        raise _Fail(
+            f"{what}: `{attr}` is a tensor ({_short(repr(value), 60)}); store a plain Python "
+            f"{kind.__name__} (use .item())."
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise _Fail(f"{what}: `{attr}` should be a Python {kind.__name__}, got {type(value).__name__}.")
     return value
@@ -742,14 +817,21 @@ def _node_number(node: Any, attr: str, what: str, kind: type) -> Any:
 
 def _copy_graph(graph: GraphNodes) -> GraphNodes:
     """A copy the learner may scribble on without touching the cached reference graph."""
-    return GraphNodes(nodes=list(graph.nodes), writing_vecs=graph.writing_vecs.clone(),
-                      reading_vecs=graph.reading_vecs.clone(), node_range_dict=dict(graph.node_range_dict),
-                      seq_len=graph.seq_len, n_layers=graph.n_layers)
+    return GraphNodes(
+        nodes=list(graph.nodes),
+        writing_vecs=graph.writing_vecs.clone(),
+        reading_vecs=graph.reading_vecs.clone(),
+        node_range_dict=dict(graph.node_range_dict),
+        seq_len=graph.seq_len,
+        n_layers=graph.n_layers,
+    )
 
 
 def _check_unchanged(before: Tensor, after: Tensor, what: str) -> None:
     if before.shape != after.shape or not torch.equal(before, after):
-        raise _Fail(f"Your function modified {what} in place; work on a copy (e.g. use x.abs(), not x.abs_()).")
+        raise _Fail(
+            f"Your function modified {what} in place; work on a copy (e.g. use x.abs(), not x.abs_())."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,7 +859,16 @@ def _zero_row_graph() -> tuple[Tensor, Tensor, int]:
 
 
 def _two_logit_graph() -> tuple[Tensor, Tensor, int]:
-    edges = {(0, 2): 1.0, (1, 2): -2.0, (2, 3): 1.5, (1, 3): 0.5, (3, 4): 2.0, (2, 4): -1.0, (2, 5): 1.0, (0, 5): 0.25}
+    edges = {
+        (0, 2): 1.0,
+        (1, 2): -2.0,
+        (2, 3): 1.5,
+        (1, 3): 0.5,
+        (3, 4): 2.0,
+        (2, 4): -1.0,
+        (2, 5): 1.0,
+        (0, 5): 0.25,
+    }
     return _graph_from_edges(6, edges), torch.tensor([0.6, 0.3]), 2
 
 
@@ -790,7 +881,16 @@ def _tie_graph() -> tuple[Tensor, Tensor, int]:
 def _orphan_graph() -> tuple[Tensor, Tensor, int]:
     """Two embeddings, two layer-0 latents, one layer-1 latent, one logit; at threshold 0.6 edge pruning drops
     every edge of node 1 and node 3, and keeping the edges into the logit needs its weight added back."""
-    edges = {(0, 2): 4.0, (1, 2): 1.0, (1, 3): 1.0, (2, 4): 3.0, (3, 4): 1.0, (4, 5): 6.0, (2, 5): 1.0, (3, 5): 1.0}
+    edges = {
+        (0, 2): 4.0,
+        (1, 2): 1.0,
+        (1, 3): 1.0,
+        (2, 4): 3.0,
+        (3, 4): 1.0,
+        (4, 5): 6.0,
+        (2, 5): 1.0,
+        (3, 5): 1.0,
+    }
     return _graph_from_edges(6, edges), torch.tensor([1.0]), 2
 
 
@@ -822,13 +922,17 @@ def _prune_check(kept: Any, pruned: Any, A: Tensor, w: Tensor, what: str) -> tup
     pruned = _tensor(pruned, f"pruned_matrix{what}", device=A.device)
     k = kept.numel()
     if tuple(pruned.shape) != (k, k):
-        raise _Fail(f"pruned_matrix{what} has shape {tuple(pruned.shape)}, expected ({k}, {k}): restrict both rows "
-                    "and columns to the kept nodes, A[kept][:, kept].")
+        raise _Fail(
+            f"pruned_matrix{what} has shape {tuple(pruned.shape)}, expected ({k}, {k}): restrict both rows "
+            "and columns to the kept nodes, A[kept][:, kept]."
+        )
     n, n_logits = A.shape[0], w.shape[0]
     got = kept.tolist()
     if not set(range(n - n_logits, n)) <= set(got):
-        raise _Fail(f"logit nodes must always be kept{what}: indices {list(range(n - n_logits, n))} should be in "
-                    f"kept_indices, got {_fmt(got)}.")
+        raise _Fail(
+            f"logit nodes must always be kept{what}: indices {list(range(n - n_logits, n))} should be in "
+            f"kept_indices, got {_fmt(got)}."
+        )
     return got, pruned
 
 
@@ -839,7 +943,9 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
     failure. What the learner passes (a function or a class) comes from the exercise's registry record."""
     record = _exercises.get(exercise)
     if expects is not None and expects != record.expects:  # the registry says what the learner passes
-        raise TypeError(f"@_public_test({exercise!r}, expects={expects!r}): the registry record says {record.expects!r}.")
+        raise TypeError(
+            f"@_public_test({exercise!r}, expects={expects!r}): the registry record says {record.expects!r}."
+        )
 
     def decorate(body: Callable[[Any, _World], None]) -> Callable:
         name = record.test_name
@@ -850,19 +956,28 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
             message = None
             try:
                 if record.expects == "class" and not isinstance(obj, type):
-                    raise _Fail(f"Pass the class itself: tests.{name}({record.qualname}), got "
-                                f"{type(obj).__name__}.")
+                    raise _Fail(
+                        f"Pass the class itself: tests.{name}({record.qualname}), got {type(obj).__name__}."
+                    )
                 if record.expects == "function" and (isinstance(obj, type) or not callable(obj)):
-                    raise _Fail(f"Pass the function itself: tests.{name}({record.qualname}), not what it returns "
-                                f"(got {type(obj).__name__}).")
+                    raise _Fail(
+                        f"Pass the function itself: tests.{name}({record.qualname}), not what it returns "
+                        f"(got {type(obj).__name__})."
+                    )
                 if (model is None) != (transcoders is None):
-                    raise _Fail("Pass both `model=` and `transcoders=` (or neither, to test on the toy world).")
+                    raise _Fail(
+                        "Pass both `model=` and `transcoders=` (or neither, to test on the toy world)."
+                    )
                 if model is not None and hasattr(model, "modules"):
-                    stray = _new_hooks(model, ({}, set()), transcoders if isinstance(transcoders, dict) else None)
+                    stray = _new_hooks(
+                        model, ({}, set()), transcoders if isinstance(transcoders, dict) else None
+                    )
                     if stray:
-                        raise _Fail(f"Your model already carries {stray} hooks (left by an earlier cell?), which "
-                                    "would distort every comparison: remove them first, e.g. "
-                                    "model.reset_hooks(including_permanent=True).")
+                        raise _Fail(
+                            f"Your model already carries {stray} hooks (left by an earlier cell?), which "
+                            "would distort every comparison: remove them first, e.g. "
+                            "model.reset_hooks(including_permanent=True)."
+                        )
                 world = _get_world(model, transcoders)
                 guard = _Guard(world)
                 _ACTIVE.append((exercise, world))
@@ -885,8 +1000,10 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
 
         test.__name__ = test.__qualname__ = name
         test.__module__ = body.__module__
-        test.__doc__ = (f"Check your `{record.qualname}` against the reference. {body.__doc__ or ''} Pass "
-                        "model=..., transcoders=... to repeat the check on the model you loaded.")
+        test.__doc__ = (
+            f"Check your `{record.qualname}` against the reference. {body.__doc__ or ''} Pass "
+            "model=..., transcoders=... to repeat the check on the model you loaded."
+        )
         test.exercise = record
         return test
 

@@ -32,16 +32,41 @@ __all__ = ["test_predicted_effects"]
 
 
 def _hand_result() -> SimpleNamespace:
-    """emb -> a (act 2) -> b (act 0.5) -> d (act 1.5) -> logit, with error nodes and a side latent c (act 4)."""
+    """emb -> a (act 2) -> b (act 0.5) -> d (act 1.5) -> logit, with error nodes and a side latent c (act
+    4)."""
     L, E = NodeType.LATENT, NodeType.MLP_ERROR
-    nodes = [NodeInfo(NodeType.EMBEDDING, "E", 0, 7), NodeInfo(L, 0, 0, 3, activation=2.0), NodeInfo(E, 0, 0, 0),
-             NodeInfo(L, 1, 0, 5, activation=0.5), NodeInfo(L, 1, 0, 9, activation=4.0), NodeInfo(E, 1, 0, 0),
-             NodeInfo(L, 2, 0, 1, activation=1.5), NodeInfo(E, 2, 0, 0), NodeInfo(NodeType.LOGIT, "L", 0, 11)]
+    nodes = [
+        NodeInfo(NodeType.EMBEDDING, "E", 0, 7),
+        NodeInfo(L, 0, 0, 3, activation=2.0),
+        NodeInfo(E, 0, 0, 0),
+        NodeInfo(L, 1, 0, 5, activation=0.5),
+        NodeInfo(L, 1, 0, 9, activation=4.0),
+        NodeInfo(E, 1, 0, 0),
+        NodeInfo(L, 2, 0, 1, activation=1.5),
+        NodeInfo(E, 2, 0, 0),
+        NodeInfo(NodeType.LOGIT, "L", 0, 11),
+    ]
     A = torch.zeros(9, 9, dtype=torch.float64)
-    for (t, s), v in {(1, 0): 1.5, (3, 0): -0.5, (3, 1): 0.8, (3, 2): 0.3, (4, 1): -1.2, (4, 2): 2.0,
-                      (6, 1): 0.3, (6, 3): 0.9, (6, 4): -0.6, (6, 5): 0.2,
-                      (8, 0): 0.1, (8, 1): 0.4, (8, 2): -0.7, (8, 3): 1.1, (8, 4): 0.25, (8, 5): -0.2, (8, 6): 1.3,
-                      (8, 7): 0.5}.items():
+    for (t, s), v in {
+        (1, 0): 1.5,
+        (3, 0): -0.5,
+        (3, 1): 0.8,
+        (3, 2): 0.3,
+        (4, 1): -1.2,
+        (4, 2): 2.0,
+        (6, 1): 0.3,
+        (6, 3): 0.9,
+        (6, 4): -0.6,
+        (6, 5): 0.2,
+        (8, 0): 0.1,
+        (8, 1): 0.4,
+        (8, 2): -0.7,
+        (8, 3): 1.1,
+        (8, 4): 0.25,
+        (8, 5): -0.2,
+        (8, 6): 1.3,
+        (8, 7): 0.5,
+    }.items():
         A[t, s] = v
     return SimpleNamespace(adjacency_matrix=A, graph=GraphNodes(nodes=nodes, seq_len=1, n_layers=3))
 
@@ -62,40 +87,79 @@ def _effects_variant(result: Any, idx: list[int], mode: str) -> Tensor:
 
 
 _TOTAL_MISTAKES = (
-    ("direct", "your total effect is the direct effect: downstream latents respond too, and their responses compose "
-               "along paths. Solve x = A[:, s] + M x, i.e. x = (I - M)^-1 A[:, s]"),
-    ("no_division", "divide each latent's column of A by its activation: an edge is for the latent's whole "
-                    "activation a_u, so a change d of it moves a target by A[t, u] * d / a_u"),
-    ("times_activation", "you multiplied the latent columns by the activations; divide them: A[t, u] / a_u is the "
-                         "edge per unit change of u's activation"),
-    ("one_step", "you counted paths of one or two edges only: longer paths count too; solve the linear system "
-                 "(or sum M^k A[:, s] until it vanishes)"),
-    ("per_unit_activation", "effects are per unit epsilon (scaling a_s by 1 + epsilon adds epsilon * a_s * W_dec), "
-                            "so the source's column A[:, s] is used as it is, not divided by a_s"),
+    (
+        "direct",
+        "your total effect is the direct effect: downstream latents respond too, and their responses compose "
+        "along paths. Solve x = A[:, s] + M x, i.e. x = (I - M)^-1 A[:, s]",
+    ),
+    (
+        "no_division",
+        "divide each latent's column of A by its activation: an edge is for the latent's whole "
+        "activation a_u, so a change d of it moves a target by A[t, u] * d / a_u",
+    ),
+    (
+        "times_activation",
+        "you multiplied the latent columns by the activations; divide them: A[t, u] / a_u is the "
+        "edge per unit change of u's activation",
+    ),
+    (
+        "one_step",
+        "you counted paths of one or two edges only: longer paths count too; solve the linear system "
+        "(or sum M^k A[:, s] until it vanishes)",
+    ),
+    (
+        "per_unit_activation",
+        "effects are per unit epsilon (scaling a_s by 1 + epsilon adds epsilon * a_s * W_dec), "
+        "so the source's column A[:, s] is used as it is, not divided by a_s",
+    ),
 )
 
 
 def _effects_case(fn: Any, result: Any, idx: list[int], tol: float, label: str) -> None:
     A_before = result.adjacency_matrix.clone()
-    out = _run(fn, result, list(idx), what=f"predicted_effects(result, {idx[:4]}{'...' if len(idx) > 4 else ''})")
+    out = _run(
+        fn, result, list(idx), what=f"predicted_effects(result, {idx[:4]}{'...' if len(idx) > 4 else ''})"
+    )
     direct, total = _items(out, 2, "predicted_effects")
     _check_unchanged(A_before, result.adjacency_matrix, "result.adjacency_matrix")
     ref = _ref_predicted_effects(result, idx)
     n_nodes = A_before.shape[0]
     for name, got, want in (("direct", direct, ref.direct), ("total", total, ref.total)):
         if isinstance(got, Tensor) and tuple(got.shape) == (n_nodes, len(idx)) != tuple(want.shape):
-            raise _Fail(f"{label}: `{name}` has shape {tuple(got.shape)}; return one row per source: "
-                        f"shape (len(node_indices), n_nodes) = {tuple(want.shape)} (transpose it).")
+            raise _Fail(
+                f"{label}: `{name}` has shape {tuple(got.shape)}; return one row per source: "
+                f"shape (len(node_indices), n_nodes) = {tuple(want.shape)} (transpose it)."
+            )
         got = _tensor(got, f"{label}: `{name}`", shape=tuple(want.shape))
         if _close(got, want, tol):
             continue
         if name == "direct":
-            hint = _diagnose(got, [(text, lambda m=mode: _effects_variant(result, idx, m))
-                                   for mode, text in _TOTAL_MISTAKES if mode == "per_unit_activation"], tol)
-            raise _Fail(f"{label}: " + (hint or f"the direct effect is the source's column of A, A[:, s], "
-                                                f"{_worst(got, want, 'direct')}."))
-        candidates = [(text, (lambda: ref.direct) if mode == "direct" else
-                       (lambda m=mode: _effects_variant(result, idx, m))) for mode, text in _TOTAL_MISTAKES]
+            hint = _diagnose(
+                got,
+                [
+                    (text, lambda m=mode: _effects_variant(result, idx, m))
+                    for mode, text in _TOTAL_MISTAKES
+                    if mode == "per_unit_activation"
+                ],
+                tol,
+            )
+            raise _Fail(
+                f"{label}: "
+                + (
+                    hint
+                    or f"the direct effect is the source's column of A, A[:, s], "
+                    f"{_worst(got, want, 'direct')}."
+                )
+            )
+        candidates = [
+            (
+                text,
+                (lambda: ref.direct)
+                if mode == "direct"
+                else (lambda m=mode: _effects_variant(result, idx, m)),
+            )
+            for mode, text in _TOTAL_MISTAKES
+        ]
         hint = _diagnose(got, candidates, tol)
         raise _Fail(f"{label}: " + (hint or f"the total effect differs, {_worst(got, want, 'total')}."))
 

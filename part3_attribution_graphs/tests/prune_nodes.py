@@ -24,8 +24,17 @@ from .harness import (
 )
 
 
-def _prune_nodes_variant(A: Tensor, w: Tensor, n_layers: int, threshold: float, *, shift: int = 0,
-                         strict: bool = False, ascending: bool = False, keep_logits: bool = True) -> list[int]:
+def _prune_nodes_variant(
+    A: Tensor,
+    w: Tensor,
+    n_layers: int,
+    threshold: float,
+    *,
+    shift: int = 0,
+    strict: bool = False,
+    ascending: bool = False,
+    keep_logits: bool = True,
+) -> list[int]:
     n, n_logits = A.shape[0], w.shape[0]
     influence = compute_influence(A.double(), w.double(), n_layers)[: n - n_logits]
     order = influence.argsort(descending=not ascending)
@@ -37,8 +46,9 @@ def _prune_nodes_variant(A: Tensor, w: Tensor, n_layers: int, threshold: float, 
     return sorted(kept)
 
 
-def _prune_nodes_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, threshold: float, tol: float,
-                      label: str) -> None:
+def _prune_nodes_case(
+    fn: Callable, A: Tensor, w: Tensor, n_layers: int, threshold: float, tol: float, label: str
+) -> None:
     what = f" ({label}, threshold={threshold:.6g})"
     A_in, w_in = A.clone(), w.clone()
     out = _run(fn, A_in, w_in, n_layers, threshold, what="prune_nodes")
@@ -50,12 +60,20 @@ def _prune_nodes_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, thresho
     got, pruned = _prune_check(kept, pruned, A, w, what)
     if sorted(got) != exp:
         variants = [
-            ("you stop one node short: keep nodes in order of decreasing influence until the cumulative share "
-             "reaches the threshold, including the node that crosses it", dict(shift=-1)),
-            ("you keep one node too many: stop as soon as the cumulative share reaches the threshold (>=); at an "
-             "exact tie, the node that lands on it is the last one kept", dict(strict=True)),
-            ("you keep one node too many: stop as soon as the cumulative share reaches the threshold",
-             dict(shift=1)),
+            (
+                "you stop one node short: keep nodes in order of decreasing influence until the cumulative "
+                "share reaches the threshold, including the node that crosses it",
+                dict(shift=-1),
+            ),
+            (
+                "you keep one node too many: stop as soon as the cumulative share reaches the threshold "
+                "(>=); at an exact tie, the node that lands on it is the last one kept",
+                dict(strict=True),
+            ),
+            (
+                "you keep one node too many: stop as soon as the cumulative share reaches the threshold",
+                dict(shift=1),
+            ),
             ("you kept the least influential nodes: sort by decreasing influence", dict(ascending=True)),
         ]
         for hint, kwargs in variants:
@@ -63,11 +81,15 @@ def _prune_nodes_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, thresho
                 raise _Fail(f"{hint}{what}.")
         influence = compute_influence(A, w, n_layers)
         missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-        raise _Fail(f"You keep {len(got)} nodes{what}, expected {len(exp)}: missing {_fmt(missing)} (influence "
-                    f"{_fmt(influence[missing])}), extra {_fmt(extra)} (influence {_fmt(influence[extra])}).")
+        raise _Fail(
+            f"You keep {len(got)} nodes{what}, expected {len(exp)}: missing {_fmt(missing)} (influence "
+            f"{_fmt(influence[missing])}), extra {_fmt(extra)} (influence {_fmt(influence[extra])})."
+        )
     if got != exp:
-        raise _Fail(f"kept_indices{what} should be sorted in the original node order (torch.sort them), got "
-                    f"{_fmt(got)}.")
+        raise _Fail(
+            f"kept_indices{what} should be sorted in the original node order (torch.sort them), got "
+            f"{_fmt(got)}."
+        )
     if not _close(pruned, A[exp][:, exp], tol):
         raise _Fail(f"pruned_matrix{what} should be A[kept][:, kept], {_worst(pruned, A[exp][:, exp])}.")
 

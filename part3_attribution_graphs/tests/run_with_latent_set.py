@@ -51,7 +51,9 @@ def _replaced_logits(w: _World, tc: Any, position: int, latent: int, value: floa
         mlp_in = w.cache[tc.cfg.metadata.hook_name][0, position].to(tc.dtype)
         acts = tc.encode(mlp_in)
         acts[latent] = value
-        x[:, position] = (tc.decode(acts) + (mlp_in @ tc.W_skip.T if tc.W_skip is not None else 0)).to(x.dtype)
+        x[:, position] = (tc.decode(acts) + (mlp_in @ tc.W_skip.T if tc.W_skip is not None else 0)).to(
+            x.dtype
+        )
         return x
 
     with torch.no_grad(), w.model.hooks(fwd_hooks=[(tc.cfg.metadata.hook_name_out, replace)]):
@@ -67,26 +69,45 @@ def _latent_set_mistakes(w: _World, tc: Any, position: int, latent: int, value: 
     layer = out_name.split(".")[1]
     seq = w.tokens.shape[1]
     return [
-        ("your change cancels out: the logits are the clean ones. If you recompute the error from the edited "
-         "transcoder output (mlp_out - tc(...)), it absorbs the edit; hold the error at its clean value by adding "
-         "(value - a) * W_dec[latent] to the MLP output", lambda: w.logits),
-        ("you add value * W_dec[latent]; to SET the activation, add the difference (value - a) * W_dec[latent], "
-         "where a is the latent's clean activation at that position",
-         lambda: _edited_logits(w, tc, out_name, value * W, position)),
-        ("you changed the MLP output at every position; change only `position` (mlp_out[:, position])",
-         lambda: _edited_logits(w, tc, out_name, right, slice(None))),
-        ("you changed the wrong position (off by one?): index the sequence axis with `position` itself",
-         lambda: _edited_logits(w, tc, out_name, right, position - 1)),
-        ("you changed the wrong position (off by one?): index the sequence axis with `position` itself",
-         lambda: _edited_logits(w, tc, out_name, right, (position + 1) % seq)),
-        ("you edit the MLP's input (mlp.hook_in); the decoder writes into the MLP's output: hook "
-         "transcoder.cfg.metadata.hook_name_out (hook_mlp_out)", lambda: _edited_logits(w, tc, in_name, right, position)),
-        ("you edit the residual stream before the MLP (hook_resid_mid), so the MLP reads your change too; the "
-         "decoder writes into the MLP's output: hook transcoder.cfg.metadata.hook_name_out (hook_mlp_out)",
-         lambda: _edited_logits(w, tc, f"blocks.{layer}.hook_resid_mid", right, position)),
-        ("you replaced the MLP output by the transcoder's output, which drops the error (what the transcoder "
-         "misses); keep it: add only the change of the transcoder's output to the MLP output",
-         lambda: _replaced_logits(w, tc, position, latent, value)),
+        (
+            "your change cancels out: the logits are the clean ones. If you recompute the error from the "
+            "edited transcoder output (mlp_out - tc(...)), it absorbs the edit; hold the error at its clean "
+            "value by adding (value - a) * W_dec[latent] to the MLP output",
+            lambda: w.logits,
+        ),
+        (
+            "you add value * W_dec[latent]; to SET the activation, add the difference (value - a) * "
+            "W_dec[latent], where a is the latent's clean activation at that position",
+            lambda: _edited_logits(w, tc, out_name, value * W, position),
+        ),
+        (
+            "you changed the MLP output at every position; change only `position` (mlp_out[:, position])",
+            lambda: _edited_logits(w, tc, out_name, right, slice(None)),
+        ),
+        (
+            "you changed the wrong position (off by one?): index the sequence axis with `position` itself",
+            lambda: _edited_logits(w, tc, out_name, right, position - 1),
+        ),
+        (
+            "you changed the wrong position (off by one?): index the sequence axis with `position` itself",
+            lambda: _edited_logits(w, tc, out_name, right, (position + 1) % seq),
+        ),
+        (
+            "you edit the MLP's input (mlp.hook_in); the decoder writes into the MLP's output: hook "
+            "transcoder.cfg.metadata.hook_name_out (hook_mlp_out)",
+            lambda: _edited_logits(w, tc, in_name, right, position),
+        ),
+        (
+            "you edit the residual stream before the MLP (hook_resid_mid), so the MLP reads your change "
+            "too; the decoder writes into the MLP's output: hook transcoder.cfg.metadata.hook_name_out "
+            "(hook_mlp_out)",
+            lambda: _edited_logits(w, tc, f"blocks.{layer}.hook_resid_mid", right, position),
+        ),
+        (
+            "you replaced the MLP output by the transcoder's output, which drops the error (what the "
+            "transcoder misses); keep it: add only the change of the transcoder's output to the MLP output",
+            lambda: _replaced_logits(w, tc, position, latent, value),
+        ),
     ]
 
 
@@ -96,9 +117,11 @@ def _latent_set_cases(w: _World) -> list[tuple[str, int, int, int, float]]:
     n, seq = w.n_layers, w.tokens.shape[1]
     cases = []
     # Steering first: with value 0, adding the value and cancelling the edit look the same.
-    for label, layer, pos, kind in (("steering a latent to 3x its activation", n - 1, w.start_posn + 1, "steer"),
-                                    ("switching on a silent latent", 0, seq - 1, "silent"),
-                                    ("ablating the most active latent", n // 2, seq - 2, "ablate")):
+    for label, layer, pos, kind in (
+        ("steering a latent to 3x its activation", n - 1, w.start_posn + 1, "steer"),
+        ("switching on a silent latent", 0, seq - 1, "silent"),
+        ("ablating the most active latent", n // 2, seq - 2, "ablate"),
+    ):
         tc = w.transcoders[layer]
         acts = tc.encode(w.cache[tc.cfg.metadata.hook_name][0, pos].to(tc.dtype))
         top = int(acts.argmax())
@@ -119,19 +142,38 @@ def test_run_with_latent_set(fn: Any, w: _World) -> None:
         tc = w.transcoders[layer]
         state = _hook_state(model)
         try:
-            got = _run(fn, model, tc, w.tokens, pos, latent, value,
-                       what=f"run_with_latent_set(model, transcoders[{layer}], tokens, {pos}, {latent}, {value:.3g})")
+            got = _run(
+                fn,
+                model,
+                tc,
+                w.tokens,
+                pos,
+                latent,
+                value,
+                what=(
+                    f"run_with_latent_set(model, transcoders[{layer}], tokens, {pos}, {latent}, {value:.3g})"
+                ),
+            )
             left = _new_hooks(model, state)
         finally:
             _remove_new_hooks(model, state)
         if left:
-            raise _Fail(f"run_with_latent_set left {left} hook(s) on the model, which would edit every later forward "
-                        "pass: add the hook with `with model.hooks(fwd_hooks=[(name, fn)]):` (or remove it in a "
-                        "`finally:` block).")
+            raise _Fail(
+                f"run_with_latent_set left {left} hook(s) on the model, which would edit every later forward "
+                "pass: add the hook with `with model.hooks(fwd_hooks=[(name, fn)]):` (or remove it in a "
+                "`finally:` block)."
+            )
         expected = _ref_run_with_latent_set(model, tc, w.tokens, pos, latent, value)
-        got = _tensor(got, "The logits you returned", shape=tuple(expected.shape), device=w.device,
-                      nan_hint="Is the new activation finite?")
+        got = _tensor(
+            got,
+            "The logits you returned",
+            shape=tuple(expected.shape),
+            device=w.device,
+            nan_hint="Is the new activation finite?",
+        )
         if not _close(got, expected, w.tol):
             hint = _diagnose(got, _latent_set_mistakes(w, tc, pos, latent, value), w.tol)
-            raise _Fail(f"{label} (layer {layer}, position {pos}, latent {latent}, value {value:.3g}): "
-                        + (hint or f"the logits differ from the reference, {_worst(got, expected, 'logits')}."))
+            raise _Fail(
+                f"{label} (layer {layer}, position {pos}, latent {latent}, value {value:.3g}): "
+                + (hint or f"the logits differ from the reference, {_worst(got, expected, 'logits')}.")
+            )

@@ -73,15 +73,36 @@ GEMMA3_1B_ATTN = (["local"] * 5 + ["global"]) * 4 + ["local"] * 2  # 26 layers, 
 CASES: dict[str, WorldSpec | None] = {
     "toy": None,  # `make_toy_world()` itself
     "cpu-large": WorldSpec(
-        n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, d_head=64, d_mlp=1024, d_sae=2048, target_l0=12,
-        attn_types=("local", "local", "global") * 2, window_size=8,
+        n_layers=6,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        d_head=64,
+        d_mlp=1024,
+        d_sae=2048,
+        target_l0=12,
+        attn_types=("local", "local", "global") * 2,
+        window_size=8,
         user="Write me a short rhyming couplet.",
-        response="The sun descends, a golden hue,\nAs evening whispers, soft and true", n_tokens=32),
+        response="The sun descends, a golden hue,\nAs evening whispers, soft and true",
+        n_tokens=32,
+    ),
     "gemma1b-shape": WorldSpec(
-        n_layers=26, d_model=1152, n_heads=4, n_kv_heads=1, d_head=256, d_mlp=6912, d_sae=16384, target_l0=15,
-        attn_types=tuple(GEMMA3_1B_ATTN), window_size=512, d_vocab=262144,
+        n_layers=26,
+        d_model=1152,
+        n_heads=4,
+        n_kv_heads=1,
+        d_head=256,
+        d_mlp=6912,
+        d_sae=16384,
+        target_l0=15,
+        attn_types=tuple(GEMMA3_1B_ATTN),
+        window_size=512,
+        d_vocab=262144,
         user="What is the capital of the state containing Dallas? Answer immediately.",
-        response="The capital of the state containing Dallas is", n_tokens=30),
+        response="The capital of the state containing Dallas is",
+        n_tokens=30,
+    ),
 }
 TOY_PROMPT = ("What is the opposite of small?", "The opposite of small is **large")
 CT_DEFAULT_BATCH = 512  # circuit-tracer's default batch_size
@@ -95,15 +116,24 @@ REAL_PROMPTS = {
         "so most boats stayed in the harbour, tied close together. In summer the water was calm and warm, "
         "and children swam near the rocks while their parents sold fish at the market. Which season had "
         "the calm water?",
-        "The season with the calm water was"),
+        "The season with the calm water was",
+    ),
 }
 
 
 def shrink(spec: WorldSpec) -> WorldSpec:
     """The same architecture and prompt at a size that builds and runs in seconds on a CPU."""
     attn = spec.attn_types[:3] if "global" in spec.attn_types[:3] else ("local", "local", "global")
-    return replace(spec, n_layers=3, d_model=64, d_head=16, d_mlp=128, d_sae=min(spec.d_sae, 512),
-                   attn_types=attn, d_vocab=min(spec.d_vocab or 0, 4096) or None)
+    return replace(
+        spec,
+        n_layers=3,
+        d_model=64,
+        d_head=16,
+        d_mlp=128,
+        d_sae=min(spec.d_sae, 512),
+        attn_types=attn,
+        d_vocab=min(spec.d_vocab or 0, 4096) or None,
+    )
 
 
 # ---------------------------------------------------------------- (a) the seed's loop
@@ -203,7 +233,8 @@ def _rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: `torch.cuda.max_memory_allocated` on a GPU, sampled RSS on a CPU."""
+    """Peak memory above the level at entry: `torch.cuda.max_memory_allocated` on a GPU, sampled RSS on a
+    CPU."""
 
     def __init__(self, device: str):
         self.device, self.peak = device, 0
@@ -268,7 +299,9 @@ class Row:
     n_nodes: int
     note: str = ""
 
-    def __post_init__(self) -> None:  # one line per row as it is measured: a long case's table comes only at the end
+    def __post_init__(
+        self,
+    ) -> None:  # one line per row as it is measured: a long case's table comes only at the end
         print(f"measured {self.method}: {self.seconds:.2f} s, {self.cpu_seconds:.2f} CPU s", flush=True)
 
 
@@ -294,7 +327,8 @@ def floor_flops(model: HookedSAETransformer, graph: GraphNodes) -> float:
 
 
 def matmul_rate(model: HookedSAETransformer, device: str, seconds: float = 2.0) -> float:
-    """FLOP/s of this machine on the backward's typical product, (256 * 16 rows, d_model) @ (d_model, d_model)."""
+    """FLOP/s of this machine on the backward's typical product, (256 * 16 rows, d_model) @ (d_model,
+    d_model)."""
     d = model.cfg.d_model
     dtype = next(model.parameters()).dtype
     x = torch.randn(256 * 16, d, device=device, dtype=dtype)
@@ -326,18 +360,32 @@ def _build(case: str, device: str, dtype: torch.dtype, tiny: bool) -> tuple:
             model.cfg.dtype = dtype
         return model, transcoders, format_prompt(*TOY_PROMPT), None, transcoders[0].cfg.d_sae
     spec = shrink(spec) if tiny else spec
-    model, transcoders = make_world(spec, make_toy_tokenizer(), len(SPECIAL_TOKENS), dtype=dtype, device=device)
+    model, transcoders = make_world(
+        spec, make_toy_tokenizer(), len(SPECIAL_TOKENS), dtype=dtype, device=device
+    )
     prompt = format_prompt(spec.user, spec.response)
     if model.to_tokens(prompt).shape[1] != spec.n_tokens:
-        raise RuntimeError(f"The {case} prompt has {model.to_tokens(prompt).shape[1]} tokens, expected {spec.n_tokens}.")
+        raise RuntimeError(
+            f"The {case} prompt has {model.to_tokens(prompt).shape[1]} tokens, expected {spec.n_tokens}."
+        )
     return model, transcoders, prompt, spec, spec.d_sae
 
 
-def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int | None = None,
-             ct_batch_sizes: tuple[int, ...] = (512,), start_posn: int = 4, repeats: int = 3,
-             skip_seed_loop: bool = False, skip_circuit_tracer: bool = False, seed_max_batches: int | None = None,
-             tiny: bool = False, max_feature_nodes: int | None = None, autograd_row: bool = False,
-             ) -> dict:
+def run_case(
+    case: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int | None = None,
+    ct_batch_sizes: tuple[int, ...] = (512,),
+    start_posn: int = 4,
+    repeats: int = 3,
+    skip_seed_loop: bool = False,
+    skip_circuit_tracer: bool = False,
+    seed_max_batches: int | None = None,
+    tiny: bool = False,
+    max_feature_nodes: int | None = None,
+    autograd_row: bool = False,
+) -> dict:
     """Build the case's world, time (a), (b), (c) on one prompt and node set; return rows and ratios.
 
     (c) runs once per batch size in `ct_batch_sizes`; the ratios use its fastest. With
@@ -354,25 +402,50 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
 
     # (b) ours
     def ours() -> AttributionResult:
-        return attribute(model, transcoders, prompt, start_posn=start_posn, top_k=every_latent, batch_size=batch_size,
-                         max_feature_nodes=max_feature_nodes)
+        return attribute(
+            model,
+            transcoders,
+            prompt,
+            start_posn=start_posn,
+            top_k=every_latent,
+            batch_size=batch_size,
+            max_feature_nodes=max_feature_nodes,
+        )
 
     b_s, b_cpu, b_mem, result = _timed(ours, device, repeats)
     graph = result.graph
     batches = prepare_backward_batches(graph, batch_size)
     n_targets = len(_reading_targets(graph, batches))
     engine = "written-out backward" if TransposedModel.supports(model, _frozen(model, tokens)) else "autograd"
-    rows.append(Row("(b) ours: attribute", b_s, b_cpu, f"{n_targets} bwd ({engine})", b_mem / 2**20, len(graph),
-                    f"batch_size={batch_size}" + (f", max_feature_nodes={max_feature_nodes}"
-                                                  if max_feature_nodes is not None else "")))
+    rows.append(
+        Row(
+            "(b) ours: attribute",
+            b_s,
+            b_cpu,
+            f"{n_targets} bwd ({engine})",
+            b_mem / 2**20,
+            len(graph),
+            f"batch_size={batch_size}"
+            + (f", max_feature_nodes={max_feature_nodes}" if max_feature_nodes is not None else ""),
+        )
+    )
     n_latents = sum(n.node_type == NodeType.LATENT for n in graph.nodes)
     token_ids = [n.feature for n in graph.nodes if n.node_type == NodeType.LOGIT]
     flops = floor_flops(model, graph)
     rate = matmul_rate(model, device)
-    out: dict = dict(case=case + (" (tiny)" if tiny else ""), device=device, dtype=str(dtype).replace("torch.", ""),
-                     n_tokens=tokens.shape[1], n_latents=n_latents, build_seconds=build_s,
-                     spec=asdict(spec) if spec is not None else case, floor_tflop=flops / 1e12,
-                     matmul_gflops=rate / 1e9, floor_seconds=flops / rate, floor_fraction=flops / rate / b_s)
+    out: dict = dict(
+        case=case + (" (tiny)" if tiny else ""),
+        device=device,
+        dtype=str(dtype).replace("torch.", ""),
+        n_tokens=tokens.shape[1],
+        n_latents=n_latents,
+        build_seconds=build_s,
+        spec=asdict(spec) if spec is not None else case,
+        floor_tflop=flops / 1e12,
+        matmul_gflops=rate / 1e9,
+        floor_seconds=flops / rate,
+        floor_fraction=flops / rate / b_s,
+    )
     extra_rows = []
 
     def rest_of_attribute(A: Tensor) -> tuple[float, float]:  # everything but the adjacency, around a given A
@@ -381,8 +454,11 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
         saved = engine.compute_adjacency_matrix, engine.transposed_adjacency_matrix
         engine.compute_adjacency_matrix = engine.transposed_adjacency_matrix = lambda *args, **kwargs: A
         try:
-            s, c, _, _ = _timed(lambda: attribute(model, transcoders, prompt, start_posn=start_posn,
-                                                  top_k=every_latent), device, 1)
+            s, c, _, _ = _timed(
+                lambda: attribute(model, transcoders, prompt, start_posn=start_posn, top_k=every_latent),
+                device,
+                1,
+            )
         finally:
             engine.compute_adjacency_matrix, engine.transposed_adjacency_matrix = saved
         return s, c
@@ -394,20 +470,33 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
         ct_model = ct_replacement_model(model, transcoders, start_posn=start_posn)
         ct_rows = []
         for ct_batch_size in ct_batch_sizes:
-            c_s, c_cpu, c_mem, ct_graph = _timed(lambda bs=ct_batch_size: ct_attribute(ct_model, tokens, token_ids, bs,
-                                                                      max_feature_nodes), device, repeats)
+            c_s, c_cpu, c_mem, ct_graph = _timed(
+                lambda bs=ct_batch_size: ct_attribute(ct_model, tokens, token_ids, bs, max_feature_nodes),
+                device,
+                repeats,
+            )
             n_feat = len(ct_graph.selected_features)
             passes = math.ceil(len(token_ids) / ct_batch_size) + math.ceil(n_feat / ct_batch_size)
             if max_feature_nodes is None:
                 ours_A, theirs_A, keys = aligned_adjacency(result, ct_graph)
-                diff = ((ours_A.double() - theirs_A.double()).abs().max() / theirs_A.double().abs().max()).item()
+                diff = (
+                    (ours_A.double() - theirs_A.double()).abs().max() / theirs_A.double().abs().max()
+                ).item()
                 out["ct_vs_ours_max_rel_diff"] = diff
                 same = f"same edges as (b) to {diff:.1e} (max rel.)"
             else:
                 same = "its own choice of latents"
-            ct_rows.append(Row(f"(c) circuit-tracer attribute, batch_size={ct_batch_size}", c_s, c_cpu,
-                               f"1 fwd on {ct_batch_size} copies + {passes} bwd", c_mem / 2**20,
-                               ct_graph.adjacency_matrix.shape[0], f"{n_feat} latents; {same}"))
+            ct_rows.append(
+                Row(
+                    f"(c) circuit-tracer attribute, batch_size={ct_batch_size}",
+                    c_s,
+                    c_cpu,
+                    f"1 fwd on {ct_batch_size} copies + {passes} bwd",
+                    c_mem / 2**20,
+                    ct_graph.adjacency_matrix.shape[0],
+                    f"{n_feat} latents; {same}",
+                )
+            )
             del ct_graph
         best = min(ct_rows, key=lambda r: r.seconds)
         best.note = "fastest of the sweep; " + best.note
@@ -422,21 +511,34 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
     if autograd_row:
         freeze = FreezeHooks(model)
         tc_hooks = TranscoderReplacementHooks(model, transcoders, freeze.cache_frozen_values(tokens))
-        g_s, g_cpu, g_mem, A_grad = _timed(lambda: compute_adjacency_matrix(
-            model, tokens, graph, freeze, tc_hooks, batches, start_posn), device, 1)
+        g_s, g_cpu, g_mem, A_grad = _timed(
+            lambda: compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, batches, start_posn),
+            device,
+            1,
+        )
         rest_s, rest_cpu = rest_of_attribute(A_grad)
         A = result.adjacency_matrix.double()
         diff = (A_grad.double() - A).abs().max().item() / A.abs().max().item()
-        extra_rows.append(Row("(b0) ours, autograd engine", g_s + rest_s, g_cpu + rest_cpu,
-                              f"1 fwd + {n_targets} bwd (vmap)", g_mem / 2**20, len(graph),
-                              f"compute_adjacency_matrix, as in the lesson; same A as (b) to {diff:.1e}"))
+        extra_rows.append(
+            Row(
+                "(b0) ours, autograd engine",
+                g_s + rest_s,
+                g_cpu + rest_cpu,
+                f"1 fwd + {n_targets} bwd (vmap)",
+                g_mem / 2**20,
+                len(graph),
+                f"compute_adjacency_matrix, as in the lesson; same A as (b) to {diff:.1e}",
+            )
+        )
         del A_grad
 
     # (a) the seed's loop, on the same graph
     if not skip_seed_loop and max_feature_nodes is None:
         seed_batches = prepare_backward_batches(graph, 8)
         if seed_max_batches is None and case in ("gemma1b-shape", "gemma270m") and not tiny:
-            seed_max_batches = 40 if case == "gemma1b-shape" else 12  # the whole loop would take about an hour
+            seed_max_batches = (
+                40 if case == "gemma1b-shape" else 12
+            )  # the whole loop would take about an hour
         only = None
         if seed_max_batches is not None and seed_max_batches < len(seed_batches):
             step = len(seed_batches) / seed_max_batches  # spread over all layers: deeper targets cost more
@@ -446,31 +548,56 @@ def run_case(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
         tc_hooks = TranscoderReplacementHooks(model, transcoders, cache)
 
         def seed() -> Tensor:
-            return seed_compute_adjacency_matrix(model, tokens, graph, freeze, tc_hooks, seed_batches, start_posn,
-                                                 only)
+            return seed_compute_adjacency_matrix(
+                model, tokens, graph, freeze, tc_hooks, seed_batches, start_posn, only
+            )
 
         loop_s, loop_cpu, a_mem, A_seed = _timed(seed, device, 1)
         rest_s, rest_cpu = rest_of_attribute(A_seed)
         note = ""
         if only is not None:
-            loop_s, loop_cpu = loop_s * len(seed_batches) / len(only), loop_cpu * len(seed_batches) / len(only)
+            loop_s, loop_cpu = (
+                loop_s * len(seed_batches) / len(only),
+                loop_cpu * len(seed_batches) / len(only),
+            )
             note = f"loop extrapolated from {len(only)} of {len(seed_batches)} batches"
         else:
             A = result.adjacency_matrix.double()
             diff = (A_seed.double() - A).abs().max().item() / A.abs().max().item()
             note = f"same A as (b) to {diff:.1e} (max rel.)"
             out["seed_vs_ours_max_rel_diff"] = diff
-        rows.insert(0, Row("(a) seed's per-node loop", loop_s + rest_s, loop_cpu + rest_cpu,
-                           f"{len(seed_batches)} x (fwd on 8 copies + bwd)", a_mem / 2**20, len(graph), note))
+        rows.insert(
+            0,
+            Row(
+                "(a) seed's per-node loop",
+                loop_s + rest_s,
+                loop_cpu + rest_cpu,
+                f"{len(seed_batches)} x (fwd on 8 copies + bwd)",
+                a_mem / 2**20,
+                len(graph),
+                note,
+            ),
+        )
         del A_seed
 
     if not tiny and spec is not None or case == "toy":
         lesson_s, lesson_cpu, lesson_mem, lesson = _timed(
-            lambda: attribute(model, transcoders, prompt, start_posn=start_posn, batch_size=batch_size), device,
-            repeats)
+            lambda: attribute(model, transcoders, prompt, start_posn=start_posn, batch_size=batch_size),
+            device,
+            repeats,
+        )
         n_lesson = len(_reading_targets(lesson.graph, prepare_backward_batches(lesson.graph, batch_size)))
-        extra_rows.append(Row("(b') ours, lesson default top_k=5", lesson_s, lesson_cpu, f"{n_lesson} bwd",
-                              lesson_mem / 2**20, len(lesson.graph), "fewer nodes: for reference, not in the ratios"))
+        extra_rows.append(
+            Row(
+                "(b') ours, lesson default top_k=5",
+                lesson_s,
+                lesson_cpu,
+                f"{n_lesson} bwd",
+                lesson_mem / 2**20,
+                len(lesson.graph),
+                "fewer nodes: for reference, not in the ratios",
+            )
+        )
     rows += extra_rows
     out["rows"] = [asdict(r) for r in rows]
     seed_rows = [r for r in rows if r.method.startswith("(a)")]
@@ -488,52 +615,83 @@ def _frozen(model: HookedSAETransformer, tokens: Tensor) -> FreezeHooks:
 def format_table(res: dict) -> str:
     """A markdown table of one case's results."""
     threads = f", {res['threads']} CPU threads" if "threads" in res else ""
-    lines = [f"### {res['case']}: {res['device']}, {res['dtype']}, {res['n_tokens']} tokens, "
-             f"{res['n_latents']} latents in the graph{threads}",
-             "",
-             "| method | s / graph | CPU s | passes | peak memory (MiB) | nodes | note |",
-             "|---|---:|---:|---|---:|---:|---|"]
+    lines = [
+        f"### {res['case']}: {res['device']}, {res['dtype']}, {res['n_tokens']} tokens, "
+        f"{res['n_latents']} latents in the graph{threads}",
+        "",
+        "| method | s / graph | CPU s | passes | peak memory (MiB) | nodes | note |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['method']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {r['passes']} "
-                     f"| {r['peak_mib']:.0f} | {r['n_nodes']} | {r['note']} |")
+        lines.append(
+            f"| {r['method']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {r['passes']} "
+            f"| {r['peak_mib']:.0f} | {r['n_nodes']} | {r['note']} |"
+        )
     ratios = []
     if res.get("a_over_b") is not None:
         ratios.append(f"a/b = {res['a_over_b']:.1f}x (wall), {res['a_over_b_cpu']:.1f}x (CPU time)")
     if res.get("c_best_over_b") is not None:
-        ratios.append(f"c(best)/b = {res['c_best_over_b']:.2f}x (wall), {res['c_best_over_b_cpu']:.2f}x (CPU time)")
+        ratios.append(
+            f"c(best)/b = {res['c_best_over_b']:.2f}x (wall), {res['c_best_over_b_cpu']:.2f}x (CPU time)"
+        )
     if res.get("c_default_over_b") is not None:
         ratios.append(f"c(default batch {CT_DEFAULT_BATCH})/b = {res['c_default_over_b']:.2f}x")
     lines += ["", ", ".join(ratios)] if ratios else []
-    lines += ["", f"Floor (model shape, products the targets' backward passes cannot avoid): "
-                  f"{res['floor_tflop']:.2f} TFLOP at {res['matmul_gflops']:.0f} GFLOP/s measured here = "
-                  f"{res['floor_seconds']:.1f} s; (b) runs at {res['floor_fraction']:.0%} of that floor."]
+    lines += [
+        "",
+        f"Floor (model shape, products the targets' backward passes cannot avoid): "
+        f"{res['floor_tflop']:.2f} TFLOP at {res['matmul_gflops']:.0f} GFLOP/s measured here = "
+        f"{res['floor_seconds']:.1f} s; (b) runs at {res['floor_fraction']:.0%} of that floor.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", choices=[*CASES, *REAL_PROMPTS], default="toy")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     parser.add_argument("--batch-size", type=int, default=None, help="ours (default: attribute's default)")
-    parser.add_argument("--ct-batch-sizes", default=None,
-                        help=f"circuit-tracer's, comma-separated; the fastest counts (default: its own, "
-                             f"{CT_DEFAULT_BATCH}; for gemma270m: 32,64,128,{CT_DEFAULT_BATCH})")
+    parser.add_argument(
+        "--ct-batch-sizes",
+        default=None,
+        help=f"circuit-tracer's, comma-separated; the fastest counts (default: its own, "
+        f"{CT_DEFAULT_BATCH}; for gemma270m: 32,64,128,{CT_DEFAULT_BATCH})",
+    )
     parser.add_argument("--start-posn", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs of (b) and (c); the fastest counts (default 3, 1 for gemma270m*)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs of (b) and (c); the fastest counts (default 3, 1 for gemma270m*)",
+    )
     parser.add_argument("--skip-seed-loop", action="store_true")
     parser.add_argument("--skip-circuit-tracer", action="store_true")
-    parser.add_argument("--autograd-row", action="store_true",
-                        help="also time our autograd engine (compute_adjacency_matrix), the one the lesson builds "
-                             "(default for gemma270m)")
-    parser.add_argument("--max-feature-nodes", type=int, default=None,
-                        help="cap the latents (both engines; default: none, 4096 for gemma270m-long)")
-    parser.add_argument("--seed-max-batches", type=int, default=None,
-                        help="time only this many of the seed loop's batches (spread evenly) and extrapolate "
-                             "(default: all, but 40 for gemma1b-shape, 12 for gemma270m)")
+    parser.add_argument(
+        "--autograd-row",
+        action="store_true",
+        help="also time our autograd engine (compute_adjacency_matrix), the one the lesson builds "
+        "(default for gemma270m)",
+    )
+    parser.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=None,
+        help="cap the latents (both engines; default: none, 4096 for gemma270m-long)",
+    )
+    parser.add_argument(
+        "--seed-max-batches",
+        type=int,
+        default=None,
+        help="time only this many of the seed loop's batches (spread evenly) and extrapolate "
+        "(default: all, but 40 for gemma1b-shape, 12 for gemma270m)",
+    )
     parser.add_argument("--tiny", action="store_true", help="shrink the case to a CPU-sized smoke test")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -548,9 +706,21 @@ def main(argv: list[str] | None = None) -> dict:
     cap = args.max_feature_nodes
     if cap is None and args.case == "gemma270m-long":
         cap = 4096
-    res = run_case(args.case, args.device, getattr(torch, args.dtype), args.batch_size, ct_sizes, args.start_posn,
-                   args.repeats or (1 if real else 3), args.skip_seed_loop, args.skip_circuit_tracer,
-                   args.seed_max_batches, args.tiny, cap, args.autograd_row or args.case == "gemma270m")
+    res = run_case(
+        args.case,
+        args.device,
+        getattr(torch, args.dtype),
+        args.batch_size,
+        ct_sizes,
+        args.start_posn,
+        args.repeats or (1 if real else 3),
+        args.skip_seed_loop,
+        args.skip_circuit_tracer,
+        args.seed_max_batches,
+        args.tiny,
+        cap,
+        args.autograd_row or args.case == "gemma270m",
+    )
     res["threads"] = torch.get_num_threads()
     print(format_table(res))
     if args.json:

@@ -67,7 +67,9 @@ def synthetic_result(seed: int = 0) -> SyntheticResult:
             rows.append(layer + 1)
     probs = torch.softmax(torch.randn(N_LOGITS, generator=gen), 0).tolist()
     for v in range(N_LOGITS):
-        nodes.append(NodeInfo(NodeType.LOGIT, "L", N_TOKENS - 1, 5000 + v, token_prob=probs[v], str_token=f"out{v}"))
+        nodes.append(
+            NodeInfo(NodeType.LOGIT, "L", N_TOKENS - 1, 5000 + v, token_prob=probs[v], str_token=f"out{v}")
+        )
         rows.append(N_LAYERS + 1)
     n = len(nodes)
     row = torch.tensor(rows)
@@ -79,7 +81,9 @@ def synthetic_result(seed: int = 0) -> SyntheticResult:
     weights = torch.tensor(probs)
     influence = compute_influence(A, weights, N_LAYERS)
     settings = {"node_threshold": 0.8, "edge_threshold": 0.85}
-    return SyntheticResult(graph, A, torch.arange(n), A.clone(), "".join(tokens), tokens, weights, influence, settings)
+    return SyntheticResult(
+        graph, A, torch.arange(n), A.clone(), "".join(tokens), tokens, weights, influence, settings
+    )
 
 
 def write_page(out: Path) -> dict:
@@ -88,8 +92,11 @@ def write_page(out: Path) -> dict:
 
     result = synthetic_result()
     create_attribution_dashboard(result, None, output_dir=out, display=False)
-    return {"nodes": len(result.graph.nodes), "edges": int((result.pruned_matrix != 0).sum()),
-            "page_bytes": (out / "index.html").stat().st_size}
+    return {
+        "nodes": len(result.graph.nodes),
+        "edges": int((result.pruned_matrix != 0).sum()),
+        "page_bytes": (out / "index.html").stat().st_size,
+    }
 
 
 def measure(index: Path, width: int = 1400) -> dict:
@@ -107,13 +114,19 @@ def measure(index: Path, width: int = 1400) -> dict:
         cdp.open(index.resolve().as_uri(), width)
         load = cdp.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd")
         first_frame = cdp.evaluate(frame)
-        redraws = [cdp.evaluate(f"(async () => {{ const t = performance.now(); window.dashboard.redraw(); "
-                                f"return (await {frame}) - t; }})()") for _ in range(3)]
+        redraws = [
+            cdp.evaluate(
+                f"(async () => {{ const t = performance.now(); window.dashboard.redraw(); "
+                f"return (await {frame}) - t; }})()"
+            )
+            for _ in range(3)
+        ]
         hovers = {}
         for kind in ("logit", "latent"):
             times = []
             for k in range(4):
-                times.append(cdp.evaluate(f"""(async () => {{
+                times.append(
+                    cdp.evaluate(f"""(async () => {{
                     const els = [...document.querySelectorAll('.node[data-type={kind}]')];
                     const el = els[{k} % els.length], target = el.querySelector('.shape') || el;
                     const t = performance.now();
@@ -122,17 +135,24 @@ def measure(index: Path, width: int = 1400) -> dict:
                     target.dispatchEvent(new MouseEvent('mouseout', {{bubbles: true}}));
                     await {frame};
                     return dt;
-                }})()"""))
+                }})()""")
+                )
             hovers[kind] = statistics.median(times)
         errors = page_errors(cdp)
-    return {"load_ms": round(load, 1), "render_ms": round(first_frame, 1),
-            "redraw_ms": round(statistics.median(redraws), 1),
-            "hover_logit_ms": round(hovers["logit"], 1), "hover_latent_ms": round(hovers["latent"], 1),
-            "page_errors": len(errors)}
+    return {
+        "load_ms": round(load, 1),
+        "render_ms": round(first_frame, 1),
+        "redraw_ms": round(statistics.median(redraws), 1),
+        "hover_logit_ms": round(hovers["logit"], 1),
+        "hover_latent_ms": round(hovers["latent"], 1),
+        "page_errors": len(errors),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkout", type=Path, help="write the page with this checkout's package")
     parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=1400)
@@ -143,18 +163,28 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     if args.checkout:
         env = {**os.environ, "PYTHONPATH": str(args.checkout.resolve())}
-        proc = subprocess.run([sys.executable, __file__, "--write-only", str(out)], env=env, check=True,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--write-only", str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         sizes = json.loads(proc.stdout.strip().splitlines()[-1])
     else:
         sizes = write_page(out)
-    summary = {"checkout": str(args.checkout or Path(__file__).resolve().parents[2]), **sizes,
-               **measure(out / "index.html", args.width)}
+    summary = {
+        "checkout": str(args.checkout or Path(__file__).resolve().parents[2]),
+        **sizes,
+        **measure(out / "index.html", args.width),
+    }
     print(json.dumps(summary, indent=1))
     return summary
 
 
 if __name__ == "__main__":
-    if __package__ in (None, "") and "--write-only" not in sys.argv:  # as a file: this checkout drives Chromium
+    if (
+        __package__ in (None, "") and "--write-only" not in sys.argv
+    ):  # as a file: this checkout drives Chromium
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     main()

@@ -20,8 +20,10 @@ from pathlib import Path
 __all__ = ["INSTALL_HINT", "DevTools", "find_chromium", "launch", "page_errors", "network_requests"]
 
 REPO = Path(__file__).resolve().parents[2]
-INSTALL_HINT = ("install it with `bash scripts/install_chromium.sh` (Debian/Ubuntu: `sudo apt-get install chromium`), "
-                "or set CHROMIUM=/path/to/chromium")
+INSTALL_HINT = (
+    "install it with `bash scripts/install_chromium.sh` (Debian/Ubuntu: `sudo apt-get install chromium`), "
+    "or set CHROMIUM=/path/to/chromium"
+)
 
 
 def find_chromium(try_install: bool = True) -> str | None:
@@ -32,8 +34,13 @@ def find_chromium(try_install: bool = True) -> str | None:
     script = REPO / "scripts" / "install_chromium.sh"
     if try_install and script.exists() and os.environ.get("SKIP_CHROMIUM_INSTALL") != "1":
         try:
-            subprocess.run(["bash", str(script)], capture_output=True, timeout=300,
-                           env={**os.environ, "NONINTERACTIVE": "1"}, check=False)
+            subprocess.run(
+                ["bash", str(script)],
+                capture_output=True,
+                timeout=300,
+                env={**os.environ, "NONINTERACTIVE": "1"},
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         return find_chromium(try_install=False)
@@ -68,9 +75,15 @@ class DevTools:
         self.events.append(msg)
         # Refuse every request that leaves the machine, and remember that it was tried.
         if msg["method"] == "Fetch.requestPaused":
-            self.ws.send(json.dumps({"id": 10**9 + len(self.events), "method": "Fetch.failRequest",
-                                     "params": {"requestId": msg["params"]["requestId"],
-                                                "errorReason": "BlockedByClient"}}))
+            self.ws.send(
+                json.dumps(
+                    {
+                        "id": 10**9 + len(self.events),
+                        "method": "Fetch.failRequest",
+                        "params": {"requestId": msg["params"]["requestId"], "errorReason": "BlockedByClient"},
+                    }
+                )
+            )
 
     def wait_for(self, method: str, timeout: float = 30.0, since: int = 0) -> dict:
         """The first event `method` recorded after the first `since` events, waiting for it if needed."""
@@ -104,8 +117,17 @@ class DevTools:
         """Navigate at a viewport size, offline, and wait for the page to load and paint."""
         for domain in ("Page", "Runtime", "Log", "Network", "DOM"):
             self.send(f"{domain}.enable")
-        self.send("Fetch.enable", patterns=[{"urlPattern": p} for p in ("http://*", "https://*", "ws://*", "wss://*")])
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.send(
+            "Fetch.enable",
+            patterns=[{"urlPattern": p} for p in ("http://*", "https://*", "ws://*", "wss://*")],
+        )
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         since = len(self.events)
         self.send("Page.navigate", url=url)
         self.wait_for("Page.loadEventFired", since=since)
@@ -118,10 +140,16 @@ class DevTools:
 def page_errors(cdp: DevTools) -> list[dict]:
     """Exceptions, console errors and log errors the page produced."""
     errors = [e["params"] for e in cdp.events if e["method"] == "Runtime.exceptionThrown"]
-    errors += [e["params"] for e in cdp.events
-               if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")]
-    errors += [e["params"]["entry"] for e in cdp.events
-               if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
+    errors += [
+        e["params"]
+        for e in cdp.events
+        if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+    ]
+    errors += [
+        e["params"]["entry"]
+        for e in cdp.events
+        if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+    ]
     return errors
 
 
@@ -136,12 +164,25 @@ def network_requests(cdp: DevTools) -> list[str]:
 def launch(chromium: str, width: int = 1600, height: int = 1000, timeout: float = 60.0) -> Iterator[DevTools]:
     """Start headless Chromium with a throwaway profile; yield a DevTools client for its page."""
     profile = tempfile.mkdtemp(prefix="p3ag-chromium-")
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-            "--remote-allow-origins=*",
-            # Belt and braces: a dead proxy for anything the DevTools block might miss.
-            "--proxy-server=127.0.0.1:9", f"--window-size={width},{height}", "about:blank"]
+    args = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "--remote-allow-origins=*",
+        # Belt and braces: a dead proxy for anything the DevTools block might miss.
+        "--proxy-server=127.0.0.1:9",
+        f"--window-size={width},{height}",
+        "about:blank",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cdp = None
     try:

@@ -10,13 +10,16 @@ The two engines define the graph the same way (frozen attention patterns and nor
 gradients through `W_skip`, latents read after ln2 and write at `hook_mlp_out`, logits read the
 ln_final output along the demeaned unembedding, `b_dec` is a constant and not a node), except for:
 
-| | ours | circuit-tracer |
-|---|---|---|
-| latents | the `top_k` most active per (layer, position) | every active latent |
-| error node | `mlp_out` minus kept latents, `b_dec` and skip | `mlp_out` minus *all* active latents, `b_dec` and skip |
-| masked prefix (`start_posn` / `zero_positions`) | no latent or error nodes, and the embeddings there send no edges | no latents, zero error vectors, but the embeddings still send edges |
-| logits | the `n_output_nodes` most probable tokens | tokens up to `desired_logit_prob` (we pass ours in) |
-| node order | embeddings, then per layer per position (latents, error), logits | latents, errors (layer-major), embeddings, logits |
+- latents. Ours: the `top_k` most active per (layer, position). circuit-tracer: every active latent.
+- error node. Ours: `mlp_out` minus kept latents, `b_dec` and skip. circuit-tracer: `mlp_out` minus
+  *all* active latents, `b_dec` and skip.
+- masked prefix (`start_posn` / `zero_positions`). Ours: no latent or error nodes, and the embeddings
+  there send no edges. circuit-tracer: no latents, zero error vectors, but the embeddings still send
+  edges.
+- logits. Ours: the `n_output_nodes` most probable tokens. circuit-tracer: tokens up to
+  `desired_logit_prob` (we pass ours in).
+- node order. Ours: embeddings, then per layer per position (latents, error), logits. circuit-tracer:
+  latents, errors (layer-major), embeddings, logits.
 
 With `top_k` at least the number of active latents, both have the same latents and error nodes;
 with `start_posn=0` and `zero_positions=slice(0, 0)` they have the same graph, edge for edge.
@@ -62,10 +65,19 @@ def ct_transcoder_set(transcoders: dict[int, Transcoder]):
     for layer in sorted(transcoders):
         tc = transcoders[layer]
         if (tc.threshold <= 0).any():
-            raise ValueError(f"transcoders[{layer}] has thresholds <= 0: SAELens and circuit-tracer differ there.")
+            raise ValueError(
+                f"transcoders[{layer}] has thresholds <= 0: SAELens and circuit-tracer differ there."
+            )
         W_skip = getattr(tc, "W_skip", None)
-        ct = SingleLayerTranscoder(tc.cfg.d_in, tc.cfg.d_sae, JumpReLU(tc.threshold.detach().clone()), layer,
-                                   skip_connection=W_skip is not None, device=tc.W_enc.device, dtype=tc.W_enc.dtype)
+        ct = SingleLayerTranscoder(
+            tc.cfg.d_in,
+            tc.cfg.d_sae,
+            JumpReLU(tc.threshold.detach().clone()),
+            layer,
+            skip_connection=W_skip is not None,
+            device=tc.W_enc.device,
+            dtype=tc.W_enc.dtype,
+        )
         with torch.no_grad():
             ct.W_enc.copy_(tc.W_enc.T)
             ct.W_dec.copy_(tc.W_dec)
@@ -79,7 +91,9 @@ def ct_transcoder_set(transcoders: dict[int, Transcoder]):
     return TranscoderSet(out, feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out")
 
 
-def ct_replacement_model(model: HookedSAETransformer, transcoders: dict[int, Transcoder], start_posn: int = 1):
+def ct_replacement_model(
+    model: HookedSAETransformer, transcoders: dict[int, Transcoder], start_posn: int = 1
+):
     """circuit-tracer's TransformerLens `ReplacementModel` of this world, with the same weights.
 
     Args:
@@ -108,15 +122,26 @@ def ct_replacement_model(model: HookedSAETransformer, transcoders: dict[int, Tra
     return ct_model
 
 
-def ct_attribute(ct_model, tokens: Int[Tensor, "1 seq"], token_ids: list[int], batch_size: int = 512,
-                 max_feature_nodes: int | None = None):
+def ct_attribute(
+    ct_model,
+    tokens: Int[Tensor, "1 seq"],
+    token_ids: list[int],
+    batch_size: int = 512,
+    max_feature_nodes: int | None = None,
+):
     """circuit-tracer's `attribute` on these tokens, with these logit targets (every active latent kept,
     unless `max_feature_nodes` caps them)."""
     from circuit_tracer import attribute
 
     ids = torch.tensor(token_ids, dtype=torch.long, device=tokens.device)
-    return attribute(tokens[0], ct_model, attribution_targets=ids, batch_size=batch_size, verbose=False,
-                     max_feature_nodes=max_feature_nodes)
+    return attribute(
+        tokens[0],
+        ct_model,
+        attribution_targets=ids,
+        batch_size=batch_size,
+        verbose=False,
+        max_feature_nodes=max_feature_nodes,
+    )
 
 
 def our_node_key(node: NodeInfo) -> NodeKey:
@@ -142,7 +167,9 @@ def ct_node_keys(ct_graph) -> list[NodeKey]:
 
 
 def aligned_adjacency(
-    result: AttributionResult, ct_graph, skip_masked_embeddings: bool = True,
+    result: AttributionResult,
+    ct_graph,
+    skip_masked_embeddings: bool = True,
 ) -> tuple[Float[Tensor, "n n"], Float[Tensor, "n n"], list[NodeKey]]:
     """Both adjacency matrices restricted to the nodes both graphs have, in our node order.
 

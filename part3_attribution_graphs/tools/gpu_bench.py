@@ -1,4 +1,5 @@
-"""The GPU benchmark in one command: Gemma 3-1B's shape in bf16 and fp32, and Gemma 3 270M, then the README rows.
+"""The GPU benchmark in one command: Gemma 3-1B's shape in bf16 and fp32, and Gemma 3 270M, then the README
+rows.
 
     python -m part3_attribution_graphs.tools.gpu_bench              # on a CUDA machine
     python -m part3_attribution_graphs.tools.gpu_bench --dry-run    # anywhere: the same path, CPU-sized
@@ -46,7 +47,10 @@ def readme_row(label: str, res: dict, device_name: str, date: str) -> str:
     a_b = f"{res['a_over_b']:.0f}x" if res.get("a_over_b") else ""
     c_b = f"{res['c_best_over_b']:.1f}x" if res.get("c_best_over_b") else ""
     what = f"{label}, {res['dtype']}, {res['n_tokens']} tokens, {rows['(b)']['n_nodes']:,} nodes"
-    return f"| {what}; {device_name}, {date} | {a} | **{_seconds(rows['(b)']['seconds'])}** | {c} | {a_b} | {c_b} |"
+    return (
+        f"| {what}; {device_name}, {date} | {a} | **{_seconds(rows['(b)']['seconds'])}** | "
+        f"{c} | {a_b} | {c_b} |"
+    )
 
 
 def update_readme(path: Path, new_rows: list[str]) -> None:
@@ -54,14 +58,20 @@ def update_readme(path: Path, new_rows: list[str]) -> None:
     lines = path.read_text().splitlines()
     owned = [i for i, line in enumerate(lines) if line.startswith(ROW_PREFIXES)]
     if not owned:
-        raise ValueError(f"{path} has no benchmark row starting with {ROW_PREFIXES}: add one to the table first.")
+        raise ValueError(
+            f"{path} has no benchmark row starting with {ROW_PREFIXES}: add one to the table first."
+        )
     lines[owned[0] : owned[-1] + 1] = new_rows
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="CPU stand-ins for every case (tests the path)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU stand-ins for every case (tests the path)"
+    )
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--json", type=Path, default=None, help="also write every case's results here")
     args = parser.parse_args(argv)
@@ -74,12 +84,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label, case, dtype in GPU_CASES:
         if args.dry_run:  # small stand-ins that take the same code path
             case = "toy" if case == "gemma270m" else case
-            res = bench.run_case(case, device, getattr(torch, dtype), ct_batch_sizes=(64, 512), repeats=1,
-                                 seed_max_batches=3, tiny=True)
+            res = bench.run_case(
+                case,
+                device,
+                getattr(torch, dtype),
+                ct_batch_sizes=(64, 512),
+                repeats=1,
+                seed_max_batches=3,
+                tiny=True,
+            )
         else:
             sweep = (64, 128, 256, bench.CT_DEFAULT_BATCH)
-            res = bench.run_case(case, device, getattr(torch, dtype), ct_batch_sizes=sweep, repeats=3,
-                                 autograd_row=True)
+            res = bench.run_case(
+                case, device, getattr(torch, dtype), ct_batch_sizes=sweep, repeats=3, autograd_row=True
+            )
         print(bench.format_table(res), "\n", flush=True)
         results.append(res)
         rows.append(readme_row(label, res, device_name, date))

@@ -34,17 +34,26 @@ def measure(n_tokens: int, max_feature_nodes: int | None, top_k: int) -> dict:
     prompt = model.tokenizer.decode(ids)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()
-    result = attribute(model, transcoders, prompt, start_posn=1, top_k=top_k, max_feature_nodes=max_feature_nodes)
+    result = attribute(
+        model, transcoders, prompt, start_posn=1, top_k=top_k, max_feature_nodes=max_feature_nodes
+    )
     seconds = time.perf_counter() - t0
-    return dict(n_tokens=model.to_tokens(prompt).shape[1], max_feature_nodes=max_feature_nodes, top_k=top_k,
-                n_nodes=len(result.graph),
-                n_latents=sum(n.node_type == NodeType.LATENT for n in result.graph.nodes),
-                seconds=seconds, peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                after_load_gib=loaded)
+    return dict(
+        n_tokens=model.to_tokens(prompt).shape[1],
+        max_feature_nodes=max_feature_nodes,
+        top_k=top_k,
+        n_nodes=len(result.graph),
+        n_latents=sum(n.node_type == NodeType.LATENT for n in result.graph.nodes),
+        seconds=seconds,
+        peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        after_load_gib=loaded,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--max-feature-nodes", type=int, default=2048)
     parser.add_argument("--top-k", type=int, default=5)
@@ -55,12 +64,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     out = []
     for n in args.tokens:  # a fresh process each, so one length's peak does not hide the next one's
-        cmd = [sys.executable, "-m", "part3_attribution_graphs.tools.memory", "--child", "--tokens", str(n),
-               "--max-feature-nodes", str(args.max_feature_nodes), "--top-k", str(args.top_k)]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(f"{res['n_tokens']} tokens, top_k={res['top_k']}, max_feature_nodes={res['max_feature_nodes']}: "
-              f"{res['n_nodes']} nodes ({res['n_latents']} latents), {res['seconds']:.0f} s, peak RSS "
-              f"{res['peak_gib']:.2f} GiB ({res['after_load_gib']:.2f} GiB after loading the model)", flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "part3_attribution_graphs.tools.memory",
+            "--child",
+            "--tokens",
+            str(n),
+            "--max-feature-nodes",
+            str(args.max_feature_nodes),
+            "--top-k",
+            str(args.top_k),
+        ]
+        res = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
+        print(
+            f"{res['n_tokens']} tokens, top_k={res['top_k']}, max_feature_nodes={res['max_feature_nodes']}: "
+            f"{res['n_nodes']} nodes ({res['n_latents']} latents), {res['seconds']:.0f} s, peak RSS "
+            f"{res['peak_gib']:.2f} GiB ({res['after_load_gib']:.2f} GiB after loading the model)",
+            flush=True,
+        )
         out.append(res)
     return out
 

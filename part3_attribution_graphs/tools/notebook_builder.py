@@ -1,8 +1,8 @@
 """Build the exercises and solutions notebooks from one lesson source.
 
-    python -m part3_attribution_graphs.tools.notebook_builder              # write both, execute the solutions one
+    python -m part3_attribution_graphs.tools.notebook_builder # write both, execute the solutions one
     python -m part3_attribution_graphs.tools.notebook_builder --no-execute # write both, no outputs (fast)
-    python -m part3_attribution_graphs.tools.notebook_builder --check      # exit 1 if the committed ones are stale
+    python -m part3_attribution_graphs.tools.notebook_builder --check # exit 1 if the committed ones are stale
     python -m part3_attribution_graphs.tools.notebook_builder --demo out/instructor_demo [--world toy]
 
 The source, `notebook_source/attribution_graphs.md`, is Markdown:
@@ -13,17 +13,17 @@ The source, `notebook_source/attribution_graphs.md`, is Markdown:
 - A ```` ```python ```` fence is a code cell. Words after `python`: `exercises` or `solutions` (only that
   notebook), `id=...` (cell id), `tags=a,b` (cell tags).
 - Exercises come from the registry, `part3_attribution_graphs/exercises.py`. A `<!-- exercise NAME -->` line
-  in prose is replaced by that exercise's header (difficulty, importance, suggested time). A
-  ```` ```exercise NAME ```` fence is the exercise's code cell: the solutions notebook shows the reference
-  source (`inspect.getsource`); the exercises notebook shows the fence body (a scaffold), or, when the body
-  is empty, the signature, docstring and a `raise NotImplementedError(...)` that names the exercise,
-  followed in both cases by `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. The next cell must call
+  in prose is replaced by that exercise's header (difficulty, importance, suggested time). A ```` ```exercise
+  NAME ```` fence is the exercise's code cell: the solutions notebook shows the reference source
+  (`inspect.getsource`); the exercises notebook shows the fence body (a scaffold), or, when the body is empty,
+  the signature, docstring and a `raise NotImplementedError(...)` that names the exercise, followed in both
+  cases by `if USE_REFERENCE_SOLUTIONS: name = solutions.name`. The next cell must call
   `tests.test_NAME(...)`. The build fails on a name the registry lacks, on a registered exercise without
-  exactly one header and one fence, and on a `tests.test_<x>` the autograder does not have. A scaffold is either written out in full, or it
-  is the reference source with regions hidden: each `<<hide from="REGEX" to="REGEX">>` line, followed by
-  the lines to show instead, replaces the reference lines from the one line matching `from` to the next
-  line matching `to` (`<<hide after="REGEX" before="REGEX">>` hides the lines strictly between the two
-  matches).
+  exactly one header and one fence, and on a `tests.test_<x>` the autograder does not have. A scaffold is
+  either written out in full, or it is the reference source with regions hidden: each `<<hide from="REGEX"
+  to="REGEX">>` line, followed by the lines to show instead, replaces the reference lines from the one line
+  matching `from` to the next line matching `to` (`<<hide after="REGEX" before="REGEX">>` hides the lines
+  strictly between the two matches).
 - A ```` ```given module:a,b ```` fence is the reference source of `a` and `b` as a code cell in both
   notebooks; a ```` ```listing module:a,b ```` fence shows it as a read-only listing (for classes the
   notebook imports, so that every helper and test sees the same class).
@@ -126,8 +126,10 @@ def _exercise(name: str, line: int) -> Exercise:
     for record in EXERCISES:
         if name in (record.name, record.reference):
             return record
-    raise BuildError(f"line {line}: {name!r} is not a registered exercise. Add a record to "
-                     f"part3_attribution_graphs/exercises.py, or use one of: {', '.join(e.name for e in EXERCISES)}.")
+    raise BuildError(
+        f"line {line}: {name!r} is not a registered exercise. Add a record to "
+        f"part3_attribution_graphs/exercises.py, or use one of: {', '.join(e.name for e in EXERCISES)}."
+    )
 
 
 EXERCISE_HEADER = re.compile(r"<!--\s*exercise\s+(\S+)\s*-->")
@@ -159,7 +161,12 @@ def parse_source(text: str, headers: list[tuple[str, int]] | None = None) -> lis
         lineno = i + 1
         if stripped.startswith("~~~"):
             in_tilde = not in_tilde
-        if not in_tilde and raw.startswith("```") and raw[3:].split()[:1] and raw[3:].split()[0] in CODE_KINDS:
+        if (
+            not in_tilde
+            and raw.startswith("```")
+            and raw[3:].split()[:1]
+            and raw[3:].split()[0] in CODE_KINDS
+        ):
             flush()
             block = _parse_fence_info(raw[3:], lineno)
             body = []
@@ -263,8 +270,10 @@ def _header_lines(lines: list[str], node: ast.AST) -> list[str]:
     """Decorators, signature and (if any) docstring of a def / class node, as source lines."""
     first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
     body0 = node.body[0]
-    has_doc = isinstance(body0, ast.Expr) and isinstance(getattr(body0, "value", None), ast.Constant) and isinstance(
-        body0.value.value, str
+    has_doc = (
+        isinstance(body0, ast.Expr)
+        and isinstance(getattr(body0, "value", None), ast.Constant)
+        and isinstance(body0.value.value, str)
     )
     last = body0.end_lineno if has_doc else body0.lineno - 1
     return lines[first - 1 : last]
@@ -302,8 +311,10 @@ def hide_regions(scaffold: str, src: str, where: str) -> str:
     for exclusive, start_re, end_re, shown in directives:
         starts = [i for i, line in enumerate(lines) if re.search(start_re, line)]
         if len(starts) != 1:
-            raise BuildError(f"{where}: hide {start_re!r} matches {len(starts)} reference lines, not 1: "
-                             "the reference changed, update the scaffold")
+            raise BuildError(
+                f"{where}: hide {start_re!r} matches {len(starts)} reference lines, not 1: "
+                "the reference changed, update the scaffold"
+            )
         first = starts[0] + exclusive
         last = next((i for i in range(first, len(lines)) if re.search(end_re, lines[i])), None)
         if last is None:
@@ -318,7 +329,8 @@ def hide_regions(scaffold: str, src: str, where: str) -> str:
 
 
 def expand_scaffold(scaffold: str, obj: object, where: str) -> str:
-    """The exercise cell for a scaffold: the reference with `<<hide ..>>` regions replaced, or the scaffold as written."""
+    """The exercise cell for a scaffold: the reference with `<<hide ..>>` regions replaced, or the scaffold as
+    written."""
     src = reference_source(obj)
     if HIDE.search(scaffold):
         expanded = hide_regions(scaffold, src, where)
@@ -341,7 +353,9 @@ def _check_scaffold(scaffold: str, ref: ast.AST, where: str) -> None:
     except SyntaxError as err:
         raise BuildError(f"{where}: the scaffold does not parse: {err}") from err
     if [n.name for n in tops] != [ref.name]:
-        raise BuildError(f"{where}: the scaffold must define exactly `{ref.name}`, it defines {[n.name for n in tops]}")
+        raise BuildError(
+            f"{where}: the scaffold must define exactly `{ref.name}`, it defines {[n.name for n in tops]}"
+        )
     mine = tops[0]
     pairs = [(mine, ref)]
     if isinstance(ref, ast.ClassDef):
@@ -356,7 +370,9 @@ def _check_scaffold(scaffold: str, ref: ast.AST, where: str) -> None:
             raise BuildError(f"{where}: the scaffold lacks {ref.name}.{sorted(missing)}")
     for a, b in pairs:
         if not isinstance(a, ast.ClassDef) and _signature(a) != _signature(b):
-            raise BuildError(f"{where}: {a.name}{_signature(a)} differs from the reference {b.name}{_signature(b)}")
+            raise BuildError(
+                f"{where}: {a.name}{_signature(a)} differs from the reference {b.name}{_signature(b)}"
+            )
     if "NotImplementedError" not in scaffold:
         raise BuildError(f"{where}: the scaffold leaves nothing to implement (no NotImplementedError)")
 
@@ -407,8 +423,10 @@ def _cells_for(block: Block, kind: str) -> list[tuple[str, str, str]]:
         code = "\n\n".join(reference_source(obj).rstrip() for _, _, obj in resolved)
         names = ", ".join(f"<code>{name}</code>" for _, name, _ in resolved)  # HTML: backticks would show
         module = resolved[0][0]
-        body = (f"<details open><summary>Source of {names} (imported from <code>{module}</code>)</summary>\n\n"
-                f"~~~python\n{code}\n~~~\n\n</details>")
+        body = (
+            f"<details open><summary>Source of {names} (imported from <code>{module}</code>)</summary>\n\n"
+            f"~~~python\n{code}\n~~~\n\n</details>"
+        )
         if block.body:
             body = block.body + "\n\n" + body
         return [("markdown", body, "listing:" + block.target)]
@@ -449,7 +467,9 @@ def build_notebook(blocks: list[Block], kind: str) -> nbformat.NotebookNode:
             if block.cell_id:
                 cid = block.cell_id
                 if cid in used:
-                    raise BuildError(f"line {block.line}: cell id {cid!r} is used twice in the {kind} notebook")
+                    raise BuildError(
+                        f"line {block.line}: cell id {cid!r} is used twice in the {kind} notebook"
+                    )
             else:
                 cid = _cell_id(seed, used)
             used.add(cid)
@@ -542,8 +562,10 @@ def check_names(nb: nbformat.NotebookNode, kind: str) -> None:
         missing = names.loaded - names.bound - defined
         if missing:
             first = cell.source.splitlines()[0] if cell.source else ""
-            raise BuildError(f"{kind} notebook, cell {index} ({cell.id}, {first!r}) reads undefined "
-                             f"name(s) {sorted(missing)}: import them in the setup cell")
+            raise BuildError(
+                f"{kind} notebook, cell {index} ({cell.id}, {first!r}) reads undefined "
+                f"name(s) {sorted(missing)}: import them in the setup cell"
+            )
         defined |= names.top_bound
 
 
@@ -556,27 +578,36 @@ TEST_CALL = re.compile(r"\btests\.(test_\w+)")
 
 
 def check_exercises(blocks: list[Block], headers: list[tuple[str, int]]) -> None:
-    """Raise unless the lesson and the registry agree: every registered exercise has one header, one fence and a
-    test cell right after the fence, and every `tests.test_<x>` the lesson mentions exists."""
+    """Raise unless the lesson and the registry agree: every registered exercise has one header, one fence and
+    a test cell right after the fence, and every `tests.test_<x>` the lesson mentions exists."""
     from .. import tests as autograder
+
     for block in blocks:
         for m in TEST_CALL.finditer(block.body):
             if not hasattr(autograder, m.group(1)):
-                raise BuildError(f"line {block.line}: the lesson calls tests.{m.group(1)}, which does not exist; the "
-                                 f"autograder has {', '.join(e.test_name for e in EXERCISES)}.")
+                raise BuildError(
+                    f"line {block.line}: the lesson calls tests.{m.group(1)}, which does not exist; the "
+                    f"autograder has {', '.join(e.test_name for e in EXERCISES)}."
+                )
     for record in EXERCISES:
         fences = [i for i, b in enumerate(blocks) if b.kind == "exercise" and b.target == record.name]
         lines = [line for name, line in headers if name == record.name]
         if len(fences) != 1 or len(lines) != 1:
-            raise BuildError(f"exercise {record.name!r} is registered, so the lesson needs exactly one "
-                             f"`<!-- exercise {record.name} -->` header and one ```exercise {record.name} fence; it "
-                             f"has {len(lines)} and {len(fences)}.")
+            raise BuildError(
+                f"exercise {record.name!r} is registered, so the lesson needs exactly one "
+                f"`<!-- exercise {record.name} -->` header and one ```exercise {record.name} fence; it "
+                f"has {len(lines)} and {len(fences)}."
+            )
         nxt = blocks[fences[0] + 1] if fences[0] + 1 < len(blocks) else None
         if nxt is None or nxt.kind != "python" or f"tests.{record.test_name}(" not in nxt.body:
-            raise BuildError(f"line {blocks[fences[0]].line}: the ```exercise {record.name} fence must be followed by "
-                             f"a code cell calling tests.{record.test_name}({record.qualname}).")
+            raise BuildError(
+                f"line {blocks[fences[0]].line}: the ```exercise {record.name} fence must be followed by "
+                f"a code cell calling tests.{record.test_name}({record.qualname})."
+            )
         if lines[0] > blocks[fences[0]].line:
-            raise BuildError(f"line {lines[0]}: the header of {record.name!r} comes after its exercise fence.")
+            raise BuildError(
+                f"line {lines[0]}: the header of {record.name!r} comes after its exercise fence."
+            )
 
 
 def build(kinds: tuple[str, ...] = KINDS) -> dict[str, nbformat.NotebookNode]:
@@ -609,8 +640,11 @@ def _clean_after_execution(nb: nbformat.NotebookNode) -> None:
             continue
         # Widgets (tqdm's notebook bars, the explorer) have random model ids and show nothing without a
         # live kernel; their text fallback is a frozen progress bar. Drop them.
-        cell.outputs = [out for out in cell.outputs
-                        if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
+        cell.outputs = [
+            out
+            for out in cell.outputs
+            if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})
+        ]
 
 
 def notebook_client(nb: nbformat.NotebookNode, **kwargs):
@@ -623,8 +657,9 @@ def notebook_client(nb: nbformat.NotebookNode, **kwargs):
 def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str = "python3") -> Path:
     """Run the exercises notebook with papermill and `USE_REFERENCE_SOLUTIONS=True`; return the executed copy.
 
-    Same as `papermill notebooks/part3_attribution_graphs_exercises.ipynb OUT.ipynb -p USE_REFERENCE_SOLUTIONS True
-    -p WORLD ... -p OUTPUT_DIR ...`. The dashboards land in `out_dir/<prompt>/`.
+    Same as `papermill notebooks/part3_attribution_graphs_exercises.ipynb OUT.ipynb
+    -p USE_REFERENCE_SOLUTIONS True -p WORLD ... -p OUTPUT_DIR ...`.
+    The dashboards land in `out_dir/<prompt>/`.
     """
     import papermill
 
@@ -632,9 +667,11 @@ def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str =
     out.mkdir(parents=True, exist_ok=True)
     executed = out / NOTEBOOKS["exercises"].name.replace(".ipynb", ".executed.ipynb")
     papermill.execute_notebook(
-        str(NOTEBOOKS["exercises"]), str(executed),
+        str(NOTEBOOKS["exercises"]),
+        str(executed),
         parameters={"USE_REFERENCE_SOLUTIONS": True, "WORLD": world, "OUTPUT_DIR": str(out)},
-        kernel_name=kernel_name, cwd=str(NOTEBOOKS["exercises"].parent),
+        kernel_name=kernel_name,
+        cwd=str(NOTEBOOKS["exercises"].parent),
         progress_bar=sys.stderr.isatty(),
     )
     return executed
@@ -654,8 +691,13 @@ def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
         os.environ.update(env_overrides)
         os.environ["P3AG_OUTPUT_DIR"] = tmp
         try:
-            client = notebook_client(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                                     resources={"metadata": {"path": str(NOTEBOOKS["solutions"].parent)}})
+            client = notebook_client(
+                nb,
+                timeout=timeout,
+                kernel_name="python3",
+                record_timing=False,
+                resources={"metadata": {"path": str(NOTEBOOKS["solutions"].parent)}},
+            )
             start = time.perf_counter()
             client.execute()
             elapsed = time.perf_counter() - start
@@ -689,10 +731,16 @@ def check(verbose: bool = True) -> list[str]:
         if a == b and committed.metadata.get("kernelspec") == KERNELSPEC:
             continue
         diff = difflib.unified_diff(
-            json.dumps(a, indent=1).splitlines(), json.dumps(b, indent=1).splitlines(),
-            "committed", "fresh build", lineterm="", n=1,
+            json.dumps(a, indent=1).splitlines(),
+            json.dumps(b, indent=1).splitlines(),
+            "committed",
+            "fresh build",
+            lineterm="",
+            n=1,
         )
-        problems.append(f"{path.relative_to(ROOT)} differs from a fresh build:\n" + "\n".join(list(diff)[:60]))
+        problems.append(
+            f"{path.relative_to(ROOT)} differs from a fresh build:\n" + "\n".join(list(diff)[:60])
+        )
     if verbose:
         for p in problems:
             print(p, file=sys.stderr)
@@ -702,7 +750,9 @@ def check(verbose: bool = True) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed notebooks are stale")
-    parser.add_argument("--no-execute", action="store_true", help="write the solutions notebook without outputs")
+    parser.add_argument(
+        "--no-execute", action="store_true", help="write the solutions notebook without outputs"
+    )
     parser.add_argument("--demo", metavar="OUT_DIR", help="instead: run the instructor demo into OUT_DIR")
     parser.add_argument("--world", default=os.environ.get("P3AG_WORLD", "auto"), help="world for --demo")
     args = parser.parse_args(argv)
@@ -717,7 +767,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             problems = check()
             if problems:
-                print("Rebuild with `python -m part3_attribution_graphs.tools.notebook_builder`.", file=sys.stderr)
+                print(
+                    "Rebuild with `python -m part3_attribution_graphs.tools.notebook_builder`.",
+                    file=sys.stderr,
+                )
                 return 1
             print("Notebooks are in step with notebook_source/.")
             return 0
@@ -731,8 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, nb in notebooks.items():
         write(nb, NOTEBOOKS[kind])
         n_ex = sum(1 for c in nb.cells if c.cell_type == "code" and "USE_REFERENCE_SOLUTIONS:\n" in c.source)
-        print(f"Wrote {NOTEBOOKS[kind].relative_to(ROOT)}: {len(nb.cells)} cells"
-              + (f", {n_ex} exercises" if kind == "exercises" else ""))
+        print(
+            f"Wrote {NOTEBOOKS[kind].relative_to(ROOT)}: {len(nb.cells)} cells"
+            + (f", {n_ex} exercises" if kind == "exercises" else "")
+        )
     return 0
 
 

@@ -61,14 +61,20 @@ def feature_json(
             idx = [min(len(acts) - 1, int(q / 100 * len(acts))) for q in range(1, 101)]
             quantiles = [float(acts[i]) for i in idx]
         examples = [
-            {"tokens": ex["tokens"], "tokens_acts_list": [float(a) for a in ex["acts"]],
-             "train_token_ind": ex["peak"], "is_repeated_datapoint": False}
+            {
+                "tokens": ex["tokens"],
+                "tokens_acts_list": [float(a) for a in ex["acts"]],
+                "train_token_ind": ex["peak"],
+                "is_repeated_datapoint": False,
+            }
             for ex in feature_examples(example_data, feature, tokenizer, n_examples)
         ]
     return {
         "transcoder_id": transcoder_id or f"layer_{layer}",
         "index": cantor_pair(layer, feature),
-        "examples_quantiles": [{"quantile_name": "Top activations", "examples": examples}] if examples else [],
+        "examples_quantiles": [{"quantile_name": "Top activations", "examples": examples}]
+        if examples
+        else [],
         "top_logits": top,
         "bottom_logits": bottom,
         "act_min": act_min,
@@ -105,8 +111,9 @@ def export_circuit_tracer(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     with_features = model is not None and transcoders is not None
-    data = build_graph_json(result, model, transcoders, slug=slug,
-                            scan=scan or (LOCAL_FEATURE_SCAN if with_features else None))
+    data = build_graph_json(
+        result, model, transcoders, slug=slug, scan=scan or (LOCAL_FEATURE_SCAN if with_features else None)
+    )
 
     if with_features:
         from .dashboard import latent_logit_tables

@@ -74,7 +74,8 @@ def latent_logit_tables(
     k: int = 10,
     bins: int = 40,
 ) -> dict[tuple[int, int], dict]:
-    """Direct logit effects `W_dec[f] @ W_U` of each `(layer, latent)`: top and bottom k tokens and a histogram.
+    """Direct logit effects `W_dec[f] @ W_U` of each `(layer, latent)`: top and bottom k tokens and a
+    histogram.
 
     Returns:
         `{(layer, f): {"top": [(token, value)], "bottom": [(token, value)], "hist": (counts, lo, hi)}}`,
@@ -90,7 +91,7 @@ def latent_logit_tables(
     for layer, feats in by_layer.items():
         W_dec = transcoders[layer].W_dec.detach()
         for lo in range(0, len(feats), 64):  # chunks: Gemma's vocabulary is 262k wide
-            chunk = feats[lo:lo + 64]
+            chunk = feats[lo : lo + 64]
             effects = (W_dec[chunk].to(W_U.device, W_U.dtype) @ W_U).float()  # (chunk, d_vocab)
             kk = min(k, effects.shape[1])
             top_v, top_i = effects.topk(kk, dim=1)
@@ -99,14 +100,21 @@ def latent_logit_tables(
                 e = effects[row]
                 e_lo, e_hi = float(e.min()), float(e.max())
                 counts = torch.histc(e, bins=bins, min=e_lo, max=e_hi if e_hi > e_lo else e_lo + 1e-6)
-                raw[(layer, f)] = (top_i[row].tolist(), top_v[row].tolist(), bot_i[row].tolist(),
-                                   bot_v[row].tolist(), (counts.long().tolist(), e_lo, e_hi))
+                raw[(layer, f)] = (
+                    top_i[row].tolist(),
+                    top_v[row].tolist(),
+                    bot_i[row].tolist(),
+                    bot_v[row].tolist(),
+                    (counts.long().tolist(), e_lo, e_hi),
+                )
     ids = sorted({i for t in raw.values() for i in t[0] + t[2]})
     strings = dict(zip(ids, model.tokenizer.batch_decode([[i] for i in ids]))) if ids else {}
     return {
-        key: {"top": [(strings[i], v) for i, v in zip(ti, tv)],
-              "bottom": [(strings[i], v) for i, v in zip(bi, bv)],
-              "hist": hist}
+        key: {
+            "top": [(strings[i], v) for i, v in zip(ti, tv)],
+            "bottom": [(strings[i], v) for i, v in zip(bi, bv)],
+            "hist": hist,
+        }
         for key, (ti, tv, bi, bv, hist) in raw.items()
     }
 
@@ -122,8 +130,12 @@ def _example_info(example_data: dict, feature: int, tokenizer, n_examples: int) 
         counts, edges = hist
         info["hist"] = [counts.tolist(), _sig(edges[0]), _sig(edges[-1])]
     info["examples"] = [
-        {"tokens": ex["tokens"], "acts": [_sig(a, 3) for a in ex["acts"]], "peak": ex["peak"],
-         "max": _sig(ex["max_act"])}
+        {
+            "tokens": ex["tokens"],
+            "acts": [_sig(a, 3) for a in ex["acts"]],
+            "peak": ex["peak"],
+            "max": _sig(ex["max_act"]),
+        }
         for ex in feature_examples(example_data, feature, tokenizer, n_examples)
     ]
     return info
@@ -137,8 +149,11 @@ def _shown(token: str) -> str:
 def derived_label(panel: dict) -> str:
     """A latent's label from its data: the tokens it peaks on (example data), else its top logit effects."""
     ex = panel.get("ex") or {}
-    peaks = Counter(_shown(e["tokens"][e["peak"]]).strip() or _shown(e["tokens"][e["peak"]])
-                    for e in ex.get("examples", []) if e["tokens"])
+    peaks = Counter(
+        _shown(e["tokens"][e["peak"]]).strip() or _shown(e["tokens"][e["peak"]])
+        for e in ex.get("examples", [])
+        if e["tokens"]
+    )
     if peaks:
         return "fires on " + ", ".join(repr(t) for t, _ in peaks.most_common(3))
     if panel.get("top"):
@@ -172,8 +187,10 @@ def dashboard_data(
     ablate = {}
     for idx, change in (interventions or {}).items():
         if int(idx) not in position:
-            raise ValueError(f"interventions has node index {idx}, which the dashboard does not show; use indices "
-                             "into result.graph.nodes of kept nodes (result.kept_indices).")
+            raise ValueError(
+                f"interventions has node index {idx}, which the dashboard does not show; use indices "
+                "into result.graph.nodes of kept nodes (result.kept_indices)."
+            )
         predicted, measured = change
         ablate[position[int(idx)]] = [_sig(predicted), _sig(measured)]
 
@@ -182,10 +199,19 @@ def dashboard_data(
         node = graph.nodes[idx]
         kind = _TYPE_NAMES[node_kind(node)]
         row = 0 if kind == "embedding" else n_layers + 1 if kind == "logit" else int(node.layer) + 1
-        entry = {"id": export_node_id(node), "type": kind, "row": row, "ctx": int(node.ctx_idx),
-                 "feature": int(node.feature), "influence": _sig(infl[idx]), "cum": _sig(cum[idx])}
+        entry = {
+            "id": export_node_id(node),
+            "type": kind,
+            "row": row,
+            "ctx": int(node.ctx_idx),
+            "feature": int(node.feature),
+            "influence": _sig(infl[idx]),
+            "cum": _sig(cum[idx]),
+        }
         if kind == "latent":
-            entry.update(layer=int(node.layer), act=_sig(node.activation), key=f"{int(node.layer)}_{node.feature}")
+            entry.update(
+                layer=int(node.layer), act=_sig(node.activation), key=f"{int(node.layer)}_{node.feature}"
+            )
         elif kind == "error":
             entry["layer"] = int(node.layer)
         elif kind == "logit":
@@ -200,8 +226,13 @@ def dashboard_data(
 
     edges = [[s, t, _sig(w)] for s, t, w in view.edges]
 
-    latents = sorted({(int(graph.nodes[i].layer), graph.nodes[i].feature) for i in view.indices
-                      if node_kind(graph.nodes[i]) == "latent"})
+    latents = sorted(
+        {
+            (int(graph.nodes[i].layer), graph.nodes[i].feature)
+            for i in view.indices
+            if node_kind(graph.nodes[i]) == "latent"
+        }
+    )
     panels: dict[str, dict] = {f"{layer}_{f}": {} for layer, f in latents}
     if logit_tables is None and transcoders is not None:
         logit_tables = latent_logit_tables(model, transcoders, latents)
@@ -228,12 +259,16 @@ def dashboard_data(
     settings = result_settings(result)
     notes = {}
     if logit_tables is None:
-        notes["logits"] = ("No logit tables: pass transcoders= to create_attribution_dashboard to see each "
-                           "latent's top and bottom logit effects (W_dec[f] @ W_U).")
+        notes["logits"] = (
+            "No logit tables: pass transcoders= to create_attribution_dashboard to see each "
+            "latent's top and bottom logit effects (W_dec[f] @ W_U)."
+        )
     if not example_data_by_layer:
-        notes["examples"] = ("No example data: pass example_data_by_layer= (utils.load_example_data_parallel, "
-                             "or utils.make_toy_example_data offline) to see activation histograms and "
-                             "top-activating sequences.")
+        notes["examples"] = (
+            "No example data: pass example_data_by_layer= (utils.load_example_data_parallel, "
+            "or utils.make_toy_example_data offline) to see activation histograms and "
+            "top-activating sequences."
+        )
     if graph_json is None:
         graph_json = build_graph_json(result, model, transcoders, logit_tables=logit_tables)
     return {
@@ -248,7 +283,10 @@ def dashboard_data(
             "node_threshold": settings.get("node_threshold"),
             "edge_threshold": settings.get("edge_threshold"),
             "settings": settings,
-            "scores": {str(k): (_sig(v) if isinstance(v, (int, float)) else str(v)) for k, v in (scores or {}).items()},
+            "scores": {
+                str(k): (_sig(v) if isinstance(v, (int, float)) else str(v))
+                for k, v in (scores or {}).items()
+            },
             "scan": default_scan(model, transcoders),
             "notes": notes,
             "kind_names": {_TYPE_NAMES[k]: v for k, v in NODE_NAMES.items()},
@@ -277,7 +315,12 @@ def render_dashboard_html(data: dict) -> str:
     title = html.escape(f"Attribution graph: {data['meta']['prompt'][-80:]}")
     css = css_variables() + "\n" + _asset("dashboard.css")
     # One pass over the template, so text inside the data or the assets is never substituted again.
-    parts = {"__TITLE__": title, "__CSS__": css, "__JS__": _asset("dashboard.js"), "__DATA__": _json_for_script(data)}
+    parts = {
+        "__TITLE__": title,
+        "__CSS__": css,
+        "__JS__": _asset("dashboard.js"),
+        "__DATA__": _json_for_script(data),
+    }
     page = _asset("dashboard.html")
     out, rest = [], page
     while True:
@@ -287,12 +330,13 @@ def render_dashboard_html(data: dict) -> str:
             break
         at, key = min(hits)
         out += [rest[:at], parts[key]]
-        rest = rest[at + len(key):]
+        rest = rest[at + len(key) :]
     return "".join(out)
 
 
 def read_saved_state(folder: str | Path) -> dict | None:
-    """The viewer state saved in `folder/neuronpedia.json` (pins, supernodes, labels), or None if it has none."""
+    """The viewer state saved in `folder/neuronpedia.json` (pins, supernodes, labels), or None if it has
+    none."""
     path = Path(folder) / "neuronpedia.json"
     if not path.exists():
         return None
@@ -301,7 +345,11 @@ def read_saved_state(folder: str | Path) -> dict | None:
     except (ValueError, AttributeError):
         return None
     q = state["qParams"]
-    return state if (q.get("pinnedIds") or q.get("supernodes") or q.get("clickedId") or state["labels"]) else None
+    return (
+        state
+        if (q.get("pinnedIds") or q.get("supernodes") or q.get("clickedId") or state["labels"])
+        else None
+    )
 
 
 class DashboardFrame:
@@ -309,12 +357,16 @@ class DashboardFrame:
 
     def __init__(self, page: str, index: Path):
         self.index = index
-        caption = (f'<div style="font: 12px sans-serif; color: #4b5563; margin: 2px 0;">Attribution dashboard '
-                   f"&middot; full page: <code>{html.escape(str(index))}</code></div>")
+        caption = (
+            f'<div style="font: 12px sans-serif; color: #4b5563; margin: 2px 0;">Attribution dashboard '
+            f"&middot; full page: <code>{html.escape(str(index))}</code></div>"
+        )
         # allow-same-origin lets the page size its own frame to its content; the page is our own file.
-        self.data = (f'<div>{caption}<iframe srcdoc="{html.escape(page, quote=True)}" title="attribution dashboard" '
-                     'style="width: 100%; height: 760px; border: 1px solid #ddd; display: block;" '
-                     'sandbox="allow-scripts allow-same-origin allow-downloads"></iframe></div>')
+        self.data = (
+            f'<div>{caption}<iframe srcdoc="{html.escape(page, quote=True)}" title="attribution dashboard" '
+            'style="width: 100%; height: 760px; border: 1px solid #ddd; display: block;" '
+            'sandbox="allow-scripts allow-same-origin allow-downloads"></iframe></div>'
+        )
 
     def _repr_html_(self) -> str:
         return self.data
@@ -346,7 +398,8 @@ def create_attribution_dashboard(
     slug: str = "attribution-graph",
     interventions: Mapping[int, tuple[float, float]] | None = None,
 ) -> str:
-    """Write `index.html` (the dashboard) and `neuronpedia.json` into `output_dir`; show it inline; return the HTML.
+    """Write `index.html` (the dashboard) and `neuronpedia.json` into `output_dir`; show it inline; return the
+    HTML.
 
     A state saved from the page (pins, supernodes, labels) that lies in `output_dir/neuronpedia.json`
     is kept: the new page opens with it and the new export carries it, for the nodes that still exist.
@@ -367,14 +420,28 @@ def create_attribution_dashboard(
     view = view_graph(result)
     tables = None
     if transcoders is not None:
-        latents = sorted({(int(result.graph.nodes[i].layer), int(result.graph.nodes[i].feature))
-                          for i in view.indices if node_kind(result.graph.nodes[i]) == "latent"})
+        latents = sorted(
+            {
+                (int(result.graph.nodes[i].layer), int(result.graph.nodes[i].feature))
+                for i in view.indices
+                if node_kind(result.graph.nodes[i]) == "latent"
+            }
+        )
         tables = latent_logit_tables(model, transcoders, latents)  # shared by the page and the export
     out = Path(output_dir)
     state = read_saved_state(out)
     graph_json = build_graph_json(result, model, transcoders, slug=slug, logit_tables=tables, state=state)
-    data = dashboard_data(result, model, transcoders, example_data_by_layer, scores, logit_tables=tables,
-                          interventions=interventions, state=state, graph_json=graph_json)
+    data = dashboard_data(
+        result,
+        model,
+        transcoders,
+        example_data_by_layer,
+        scores,
+        logit_tables=tables,
+        interventions=interventions,
+        state=state,
+        graph_json=graph_json,
+    )
     page = render_dashboard_html(data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(page, encoding="utf-8")

@@ -7,7 +7,7 @@ per latent, N corpus sequences of length T; the dtypes are not documented, so re
 
 | key                   | shape    | meaning                                                            |
 |-----------------------|----------|--------------------------------------------------------------------|
-| `activations`         | (F, K)   | the K largest activations of each latent, largest first (0 = unused slot) |
+| `activations` | (F, K) | the K largest activations of each latent, largest first (0 = unused slot) |
 | `seq_ids`             | (F, K)   | which corpus sequence each of them is in (rows of `tokens`)        |
 | `positions`           | (F, K)   | the token position in that sequence                                |
 | `feature_frequencies` | (F,)     | the fraction of corpus tokens on which the latent fires            |
@@ -60,13 +60,32 @@ __all__ = [
     "inspect_feature",
 ]
 
-EXAMPLE_KEYS = ("activations", "seq_ids", "positions", "feature_frequencies", "top_tokens", "top_logits",
-                "bottom_tokens", "bottom_logits", "tokens")
-_PER_FEATURE = ("activations", "seq_ids", "positions", "feature_frequencies", "top_tokens", "top_logits",
-                "bottom_tokens", "bottom_logits")
+EXAMPLE_KEYS = (
+    "activations",
+    "seq_ids",
+    "positions",
+    "feature_frequencies",
+    "top_tokens",
+    "top_logits",
+    "bottom_tokens",
+    "bottom_logits",
+    "tokens",
+)
+_PER_FEATURE = (
+    "activations",
+    "seq_ids",
+    "positions",
+    "feature_frequencies",
+    "top_tokens",
+    "top_logits",
+    "bottom_tokens",
+    "bottom_logits",
+)
 
-TOY_HINT = ("Offline, build example data for the toy world instead: "
-            "`utils.make_toy_example_data(model, transcoders)`.")
+TOY_HINT = (
+    "Offline, build example data for the toy world instead: "
+    "`utils.make_toy_example_data(model, transcoders)`."
+)
 
 
 def example_repo_id(model_size: str = "1b", instruction_tuned: bool = True) -> str:
@@ -74,8 +93,9 @@ def example_repo_id(model_size: str = "1b", instruction_tuned: bool = True) -> s
     return f"google/gemma-scope-2-{model_size}-{'it' if instruction_tuned else 'pt'}"
 
 
-def example_file_path(layer: int, category: str = "transcoder_all", width: str = "16k", l0: str = "small",
-                      affine: bool = True) -> str:
+def example_file_path(
+    layer: int, category: str = "transcoder_all", width: str = "16k", l0: str = "small", affine: bool = True
+) -> str:
     """Path of one transcoder's example file inside the repository."""
     return f"{category}/layer_{layer}_width_{width}_l0_{l0}{'_affine' if affine else ''}/examples.safetensors"
 
@@ -85,8 +105,11 @@ def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path
     if local_dir is not None and (Path(local_dir) / filename).is_file():
         return Path(local_dir) / filename
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir,
-                                    token=os.getenv("HF_TOKEN") or None))
+        return Path(
+            hf_hub_download(
+                repo_id=repo_id, filename=filename, local_dir=local_dir, token=os.getenv("HF_TOKEN") or None
+            )
+        )
     except Exception as err:  # network, auth and missing-file errors all come through here
         raise HubUnreachableError(
             f"Could not download {filename} from the Hugging Face hub repository {repo_id} "
@@ -113,7 +136,7 @@ class _LocalFile:
         if not rows:
             return torch.empty(0, *([min(n_cols or shape[1], shape[1])] if len(shape) == 2 else []))
         cols = slice(None) if n_cols is None or len(shape) == 1 else slice(0, n_cols)
-        parts = [sl[r:r + 1] if len(shape) == 1 else sl[r:r + 1, cols] for r in rows]
+        parts = [sl[r : r + 1] if len(shape) == 1 else sl[r : r + 1, cols] for r in rows]
         return torch.cat(parts)
 
 
@@ -145,8 +168,9 @@ def _read_subset(source, features: list[int], n_examples: int | None, where: str
     return data
 
 
-def _read_by_range(repo_id: str, filename: str, features: list[int], n_examples: int | None,
-                   cache: str | Path | None) -> dict[str, Tensor]:
+def _read_by_range(
+    repo_id: str, filename: str, features: list[int], n_examples: int | None, cache: str | Path | None
+) -> dict[str, Tensor]:
     """`_read_subset` over HTTP range requests to the hub (the header and the needed rows only)."""
     from ..worlds.hub import find_hf_token
     from .remote_safetensors import RemoteSafetensors
@@ -157,8 +181,8 @@ def _read_by_range(repo_id: str, filename: str, features: list[int], n_examples:
     except (OSError, ValueError) as err:  # requests' errors are OSErrors; a corrupt header a ValueError
         raise HubUnreachableError(
             f"Could not read {filename} from the Hugging Face hub repository {repo_id} by range requests "
-            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository is "
-            f"gated), or pass local_dir= to download whole files. {TOY_HINT}"
+            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository "
+            f"is gated), or pass local_dir= to download whole files. {TOY_HINT}"
         ) from err
     return data
 
@@ -185,14 +209,13 @@ def load_example_data(
     the whole file is downloaded (once, into `local_dir` if given) and read from disk.
 
     Args:
-        layer: the transcoder's layer.
-        model_size, instruction_tuned: pick the repository `google/gemma-scope-2-{size}-{it|pt}`.
-        category, width, l0, affine: pick the transcoder folder, e.g. `transcoder_all/layer_3_width_16k_l0_small_affine`.
-        repo_id: overrides the repository.
-        local_dir: download whole files into (and, if the file is already there, read from) this folder.
-        features: read only these latents (and the sequences they need); adds `feature_ids`.
-        n_examples: keep only the first (largest) this many examples per latent.
-        range_cache: the SQLite file that keeps ranges read from the hub (default
+        layer: the transcoder's layer. model_size, instruction_tuned: pick the repository
+        `google/gemma-scope-2-{size}-{it|pt}`. category, width, l0, affine: pick the transcoder folder, e.g.
+        `transcoder_all/layer_3_width_16k_l0_small_affine`. repo_id: overrides the repository. local_dir:
+        download whole files into (and, if the file is already there, read from) this folder. features: read
+        only these latents (and the sequences they need); adds `feature_ids`. n_examples: keep only the first
+        (largest) this many examples per latent. range_cache: the SQLite file that keeps ranges read from the
+        hub (default
             `~/.cache/part3_attribution_graphs/hub_ranges.sqlite`).
 
     Raises:
@@ -248,8 +271,20 @@ def load_example_data_parallel(
 
     def load(layer: int) -> dict[str, Tensor]:
         feats = None if features_by_layer is None else list(features_by_layer.get(layer, []))
-        return load_example_data(layer, model_size, category, width, l0, affine, instruction_tuned, repo_id,
-                                 local_dir, features=feats, n_examples=n_examples, range_cache=range_cache)
+        return load_example_data(
+            layer,
+            model_size,
+            category,
+            width,
+            l0,
+            affine,
+            instruction_tuned,
+            repo_id,
+            local_dir,
+            features=feats,
+            n_examples=n_examples,
+            range_cache=range_cache,
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         loaded = list(tqdm(pool.map(load, layers), total=len(layers), desc="Example data"))
@@ -300,8 +335,11 @@ def make_toy_example_data(
     acts: dict[int, list[Tensor]] = {layer: [] for layer in transcoders}
     for lo in range(0, n_sequences, batch_size):
         # Stop after the last transcoder's block: the unembedding (262k wide on Gemma) is not needed.
-        _, cache = model.run_with_cache(tokens[lo:lo + batch_size].to(device), names_filter=lambda n: n in names,
-                                        stop_at_layer=max(transcoders) + 1)
+        _, cache = model.run_with_cache(
+            tokens[lo : lo + batch_size].to(device),
+            names_filter=lambda n: n in names,
+            stop_at_layer=max(transcoders) + 1,
+        )
         for layer, tc in transcoders.items():
             a = tc.encode(cache[f"blocks.{layer}.mlp.hook_in"].to(tc.W_enc.dtype)).float().cpu()
             a[:, 0] = 0.0
@@ -324,7 +362,7 @@ def make_toy_example_data(
         else:
             rows = torch.tensor(sorted({int(f) for f in features_by_layer.get(layer, [])}), dtype=torch.long)
         for lo in range(0, len(rows), 256):
-            logits = W_dec[rows[lo:lo + 256].to(W_dec.device)] @ W_U
+            logits = W_dec[rows[lo : lo + 256].to(W_dec.device)] @ W_U
             tops.append(logits.topk(n_top, dim=1))
             bots.append(logits.topk(n_top, dim=1, largest=False))
         top_vals = torch.zeros(W_dec.shape[0], n_top)
@@ -416,8 +454,16 @@ def feature_examples(
         for q, a in zip(pos[same].tolist(), act[same].tolist()):
             if lo <= q < hi:
                 acts[q - lo] = max(acts[q - lo], float(a))
-        examples.append({"seq_id": s, "max_act": float(act[j]), "peak": p - lo, "token_ids": ids,
-                         "tokens": decode(ids), "acts": acts})
+        examples.append(
+            {
+                "seq_id": s,
+                "max_act": float(act[j]),
+                "peak": p - lo,
+                "token_ids": ids,
+                "tokens": decode(ids),
+                "acts": acts,
+            }
+        )
         if len(examples) >= n_examples:
             break
     return examples
@@ -454,15 +500,21 @@ class FeatureTable:
         import html
 
         cell = "padding: 2px 4px; font-family: monospace; white-space: pre; border: 1px solid #e5e7eb;"
-        head = "".join(f'<th style="{cell} background: #f9fafb;">{html.escape(str(c))}</th>'
-                       for c in ["", *self.data.columns])
+        head = "".join(
+            f'<th style="{cell} background: #f9fafb;">{html.escape(str(c))}</th>'
+            for c in ["", *self.data.columns]
+        )
         rows = []
         for (name, values), (_, styles) in zip(self.data.iterrows(), self.cell_styles.iterrows()):
-            cells = "".join(f'<td style="{cell} {st}">{html.escape(str(v))}</td>' for v, st in zip(values, styles))
+            cells = "".join(
+                f'<td style="{cell} {st}">{html.escape(str(v))}</td>' for v, st in zip(values, styles)
+            )
             rows.append(f'<tr><th style="{cell} text-align: left;">{html.escape(str(name))}</th>{cells}</tr>')
-        return (f'<table style="border-collapse: collapse; font-size: 12px;"><caption style="text-align: left; '
-                f'caption-side: top; padding: 2px 0;">{html.escape(self.caption)}</caption><thead><tr>{head}</tr>'
-                f"</thead><tbody>{''.join(rows)}</tbody></table>")
+        return (
+            f'<table style="border-collapse: collapse; font-size: 12px;"><caption style="text-align: left; '
+            f'caption-side: top; padding: 2px 0;">{html.escape(self.caption)}</caption><thead><tr>{head}</tr>'
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        )
 
     def _repr_html_(self) -> str:
         return self.to_html()
@@ -523,5 +575,9 @@ def inspect_feature(
 
     df = pd.DataFrame(text, columns=["max act"] + cols, index=[f"seq {e['seq_id']}" for e in examples])
     css_df = pd.DataFrame(styles, columns=df.columns, index=df.index)
-    return FeatureTable(df, css_df, f"{name}: top {len(examples)} sequences (green: activation; underline: "
-                                    "blue = among its top logit tokens, red = bottom)")
+    return FeatureTable(
+        df,
+        css_df,
+        f"{name}: top {len(examples)} sequences (green: activation; underline: "
+        "blue = among its top logit tokens, red = bottom)",
+    )

@@ -37,7 +37,9 @@ def random_layered_dag(
         layer_of: the layer of each node (`n_layers` for logits).
     """
     if n_logit_nodes < 1 or n_nodes <= n_logit_nodes:
-        raise ValueError(f"need 1 <= n_logit_nodes < n_nodes, got n_nodes={n_nodes}, n_logit_nodes={n_logit_nodes}")
+        raise ValueError(
+            f"need 1 <= n_logit_nodes < n_nodes, got n_nodes={n_nodes}, n_logit_nodes={n_logit_nodes}"
+        )
     if not 0 <= edge_probability <= 1:
         raise ValueError(f"edge_probability must be in [0, 1], got {edge_probability}")
     gen = torch.Generator().manual_seed(seed)
@@ -73,25 +75,33 @@ def _as_index_tensor(x, n: int, what: str) -> Int[Tensor, " k"]:
         t = t.round()
     t = t.long()
     if t.numel() and (t.min() < 0 or t.max() >= n):
-        raise ValueError(f"{what}: kept indices must be in [0, {n}), got min {int(t.min())}, max {int(t.max())}.")
+        raise ValueError(
+            f"{what}: kept indices must be in [0, {n}), got min {int(t.min())}, max {int(t.max())}."
+        )
     if t.unique().numel() != t.numel():
         raise ValueError(f"{what}: kept indices contain duplicates.")
     return t
 
 
-def _call_pruner(fn: PruneFn, A: Tensor, logit_weights: Tensor, n_layers: int, threshold: float,
-                 what: str) -> tuple[Tensor, Tensor]:
+def _call_pruner(
+    fn: PruneFn, A: Tensor, logit_weights: Tensor, n_layers: int, threshold: float, what: str
+) -> tuple[Tensor, Tensor]:
     """Run a learner's pruning function and check that it returned (kept_indices, pruned_matrix)."""
     out = fn(A.clone(), logit_weights.clone(), n_layers, threshold)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise ValueError(f"{what} should return (kept_indices, pruned_matrix), got {type(out).__name__}"
-                         + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+        raise ValueError(
+            f"{what} should return (kept_indices, pruned_matrix), got {type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+        )
     kept = _as_index_tensor(out[0], A.shape[0], what)
-    pruned = torch.as_tensor(np.asarray(out[1].detach().cpu() if isinstance(out[1], Tensor) else out[1]),
-                             dtype=A.dtype)
+    pruned = torch.as_tensor(
+        np.asarray(out[1].detach().cpu() if isinstance(out[1], Tensor) else out[1]), dtype=A.dtype
+    )
     k = kept.numel()
     if pruned.shape != (k, k):
-        raise ValueError(f"{what} kept {k} nodes, so pruned_matrix should be ({k}, {k}); got {tuple(pruned.shape)}.")
+        raise ValueError(
+            f"{what} kept {k} nodes, so pruned_matrix should be ({k}, {k}); got {tuple(pruned.shape)}."
+        )
     return kept, pruned
 
 
@@ -123,33 +133,55 @@ def _dag_figure(
             xs += [positions[a, 0], positions[b, 0], None]
             ys += [positions[a, 1], positions[b, 1], None]
         for (positive, width), (xs, ys) in sorted(groups.items()):
-            fig.add_trace(go.Scatter(
-                x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                line=dict(color=EDGE_POSITIVE if positive else EDGE_NEGATIVE, width=1 + 1.5 * width),
-                opacity=0.35 + 0.2 * width,
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines",
+                    hoverinfo="skip",
+                    showlegend=False,
+                    line=dict(color=EDGE_POSITIVE if positive else EDGE_NEGATIVE, width=1 + 1.5 * width),
+                    opacity=0.35 + 0.2 * width,
+                )
+            )
     n = A_full_shape
     colours = [NODE_FILL["logit"] if i >= n - n_logit else NODE_FILL["latent"] for i in range(n)]
     for is_kept in (False, True):
         idx = [i for i in range(n) if (i in kept_set) == is_kept]
         if not idx:
             continue
-        fig.add_trace(go.Scatter(
-            x=positions[idx, 0], y=positions[idx, 1], mode="markers+text",
-            text=[str(i) for i in idx], textposition="middle center", textfont=dict(size=9),
-            marker=dict(size=18, color=[colours[i] for i in idx] if is_kept else "#f3f4f6",
-                        line=dict(width=1, color=NODE_STROKE["latent"] if is_kept else "#d1d5db")),
-            opacity=1.0 if is_kept else 0.5,
-            name="kept" if is_kept else "pruned",
-            hovertext=[f"node {i}, layer {layer_of[i] if i < n - n_logit else 'logit'}" for i in idx],
-            hoverinfo="text",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=positions[idx, 0],
+                y=positions[idx, 1],
+                mode="markers+text",
+                text=[str(i) for i in idx],
+                textposition="middle center",
+                textfont=dict(size=9),
+                marker=dict(
+                    size=18,
+                    color=[colours[i] for i in idx] if is_kept else "#f3f4f6",
+                    line=dict(width=1, color=NODE_STROKE["latent"] if is_kept else "#d1d5db"),
+                ),
+                opacity=1.0 if is_kept else 0.5,
+                name="kept" if is_kept else "pruned",
+                hovertext=[f"node {i}, layer {layer_of[i] if i < n - n_logit else 'logit'}" for i in idx],
+                hoverinfo="text",
+            )
+        )
     fig.update_layout(
         title=f"{title}<br><sub>{len(kept_list)} / {n} nodes, {n_edges} edges</sub>",
-        xaxis=dict(visible=False), yaxis=dict(title="layer", tickmode="array",
-                                              tickvals=sorted(set(layer_of)),
-                                              ticktext=[str(v) for v in sorted(set(layer_of))[:-1]] + ["logits"]),
-        width=520, height=480, plot_bgcolor="white", margin=dict(l=50, r=20, t=70, b=20),
+        xaxis=dict(visible=False),
+        yaxis=dict(
+            title="layer",
+            tickmode="array",
+            tickvals=sorted(set(layer_of)),
+            ticktext=[str(v) for v in sorted(set(layer_of))[:-1]] + ["logits"],
+        ),
+        width=520,
+        height=480,
+        plot_bgcolor="white",
+        margin=dict(l=50, r=20, t=70, b=20),
         legend=dict(orientation="h", y=-0.02),
     )
     return fig
@@ -188,16 +220,31 @@ def demo_pruning(
             positions[i] = (k - (len(members) - 1) / 2, layer)
 
     kept1, pruned1 = _call_pruner(prune_nodes, A, logit_weights, n_layers_used, node_threshold, "prune_nodes")
-    kept2_local, pruned2 = _call_pruner(prune_edges, pruned1, logit_weights, n_layers_used, edge_threshold,
-                                        "prune_edges")
+    kept2_local, pruned2 = _call_pruner(
+        prune_edges, pruned1, logit_weights, n_layers_used, edge_threshold, "prune_edges"
+    )
     kept2 = kept1[kept2_local]
 
     figs = [
         _dag_figure(n_nodes, positions, layer_of, n_logit_nodes, torch.arange(n_nodes), A, "Original graph"),
-        _dag_figure(n_nodes, positions, layer_of, n_logit_nodes, kept1, pruned1,
-                    f"After node pruning (threshold {node_threshold})"),
-        _dag_figure(n_nodes, positions, layer_of, n_logit_nodes, kept2, pruned2,
-                    f"After edge pruning (threshold {edge_threshold})"),
+        _dag_figure(
+            n_nodes,
+            positions,
+            layer_of,
+            n_logit_nodes,
+            kept1,
+            pruned1,
+            f"After node pruning (threshold {node_threshold})",
+        ),
+        _dag_figure(
+            n_nodes,
+            positions,
+            layer_of,
+            n_logit_nodes,
+            kept2,
+            pruned2,
+            f"After edge pruning (threshold {edge_threshold})",
+        ),
     ]
     if show:
         for fig in figs:
@@ -206,20 +253,44 @@ def demo_pruning(
 
 
 def plot_cumulative_influence(influence: Float[Tensor, " n_nodes"], threshold: float = 0.8) -> go.Figure:
-    """Share of total influence covered by the k most influential nodes, against k, with the threshold marked."""
+    """Share of total influence covered by the k most influential nodes, against k, with the threshold
+    marked."""
     infl = torch.as_tensor(influence).detach().double().cpu().flatten().clamp(min=0)
     sorted_infl = infl.sort(descending=True).values
     total = float(sorted_infl.sum())
     cum = (sorted_infl.cumsum(0) / total).numpy() if total > 0 else np.ones(len(sorted_infl))
     n_needed = int((cum < threshold).sum()) + 1 if total > 0 else len(cum)
     n_needed = min(n_needed, len(cum))
-    fig = go.Figure(go.Scatter(x=np.arange(1, len(cum) + 1), y=cum, mode="lines", name="cumulative influence",
-                               line=dict(color=EDGE_POSITIVE)))
-    fig.add_hline(y=threshold, line_dash="dash", line_color="#dc2626",
-                  annotation_text=f"{threshold:.0%} threshold", annotation_position="bottom right")
-    fig.add_vline(x=n_needed, line_dash="dot", line_color="#6b7280",
-                  annotation_text=f"{n_needed} nodes", annotation_position="top left")
-    fig.update_layout(title="Cumulative node influence", xaxis_title="Number of nodes kept (by influence)",
-                      yaxis_title="Fraction of total influence", yaxis=dict(range=[0, 1.02]),
-                      width=700, height=420, plot_bgcolor="white")
+    fig = go.Figure(
+        go.Scatter(
+            x=np.arange(1, len(cum) + 1),
+            y=cum,
+            mode="lines",
+            name="cumulative influence",
+            line=dict(color=EDGE_POSITIVE),
+        )
+    )
+    fig.add_hline(
+        y=threshold,
+        line_dash="dash",
+        line_color="#dc2626",
+        annotation_text=f"{threshold:.0%} threshold",
+        annotation_position="bottom right",
+    )
+    fig.add_vline(
+        x=n_needed,
+        line_dash="dot",
+        line_color="#6b7280",
+        annotation_text=f"{n_needed} nodes",
+        annotation_position="top left",
+    )
+    fig.update_layout(
+        title="Cumulative node influence",
+        xaxis_title="Number of nodes kept (by influence)",
+        yaxis_title="Fraction of total influence",
+        yaxis=dict(range=[0, 1.02]),
+        width=700,
+        height=420,
+        plot_bgcolor="white",
+    )
     return fig

@@ -9,12 +9,12 @@ Node conventions follow circuit-tracer's `frontend/graph_models.py`, so both vie
 `node_id` is `NodeInfo.node_id` (the one id function of the package: `nodes.json`, the dashboard and
 this export agree); both viewers treat it as an opaque key.
 
-| our node       | node_id                   | feature                 | layer            | feature_type               |
-|----------------|---------------------------|-------------------------|------------------|----------------------------|
-| embedding      | `E_{token id}_{pos}`      | pos                     | `"E"`            | `"embedding"`              |
-| latent (l, f)  | `{l}_{f}_{pos}`           | cantor(l, f)            | `"l"`            | `"cross layer transcoder"` |
-| MLP error (l)  | `{l}_err_{pos}`           | -1                      | `"l"`            | `"mlp reconstruction error"` |
-| logit (v)      | `L_{v}_{pos}`             | v                       | `"{n_layers+1}"` | `"logit"`                  |
+| our node      | node_id              | feature      | layer            | feature_type                 |
+|---------------|----------------------|--------------|------------------|------------------------------|
+| embedding     | `E_{token id}_{pos}` | pos          | `"E"`            | `"embedding"`                |
+| latent (l, f) | `{l}_{f}_{pos}`      | cantor(l, f) | `"l"`            | `"cross layer transcoder"`   |
+| MLP error (l) | `{l}_err_{pos}`      | -1           | `"l"`            | `"mlp reconstruction error"` |
+| logit (v)     | `L_{v}_{pos}`        | v            | `"{n_layers+1}"` | `"logit"`                    |
 
 `metadata.schema_version = 1` tells Neuronpedia that latent `feature`s are Cantor pairs of
 (layer, index). circuit-tracer names error nodes `0_{l}_{pos}`, which collides with latent ids of
@@ -158,12 +158,16 @@ def view_graph(result: AttributionResult) -> ViewGraph:
             break
         alive = now
     keep_pos = torch.where(alive)[0].tolist()
-    indices = sorted({kept[p] for p in keep_pos} | {i for i, n in enumerate(nodes) if node_kind(n) == "embedding"})
+    indices = sorted(
+        {kept[p] for p in keep_pos} | {i for i, n in enumerate(nodes) if node_kind(n) == "embedding"}
+    )
     where = {g: k for k, g in enumerate(indices)}
     W = result.pruned_matrix.detach().cpu()
     targets, sources = torch.nonzero(W * (alive[:, None] & alive[None, :]), as_tuple=True)
     weights = W[targets, sources].tolist()
-    edges = [(where[kept[s]], where[kept[t]], w) for s, t, w in zip(sources.tolist(), targets.tolist(), weights)]
+    edges = [
+        (where[kept[s]], where[kept[t]], w) for s, t, w in zip(sources.tolist(), targets.tolist(), weights)
+    ]
     dropped = [kept[p] for p in torch.where(~alive)[0].tolist()]
     return ViewGraph(indices, edges, dropped)
 
@@ -202,8 +206,9 @@ def default_scan(model: HookedSAETransformer | None = None, transcoders: dict | 
     return "custom"
 
 
-def _latent_clerps(result: AttributionResult, model, transcoders: dict | None,
-                   logit_tables: dict | None = None) -> dict[tuple[int, int], str]:
+def _latent_clerps(
+    result: AttributionResult, model, transcoders: dict | None, logit_tables: dict | None = None
+) -> dict[tuple[int, int], str]:
     """A fallback label per kept latent from its top direct logit effects (`W_dec[f] @ W_U`)."""
     if logit_tables is None:
         if transcoders is None or model is None:
@@ -268,15 +273,22 @@ def build_graph_json(
             entry.update(feature=int(node.ctx_idx), jsNodeId=f"E_{node.feature}-{node.ctx_idx}")
         elif kind == "latent":
             layer = int(node.layer)
-            entry.update(feature=cantor_pair(layer, node.feature), jsNodeId=f"{layer}_{node.feature}-0",
-                         activation=_round(node.activation))
+            entry.update(
+                feature=cantor_pair(layer, node.feature),
+                jsNodeId=f"{layer}_{node.feature}-0",
+                activation=_round(node.activation),
+            )
             entry["clerp"] = entry["clerp"] or clerps.get((layer, node.feature), "")
         elif kind == "mlp_error":
             entry.update(feature=-1, jsNodeId=f"{node.layer}_err_{node.ctx_idx}-0")
         else:
-            entry.update(feature=int(node.feature), layer=str(n_layers + 1),
-                         jsNodeId=f"L_{node.feature}-{node.ctx_idx}", token_prob=_round(node.token_prob),
-                         is_target_logit=idx == target_logit)
+            entry.update(
+                feature=int(node.feature),
+                layer=str(n_layers + 1),
+                jsNodeId=f"L_{node.feature}-{node.ctx_idx}",
+                token_prob=_round(node.token_prob),
+                is_target_logit=idx == target_logit,
+            )
             # Both viewers parse the probability back out of this exact "(p=...)" form.
             entry["clerp"] = f'Output "{node.str_token}" (p={node.token_prob:.3f})'
         nodes.append(entry)
@@ -335,8 +347,11 @@ def apply_state(nodes: list[dict], q_params: dict, state: dict) -> None:
     if isinstance(pinned, str):  # Neuronpedia's URLs write them comma-separated
         pinned = [p for p in pinned.split(",") if p]
     q_params["pinnedIds"] = [p for p in pinned if p in ids]
-    q_params["supernodes"] = [[str(sn[0]), *[m for m in sn[1:] if m in ids]] for sn in q.get("supernodes") or []
-                              if sn and any(m in ids for m in sn[1:])]
+    q_params["supernodes"] = [
+        [str(sn[0]), *[m for m in sn[1:] if m in ids]]
+        for sn in q.get("supernodes") or []
+        if sn and any(m in ids for m in sn[1:])
+    ]
     q_params["clickedId"] = q.get("clickedId", "") if q.get("clickedId", "") in ids else ""
     for key in ("node_threshold", "edge_threshold", "linkType", "sg_pos"):
         if key in q:
@@ -378,8 +393,16 @@ def export_neuronpedia(
         logit_tables: `latent_logit_tables(...)` output, if already computed.
         state: a saved viewer state (`saved_state(...)`) to carry into the export.
     """
-    data = build_graph_json(result, model, transcoders, slug=slug, scan=scan,
-                            neuronpedia_source_set=neuronpedia_source_set, logit_tables=logit_tables, state=state)
+    data = build_graph_json(
+        result,
+        model,
+        transcoders,
+        slug=slug,
+        scan=scan,
+        neuronpedia_source_set=neuronpedia_source_set,
+        logit_tables=logit_tables,
+        state=state,
+    )
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,15 @@ from ..worlds.hub import hub_endpoint
 __all__ = ["RemoteSafetensors", "default_range_cache", "file_url"]
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 MERGE_GAP = 4096  # bytes: two ranges closer than this are fetched as one (a round trip costs more)
@@ -61,8 +68,15 @@ class RemoteSafetensors:
         bytes_fetched, requests: what went over the network so far (cache hits count nothing).
     """
 
-    def __init__(self, repo_id: str, filename: str, revision: str = "main", token: str | None = None,
-                 cache: str | Path | bool | None = None, max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        filename: str,
+        revision: str = "main",
+        token: str | None = None,
+        cache: str | Path | bool | None = None,
+        max_workers: int = 8,
+    ) -> None:
         self.url = file_url(repo_id, filename, revision)
         self.name = f"{repo_id}/{filename}"
         self.token = token
@@ -70,7 +84,9 @@ class RemoteSafetensors:
         self.bytes_fetched = 0
         self.requests = 0
         self._lock = threading.Lock()
-        self._local = threading.local()  # one HTTP session per thread (requests' sessions are not thread-safe)
+        self._local = (
+            threading.local()
+        )  # one HTTP session per thread (requests' sessions are not thread-safe)
         self._direct_url: str | None = None  # where the hub redirected us (its CDN), reused while it works
         self._cache_path = None if cache is False else Path(cache or default_range_cache())
         self._chunks: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint, not touching
@@ -105,7 +121,9 @@ class RemoteSafetensors:
                 raise IndexError(f"row {r} of {key} {list(shape)} in {self.name}")
         starts = [self._data_start + begin + r * width * item for r in rows]
         blobs = self.read_ranges([(s, s + cols * item) for s in starts])
-        flat = torch.frombuffer(bytearray(b"".join(blobs)), dtype=dtype) if rows else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(bytearray(b"".join(blobs)), dtype=dtype) if rows else torch.empty(0, dtype=dtype)
+        )
         return flat.reshape(len(rows), cols) if len(shape) == 2 else flat.reshape(len(rows))
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -139,14 +157,17 @@ class RemoteSafetensors:
             if response.status_code in (401, 403, 404, 410):  # the signed URL expired: ask the hub again
                 response = None
         if response is None:
-            response = session.get(self.url, headers={**build_hf_headers(token=self.token), **range_header},
-                                   timeout=30)
+            response = session.get(
+                self.url, headers={**build_hf_headers(token=self.token), **range_header}, timeout=30
+            )
             if response.history and response.ok:
                 self._direct_url = response.url
         response.raise_for_status()
         if response.status_code != 206:
-            raise OSError(f"{self.url} ignored the Range header (HTTP {response.status_code}); not downloading "
-                          "the whole file.")
+            raise OSError(
+                f"{self.url} ignored the Range header (HTTP {response.status_code}); not downloading "
+                "the whole file."
+            )
         data = response.content
         if len(data) != end - start:
             raise OSError(f"{self.url}: asked for {end - start} bytes at {start}, got {len(data)}.")
@@ -161,14 +182,16 @@ class RemoteSafetensors:
         if i >= 0:
             c_start, data = self._chunks[i]
             if end <= c_start + len(data):
-                return data[start - c_start:end - c_start]
+                return data[start - c_start : end - c_start]
         return None
 
     def _connect(self) -> sqlite3.Connection:
         self._cache_path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self._cache_path, timeout=60)
-        db.execute("CREATE TABLE IF NOT EXISTS chunks (file TEXT, start INTEGER, data BLOB, "
-                   "PRIMARY KEY (file, start))")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS chunks (file TEXT, start INTEGER, data BLOB, "
+            "PRIMARY KEY (file, start))"
+        )
         return db
 
     def _load_cache(self) -> None:
@@ -182,8 +205,9 @@ class RemoteSafetensors:
         self._add(fetched)
         if self._cache_path is not None:
             with self._connect() as db:
-                db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)",
-                               [(self._key, s, d) for s, d in fetched])
+                db.executemany(
+                    "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", [(self._key, s, d) for s, d in fetched]
+                )
 
     def _add(self, chunks) -> None:
         """Merge chunks into the sorted in-memory list, joining overlapping or touching ones into one."""
@@ -199,5 +223,5 @@ class RemoteSafetensors:
             lo = min(c[0] for c in group)
             buf = bytearray(max(c[0] + len(c[1]) for c in group) - lo)
             for c_start, c_data in group:  # all slices of one file, so overlaps agree
-                buf[c_start - lo:c_start - lo + len(c_data)] = c_data
+                buf[c_start - lo : c_start - lo + len(c_data)] = c_data
             self._chunks[i:j] = [(lo, bytes(buf))]

@@ -41,21 +41,26 @@ def format_prompt(user_prompt: str, model_response: str = "") -> str:
     return f"<start_of_turn>user\n{user_prompt}<end_of_turn>\n<start_of_turn>model\n{model_response}"
 
 
-def transcoder_ids(n_layers: int = 26, width: str = "16k", l0: str = "small", affine: bool = True) -> list[str]:
+def transcoder_ids(
+    n_layers: int = 26, width: str = "16k", l0: str = "small", affine: bool = True
+) -> list[str]:
     """GemmaScope 2 transcoder ids, e.g. `layer_3_width_16k_l0_small_affine`."""
     return [f"layer_{layer}_width_{width}_l0_{l0}{'_affine' if affine else ''}" for layer in range(n_layers)]
 
 
 def _hub_error(what: str, err: Exception, gated: str | None = GEMMA_MODEL) -> HubUnreachableError:
-    access = f"that your HF_TOKEN has access to {gated}" if gated else "(if the repository is gated) your HF_TOKEN"
+    access = (
+        f"that your HF_TOKEN has access to {gated}" if gated else "(if the repository is gated) your HF_TOKEN"
+    )
     return HubUnreachableError(
         f"Could not load {what} from the Hugging Face hub ({type(err).__name__}: {err}). Check your network "
         f"and {access}. {OFFLINE_HINT}"
     )
 
 
-def load_gemma_model(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     token: str | None = None) -> HookedSAETransformer:
+def load_gemma_model(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, token: str | None = None
+) -> HookedSAETransformer:
     """Gemma 3-1B IT as a `HookedSAETransformer`, unprocessed (no folded norms, no centring)."""
     use_token(token or load_hf_token())
     try:
@@ -97,12 +102,14 @@ def load_saes_parallel(
     return saes
 
 
-def load_gemma_world(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     max_workers: int = 4) -> tuple[HookedSAETransformer, dict[int, SAE]]:
+def load_gemma_world(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, max_workers: int = 4
+) -> tuple[HookedSAETransformer, dict[int, SAE]]:
     """Gemma 3-1B IT and its 26 `width_16k_l0_small_affine` GemmaScope 2 transcoders."""
     token = load_hf_token()
     check_hub(GEMMA_MODEL)
     model = load_gemma_model(device=device, dtype=dtype, token=token)
-    transcoders = load_saes_parallel(TRANSCODER_RELEASE, transcoder_ids(model.cfg.n_layers), device, dtype,
-                                     max_workers)
+    transcoders = load_saes_parallel(
+        TRANSCODER_RELEASE, transcoder_ids(model.cfg.n_layers), device, dtype, max_workers
+    )
     return model, transcoders

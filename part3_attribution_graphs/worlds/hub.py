@@ -120,7 +120,9 @@ def _probe(timeout: float) -> str | None:
 
     def ask() -> None:
         try:
-            requests.head(f"{endpoint}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False)
+            requests.head(
+                f"{endpoint}/api/models/google/gemma-3-270m", timeout=timeout, allow_redirects=False
+            )
             outcome.append(None)
         except Exception as err:  # whatever stops the request, the hub is out of reach
             outcome.append(type(err).__name__)

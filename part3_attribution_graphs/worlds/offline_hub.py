@@ -55,8 +55,12 @@ def write_gemmascope_layout(
         folder = Path(root) / repo_id / "transcoder_all" / f"layer_{layer}_width_{width}_l0_{l0}_affine"
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {
-            "w_enc": tc.W_enc, "w_dec": tc.W_dec, "b_enc": tc.b_enc, "b_dec": tc.b_dec,
-            "threshold": tc.threshold, "affine_skip_connection": tc.W_skip.T,  # the hub keeps (d_in, d_out)
+            "w_enc": tc.W_enc,
+            "w_dec": tc.W_dec,
+            "b_enc": tc.b_enc,
+            "b_dec": tc.b_dec,
+            "threshold": tc.threshold,
+            "affine_skip_connection": tc.W_skip.T,  # the hub keeps (d_in, d_out)
         }
         path = folder / "params.safetensors"
         save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path))
@@ -192,10 +196,12 @@ def offline_hub(root: str | Path) -> Iterator[OfflineHub]:
     thread = threading.Thread(target=server.serve_forever, name="offline-hub", daemon=True)
     thread.start()
     try:
-        with mock.patch.object(loaders, "hf_hub_download", fake_download), \
-                mock.patch.object(loaders, "_get_with_rate_limit_retry", fake_range_get), \
-                mock.patch.object(constants, "ENDPOINT", hub.endpoint), \
-                mock.patch.object(constants, "HF_HUB_OFFLINE", False):
+        with (
+            mock.patch.object(loaders, "hf_hub_download", fake_download),
+            mock.patch.object(loaders, "_get_with_rate_limit_retry", fake_range_get),
+            mock.patch.object(constants, "ENDPOINT", hub.endpoint),
+            mock.patch.object(constants, "HF_HUB_OFFLINE", False),
+        ):
             yield hub
     finally:
         server.shutdown()

@@ -1,4 +1,5 @@
-"""The worlds, declared once, and how `"auto"` picks one: the notebook's setup cell and the CLI call `load_world`.
+"""The worlds, declared once, and how `"auto"` picks one: the notebook's setup cell and the CLI call
+`load_world`.
 
 `"auto"` checks the hub once (a few seconds at most when it is out of reach) and picks, in order:
 `gemma` when the hub answers and there is a Hugging Face token and a GPU; `gemma270m-scope` when the
@@ -25,13 +26,18 @@ class World:
 
     name: str
     description: str
-    example_repo: tuple[str, bool] | None = None  # (model_size, instruction_tuned) of `google/gemma-scope-2-*`
+    example_repo: tuple[str, bool] | None = (
+        None  # (model_size, instruction_tuned) of `google/gemma-scope-2-*`
+    )
 
 
 WORLDS = {
     w.name: w
     for w in [
-        World("toy", "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same"),
+        World(
+            "toy",
+            "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same",
+        ),
         World("gemma270m", "Gemma 3 270M with fitted stand-in transcoders"),
         World("gemma270m-scope", "Gemma 3 270M with its GemmaScope 2 transcoders", ("270m", False)),
         World("gemma", "Gemma 3-1B IT with GemmaScope 2 transcoders", ("1b", True)),
@@ -53,7 +59,8 @@ def has_270m_weights() -> bool:
 
 
 def choose_world(world: str = "auto") -> tuple[str, str]:
-    """`(name, why)`: `world` itself if it is not `"auto"`, else the pick described in the module docstring."""
+    """`(name, why)`: `world` itself if it is not `"auto"`, else the pick described in the module
+    docstring."""
     if world not in WORLD_NAMES:
         raise ValueError(f"WORLD must be one of {', '.join(map(repr, WORLD_NAMES))}, not {world!r}")
     if world != "auto":

@@ -51,11 +51,17 @@ class WorldSpec:
     model_name: str = "bench-gemma-3"  # written into the transcoders' metadata
 
 
-def new_skip_transcoder(layer: int, d_in: int, d_sae: int, model_name: str, device: str = "cpu",
-                        ) -> JumpReLUSkipTranscoder:
+def new_skip_transcoder(
+    layer: int,
+    d_in: int,
+    d_sae: int,
+    model_name: str,
+    device: str = "cpu",
+) -> JumpReLUSkipTranscoder:
     """An empty float32 skip transcoder reading `blocks.{layer}.mlp.hook_in`, writing `hook_mlp_out`."""
-    cfg = JumpReLUSkipTranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_in, dtype="float32", device=str(device),
-                                       apply_b_dec_to_input=False)
+    cfg = JumpReLUSkipTranscoderConfig(
+        d_in=d_in, d_sae=d_sae, d_out=d_in, dtype="float32", device=str(device), apply_b_dec_to_input=False
+    )
     cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
     cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
     cfg.metadata.model_name = model_name
@@ -80,13 +86,35 @@ def set_transcoder_params(tc: JumpReLUSkipTranscoder, **params: Tensor) -> JumpR
 
 def _config(spec: WorldSpec, d_vocab: int, device: str) -> HookedTransformerConfig:
     return HookedTransformerConfig(
-        d_model=spec.d_model, d_head=spec.d_head, n_heads=spec.n_heads, n_key_value_heads=spec.n_kv_heads,
-        d_mlp=spec.d_mlp, n_layers=spec.n_layers, n_ctx=spec.n_ctx, d_vocab=d_vocab, act_fn="gelu_pytorch_tanh",
-        normalization_type="RMS", use_normalization_before_and_after=True, use_qk_norm=True, gated_mlp=True,
-        final_rms=True, positional_embedding_type="rotary", rotary_base=1_000_000, rotary_base_local=10_000,
-        use_local_attn=True, window_size=spec.window_size, attn_types=list(spec.attn_types), use_attn_scale=True,
-        eps=1e-6, original_architecture="Gemma3ForCausalLM", default_prepend_bos=True,
-        tokenizer_prepends_bos=False, dtype=torch.float32, device=device, seed=None, init_weights=False,
+        d_model=spec.d_model,
+        d_head=spec.d_head,
+        n_heads=spec.n_heads,
+        n_key_value_heads=spec.n_kv_heads,
+        d_mlp=spec.d_mlp,
+        n_layers=spec.n_layers,
+        n_ctx=spec.n_ctx,
+        d_vocab=d_vocab,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        use_normalization_before_and_after=True,
+        use_qk_norm=True,
+        gated_mlp=True,
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_base=1_000_000,
+        rotary_base_local=10_000,
+        use_local_attn=True,
+        window_size=spec.window_size,
+        attn_types=list(spec.attn_types),
+        use_attn_scale=True,
+        eps=1e-6,
+        original_architecture="Gemma3ForCausalLM",
+        default_prepend_bos=True,
+        tokenizer_prepends_bos=False,
+        dtype=torch.float32,
+        device=device,
+        seed=None,
+        init_weights=False,
     )
 
 
@@ -109,8 +137,9 @@ def _fill_weights(model: HookedSAETransformer, gen: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def _fit_transcoder(layer: int, x: Float[Tensor, "n d"], y: Float[Tensor, "n d"], spec: WorldSpec,
-                    gen: torch.Generator) -> JumpReLUSkipTranscoder:
+def _fit_transcoder(
+    layer: int, x: Float[Tensor, "n d"], y: Float[Tensor, "n d"], spec: WorldSpec, gen: torch.Generator
+) -> JumpReLUSkipTranscoder:
     """A skip transcoder for one MLP: affine skip, random encoder, thresholds for L0, ridge decoder."""
     d, dev = x.shape[1], x.device
     x64, y64 = x.double(), y.double()
@@ -140,8 +169,9 @@ def _fit_transcoder(layer: int, x: Float[Tensor, "n d"], y: Float[Tensor, "n d"]
         W_dec *= 0.5 * resid.norm(dim=-1).mean() / (acts @ W_dec).norm(dim=-1).mean().clamp(min=1e-12)
     b_dec = b_skip + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64, device=dev)
     tc = new_skip_transcoder(layer, d, spec.d_sae, spec.model_name, str(dev))
-    return set_transcoder_params(tc, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
-                                 W_skip=W_skip)
+    return set_transcoder_params(
+        tc, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold, W_skip=W_skip
+    )
 
 
 def make_world(
@@ -171,7 +201,9 @@ def make_world(
     n_seq = max(24, 3 * spec.d_model // 31 + 1)
     calib = torch.randint(n_special, len(tokenizer), (n_seq, 32), generator=gen, device=device)
     calib[:, 0] = tokenizer.bos_token_id
-    names = {f"blocks.{layer}.{site}" for layer in range(spec.n_layers) for site in ("mlp.hook_in", "hook_mlp_out")}
+    names = {
+        f"blocks.{layer}.{site}" for layer in range(spec.n_layers) for site in ("mlp.hook_in", "hook_mlp_out")
+    }
     with torch.no_grad():
         _, cache = model.run_with_cache(calib, names_filter=lambda n: n in names, return_type=None)
     transcoders = {}

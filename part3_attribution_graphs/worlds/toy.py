@@ -86,8 +86,17 @@ def make_toy_tokenizer() -> PreTrainedTokenizerFast:
 
 
 TOY_SPEC = WorldSpec(
-    n_layers=TOY_N_LAYERS, d_model=D_MODEL, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_sae=D_SAE,
-    target_l0=TARGET_L0, attn_types=("local", "local", "global", "local"), window_size=6, n_ctx=128,
+    n_layers=TOY_N_LAYERS,
+    d_model=D_MODEL,
+    n_heads=4,
+    n_kv_heads=2,
+    d_head=16,
+    d_mlp=128,
+    d_sae=D_SAE,
+    target_l0=TARGET_L0,
+    attn_types=("local", "local", "global", "local"),
+    window_size=6,
+    n_ctx=128,
     model_name="toy-gemma-3",
 )
 
