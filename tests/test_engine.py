@@ -15,6 +15,7 @@ from conftest import hook_count
 
 from part3_attribution_graphs import attribution as attribution_module
 from part3_attribution_graphs.attribution import Batch, attribute, prepare_backward_batches, read_hook_name
+from part3_attribution_graphs.checks import ExistingHooksWarning
 from part3_attribution_graphs.linear_model import LinearisedModel
 from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.pruning import compute_influence, normalize_matrix
@@ -309,7 +310,8 @@ def test_no_hook_survives_a_call_even_a_failing_one(toy_world, monkeypatch):
     model.add_hook("blocks.0.hook_resid_pre", my_hook)  # a learner's own hook must survive
     try:
         before = hook_count(model)
-        attribute(model, transcoders, PROMPT, batch_size=64)
+        with pytest.warns(ExistingHooksWarning, match="my_hook"):  # attribute names the learner's hook
+            attribute(model, transcoders, PROMPT, batch_size=64)
         assert hook_count(model) == before
 
         calls = {"n": 0}
@@ -323,7 +325,7 @@ def test_no_hook_survives_a_call_even_a_failing_one(toy_world, monkeypatch):
 
         monkeypatch.setattr(attribution_module, "setup_attribution", fails_on_third_batch)
         monkeypatch.setattr(attribution_module.TransposedModel, "supports", staticmethod(lambda *a: False))
-        with pytest.raises(RuntimeError, match="boom"):  # on the autograd path, which installs hooks
+        with pytest.raises(RuntimeError, match="boom"), pytest.warns(ExistingHooksWarning):  # autograd path
             attribute(model, transcoders, PROMPT, batch_size=16)
         assert hook_count(model) == before
 

@@ -60,17 +60,7 @@ __all__ = [
     "inspect_feature",
 ]
 
-EXAMPLE_KEYS = (
-    "activations",
-    "seq_ids",
-    "positions",
-    "feature_frequencies",
-    "top_tokens",
-    "top_logits",
-    "bottom_tokens",
-    "bottom_logits",
-    "tokens",
-)
+# One row per latent in each of these; `tokens` is the corpus the rows point into.
 _PER_FEATURE = (
     "activations",
     "seq_ids",
@@ -81,6 +71,7 @@ _PER_FEATURE = (
     "bottom_tokens",
     "bottom_logits",
 )
+EXAMPLE_KEYS = (*_PER_FEATURE, "tokens")
 
 TOY_HINT = (
     "Offline, build example data for the toy world instead: "
