@@ -364,7 +364,7 @@ def logit_direct_influence(
     start, end = graph.node_range_dict["L"]
     nodes = graph.nodes[start:end]
     positions = torch.tensor([n.ctx_idx for n in nodes], device=graph.reading_vecs.device)
-    layers: list[int | str] = [n.layer for n in nodes]
+    layers: list[Layer] = [n.layer for n in nodes]
     with tc_hooks:
         grads = setup_attribution(model, tokens, freeze, graph.reading_vecs[start:end], positions, layers)
     rows = torch.zeros(

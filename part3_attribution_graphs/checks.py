@@ -17,7 +17,6 @@ What they catch, and what would happen otherwise:
 from __future__ import annotations
 
 import functools
-import numbers
 import operator
 import re
 import threading
@@ -37,7 +36,6 @@ __all__ = [
     "AttributeArgs",
     "ExistingHooksWarning",
     "as_count",
-    "as_fraction",
     "check_attribute_inputs",
     "check_finite_adjacency",
     "check_model",
@@ -79,16 +77,6 @@ def as_count(name: str, value: object, minimum: int = 0) -> int:
     if count < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {count}.")
     return count
-
-
-def as_fraction(name: str, value: object) -> float:
-    """A threshold in (0, 1] as a float; numpy and one-element torch scalars are accepted."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        value = value.item()
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value)
-    check_threshold(name, value)
-    return value
 
 
 def check_prompt(prompt: object) -> str:
@@ -306,8 +294,8 @@ def check_attribute_inputs(
         start_posn=as_count("start_posn", start_posn),
         top_k=as_count("top_k", top_k),
         batch_size=as_count("batch_size", batch_size, minimum=1),
-        node_threshold=as_fraction("node_threshold", node_threshold),
-        edge_threshold=as_fraction("edge_threshold", edge_threshold),
+        node_threshold=check_threshold("node_threshold", node_threshold),
+        edge_threshold=check_threshold("edge_threshold", edge_threshold),
     )
     if args.n_output_nodes > model.cfg.d_vocab:
         raise ValueError(

@@ -25,18 +25,13 @@ from .nodes import NodeType
 from .pruning import prune_graph
 from .replacement import Transcoder
 from .result import AttributionResult, PruneFn, prune
-from .views.palette import NODE_FILL, NODE_NAMES, NODE_STROKE, edge_rgba
+from .views.palette import NODE_FILL, NODE_NAMES, NODE_STROKE, edge_rgba, shown_token
 from .worlds.gemma import format_prompt
 
 __all__ = ["AttributionExplorer", "attribution_explorer", "graph_figure"]
 
 # The shared palette (views/palette.py), so the explorer and the dashboard colour a graph alike.
 NODE_COLOURS = {t: NODE_FILL[t.value] for t in NodeType}
-
-
-def _shown(token: str) -> str:
-    """A token as every view prints it: newlines as ⏎, tabs as →."""
-    return token.replace("\n", "⏎").replace("\t", "→")
 
 
 def graph_counts(result: AttributionResult) -> dict[str, int]:
@@ -57,14 +52,14 @@ def _row(layer: int | str, n_layers: int) -> int:
 
 
 def _label(node, str_tokens: Sequence[str]) -> str:
-    tok = _shown(str_tokens[node.ctx_idx]) if node.ctx_idx < len(str_tokens) else ""
+    tok = shown_token(str_tokens[node.ctx_idx]) if node.ctx_idx < len(str_tokens) else ""
     if node.node_type == NodeType.LATENT:
         return f"latent {node.feature} @ layer {node.layer}, “{tok}”<br>activation {node.activation:.3g}"
     if node.node_type == NodeType.MLP_ERROR:
         return f"MLP error @ layer {node.layer}, “{tok}”"
     if node.node_type == NodeType.LOGIT:
-        return f"logit “{_shown(node.str_token)}” (p = {node.token_prob:.3f})"
-    return f"embedding “{_shown(node.str_token)}” @ position {node.ctx_idx}"
+        return f"logit “{shown_token(node.str_token)}” (p = {node.token_prob:.3f})"
+    return f"embedding “{shown_token(node.str_token)}” @ position {node.ctx_idx}"
 
 
 def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
@@ -133,7 +128,7 @@ def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
         xaxis=dict(
             tickmode="array",
             tickvals=positions[start:],
-            ticktext=[_shown(t) for t in result.str_tokens[start:]],
+            ticktext=[shown_token(t) for t in result.str_tokens[start:]],
             tickangle=-45,
             showgrid=False,
         ),

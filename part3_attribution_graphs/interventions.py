@@ -351,8 +351,9 @@ def predicted_effects(result: AttributionResult, node_indices: Sequence[int]) ->
     )
     gain = torch.where(acts != 0, 1 / acts, torch.zeros_like(acts))
     M = A * gain  # column u scaled by 1 / a_u: the edge per unit change of u's activation
+    # Edges run from earlier to later nodes, so I - M is unit lower triangular: a triangular solve.
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    total = torch.linalg.solve(eye - M, A[:, idx])
+    total = torch.linalg.solve_triangular(eye - M, A[:, idx], upper=False, unitriangular=True)
     return PredictedEffects(direct=A[:, idx].T, total=total.T)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -18,13 +20,11 @@ __all__ = [
 
 
 def check_threshold(name: str, value: float) -> float:
-    """Return `value` as a float, or raise unless it is a fraction in (0, 1] (numpy and 0-d torch scalars are
-    fine)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+    """`value` as a float if it is a fraction in (0, 1], else a ValueError; numpy scalars and one-element
+    torch tensors are accepted, bools are not."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
-    elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()  # a numpy scalar
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value <= 1:
         raise ValueError(
             f"{name} must be a fraction in (0, 1] (e.g. 0.8 keeps 80% of the influence), got {value!r}."
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,13 +25,14 @@ def measure(n_tokens: int, max_feature_nodes: int | None, top_k: int) -> dict:
         SEQ_LEN,
         calibration_tokens,
         load_gemma3_270m_offline,
+        peak_rss_gib,
     )
 
     model, transcoders = load_gemma3_270m_offline()
     after_fit = -(-N_FIT_SEQ * (SEQ_LEN - 1) // (n_tokens - 1))  # first sequence past the fitting text
     ids = calibration_tokens(model.tokenizer, 1, offset=after_fit, seq_len=n_tokens)[0, 1:].tolist()
     prompt = model.tokenizer.decode(ids)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    loaded = peak_rss_gib()
     t0 = time.perf_counter()
     result = attribute(
         model, transcoders, prompt, start_posn=1, top_k=top_k, max_feature_nodes=max_feature_nodes
@@ -45,7 +45,7 @@ def measure(n_tokens: int, max_feature_nodes: int | None, top_k: int) -> dict:
         n_nodes=len(result.graph),
         n_latents=sum(n.node_type == NodeType.LATENT for n in result.graph.nodes),
         seconds=seconds,
-        peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        peak_gib=peak_rss_gib(),
         after_load_gib=loaded,
     )
 

@@ -43,7 +43,7 @@ from .neuronpedia import (
     saved_state,
     view_graph,
 )
-from .palette import NODE_NAMES, css_variables
+from .palette import NODE_NAMES, css_variables, shown_token
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -141,23 +141,18 @@ def _example_info(example_data: dict, feature: int, tokenizer, n_examples: int) 
     return info
 
 
-def _shown(token: str) -> str:
-    """A token as the page prints it: newlines as ⏎, tabs as →."""
-    return token.replace("\n", "\u23ce").replace("\t", "\u2192")
-
-
 def derived_label(panel: dict) -> str:
     """A latent's label from its data: the tokens it peaks on (example data), else its top logit effects."""
     ex = panel.get("ex") or {}
     peaks = Counter(
-        _shown(e["tokens"][e["peak"]]).strip() or _shown(e["tokens"][e["peak"]])
+        shown_token(e["tokens"][e["peak"]]).strip() or shown_token(e["tokens"][e["peak"]])
         for e in ex.get("examples", [])
         if e["tokens"]
     )
     if peaks:
         return "fires on " + ", ".join(repr(t) for t, _ in peaks.most_common(3))
     if panel.get("top"):
-        return "\u2191 " + ", ".join(repr(_shown(t)) for t, _ in panel["top"][:3])
+        return "\u2191 " + ", ".join(repr(shown_token(t)) for t, _ in panel["top"][:3])
     return ""
 
 

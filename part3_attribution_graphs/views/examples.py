@@ -29,7 +29,6 @@ range requests (`remote_safetensors`), or from a whole file in `local_dir`. The 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..progress import tqdm
-from ..worlds.hub import HubUnreachableError
+from ..worlds.hub import HubUnreachableError, find_hf_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -97,9 +96,7 @@ def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path
         return Path(local_dir) / filename
     try:
         return Path(
-            hf_hub_download(
-                repo_id=repo_id, filename=filename, local_dir=local_dir, token=os.getenv("HF_TOKEN") or None
-            )
+            hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir, token=find_hf_token())
         )
     except Exception as err:  # network, auth and missing-file errors all come through here
         raise HubUnreachableError(
@@ -163,7 +160,6 @@ def _read_by_range(
     repo_id: str, filename: str, features: list[int], n_examples: int | None, cache: str | Path | None
 ) -> dict[str, Tensor]:
     """`_read_subset` over HTTP range requests to the hub (the header and the needed rows only)."""
-    from ..worlds.hub import find_hf_token
     from .remote_safetensors import RemoteSafetensors
 
     try:

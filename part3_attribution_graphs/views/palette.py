@@ -1,4 +1,5 @@
-"""One palette for every view of a graph: the dashboard, the explorer and the pruning figures.
+"""One palette for every view of a graph (the dashboard, the explorer and the pruning figures), and how
+they print a token.
 
 Keys of `NODE_FILL`/`NODE_STROKE` are `NodeType` values; the dashboard receives the same colours as
 CSS variables, so a node kind looks the same in a plotly figure and in the page.
@@ -15,6 +16,7 @@ __all__ = [
     "ACTIVATION_RGB",
     "css_variables",
     "edge_rgba",
+    "shown_token",
 ]
 
 # Fill and outline of each node kind (NodeType values).
@@ -45,3 +47,8 @@ def css_variables() -> str:
     ]
     lines += [f"--edge-pos: {EDGE_POSITIVE}; --edge-neg: {EDGE_NEGATIVE}; --act-rgb: {ACTIVATION_RGB};"]
     return ":root { " + " ".join(lines) + " }"
+
+
+def shown_token(token: str) -> str:
+    """A token as every view prints it: newlines as ⏎, tabs as →."""
+    return token.replace("\n", "\u23ce").replace("\t", "\u2192")

@@ -619,7 +619,8 @@ def compare_with_transformers(
     return float((tl_logits - hf_logits).abs().max())
 
 
-def _peak_rss_gib() -> float:
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -636,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
     t_load = time.perf_counter() - t0
     print(
         f"{'cold conversion + fit' if cold else 'cached load'}: {t_load:.1f} s (peak RSS "
-        f"{_peak_rss_gib():.2f} GiB)"
+        f"{peak_rss_gib():.2f} GiB)"
     )
     print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in last_load_timings.items()))
 
@@ -653,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"transformers GGUF load: {t_hf:.1f} s; max |TL - HF| logits: {diff:.2e}")
     next_tok = model(prompt)[0, -1].argmax().item()
     print("greedy next token:", repr(model.tokenizer.decode([next_tok])))
-    print(f"peak RSS: {_peak_rss_gib():.2f} GiB")
+    print(f"peak RSS: {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ with random transcoders at the real shapes written in the hub's layout to DIR).
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -185,10 +184,6 @@ def write_random_transcoders(
     return written
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def main(argv: list[str] | None = None) -> None:
     """Load the world (or its offline stand-in at the real shapes); print times, memory, fit and scores."""
     import argparse
@@ -196,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..attribution import attribute
     from ..scores import compute_graph_scores
     from .gemma import START_POSN
+    from .gemma270m import peak_rss_gib
     from .offline_hub import offline_hub
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     # CPU seconds beside wall seconds: on a shared machine the wall clock also counts waiting for a core.
     print(
         f"load: {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} CPU s), "
-        f"peak RSS {_peak_rss_gib():.2f} GiB"
+        f"peak RSS {peak_rss_gib():.2f} GiB"
     )
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -245,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(result.graph)} nodes (top_k {args.top_k}); scores "
         + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
     )
-    print(f"peak RSS {_peak_rss_gib():.2f} GiB")
+    print(f"peak RSS {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":
