@@ -20,13 +20,8 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from .checks import (
-    as_count,
-    check_attribute_inputs,
-    check_finite_adjacency,
-    check_transcoders,
-    one_run_per_model,
-)
+from .checks import as_count, check_attribute_inputs, check_finite_adjacency, check_transcoders
+from .guard import guarded, world_fingerprint
 from .nodes import GraphNodes, Layer, NodeInfo, NodeType, build_graph_nodes, compute_salient_logits
 from .progress import tqdm
 from .pruning import compute_influence, prune_graph
@@ -431,7 +426,7 @@ def validate_transcoders(model: HookedSAETransformer, transcoders: dict[int, Tra
     check_transcoders(model, transcoders)
 
 
-@one_run_per_model
+@guarded(model="model")
 def attribute(
     model: HookedSAETransformer,
     transcoders: dict[int, Transcoder],
@@ -466,7 +461,8 @@ def attribute(
     To re-prune the result at other thresholds without new backward passes, use `result.prune` /
     `prune(result, node_threshold, edge_threshold)`.
     """
-    # Clear errors for bad input (and a warning for hooks already on the model), before any hook goes on.
+    # The guard has taken the model's lock, checked the model and warned of hooks already on it; clear
+    # errors for bad input, before any hook goes on.
     n_output_nodes, start_posn, top_k, batch_size, node_threshold, edge_threshold = check_attribute_inputs(
         model,
         transcoders,
@@ -527,4 +523,5 @@ def attribute(
             node_threshold=node_threshold,
             edge_threshold=edge_threshold,
         ),
+        world=world_fingerprint(model, transcoders),
     )

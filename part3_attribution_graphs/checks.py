@@ -1,4 +1,7 @@
-"""Input checks for `attribute`: each bad input stops with an error that says what is wrong and what to do.
+"""Input checks: each bad input stops with an error that says what is wrong and what to do.
+
+`guard.py` applies them to every entry point (and adds the per-model lock); `check_attribute_inputs` holds
+what only `attribute` takes.
 
 What they catch, and what would happen otherwise:
 
@@ -8,22 +11,18 @@ What they catch, and what would happen otherwise:
   graph would explain a different token than the one asked about;
 - transcoders that are not a `{layer: transcoder}` dict, belong to another model, read or write at the wrong
   hook, or hold NaN or inf weights (which give a NaN graph);
-- a model already carrying hooks (they would change the graph): a warning naming them;
+- a model already carrying hooks (they would change the graph): `existing_hooks` names them;
 - a model copied with `copy.deepcopy` (SAELens wraps each MLP's `forward` in a closure over the original
-  module, which the copy still calls), or loaded inside `torch.inference_mode()`;
-- two `attribute` calls on one model at once (each installs hooks the other would run through).
+  module, which the copy still calls): `foreign_mlp` finds it.
 """
 
 from __future__ import annotations
 
-import functools
 import operator
 import re
-import threading
-import warnings
 import weakref
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -38,14 +37,14 @@ __all__ = [
     "as_count",
     "check_attribute_inputs",
     "check_finite_adjacency",
-    "check_model",
+    "check_finite_weights",
     "check_prompt",
+    "check_some_transcoders",
+    "check_transcoder",
     "check_transcoders",
     "existing_hooks",
-    "one_run_per_model",
+    "foreign_mlp",
 ]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ExistingHooksWarning(UserWarning):
@@ -116,23 +115,64 @@ def _weights_state(module: torch.nn.Module) -> tuple:
     return tuple((name, p._version, p.data_ptr()) for name, p in module.named_parameters())
 
 
-def _check_finite_weights(layer: int, tc: torch.nn.Module) -> None:
+def check_finite_weights(name: str, tc: torch.nn.Module) -> None:
+    """Raise, naming the weight, if a transcoder `name` holds a NaN or inf weight (the graph would be NaN)."""
     state = _weights_state(tc)
     if _finite_when.get(tc) == state:
         return
-    for name, p in tc.named_parameters():
+    for weight, p in tc.named_parameters():
         if not torch.isfinite(p).all():
             n_bad = int((~torch.isfinite(p)).sum())
             raise ValueError(
-                f"transcoders[{layer}].{name} has {n_bad} NaN or inf entries, which would make the "
-                f"whole graph NaN. Reload or refit this transcoder."
+                f"{name}.{weight} has {n_bad} NaN or inf entries, which would make every result that uses it "
+                f"NaN. Reload or refit this transcoder."
             )
     _finite_when[tc] = state
 
 
-def check_transcoders(model: Any, transcoders: object) -> None:
-    """Raise a clear error unless there is one finite transcoder per layer that reads and writes that layer's
-    MLP."""
+def _layer_of(hook_name: object) -> int | None:
+    parts = str(hook_name).split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def check_transcoder(model: Any, tc: Any, layer: int | None = None, name: str = "transcoder") -> int:
+    """Raise a clear error unless `tc` reads and writes the MLP of one layer of this model (`layer`, when
+    given), matches `d_model`, was not loaded in inference mode and has finite weights. Returns its layer."""
+    cfg = getattr(tc, "cfg", None)
+    metadata = getattr(cfg, "metadata", None)
+    if metadata is None or not hasattr(tc, "W_dec"):
+        raise TypeError(
+            f"{name} must be a transcoder (SAELens, with .cfg.metadata), got {type(tc).__name__}."
+        )
+    d_in, d_out = cfg.d_in, getattr(cfg, "d_out", cfg.d_in)
+    if d_in != model.cfg.d_model or d_out != model.cfg.d_model:
+        raise ValueError(
+            f"{name} maps {d_in} -> {d_out} dims but the model has d_model={model.cfg.d_model}: "
+            "these transcoders belong to another model."
+        )
+    reads, writes = metadata.hook_name, getattr(metadata, "hook_name_out", None)
+    at = _layer_of(reads) if layer is None else layer
+    if at is None or reads != f"blocks.{at}.mlp.hook_in" or reads not in model.hook_dict:
+        where = f"'blocks.{at}.mlp.hook_in'" if at is not None else "'blocks.{layer}.mlp.hook_in'"
+        raise ValueError(
+            f"{name} reads {reads!r}; attribution needs {where} (the ln2 output) of this model. "
+            "Set tc.cfg.metadata.hook_name."
+        )
+    if writes != f"blocks.{at}.hook_mlp_out":
+        raise ValueError(
+            f"{name} writes {writes!r}; attribution needs 'blocks.{at}.hook_mlp_out' (its own layer's MLP "
+            "output). Set tc.cfg.metadata.hook_name_out."
+        )
+    if any(p.is_inference() for p in tc.parameters()):
+        raise RuntimeError(
+            f"{name} was loaded inside torch.inference_mode(), so autograd cannot use its weights: load it "
+            "outside inference_mode (torch.no_grad() is fine)."
+        )
+    check_finite_weights(name, tc)
+    return at
+
+
+def _as_transcoder_dict(transcoders: object) -> Mapping:
     if not isinstance(transcoders, Mapping):
         hint = (
             " (e.g. dict(enumerate(transcoders)) for a list in layer order)"
@@ -142,8 +182,25 @@ def check_transcoders(model: Any, transcoders: object) -> None:
         raise TypeError(
             f"transcoders must be a dict {{layer: transcoder}}{hint}, got {type(transcoders).__name__}."
         )
-    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    layers = list(transcoders)
+    return transcoders
+
+
+def check_some_transcoders(model: Any, transcoders: object) -> None:
+    """A `{layer: transcoder}` dict over any layers of the model, each as `check_transcoder`."""
+    n_layers = model.cfg.n_layers
+    for key, tc in _as_transcoder_dict(transcoders).items():
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < n_layers:
+            raise ValueError(
+                f"transcoders has the key {key!r}; keys are layer numbers 0..{n_layers - 1} of this model."
+            )
+        check_transcoder(model, tc, key, f"transcoders[{key}]")
+
+
+def check_transcoders(model: Any, transcoders: object) -> None:
+    """Raise a clear error unless there is one finite transcoder per layer that reads and writes that layer's
+    MLP."""
+    n_layers = model.cfg.n_layers
+    layers = list(_as_transcoder_dict(transcoders))
     if not all(isinstance(k, int) and not isinstance(k, bool) for k in layers) or sorted(layers) != list(
         range(n_layers)
     ):
@@ -151,31 +208,7 @@ def check_transcoders(model: Any, transcoders: object) -> None:
             f"transcoders must have one entry per layer 0..{n_layers - 1} of this model, got "
             f"layers {layers!r}. Load the transcoders for this model."
         )
-    for layer, tc in transcoders.items():
-        d_in, d_out = tc.cfg.d_in, getattr(tc.cfg, "d_out", tc.cfg.d_in)
-        if d_in != d_model or d_out != d_model:
-            raise ValueError(
-                f"transcoders[{layer}] maps {d_in} -> {d_out} dims but the model has d_model="
-                f"{d_model}: these transcoders belong to another model."
-            )
-        reads, writes = tc.cfg.metadata.hook_name, getattr(tc.cfg.metadata, "hook_name_out", None)
-        if reads != f"blocks.{layer}.mlp.hook_in":
-            raise ValueError(
-                f"transcoders[{layer}] reads {reads!r}; attribution needs "
-                f"'blocks.{layer}.mlp.hook_in' (the ln2 output). Set tc.cfg.metadata.hook_name."
-            )
-        if writes != f"blocks.{layer}.hook_mlp_out":
-            raise ValueError(
-                f"transcoders[{layer}] writes {writes!r}; attribution needs "
-                f"'blocks.{layer}.hook_mlp_out' (its own layer's MLP output). "
-                f"Set tc.cfg.metadata.hook_name_out."
-            )
-        if any(p.is_inference() for p in tc.parameters()):
-            raise RuntimeError(
-                f"transcoders[{layer}] was loaded inside torch.inference_mode(), so autograd cannot "
-                f"use its weights: load it outside inference_mode (torch.no_grad() is fine)."
-            )
-        _check_finite_weights(layer, tc)
+    check_some_transcoders(model, transcoders)
 
 
 _TORCH_HOOK_KINDS = {
@@ -228,7 +261,7 @@ def existing_hooks(model: torch.nn.Module) -> list[str]:
     return found
 
 
-def _foreign_mlp(model: torch.nn.Module) -> str | None:
+def foreign_mlp(model: torch.nn.Module) -> str | None:
     """The first block whose MLP forward is a closure over another module (what copy.deepcopy leaves
     behind)."""
     for i, block in enumerate(getattr(model, "blocks", [])):
@@ -243,37 +276,6 @@ def _foreign_mlp(model: torch.nn.Module) -> str | None:
             if isinstance(owner, torch.nn.Module) and owner is not mlp:
                 return f"blocks.{i}.mlp"
     return None
-
-
-def check_model(model: torch.nn.Module) -> None:
-    """Refuse models autograd cannot run or that compute with another model's MLPs; warn about existing
-    hooks."""
-    foreign = _foreign_mlp(model)
-    if foreign is not None:
-        raise RuntimeError(
-            f"{foreign} of this model runs the MLP of another model: it looks like a copy.deepcopy of a "
-            "HookedSAETransformer, whose MLP forward SAELens wraps in a closure over the original module, "
-            "so the copy computes with the original's MLP weights and hooks. Build the second model the way "
-            "you built the first, or copy the weights into a fresh one: twin = "
-            "HookedSAETransformer(model.cfg, model.tokenizer); twin.load_state_dict(model.state_dict()); "
-            "twin.set_use_hook_mlp_in(True)."
-        )
-    if any(p.is_inference() for p in model.parameters()):
-        raise RuntimeError(
-            "The model was loaded inside torch.inference_mode(), so autograd cannot use its weights "
-            "(attribution differentiates through them): load it outside inference_mode "
-            "(torch.no_grad() is fine)."
-        )
-    hooks = existing_hooks(model)
-    if hooks:
-        warnings.warn(
-            f"The model already carries {len(hooks)} hook(s), which run during attribution and change the "
-            f"graph: {'; '.join(hooks[:8])}{'; ...' if len(hooks) > 8 else ''}. Remove them first: "
-            "model.reset_hooks(including_permanent=True) removes TransformerLens hooks, and a torch hook "
-            "goes with .remove() on the handle its register_*_hook call returned.",
-            ExistingHooksWarning,
-            stacklevel=5,  # the caller of `attribute`
-        )
 
 
 def check_attribute_inputs(
@@ -304,7 +306,6 @@ def check_attribute_inputs(
         )
     check_prompt(prompt)
     check_transcoders(model, transcoders)
-    check_model(model)
     _check_prompt_length(model, prompt, args.start_posn)
     return args
 
@@ -319,38 +320,3 @@ def check_finite_adjacency(adjacency: Float[Tensor, "n_nodes n_nodes"]) -> None:
             f"{source} to node {target}). Check the model's and transcoders' weights for NaN or inf, and use "
             "float32 if they are float16 (which overflows)."
         )
-
-
-# Models with an attribution running now (by id), and the thread running it.
-_running: dict[int, str] = {}
-_running_lock = threading.Lock()
-
-
-def one_run_per_model(fn: F) -> F:
-    """Decorate `fn(model, ...)` so that a second call on the same model while one runs is refused clearly.
-
-    Each run installs hooks on the model and reads what its own hooks stored, so two runs at once would
-    read each other's activations. The run also works inside `torch.inference_mode()`, which would
-    otherwise make every tensor unusable by autograd.
-    """
-
-    @functools.wraps(fn)
-    def run(model, *args, **kwargs):
-        with _running_lock:
-            other = _running.get(id(model))
-            if other is None:
-                _running[id(model)] = threading.current_thread().name
-        if other is not None:
-            raise RuntimeError(
-                f"{fn.__name__} is already running on this model (in thread {other!r}); each run puts its "
-                "own hooks on the model, so runs on one model must take turns. Wait for that call to "
-                "finish, or give each thread its own model, loaded separately."
-            )
-        try:
-            with torch.inference_mode(False):
-                return fn(model, *args, **kwargs)
-        finally:
-            with _running_lock:
-                del _running[id(model)]
-
-    return run  # type: ignore[return-value]

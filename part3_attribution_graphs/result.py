@@ -6,12 +6,18 @@
     looser = prune(result, node_threshold=0.9, edge_threshold=0.95)
 
 A saved result holds only tensors, strings and numbers, so `load` reads it with `torch.load(...,
-weights_only=True)`: opening a file someone sent you runs none of its code.
+weights_only=True)`: opening a file someone sent you runs none of its code. `save` writes a temporary file
+beside the target and renames it, so the path holds the old result or the new one, never half of one; `load`
+checks that every shape fits the node list. A result records the world it was made in (`world`: the model's
+name and shapes, a hash of each transcoder's weights), so the functions that use it with a model can refuse
+another world's (`guard.check_result_fits`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +27,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .guard import guarded
 from .nodes import GraphNodes, NodeInfo, NodeType
 from .pruning import check_threshold, prune_graph
 
-__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "prune"]
+__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "prune", "shape_problem"]
 
 # The file's own name and version: `load` refuses files that are not ours or are newer than this code.
 FORMAT = "part3_attribution_graphs.AttributionResult"
@@ -46,6 +53,7 @@ class AttributionResult:
         logit_weights: the logit nodes' probabilities, in node order: where influence starts.
         influence: every node's influence on the logits, over the full graph.
         settings: the arguments `attribute` ran with (and the thresholds of the latest pruning).
+        world: the model and transcoders it was made with (`guard.world_fingerprint`); None if unknown.
     """
 
     graph: GraphNodes
@@ -57,6 +65,7 @@ class AttributionResult:
     logit_weights: Float[Tensor, " n_logits"]
     influence: Float[Tensor, " n_nodes"]
     settings: dict[str, Any]
+    world: dict[str, Any] | None
 
     @property
     def kept_nodes(self) -> list[NodeInfo]:
@@ -68,10 +77,10 @@ class AttributionResult:
         """This graph pruned at new thresholds (see the module-level `prune`)."""
         return prune(self, node_threshold, edge_threshold, prune_fn)
 
+    @guarded()
     def save(self, path: str | Path) -> Path:
         """Write the result to `path` (a `.pt` file; parent folders are created). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = _writable_file(path)
         g = self.graph
         payload = {
             "format": FORMAT,
@@ -91,13 +100,25 @@ class AttributionResult:
             "logit_weights": self.logit_weights,
             "influence": self.influence,
             "settings": dict(self.settings),
+            "world": self.world,
         }
-        tmp = path.with_name(path.name + ".partial")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # a reader never sees half a file
+        # A unique temporary name beside the target, renamed at the end: a reader never sees half a file,
+        # and an interrupted save leaves nothing behind.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        try:
+            torch.save(payload, tmp)
+            tmp.replace(path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise OSError(
+                    err.errno, f"cannot write {path} ({err.strerror or err}): choose a file you can write"
+                ) from None
+            raise
         return path
 
     @classmethod
+    @guarded()
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> AttributionResult:
         """Read a result written by `save` (safely: tensors and plain data only)."""
         path = Path(path)
@@ -124,25 +145,90 @@ class AttributionResult:
                 f"{path} was written in format version {version!r}; this code reads up to "
                 f"{FORMAT_VERSION}. Update the package."
             )
-        graph = GraphNodes(
-            nodes=[_node_from_dict(d) for d in payload["nodes"]],
-            writing_vecs=payload["writing_vecs"],
-            reading_vecs=payload["reading_vecs"],
-            node_range_dict={key: (start, end) for key, start, end in payload["node_ranges"]},
-            seq_len=payload["seq_len"],
-            n_layers=payload["n_layers"],
-        )
-        return cls(
-            graph=graph,
-            adjacency_matrix=payload["adjacency_matrix"],
-            kept_indices=payload["kept_indices"],
-            pruned_matrix=payload["pruned_matrix"],
-            prompt=payload["prompt"],
-            str_tokens=list(payload["str_tokens"]),
-            logit_weights=payload["logit_weights"],
-            influence=payload["influence"],
-            settings=dict(payload["settings"]),
-        )
+        try:
+            graph = GraphNodes(
+                nodes=[_node_from_dict(d) for d in payload["nodes"]],
+                writing_vecs=payload["writing_vecs"],
+                reading_vecs=payload["reading_vecs"],
+                node_range_dict={key: (start, end) for key, start, end in payload["node_ranges"]},
+                seq_len=payload["seq_len"],
+                n_layers=payload["n_layers"],
+            )
+            result = cls(
+                graph=graph,
+                adjacency_matrix=payload["adjacency_matrix"],
+                kept_indices=payload["kept_indices"],
+                pruned_matrix=payload["pruned_matrix"],
+                prompt=payload["prompt"],
+                str_tokens=list(payload["str_tokens"]),
+                logit_weights=payload["logit_weights"],
+                influence=payload["influence"],
+                settings=dict(payload["settings"]),
+                world=payload.get("world"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is damaged: {type(e).__name__} {e}. Save the result again.") from None
+        problem = shape_problem(result)
+        if problem:
+            raise ValueError(f"{path} is damaged: {problem}. Save the result again.")
+        return result
+
+
+def _writable_file(path: str | Path) -> Path:
+    """`path` as a file path whose folder exists (created if needed); a folder or an empty path is refused."""
+    if not str(path):
+        raise ValueError("path is empty: pass a file path such as 'out/graph.pt'.")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: pass a file path inside it, e.g. {path / 'graph.pt'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            err.errno, f"cannot create the folder {path.parent} ({err.strerror or err}): choose another path"
+        ) from None
+    return path
+
+
+def shape_problem(result: AttributionResult) -> str | None:
+    """What in `result` does not fit its own node list (None when every shape agrees)."""
+    g = result.graph
+    n = len(g.nodes)
+    tensors = {
+        "writing_vecs": g.writing_vecs,
+        "reading_vecs": g.reading_vecs,
+        "adjacency_matrix": result.adjacency_matrix,
+        "kept_indices": result.kept_indices,
+        "pruned_matrix": result.pruned_matrix,
+        "logit_weights": result.logit_weights,
+        "influence": result.influence,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+    n_logits = sum(node.node_type == NodeType.LOGIT for node in g.nodes)
+    k = len(result.kept_indices) if result.kept_indices.dim() == 1 else -1
+    expected = {
+        "writing_vecs": (n, g.writing_vecs.shape[-1]),
+        "reading_vecs": (n, g.writing_vecs.shape[-1]),
+        "adjacency_matrix": (n, n),
+        "kept_indices": (k,),
+        "pruned_matrix": (k, k),
+        "logit_weights": (n_logits,),
+        "influence": (n,),
+    }
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            return f"{name} has shape {tuple(tensors[name].shape)}, expected {shape} for {n} nodes"
+    kept = result.kept_indices
+    if kept.is_floating_point() or (len(kept) and (kept.min() < 0 or kept.max() >= n)):
+        return f"kept_indices must be node indices in 0..{n - 1}"
+    if len(result.str_tokens) != g.seq_len:
+        return f"{len(result.str_tokens)} str_tokens for seq_len {g.seq_len}"
+    for key, (start, end) in g.node_range_dict.items():
+        if not 0 <= start <= end <= n:
+            return f"node range {key!r} = ({start}, {end}) lies outside the {n} nodes"
+    return None
 
 
 def _node_to_dict(node: NodeInfo) -> dict[str, Any]:
@@ -156,6 +242,7 @@ def _node_from_dict(d: dict[str, Any]) -> NodeInfo:
     return NodeInfo(**{**{k: v for k, v in d.items() if k in known}, "node_type": NodeType(d["node_type"])})
 
 
+@guarded(result="result")
 def prune(
     result: AttributionResult,
     node_threshold: float = 0.8,

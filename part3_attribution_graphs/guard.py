@@ -1,0 +1,531 @@
+"""One guard for every public entry point: bad input stops with a clear error before the model runs.
+
+Each entry point (`attribute`, the intervention functions, `AttributionResult.save` / `load`, `prune`) is
+declared with `@guarded(...)`, which says what its arguments are; the guard then, on every call:
+
+- takes the model's lock: a second thread on the same model is refused (the runs would read each other's
+  hooks), while the thread already inside may call other entry points (`ablation_effects` calls `intervene`);
+- checks the model once per outermost call: not a `copy.deepcopy`, not loaded in `inference_mode`, and warns
+  naming every hook already on it (they would run during the call and change what it computes);
+- checks a prompt's length against `n_ctx` before any forward pass (text and token ids), and that token ids
+  are whole numbers in the vocabulary: a longer input would make TransformerLens grow its rotary and mask
+  buffers for good. Buffers a call replaced anyway are put back: a failed call leaves the model bit-identical;
+- checks transcoders: one per layer it names, reading and writing that layer's MLP, with finite weights;
+- checks numbers strictly: counts and indices with `operator.index` (no `True` for 1, no `3.7` for 3), flags
+  as real bools, layer lists as lists (not the string "12"), values finite and within the model's dtype;
+- checks a result against the model and transcoders it is used with (`check_result_fits`).
+
+`ENTRY_POINTS` lists every guarded function; `tests/test_hostile.py` proves the public ones all are.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import math
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .checks import (
+    ExistingHooksWarning,
+    as_count,
+    check_some_transcoders,
+    check_transcoder,
+    existing_hooks,
+    foreign_mlp,
+)
+
+__all__ = [
+    "ENTRY_POINTS",
+    "ModelBusyError",
+    "as_flag",
+    "as_index",
+    "as_indices",
+    "as_layers",
+    "as_real",
+    "check_context",
+    "check_interventions",
+    "check_latent_nodes",
+    "check_result_fits",
+    "check_token_input",
+    "guarded",
+    "model_session",
+    "world_fingerprint",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# "module.qualname" -> the guarded function, filled by `@guarded`.
+ENTRY_POINTS: dict[str, Callable] = {}
+
+
+class ModelBusyError(RuntimeError):
+    """Another thread is running an entry point on this model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------
+
+
+def as_index(name: str, value: object, size: int, what: str) -> int:
+    """`value` as an int in `[0, size)`; bools, floats and negative indices are refused (`what` names the
+    range)."""
+    index = as_count(name, value)
+    if index >= size:
+        raise ValueError(f"{name} = {index} is out of range: {what} (0..{size - 1}).")
+    return index
+
+
+def as_indices(name: str, values: object, size: int, what: str) -> list[int]:
+    """A list or tensor of indices, each as `as_index`; a string or a bare number is refused."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, Tensor, Iterator, range)):
+        raise TypeError(f"{name} must be a list of whole numbers, got {type(values).__name__} {values!r}.")
+    if isinstance(values, Tensor):
+        if values.is_floating_point() or values.dtype == torch.bool or values.dim() != 1:
+            raise TypeError(
+                f"{name} must be a 1-d integer tensor or a list, got {values.dtype} {values.shape}."
+            )
+        values = values.tolist()
+    return [as_index(f"{name}[{i}]", v, size, what) for i, v in enumerate(values)]
+
+
+def as_flag(name: str, value: object, optional: bool = False) -> bool | None:
+    """`value` as a bool: only `True` / `False` (and numpy bools), so `"False"` or `0` cannot pass as one."""
+    if value is None and optional:
+        return None
+    if type(value).__name__ == "bool_" or isinstance(value, bool):
+        return bool(value)
+    allowed = "True or False (or None)" if optional else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}.")
+
+
+def as_layers(name: str, value: object, n_layers: int) -> list[int] | None:
+    """None, or a list of layer numbers (a string such as "12" is refused, not read digit by digit)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"{name} must be a list of layer numbers such as [1, 2], got {type(value).__name__} {value!r}."
+        )
+    return as_indices(name, list(value), n_layers, f"the model has {n_layers} layers")
+
+
+def as_real(name: str, value: object, dtype: torch.dtype = torch.float32) -> float:
+    """`value` as a finite float that `dtype` can hold (1e39 would be inf in float32)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {number}; set a finite number.")
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else torch.finfo(torch.float32).max
+    if abs(number) > limit:
+        raise ValueError(
+            f"{name} = {number:g} is beyond what {dtype} holds (|x| <= {limit:.3g}): it would become inf."
+        )
+    return number
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def check_context(model: Any, n_tokens: int, what: str, hint: str = "Shorten the prompt") -> None:
+    """Refuse `n_tokens` beyond the model's context (TransformerLens would cut text, or grow its buffers)."""
+    n_ctx = model.cfg.n_ctx
+    if n_tokens > n_ctx:
+        raise ValueError(
+            f"{what} has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}. {hint}, or load the "
+            "model with a larger n_ctx."
+        )
+
+
+def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_or_tokens") -> int:
+    """Check text or token ids for one prompt before any forward pass; return its number of tokens."""
+    if isinstance(prompt_or_tokens, (bytes, bytearray)):
+        raise TypeError(f"{name} is bytes: pass text ({name}.decode('utf-8')) or token ids.")
+    if isinstance(prompt_or_tokens, str):
+        if not prompt_or_tokens:
+            raise ValueError("The prompt is empty: pass text (format_prompt for chat models) or token ids.")
+        n_tokens = model.to_tokens(prompt_or_tokens, truncate=False).shape[1]
+        check_context(model, n_tokens, "The prompt")
+        return n_tokens
+    if isinstance(prompt_or_tokens, Tensor):
+        ids = prompt_or_tokens
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"Pass one prompt as text or token ids: {name} must be an integer tensor of ids, got dtype "
+                f"{ids.dtype}."
+            )
+    elif isinstance(prompt_or_tokens, (list, tuple, range)):
+        flat = (
+            prompt_or_tokens[0]
+            if len(prompt_or_tokens) == 1 and isinstance(prompt_or_tokens[0], (list, tuple))
+            else prompt_or_tokens
+        )
+        ids = torch.tensor([as_count(f"{name}[{i}]", t) for i, t in enumerate(flat)], dtype=torch.long)
+    else:
+        raise TypeError(
+            f"{name} must be text (str) or token ids (a list or integer tensor), got "
+            f"{type(prompt_or_tokens).__name__}."
+        )
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(
+            "Pass one prompt: a string or token ids of shape (seq,) or (1, seq), got shape "
+            f"{tuple(ids.shape)}."
+        )
+    check_context(model, ids.numel(), f"{name}")
+    bad = (ids < 0) | (ids >= model.cfg.d_vocab)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{i}] = {int(ids[i])} is not a token id: ids run 0..{model.cfg.d_vocab - 1} (d_vocab)."
+        )
+    return ids.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# Results and the world they were made in
+# --------------------------------------------------------------------------------------------------
+
+_SAMPLE = 1 << 22  # larger weights are hashed on a strided sample of this many entries (plus their sum)
+_digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _transcoder_digest(tc: torch.nn.Module) -> str:
+    state = tuple((name, p._version, p.data_ptr()) for name, p in tc.named_parameters())
+    cached = _digests.get(tc)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(tc.named_parameters()):
+            flat = p.detach().reshape(-1)
+            total = flat.double().sum().item()
+            if flat.numel() > _SAMPLE:
+                flat = flat[:: flat.numel() // _SAMPLE + 1]
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{total!r}".encode())
+            h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _digests[tc] = (state, digest)
+    return digest
+
+
+def world_fingerprint(model: Any, transcoders: Mapping[int, Any]) -> dict[str, Any]:
+    """What identifies the world a result was made in: the model's name and shapes, and a hash of each
+    transcoder's weights (stored with the result, compared by `check_result_fits`)."""
+    cfg = model.cfg
+    return {
+        "model_name": str(getattr(cfg, "model_name", "")),
+        "n_layers": int(cfg.n_layers),
+        "d_model": int(cfg.d_model),
+        "d_vocab": int(cfg.d_vocab),
+        "transcoders": {str(layer): _transcoder_digest(tc) for layer, tc in sorted(transcoders.items())},
+    }
+
+
+def check_result_fits(result: Any, model: Any, transcoders: Mapping[int, Any] | None = None) -> None:
+    """Refuse a result made on another model or other transcoders than these (predictions and measurements
+    would then describe two different worlds)."""
+    from .result import AttributionResult
+
+    if not isinstance(result, AttributionResult):
+        raise TypeError(f"result must be an AttributionResult (what attribute returns), got {type(result)}.")
+    g, cfg = result.graph, model.cfg
+    problems = []
+    if g.n_layers != cfg.n_layers:
+        problems.append(f"{g.n_layers} layers, the model {cfg.n_layers}")
+    if g.writing_vecs.shape[-1] != cfg.d_model:
+        problems.append(f"d_model {g.writing_vecs.shape[-1]}, the model {cfg.d_model}")
+    made = result.world or {}
+    now = world_fingerprint(model, transcoders or {})
+    for key in ("model_name", "d_vocab"):
+        if key in made and made[key] != now[key]:
+            problems.append(f"{key} {made[key]!r}, the model {now[key]!r}")
+    for layer, digest in now["transcoders"].items():
+        if layer in made.get("transcoders", {}) and made["transcoders"][layer] != digest:
+            problems.append(f"transcoder {layer}'s weights differ")
+    if not problems:
+        n_tokens = model.to_tokens(result.prompt, truncate=False).shape[1]
+        if n_tokens != g.seq_len:
+            problems.append(f"its prompt is {g.seq_len} tokens long, {n_tokens} in this model's tokenizer")
+    if problems:
+        raise ValueError(
+            "This result was made on another world than the model and transcoders given "
+            f"({'; '.join(problems)}): use it with the model and transcoders it was made with, or run "
+            "attribute again on these."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: one thread at a time, checked once per outermost call, buffers put back
+# --------------------------------------------------------------------------------------------------
+
+# id(model) -> [thread ident, thread name, depth]
+_busy: dict[int, list] = {}
+_busy_lock = threading.Lock()
+
+
+def _check_model_type(model: Any) -> None:
+    if not (hasattr(model, "cfg") and hasattr(model, "hook_dict")):
+        raise TypeError(
+            "model must be a HookedSAETransformer (from load_world or make_toy_world), got "
+            f"{type(model).__name__}."
+        )
+
+
+def check_model(model: Any, stacklevel: int) -> None:
+    """Refuse what cannot run (a deepcopied or inference-mode model); warn about hooks already on it."""
+    foreign = foreign_mlp(model)
+    if foreign is not None:
+        raise RuntimeError(
+            f"{foreign} of this model runs the MLP of another model: it looks like a copy.deepcopy of a "
+            "HookedSAETransformer, whose MLP forward SAELens wraps in a closure over the original module, "
+            "so the copy computes with the original's MLP weights and hooks. Build the second model the way "
+            "you built the first, or copy the weights into a fresh one: twin = "
+            "HookedSAETransformer(model.cfg, model.tokenizer); twin.load_state_dict(model.state_dict()); "
+            "twin.set_use_hook_mlp_in(True)."
+        )
+    if any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError(
+            "The model was loaded inside torch.inference_mode(), so autograd cannot use its weights "
+            "(attribution differentiates through them): load it outside inference_mode "
+            "(torch.no_grad() is fine)."
+        )
+    hooks = existing_hooks(model)
+    if hooks:
+        warnings.warn(
+            f"The model already carries {len(hooks)} hook(s), which run during this call and change its "
+            f"result: {'; '.join(hooks[:8])}{'; ...' if len(hooks) > 8 else ''}. Remove them first: "
+            "model.reset_hooks(including_permanent=True) removes TransformerLens hooks, and a torch hook "
+            "goes with .remove() on the handle its register_*_hook call returned.",
+            ExistingHooksWarning,
+            stacklevel=stacklevel,
+        )
+
+
+@contextmanager
+def model_session(model: Any, name: str, stacklevel: int = 4) -> Iterator[bool]:
+    """Hold `model` for this thread for the call; yields whether this is the outermost call on it.
+
+    The outermost call checks the model (`check_model`) and, on the way out, puts back any buffer that was
+    replaced (TransformerLens re-creates its rotary and mask buffers for inputs longer than they are).
+    """
+    _check_model_type(model)
+    me = threading.get_ident()
+    with _busy_lock:
+        entry = _busy.get(id(model))
+        if entry is None:
+            entry = _busy[id(model)] = [me, threading.current_thread().name, 0]
+        elif entry[0] != me:
+            raise ModelBusyError(
+                f"{name} cannot run: another call is already running on this model (in thread {entry[1]!r}); "
+                "each run puts its own hooks on the model, so runs on one model must take turns. Wait for "
+                "that call to finish, or give each thread its own model, loaded separately."
+            )
+        entry[2] += 1
+    outermost = entry[2] == 1
+    buffers = []
+    try:
+        if outermost:
+            check_model(model, stacklevel)
+            buffers = [(m, key, b) for m in model.modules() for key, b in m._buffers.items()]
+        with torch.inference_mode(False):
+            yield outermost
+    finally:
+        for module, key, b in buffers:
+            if module._buffers.get(key) is not b:
+                module._buffers[key] = b
+        with _busy_lock:
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _busy[id(model)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The decorator
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What an entry point's arguments are, by parameter name."""
+
+    model: str | None = None  # the model: locked, checked, buffers restored
+    transcoders: str | None = None  # a {layer: transcoder} dict (any subset of layers)
+    transcoder: str | None = None  # one transcoder
+    tokens: str | None = None  # text or token ids of one prompt, within n_ctx
+    result: str | None = None  # an AttributionResult (checked against the model, when there is one)
+    counts: Mapping[str, int] = field(default_factory=dict)  # name -> minimum (None allowed if the default)
+    flags: tuple[str, ...] = ()  # True / False (None allowed if the default is None)
+    layers: tuple[str, ...] = ()  # None or a list of layer numbers
+    reals: tuple[str, ...] = ()  # finite numbers within the model's dtype
+    check: Callable[[dict[str, Any]], None] | None = None  # the entry point's own extra checks
+
+
+def _dtype_of(args: dict[str, Any], spec: Spec) -> torch.dtype:
+    for name in (spec.transcoder, spec.model):
+        obj = args.get(name) if name else None
+        dtype = (
+            getattr(obj, "dtype", None)
+            if name == spec.transcoder
+            else getattr(getattr(obj, "cfg", None), "dtype", None)
+        )
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return torch.float32
+
+
+def _check_arguments(spec: Spec, args: dict[str, Any], defaults: dict[str, Any]) -> None:
+    model = args.get(spec.model) if spec.model else None
+    for name, minimum in spec.counts.items():
+        if not (args[name] is None and defaults.get(name) is None):
+            args[name] = as_count(name, args[name], minimum)
+    for name in spec.flags:
+        args[name] = as_flag(name, args[name], optional=defaults.get(name, False) is None)
+    for name in spec.layers:
+        args[name] = as_layers(name, args[name], model.cfg.n_layers)
+    dtype = _dtype_of(args, spec)
+    for name in spec.reals:
+        args[name] = as_real(name, args[name], dtype)
+    if spec.transcoders:
+        check_some_transcoders(model, args[spec.transcoders])
+    if spec.transcoder:
+        check_transcoder(model, args[spec.transcoder], name=spec.transcoder)
+    if spec.tokens:
+        args[f"_{spec.tokens}_length"] = check_token_input(model, args[spec.tokens], spec.tokens)
+    if spec.result:
+        from .result import AttributionResult
+
+        if not isinstance(args[spec.result], AttributionResult):
+            raise TypeError(
+                f"{spec.result} must be an AttributionResult (what attribute returns, or "
+                f"AttributionResult.load(path)), got {type(args[spec.result]).__name__}."
+            )
+        if model is not None:
+            check_result_fits(
+                args[spec.result], model, args.get(spec.transcoders) if spec.transcoders else None
+            )
+    if spec.check is not None:
+        spec.check(args)
+
+
+def guarded(**spec_fields: Any) -> Callable[[F], F]:
+    """Route every call of the decorated function through the guard (see the module docstring); the keyword
+    arguments are a `Spec`. The function is listed in `ENTRY_POINTS`."""
+    spec = Spec(**spec_fields)
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}
+        label = fn.__qualname__
+
+        @functools.wraps(fn)
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{label}(): {err}") from None
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            model = values.get(spec.model) if spec.model else None
+            session = model_session(model, label, stacklevel=5) if spec.model else _no_session()
+            with session:
+                _check_arguments(spec, values, defaults)
+                for key in bound.arguments:
+                    bound.arguments[key] = values[key]
+                return fn(*bound.args, **bound.kwargs)
+
+        entry.__guarded__ = spec  # type: ignore[attr-defined]
+        ENTRY_POINTS[f"{fn.__module__}.{fn.__qualname__}"] = entry
+        return entry  # type: ignore[return-value]
+
+    return decorate
+
+
+@contextmanager
+def _no_session() -> Iterator[bool]:
+    yield True
+
+
+# --------------------------------------------------------------------------------------------------
+# Interventions and node lists
+# --------------------------------------------------------------------------------------------------
+
+
+def check_interventions(
+    transcoders: Mapping[int, Any], seq_len: int, interventions: object
+) -> list[tuple[int, int, int, float]]:
+    """Every `(layer, position, latent, value)` checked strictly, as plain numbers; a latent set twice is
+    refused (the last setting would win without a word)."""
+    if isinstance(interventions, (str, bytes, Mapping)) or not hasattr(interventions, "__iter__"):
+        raise TypeError(
+            "interventions must be a list of (layer, position, latent, value) tuples, got "
+            f"{type(interventions).__name__}."
+        )
+    checked: list[tuple[int, int, int, float]] = []
+    seen: dict[tuple[int, int, int], int] = {}
+    for i, item in enumerate(interventions):
+        if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 4:
+            raise ValueError(
+                f"interventions[{i}] = {item!r}: each intervention is (layer, position, latent, value)."
+            )
+        layer, pos, latent, value = item
+        layer = as_count(f"interventions[{i}] layer", layer)
+        if layer not in transcoders:
+            raise ValueError(
+                f"interventions[{i}]: there is no transcoder at layer {layer}; the transcoders cover "
+                f"layers {sorted(transcoders)}."
+            )
+        pos = as_count(f"interventions[{i}] position", pos, minimum=-(1 << 62))
+        if not 0 <= pos < seq_len:
+            raise ValueError(
+                f"interventions[{i}]: position {pos} is outside the prompt, which has {seq_len} "
+                f"tokens (positions 0..{seq_len - 1})."
+            )
+        d_sae = transcoders[layer].cfg.d_sae
+        latent = as_count(f"interventions[{i}] latent", latent, minimum=-(1 << 62))
+        if not 0 <= latent < d_sae:
+            raise ValueError(
+                f"interventions[{i}]: latent {latent} is out of range; layer {layer}'s transcoder "
+                f"has {d_sae} latents (0..{d_sae - 1})."
+            )
+        try:
+            value = as_real(f"interventions[{i}] value", value, transcoders[layer].dtype)
+        except ValueError as err:
+            raise ValueError(f"{err} Set a finite number (0 ablates).") from None
+        key = (layer, pos, latent)
+        if key in seen:
+            raise ValueError(
+                f"interventions[{i}] sets layer {layer}, position {pos}, latent {latent} again (first set by "
+                f"interventions[{seen[key]}]): set each latent once."
+            )
+        seen[key] = i
+        checked.append((layer, pos, latent, value))
+    return checked
+
+
+def check_latent_nodes(result: Any, node_indices: object, name: str = "node_indices") -> list[int]:
+    """Indices of latent nodes of `result`, strictly checked."""
+    nodes = result.graph.nodes
+    indices = as_indices(name, node_indices, len(nodes), f"the graph has {len(nodes)} nodes")
+    for i in indices:
+        kind = getattr(nodes[i].node_type, "value", nodes[i].node_type)
+        if kind != "latent":
+            raise ValueError(f"node {i} is a {kind} node: effects are predicted for latents.")
+    return indices
