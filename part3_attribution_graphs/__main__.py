@@ -8,6 +8,11 @@ Writes to `--out` (default `out/graph`):
   neuronpedia.json  the pruned graph in Neuronpedia's schema
 
 `--result out/graph/graph.pt` redraws a saved graph (re-pruned at the given thresholds) without attributing.
+
+The files are written into a hidden folder inside `--out` and moved in together at the end, when the previous
+run's files go: an interrupted run leaves `--out` as it was, never a new nodes.json beside an old index.html.
+`--out` keeps a list of the files this program wrote there (`.part3_attribution_graphs.json`); a file of the
+same name that is not on it is yours, and is replaced only with `--force`.
 """
 
 from __future__ import annotations
@@ -16,13 +21,31 @@ from __future__ import annotations
 # torch and TransformerLens (many seconds) are imported.
 import argparse
 import json
+import os
+import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_USER = "What is the opposite of small?"
 DEFAULT_RESPONSE = "The opposite of small is **large"
+# The files this program writes into --out, and the list it keeps there of the ones it wrote.
+GRAPH_FILES = ("graph.pt", "nodes.json")
+DASHBOARD_FILES = ("index.html", "neuronpedia.json")
+MANIFEST = ".part3_attribution_graphs.json"
+# Options that choose what to attribute: meaningless with --result, whose graph is already made.
+ATTRIBUTION_ONLY = {
+    "user": "--user",
+    "response": "--response",
+    "n_output_nodes": "--n-output-nodes",
+    "top_k": "--top-k",
+    "batch_size": "--batch-size",
+}
 
 
 def world_names() -> tuple[str, ...]:
@@ -97,6 +120,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a folder for the graph's files, e.g. out/graph")
+    return Path(text)
+
+
+_out_dir.__name__ = "folder"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m part3_attribution_graphs",
@@ -104,14 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--world", default="toy", choices=world_names())
-    parser.add_argument("--user", default=DEFAULT_USER, help="the user's turn of the chat prompt")
-    parser.add_argument("--response", default=DEFAULT_RESPONSE, help="the start of the model's answer")
+    # Defaults of the attribution-only options are filled in after parsing, so that --result can tell
+    # whether they were given.
+    parser.add_argument("--user", default=None, help=f"the user's turn of the chat prompt ({DEFAULT_USER!r})")
     parser.add_argument(
-        "--out", default="out/graph", type=Path, help="folder for the files (created if needed)"
+        "--response", default=None, help=f"the start of the model's answer ({DEFAULT_RESPONSE!r})"
     )
-    parser.add_argument("--n-output-nodes", type=_count(1), default=3)
-    parser.add_argument("--top-k", type=_count(0), default=5)
-    parser.add_argument("--batch-size", type=_count(1), default=256)
+    parser.add_argument(
+        "--out", default="out/graph", type=_out_dir, help="folder for the files (created if needed)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files in --out named like this program's outputs that it did not write there",
+    )
+    parser.add_argument("--n-output-nodes", type=_count(1), default=None, help="(default 3)")
+    parser.add_argument("--top-k", type=_count(0), default=None, help="(default 5)")
+    parser.add_argument("--batch-size", type=_count(1), default=None, help="(default 256)")
     parser.add_argument("--node-threshold", type=_fraction, default=0.8)
     parser.add_argument("--edge-threshold", type=_fraction, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
@@ -139,8 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_out_dir(out: Path) -> Path:
-    """Create `out` if needed and check that files can be written there, before any slow work starts."""
+def settle_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse attribution options next to --result (they would be ignored); fill in their defaults."""
+    if args.result is not None:
+        given = [flag for name, flag in ATTRIBUTION_ONLY.items() if getattr(args, name) is not None]
+        if given:
+            parser.error(
+                f"{', '.join(given)} choose(s) what to attribute, but --result redraws a graph already made "
+                f"(its own prompt and settings): drop {', '.join(given)}, or drop --result to attribute anew."
+            )
+    defaults = {"user": DEFAULT_USER, "response": DEFAULT_RESPONSE, "n_output_nodes": 3, "top_k": 5}
+    for name, value in {**defaults, "batch_size": 256}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def planned_files(args: argparse.Namespace) -> tuple[str, ...]:
+    """The files this run will write into --out."""
+    return GRAPH_FILES + (() if args.no_dashboard else DASHBOARD_FILES)
+
+
+def ours(out: Path) -> set[str]:
+    """The files an earlier run of this program wrote into `out` (from its list there)."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    known = set(GRAPH_FILES + DASHBOARD_FILES)
+    return {name for name in listed if name in known}
+
+
+def check_out_dir(out: Path, planned: tuple[str, ...] = GRAPH_FILES, force: bool = False) -> Path:
+    """Create `out` if needed and check that files can be written there and that none of the user's own
+    would be replaced (unless `force`), before any slow work starts."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file, not a folder: choose a folder for the graph's files.")
     try:
@@ -151,11 +224,64 @@ def check_out_dir(out: Path) -> Path:
         raise CLIError(
             f"cannot write to --out {out} ({err.strerror or err}): choose a folder you can write to."
         ) from None
+    folders = [name for name in planned if (out / name).is_dir()]
+    if folders:
+        raise CLIError(f"--out {out} holds the folder(s) {', '.join(folders)} where a file goes: move them.")
+    theirs = sorted(name for name in planned if (out / name).exists() and name not in ours(out))
+    if theirs and not force:
+        raise CLIError(
+            f"--out {out} already holds {', '.join(theirs)}, which this program did not write there and "
+            "would overwrite: choose another folder, move them away, or pass --force to replace them."
+        )
     return out
 
 
+@contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends (main thread only), so the block runs whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def commit(stage: Path, out: Path, written: list[str]) -> None:
+    """Move the staged files into `out` together: the previous run's files go, the new ones come, and the
+    list of ours is rewritten last. Ctrl-C waits until this is done."""
+    with _no_interrupt():
+        old = ours(out)
+        manifest = json.dumps({"files": sorted(old | set(written))})
+        (stage / MANIFEST).write_text(manifest)
+        os.replace(stage / MANIFEST, out / MANIFEST)  # while both sets are in flux, both count as ours
+        for name in old - set(written):
+            (out / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(stage / name, out / name)
+        (stage / MANIFEST).write_text(json.dumps({"files": sorted(written)}))
+        os.replace(stage / MANIFEST, out / MANIFEST)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Load the world, attribute the prompt, write the files; returns the summary that `main` prints."""
+    """Load the world, attribute the prompt, write the files (see the module docstring for how); returns the
+    summary that `main` prints."""
+    stage = Path(tempfile.mkdtemp(dir=args.out, prefix=".partial-"))
+    try:
+        summary = _run(args, stage)
+        commit(stage, args.out, summary["files"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _run(args: argparse.Namespace, stage: Path) -> dict:
+    """Load the world, attribute the prompt, write the files into `stage`; returns the summary."""
     import torch
 
     from .attribution import attribute
@@ -167,18 +293,14 @@ def run(args: argparse.Namespace) -> dict:
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.result is not None:  # a graph saved earlier: re-prune it and redraw, no backward pass
+        from .guard import check_result_fits
         from .result import AttributionResult, prune
 
         result = prune(AttributionResult.load(args.result), args.node_threshold, args.edge_threshold)
-        if (
-            result.graph.n_layers != model.cfg.n_layers
-            or result.graph.writing_vecs.shape[1] != model.cfg.d_model
-        ):
-            raise CLIError(
-                f"--result {args.result} was made on another model than --world {args.world} "
-                f"({result.graph.n_layers} layers, d_model {result.graph.writing_vecs.shape[1]}): "
-                "pass the world it was made on."
-            )
+        try:
+            check_result_fits(result, model, transcoders)
+        except ValueError as err:
+            raise CLIError(f"--result {args.result} does not fit --world {args.world}: {err}") from None
         prompt = result.prompt
     else:
         prompt = format_prompt(args.user, args.response)
@@ -207,13 +329,13 @@ def run(args: argparse.Namespace) -> dict:
         for i, n in enumerate(result.graph.nodes)
     ]
     measured = _measure_interventions(model, transcoders, result, args.interventions, nodes)
-    (args.out / "nodes.json").write_text(
+    (stage / "nodes.json").write_text(
         json.dumps(
             {"prompt": prompt, "str_tokens": result.str_tokens, "settings": result.settings, "nodes": nodes},
             indent=1,
         )
     )
-    result.save(args.out / "graph.pt")  # AttributionResult.load(path) reads it back
+    result.save(stage / "graph.pt")  # AttributionResult.load(path) reads it back
     scores = compute_graph_scores(result)
     if not args.no_dashboard:
         from .utils import create_attribution_dashboard, features_in_graph, make_toy_example_data
@@ -225,11 +347,13 @@ def run(args: argparse.Namespace) -> dict:
             if args.no_examples
             else make_toy_example_data(model, transcoders, features_by_layer=features_in_graph(result))
         )
+        if (args.out / "neuronpedia.json").is_file():  # a state saved from the page carries over
+            shutil.copyfile(args.out / "neuronpedia.json", stage / "neuronpedia.json")
         create_attribution_dashboard(
             result,
             model,
             transcoders=transcoders,
-            output_dir=args.out,
+            output_dir=stage,
             display=False,
             scores=scores,
             example_data_by_layer=examples,
@@ -248,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
         ],
         "load_s": round(t_load, 2),
         "attribute_s": round(t_graph, 2),
-        "files": sorted(p.name for p in args.out.iterdir()),
+        "files": sorted(planned_files(args)),
     }
     if measured:
         summary["interventions"] = measured["agreement"]
@@ -260,8 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
     traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 and a usage line on a bad argument
+    settle_arguments(parser, args)
     try:
-        check_out_dir(args.out)
+        check_out_dir(args.out, planned_files(args), args.force)
         summary = run(args)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")

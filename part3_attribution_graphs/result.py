@@ -15,6 +15,7 @@ another world's (`guard.check_result_fits`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -31,7 +32,7 @@ from .guard import guarded
 from .nodes import GraphNodes, NodeInfo, NodeType
 from .pruning import check_threshold, prune_graph
 
-__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "prune", "shape_problem"]
+__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "prune"]
 
 # The file's own name and version: `load` refuses files that are not ours or are newer than this code.
 FORMAT = "part3_attribution_graphs.AttributionResult"
@@ -71,6 +72,7 @@ class AttributionResult:
     def kept_nodes(self) -> list[NodeInfo]:
         return [self.graph.nodes[i] for i in self.kept_indices.tolist()]
 
+    @guarded(result="self")
     def prune(
         self, node_threshold: float = 0.8, edge_threshold: float = 0.85, prune_fn: PruneFn = prune_graph
     ) -> AttributionResult:
@@ -106,10 +108,12 @@ class AttributionResult:
         # and an interrupted save leaves nothing behind.
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
         try:
-            torch.save(payload, tmp)
+            with open(tmp, "wb") as f:  # opened here, so an unwritable folder is an OSError, not torch's
+                torch.save(payload, f)
             tmp.replace(path)
         except BaseException as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             if isinstance(err, OSError):
                 raise OSError(
                     err.errno, f"cannot write {path} ({err.strerror or err}): choose a file you can write"
@@ -168,7 +172,7 @@ class AttributionResult:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is damaged: {type(e).__name__} {e}. Save the result again.") from None
-        problem = shape_problem(result)
+        problem = _shape_problem(result)
         if problem:
             raise ValueError(f"{path} is damaged: {problem}. Save the result again.")
         return result
@@ -190,7 +194,7 @@ def _writable_file(path: str | Path) -> Path:
     return path
 
 
-def shape_problem(result: AttributionResult) -> str | None:
+def _shape_problem(result: AttributionResult) -> str | None:
     """What in `result` does not fit its own node list (None when every shape agrees)."""
     g = result.graph
     n = len(g.nodes)

@@ -282,6 +282,55 @@ def _one_thread(active: bool) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _set_deterministic(state: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+
+
+def _backend_flag(module: Any, name: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    return (lambda: getattr(module, name)), (lambda value: setattr(module, name, value))
+
+
+# Global torch state that learner code can change and that would outlive its test: (get, set) each.
+_TORCH_GLOBALS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
+    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
+    "default device": (torch.get_default_device, torch.set_default_device),
+    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "anomaly detection": (
+        lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+        lambda state: torch.set_anomaly_enabled(*state),
+    ),
+    "deterministic algorithms": (
+        lambda: (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        _set_deterministic,
+    ),
+    "float32 matmul precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "threads": (torch.get_num_threads, torch.set_num_threads),
+    "cudnn.deterministic": _backend_flag(torch.backends.cudnn, "deterministic"),
+    "cudnn.benchmark": _backend_flag(torch.backends.cudnn, "benchmark"),
+    "cudnn.allow_tf32": _backend_flag(torch.backends.cudnn, "allow_tf32"),
+    "cuda.matmul.allow_tf32": _backend_flag(torch.backends.cuda.matmul, "allow_tf32"),
+    "CPU random state": (torch.get_rng_state, torch.set_rng_state),
+}
+
+
+@contextlib.contextmanager
+def _torch_globals_kept() -> Iterator[None]:
+    """Put every global torch setting in `_TORCH_GLOBALS` back as it was, whatever the block changed (a
+    learner's `torch.set_default_dtype(torch.float64)` must not reach the next test or their next cell)."""
+    saved = {name: get() for name, (get, _) in _TORCH_GLOBALS.items()}
+    try:
+        yield
+    finally:
+        for name, (get, put) in _TORCH_GLOBALS.items():
+            now = get()
+            same = torch.equal(now, saved[name]) if isinstance(now, Tensor) else now == saved[name]
+            if not same:
+                put(saved[name])
+
+
 # --------------------------------------------------------------------------------------------------
 # Hygiene: hooks, parameters and the cached world, snapshot before learner code and restored after
 # --------------------------------------------------------------------------------------------------
@@ -624,7 +673,7 @@ def _run(
     limit = _time_limit_s()
     message = None
     try:
-        with _time_limit(limit):
+        with _torch_globals_kept(), _time_limit(limit):
             result = fn(*args)
     except NotImplementedError as e:
         exercise = _exercises.get(_ACTIVE[-1][0]).qualname if _ACTIVE else what
@@ -953,6 +1002,10 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
             raise TypeError(f"@_public_test({exercise!r}) decorates {body.__name__}; name it {name}.")
 
         def test(obj: Any, *, model: Any = None, transcoders: Any = None) -> None:
+            with _torch_globals_kept():
+                _test(obj, model=model, transcoders=transcoders)
+
+        def _test(obj: Any, *, model: Any = None, transcoders: Any = None) -> None:
             message = None
             try:
                 if record.expects == "class" and not isinstance(obj, type):
