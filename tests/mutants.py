@@ -1334,6 +1334,7 @@ def _latent_set(
     *,
     hook="out",
     where="position",
+    read_at=0,
     add=False,
     error="held",
     cleanup=True,
@@ -1343,7 +1344,7 @@ def _latent_set(
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=read)
         x = cache[read][0, position]
-        clean = transcoder.encode(x)[latent]
+        clean = transcoder.encode(cache[read][0, position + read_at])[latent]
         change = (value if add else value - clean) * transcoder.W_dec[latent]
     name = {"out": write, "in": read, "resid_mid": write.replace("hook_mlp_out", "hook_resid_mid")}[hook]
     pos = {"position": position, "all": slice(None), "next": position + 1}[where]
@@ -1374,6 +1375,12 @@ def _latent_set(
 @mutant("run_with_latent_set", "to SET the activation, add the difference")
 def latent_set_adds_value(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, add=True)
+
+
+@mutant("run_with_latent_set", "another position")
+def latent_set_reads_the_clean_activation_one_before(model, transcoder, tokens, position, latent, value):
+    """Issue 21: was told "you add value * W_dec[latent]", which is not what it does."""
+    return _latent_set(model, transcoder, tokens, position, latent, value, read_at=-1)
 
 
 @mutant("run_with_latent_set", "at every position")
@@ -1464,6 +1471,30 @@ def _effects(result, node_indices, *, divide=True, steps=None, total=True):
 @mutant("predicted_effects", "your total effect is the direct effect")
 def effects_total_is_direct(result, node_indices):
     return _effects(result, node_indices, total=False)
+
+
+@mutant("predicted_effects", "(I - M.T) with upper=False leaves only the identity")
+def effects_transposed_lower_solve(result, node_indices):
+    """Issue 21: M.T with a lower-triangular solve; was told only that the total is the direct effect."""
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    idx = list(node_indices)
+    total = torch.linalg.solve_triangular(eye - (A * gain).T, A[:, idx], upper=False, unitriangular=True)
+    return A[:, idx].T, total.T
+
+
+@mutant("predicted_effects", "you used M.T")
+def effects_transposed(result, node_indices):
+    A, nodes = result.adjacency_matrix, result.graph.nodes
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
+    idx = list(node_indices)
+    total = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - (A * gain).T, A[:, idx])
+    return A[:, idx].T, total.T
 
 
 @mutant("predicted_effects", "divide each latent's column of A by its activation")

@@ -82,6 +82,8 @@ def _effects_variant(result: Any, idx: list[int], mode: str) -> Tensor:
         cols = cols / safe[idx]
     if mode == "one_step":
         return (cols + M @ cols).T
+    if mode == "transposed":
+        M = M.T
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(eye - M, cols).T
 
@@ -90,7 +92,9 @@ _TOTAL_MISTAKES = (
     (
         "direct",
         "your total effect is the direct effect: downstream latents respond too, and their responses compose "
-        "along paths. Solve x = A[:, s] + M x, i.e. x = (I - M)^-1 A[:, s]",
+        "along paths. Solve x = A[:, s] + M x, i.e. x = (I - M)^-1 A[:, s]. (If you do solve: a "
+        "triangular solve reads only one triangle, and (I - M.T) with upper=False leaves only the identity; "
+        "M[t, u] = A[t, u] / a_u keeps targets in rows, so I - M itself is lower triangular)",
     ),
     (
         "no_division",
@@ -101,6 +105,11 @@ _TOTAL_MISTAKES = (
         "times_activation",
         "you multiplied the latent columns by the activations; divide them: A[t, u] / a_u is the "
         "edge per unit change of u's activation",
+    ),
+    (
+        "transposed",
+        "you used M.T (or solved from the left): M[t, u] = A[t, u] / a_u has targets in rows and sources "
+        "in columns like A, and the changes solve (I - M) x = A[:, s], with M itself",
     ),
     (
         "one_step",

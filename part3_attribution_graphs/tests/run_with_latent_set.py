@@ -62,13 +62,28 @@ def _replaced_logits(w: _World, tc: Any, position: int, latent: int, value: floa
 
 @torch.no_grad()
 def _latent_set_mistakes(w: _World, tc: Any, position: int, latent: int, value: float) -> list:
-    clean = float(tc.encode(w.cache[tc.cfg.metadata.hook_name][0, position].to(tc.dtype))[latent])
+    acts = tc.encode(w.cache[tc.cfg.metadata.hook_name][0].to(tc.dtype))[:, latent]
+    clean = float(acts[position])
     W = tc.W_dec[latent].detach()
     right = (value - clean) * W
     out_name, in_name = tc.cfg.metadata.hook_name_out, tc.cfg.metadata.hook_name
     layer = out_name.split(".")[1]
     seq = w.tokens.shape[1]
+    # Reading the clean activation at a position where this latent is silent reads 0: the same logits as
+    # adding value * W_dec[latent], so that hint names both causes.
+    neighbours = [p for p in (position - 1, position + 1) if 0 <= p < seq]
+    silent_nearby = any(float(acts[p]) == 0 for p in neighbours)
+    wrong_read = (
+        "you read the latent's clean activation a at another position than `position` (off by one?): read "
+        "it where you add the change, cache[hook_name][0, position], so the change is (value - a) * "
+        "W_dec[latent]"
+    )
     return [
+        *[
+            (wrong_read, lambda p=p: _edited_logits(w, tc, out_name, (value - float(acts[p])) * W, position))
+            for p in neighbours
+            if float(acts[p]) != 0
+        ],
         (
             "your change cancels out: the logits are the clean ones. If you recompute the error from the "
             "edited transcoder output (mlp_out - tc(...)), it absorbs the edit; hold the error at its clean "
@@ -77,7 +92,12 @@ def _latent_set_mistakes(w: _World, tc: Any, position: int, latent: int, value: 
         ),
         (
             "you add value * W_dec[latent]; to SET the activation, add the difference (value - a) * "
-            "W_dec[latent], where a is the latent's clean activation at that position",
+            "W_dec[latent], where a is the latent's clean activation at that position"
+            + (
+                " (or you read a at another position, where this latent is silent: read it at `position`)"
+                if silent_nearby
+                else ""
+            ),
             lambda: _edited_logits(w, tc, out_name, value * W, position),
         ),
         (
