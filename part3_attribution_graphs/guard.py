@@ -177,7 +177,9 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
             if len(prompt_or_tokens) == 1 and isinstance(prompt_or_tokens[0], (list, tuple))
             else prompt_or_tokens
         )
-        ids = torch.tensor([as_count(f"{name}[{i}]", t) for i, t in enumerate(flat)], dtype=torch.long)
+        ids = torch.tensor(
+            [as_count(f"{name}[{i}]", t, minimum=-(1 << 62)) for i, t in enumerate(flat)], dtype=torch.long
+        )
     else:
         raise TypeError(
             f"{name} must be text (str) or token ids (a list or integer tensor), got "
