@@ -32,7 +32,10 @@ from part3_attribution_graphs.tools.chromium import (  # noqa: E402
     network_requests,
     page_errors,
 )
+from part3_attribution_graphs.result import prune  # noqa: E402
+from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
+from part3_attribution_graphs.views.dashboard import create_attribution_dashboard  # noqa: E402
 from part3_attribution_graphs.views.neuronpedia import view_graph  # noqa: E402
 from part3_attribution_graphs.worlds.gemma import format_prompt  # noqa: E402
 
@@ -331,19 +334,16 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
                     s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
     fewer = cdp.evaluate("window.dashboard.visible()")
     assert fewer["edges"] < after["edges"] and fewer["nodes"] <= after["nodes"], (after, fewer)
-    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 1;
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 0.85;
                     s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
     assert cdp.evaluate("window.dashboard.visible()") == after
 
-    # Save: a real download of neuronpedia.json.
+    # Export: a real download of neuronpedia.json, the graph and the state for Neuronpedia.
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     cdp.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-    cdp.evaluate("document.getElementById('save-btn').click()")
-    deadline = time.time() + 20
-    while not (downloads / "neuronpedia.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    saved = json.loads((downloads / "neuronpedia.json").read_text())
+    cdp.evaluate("document.getElementById('export-btn').click()")
+    saved = json.loads(wait_for(downloads / "neuronpedia.json").read_text())
     q = saved["qParams"]
     assert q["pinnedIds"] == pinned
     assert q["supernodes"] == [["size words", *pick["members"]]]
@@ -352,26 +352,43 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     assert q["node_threshold"] == 0.5
     assert {n["node_id"]: n["clerp"] for n in saved["nodes"]}[pick["members"][0]] == 'says "small"'
     assert len(saved["links"]) == len(view.edges) and len(saved["nodes"]) == len(view.indices)
-
-    # Reload: a fresh page has no state; loading the file brings it all back.
-    cdp.open(index.resolve().as_uri(), 1600)
-    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
-    doc = cdp.send("DOM.getDocument")
-    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
-    cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
-    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
-    restored = cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
-        return {pinned: s.pinned.map(i => N[i].id),
-                supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
-                labels: s.labels, thr: s.nodeThr,
-                clicked: document.getElementById('panel').dataset.nodeId}; })()""")
-    assert restored == {
+    want = {
         "pinned": pinned,
         "supernodes": [["size words", *pick["members"]]],
         "labels": {pick["members"][0]: 'says "small"'},
         "thr": 0.5,
         "clicked": pick["members"][0],
     }
+    # Save: this page again, with the state inside.
+    cdp.evaluate("document.getElementById('save-btn').click()")
+    saved_page = wait_for(downloads / "attribution-graph.html")
+
+    # Reopened from disk, the page has its state back from the browser's storage...
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert restored_state(cdp) == want
+    # ... "reset" clears it, there and in the storage ...
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
+    assert cdp.evaluate("document.getElementById('node-thr').value") == "0.8"
+    # ... the saved page, opened from file:// with nothing in the storage, carries it ...
+    cdp.open(saved_page.resolve().as_uri(), 1600)
+    assert restored_state(cdp) == want
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    # ... and "load state" (a keyboard-reachable button) reads the exported JSON back.
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
+    assert cdp.evaluate("""(() => { const b = document.getElementById('load-btn'); b.focus();
+        return document.activeElement === b && b.tabIndex >= 0 && b.offsetWidth > 0; })()""")
+    assert cdp.evaluate("""(() => { let opened = false; const f = document.getElementById('load-file');
+        f.addEventListener('click', ev => { opened = true; ev.preventDefault(); }, {once: true});
+        document.getElementById('load-btn').dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}));
+        document.getElementById('load-btn').click(); return opened; })()""")
+    doc = cdp.send("DOM.getDocument")
+    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
+    cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    assert restored_state(cdp) == want
     assert_clean(cdp)
 
     # The saved file beside the page: writing the dashboard again into that folder keeps the state.
@@ -380,9 +397,90 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     folder.mkdir()
     shutil.copy(downloads / "neuronpedia.json", folder / "neuronpedia.json")
     utils.create_attribution_dashboard(result, model, tcs, output_dir=folder, display=False)
+    cdp.evaluate("document.getElementById('forget-btn').click()")  # not from the browser's storage
     cdp.open((folder / "index.html").resolve().as_uri(), 1600)
     assert cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)") == pinned
     assert json.loads((folder / "neuronpedia.json").read_text())["qParams"]["pinnedIds"] == pinned
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    assert_clean(cdp)
+
+
+def wait_for(path: Path, seconds: float = 20) -> Path:
+    """`path` once a download has written it."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"nothing downloaded to {path}"
+    time.sleep(0.2)  # let the download finish writing
+    return path
+
+
+def restored_state(cdp) -> dict:
+    return cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
+        return {pinned: s.pinned.map(i => N[i].id),
+                supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
+                labels: s.labels, thr: s.nodeThr,
+                clicked: document.getElementById('panel').dataset.nodeId}; })()""")
+
+
+def set_sliders(cdp, node_t: float, edge_t: float) -> tuple[float, float]:
+    """Move both sliders as a user would (an input event each); the values they took."""
+    got = cdp.evaluate(f"""(() => {{
+        const a = document.getElementById('node-thr'), b = document.getElementById('edge-thr');
+        a.value = {node_t}; a.dispatchEvent(new Event('input', {{bubbles: true}}));
+        b.value = {edge_t}; b.dispatchEvent(new Event('input', {{bubbles: true}}));
+        return [a.value, b.value]; }})()""")
+    return float(got[0]), float(got[1])
+
+
+def drawn_graph(cdp) -> dict:
+    """What the page draws: node ids (the DOM's), and the header's node and edge counts."""
+    return cdp.evaluate("""(() => {
+        const stats = document.querySelector('header .stats').innerText;
+        return {ids: [...document.querySelectorAll('#graph .node')].map(e => e.dataset.nodeId).sort(),
+                header_nodes: +stats.match(/nodes (\\d+)/)[1], header_edges: +stats.match(/edges (\\d+)/)[1],
+                header_edge_thr: stats.match(/edge threshold ([\\d.]+)/)[1]}; })()""")
+
+
+def assert_sliders_prune_as_python(cdp, result, grid) -> None:
+    """At every (node, edge) threshold the page draws exactly what `prune` keeps (after the viewers' clean-up),
+    and its header counts what it draws."""
+    for node_t, edge_t in grid:
+        node_t, edge_t = set_sliders(cdp, node_t, edge_t)
+        want = view_graph(prune(result, node_t, edge_t))
+        ids = sorted(result.graph.nodes[i].node_id for i in want.indices)
+        got = drawn_graph(cdp)
+        assert got["ids"] == ids, (node_t, edge_t, len(got["ids"]), len(ids), set(got["ids"]) ^ set(ids))
+        assert got["header_nodes"] == len(ids) and got["header_edges"] == len(want.edges), (node_t, edge_t, got)
+        drawn = sorted(map(tuple, cdp.evaluate("window.dashboard.pruned().edges")))
+        where = want.indices
+        assert drawn == sorted((where[s], where[t]) for s, t, _ in want.edges), (node_t, edge_t)
+
+
+SLIDER_GRID = [(n, e) for n in (0.3, 0.5, 0.65, 0.8) for e in (0.5, 0.7, 0.85, 0.95, 0.99, 1.0)]
+
+
+def test_sliders_mean_prune_on_the_toy_graph(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    cdp.open(index.resolve().as_uri(), 1400)
+    # The page opens at the thresholds it was pruned with, and its header says so.
+    assert cdp.evaluate("[document.getElementById('node-thr').value, document.getElementById('edge-thr').value]") == [
+        "0.8",
+        "0.85",
+    ]
+    assert drawn_graph(cdp)["header_edge_thr"] == "0.85"
+    assert_sliders_prune_as_python(cdp, result, SLIDER_GRID)
+    assert_clean(cdp)
+
+
+def test_sliders_mean_prune_on_a_30k_edge_graph(page, tmp_path):
+    result = synthetic_result()
+    assert int((result.adjacency_matrix != 0).sum()) >= 29_000
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    cdp.open((tmp_path / "index.html").resolve().as_uri(), 1400)
+    assert_sliders_prune_as_python(cdp, result, SLIDER_GRID)
     assert_clean(cdp)
 
 

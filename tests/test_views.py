@@ -165,8 +165,10 @@ def test_dashboard_files_and_counts(dashboard, result):
     assert len(data["edges"]) == n_edges(result) == data["meta"]["n_edges"]
     assert data["meta"]["scores"] == {"replacement": 0.61}
     assert data["meta"]["node_threshold"] == 0.8 and data["meta"]["edge_threshold"] == 0.85
-    # Every edge joins an earlier node (in graph order) to a later one.
-    assert all(s < t for s, t, _ in data["edges"])
+    # Every edge joins an earlier node (in graph order) to a later one, the sliders' extra ones too.
+    nodes = data["nodes"] + data["extra"]["nodes"]
+    assert all(s < t for s, t, *_ in data["edges"])
+    assert all(nodes[s]["idx"] < nodes[t]["idx"] for s, t, *_ in data["edges"] + data["extra"]["edges"])
     # What the tests and the browser look for is in the page.
     for marker in ('id="panel"', "logit-table", "data-node-id", "edge-canvas", "--latent-fill"):
         assert marker in page

@@ -44,6 +44,7 @@ from .neuronpedia import (
     view_graph,
 )
 from .palette import NODE_NAMES, css_variables, shown_token
+from .sliders import slider_graph
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -189,8 +190,13 @@ def dashboard_data(
         predicted, measured = change
         ablate[position[int(idx)]] = [_sig(predicted), _sig(measured)]
 
+    sliders = slider_graph(result)
+    extra = [i for i in sliders.candidates if i not in position]  # nodes the sliders can bring back
+    everyone = list(view.indices) + extra
+    where = {g: k for k, g in enumerate(everyone)}
+
     nodes = []
-    for k, idx in enumerate(view.indices):
+    for k, idx in enumerate(everyone):
         node = graph.nodes[idx]
         kind = _TYPE_NAMES[node_kind(node)]
         row = 0 if kind == "embedding" else n_layers + 1 if kind == "logit" else int(node.layer) + 1
@@ -217,9 +223,19 @@ def dashboard_data(
             entry["label"] = node.label
         if k in ablate:
             entry["ablate"] = ablate[k]
+        entry["idx"] = idx
+        if idx in sliders.ranks:
+            entry["rank"] = sliders.ranks[idx]
+        if idx in sliders.logit_weights:
+            entry["lw"] = sliders.logit_weights[idx]
         nodes.append(entry)
 
-    edges = [[s, t, _sig(w)] for s, t, w in view.edges]
+    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry 1 marks an edge the
+    # sliders prune, with its exact float32 weight.
+    exact = {(where[s], where[t]): w for s, t, w in sliders.edges}
+    edges = [[s, t, exact[s, t], 1] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
+    in_view = {(s, t) for s, t, _ in view.edges}
+    extra_edges = [[s, t, w, 1] for (s, t), w in exact.items() if (s, t) not in in_view]
 
     latents = sorted(
         {
@@ -271,7 +287,7 @@ def dashboard_data(
             "prompt": result.prompt,
             "tokens": result_tokens(result),
             "n_layers": n_layers,
-            "n_nodes": len(nodes),
+            "n_nodes": len(view.indices),
             "n_nodes_full": len(graph),
             "n_edges": len(edges),
             "n_dropped": len(view.dropped),
@@ -286,8 +302,15 @@ def dashboard_data(
             "notes": notes,
             "kind_names": {_TYPE_NAMES[k]: v for k, v in NODE_NAMES.items()},
         },
-        "nodes": nodes,
+        "nodes": nodes[: len(view.indices)],
         "edges": edges,
+        # What the sliders need to prune as `prune` does (views/sliders.py).
+        "extra": {"nodes": nodes[len(view.indices) :], "edges": extra_edges},
+        "prune": {
+            "node_max": sliders.node_threshold,
+            "shares": sliders.shares,
+            "n_ranked": sliders.n_ranked,
+        },
         "latents": panels,
         "state": state or {},
         # The export without its links (the page rebuilds them from `edges`): what "save" writes.

@@ -3,8 +3,13 @@
 // nodes' edges, or every edge with "show all edges". Plain ES5, no libraries, no network.
 (function () {
   "use strict";
+  // The page as it was written (before this script changed anything): "save" writes it again with the state.
+  var PAGE = "<!DOCTYPE html>\n" + document.documentElement.outerHTML;
   var DATA = JSON.parse(document.getElementById("dashboard-data").textContent);
-  var META = DATA.meta, NODES = DATA.nodes, EDGES = DATA.edges, LATENTS = DATA.latents;
+  var META = DATA.meta, LATENTS = DATA.latents, PRUNE = DATA.prune || {shares: [], n_ranked: 0, node_max: 1};
+  // The view's nodes and edges come first (drawn at first); the candidates the sliders can bring back follow.
+  var EXTRA = DATA.extra || {nodes: [], edges: []};
+  var NODES = DATA.nodes.concat(EXTRA.nodes), EDGES = DATA.edges.concat(EXTRA.edges);
   var nRows = META.n_layers + 2;
 
   // ------------------------------------------------------------------------------------------- helpers
@@ -26,10 +31,8 @@
   var POS = css("--edge-pos") || "#2563eb", NEG = css("--edge-neg") || "#dc2626";
 
   var byId = {};
-  NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; n.inAbs = 0; });
-  EDGES.forEach(function (e, j) {
-    NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); NODES[e[1]].inAbs += Math.abs(e[2]);
-  });
+  NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; });
+  EDGES.forEach(function (e, j) { NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); });
   var maxAbs = 1e-12, maxInfl = 1e-12;
   EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
   NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
@@ -37,7 +40,7 @@
   // ------------------------------------------------------------------------------------------- state
   var state = {
     pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {},
-    nodeThr: META.node_threshold || 1, edgeThr: 1, showAll: false, subgraph: false
+    nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
   };
   function labelOf(i) {
     var n = NODES[i];
@@ -55,40 +58,73 @@
   }
 
   // ------------------------------------------------------------------------------------------- pruning
-  // The sliders re-prune what the page holds: nodes by their cumulative influence (as `prune_nodes`
-  // does), then edges by the share of the edge score `|w| / (target's |input|) * target's importance`
-  // (as `prune_edges` does), then circuit-tracer's clean-up (a latent needs an input and an output).
-  var nodeVis = NODES.map(function () { return true; }), edgeVis = EDGES.map(function () { return true; });
-  var byCum = NODES.map(function (n, i) { return i; }).filter(function (i) {
-    return NODES[i].type !== "logit" && NODES[i].type !== "embedding";
-  });
-  byCum.sort(function (a, b) { return NODES[a].cum - NODES[b].cum; });
-  var edgeScore = EDGES.map(function (e) {
-    var t = NODES[e[1]], imp = Math.max(t.influence, 0) + (t.type === "logit" ? (t.prob || 0) : 0);
-    return t.inAbs > 0 ? Math.abs(e[2]) / t.inAbs * imp : 0;
-  });
-  var byScore = EDGES.map(function (e, j) { return j; });
-  byScore.sort(function (a, b) { return edgeScore[b] - edgeScore[a]; });
+  // The sliders compute `prune(result, node_t, edge_t)` (pruning.py) from what views/sliders.py embeds:
+  // prune_nodes keeps the nodes of its influence ranking until their running share reaches node_t (the
+  // shares are Python's own float32 numbers), plus the logits; prune_edges then scores every edge among
+  // them, `B[t, s] * importance[t]` with B the row-normalised |A| and importance the influence on the
+  // logits within those nodes (plus the logit weight), and keeps the best until their share reaches
+  // edge_t; then the viewers' clean-up (view_graph): a latent needs an input and an output, an error
+  // node an output. Weights are float32 as in Python; shares are rounded to float32 before comparing,
+  // as torch compares them.
+  var F32 = Math.fround, N_VIEW = DATA.nodes.length, E_VIEW = DATA.edges.length;
+  var nodeVis = NODES.map(function (n, i) { return i < N_VIEW; });
+  var edgeVis = EDGES.map(function (e, j) { return j < E_VIEW; });
+  var prunedKept = null;  // nodes prune keeps at the sliders' thresholds (null: Python's own result)
+  var SHARES = PRUNE.shares.map(F32);
+  var CAND = [], ABSW = [];  // the edges prune_edges sees, and their |weight| as float32
+  EDGES.forEach(function (e, j) { if (e[3] === 1) { CAND.push(j); ABSW.push(Math.abs(F32(e[2]))); } });
+  var LOGITS = [];
+  NODES.forEach(function (n, i) { if (n.lw !== undefined) LOGITS.push(i); });
 
+  function pruneNodes(t) {
+    var t32 = F32(t), k = 0;
+    while (k < SHARES.length && SHARES[k] < t32) k++;
+    k = Math.min(k + 1, PRUNE.n_ranked);  // n_to_cross
+    var kept = new Uint8Array(NODES.length);
+    NODES.forEach(function (n, i) { if ((n.rank !== undefined && n.rank < k) || n.lw !== undefined) kept[i] = 1; });
+    return kept;
+  }
+  function pruneEdges(kept, t) {
+    var N = NODES.length, live = [], k, j, i;
+    for (k = 0; k < CAND.length; k++) { j = CAND[k]; if (kept[EDGES[j][0]] && kept[EDGES[j][1]]) live.push(k); }
+    var rowSum = new Float64Array(N);
+    live.forEach(function (k) { rowSum[EDGES[CAND[k]][1]] += ABSW[k]; });
+    var clamp = F32(1e-8), b = live.map(function (k) { return ABSW[k] / Math.max(rowSum[EDGES[CAND[k]][1]], clamp); });
+    var v = new Float64Array(N), infl = new Float64Array(N);
+    LOGITS.forEach(function (i) { v[i] = F32(NODES[i].lw); });
+    for (var step = 0; step <= META.n_layers; step++) {  // influence: w B + w B^2 + ... (B is nilpotent)
+      var nv = new Float64Array(N);
+      for (k = 0; k < live.length; k++) { var e = EDGES[CAND[live[k]]]; nv[e[0]] += v[e[1]] * b[k]; }
+      v = nv;
+      for (i = 0; i < N; i++) infl[i] += v[i];
+    }
+    LOGITS.forEach(function (i) { infl[i] += F32(NODES[i].lw); });
+    var score = live.map(function (k, q) { return b[q] * infl[EDGES[CAND[k]][1]]; });
+    var order = score.map(function (x, q) { return q; });
+    order.sort(function (a, c) { return score[c] - score[a]; });
+    var total = 0, acc = 0, below = 0;
+    order.forEach(function (q) { total += score[q]; });
+    if (total > 0) {
+      var t32 = F32(t), tot32 = F32(total);
+      for (k = 0; k < order.length; k++) {
+        acc += score[order[k]];
+        if (F32(F32(acc) / tot32) < t32) below++; else break;
+      }
+    }
+    // n_to_cross = below + 1 scores; the last of them is the cutoff (zero once it falls among non-edges).
+    var cutoff = total > 0 && below < order.length ? score[order[below]] : 0;
+    var keep = new Uint8Array(EDGES.length);
+    live.forEach(function (k, q) { if (score[q] > 0 && score[q] >= cutoff) keep[CAND[k]] = 1; });
+    return keep;
+  }
   function reprune() {
-    var i, j, k;
-    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit" || NODES[i].type === "embedding";
-    var prev = 0;
-    for (k = 0; k < byCum.length; k++) {  // keep nodes until the running share reaches the threshold
-      if (prev >= state.nodeThr - 1e-9) break;
-      nodeVis[byCum[k]] = true; prev = NODES[byCum[k]].cum;
-    }
-    var live = byScore.filter(function (j) { return nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]]; });
-    var total = 0;
-    live.forEach(function (j) { total += edgeScore[j]; });
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = false;
-    var acc = 0;
-    for (k = 0; k < live.length; k++) {
-      if (total > 0 && acc / total >= state.edgeThr - 1e-9) break;
-      edgeVis[live[k]] = true; acc += edgeScore[live[k]];
-    }
+    var i, j, kept = pruneNodes(state.nodeThr), keep = pruneEdges(kept, state.edgeThr);
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = !!keep[j];
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit";
+    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = true; nodeVis[EDGES[j][1]] = true; }
+    prunedKept = nodeVis.slice();
     var changed = true;
-    while (changed) {
+    while (changed) {  // view_graph's clean-up
       changed = false;
       for (i = 0; i < NODES.length; i++) {
         var n = NODES[i];
@@ -100,20 +136,38 @@
         }
       }
     }
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = edgeVis[j] && nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]];
+    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = true;  // every token has one
+    drawStats();
+  }
+
+  // At the thresholds the page was written with it shows Python's own result; elsewhere it prunes again.
+  function setPruning() {
+    if (state.nodeThr !== PRUNE.node_max || state.edgeThr !== (META.edge_threshold || 1)) { reprune(); return; }
+    for (var i = 0; i < NODES.length; i++) nodeVis[i] = i < N_VIEW;
+    for (var j = 0; j < EDGES.length; j++) edgeVis[j] = j < E_VIEW;
+    prunedKept = null;
+    drawStats();
   }
 
   // ------------------------------------------------------------------------------------------- header
+  function drawStats() {  // the counts and thresholds of what is drawn now
+    var el = document.getElementById("stats-now");
+    if (!el) return;
+    var nv = 0, ev = 0, i;
+    for (i = 0; i < NODES.length; i++) if (nodeVis[i]) nv++;
+    for (i = 0; i < EDGES.length; i++) if (edgeVis[i]) ev++;
+    el.innerHTML = "<span>nodes <b>" + nv + "</b> of " + META.n_nodes_full + "</span>" +
+      "<span>edges <b>" + ev + "</b></span>" +
+      "<span>node threshold <b>" + fmt(state.nodeThr) + "</b></span>" +
+      "<span>edge threshold <b>" + fmt(state.edgeThr) + "</b></span>";
+  }
   (function header() {
     var s = META.settings || {};
     var parts = [
       "<h1>Attribution graph</h1>",
       '<div class="prompt">' + tok(META.prompt) + "</div>",
       '<div class="stats">',
-      "<span>nodes <b>" + META.n_nodes + "</b> of " + META.n_nodes_full + "</span>",
-      "<span>edges <b>" + META.n_edges + "</b></span>",
-      "<span>node threshold <b>" + fmt(META.node_threshold) + "</b></span>",
-      "<span>edge threshold <b>" + fmt(META.edge_threshold) + "</b></span>",
+      '<span id="stats-now"></span>',
       "<span>layers <b>" + META.n_layers + "</b></span>",
       "<span>model <b>" + esc(META.scan) + "</b></span>"
     ];
@@ -131,6 +185,7 @@
       parts.push('<div class="note">' + esc(META.notes[k]) + "</div>");
     });
     document.getElementById("header").innerHTML = parts.join("");
+    drawStats();
     var names = META.kind_names || {};
     function sw(kind, round) {
       var v = kind === "error" ? "mlp-error" : kind;
@@ -439,7 +494,7 @@
     svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
     graphEl.style.height = H + "px";
     if (state.hover !== null && !items[state.hover]) state.hover = null;
-    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel();
+    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel(); persist();
   }
   function refresh() { drawEdges(); highlight(); }
 
@@ -597,7 +652,7 @@
 
   // ------------------------------------------------------------------------------------------- sliders
   var nodeThr = document.getElementById("node-thr"), edgeThr = document.getElementById("edge-thr");
-  nodeThr.max = String(Math.min(1, META.node_threshold || 1));
+  nodeThr.max = String(PRUNE.node_max);  // the page holds the nodes kept up to the result's own threshold
   function showThresholds() {
     nodeThr.value = state.nodeThr; edgeThr.value = state.edgeThr;
     document.getElementById("node-thr-val").textContent = (+state.nodeThr).toFixed(2);
@@ -607,7 +662,7 @@
     state.nodeThr = +nodeThr.value; state.edgeThr = +edgeThr.value;
     showThresholds(); reprune(); render();
     var nv = nodeVis.filter(Boolean).length, ev = edgeVis.filter(Boolean).length;
-    say(nv + " nodes, " + ev + " edges shown");
+    say(nv + " nodes, " + ev + " edges: as prune(result, " + state.nodeThr + ", " + state.edgeThr + ") keeps them");
     if (state.clicked !== null) select(state.clicked); else overview();
   }
   nodeThr.addEventListener("input", onSlide); edgeThr.addEventListener("input", onSlide);
@@ -705,6 +760,7 @@
 
   function select(i) {
     state.clicked = i;
+    persist();
     nodesG.querySelectorAll(".node.selected").forEach(function (el) { el.classList.remove("selected"); });
     if (i === null) { overview(); refresh(); return; }
     if (itemOf[i] !== undefined && items[itemOf[i]].node === i) itemEls[itemOf[i]].classList.add("selected");
@@ -814,9 +870,64 @@
         labels: state.labels
       },
       nodes: nodes,
-      links: EDGES.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
+      links: DATA.edges.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
     });
   }
+  function currentState() {  // what the page restores: the export's qParams and labels, and when
+    var q = JSON.parse(stateJSON()).qParams, labels = q.labels;
+    delete q.labels;
+    return {qParams: q, labels: labels, saved_at: Date.now()};
+  }
+  function hasState(s) {
+    var q = (s && s.qParams) || {};
+    return !!((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.clickedId ||
+      (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
+      (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
+      (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
+  }
+  // This graph's state in the browser's storage (works from file:// too), under a key of its own.
+  var STORE_KEY = (function () {
+    var text = META.prompt + "|" + NODES.map(function (n) { return n.id; }).join(",") + "|" + EDGES.length, h = 2166136261;
+    for (var k = 0; k < text.length; k++) { h ^= text.charCodeAt(k); h = Math.imul(h, 16777619) >>> 0; }
+    return "part3-attribution-dashboard:" + h.toString(16);
+  })();
+  var storing = false;  // off until the saved state is back, so the first draw does not overwrite it
+  function storage() { try { return window.localStorage || null; } catch (err) { return null; } }
+  function persist() {
+    var ls = storage();
+    if (!storing || !ls) return;
+    try { ls.setItem(STORE_KEY, JSON.stringify(currentState())); } catch (err) { /* full or refused */ }
+  }
+  function stored() {
+    var ls = storage();
+    try { return ls ? JSON.parse(ls.getItem(STORE_KEY) || "null") : null; } catch (err) { return null; }
+  }
+  function forget() {
+    var ls = storage();
+    try { if (ls) ls.removeItem(STORE_KEY); } catch (err) { /* refused */ }
+    storing = false;
+    state.clicked = null;
+    applyState({qParams: {node_threshold: PRUNE.node_max, edge_threshold: META.edge_threshold || 1}});
+    storing = true;
+    say("pins, supernodes, labels and thresholds cleared, here and in this browser's storage");
+  }
+  function download(name, text, type) {
+    var blob = new Blob([text], {type: type}), a = document.createElement("a");
+    a.href = URL.createObjectURL(blob); a.download = name;
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(function () { URL.revokeObjectURL(a.href); }, 1000);
+  }
+  // This page again with the state inside: it opens with it from anywhere, file:// included.
+  function pageWithState() {
+    var copy = {}, k;
+    for (k in DATA) if (Object.prototype.hasOwnProperty.call(DATA, k)) copy[k] = DATA[k];
+    copy.state = currentState();
+    var json = JSON.stringify(copy).replace(/</g, "\\u003c").replace(/>/g, "\\u003e").replace(/&/g, "\\u0026");
+    // "<\/script>": written out, the end tag would end this very script in the page.
+    var open = PAGE.indexOf('id="dashboard-data">'), from = PAGE.indexOf(">", open) + 1, to = PAGE.indexOf("<\/script>", from);
+    return PAGE.slice(0, from) + json + PAGE.slice(to);
+  }
+  function slug() { return String((DATA.export.metadata || {}).slug || "attribution-graph").replace(/[^\w.-]+/g, "-"); }
   function applyState(s) {
     var q = (s && s.qParams) || {}, known = function (id) { return byId[id] !== undefined; };
     var pins = q.pinnedIds || [];
@@ -831,16 +942,19 @@
     if (typeof q.node_threshold === "number") state.nodeThr = Math.min(+nodeThr.max, q.node_threshold);
     if (typeof q.edge_threshold === "number") state.edgeThr = q.edge_threshold;
     state.ticked = {}; state.subgraph = false;
-    showThresholds(); reprune(); render();
+    showThresholds(); setPruning(); render();
     if (q.clickedId && known(q.clickedId)) select(byId[q.clickedId]); else select(null);
   }
   document.getElementById("save-btn").addEventListener("click", function () {
-    var blob = new Blob([stateJSON()], {type: "application/json"}), a = document.createElement("a");
-    a.href = URL.createObjectURL(blob); a.download = "neuronpedia.json";
-    document.body.appendChild(a); a.click(); a.remove();
-    setTimeout(function () { URL.revokeObjectURL(a.href); }, 1000);
-    say("saved neuronpedia.json: put it beside index.html (or load it here) to restore this state");
+    download(slug() + ".html", pageWithState(), "text/html");
+    say("downloaded " + slug() + ".html: this page with your pins, supernodes, labels and thresholds inside; open it to go on");
   });
+  document.getElementById("export-btn").addEventListener("click", function () {
+    download("neuronpedia.json", stateJSON(), "application/json");
+    say("downloaded neuronpedia.json: upload it to Neuronpedia, or open it here with \u201cload state\u201d");
+  });
+  document.getElementById("forget-btn").addEventListener("click", forget);
+  document.getElementById("load-btn").addEventListener("click", function () { document.getElementById("load-file").click(); });
   document.getElementById("load-file").addEventListener("change", function (ev) {
     var file = ev.target.files[0];
     if (!file) return;
@@ -873,20 +987,35 @@
 
   // At the thresholds it was written with, the page shows what Python pruned: no re-pruning needed.
   showThresholds(); render(); overview();
-  var initial = DATA.state || {};
-  if ((initial.qParams && Object.keys(initial.qParams).length) || (initial.labels && Object.keys(initial.labels).length)) applyState(initial);
-  // Served over http (e.g. by Jupyter): a saved neuronpedia.json beside the page restores its state.
-  if (/^https?:$/.test(location.protocol) && !window.frameElement) {
-    fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
-      var q = j && j.qParams;
-      if (q && ((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.labels)) applyState(j);
-    }).catch(function () { /* no saved state beside the page */ });
+  // The state to open with: the newer of the one written into the page and the one in this browser.
+  var initial = DATA.state || {}, local = stored();
+  if (local && hasState(local) && (local.saved_at || 0) >= (initial.saved_at || 0)) {
+    applyState(local); say("your pins, labels and thresholds for this graph are back (kept in this browser)");
+  } else if (hasState(initial)) applyState(initial);
+  else {
+    say("changes are kept in this browser; \u201csave\u201d downloads this page with them inside");
+    // Served over http (e.g. by Jupyter), a neuronpedia.json saved beside the page is read too.
+    if (/^https?:$/.test(location.protocol) && !window.frameElement) {
+      fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
+        if (j && hasState(j)) applyState(j);
+      }).catch(function () { /* no saved state beside the page */ });
+    }
   }
+  storing = true;
+  persist();
   fitFrame();
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
-    stateJSON: stateJSON, applyState: applyState, items: function () { return items; },
+    stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
+    forget: forget, storeKey: STORE_KEY,
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
-    visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; }
+    visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
+    // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
+    // and the drawn edges as [source, target].
+    pruned: function () {
+      var ids = function (vis) { return NODES.map(function (n, i) { return vis[i] ? n.idx : -1; }).filter(function (x) { return x >= 0; }).sort(function (a, b) { return a - b; }); };
+      return {kept: prunedKept && ids(prunedKept), visible: ids(nodeVis),
+              edges: EDGES.filter(function (e, j) { return edgeVis[j]; }).map(function (e) { return [NODES[e[0]].idx, NODES[e[1]].idx]; })};
+    }
   };
 })();
