@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from part3_attribution_graphs.tools.chromium import (  # noqa: E402
 from part3_attribution_graphs.result import prune  # noqa: E402
 from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
-from part3_attribution_graphs.views.dashboard import create_attribution_dashboard  # noqa: E402
+from part3_attribution_graphs.views.dashboard import DashboardFrame, create_attribution_dashboard  # noqa: E402
 from part3_attribution_graphs.views.neuronpedia import view_graph  # noqa: E402
 from part3_attribution_graphs.worlds.gemma import format_prompt  # noqa: E402
 
@@ -97,6 +98,14 @@ def centre(cdp, selector: str) -> dict:
     return box
 
 
+def open_fresh(cdp, url: str, width: int, height: int = 1000) -> None:
+    """Open a page with nothing kept in the browser's storage (the dashboard keeps its state there)."""
+    cdp.open(url, width, height)
+    if cdp.evaluate("localStorage.length"):
+        cdp.evaluate("localStorage.clear()")
+        cdp.open(url, width, height)
+
+
 def shot(cdp, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     data = cdp.send("Page.captureScreenshot", format="png")
@@ -113,7 +122,7 @@ def assert_clean(cdp) -> None:
 def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     result, index, scores = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 1600)
+    open_fresh(cdp, index.resolve().as_uri(), 1600)
     view = view_graph(result)
 
     n_nodes = len(view.indices)
@@ -243,7 +252,7 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
 def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_path, world):
     result, index, _ = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 1600)
+    open_fresh(cdp, index.resolve().as_uri(), 1600)
     # Two latents that both feed the same node, and that node: pin all three with ctrl/shift-clicks.
     pick = cdp.evaluate("""(() => {
         const d = window.dashboard.data, N = d.nodes, into = {};
@@ -463,7 +472,7 @@ SLIDER_GRID = [(n, e) for n in (0.3, 0.5, 0.65, 0.8) for e in (0.5, 0.7, 0.85, 0
 def test_sliders_mean_prune_on_the_toy_graph(page, toy_dashboard):
     result, index, _ = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 1400)
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
     # The page opens at the thresholds it was pruned with, and its header says so.
     assert cdp.evaluate("[document.getElementById('node-thr').value, document.getElementById('edge-thr').value]") == [
         "0.8",
@@ -479,25 +488,123 @@ def test_sliders_mean_prune_on_a_30k_edge_graph(page, tmp_path):
     assert int((result.adjacency_matrix != 0).sum()) >= 29_000
     create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
     cdp = page
-    cdp.open((tmp_path / "index.html").resolve().as_uri(), 1400)
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
     assert_sliders_prune_as_python(cdp, result, SLIDER_GRID)
+    assert_clean(cdp)
+
+
+def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted(page, toy_dashboard, tmp_path):
+    """The dashboard as a notebook shows it: a ~935 px wide output between other cells."""
+    _, index, _ = toy_dashboard
+    frame = DashboardFrame(index.read_text(encoding="utf-8"), index)._repr_html_()
+    cell = '<div style="height: 200px">cell above</div>{}<div style="height: 3000px">cell below</div>'
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text(f"<!DOCTYPE html><body style='margin: 0'>{cell.format(frame)}</body>", encoding="utf-8")
+    cdp = page
+    open_fresh(cdp, notebook.resolve().as_uri(), 935, height=900)
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    inner = "document.querySelector('iframe').contentWindow"
+    note = "document.querySelector('[data-p3ag-untrusted]')"
+    assert cdp.evaluate(f"{note}.offsetHeight") == 0  # it ran: no "trust the notebook" line
+    assert cdp.evaluate(f"{inner}.dashboard.drawnEdges().length") == 0
+
+    # The wheel over the graph scrolls the notebook, not the graph...
+    def graph_point():
+        return cdp.evaluate(f"""(() => {{ const f = document.querySelector('iframe').getBoundingClientRect(),
+            g = {inner}.document.getElementById('graph').getBoundingClientRect();
+            return {{x: f.x + g.x + 12, y: f.y + g.y + g.height / 2}}; }})()""")
+
+    p = graph_point()
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=300)
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    assert cdp.evaluate("window.scrollY") > 100
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") == 1
+    # ... with ctrl held it zooms the graph ...
+    p = graph_point()
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=-300, modifiers=CTRL)
+    cdp.evaluate(FRAME)
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") > 1
+    cdp.evaluate(f"{inner}.document.getElementById('reset-view').click()")
+    # ... and once the graph has the focus (a click), the plain wheel zooms it.
+    scrolled = cdp.evaluate("window.scrollY")
+    cdp.click(p["x"], p["y"])
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=-300)
+    cdp.evaluate(FRAME)
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") > 1 and cdp.evaluate("window.scrollY") == scrolled
+    cdp.evaluate(f"{inner}.document.getElementById('reset-view').click()")
+
+    # A click on a latent shows its details beside the graph, in view without scrolling.
+    box = cdp.evaluate(f"""(() => {{ const d = {inner}.dashboard, N = d.data.nodes, doc = {inner}.document;
+        const lat = N.map((n, i) => i).filter(i => N[i].type === 'latent');
+        lat.sort((a, b) => N[b].influence - N[a].influence);
+        const r = doc.querySelector(`.node[data-index="${{lat[0]}}"] .shape`).getBoundingClientRect(),
+            f = document.querySelector('iframe').getBoundingClientRect();
+        return {{x: f.x + r.x + r.width / 2, y: f.y + r.y + r.height / 2}}; }})()""")
+    assert 0 < box["y"] < 900
+    cdp.click(box["x"], box["y"])
+    facts = cdp.evaluate(f"""(() => {{ const doc = {inner}.document, f = document.querySelector('iframe').getBoundingClientRect();
+        const t = doc.querySelector('#panel table.facts').getBoundingClientRect(),
+            g = doc.getElementById('graph').getBoundingClientRect();
+        return {{top: f.y + t.top, bottom: f.y + t.bottom, left: t.left, graph_right: g.right}}; }})()""")
+    assert facts["left"] >= facts["graph_right"] - 1, facts  # beside the graph, not under it
+    assert 0 <= facts["top"] and facts["bottom"] <= 900, facts
+    assert_clean(cdp)
+
+    # Where the output does not run (an untrusted notebook drops scripts and frames), the line says what to do.
+    untrusted = re.sub(r"<script>.*?</script>|<iframe.*?</iframe>", "", frame, flags=re.S)
+    notebook.write_text(f"<!DOCTYPE html><body>{cell.format(untrusted)}</body>", encoding="utf-8")
+    cdp.open(notebook.resolve().as_uri(), 935, height=900)
+    text = cdp.evaluate(f"{note}.offsetHeight > 0 && {note}.innerText")
+    assert text and "trust the notebook" in text and "re-run this cell" in text, text
+
+
+def test_connection_lists_split_by_sign_sorted_by_share_and_expand(page, tmp_path):
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    view = view_graph(result)
+    into: dict[int, list] = {}
+    for s, t, w in view.edges:
+        into.setdefault(t, []).append((s, w))
+    target = max(into, key=lambda t: len(into[t]))  # the node with the most inputs
+    total = sum(abs(w) for _, w in into[target])
+    cdp.evaluate(f"window.dashboard.select({target})")
+    ids = [result.graph.nodes[i].node_id for i in view.indices]
+    for sign, keep in (("pos", lambda w: w >= 0), ("neg", lambda w: w < 0)):
+        want = sorted(((s, w / total) for s, w in into[target] if keep(w)), key=lambda x: -abs(x[1]))
+        assert len(want) > 10
+        rows = f"#panel [data-list='in-{sign}'] [data-goto]"
+        assert cdp.evaluate(f"document.querySelectorAll(\"{rows}\").length") == 10
+        more = cdp.evaluate(f"document.querySelector(\"[data-more='in-{sign}']\").textContent")
+        assert more == f"\u2026 {len(want) - 10} more"
+        # The "more" button is a button: the keyboard reaches it; a click lists every row.
+        cdp.evaluate(f"document.querySelector(\"[data-more='in-{sign}']\").focus()")
+        assert cdp.evaluate("document.activeElement.dataset.more") == f"in-{sign}"
+        enter = dict(key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        cdp.send("Input.dispatchKeyEvent", type="keyDown", text="\r", **enter)
+        cdp.send("Input.dispatchKeyEvent", type="keyUp", **enter)
+        got = cdp.evaluate(f"""[...document.querySelectorAll("{rows}")].map(e =>
+            [+e.dataset.goto, parseFloat(e.lastElementChild.textContent)])""")
+        assert [x for _, x in got] == pytest.approx([100 * x for _, x in want], abs=0.051)
+        assert {ids[i] for i, _ in got} == {ids[s] for s, _ in want}
     assert_clean(cdp)
 
 
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 900, height=900)
+    open_fresh(cdp, index.resolve().as_uri(), 700, height=900)
     boxes = cdp.evaluate("""[...document.querySelectorAll('.node[data-type=logit]')].map(e => {
         const r = e.getBoundingClientRect(); return [r.left, r.right, r.top, r.bottom]; })""")
     assert boxes
     for left, right, top, bottom in boxes:
-        assert 0 <= left and right <= 900 and 0 <= top and bottom <= 900, boxes
-    # No horizontal scrolling, and the panel sits under the graph.
-    assert cdp.evaluate("document.documentElement.scrollWidth") <= 900
+        assert 0 <= left and right <= 700 and 0 <= top and bottom <= 900, boxes
+    # No horizontal scrolling, and (this narrow) the panel sits under the graph.
+    assert cdp.evaluate("document.documentElement.scrollWidth") <= 700
     graph_bottom = cdp.evaluate("document.getElementById('graph').getBoundingClientRect().bottom")
     assert cdp.evaluate("document.getElementById('panel').getBoundingClientRect().top") >= graph_bottom
-    shot(cdp, "dashboard-900.png")
+    shot(cdp, "dashboard-700.png")
     assert_clean(cdp)
 
 

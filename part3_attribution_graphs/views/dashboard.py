@@ -339,8 +339,12 @@ def render_dashboard_html(data: dict) -> str:
         "__JS__": _asset("dashboard.js"),
         "__DATA__": _json_for_script(data),
     }
-    page = _asset("dashboard.html")
-    out, rest = [], page
+    return _fill(_asset("dashboard.html"), parts)
+
+
+def _fill(template: str, parts: dict[str, str]) -> str:
+    """`template` with each placeholder replaced, in one pass (text put in is never substituted again)."""
+    out, rest = [], template
     while True:
         hits = [(rest.find(k), k) for k in parts if rest.find(k) >= 0]
         if not hits:
@@ -371,26 +375,29 @@ def read_saved_state(folder: str | Path) -> dict | None:
 
 
 class DashboardFrame:
-    """The page in an iframe for a notebook output, with a plain-text line for viewers that drop HTML."""
+    """The page in an iframe for a notebook output (`assets/frame.html`), with a line that says what to do
+    where the output does not run (an untrusted notebook) and a plain-text line for viewers that drop HTML."""
 
     def __init__(self, page: str, index: Path):
         self.index = index
-        caption = (
-            f'<div style="font: 12px sans-serif; color: #4b5563; margin: 2px 0;">Attribution dashboard '
-            f"&middot; full page: <code>{html.escape(str(index))}</code></div>"
-        )
-        # allow-same-origin lets the page size its own frame to its content; the page is our own file.
-        self.data = (
-            f'<div>{caption}<iframe srcdoc="{html.escape(page, quote=True)}" title="attribution dashboard" '
-            'style="width: 100%; height: 760px; border: 1px solid #ddd; display: block;" '
-            'sandbox="allow-scripts allow-same-origin allow-downloads"></iframe></div>'
+        self.data = _fill(
+            _asset("frame.html"),
+            {"__PATH__": html.escape(_shown_path(index)), "__SRCDOC__": html.escape(page, quote=True)},
         )
 
     def _repr_html_(self) -> str:
         return self.data
 
     def __repr__(self) -> str:
-        return f"Attribution dashboard: {self.index} (open it in a browser)"
+        return f"Attribution dashboard: {_shown_path(self.index)} (open it in a browser)"
+
+
+def _shown_path(index: Path) -> str:
+    """The page's path as a reader can use it: relative to the working folder when it lies inside it."""
+    try:
+        return str(Path(index).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(index)
 
 
 def _show_inline(page: str, index: Path) -> None:

@@ -568,7 +568,16 @@
     if (drag && drag.moved) setTimeout(function () { drag = null; }, 0); else drag = null;
     graphEl.classList.remove("panning");
   });
+  // Inline in a notebook the wheel scrolls the notebook, unless the graph has the focus (click it) or a
+  // modifier key is held; a page of its own zooms with the plain wheel.
+  var INLINE = (function () { try { return window.self !== window.top; } catch (err) { return true; } })();
+  var wheelHinted = false;
+  function graphHasFocus() { return graphEl.contains(document.activeElement); }
   graphEl.addEventListener("wheel", function (ev) {
+    if (INLINE && !graphHasFocus() && !(ev.ctrlKey || ev.metaKey || ev.altKey || ev.shiftKey)) {
+      if (!wheelHinted) { wheelHinted = true; say("to zoom, click the graph first (or hold ctrl while scrolling)"); }
+      return;  // not prevented: the notebook scrolls
+    }
     ev.preventDefault();
     var r = graphEl.getBoundingClientRect(), px = ev.clientX - r.left, py = ev.clientY - r.top;
     var k = Math.max(0.5, Math.min(40, view.k * Math.exp(-ev.deltaY * 0.0015)));
@@ -706,15 +715,33 @@
     return total ? below / total : 0;
   }
 
+  // A node's connections, as circuit-tracer's and Neuronpedia's viewers list them: positive and negative
+  // apart, each sorted by its share of the target's input (|w| over the target's drawn inputs).
+  var expanded = {};  // which lists show every row, for the node in the panel
+  function inputTotal(t) {
+    var sum = 0;
+    NODES[t].inE.forEach(function (j) { if (edgeVis[j]) sum += Math.abs(EDGES[j][2]); });
+    return sum;
+  }
+  function edgeShare(j) { var tot = inputTotal(EDGES[j][1]); return tot > 0 ? EDGES[j][2] / tot : 0; }
   function linkList(i, which) {
-    var n = NODES[i], list = (which === "in" ? n.inE : n.outE).filter(function (j) { return edgeVis[j]; });
-    if (!list.length) return '<div class="muted">none</div>';
-    list.sort(function (a, b) { return Math.abs(EDGES[b][2]) - Math.abs(EDGES[a][2]); });
-    return '<div class="links">' + list.slice(0, 10).map(function (j) {
-      var e = EDGES[j], other = which === "in" ? e[0] : e[1];
-      return '<div data-goto="' + other + '"><span>' + esc(nodeTitle(NODES[other])) + '</span><span style="color:' +
-             (e[2] >= 0 ? POS : NEG) + '">' + fmt(e[2]) + "</span></div>";
-    }).join("") + (list.length > 10 ? '<div class="muted">\u2026 ' + (list.length - 10) + " more</div>" : "") + "</div>";
+    var n = NODES[i], all = (which === "in" ? n.inE : n.outE).filter(function (j) { return edgeVis[j]; });
+    if (!all.length) return '<div class="muted">none</div>';
+    var share = {};
+    all.forEach(function (j) { share[j] = edgeShare(j); });
+    return ["pos", "neg"].map(function (sign) {
+      var list = all.filter(function (j) { return sign === "pos" ? EDGES[j][2] >= 0 : EDGES[j][2] < 0; });
+      if (!list.length) return "";
+      list.sort(function (a, b) { return Math.abs(share[b]) - Math.abs(share[a]); });
+      var key = which + "-" + sign, shown = expanded[key] ? list : list.slice(0, 10);
+      return '<div class="links-head muted">' + (sign === "pos" ? "positive" : "negative") + " (" + list.length + ")</div>" +
+        '<div class="links" data-list="' + key + '">' + shown.map(function (j) {
+          var e = EDGES[j], other = which === "in" ? e[0] : e[1];
+          return '<div data-goto="' + other + '" title="weight ' + fmt(e[2]) + '"><span>' + esc(nodeTitle(NODES[other])) +
+                 '</span><span style="color:' + (e[2] >= 0 ? POS : NEG) + '">' + (100 * share[j]).toFixed(1) + "%</span></div>";
+        }).join("") + (list.length > shown.length ? '<button type="button" class="more" data-more="' + key + '">\u2026 ' +
+        (list.length - shown.length) + " more</button>" : "") + "</div>";
+    }).join("");
   }
 
   function latentSections(n) {
@@ -758,7 +785,8 @@
     return out.join("");
   }
 
-  function select(i) {
+  function select(i, keepLists) {
+    if (!keepLists) expanded = {};
     state.clicked = i;
     persist();
     nodesG.querySelectorAll(".node.selected").forEach(function (el) { el.classList.remove("selected"); });
@@ -792,8 +820,8 @@
                 fmt(n.ablate[1]) + "</b> <span class=\"muted\">(top logit)</span></div>");
     }
     if (n.type === "latent") html.push(latentSections(n));
-    if (n.type !== "embedding") html.push("<h3>Strongest inputs</h3>" + linkList(i, "in"));
-    if (n.type !== "logit") html.push("<h3>Strongest outputs</h3>" + linkList(i, "out"));
+    if (n.type !== "embedding") html.push('<h3 title="share of this node\u2019s input">Inputs</h3>' + linkList(i, "in"));
+    if (n.type !== "logit") html.push('<h3 title="share of each target\u2019s input">Outputs</h3>' + linkList(i, "out"));
     panel.innerHTML = html.join("");
     panel.classList.remove("empty");
     panel.setAttribute("data-node-id", n.id);
@@ -836,6 +864,12 @@
   panel.addEventListener("click", function (ev) {
     if (ev.target.closest(".close")) { select(null); return; }
     if (ev.target.id === "pin-btn") { togglePin(state.clicked); return; }
+    var more = ev.target.closest("[data-more]");
+    if (more) {
+      var top = panel.scrollTop, key = more.getAttribute("data-more");
+      expanded[key] = true; select(state.clicked, true); panel.scrollTop = top;
+      return;
+    }
     var go = ev.target.closest("[data-goto]");
     if (go) select(+go.getAttribute("data-goto"));
   });
@@ -1007,7 +1041,7 @@
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
-    forget: forget, storeKey: STORE_KEY,
+    forget: forget, storeKey: STORE_KEY, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
     // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
