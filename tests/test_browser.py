@@ -25,7 +25,9 @@ pytest.importorskip("websocket", reason="pip install websocket-client")
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402
+from part3_attribution_graphs.result import prune  # noqa: E402
 from part3_attribution_graphs.scores import compute_graph_scores  # noqa: E402
+from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
 from part3_attribution_graphs.tools.chromium import (  # noqa: E402
     INSTALL_HINT,
     find_chromium,
@@ -33,8 +35,6 @@ from part3_attribution_graphs.tools.chromium import (  # noqa: E402
     network_requests,
     page_errors,
 )
-from part3_attribution_graphs.result import prune  # noqa: E402
-from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
 from part3_attribution_graphs.views.dashboard import DashboardFrame, create_attribution_dashboard  # noqa: E402
 from part3_attribution_graphs.views.neuronpedia import view_graph  # noqa: E402
@@ -452,15 +452,19 @@ def drawn_graph(cdp) -> dict:
 
 
 def assert_sliders_prune_as_python(cdp, result, grid) -> None:
-    """At every (node, edge) threshold the page draws exactly what `prune` keeps (after the viewers' clean-up),
-    and its header counts what it draws."""
+    """At every (node, edge) threshold the page draws exactly what `prune` keeps (after the viewers'
+    clean-up), and its header counts what it draws."""
     for node_t, edge_t in grid:
         node_t, edge_t = set_sliders(cdp, node_t, edge_t)
         want = view_graph(prune(result, node_t, edge_t))
         ids = sorted(result.graph.nodes[i].node_id for i in want.indices)
         got = drawn_graph(cdp)
         assert got["ids"] == ids, (node_t, edge_t, len(got["ids"]), len(ids), set(got["ids"]) ^ set(ids))
-        assert got["header_nodes"] == len(ids) and got["header_edges"] == len(want.edges), (node_t, edge_t, got)
+        assert got["header_nodes"] == len(ids) and got["header_edges"] == len(want.edges), (
+            node_t,
+            edge_t,
+            got,
+        )
         drawn = sorted(map(tuple, cdp.evaluate("window.dashboard.pruned().edges")))
         where = want.indices
         assert drawn == sorted((where[s], where[t]) for s, t, _ in want.edges), (node_t, edge_t)
@@ -474,7 +478,9 @@ def test_sliders_mean_prune_on_the_toy_graph(page, toy_dashboard):
     cdp = page
     open_fresh(cdp, index.resolve().as_uri(), 1400)
     # The page opens at the thresholds it was pruned with, and its header says so.
-    assert cdp.evaluate("[document.getElementById('node-thr').value, document.getElementById('edge-thr').value]") == [
+    assert cdp.evaluate(
+        "[document.getElementById('node-thr').value, document.getElementById('edge-thr').value]"
+    ) == [
         "0.8",
         "0.85",
     ]
@@ -493,13 +499,17 @@ def test_sliders_mean_prune_on_a_30k_edge_graph(page, tmp_path):
     assert_clean(cdp)
 
 
-def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted(page, toy_dashboard, tmp_path):
+def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted(
+    page, toy_dashboard, tmp_path
+):
     """The dashboard as a notebook shows it: a ~935 px wide output between other cells."""
     _, index, _ = toy_dashboard
     frame = DashboardFrame(index.read_text(encoding="utf-8"), index)._repr_html_()
     cell = '<div style="height: 200px">cell above</div>{}<div style="height: 3000px">cell below</div>'
     notebook = tmp_path / "notebook.html"
-    notebook.write_text(f"<!DOCTYPE html><body style='margin: 0'>{cell.format(frame)}</body>", encoding="utf-8")
+    notebook.write_text(
+        f"<!DOCTYPE html><body style='margin: 0'>{cell.format(frame)}</body>", encoding="utf-8"
+    )
     cdp = page
     open_fresh(cdp, notebook.resolve().as_uri(), 935, height=900)
     cdp.evaluate("new Promise(r => setTimeout(r, 300))")
@@ -521,7 +531,15 @@ def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted
     assert cdp.evaluate(f"{inner}.dashboard.zoom()") == 1
     # ... with ctrl held it zooms the graph ...
     p = graph_point()
-    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=-300, modifiers=CTRL)
+    cdp.send(
+        "Input.dispatchMouseEvent",
+        type="mouseWheel",
+        x=p["x"],
+        y=p["y"],
+        deltaX=0,
+        deltaY=-300,
+        modifiers=CTRL,
+    )
     cdp.evaluate(FRAME)
     assert cdp.evaluate(f"{inner}.dashboard.zoom()") > 1
     cdp.evaluate(f"{inner}.document.getElementById('reset-view').click()")
@@ -542,7 +560,8 @@ def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted
         return {{x: f.x + r.x + r.width / 2, y: f.y + r.y + r.height / 2}}; }})()""")
     assert 0 < box["y"] < 900
     cdp.click(box["x"], box["y"])
-    facts = cdp.evaluate(f"""(() => {{ const doc = {inner}.document, f = document.querySelector('iframe').getBoundingClientRect();
+    facts = cdp.evaluate(f"""(() => {{ const doc = {inner}.document,
+        f = document.querySelector('iframe').getBoundingClientRect();
         const t = doc.querySelector('#panel table.facts').getBoundingClientRect(),
             g = doc.getElementById('graph').getBoundingClientRect();
         return {{top: f.y + t.top, bottom: f.y + t.bottom, left: t.left, graph_right: g.right}}; }})()""")
@@ -550,7 +569,8 @@ def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted
     assert 0 <= facts["top"] and facts["bottom"] <= 900, facts
     assert_clean(cdp)
 
-    # Where the output does not run (an untrusted notebook drops scripts and frames), the line says what to do.
+    # Where the output does not run (an untrusted notebook drops scripts and frames), the line says what
+    # to do.
     untrusted = re.sub(r"<script>.*?</script>|<iframe.*?</iframe>", "", frame, flags=re.S)
     notebook.write_text(f"<!DOCTYPE html><body>{cell.format(untrusted)}</body>", encoding="utf-8")
     cdp.open(notebook.resolve().as_uri(), 935, height=900)
@@ -575,7 +595,7 @@ def test_connection_lists_split_by_sign_sorted_by_share_and_expand(page, tmp_pat
         want = sorted(((s, w / total) for s, w in into[target] if keep(w)), key=lambda x: -abs(x[1]))
         assert len(want) > 10
         rows = f"#panel [data-list='in-{sign}'] [data-goto]"
-        assert cdp.evaluate(f"document.querySelectorAll(\"{rows}\").length") == 10
+        assert cdp.evaluate(f'document.querySelectorAll("{rows}").length') == 10
         more = cdp.evaluate(f"document.querySelector(\"[data-more='in-{sign}']\").textContent")
         assert more == f"\u2026 {len(want) - 10} more"
         # The "more" button is a button: the keyboard reaches it; a click lists every row.

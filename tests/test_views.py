@@ -252,11 +252,28 @@ def test_display_uses_srcdoc_iframe(monkeypatch, world, result, tmp_path):
     assert len(shown) == 1
     frame = shown[0]._repr_html_()
     assert "<iframe srcdoc=" in frame and 'sandbox="allow-scripts' in frame
-    assert "<script>" not in frame  # the page is escaped inside the attribute
+    # The page is escaped inside the attribute; the one script outside it hides the "untrusted" line.
+    outside = re.sub(r'srcdoc="[^"]*"', "", frame)
+    assert outside.count("<script") == 1 and "document.currentScript" in outside
+    assert "trust the notebook" in outside and "re-run this cell" in outside
     # Viewers that drop the HTML (an untrusted notebook, a terminal) still say what and where it is.
     index = str((tmp_path / "index.html").resolve())
     assert repr(shown[0]) == f"Attribution dashboard: {index} (open it in a browser)"
     assert index in frame.split("<iframe")[0]
+
+
+def test_inline_caption_names_the_page_relative_to_the_working_folder(monkeypatch, world, result, tmp_path):
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.chdir(tmp_path)
+    utils.create_attribution_dashboard(result, None, output_dir="outputs/couplet", display=True)
+    assert repr(shown[0]) == "Attribution dashboard: outputs/couplet/index.html (open it in a browser)"
+    assert "<code>outputs/couplet/index.html</code>" in shown[0]._repr_html_()
+    assert str(tmp_path) not in shown[0]._repr_html_().split("<iframe")[0]
 
 
 def test_view_drops_latents_without_edges_like_circuit_tracer(result):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..pruning import check_threshold, influence_order, n_to_cross, running_share
@@ -61,9 +60,7 @@ def slider_graph(result, default_node_threshold: float = 0.8) -> SliderGraph:
     sub = A[cand][:, cand]
     targets, sources = torch.nonzero(sub, as_tuple=True)
     values = float32_list(sub[targets, sources])
-    edges = [
-        (candidates[s], candidates[t], w) for s, t, w in zip(sources.tolist(), targets.tolist(), values)
-    ]
+    edges = [(candidates[s], candidates[t], w) for s, t, w in zip(sources.tolist(), targets.tolist(), values)]
     return SliderGraph(
         node_threshold=threshold,
         candidates=candidates,
