@@ -16,8 +16,6 @@ __all__ = [
     "prune_edges",
     "prune_graph",
     "n_to_cross",
-    "running_share",
-    "influence_order",
 ]
 
 
@@ -60,34 +58,14 @@ def compute_influence(
     return influence
 
 
-def running_share(sorted_desc: Float[Tensor, " n"]) -> Float[Tensor, " n"] | None:
-    """The running share of the total reached at each of these (descending) scores; None if the total
-    is not positive."""
-    total = sorted_desc.sum()
-    if total <= 0:
-        return None
-    return sorted_desc.cumsum(0) / total
-
-
 def n_to_cross(sorted_desc: Float[Tensor, " n"], threshold: float) -> int:
     """How many of these (descending) scores it takes for their running share to reach `threshold`."""
-    share = running_share(sorted_desc)
-    if share is None:
+    total = sorted_desc.sum()
+    if total <= 0:
         return sorted_desc.numel()
+    share = sorted_desc.cumsum(0) / total
     # Round-off can leave the last share a hair below 1: never ask for more than there is.
     return min(int((share < threshold).sum()) + 1, sorted_desc.numel())
-
-
-def influence_order(
-    adjacency_matrix: Float[Tensor, "n_nodes n_nodes"],
-    logit_weights: Float[Tensor, " n_logit_nodes"],
-    n_layers: int,
-) -> tuple[Int[Tensor, " n_scored"], Float[Tensor, " n_scored"]]:
-    """The non-logit nodes from most to least influential, and their influences in that order."""
-    n, n_logits = adjacency_matrix.shape[0], logit_weights.shape[0]
-    influence = compute_influence(adjacency_matrix, logit_weights, n_layers)[: n - n_logits]
-    order = influence.argsort(descending=True)
-    return order, influence[order]
 
 
 def prune_nodes(
@@ -104,8 +82,9 @@ def prune_nodes(
     """
     check_threshold("node_threshold", threshold)
     n, n_logits = adjacency_matrix.shape[0], logit_weights.shape[0]
-    order, ranked = influence_order(adjacency_matrix, logit_weights, n_layers)
-    keep = order[: n_to_cross(ranked, threshold)]
+    influence = compute_influence(adjacency_matrix, logit_weights, n_layers)[: n - n_logits]
+    order = influence.argsort(descending=True)
+    keep = order[: n_to_cross(influence[order], threshold)]
     logits = torch.arange(n - n_logits, n, device=adjacency_matrix.device)
     kept = torch.cat([keep, logits]).sort().values
     return kept, adjacency_matrix[kept][:, kept]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pruning import check_threshold, influence_order, n_to_cross, running_share
+from ..pruning import check_threshold, compute_influence, n_to_cross
 
 __all__ = ["SliderGraph", "slider_graph", "float32_list"]
 
@@ -49,10 +49,14 @@ def slider_graph(result, default_node_threshold: float = 0.8) -> SliderGraph:
     threshold = check_threshold(
         "node_threshold", result.settings.get("node_threshold", default_node_threshold)
     )
-    order, ranked = influence_order(A, weights, result.graph.n_layers)
+    # prune_nodes' ranking and n_to_cross's running shares, by the same tensor operations (so the same
+    # float32 numbers; the browser test checks the page against `prune` itself).
+    influence = compute_influence(A, weights, result.graph.n_layers)[: n - n_logits]
+    order = influence.argsort(descending=True)
+    ranked = influence[order]
     k = n_to_cross(ranked, threshold)
-    share = running_share(ranked)
-    shares = float32_list(share[:k]) if share is not None else [0.0] * k
+    total = ranked.sum()
+    shares = float32_list((ranked.cumsum(0) / total)[:k]) if total > 0 else [0.0] * k
     top = order[:k].tolist()
     logits = list(range(n - n_logits, n))
     candidates = sorted(top + logits)
