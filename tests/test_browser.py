@@ -611,6 +611,114 @@ def test_connection_lists_split_by_sign_sorted_by_share_and_expand(page, tmp_pat
     assert_clean(cdp)
 
 
+LABEL_BOXES = """[...document.querySelectorAll('#graph .node text')].map(t => {
+    const r = t.getBoundingClientRect();
+    return {node: t.closest('.node').dataset.nodeId, text: t.textContent,
+            box: [r.left, r.top, r.right, r.bottom]};
+})"""
+
+
+def assert_no_overlap(labels: list[dict]) -> None:
+    for k, a in enumerate(labels):
+        for b in labels[k + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = a["box"], b["box"]
+            assert not (l1 < r2 - 0.5 and l2 < r1 - 0.5 and t1 < b2 - 0.5 and t2 < b1 - 0.5), (a, b)
+
+
+def test_labels_are_drawn_and_never_overlap(page, toy_dashboard, tmp_path):
+    _, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    labels = cdp.evaluate(LABEL_BOXES)
+    latents = [lab for lab in labels if lab["node"].split("_")[1].isdigit()]  # "{layer}_{f}_{pos}"
+    assert len(latents) >= 5, labels  # the most influential latents say what they are
+    assert_no_overlap(labels)
+
+    # Pinned nodes crowded in one row of a big graph: every one labelled, no two labels on top of each other.
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    pinned = cdp.evaluate("""(() => {
+        const d = window.dashboard, its = d.items().filter(it => it.type === 'latent' && it.row === 9);
+        its.sort((a, b) => a.bx - b.bx);
+        const pick = its.slice(0, 8).map(it => it.node);
+        pick.forEach(i => d.togglePin(i));
+        return pick.map(i => d.data.nodes[i].id); })()""")
+    for node_id in pinned:
+        cdp.evaluate(
+            f"window.dashboard.state.labels[{json.dumps(node_id)}] = 'pinned label ' + {json.dumps(node_id)}"
+        )
+    cdp.evaluate("window.dashboard.redraw()")
+    labels = cdp.evaluate(LABEL_BOXES)
+    assert {lab["node"] for lab in labels} >= set(pinned)
+    assert_no_overlap(labels)
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_subgraph_edges_between_nodes_at_one_token_stay_visible(page, tmp_path):
+    """Three nodes at one token in three rows, a -> c and b -> c of opposite signs: a -> c runs past b, so
+    drawn straight it would lie under b -> c."""
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    view = view_graph(result)
+    nodes = result.graph.nodes
+    into: dict[int, dict[int, float]] = {}
+    for s, t, w in view.edges:
+        into.setdefault(t, {})[s] = w
+
+    def row(k):
+        node = nodes[view.indices[k]]
+        return -1 if node.node_type.value == "embedding" else int(node.layer)
+
+    def ctx(k):
+        return nodes[view.indices[k]].ctx_idx
+
+    a, b, c = next(
+        (a, b, c)
+        for c, sources in into.items()
+        for b, w_bc in sources.items()
+        for a, w_ac in sources.items()
+        if ctx(a) == ctx(b) == ctx(c) and row(a) < row(b) < row(c) and (w_ac > 0) != (w_bc > 0)
+    )
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    for k in (a, b, c):
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    shapes = cdp.evaluate("window.dashboard.edgeShapes()")
+    by_pair = {}
+    for g in shapes:
+        e = cdp.evaluate(f"window.dashboard.data.edges[{g['edge']}]")
+        by_pair[(e[0], e[1])] = g
+    ac, bc = by_pair[(a, c)], by_pair[(b, c)]
+
+    def point(g, u):  # a point on the drawn edge
+        if g["cx"] is None:
+            return g["x1"] + u * (g["x2"] - g["x1"]), g["y1"] + u * (g["y2"] - g["y1"])
+        v = 1 - u
+        return (
+            v * v * g["x1"] + 2 * u * v * g["cx"] + u * u * g["x2"],
+            v * v * g["y1"] + 2 * u * v * g["cy"] + u * u * g["y2"],
+        )
+
+    # Halfway between b and c, a -> c keeps clear of b -> c ...
+    u = (ac["y1"] - (bc["y1"] + bc["y2"]) / 2) / (ac["y1"] - ac["y2"])
+    x, y = point(ac, u)
+    nearest = min(((x - bx) ** 2 + (y - by) ** 2) ** 0.5 for bx, by in (point(bc, q / 40) for q in range(41)))
+    assert nearest > 4, (u, nearest, ac, bc)
+    # ... and the canvas shows a -> c in its own colour there.
+    rgba = cdp.evaluate(f"""(() => {{
+        const c = document.getElementById('edge-canvas'), dpr = c.width / c.clientWidth;
+        const px = c.getContext('2d').getImageData(Math.round({x} * dpr), Math.round({y} * dpr), 1, 1);
+        return [...px.data]; }})()""")
+    assert rgba[3] > 0, rgba
+    positive = ac["weight"] > 0
+    assert (rgba[2] > rgba[0]) == positive, (rgba, ac["weight"])  # blue positive, red negative
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page

@@ -298,27 +298,59 @@
   function sx(x) { return x * view.k + view.x; }
   function sy(y) { return y * view.k + view.y; }
 
-  // Labels beside the most influential latents (and every pinned node and supernode).
-  function labelled() {
-    var set = {};
-    if (state.subgraph) { items.forEach(function (it, k) { set[k] = true; }); return set; }
-    var lat = items.map(function (it, k) { return k; }).filter(function (k) { return items[k].type === "latent"; });
-    lat.sort(function (a, b) { return items[b].influence - items[a].influence; });
-    state.pinned.forEach(function (i) { if (itemOf[i] !== undefined) set[itemOf[i]] = true; });
-    // The most influential latents next, skipping one whose label would run into another's.
-    var taken = [], n = 0;
-    Object.keys(set).forEach(function (k) { taken.push(items[k]); });
-    var room = 110 / view.k;
-    lat.forEach(function (k) {
-      if (n >= 10 || set[k]) return;
-      var it = items[k], clash = taken.some(function (o) {
-        return o.row === it.row && Math.abs(o.bx - it.bx) < room;
-      }) || items.some(function (o) {  // a label must not run over the nodes to its right
-        return o !== it && o.row === it.row && o.bx > it.bx && o.bx - it.bx < room;
-      });
-      if (!clash) { set[k] = true; taken.push(it); n++; }
+  // Labels: every pinned node's (and in the subgraph every node's), then the most influential latents'.
+  // Each takes the first free spot around its node (right, left, above, below); a label never covers
+  // another (it may cover a node: the white halo keeps it legible). Pinned and subgraph labels always
+  // show, moving further out if they must; the others are left out when no spot is free.
+  var measure = document.createElement("canvas").getContext("2d");
+  function textWidth(text) {
+    measure.font = "10px " + getComputedStyle(document.body).fontFamily;
+    return measure.measureText(text).width;
+  }
+  var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
+  function placeLabels() {
+    var place = {}, boxes = [];
+    function free(b) {
+      for (var q = 0; q < boxes.length; q++) {
+        var o = boxes[q];
+        if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
+      }
+      return true;
+    }
+    items.forEach(function (it) {  // the logits' token labels sit above them
+      if (it.type !== "logit") return;
+      var w = textWidth(cut(shown(NODES[it.node].token), 10)) * 1.1, x = sx(it.bx), y = sy(it.by) - it.r - 4;
+      boxes.push([x - w / 2, y - 10, x + w / 2, y + 2]);
     });
-    return set;
+    function tryPlace(k, always) {
+      var it = items[k], l = itemLabel(it);
+      if (!l || !l.text || it.type === "logit") return false;
+      var text = cut(l.text, 22), w = textWidth(text) + 2, x = sx(it.bx), y = sy(it.by), r = it.r;
+      for (var reach = 0; reach < (always ? 4 : 1); reach++) {
+        for (var q = 0; q < SPOTS.length; q++) {
+          var side = SPOTS[q][0], dy = SPOTS[q][1] * 12 + (SPOTS[q][1] < 0 ? -reach * 24 : reach * 24);
+          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx;
+          var box = [x0, y + dy - 8, x0 + w, y + dy + 3];
+          if (free(box)) {
+            boxes.push(box);
+            place[k] = {text: text, derived: l.derived, dx: dx, dy: dy + 3, anchor: side < 0 ? "end" : "start"};
+            return true;
+          }
+        }
+      }
+      if (!always) return false;
+      place[k] = {text: text, derived: l.derived, dx: r + 3, dy: 3, anchor: "start"};  // no room anywhere: as before
+      return true;
+    }
+    var order = items.map(function (it, k) { return k; });
+    order.sort(function (a, b) { return items[b].influence - items[a].influence; });
+    if (state.subgraph) { order.forEach(function (k) { tryPlace(k, true); }); return place; }
+    state.pinned.forEach(function (i) { if (itemOf[i] !== undefined) tryPlace(itemOf[i], true); });
+    var n = 0;
+    order.forEach(function (k) {
+      if (n < 10 && items[k].type === "latent" && !place[k] && tryPlace(k, false)) n++;
+    });
+    return place;
   }
   function itemLabel(it) {
     if (it.type === "super") return {text: state.supernodes[it.sup].name, derived: false};
@@ -329,7 +361,7 @@
   }
 
   function drawNodes() {
-    var out = [], lab = labelled();
+    var out = [], lab = placeLabels();
     items.forEach(function (it, k) {
       var cls = "node " + it.type, attrs;
       if (it.type === "super") {
@@ -349,14 +381,12 @@
                 '" height="' + (2 * h).toFixed(1) + '" rx="2"></rect>';
       }
       var text = "";
-      var l = lab[k] || it.type === "logit" ? itemLabel(it) : null;
-      if (l && l.text) {
-        if (it.type === "logit") {
-          text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(l.text, 10)) + "</text>";
-        } else {
-          text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + (r + 3).toFixed(1) + '" y="3">' +
-                 esc(cut(l.text, 22)) + "</text>";
-        }
+      if (it.type === "logit") {
+        text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(shown(NODES[it.node].token), 10)) + "</text>";
+      } else if (lab[k]) {
+        var l = lab[k];
+        text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + l.dx.toFixed(1) + '" y="' + l.dy.toFixed(1) +
+               '" text-anchor="' + l.anchor + '">' + esc(l.text) + "</text>";
       }
       out.push('<g class="' + cls + '"' + attrs + ' data-item="' + k + '" tabindex="0" role="button" aria-label="' +
                esc(it.type === "super" ? "supernode " + state.supernodes[it.sup].name : nodeTitle(NODES[it.node])) +
@@ -413,8 +443,14 @@
     if (state.hover !== null && items[state.hover] && items[state.hover].node !== undefined) focus.push(items[state.hover].node);
     if (state.clicked !== null) focus.push(state.clicked);
     focus = focus.concat(state.pinned);
-    if (state.showAll) EDGES.forEach(function (e, j) { if (edgeVis[j]) pick[j] = true; });
-    else focus.forEach(function (i) {
+    if (state.showAll) {  // the same list until the graph changes (render() drops it): hovers reuse it
+      if (!allEdges) {
+        allEdges = [];
+        EDGES.forEach(function (e, j) { if (edgeVis[j]) allEdges.push([itemOf[e[0]], itemOf[e[1]], e[2], j]); });
+      }
+      return allEdges;
+    }
+    focus.forEach(function (i) {
       NODES[i].inE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
       NODES[i].outE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
     });
@@ -425,6 +461,22 @@
     return list;
   }
 
+  // Where an edge runs: a straight line, or in the subgraph a curve when both ends share a column (edges
+  // between nodes at one token would otherwise lie on top of each other): positive edges bend right,
+  // negative ones left, further the more rows they span.
+  function edgeShape(d) {
+    var s = items[d[0]], t = items[d[1]], x1 = sx(s.bx), y1 = sy(s.by), x2 = sx(t.bx), y2 = sy(t.by);
+    var g = {x1: x1, y1: y1, x2: x2, y2: y2, cx: null, cy: null};
+    if (state.subgraph && Math.abs(x2 - x1) < 24) {
+      g.cx = (x1 + x2) / 2 + (d[2] >= 0 ? 1 : -1) * (0.5 * Math.abs(y2 - y1) + 8); g.cy = (y1 + y2) / 2;
+    }
+    return g;
+  }
+  function tracePath(g) {
+    ctx2d.moveTo(g.x1, g.y1);
+    if (g.cx === null) ctx2d.lineTo(g.x2, g.y2); else ctx2d.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
+  }
+  var LEVELS = 8;  // edges are drawn in this many strengths, one path each: 30k edges cost 16 strokes
   function drawEdges() {
     var dpr = window.devicePixelRatio || 1;
     if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
@@ -437,36 +489,55 @@
     var localMax = 1e-12;
     drawnEdges.forEach(function (d) { localMax = Math.max(localMax, Math.abs(d[2])); });
     var scale = state.subgraph ? localMax : maxAbs;
-    var hot = {};  // in "show all", the focused nodes' edges are drawn on top at full strength
+    var hot = {}, nHot = 0;  // in "show all", the focused node's edges are drawn on top at full strength
     if (state.showAll && !state.subgraph && (state.hover !== null || state.clicked !== null)) {
       var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked;
-      if (f !== undefined && f !== null) NODES[f].inE.concat(NODES[f].outE).forEach(function (j) { hot[j] = true; });
+      if (f !== undefined && f !== null) NODES[f].inE.concat(NODES[f].outE).forEach(function (j) { if (edgeVis[j]) { hot[j] = true; nHot++; } });
     }
-    var dim = Object.keys(hot).length > 0;
-    drawnEdges.sort(function (a, b) { return (hot[a[3]] ? 1 : 0) - (hot[b[3]] ? 1 : 0) || Math.abs(a[2]) - Math.abs(b[2]); });
-    ctx2d.lineCap = "round";
+    var buckets = [], top = [];
     drawnEdges.forEach(function (d) {
-      var s = items[d[0]], t = items[d[1]], a = Math.min(1, Math.abs(d[2]) / scale);
-      ctx2d.globalAlpha = dim && !hot[d[3]] ? 0.06 : 0.2 + 0.7 * a;
-      ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG;
+      if (hot[d[3]]) { top.push(d); return; }
+      var lv = Math.round(Math.min(1, Math.abs(d[2]) / scale) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+      (buckets[k] = buckets[k] || []).push(d);
+    });
+    ctx2d.lineCap = "round";
+    buckets.forEach(function (list, k) {  // weak first, so the strong lie on top
+      if (!list) return;
+      var a = (k >> 1) / (LEVELS - 1);
+      ctx2d.globalAlpha = nHot ? 0.06 : 0.2 + 0.7 * a;
+      ctx2d.strokeStyle = k & 1 ? NEG : POS;
       ctx2d.lineWidth = 0.5 + 3.5 * a;
       ctx2d.beginPath();
-      ctx2d.moveTo(sx(s.bx), sy(s.by));
-      ctx2d.lineTo(sx(t.bx), sy(t.by));
+      list.forEach(function (d) { tracePath(edgeShape(d)); });
       ctx2d.stroke();
+    });
+    top.sort(function (a, b) { return Math.abs(a[2]) - Math.abs(b[2]); });
+    top.forEach(function (d) {
+      var a = Math.min(1, Math.abs(d[2]) / scale);
+      ctx2d.globalAlpha = 0.2 + 0.7 * a; ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG; ctx2d.lineWidth = 0.5 + 3.5 * a;
+      ctx2d.beginPath(); tracePath(edgeShape(d)); ctx2d.stroke();
     });
     ctx2d.globalAlpha = 1;
   }
 
-  // The drawn edge nearest to a point (within 5 px), for the edge tooltip.
+  // The drawn edge nearest to a point (within 5 px), for the edge tooltip; a curve is checked in pieces.
   function edgeAt(px, py) {
     var best = null, bestD = 25;
-    drawnEdges.forEach(function (d) {
-      var s = items[d[0]], t = items[d[1]];
-      var x1 = sx(s.bx), y1 = sy(s.by), x2 = sx(t.bx), y2 = sy(t.by), dx = x2 - x1, dy = y2 - y1;
-      var l2 = dx * dx + dy * dy, u = l2 > 0 ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / l2)) : 0;
+    function seg(x1, y1, x2, y2, d) {
+      var dx = x2 - x1, dy = y2 - y1, l2 = dx * dx + dy * dy;
+      var u = l2 > 0 ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / l2)) : 0;
       var ex = x1 + u * dx - px, ey = y1 + u * dy - py, dd = ex * ex + ey * ey;
       if (dd < bestD) { bestD = dd; best = d; }
+    }
+    drawnEdges.forEach(function (d) {
+      var g = edgeShape(d);
+      if (g.cx === null) { seg(g.x1, g.y1, g.x2, g.y2, d); return; }
+      var px0 = g.x1, py0 = g.y1;
+      for (var k = 1; k <= 16; k++) {
+        var u = k / 16, v = 1 - u;
+        var qx = v * v * g.x1 + 2 * u * v * g.cx + u * u * g.x2, qy = v * v * g.y1 + 2 * u * v * g.cy + u * u * g.y2;
+        seg(px0, py0, qx, qy, d); px0 = qx; py0 = qy;
+      }
     });
     return best;
   }
@@ -489,7 +560,9 @@
     });
   }
 
+  var allEdges = null;  // every drawn edge with "show all" on, kept between hovers
   function render() {  // the whole graph: items, layout, nodes, axes, edges
+    allEdges = null;
     buildItems(); layout();
     svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
     graphEl.style.height = H + "px";
@@ -571,7 +644,7 @@
   // Inline in a notebook the wheel scrolls the notebook, unless the graph has the focus (click it) or a
   // modifier key is held; a page of its own zooms with the plain wheel.
   var INLINE = (function () { try { return window.self !== window.top; } catch (err) { return true; } })();
-  var wheelHinted = false;
+  var wheelHinted = false, relabelTimer = null;
   function graphHasFocus() { return graphEl.contains(document.activeElement); }
   graphEl.addEventListener("wheel", function (ev) {
     if (INLINE && !graphHasFocus() && !(ev.ctrlKey || ev.metaKey || ev.altKey || ev.shiftKey)) {
@@ -583,6 +656,12 @@
     var k = Math.max(0.5, Math.min(40, view.k * Math.exp(-ev.deltaY * 0.0015)));
     view.x = px - (px - view.x) * k / view.k; view.y = py - (py - view.y) * k / view.k; view.k = k;
     moveNodes(); drawAxes(); drawEdges();
+    clearTimeout(relabelTimer);  // once the wheel rests, place the labels again for this zoom
+    relabelTimer = setTimeout(function () {
+      var focused = graphHasFocus();
+      drawNodes(); highlight();
+      if (focused) graphEl.focus({preventScroll: true});
+    }, 200);
   }, {passive: false});
   graphEl.addEventListener("click", function (ev) {
     if (drag && drag.moved) return;
@@ -1043,6 +1122,7 @@
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
     forget: forget, storeKey: STORE_KEY, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
+    edgeShapes: function () { return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; return g; }); },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
     // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
     // and the drawn edges as [source, target].
