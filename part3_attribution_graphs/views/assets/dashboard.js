@@ -303,10 +303,8 @@
   // another (it may cover a node: the white halo keeps it legible). Pinned and subgraph labels always
   // show, moving further out if they must; the others are left out when no spot is free.
   var measure = document.createElement("canvas").getContext("2d");
-  function textWidth(text) {
-    measure.font = "10px " + getComputedStyle(document.body).fontFamily;
-    return measure.measureText(text).width;
-  }
+  measure.font = "10px " + getComputedStyle(document.body).fontFamily;
+  function textWidth(text) { return measure.measureText(text).width; }
   var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
   function placeLabels() {
     var place = {}, boxes = [];
@@ -477,7 +475,37 @@
     if (g.cx === null) ctx2d.lineTo(g.x2, g.y2); else ctx2d.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
   }
   var LEVELS = 8;  // edges are drawn in this many strengths, one path each: 30k edges cost 16 strokes
-  function drawEdges() {
+  function strokeBuckets(ctx, buckets, dim) {
+    ctx.lineCap = "round";
+    buckets.forEach(function (list, k) {  // weak first, so the strong lie on top
+      if (!list) return;
+      var a = (k >> 1) / (LEVELS - 1);
+      ctx.globalAlpha = dim ? 0.06 : 0.2 + 0.7 * a;
+      ctx.strokeStyle = k & 1 ? NEG : POS;
+      ctx.lineWidth = 0.5 + 3.5 * a;
+      ctx.beginPath();
+      list.forEach(function (d) {
+        var g = edgeShape(d);
+        ctx.moveTo(g.x1, g.y1);
+        if (g.cx === null) ctx.lineTo(g.x2, g.y2); else ctx.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
+      });
+      ctx.stroke();
+    });
+    ctx.globalAlpha = 1;
+  }
+  // With "show all", every edge is painted once per view into two bitmaps (plain, and dimmed under a
+  // focused node); a hover then copies one and draws only the focused node's edges. While the wheel or
+  // a drag moves the view, the bitmap is moved along; once it rests the edges are painted again.
+  var allCache = null;
+  function bitmap(dpr, buckets, dim) {
+    var c = document.createElement("canvas");
+    c.width = canvas.width; c.height = canvas.height;
+    var cx = c.getContext("2d");
+    cx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    strokeBuckets(cx, buckets, dim);
+    return c;
+  }
+  function drawEdges(quick) {
     var dpr = window.devicePixelRatio || 1;
     if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
       canvas.width = Math.round(W * dpr); canvas.height = Math.round(H * dpr);
@@ -486,38 +514,50 @@
     ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx2d.clearRect(0, 0, W, H);
     drawnEdges = edgesToDraw();
+    if (state.showAll && !state.subgraph) { drawAllEdges(dpr, quick); return; }
     var localMax = 1e-12;
     drawnEdges.forEach(function (d) { localMax = Math.max(localMax, Math.abs(d[2])); });
-    var scale = state.subgraph ? localMax : maxAbs;
-    var hot = {}, nHot = 0;  // in "show all", the focused node's edges are drawn on top at full strength
-    if (state.showAll && !state.subgraph && (state.hover !== null || state.clicked !== null)) {
-      var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked;
-      if (f !== undefined && f !== null) NODES[f].inE.concat(NODES[f].outE).forEach(function (j) { if (edgeVis[j]) { hot[j] = true; nHot++; } });
-    }
-    var buckets = [], top = [];
+    var scale = state.subgraph ? localMax : maxAbs, buckets = [];
     drawnEdges.forEach(function (d) {
-      if (hot[d[3]]) { top.push(d); return; }
       var lv = Math.round(Math.min(1, Math.abs(d[2]) / scale) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
       (buckets[k] = buckets[k] || []).push(d);
     });
-    ctx2d.lineCap = "round";
-    buckets.forEach(function (list, k) {  // weak first, so the strong lie on top
-      if (!list) return;
-      var a = (k >> 1) / (LEVELS - 1);
-      ctx2d.globalAlpha = nHot ? 0.06 : 0.2 + 0.7 * a;
-      ctx2d.strokeStyle = k & 1 ? NEG : POS;
-      ctx2d.lineWidth = 0.5 + 3.5 * a;
-      ctx2d.beginPath();
-      list.forEach(function (d) { tracePath(edgeShape(d)); });
-      ctx2d.stroke();
-    });
+    strokeBuckets(ctx2d, buckets, false);
+  }
+  function drawTop(top, scale) {  // the focused node's edges, one by one, strongest last
     top.sort(function (a, b) { return Math.abs(a[2]) - Math.abs(b[2]); });
+    ctx2d.lineCap = "round";
     top.forEach(function (d) {
       var a = Math.min(1, Math.abs(d[2]) / scale);
       ctx2d.globalAlpha = 0.2 + 0.7 * a; ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG; ctx2d.lineWidth = 0.5 + 3.5 * a;
       ctx2d.beginPath(); tracePath(edgeShape(d)); ctx2d.stroke();
     });
     ctx2d.globalAlpha = 1;
+  }
+  function drawAllEdges(dpr, quick) {
+    var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked, top = [];
+    if (f !== undefined && f !== null) {
+      NODES[f].inE.concat(NODES[f].outE).forEach(function (j) {
+        if (edgeVis[j]) top.push([itemOf[EDGES[j][0]], itemOf[EDGES[j][1]], EDGES[j][2], j]);
+      });
+    }
+    var fresh = allCache && allCache.list === drawnEdges && allCache.w === canvas.width && allCache.h === canvas.height &&
+      allCache.k === view.k && allCache.x === view.x && allCache.y === view.y;
+    if (!fresh && !(quick && allCache && allCache.list === drawnEdges)) {
+      var buckets = [];
+      drawnEdges.forEach(function (d) {
+        var lv = Math.round(Math.min(1, Math.abs(d[2]) / maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+        (buckets[k] = buckets[k] || []).push(d);
+      });
+      allCache = {list: drawnEdges, w: canvas.width, h: canvas.height, k: view.k, x: view.x, y: view.y,
+                  plain: bitmap(dpr, buckets, false), dim: bitmap(dpr, buckets, true)};
+      fresh = true;
+    }
+    var s = view.k / allCache.k;  // the bitmap's view moved to this one (exact when fresh)
+    ctx2d.setTransform(dpr * s, 0, 0, dpr * s, dpr * (view.x - allCache.x * s), dpr * (view.y - allCache.y * s));
+    ctx2d.drawImage(top.length ? allCache.dim : allCache.plain, 0, 0, W, H);
+    ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
+    drawTop(top, maxAbs);
   }
 
   // The drawn edge nearest to a point (within 5 px), for the edge tooltip; a curve is checked in pieces.
@@ -618,7 +658,7 @@
       if (drag.moved) {
         graphEl.classList.add("panning");
         view.x = drag.vx + dx; view.y = drag.vy + dy;
-        moveNodes(); drawAxes(); drawEdges();
+        moveNodes(); drawAxes(); drawEdges(true);
       }
       return;
     }
@@ -638,7 +678,7 @@
     drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false};
   });
   window.addEventListener("mouseup", function () {
-    if (drag && drag.moved) setTimeout(function () { drag = null; }, 0); else drag = null;
+    if (drag && drag.moved) { setTimeout(function () { drag = null; }, 0); drawEdges(); } else drag = null;
     graphEl.classList.remove("panning");
   });
   // Inline in a notebook the wheel scrolls the notebook, unless the graph has the focus (click it) or a
@@ -655,11 +695,11 @@
     var r = graphEl.getBoundingClientRect(), px = ev.clientX - r.left, py = ev.clientY - r.top;
     var k = Math.max(0.5, Math.min(40, view.k * Math.exp(-ev.deltaY * 0.0015)));
     view.x = px - (px - view.x) * k / view.k; view.y = py - (py - view.y) * k / view.k; view.k = k;
-    moveNodes(); drawAxes(); drawEdges();
-    clearTimeout(relabelTimer);  // once the wheel rests, place the labels again for this zoom
+    moveNodes(); drawAxes(); drawEdges(true);
+    clearTimeout(relabelTimer);  // once the wheel rests, place the labels and paint the edges again
     relabelTimer = setTimeout(function () {
       var focused = graphHasFocus();
-      drawNodes(); highlight();
+      drawNodes(); highlight(); drawEdges();
       if (focused) graphEl.focus({preventScroll: true});
     }, 200);
   }, {passive: false});
