@@ -41,6 +41,20 @@ def test_committed_notebooks_match_a_fresh_build():
     assert not problems, "\n".join(problems)
 
 
+def test_an_editors_autosave_is_caught_with_what_to_do(fresh, tmp_path, monkeypatch):
+    """Opened in Jupyter with another kernel picked (an autosave then writes it): the freshness check
+    says so and tells the author how to rebuild or drop the change."""
+    monkeypatch.setattr(nbb, "build", lambda: fresh)
+    nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
+    nb.metadata.kernelspec = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    saved = tmp_path / "solutions.ipynb"
+    nbformat.write(nb, saved)
+    monkeypatch.setitem(nbb.NOTEBOOKS, "solutions", saved)
+    problems = nbb.check(verbose=False)
+    assert len(problems) == 1 and str(saved) in problems[0], problems
+    assert "make notebooks" in problems[0] and f"git checkout -- {saved}" in problems[0], problems[0]
+
+
 def test_committed_outputs_render_for_a_reader():
     """The solutions notebook's dashboards name a page a reader's own run writes, never the build machine's
     temporary folder; where the output does not run (untrusted), a line says what to do; the explorer cell

@@ -794,8 +794,13 @@ def check(verbose: bool = True) -> list[str]:
             lineterm="",
             n=1,
         )
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         problems.append(
-            f"{path.relative_to(ROOT)} differs from a fresh build:\n" + "\n".join(list(diff)[:60])
+            f"{rel} differs from a fresh build:\n"
+            + "\n".join(list(diff)[:60])
+            + f"\nEdited {SOURCE.relative_to(ROOT)} or the package? Rebuild: `make notebooks` (python -m "
+            "part3_attribution_graphs.tools.notebook_builder). Only opened in Jupyter (an autosave, a "
+            f"kernel picked)? Drop that: `git checkout -- {rel}`."
         )
     if verbose:
         for p in problems:
