@@ -11,6 +11,7 @@ installed, the tests are skipped. Set CHROMIUM=/path/to/binary to use another Ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -716,6 +717,69 @@ def test_subgraph_edges_between_nodes_at_one_token_stay_visible(page, tmp_path):
     positive = ac["weight"] > 0
     assert (rgba[2] > rgba[0]) == positive, (rgba, ac["weight"])  # blue positive, red negative
     cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_edge_filter_same_latent_everywhere_hiding_and_grouping_any_nodes(page, toy_dashboard, tmp_path):
+    cdp = page
+    d = "window.dashboard"
+    # Hovering a latent lights the same latent at every other position: make one latent fire at three.
+    result = synthetic_result()
+    nodes = result.graph.nodes
+    layer3 = [i for i, n in enumerate(nodes) if n.node_type.value == "latent" and n.layer == 3]
+    at = {}
+    for i in layer3:
+        at.setdefault(nodes[i].ctx_idx, i)
+    same = list(at.values())[:3]
+    for i in same[1:]:
+        nodes[i] = dataclasses.replace(nodes[i], feature=nodes[same[0]].feature)
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    where = {g: k for k, g in enumerate(cdp.evaluate(f"{d}.data.nodes.map(n => n.idx)"))}
+    shown = [where[i] for i in same if i in where]
+    assert len(shown) >= 2
+    box = centre(cdp, f'.node[data-index="{shown[0]}"]')
+    cdp.mouse("mouseMoved", box["x"], box["y"])
+    lit = cdp.evaluate("[...document.querySelectorAll('.node.same')].map(e => +e.dataset.index)")
+    assert sorted(lit) == sorted(shown[1:])
+    cdp.mouse("mouseMoved", 5, 5)
+    assert cdp.evaluate("document.querySelectorAll('.node.same').length") == 0
+
+    _, index, _ = toy_dashboard
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+
+    # The edge filter: a clicked node's inputs, outputs, or both.
+    node = cdp.evaluate(f"""(() => {{ const E = {d}.data.edges, into = {{}}, out = {{}};
+        E.forEach(e => {{ into[e[1]] = (into[e[1]] || 0) + 1; out[e[0]] = (out[e[0]] || 0) + 1; }});
+        return {d}.data.nodes.findIndex((n, i) => into[i] && out[i]); }})()""")
+    edges = cdp.evaluate(f"{d}.data.edges")
+    ins = sorted(j for j, e in enumerate(edges) if e[1] == node)
+    outs = sorted(j for j, e in enumerate(edges) if e[0] == node)
+    cdp.evaluate(f"{d}.select({node})")
+    for value, want in (("in", ins), ("out", outs), ("both", sorted(ins + outs))):
+        cdp.evaluate(f"""(() => {{ const s = document.getElementById('link-type'); s.value = '{value}';
+            s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")
+        assert sorted(cdp.evaluate(f"{d}.drawnEdges()")) == want, value
+
+    # Hide the clicked node: gone from the drawing, its edges too, even with "show all"; then back.
+    hidden_id = cdp.evaluate(f"{d}.data.nodes[{node}].id")
+    cdp.evaluate("document.getElementById('hide-btn').click()")
+    assert cdp.evaluate(f"document.querySelectorAll('.node[data-index=\"{node}\"]').length") == 0
+    cdp.evaluate("document.getElementById('show-all').click()")
+    drawn = set(cdp.evaluate(f"{d}.drawnEdges()"))
+    assert drawn and not drawn & set(ins + outs)
+    assert json.loads(cdp.evaluate(f"{d}.stateJSON()"))["qParams"]["hiddenIds"] == [hidden_id]
+    cdp.evaluate("document.getElementById('show-all').click()")
+    assert cdp.evaluate("document.getElementById('unhide-btn').textContent") == "show hidden (1)"
+    cdp.evaluate("document.getElementById('unhide-btn').click()")
+    assert cdp.evaluate(f"document.querySelectorAll('.node[data-index=\"{node}\"]').length") == 1
+
+    # Any nodes group into a supernode, not only latents: a latent and an embedding here.
+    pair = cdp.evaluate(f"""(() => {{ const N = {d}.data.nodes;
+        return [N.findIndex(n => n.type === 'latent'), N.findIndex(n => n.type === 'embedding')]; }})()""")
+    assert cdp.evaluate(f"{d}.group('mixed', {json.dumps(pair)})")
+    assert cdp.evaluate(f"{d}.state.supernodes.map(s => s.members)") == [pair]
+    cdp.evaluate(f"{d}.forget()")
     assert_clean(cdp)
 
 

@@ -33,13 +33,15 @@
   var byId = {};
   NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; });
   EDGES.forEach(function (e, j) { NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); });
+  var BY_KEY = {};  // latent key ("layer_feature") -> its nodes, one per position
+  NODES.forEach(function (n, i) { if (n.key) (BY_KEY[n.key] = BY_KEY[n.key] || []).push(i); });
   var maxAbs = 1e-12, maxInfl = 1e-12;
   EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
   NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
 
   // ------------------------------------------------------------------------------------------- state
   var state = {
-    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {},
+    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both",
     nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
   };
   function labelOf(i) {
@@ -230,7 +232,7 @@
         sn.members.forEach(function (i) { itemOf[i] = k; });
       });
     } else {
-      NODES.forEach(function (n, i) { if (nodeVis[i]) { itemOf[i] = items.length; items.push({node: i}); } });
+      NODES.forEach(function (n, i) { if (nodeVis[i] && !state.hidden[i]) { itemOf[i] = items.length; items.push({node: i}); } });
     }
     items.forEach(function (it) {
       if (it.sup === undefined) {
@@ -420,6 +422,11 @@
   }
 
   // ------------------------------------------------------------------------------------------- edges
+  // A focused node's drawn edges: its inputs, its outputs or both (the "edges" filter).
+  function focusEdges(i) {
+    var n = NODES[i], js = state.linkType === "in" ? n.inE : state.linkType === "out" ? n.outE : n.inE.concat(n.outE);
+    return js.filter(function (j) { return edgeVis[j] && itemOf[EDGES[j][0]] !== undefined && itemOf[EDGES[j][1]] !== undefined; });
+  }
   // Which edges to draw: [source item, target item, weight, edge index or -1 for a summed edge].
   function edgesToDraw() {
     var list = [];
@@ -444,17 +451,16 @@
     if (state.showAll) {  // the same list until the graph changes (render() drops it): hovers reuse it
       if (!allEdges) {
         allEdges = [];
-        EDGES.forEach(function (e, j) { if (edgeVis[j]) allEdges.push([itemOf[e[0]], itemOf[e[1]], e[2], j]); });
+        EDGES.forEach(function (e, j) {
+          if (edgeVis[j] && itemOf[e[0]] !== undefined && itemOf[e[1]] !== undefined) allEdges.push([itemOf[e[0]], itemOf[e[1]], e[2], j]);
+        });
       }
       return allEdges;
     }
-    focus.forEach(function (i) {
-      NODES[i].inE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
-      NODES[i].outE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
-    });
+    focus.forEach(function (i) { focusEdges(i).forEach(function (j) { pick[j] = true; }); });
     Object.keys(pick).forEach(function (j) {
       var e = EDGES[j];
-      list.push([itemOf[e[0]], itemOf[e[1]], e[2], +j]);
+      if (itemOf[e[0]] !== undefined && itemOf[e[1]] !== undefined) list.push([itemOf[e[0]], itemOf[e[1]], e[2], +j]);
     });
     return list;
   }
@@ -537,9 +543,7 @@
   function drawAllEdges(dpr, quick) {
     var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked, top = [];
     if (f !== undefined && f !== null) {
-      NODES[f].inE.concat(NODES[f].outE).forEach(function (j) {
-        if (edgeVis[j]) top.push([itemOf[EDGES[j][0]], itemOf[EDGES[j][1]], EDGES[j][2], j]);
-      });
+      focusEdges(f).forEach(function (j) { top.push([itemOf[EDGES[j][0]], itemOf[EDGES[j][1]], EDGES[j][2], j]); });
     }
     var fresh = allCache && allCache.list === drawnEdges && allCache.w === canvas.width && allCache.h === canvas.height &&
       allCache.k === view.k && allCache.x === view.x && allCache.y === view.y;
@@ -585,7 +589,7 @@
   // ------------------------------------------------------------------------------------------- focus
   var lit = [];
   function highlight() {
-    lit.forEach(function (el) { el.classList.remove("hl", "nb"); });
+    lit.forEach(function (el) { el.classList.remove("hl", "nb", "same"); });
     lit = [];
     var f = state.hover !== null && items[state.hover] ? state.hover : (state.clicked !== null ? itemOf[state.clicked] : undefined);
     if (f === undefined || f === null || state.subgraph) return;
@@ -593,10 +597,14 @@
     var it = items[f];
     if (it.node === undefined) return;
     var n = NODES[it.node];
-    n.inE.concat(n.outE).forEach(function (j) {
-      if (!edgeVis[j]) return;
+    focusEdges(it.node).forEach(function (j) {
       var e = EDGES[j], other = itemOf[e[0] === it.node ? e[1] : e[0]];
       if (other !== undefined) { itemEls[other].classList.add("nb"); lit.push(itemEls[other]); }
+    });
+    // The same latent at every other position lights up too.
+    if (n.key) (BY_KEY[n.key] || []).forEach(function (i) {
+      var k = itemOf[i];
+      if (i !== it.node && k !== undefined && items[k].node === i) { itemEls[k].classList.add("same"); lit.push(itemEls[k]); }
     });
   }
 
@@ -745,6 +753,8 @@
     });
     box.innerHTML = out.length ? '<span class="muted">pinned:</span>' + out.join("") : "";
     document.getElementById("subgraph-btn").classList.toggle("on", state.subgraph);
+    var nHidden = Object.keys(state.hidden).length, unhide = document.getElementById("unhide-btn");
+    unhide.hidden = !nHidden; unhide.textContent = "show hidden (" + nHidden + ")";
   }
   document.getElementById("pins").addEventListener("change", function (ev) {
     var t = ev.target;
@@ -757,11 +767,11 @@
     if (t.hasAttribute("data-ungroup")) { state.supernodes.splice(+t.getAttribute("data-ungroup"), 1); render(); }
   });
   function group(name, members) {
-    members = members.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
-    if (members.length < 2) { say("tick two or more pinned latents to group them"); return false; }
+    members = members.filter(function (i) { return superOf(i) < 0; });
+    if (members.length < 2) { say("tick two or more pinned nodes to group them"); return false; }
     members.forEach(function (i) { if (state.pinned.indexOf(i) < 0) state.pinned.push(i); delete state.ticked[i]; });
     state.supernodes.push({name: name || "supernode " + (state.supernodes.length + 1), members: members});
-    say("grouped " + members.length + " latents");
+    say("grouped " + members.length + " nodes");
     render();
     return true;
   }
@@ -775,6 +785,8 @@
   document.getElementById("clear-pins").addEventListener("click", function () {
     state.pinned = []; state.supernodes = []; state.ticked = {}; state.subgraph = false; render();
   });
+  document.getElementById("unhide-btn").addEventListener("click", function () { state.hidden = {}; render(); });
+  document.getElementById("link-type").addEventListener("change", function (ev) { state.linkType = ev.target.value; refresh(); });
   document.getElementById("show-all").addEventListener("change", function (ev) { state.showAll = ev.target.checked; refresh(); });
   document.getElementById("reset-view").addEventListener("click", function () { view = {k: 1, x: 0, y: 0}; render(); });
 
@@ -930,7 +942,8 @@
                 esc(l && l.derived ? l.text : "label this latent") + '" value="' + esc(l && !l.derived ? l.text : "") + '">' +
                 (l && l.derived ? '<span class="derived-mark" title="derived from its data; type to replace it">derived</span>' : "") + "</div>");
     }
-    html.push('<div><button type="button" id="pin-btn">' + (pinned ? "unpin" : "pin") + "</button></div>");
+    html.push('<div><button type="button" id="pin-btn">' + (pinned ? "unpin" : "pin") + '</button> <button type="button" id="hide-btn" ' +
+              'title="leave this node out of the graph (\u201cshow hidden\u201d brings it back)">hide</button></div>');
     html.push('<table class="facts">' + facts.map(function (f) {
       return "<tr><td>" + esc(f[0]) + "</td><td>" + esc(f[1]) + "</td></tr>";
     }).join("") + "</table>");
@@ -983,6 +996,7 @@
   panel.addEventListener("click", function (ev) {
     if (ev.target.closest(".close")) { select(null); return; }
     if (ev.target.id === "pin-btn") { togglePin(state.clicked); return; }
+    if (ev.target.id === "hide-btn") { var h = state.clicked; state.hidden[h] = true; select(null); render(); say("hid " + nodeTitle(NODES[h])); return; }
     var more = ev.target.closest("[data-more]");
     if (more) {
       var top = panel.scrollTop, key = more.getAttribute("data-more");
@@ -1015,7 +1029,8 @@
       qParams: {
         pinnedIds: state.pinned.map(function (i) { return ids[i]; }),
         supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(function (i) { return ids[i]; })); }),
-        linkType: "both",
+        linkType: state.linkType,
+        hiddenIds: Object.keys(state.hidden).map(function (i) { return ids[i]; }),
         clickedId: state.clicked !== null ? ids[state.clicked] : "",
         sg_pos: "",
         node_threshold: state.nodeThr,
@@ -1035,6 +1050,7 @@
     var q = (s && s.qParams) || {};
     return !!((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.clickedId ||
       (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
+      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") ||
       (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
       (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
   }
@@ -1094,6 +1110,10 @@
     Object.keys(labels).forEach(function (id) { if (known(id)) state.labels[id] = String(labels[id]); });
     if (typeof q.node_threshold === "number") state.nodeThr = Math.min(+nodeThr.max, q.node_threshold);
     if (typeof q.edge_threshold === "number") state.edgeThr = q.edge_threshold;
+    state.hidden = {};
+    (q.hiddenIds || []).filter(known).forEach(function (id) { state.hidden[byId[id]] = true; });
+    state.linkType = q.linkType === "in" || q.linkType === "out" ? q.linkType : "both";
+    document.getElementById("link-type").value = state.linkType;
     state.ticked = {}; state.subgraph = false;
     showThresholds(); setPruning(); render();
     if (q.clickedId && known(q.clickedId)) select(byId[q.clickedId]); else select(null);
