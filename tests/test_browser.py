@@ -783,6 +783,68 @@ def test_edge_filter_same_latent_everywhere_hiding_and_grouping_any_nodes(page, 
     assert_clean(cdp)
 
 
+def test_resizable_panel_and_draggable_subgraph_positions_are_kept(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    url = index.resolve().as_uri()
+    open_fresh(cdp, url, 1400)
+    d = "window.dashboard"
+    width = "document.getElementById('panel').getBoundingClientRect().width"
+    graph_w = "document.getElementById('graph-svg').getAttribute('width')"
+    w0, g0 = cdp.evaluate(width), float(cdp.evaluate(graph_w))
+    bar = centre(cdp, "#splitter")
+    cdp.mouse("mouseMoved", bar["x"], bar["y"])
+    cdp.mouse("mousePressed", bar["x"], bar["y"])
+    cdp.mouse("mouseMoved", bar["x"] - 150, bar["y"])
+    cdp.mouse("mouseReleased", bar["x"] - 150, bar["y"])
+    w1 = cdp.evaluate(width)
+    assert w1 == pytest.approx(w0 + 150, abs=3) and float(cdp.evaluate(graph_w)) < g0 - 100
+    # The keyboard reaches the splitter too.
+    cdp.evaluate("document.getElementById('splitter').focus()")
+    cdp.send(
+        "Input.dispatchKeyEvent",
+        type="keyDown",
+        key="ArrowRight",
+        code="ArrowRight",
+        windowsVirtualKeyCode=39,
+    )
+    assert cdp.evaluate(width) == pytest.approx(w1 - 20, abs=2)
+
+    # Pin two nodes, look at their subgraph, drag one somewhere else.
+    two = cdp.evaluate(f"""(() => {{ const N = {d}.data.nodes,
+        lat = N.map((n, i) => i).filter(i => N[i].type === 'latent');
+        lat.sort((a, b) => N[b].influence - N[a].influence); return lat.slice(0, 2); }})()""")
+    for i in two:
+        cdp.evaluate(f"{d}.togglePin({i})")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    sel = f'.node[data-index="{two[0]}"]'
+    a = centre(cdp, sel)
+    for kind, x, y in (
+        ("mouseMoved", 0, 0),
+        ("mousePressed", 0, 0),
+        ("mouseMoved", 40, 30),
+        ("mouseMoved", 80, 60),
+    ):
+        cdp.mouse(kind, a["x"] + x, a["y"] + y)
+    cdp.mouse("mouseReleased", a["x"] + 80, a["y"] + 60)
+    b = centre(cdp, sel)
+    assert (b["x"] - a["x"], b["y"] - a["y"]) == pytest.approx((80, 60), abs=2)
+    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")  # a drag is no click
+    node_id = cdp.evaluate(f"{d}.data.nodes[{two[0]}].id")
+    assert node_id in json.loads(cdp.evaluate(f"{d}.stateJSON()"))["qParams"]["sgPositions"]
+    # Both are kept: out of the subgraph and back, and in a page opened again.
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    assert centre(cdp, sel) == pytest.approx(b, abs=1)
+    cdp.open(url, 1400)
+    assert cdp.evaluate(width) == pytest.approx(w1 - 20, abs=2)
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    assert centre(cdp, sel) == pytest.approx(b, abs=1)
+    cdp.evaluate(f"{d}.forget()")
+    assert cdp.evaluate(width) == pytest.approx(w0, abs=1)
+    assert_clean(cdp)
+
+
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page

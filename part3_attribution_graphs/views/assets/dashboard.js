@@ -41,7 +41,7 @@
 
   // ------------------------------------------------------------------------------------------- state
   var state = {
-    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both",
+    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both", sgPos: {}, panelWidth: null,
     nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
   };
   function labelOf(i) {
@@ -294,9 +294,13 @@
         it.by = top + (nRows - 1 - it.row) * rowH + rowH / 2;
         var share = it.type === "logit" ? (NODES[it.node].prob || 0) : Math.max(it.influence, 0) / maxInfl;
         it.r = it.type === "super" ? 9 : (logit ? 1 : rScale) * (3 + 5 * Math.sqrt(Math.min(1, share)));
+        var moved = state.subgraph ? state.sgPos[itemKey(it)] : null;  // where the learner dragged it
+        if (moved) { it.bx = moved[0]; it.by = moved[1]; }
       });
     });
   }
+  // A subgraph item's name in the saved positions: its node id, or its supernode's name.
+  function itemKey(it) { return it.sup === undefined ? NODES[it.node].id : "supernode:" + state.supernodes[it.sup].name; }
   function sx(x) { return x * view.k + view.x; }
   function sy(y) { return y * view.k + view.y; }
 
@@ -663,7 +667,12 @@
     if (drag) {
       var dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
       if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
-      if (drag.moved) {
+      if (drag.moved && drag.item !== null) {
+        var it = items[drag.item];
+        it.bx = drag.bx + dx / view.k; it.by = drag.by + dy / view.k;
+        state.sgPos[itemKey(it)] = [Math.round(it.bx), Math.round(it.by)];
+        moveNodes(); drawEdges();
+      } else if (drag.moved) {
         graphEl.classList.add("panning");
         view.x = drag.vx + dx; view.y = drag.vy + dy;
         moveNodes(); drawAxes(); drawEdges(true);
@@ -682,11 +691,18 @@
     } else tip.classList.add("hidden");
   });
   graphEl.addEventListener("mousedown", function (ev) {
-    if (ev.button !== 0 || itemFromEvent(ev) !== null) return;
-    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false};
+    if (ev.button !== 0) return;
+    var k = itemFromEvent(ev);
+    if (k !== null && !state.subgraph) return;
+    // In the subgraph a node can be dragged to where it reads best (its place is saved); elsewhere the view pans.
+    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false, item: k,
+            bx: k !== null ? items[k].bx : 0, by: k !== null ? items[k].by : 0};
   });
   window.addEventListener("mouseup", function () {
-    if (drag && drag.moved) { setTimeout(function () { drag = null; }, 0); drawEdges(); } else drag = null;
+    if (drag && drag.moved) {
+      if (drag.item !== null) { drawNodes(); highlight(); persist(); }
+      setTimeout(function () { drag = null; }, 0); drawEdges();
+    } else drag = null;
     graphEl.classList.remove("panning");
   });
   // Inline in a notebook the wheel scrolls the notebook, unless the graph has the focus (click it) or a
@@ -808,7 +824,31 @@
   nodeThr.addEventListener("input", onSlide); edgeThr.addEventListener("input", onSlide);
 
   // ------------------------------------------------------------------------------------------- panel
-  var panel = document.getElementById("panel");
+  var panel = document.getElementById("panel"), mainEl = document.querySelector("main");
+  // The splitter between graph and panel: drag it (or focus it and use the arrow keys) to share the width.
+  function setPanelWidth(w) {
+    state.panelWidth = w === null ? null : Math.round(Math.max(220, Math.min(w, mainEl.clientWidth - 260)));
+    if (state.panelWidth === null) mainEl.style.removeProperty("--panel-w");
+    else mainEl.style.setProperty("--panel-w", state.panelWidth + "px");
+  }
+  var splitter = document.getElementById("splitter"), sizing = null;
+  splitter.addEventListener("mousedown", function (ev) {
+    if (ev.button !== 0) return;
+    ev.preventDefault();
+    sizing = {x: ev.clientX, w: panel.getBoundingClientRect().width};
+  });
+  window.addEventListener("mousemove", function (ev) {
+    if (!sizing) return;
+    setPanelWidth(sizing.w + sizing.x - ev.clientX);
+    if (!sizing.frame) sizing.frame = requestAnimationFrame(function () { if (sizing) sizing.frame = null; render(); });
+  });
+  window.addEventListener("mouseup", function () { if (sizing) { sizing = null; render(); } });
+  splitter.addEventListener("keydown", function (ev) {
+    var step = ev.key === "ArrowLeft" ? 20 : ev.key === "ArrowRight" ? -20 : 0;
+    if (!step) return;
+    ev.preventDefault();
+    setPanelWidth(panel.getBoundingClientRect().width + step); render();
+  });
   function fitPanel() {  // beside the graph, the panel is about as tall as the graph and scrolls
     panel.style.maxHeight = (H + 80) + "px";  // from the layout, not read back (that would force a reflow)
   }
@@ -1031,6 +1071,8 @@
         supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(function (i) { return ids[i]; })); }),
         linkType: state.linkType,
         hiddenIds: Object.keys(state.hidden).map(function (i) { return ids[i]; }),
+        sgPositions: state.sgPos,
+        panelWidth: state.panelWidth,
         clickedId: state.clicked !== null ? ids[state.clicked] : "",
         sg_pos: "",
         node_threshold: state.nodeThr,
@@ -1050,7 +1092,8 @@
     var q = (s && s.qParams) || {};
     return !!((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.clickedId ||
       (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
-      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") ||
+      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") || typeof q.panelWidth === "number" ||
+      (q.sgPositions && Object.keys(q.sgPositions).length) ||
       (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
       (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
   }
@@ -1113,6 +1156,12 @@
     state.hidden = {};
     (q.hiddenIds || []).filter(known).forEach(function (id) { state.hidden[byId[id]] = true; });
     state.linkType = q.linkType === "in" || q.linkType === "out" ? q.linkType : "both";
+    state.sgPos = {};
+    Object.keys(q.sgPositions || {}).forEach(function (key) {
+      var xy = q.sgPositions[key];
+      if (xy && typeof xy[0] === "number" && typeof xy[1] === "number") state.sgPos[key] = [xy[0], xy[1]];
+    });
+    setPanelWidth(typeof q.panelWidth === "number" ? q.panelWidth : null);
     document.getElementById("link-type").value = state.linkType;
     state.ticked = {}; state.subgraph = false;
     showThresholds(); setPruning(); render();
@@ -1180,7 +1229,7 @@
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
-    forget: forget, storeKey: STORE_KEY, zoom: function () { return view.k; },
+    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
     edgeShapes: function () { return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; return g; }); },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
