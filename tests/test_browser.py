@@ -17,8 +17,10 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.browser
 
@@ -26,6 +28,7 @@ pytest.importorskip("websocket", reason="pip install websocket-client")
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402
+from part3_attribution_graphs.nodes import NodeType  # noqa: E402
 from part3_attribution_graphs.result import prune  # noqa: E402
 from part3_attribution_graphs.scores import compute_graph_scores  # noqa: E402
 from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
@@ -842,6 +845,55 @@ def test_resizable_panel_and_draggable_subgraph_positions_are_kept(page, toy_das
     assert centre(cdp, sel) == pytest.approx(b, abs=1)
     cdp.evaluate(f"{d}.forget()")
     assert cdp.evaluate(width) == pytest.approx(w0, abs=1)
+    assert_clean(cdp)
+
+
+def test_pinned_subgraph_scores_match_compute_graph_scores(page, toy_dashboard):
+    """The page's scores of the pinned subgraph equal `compute_graph_scores` on the drawn graph with every
+    unpinned latent made an error node (its inputs cut)."""
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    nodes = [result.graph.nodes[i] for i in view.indices]
+    latents = [k for k, n in enumerate(nodes) if n.node_type.value == "latent"]
+    latents.sort(key=lambda k: -float(result.influence[view.indices[k]]))
+    for pins in (latents[:1], latents[:4], latents):
+        cdp.evaluate("window.dashboard.forget()")
+        for k in pins:
+            cdp.evaluate(f"window.dashboard.togglePin({k})")
+        got = cdp.evaluate("window.dashboard.subgraphScores()")
+        unpinned = set(latents) - set(pins)
+        A = torch.zeros(len(nodes), len(nodes))
+        for s, t, w in view.edges:
+            if t not in unpinned:
+                A[t, s] = w
+        fake = SimpleNamespace(
+            adjacency_matrix=A,
+            graph=SimpleNamespace(
+                nodes=[
+                    dataclasses.replace(n, node_type=NodeType.MLP_ERROR) if k in unpinned else n
+                    for k, n in enumerate(nodes)
+                ],
+                n_layers=result.graph.n_layers,
+            ),
+            logit_weights=result.logit_weights,
+        )
+        want = compute_graph_scores(fake)
+        assert got["replacement"] == pytest.approx(want["replacement_score"], rel=1e-4), (
+            len(pins),
+            got,
+            want,
+        )
+        assert got["completeness"] == pytest.approx(want["completeness_score"], rel=1e-4), (
+            len(pins),
+            got,
+            want,
+        )
+        shown = cdp.evaluate("document.querySelector('#pins .sub-scores').textContent")
+        value = float(f"{got['replacement']:.3g}")
+        assert f"replacement {value:g}" in shown, shown
+    cdp.evaluate("window.dashboard.forget()")
     assert_clean(cdp)
 
 

@@ -754,6 +754,43 @@
     render();
     if (state.clicked !== null) select(state.clicked);
   }
+  // The pinned subgraph's scores, as compute_graph_scores (scores.py) computes a graph's, on the drawn
+  // graph with every drawn latent that is not pinned treated as an error node (its inputs cut): the
+  // replacement score is the share of the logits' influence that ends at embeddings rather than at
+  // errors; the completeness score the influence-weighted share of each node's input not from errors.
+  function subgraphScores() {
+    if (!state.pinned.length) return null;
+    var N = NODES.length, pinned = {}, errLike = new Uint8Array(N), i, j, k;
+    state.pinned.forEach(function (p) { pinned[p] = true; });
+    NODES.forEach(function (n, q) {
+      if (nodeVis[q] && (n.type === "error" || (n.type === "latent" && !pinned[q]))) errLike[q] = 1;
+    });
+    var live = [], rowSum = new Float64Array(N), fromErr = new Float64Array(N);
+    EDGES.forEach(function (e, q) { if (edgeVis[q] && !errLike[e[1]]) live.push(q); });
+    live.forEach(function (q) {
+      var e = EDGES[q], a = Math.abs(e[2]);
+      rowSum[e[1]] += a; if (errLike[e[0]]) fromErr[e[1]] += a;
+    });
+    var v = new Float64Array(N), infl = new Float64Array(N), w = new Float64Array(N);
+    LOGITS.forEach(function (q) { w[q] = F32(NODES[q].lw); });
+    v.set(w);
+    for (k = 0; k <= META.n_layers; k++) {
+      var nv = new Float64Array(N);
+      live.forEach(function (q) { var e = EDGES[q]; nv[e[0]] += v[e[1]] * Math.abs(e[2]) / Math.max(rowSum[e[1]], 1e-8); });
+      v = nv;
+      for (i = 0; i < N; i++) infl[i] += v[i];
+    }
+    var emb = 0, err = 0, num = 0, den = 0;
+    for (i = 0; i < N; i++) {
+      if (!nodeVis[i]) continue;
+      if (NODES[i].type === "embedding") emb += infl[i];
+      if (errLike[i]) err += infl[i];
+      var weight = infl[i] + w[i], share = rowSum[i] > 0 ? 1 - fromErr[i] / rowSum[i] : 1;
+      num += share * weight; den += weight;
+    }
+    j = emb + err;
+    return {replacement: j > 0 ? emb / j : 0, completeness: den > 0 ? num / den : 0};
+  }
   function drawPins() {
     var box = document.getElementById("pins"), out = [];
     state.pinned.forEach(function (i) {
@@ -767,6 +804,9 @@
       out.push('<span class="sn">\u25c9 <input type="text" data-sn-name="' + s + '" value="' + esc(sn.name) + '" aria-label="supernode name"> (' +
                sn.members.length + ' nodes)<button type="button" data-ungroup="' + s + '" title="ungroup">ungroup</button></span>');
     });
+    var sc = subgraphScores();
+    if (sc) out.push('<span class="sub-scores" title="the pinned subgraph\u2019s scores: unpinned latents count as errors">' +
+                     "replacement <b>" + fmt(sc.replacement) + "</b> &middot; completeness <b>" + fmt(sc.completeness) + "</b></span>");
     box.innerHTML = out.length ? '<span class="muted">pinned:</span>' + out.join("") : "";
     document.getElementById("subgraph-btn").classList.toggle("on", state.subgraph);
     var nHidden = Object.keys(state.hidden).length, unhide = document.getElementById("unhide-btn");
@@ -1229,7 +1269,7 @@
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
-    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, zoom: function () { return view.k; },
+    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, subgraphScores: subgraphScores, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
     edgeShapes: function () { return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; return g; }); },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
