@@ -897,6 +897,50 @@ def test_pinned_subgraph_scores_match_compute_graph_scores(page, toy_dashboard):
     assert_clean(cdp)
 
 
+def test_supernode_suggestions_join_latents_whose_decoders_agree(page, world, tmp_path):
+    model, tcs, result, _ = world
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    view = view_graph(result)
+    nodes = [result.graph.nodes[i] for i in view.indices]
+    latents = [k for k, n in enumerate(nodes) if n.node_type.value == "latent"]
+    # Expected, independently: one group per connected set of latents that are the same latent or whose
+    # W_dec rows have cosine >= 0.5.
+    parent = {k: k for k in latents}
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    def direction(k):
+        row = tcs[nodes[k].layer].W_dec[nodes[k].feature].detach().float()
+        return row / row.norm()
+
+    for x in latents:
+        for y in latents:
+            same = (nodes[x].layer, nodes[x].feature) == (nodes[y].layer, nodes[y].feature)
+            if x < y and (same or float(direction(x) @ direction(y)) >= 0.5):
+                parent[root(y)] = root(x)
+    groups: dict[int, set] = {}
+    for k in latents:
+        groups.setdefault(root(k), set()).add(k)
+    want = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    assert want, "the toy graph has latents whose decoders agree"
+
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    cdp.evaluate("document.getElementById('suggest-btn').click()")
+    got = sorted(sorted(g["members"]) for g in cdp.evaluate("window.dashboard.suggest()"))
+    assert got == want
+    assert cdp.evaluate("document.querySelectorAll('#pins .suggest').length") == len(want)
+    cdp.evaluate("document.querySelector('#pins [data-suggest]').click()")
+    assert sorted(
+        sorted(m) for m in cdp.evaluate("window.dashboard.state.supernodes.map(s => s.members)")
+    ) == [got[0]]
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page

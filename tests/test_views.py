@@ -684,3 +684,20 @@ def test_explorer_adds_a_prompt_without_flicker(world, result):
     ex.add_prompt()
     # One update, for the new prompt: the graph never flicks back to the first prompt on the way.
     assert ex.shown == [other] and ex.prompt_picker.value == other
+
+
+def test_similar_latents_by_decoder_and_by_examples():
+    from types import SimpleNamespace
+
+    from part3_attribution_graphs.views.suggestions import similar_latents
+
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    tcs = {0: SimpleNamespace(W_dec=W[:2]), 1: SimpleNamespace(W_dec=W[2:])}
+    peaks = {(1, 0): {" big", " large"}, (1, 1): {" large", " big", " huge"}, (0, 0): {" x"}}
+    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1)], tcs, peaks)
+    assert [(a, b, why) for a, b, _, why in pairs] == [
+        ((0, 0), (0, 1), "decoder"),
+        ((1, 0), (1, 1), "examples"),
+    ]
+    assert pairs[0][2] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5) and pairs[1][2] == pytest.approx(2 / 3)
+    assert similar_latents([(0, 0), (1, 0)], None, None) == []

@@ -45,6 +45,7 @@ from .neuronpedia import (
 )
 from .palette import NODE_NAMES, css_variables, shown_token
 from .sliders import slider_graph
+from .suggestions import similar_latents
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -266,6 +267,15 @@ def dashboard_data(
                     panels[f"{layer}_{f}"]["ex"] = ex
     for panel in panels.values():
         panel["derived"] = derived_label(panel)
+    peaks = {
+        (layer, f): {shown_token(e["tokens"][e["peak"]]) for e in ex["examples"] if e["tokens"]}
+        for layer, f in latents
+        if (ex := panels[f"{layer}_{f}"].get("ex"))
+    }
+    similar = [
+        [f"{a[0]}_{a[1]}", f"{b[0]}_{b[1]}", _sig(score, 3), why]
+        for a, b, score, why in similar_latents(latents, transcoders, peaks)
+    ]
 
     settings = result_settings(result)
     notes = {}
@@ -312,6 +322,8 @@ def dashboard_data(
             "n_ranked": sliders.n_ranked,
         },
         "latents": panels,
+        # Latent keys that could be one supernode (views/suggestions.py): [a, b, score, why].
+        "similar": similar,
         "state": state or {},
         # The export without its links (the page rebuilds them from `edges`): what "save" writes.
         "export": {"metadata": graph_json["metadata"], "nodes": graph_json["nodes"]},

@@ -791,6 +791,36 @@
     j = emb + err;
     return {replacement: j > 0 ? emb / j : 0, completeness: den > 0 ? num / den : 0};
   }
+  // Suggested supernodes: among the pinned latents (or, with fewer than two pinned, the drawn ones), those
+  // that are one latent at several positions, or whose decoder directions or top examples agree
+  // (DATA.similar, from views/suggestions.py), joined transitively.
+  var suggestions = [];
+  function suggestSupernodes() {
+    var pool = state.pinned.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
+    if (pool.length < 2) pool = NODES.map(function (n, i) { return i; }).filter(function (i) {
+      return nodeVis[i] && !state.hidden[i] && NODES[i].type === "latent" && superOf(i) < 0;
+    });
+    var parent = {}, why = {};
+    function root(i) { while (parent[i] !== i) i = parent[i] = parent[parent[i]]; return i; }
+    function join(a, b, reason) { a = root(a); b = root(b); if (a !== b) { parent[b] = a; why[a] = (why[a] || []).concat(why[b] || [], [reason]); } }
+    pool.forEach(function (i) { parent[i] = i; });
+    var atKey = {};
+    pool.forEach(function (i) { (atKey[NODES[i].key] = atKey[NODES[i].key] || []).push(i); });
+    Object.keys(atKey).forEach(function (key) { atKey[key].slice(1).forEach(function (i) { join(atKey[key][0], i, "same latent"); }); });
+    (DATA.similar || []).forEach(function (p) {
+      var as = atKey[p[0]], bs = atKey[p[1]];
+      if (as && bs) join(as[0], bs[0], p[3] === "decoder" ? "decoders cos " + fmt(p[2]) : "examples agree " + fmt(p[2]));
+    });
+    var groups = {};
+    pool.forEach(function (i) { (groups[root(i)] = groups[root(i)] || []).push(i); });
+    suggestions = Object.keys(groups).filter(function (r) { return groups[r].length > 1; }).map(function (r) {
+      return {members: groups[r].sort(function (a, b) { return a - b; }), why: (why[r] || []).filter(function (w, k, all) { return all.indexOf(w) === k; })};
+    });
+    say(suggestions.length ? suggestions.length + " suggested supernode" + (suggestions.length > 1 ? "s" : "") + ": see the pins bar" :
+        "no latents here agree (same latent, decoders, or examples)");
+    drawPins();
+    return suggestions;
+  }
   function drawPins() {
     var box = document.getElementById("pins"), out = [];
     state.pinned.forEach(function (i) {
@@ -803,6 +833,11 @@
     state.supernodes.forEach(function (sn, s) {
       out.push('<span class="sn">\u25c9 <input type="text" data-sn-name="' + s + '" value="' + esc(sn.name) + '" aria-label="supernode name"> (' +
                sn.members.length + ' nodes)<button type="button" data-ungroup="' + s + '" title="ungroup">ungroup</button></span>');
+    });
+    suggestions.forEach(function (sg, k) {
+      out.push('<span class="suggest">suggested: ' + sg.members.map(function (i) { return esc(cut(nodeTitle(NODES[i]), 30)); }).join(" + ") +
+               ' <span class="muted">(' + esc(sg.why.join(", ")) + ')</span><button type="button" data-suggest="' + k +
+               '" title="make these one supernode">group</button></span>');
     });
     var sc = subgraphScores();
     if (sc) out.push('<span class="sub-scores" title="the pinned subgraph\u2019s scores: unpinned latents count as errors">' +
@@ -821,6 +856,10 @@
     var t = ev.target;
     if (t.hasAttribute("data-unpin")) togglePin(+t.getAttribute("data-unpin"));
     if (t.hasAttribute("data-ungroup")) { state.supernodes.splice(+t.getAttribute("data-ungroup"), 1); render(); }
+    if (t.hasAttribute("data-suggest")) {
+      var sg = suggestions.splice(+t.getAttribute("data-suggest"), 1)[0], first = labelOf(sg.members[0]);
+      group(first ? cut(first.text, 30) : "", sg.members);
+    }
   });
   function group(name, members) {
     members = members.filter(function (i) { return superOf(i) < 0; });
@@ -841,6 +880,7 @@
   document.getElementById("clear-pins").addEventListener("click", function () {
     state.pinned = []; state.supernodes = []; state.ticked = {}; state.subgraph = false; render();
   });
+  document.getElementById("suggest-btn").addEventListener("click", suggestSupernodes);
   document.getElementById("unhide-btn").addEventListener("click", function () { state.hidden = {}; render(); });
   document.getElementById("link-type").addEventListener("change", function (ev) { state.linkType = ev.target.value; refresh(); });
   document.getElementById("show-all").addEventListener("change", function (ev) { state.showAll = ev.target.checked; refresh(); });
@@ -1269,7 +1309,7 @@
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
-    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, subgraphScores: subgraphScores, zoom: function () { return view.k; },
+    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, subgraphScores: subgraphScores, suggest: suggestSupernodes, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
     edgeShapes: function () { return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; return g; }); },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
