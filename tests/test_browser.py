@@ -941,6 +941,35 @@ def test_supernode_suggestions_join_latents_whose_decoders_agree(page, world, tm
     assert_clean(cdp)
 
 
+def test_edges_coloured_by_share_of_their_targets_input(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    total: dict[int, float] = {}
+    for _, t, w in view.edges:
+        total[t] = total.get(t, 0.0) + abs(w)
+    weights = {j: (s, t, w) for j, (s, t, w) in enumerate(view.edges)}
+    biggest = max(abs(w) for *_, w in view.edges)
+    cdp.evaluate("document.getElementById('show-all').click()")
+    for mode, want in (
+        ("weight", lambda s, t, w: abs(w) / biggest),
+        ("share", lambda s, t, w: abs(w) / total[t]),
+    ):
+        cdp.evaluate(f"""(() => {{ const s = document.getElementById('color-by'); s.value = '{mode}';
+            s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")
+        shapes = cdp.evaluate("window.dashboard.edgeShapes()")
+        assert len(shapes) == len(view.edges)
+        for g in shapes:
+            assert g["strength"] == pytest.approx(min(1.0, want(*weights[g["edge"]])), rel=1e-3, abs=1e-6), (
+                mode
+            )
+    assert json.loads(cdp.evaluate("window.dashboard.stateJSON()"))["qParams"]["colorBy"] == "share"
+    cdp.evaluate("window.dashboard.forget()")
+    assert cdp.evaluate("document.getElementById('color-by').value") == "weight"
+    assert_clean(cdp)
+
+
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page

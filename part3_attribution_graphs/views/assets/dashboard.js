@@ -41,7 +41,7 @@
 
   // ------------------------------------------------------------------------------------------- state
   var state = {
-    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both", sgPos: {}, panelWidth: null,
+    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both", colorBy: "weight", sgPos: {}, panelWidth: null,
     nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
   };
   function labelOf(i) {
@@ -484,6 +484,19 @@
     ctx2d.moveTo(g.x1, g.y1);
     if (g.cx === null) ctx2d.lineTo(g.x2, g.y2); else ctx2d.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
   }
+  // How strongly an edge is drawn, in [0, 1]: its |weight| against the largest, or (colour by "share")
+  // its share of its target's input, |w| over the target's drawn inputs (a supernode's: its members').
+  var shareTotals = null;  // per node, the |weights| of its drawn inputs; render() drops it
+  function strength(d, scale) {
+    if (state.colorBy !== "share") return Math.min(1, Math.abs(d[2]) / scale);
+    if (!shareTotals) {
+      shareTotals = new Float64Array(NODES.length);
+      EDGES.forEach(function (e, j) { if (edgeVis[j]) shareTotals[e[1]] += Math.abs(e[2]); });
+    }
+    var t = items[d[1]], tot = t.sup === undefined ? shareTotals[t.node] :
+      state.supernodes[t.sup].members.reduce(function (a, i) { return a + shareTotals[i]; }, 0);
+    return tot > 0 ? Math.min(1, Math.abs(d[2]) / tot) : 0;
+  }
   var LEVELS = 8;  // edges are drawn in this many strengths, one path each: 30k edges cost 16 strokes
   function strokeBuckets(ctx, buckets, dim) {
     ctx.lineCap = "round";
@@ -529,7 +542,7 @@
     drawnEdges.forEach(function (d) { localMax = Math.max(localMax, Math.abs(d[2])); });
     var scale = state.subgraph ? localMax : maxAbs, buckets = [];
     drawnEdges.forEach(function (d) {
-      var lv = Math.round(Math.min(1, Math.abs(d[2]) / scale) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+      var lv = Math.round(strength(d, scale) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
       (buckets[k] = buckets[k] || []).push(d);
     });
     strokeBuckets(ctx2d, buckets, false);
@@ -538,7 +551,7 @@
     top.sort(function (a, b) { return Math.abs(a[2]) - Math.abs(b[2]); });
     ctx2d.lineCap = "round";
     top.forEach(function (d) {
-      var a = Math.min(1, Math.abs(d[2]) / scale);
+      var a = strength(d, scale);
       ctx2d.globalAlpha = 0.2 + 0.7 * a; ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG; ctx2d.lineWidth = 0.5 + 3.5 * a;
       ctx2d.beginPath(); tracePath(edgeShape(d)); ctx2d.stroke();
     });
@@ -554,7 +567,7 @@
     if (!fresh && !(quick && allCache && allCache.list === drawnEdges)) {
       var buckets = [];
       drawnEdges.forEach(function (d) {
-        var lv = Math.round(Math.min(1, Math.abs(d[2]) / maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+        var lv = Math.round(strength(d, maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
         (buckets[k] = buckets[k] || []).push(d);
       });
       allCache = {list: drawnEdges, w: canvas.width, h: canvas.height, k: view.k, x: view.x, y: view.y,
@@ -614,7 +627,7 @@
 
   var allEdges = null;  // every drawn edge with "show all" on, kept between hovers
   function render() {  // the whole graph: items, layout, nodes, axes, edges
-    allEdges = null;
+    allEdges = null; shareTotals = null; allCache = null;
     buildItems(); layout();
     svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
     graphEl.style.height = H + "px";
@@ -882,6 +895,9 @@
   });
   document.getElementById("suggest-btn").addEventListener("click", suggestSupernodes);
   document.getElementById("unhide-btn").addEventListener("click", function () { state.hidden = {}; render(); });
+  document.getElementById("color-by").addEventListener("change", function (ev) {
+    state.colorBy = ev.target.value; render(); persist();
+  });
   document.getElementById("link-type").addEventListener("change", function (ev) { state.linkType = ev.target.value; refresh(); });
   document.getElementById("show-all").addEventListener("change", function (ev) { state.showAll = ev.target.checked; refresh(); });
   document.getElementById("reset-view").addEventListener("click", function () { view = {k: 1, x: 0, y: 0}; render(); });
@@ -1152,6 +1168,7 @@
         linkType: state.linkType,
         hiddenIds: Object.keys(state.hidden).map(function (i) { return ids[i]; }),
         sgPositions: state.sgPos,
+        colorBy: state.colorBy,
         panelWidth: state.panelWidth,
         clickedId: state.clicked !== null ? ids[state.clicked] : "",
         sg_pos: "",
@@ -1172,7 +1189,7 @@
     var q = (s && s.qParams) || {};
     return !!((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.clickedId ||
       (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
-      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") || typeof q.panelWidth === "number" ||
+      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") || typeof q.panelWidth === "number" || q.colorBy === "share" ||
       (q.sgPositions && Object.keys(q.sgPositions).length) ||
       (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
       (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
@@ -1236,6 +1253,8 @@
     state.hidden = {};
     (q.hiddenIds || []).filter(known).forEach(function (id) { state.hidden[byId[id]] = true; });
     state.linkType = q.linkType === "in" || q.linkType === "out" ? q.linkType : "both";
+    state.colorBy = q.colorBy === "share" ? "share" : "weight";
+    document.getElementById("color-by").value = state.colorBy;
     state.sgPos = {};
     Object.keys(q.sgPositions || {}).forEach(function (key) {
       var xy = q.sgPositions[key];
@@ -1311,7 +1330,10 @@
     stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
     forget: forget, storeKey: STORE_KEY, itemKey: itemKey, subgraphScores: subgraphScores, suggest: suggestSupernodes, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
-    edgeShapes: function () { return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; return g; }); },
+    edgeShapes: function () {
+      var scale = state.subgraph ? Math.max.apply(null, drawnEdges.map(function (d) { return Math.abs(d[2]); }).concat([1e-12])) : maxAbs;
+      return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; g.strength = strength(d, scale); return g; });
+    },
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
     // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
     // and the drawn edges as [source, target].
