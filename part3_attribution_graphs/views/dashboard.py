@@ -9,8 +9,11 @@ layer (latents and the MLP error node at each position), logits on top. Node siz
 on the logits (logits: their probability). Edges are drawn on demand (the hovered, clicked and pinned
 nodes' edges, or all of them with "show all edges") on a canvas under the nodes, blue when positive
 and red when negative. A learner can zoom and pan, pin nodes (ctrl/shift-click), look at the pinned
-subgraph, group pinned latents into supernodes, label latents, re-prune with two sliders, and save
-or load that state as `neuronpedia.json`.
+subgraph, group pinned nodes into supernodes (or take a suggested group), label latents, hide nodes,
+and re-prune with two sliders that compute exactly what `prune(result, node_t, edge_t)` keeps (from
+the candidates `views/sliders.py` embeds). Its state is kept in the browser's storage per graph
+(file:// included); "save" downloads the page again with the state inside, "export JSON" the
+Neuronpedia graph with it, and "load state" reads such a JSON back.
 
 For tests and scripts: every drawn node is an element of class `node` with `data-node-id`
 (`NodeInfo.node_id`, as in every export) and `data-type`; the panel is `#panel` (class `empty`
