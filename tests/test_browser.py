@@ -375,6 +375,17 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     # Save: this page again, with the state inside.
     cdp.evaluate("document.getElementById('save-btn').click()")
     saved_page = wait_for(downloads / "attribution-graph.html")
+    # Hostile text in the state stays text in a saved page: its scripts are the page's own two.
+    hostile = "</script><script>window.pwned = 1</script><img src=x onerror='window.pwned = 1'>"
+    member_id = json.dumps(pick["members"][1])
+    copy = cdp.evaluate(f"""(() => {{ const d = window.dashboard, id = {member_id};
+        const old = d.state.labels[id];
+        d.state.labels[id] = {json.dumps(hostile)}; const page = d.pageWithState();
+        if (old === undefined) delete d.state.labels[id]; else d.state.labels[id] = old;
+        return page; }})()""")
+    assert copy.count("</script>") == 2 and hostile not in copy
+    hostile_page = tmp_path / "hostile.html"
+    hostile_page.write_text(copy, encoding="utf-8")
 
     # Reopened from disk, the page has its state back from the browser's storage...
     cdp.open(index.resolve().as_uri(), 1600)
@@ -387,6 +398,13 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     # ... the saved page, opened from file:// with nothing in the storage, carries it ...
     cdp.open(saved_page.resolve().as_uri(), 1600)
     assert restored_state(cdp) == want
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    cdp.open(hostile_page.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.pwned") is None
+    assert cdp.evaluate("window.dashboard.state.labels")[pick["members"][1]] == hostile
+    assert cdp.evaluate("document.querySelectorAll('img').length") == 0
+    cdp.evaluate(f"window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.id === {member_id}))")
+    assert cdp.evaluate("document.getElementById('label-input').value") == hostile  # text, not markup
     cdp.evaluate("document.getElementById('forget-btn').click()")
     # ... and "load state" (a keyboard-reachable button) reads the exported JSON back.
     cdp.open(index.resolve().as_uri(), 1600)
