@@ -1152,6 +1152,25 @@
   // ------------------------------------------------------------------------------------------- save and load
   // The saved file is the Neuronpedia graph JSON with this page's state in qParams (pinnedIds,
   // supernodes as [name, ...node ids], clickedId) and the labels as node clerps and qParams.labels.
+  function queryParams() {  // this page's state in Neuronpedia's qParams (plus our own keys, which it ignores)
+    var ids = function (i) { return NODES[i].id; };
+    var labels = {}, k;
+    for (k in state.labels) if (Object.prototype.hasOwnProperty.call(state.labels, k)) labels[k] = state.labels[k];
+    return {
+      pinnedIds: state.pinned.map(ids),
+      supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(ids)); }),
+      linkType: state.linkType,
+      hiddenIds: Object.keys(state.hidden).map(ids),
+      sgPositions: state.sgPos,
+      colorBy: state.colorBy,
+      panelWidth: state.panelWidth,
+      clickedId: state.clicked !== null ? ids(state.clicked) : "",
+      sg_pos: "",
+      node_threshold: state.nodeThr,
+      edge_threshold: state.edgeThr,
+      labels: labels
+    };
+  }
   function stateJSON() {
     var exp = DATA.export, ids = NODES.map(function (n) { return n.id; });
     var nodes = exp.nodes.map(function (n) {
@@ -1162,26 +1181,13 @@
     });
     return JSON.stringify({
       metadata: exp.metadata,
-      qParams: {
-        pinnedIds: state.pinned.map(function (i) { return ids[i]; }),
-        supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(function (i) { return ids[i]; })); }),
-        linkType: state.linkType,
-        hiddenIds: Object.keys(state.hidden).map(function (i) { return ids[i]; }),
-        sgPositions: state.sgPos,
-        colorBy: state.colorBy,
-        panelWidth: state.panelWidth,
-        clickedId: state.clicked !== null ? ids[state.clicked] : "",
-        sg_pos: "",
-        node_threshold: state.nodeThr,
-        edge_threshold: state.edgeThr,
-        labels: state.labels
-      },
+      qParams: queryParams(),
       nodes: nodes,
       links: DATA.edges.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
     });
   }
-  function currentState() {  // what the page restores: the export's qParams and labels, and when
-    var q = JSON.parse(stateJSON()).qParams, labels = q.labels;
+  function currentState() {  // what the page restores: the qParams and labels, and when
+    var q = queryParams(), labels = q.labels;
     delete q.labels;
     return {qParams: q, labels: labels, saved_at: Date.now()};
   }
