@@ -257,6 +257,9 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     result, index, _ = toy_dashboard
     cdp = page
     open_fresh(cdp, index.resolve().as_uri(), 1600)
+    # From file:// the status line promises only what works there (no "put the file beside the page").
+    status = cdp.evaluate("document.getElementById('status').textContent")
+    assert "kept in this browser" in status and "beside" not in status, status
     # Two latents that both feed the same node, and that node: pin all three with ctrl/shift-clicks.
     pick = cdp.evaluate("""(() => {
         const d = window.dashboard.data, N = d.nodes, into = {};

@@ -1207,7 +1207,16 @@
     return "part3-attribution-dashboard:" + h.toString(16);
   })();
   var storing = false;  // off until the saved state is back, so the first draw does not overwrite it
-  function storage() { try { return window.localStorage || null; } catch (err) { return null; } }
+  var localStore;
+  function storage() {  // null where the browser refuses (a sandboxed frame, storage turned off)
+    if (localStore === undefined) {
+      try {
+        localStore = window.localStorage;
+        localStore.setItem(STORE_KEY + ":probe", "1"); localStore.removeItem(STORE_KEY + ":probe");
+      } catch (err) { localStore = null; }
+    }
+    return localStore;
+  }
   function persist() {
     var ls = storage();
     if (!storing || !ls) return;
@@ -1320,7 +1329,8 @@
     applyState(local); say("your pins, labels and thresholds for this graph are back (kept in this browser)");
   } else if (hasState(initial)) applyState(initial);
   else {
-    say("changes are kept in this browser; \u201csave\u201d downloads this page with them inside");
+    say(storage() ? "changes are kept in this browser; \u201csave\u201d downloads this page with them inside" :
+        "this browser keeps nothing for this page: \u201csave\u201d downloads it with your changes inside");
     // Served over http (e.g. by Jupyter), a neuronpedia.json saved beside the page is read too.
     if (/^https?:$/.test(location.protocol) && !window.frameElement) {
       fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
