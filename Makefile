@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,crosscheck]"
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
+	# The notebooks' kernel, under the project's own name and inside the venv: a user's python3 stays theirs.
+	$(PY) -m ipykernel install --sys-prefix --name part3-attribution-graphs --display-name "Python 3 (part3_attribution_graphs)" >/dev/null
 	touch $@
 
 ## The main job: build an attribution graph on the offline toy world, write files to out/graph.

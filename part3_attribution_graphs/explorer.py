@@ -12,7 +12,10 @@ rebuilds the figure; tests call it directly, without a browser or a kernel.
 from __future__ import annotations
 
 import contextlib
+import html
+import re
 from collections.abc import Callable, Mapping, Sequence
+from importlib.resources import files
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -323,5 +326,19 @@ def attribution_explorer(
         except ImportError:
             return explorer
         if get_ipython() is not None:
+            show(ExplorerNote())
             show(explorer.widget)
     return explorer
+
+
+class ExplorerNote:
+    """One line above the explorer that stays readable without its kernel (a widget then shows nothing, or
+    "model not found"): what it is and what to do (`views/assets/explorer_note.html`)."""
+
+    def _repr_html_(self) -> str:
+        return (files("part3_attribution_graphs.views") / "assets" / "explorer_note.html").read_text(
+            encoding="utf-8"
+        )
+
+    def __repr__(self) -> str:
+        return html.unescape(re.sub(r"<[^>]+>", "", self._repr_html_())).strip()

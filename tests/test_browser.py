@@ -11,12 +11,16 @@ installed, the tests are skipped. Set CHROMIUM=/path/to/binary to use another Ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.browser
 
@@ -24,7 +28,10 @@ pytest.importorskip("websocket", reason="pip install websocket-client")
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402
+from part3_attribution_graphs.nodes import NodeType  # noqa: E402
+from part3_attribution_graphs.result import prune  # noqa: E402
 from part3_attribution_graphs.scores import compute_graph_scores  # noqa: E402
+from part3_attribution_graphs.tools.bench_dashboard import synthetic_result  # noqa: E402
 from part3_attribution_graphs.tools.chromium import (  # noqa: E402
     INSTALL_HINT,
     find_chromium,
@@ -33,6 +40,7 @@ from part3_attribution_graphs.tools.chromium import (  # noqa: E402
     page_errors,
 )
 from part3_attribution_graphs.toy import make_toy_world  # noqa: E402
+from part3_attribution_graphs.views.dashboard import DashboardFrame, create_attribution_dashboard  # noqa: E402
 from part3_attribution_graphs.views.neuronpedia import view_graph  # noqa: E402
 from part3_attribution_graphs.worlds.gemma import format_prompt  # noqa: E402
 
@@ -94,6 +102,14 @@ def centre(cdp, selector: str) -> dict:
     return box
 
 
+def open_fresh(cdp, url: str, width: int, height: int = 1000) -> None:
+    """Open a page with nothing kept in the browser's storage (the dashboard keeps its state there)."""
+    cdp.open(url, width, height)
+    if cdp.evaluate("localStorage.length"):
+        cdp.evaluate("localStorage.clear()")
+        cdp.open(url, width, height)
+
+
 def shot(cdp, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     data = cdp.send("Page.captureScreenshot", format="png")
@@ -110,7 +126,7 @@ def assert_clean(cdp) -> None:
 def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
     result, index, scores = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 1600)
+    open_fresh(cdp, index.resolve().as_uri(), 1600)
     view = view_graph(result)
 
     n_nodes = len(view.indices)
@@ -240,7 +256,10 @@ def test_dashboard_renders_offline_and_reacts(page, toy_dashboard):
 def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_path, world):
     result, index, _ = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 1600)
+    open_fresh(cdp, index.resolve().as_uri(), 1600)
+    # From file:// the status line promises only what works there (no "put the file beside the page").
+    status = cdp.evaluate("document.getElementById('status').textContent")
+    assert "kept in this browser" in status and "beside" not in status, status
     # Two latents that both feed the same node, and that node: pin all three with ctrl/shift-clicks.
     pick = cdp.evaluate("""(() => {
         const d = window.dashboard.data, N = d.nodes, into = {};
@@ -331,19 +350,16 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
                     s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
     fewer = cdp.evaluate("window.dashboard.visible()")
     assert fewer["edges"] < after["edges"] and fewer["nodes"] <= after["nodes"], (after, fewer)
-    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 1;
+    cdp.evaluate("""(() => { const s = document.getElementById('edge-thr'); s.value = 0.85;
                     s.dispatchEvent(new Event('input', {bubbles: true})); })()""")
     assert cdp.evaluate("window.dashboard.visible()") == after
 
-    # Save: a real download of neuronpedia.json.
+    # Export: a real download of neuronpedia.json, the graph and the state for Neuronpedia.
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     cdp.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-    cdp.evaluate("document.getElementById('save-btn').click()")
-    deadline = time.time() + 20
-    while not (downloads / "neuronpedia.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    saved = json.loads((downloads / "neuronpedia.json").read_text())
+    cdp.evaluate("document.getElementById('export-btn').click()")
+    saved = json.loads(wait_for(downloads / "neuronpedia.json").read_text())
     q = saved["qParams"]
     assert q["pinnedIds"] == pinned
     assert q["supernodes"] == [["size words", *pick["members"]]]
@@ -352,26 +368,61 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     assert q["node_threshold"] == 0.5
     assert {n["node_id"]: n["clerp"] for n in saved["nodes"]}[pick["members"][0]] == 'says "small"'
     assert len(saved["links"]) == len(view.edges) and len(saved["nodes"]) == len(view.indices)
-
-    # Reload: a fresh page has no state; loading the file brings it all back.
-    cdp.open(index.resolve().as_uri(), 1600)
-    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
-    doc = cdp.send("DOM.getDocument")
-    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
-    cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
-    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
-    restored = cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
-        return {pinned: s.pinned.map(i => N[i].id),
-                supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
-                labels: s.labels, thr: s.nodeThr,
-                clicked: document.getElementById('panel').dataset.nodeId}; })()""")
-    assert restored == {
+    want = {
         "pinned": pinned,
         "supernodes": [["size words", *pick["members"]]],
         "labels": {pick["members"][0]: 'says "small"'},
         "thr": 0.5,
         "clicked": pick["members"][0],
     }
+    # Save: this page again, with the state inside.
+    cdp.evaluate("document.getElementById('save-btn').click()")
+    saved_page = wait_for(downloads / "attribution-graph.html")
+    # Hostile text in the state stays text in a saved page: its scripts are the page's own two.
+    hostile = "</script><script>window.pwned = 1</script><img src=x onerror='window.pwned = 1'>"
+    member_id = json.dumps(pick["members"][1])
+    copy = cdp.evaluate(f"""(() => {{ const d = window.dashboard, id = {member_id};
+        const old = d.state.labels[id];
+        d.state.labels[id] = {json.dumps(hostile)}; const page = d.pageWithState();
+        if (old === undefined) delete d.state.labels[id]; else d.state.labels[id] = old;
+        return page; }})()""")
+    assert copy.count("</script>") == 2 and hostile not in copy
+    hostile_page = tmp_path / "hostile.html"
+    hostile_page.write_text(copy, encoding="utf-8")
+
+    # Reopened from disk, the page has its state back from the browser's storage...
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert restored_state(cdp) == want
+    # ... "reset" clears it, there and in the storage ...
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
+    assert cdp.evaluate("document.getElementById('node-thr').value") == "0.8"
+    # ... the saved page, opened from file:// with nothing in the storage, carries it ...
+    cdp.open(saved_page.resolve().as_uri(), 1600)
+    assert restored_state(cdp) == want
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    cdp.open(hostile_page.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.pwned") is None
+    assert cdp.evaluate("window.dashboard.state.labels")[pick["members"][1]] == hostile
+    assert cdp.evaluate("document.querySelectorAll('img').length") == 0
+    cdp.evaluate(f"window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.id === {member_id}))")
+    assert cdp.evaluate("document.getElementById('label-input').value") == hostile  # text, not markup
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    # ... and "load state" (a keyboard-reachable button) reads the exported JSON back.
+    cdp.open(index.resolve().as_uri(), 1600)
+    assert cdp.evaluate("window.dashboard.state.pinned.length") == 0
+    assert cdp.evaluate("""(() => { const b = document.getElementById('load-btn'); b.focus();
+        return document.activeElement === b && b.tabIndex >= 0 && b.offsetWidth > 0; })()""")
+    assert cdp.evaluate("""(() => { let opened = false; const f = document.getElementById('load-file');
+        f.addEventListener('click', ev => { opened = true; ev.preventDefault(); }, {once: true});
+        document.getElementById('load-btn').dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}));
+        document.getElementById('load-btn').click(); return opened; })()""")
+    doc = cdp.send("DOM.getDocument")
+    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
+    cdp.send("DOM.setFileInputFiles", files=[str(downloads / "neuronpedia.json")], nodeId=node["nodeId"])
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    assert restored_state(cdp) == want
     assert_clean(cdp)
 
     # The saved file beside the page: writing the dashboard again into that folder keeps the state.
@@ -380,26 +431,580 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     folder.mkdir()
     shutil.copy(downloads / "neuronpedia.json", folder / "neuronpedia.json")
     utils.create_attribution_dashboard(result, model, tcs, output_dir=folder, display=False)
+    cdp.evaluate("document.getElementById('forget-btn').click()")  # not from the browser's storage
     cdp.open((folder / "index.html").resolve().as_uri(), 1600)
     assert cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)") == pinned
     assert json.loads((folder / "neuronpedia.json").read_text())["qParams"]["pinnedIds"] == pinned
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    assert_clean(cdp)
+
+
+def wait_for(path: Path, seconds: float = 20) -> Path:
+    """`path` once a download has written it."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"nothing downloaded to {path}"
+    time.sleep(0.2)  # let the download finish writing
+    return path
+
+
+def restored_state(cdp) -> dict:
+    return cdp.evaluate("""(() => { const d = window.dashboard, N = d.data.nodes, s = d.state;
+        return {pinned: s.pinned.map(i => N[i].id),
+                supernodes: s.supernodes.map(sn => [sn.name, ...sn.members.map(i => N[i].id)]),
+                labels: s.labels, thr: s.nodeThr,
+                clicked: document.getElementById('panel').dataset.nodeId}; })()""")
+
+
+def set_sliders(cdp, node_t: float, edge_t: float) -> tuple[float, float]:
+    """Move both sliders as a user would (an input event each); the values they took."""
+    got = cdp.evaluate(f"""(() => {{
+        const a = document.getElementById('node-thr'), b = document.getElementById('edge-thr');
+        a.value = {node_t}; a.dispatchEvent(new Event('input', {{bubbles: true}}));
+        b.value = {edge_t}; b.dispatchEvent(new Event('input', {{bubbles: true}}));
+        return [a.value, b.value]; }})()""")
+    return float(got[0]), float(got[1])
+
+
+def drawn_graph(cdp) -> dict:
+    """What the page draws: node ids (the DOM's), and the header's node and edge counts."""
+    return cdp.evaluate("""(() => {
+        const stats = document.querySelector('header .stats').innerText;
+        return {ids: [...document.querySelectorAll('#graph .node')].map(e => e.dataset.nodeId).sort(),
+                header_nodes: +stats.match(/nodes (\\d+)/)[1], header_edges: +stats.match(/edges (\\d+)/)[1],
+                header_edge_thr: stats.match(/edge threshold ([\\d.]+)/)[1]}; })()""")
+
+
+def assert_sliders_prune_as_python(cdp, result, grid) -> None:
+    """At every (node, edge) threshold the page draws exactly what `prune` keeps (after the viewers'
+    clean-up), and its header counts what it draws."""
+    for node_t, edge_t in grid:
+        node_t, edge_t = set_sliders(cdp, node_t, edge_t)
+        want = view_graph(prune(result, node_t, edge_t))
+        ids = sorted(result.graph.nodes[i].node_id for i in want.indices)
+        got = drawn_graph(cdp)
+        assert got["ids"] == ids, (node_t, edge_t, len(got["ids"]), len(ids), set(got["ids"]) ^ set(ids))
+        assert got["header_nodes"] == len(ids) and got["header_edges"] == len(want.edges), (
+            node_t,
+            edge_t,
+            got,
+        )
+        drawn = sorted(map(tuple, cdp.evaluate("window.dashboard.pruned().edges")))
+        where = want.indices
+        assert drawn == sorted((where[s], where[t]) for s, t, _ in want.edges), (node_t, edge_t)
+
+
+SLIDER_GRID = [(n, e) for n in (0.3, 0.5, 0.65, 0.8) for e in (0.5, 0.7, 0.85, 0.95, 0.99, 1.0)]
+
+
+def test_sliders_mean_prune_on_the_toy_graph(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    # The page opens at the thresholds it was pruned with, and its header says so.
+    assert cdp.evaluate(
+        "[document.getElementById('node-thr').value, document.getElementById('edge-thr').value]"
+    ) == [
+        "0.8",
+        "0.85",
+    ]
+    assert drawn_graph(cdp)["header_edge_thr"] == "0.85"
+    assert_sliders_prune_as_python(cdp, result, SLIDER_GRID)
+    assert_clean(cdp)
+
+
+def test_sliders_mean_prune_on_a_30k_edge_graph(page, tmp_path):
+    result = synthetic_result()
+    assert int((result.adjacency_matrix != 0).sum()) >= 29_000
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    assert_sliders_prune_as_python(cdp, result, SLIDER_GRID)
+    assert_clean(cdp)
+
+
+def test_inline_frame_scrolls_the_notebook_shows_details_and_says_when_untrusted(
+    page, toy_dashboard, tmp_path
+):
+    """The dashboard as a notebook shows it: a ~935 px wide output between other cells."""
+    _, index, _ = toy_dashboard
+    frame = DashboardFrame(index.read_text(encoding="utf-8"), index)._repr_html_()
+    cell = '<div style="height: 200px">cell above</div>{}<div style="height: 3000px">cell below</div>'
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text(
+        f"<!DOCTYPE html><body style='margin: 0'>{cell.format(frame)}</body>", encoding="utf-8"
+    )
+    cdp = page
+    open_fresh(cdp, notebook.resolve().as_uri(), 935, height=900)
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    inner = "document.querySelector('iframe').contentWindow"
+    note = "document.querySelector('[data-p3ag-untrusted]')"
+    assert cdp.evaluate(f"{note}.offsetHeight") == 0  # it ran: no "trust the notebook" line
+    assert cdp.evaluate(f"{inner}.dashboard.drawnEdges().length") == 0
+
+    # The wheel over the graph scrolls the notebook, not the graph...
+    def graph_point():
+        return cdp.evaluate(f"""(() => {{ const f = document.querySelector('iframe').getBoundingClientRect(),
+            g = {inner}.document.getElementById('graph').getBoundingClientRect();
+            return {{x: f.x + g.x + 12, y: f.y + g.y + g.height / 2}}; }})()""")
+
+    p = graph_point()
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=300)
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+    assert cdp.evaluate("window.scrollY") > 100
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") == 1
+    # ... with ctrl held it zooms the graph ...
+    p = graph_point()
+    cdp.send(
+        "Input.dispatchMouseEvent",
+        type="mouseWheel",
+        x=p["x"],
+        y=p["y"],
+        deltaX=0,
+        deltaY=-300,
+        modifiers=CTRL,
+    )
+    cdp.evaluate(FRAME)
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") > 1
+    cdp.evaluate(f"{inner}.document.getElementById('reset-view').click()")
+    # ... and once the graph has the focus (a click), the plain wheel zooms it.
+    scrolled = cdp.evaluate("window.scrollY")
+    cdp.click(p["x"], p["y"])
+    cdp.send("Input.dispatchMouseEvent", type="mouseWheel", x=p["x"], y=p["y"], deltaX=0, deltaY=-300)
+    cdp.evaluate(FRAME)
+    assert cdp.evaluate(f"{inner}.dashboard.zoom()") > 1 and cdp.evaluate("window.scrollY") == scrolled
+    cdp.evaluate(f"{inner}.document.getElementById('reset-view').click()")
+
+    # A click on a latent shows its details beside the graph, in view without scrolling.
+    box = cdp.evaluate(f"""(() => {{ const d = {inner}.dashboard, N = d.data.nodes, doc = {inner}.document;
+        const lat = N.map((n, i) => i).filter(i => N[i].type === 'latent');
+        lat.sort((a, b) => N[b].influence - N[a].influence);
+        const r = doc.querySelector(`.node[data-index="${{lat[0]}}"] .shape`).getBoundingClientRect(),
+            f = document.querySelector('iframe').getBoundingClientRect();
+        return {{x: f.x + r.x + r.width / 2, y: f.y + r.y + r.height / 2}}; }})()""")
+    assert 0 < box["y"] < 900
+    cdp.click(box["x"], box["y"])
+    facts = cdp.evaluate(f"""(() => {{ const doc = {inner}.document,
+        f = document.querySelector('iframe').getBoundingClientRect();
+        const t = doc.querySelector('#panel table.facts').getBoundingClientRect(),
+            g = doc.getElementById('graph').getBoundingClientRect();
+        return {{top: f.y + t.top, bottom: f.y + t.bottom, left: t.left, graph_right: g.right}}; }})()""")
+    assert facts["left"] >= facts["graph_right"] - 1, facts  # beside the graph, not under it
+    assert 0 <= facts["top"] and facts["bottom"] <= 900, facts
+    assert_clean(cdp)
+
+    # Where the output does not run (an untrusted notebook drops scripts and frames), the line says what
+    # to do.
+    untrusted = re.sub(r"<script>.*?</script>|<iframe.*?</iframe>", "", frame, flags=re.S)
+    notebook.write_text(f"<!DOCTYPE html><body>{cell.format(untrusted)}</body>", encoding="utf-8")
+    cdp.open(notebook.resolve().as_uri(), 935, height=900)
+    text = cdp.evaluate(f"{note}.offsetHeight > 0 && {note}.innerText")
+    assert text and "trust the notebook" in text and "re-run this cell" in text, text
+
+
+def test_connection_lists_split_by_sign_sorted_by_share_and_expand(page, tmp_path):
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    view = view_graph(result)
+    into: dict[int, list] = {}
+    for s, t, w in view.edges:
+        into.setdefault(t, []).append((s, w))
+    target = max(into, key=lambda t: len(into[t]))  # the node with the most inputs
+    total = sum(abs(w) for _, w in into[target])
+    cdp.evaluate(f"window.dashboard.select({target})")
+    ids = [result.graph.nodes[i].node_id for i in view.indices]
+    for sign, keep in (("pos", lambda w: w >= 0), ("neg", lambda w: w < 0)):
+        want = sorted(((s, w / total) for s, w in into[target] if keep(w)), key=lambda x: -abs(x[1]))
+        assert len(want) > 10
+        rows = f"#panel [data-list='in-{sign}'] [data-goto]"
+        assert cdp.evaluate(f'document.querySelectorAll("{rows}").length') == 10
+        more = cdp.evaluate(f"document.querySelector(\"[data-more='in-{sign}']\").textContent")
+        assert more == f"\u2026 {len(want) - 10} more"
+        # The "more" button is a button: the keyboard reaches it; a click lists every row.
+        cdp.evaluate(f"document.querySelector(\"[data-more='in-{sign}']\").focus()")
+        assert cdp.evaluate("document.activeElement.dataset.more") == f"in-{sign}"
+        enter = dict(key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        cdp.send("Input.dispatchKeyEvent", type="keyDown", text="\r", **enter)
+        cdp.send("Input.dispatchKeyEvent", type="keyUp", **enter)
+        got = cdp.evaluate(f"""[...document.querySelectorAll("{rows}")].map(e =>
+            [+e.dataset.goto, parseFloat(e.lastElementChild.textContent)])""")
+        assert [x for _, x in got] == pytest.approx([100 * x for _, x in want], abs=0.051)
+        assert {ids[i] for i, _ in got} == {ids[s] for s, _ in want}
+    assert_clean(cdp)
+
+
+LABEL_BOXES = """[...document.querySelectorAll('#graph .node text')].map(t => {
+    const r = t.getBoundingClientRect();
+    return {node: t.closest('.node').dataset.nodeId, text: t.textContent,
+            box: [r.left, r.top, r.right, r.bottom]};
+})"""
+
+
+def assert_no_overlap(labels: list[dict]) -> None:
+    for k, a in enumerate(labels):
+        for b in labels[k + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = a["box"], b["box"]
+            assert not (l1 < r2 - 0.5 and l2 < r1 - 0.5 and t1 < b2 - 0.5 and t2 < b1 - 0.5), (a, b)
+
+
+def test_labels_are_drawn_and_never_overlap(page, toy_dashboard, tmp_path):
+    _, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    labels = cdp.evaluate(LABEL_BOXES)
+    latents = [lab for lab in labels if lab["node"].split("_")[1].isdigit()]  # "{layer}_{f}_{pos}"
+    assert len(latents) >= 5, labels  # the most influential latents say what they are
+    assert_no_overlap(labels)
+
+    # Pinned nodes crowded in one row of a big graph: every one labelled, no two labels on top of each other.
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    pinned = cdp.evaluate("""(() => {
+        const d = window.dashboard, its = d.items().filter(it => it.type === 'latent' && it.row === 9);
+        its.sort((a, b) => a.bx - b.bx);
+        const pick = its.slice(0, 8).map(it => it.node);
+        pick.forEach(i => d.togglePin(i));
+        return pick.map(i => d.data.nodes[i].id); })()""")
+    for node_id in pinned:
+        cdp.evaluate(
+            f"window.dashboard.state.labels[{json.dumps(node_id)}] = 'pinned label ' + {json.dumps(node_id)}"
+        )
+    cdp.evaluate("window.dashboard.redraw()")
+    labels = cdp.evaluate(LABEL_BOXES)
+    assert {lab["node"] for lab in labels} >= set(pinned)
+    assert_no_overlap(labels)
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_subgraph_edges_between_nodes_at_one_token_stay_visible(page, tmp_path):
+    """Three nodes at one token in three rows, a -> c and b -> c of opposite signs: a -> c runs past b, so
+    drawn straight it would lie under b -> c."""
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    view = view_graph(result)
+    nodes = result.graph.nodes
+    into: dict[int, dict[int, float]] = {}
+    for s, t, w in view.edges:
+        into.setdefault(t, {})[s] = w
+
+    def row(k):
+        node = nodes[view.indices[k]]
+        return -1 if node.node_type.value == "embedding" else int(node.layer)
+
+    def ctx(k):
+        return nodes[view.indices[k]].ctx_idx
+
+    a, b, c = next(
+        (a, b, c)
+        for c, sources in into.items()
+        for b, w_bc in sources.items()
+        for a, w_ac in sources.items()
+        if ctx(a) == ctx(b) == ctx(c) and row(a) < row(b) < row(c) and (w_ac > 0) != (w_bc > 0)
+    )
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    for k in (a, b, c):
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    shapes = cdp.evaluate("window.dashboard.edgeShapes()")
+    by_pair = {}
+    for g in shapes:
+        e = cdp.evaluate(f"window.dashboard.data.edges[{g['edge']}]")
+        by_pair[(e[0], e[1])] = g
+    ac, bc = by_pair[(a, c)], by_pair[(b, c)]
+
+    def point(g, u):  # a point on the drawn edge
+        if g["cx"] is None:
+            return g["x1"] + u * (g["x2"] - g["x1"]), g["y1"] + u * (g["y2"] - g["y1"])
+        v = 1 - u
+        return (
+            v * v * g["x1"] + 2 * u * v * g["cx"] + u * u * g["x2"],
+            v * v * g["y1"] + 2 * u * v * g["cy"] + u * u * g["y2"],
+        )
+
+    # Halfway between b and c, a -> c keeps clear of b -> c ...
+    u = (ac["y1"] - (bc["y1"] + bc["y2"]) / 2) / (ac["y1"] - ac["y2"])
+    x, y = point(ac, u)
+    nearest = min(((x - bx) ** 2 + (y - by) ** 2) ** 0.5 for bx, by in (point(bc, q / 40) for q in range(41)))
+    assert nearest > 4, (u, nearest, ac, bc)
+    # ... and the canvas shows a -> c in its own colour there.
+    rgba = cdp.evaluate(f"""(() => {{
+        const c = document.getElementById('edge-canvas'), dpr = c.width / c.clientWidth;
+        const px = c.getContext('2d').getImageData(Math.round({x} * dpr), Math.round({y} * dpr), 1, 1);
+        return [...px.data]; }})()""")
+    assert rgba[3] > 0, rgba
+    positive = ac["weight"] > 0
+    assert (rgba[2] > rgba[0]) == positive, (rgba, ac["weight"])  # blue positive, red negative
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_edge_filter_same_latent_everywhere_hiding_and_grouping_any_nodes(page, toy_dashboard, tmp_path):
+    cdp = page
+    d = "window.dashboard"
+    # Hovering a latent lights the same latent at every other position: make one latent fire at three.
+    result = synthetic_result()
+    nodes = result.graph.nodes
+    layer3 = [i for i, n in enumerate(nodes) if n.node_type.value == "latent" and n.layer == 3]
+    at = {}
+    for i in layer3:
+        at.setdefault(nodes[i].ctx_idx, i)
+    same = list(at.values())[:3]
+    for i in same[1:]:
+        nodes[i] = dataclasses.replace(nodes[i], feature=nodes[same[0]].feature)
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    where = {g: k for k, g in enumerate(cdp.evaluate(f"{d}.data.nodes.map(n => n.idx)"))}
+    shown = [where[i] for i in same if i in where]
+    assert len(shown) >= 2
+    box = centre(cdp, f'.node[data-index="{shown[0]}"]')
+    cdp.mouse("mouseMoved", box["x"], box["y"])
+    lit = cdp.evaluate("[...document.querySelectorAll('.node.same')].map(e => +e.dataset.index)")
+    assert sorted(lit) == sorted(shown[1:])
+    cdp.mouse("mouseMoved", 5, 5)
+    assert cdp.evaluate("document.querySelectorAll('.node.same').length") == 0
+
+    _, index, _ = toy_dashboard
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+
+    # The edge filter: a clicked node's inputs, outputs, or both.
+    node = cdp.evaluate(f"""(() => {{ const E = {d}.data.edges, into = {{}}, out = {{}};
+        E.forEach(e => {{ into[e[1]] = (into[e[1]] || 0) + 1; out[e[0]] = (out[e[0]] || 0) + 1; }});
+        return {d}.data.nodes.findIndex((n, i) => into[i] && out[i]); }})()""")
+    edges = cdp.evaluate(f"{d}.data.edges")
+    ins = sorted(j for j, e in enumerate(edges) if e[1] == node)
+    outs = sorted(j for j, e in enumerate(edges) if e[0] == node)
+    cdp.evaluate(f"{d}.select({node})")
+    for value, want in (("in", ins), ("out", outs), ("both", sorted(ins + outs))):
+        cdp.evaluate(f"""(() => {{ const s = document.getElementById('link-type'); s.value = '{value}';
+            s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")
+        assert sorted(cdp.evaluate(f"{d}.drawnEdges()")) == want, value
+
+    # Hide the clicked node: gone from the drawing, its edges too, even with "show all"; then back.
+    hidden_id = cdp.evaluate(f"{d}.data.nodes[{node}].id")
+    cdp.evaluate("document.getElementById('hide-btn').click()")
+    assert cdp.evaluate(f"document.querySelectorAll('.node[data-index=\"{node}\"]').length") == 0
+    cdp.evaluate("document.getElementById('show-all').click()")
+    drawn = set(cdp.evaluate(f"{d}.drawnEdges()"))
+    assert drawn and not drawn & set(ins + outs)
+    assert json.loads(cdp.evaluate(f"{d}.stateJSON()"))["qParams"]["hiddenIds"] == [hidden_id]
+    cdp.evaluate("document.getElementById('show-all').click()")
+    assert cdp.evaluate("document.getElementById('unhide-btn').textContent") == "show hidden (1)"
+    cdp.evaluate("document.getElementById('unhide-btn').click()")
+    assert cdp.evaluate(f"document.querySelectorAll('.node[data-index=\"{node}\"]').length") == 1
+
+    # Any nodes group into a supernode, not only latents: a latent and an embedding here.
+    pair = cdp.evaluate(f"""(() => {{ const N = {d}.data.nodes;
+        return [N.findIndex(n => n.type === 'latent'), N.findIndex(n => n.type === 'embedding')]; }})()""")
+    assert cdp.evaluate(f"{d}.group('mixed', {json.dumps(pair)})")
+    assert cdp.evaluate(f"{d}.state.supernodes.map(s => s.members)") == [pair]
+    cdp.evaluate(f"{d}.forget()")
+    assert_clean(cdp)
+
+
+def test_resizable_panel_and_draggable_subgraph_positions_are_kept(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    url = index.resolve().as_uri()
+    open_fresh(cdp, url, 1400)
+    d = "window.dashboard"
+    width = "document.getElementById('panel').getBoundingClientRect().width"
+    graph_w = "document.getElementById('graph-svg').getAttribute('width')"
+    w0, g0 = cdp.evaluate(width), float(cdp.evaluate(graph_w))
+    bar = centre(cdp, "#splitter")
+    cdp.mouse("mouseMoved", bar["x"], bar["y"])
+    cdp.mouse("mousePressed", bar["x"], bar["y"])
+    cdp.mouse("mouseMoved", bar["x"] - 150, bar["y"])
+    cdp.mouse("mouseReleased", bar["x"] - 150, bar["y"])
+    w1 = cdp.evaluate(width)
+    assert w1 == pytest.approx(w0 + 150, abs=3) and float(cdp.evaluate(graph_w)) < g0 - 100
+    # The keyboard reaches the splitter too.
+    cdp.evaluate("document.getElementById('splitter').focus()")
+    cdp.send(
+        "Input.dispatchKeyEvent",
+        type="keyDown",
+        key="ArrowRight",
+        code="ArrowRight",
+        windowsVirtualKeyCode=39,
+    )
+    assert cdp.evaluate(width) == pytest.approx(w1 - 20, abs=2)
+
+    # Pin two nodes, look at their subgraph, drag one somewhere else.
+    two = cdp.evaluate(f"""(() => {{ const N = {d}.data.nodes,
+        lat = N.map((n, i) => i).filter(i => N[i].type === 'latent');
+        lat.sort((a, b) => N[b].influence - N[a].influence); return lat.slice(0, 2); }})()""")
+    for i in two:
+        cdp.evaluate(f"{d}.togglePin({i})")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    sel = f'.node[data-index="{two[0]}"]'
+    a = centre(cdp, sel)
+    for kind, x, y in (
+        ("mouseMoved", 0, 0),
+        ("mousePressed", 0, 0),
+        ("mouseMoved", 40, 30),
+        ("mouseMoved", 80, 60),
+    ):
+        cdp.mouse(kind, a["x"] + x, a["y"] + y)
+    cdp.mouse("mouseReleased", a["x"] + 80, a["y"] + 60)
+    b = centre(cdp, sel)
+    assert (b["x"] - a["x"], b["y"] - a["y"]) == pytest.approx((80, 60), abs=2)
+    assert cdp.evaluate("document.getElementById('panel').classList.contains('empty')")  # a drag is no click
+    node_id = cdp.evaluate(f"{d}.data.nodes[{two[0]}].id")
+    assert node_id in json.loads(cdp.evaluate(f"{d}.stateJSON()"))["qParams"]["sgPositions"]
+    # Both are kept: out of the subgraph and back, and in a page opened again.
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    assert centre(cdp, sel) == pytest.approx(b, abs=1)
+    cdp.open(url, 1400)
+    assert cdp.evaluate(width) == pytest.approx(w1 - 20, abs=2)
+    cdp.evaluate("document.getElementById('subgraph-btn').click()")
+    assert centre(cdp, sel) == pytest.approx(b, abs=1)
+    cdp.evaluate(f"{d}.forget()")
+    assert cdp.evaluate(width) == pytest.approx(w0, abs=1)
+    assert_clean(cdp)
+
+
+def test_pinned_subgraph_scores_match_compute_graph_scores(page, toy_dashboard):
+    """The page's scores of the pinned subgraph equal `compute_graph_scores` on the drawn graph with every
+    unpinned latent made an error node (its inputs cut)."""
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    nodes = [result.graph.nodes[i] for i in view.indices]
+    latents = [k for k, n in enumerate(nodes) if n.node_type.value == "latent"]
+    latents.sort(key=lambda k: -float(result.influence[view.indices[k]]))
+    for pins in (latents[:1], latents[:4], latents):
+        cdp.evaluate("window.dashboard.forget()")
+        for k in pins:
+            cdp.evaluate(f"window.dashboard.togglePin({k})")
+        got = cdp.evaluate("window.dashboard.subgraphScores()")
+        unpinned = set(latents) - set(pins)
+        A = torch.zeros(len(nodes), len(nodes))
+        for s, t, w in view.edges:
+            if t not in unpinned:
+                A[t, s] = w
+        fake = SimpleNamespace(
+            adjacency_matrix=A,
+            graph=SimpleNamespace(
+                nodes=[
+                    dataclasses.replace(n, node_type=NodeType.MLP_ERROR) if k in unpinned else n
+                    for k, n in enumerate(nodes)
+                ],
+                n_layers=result.graph.n_layers,
+            ),
+            logit_weights=result.logit_weights,
+        )
+        want = compute_graph_scores(fake)
+        assert got["replacement"] == pytest.approx(want["replacement_score"], rel=1e-4), (
+            len(pins),
+            got,
+            want,
+        )
+        assert got["completeness"] == pytest.approx(want["completeness_score"], rel=1e-4), (
+            len(pins),
+            got,
+            want,
+        )
+        shown = cdp.evaluate("document.querySelector('#pins .sub-scores').textContent")
+        value = float(f"{got['replacement']:.3g}")
+        assert f"replacement {value:g}" in shown, shown
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_supernode_suggestions_join_latents_whose_decoders_agree(page, world, tmp_path):
+    model, tcs, result, _ = world
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    view = view_graph(result)
+    nodes = [result.graph.nodes[i] for i in view.indices]
+    latents = [k for k, n in enumerate(nodes) if n.node_type.value == "latent"]
+    # Expected, independently: one group per connected set of latents that are the same latent or whose
+    # W_dec rows have cosine >= 0.5.
+    parent = {k: k for k in latents}
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    def direction(k):
+        row = tcs[nodes[k].layer].W_dec[nodes[k].feature].detach().float()
+        return row / row.norm()
+
+    for x in latents:
+        for y in latents:
+            same = (nodes[x].layer, nodes[x].feature) == (nodes[y].layer, nodes[y].feature)
+            if x < y and (same or float(direction(x) @ direction(y)) >= 0.5):
+                parent[root(y)] = root(x)
+    groups: dict[int, set] = {}
+    for k in latents:
+        groups.setdefault(root(k), set()).add(k)
+    want = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    assert want, "the toy graph has latents whose decoders agree"
+
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    cdp.evaluate("document.getElementById('suggest-btn').click()")
+    got = sorted(sorted(g["members"]) for g in cdp.evaluate("window.dashboard.suggest()"))
+    assert got == want
+    assert cdp.evaluate("document.querySelectorAll('#pins .suggest').length") == len(want)
+    cdp.evaluate("document.querySelector('#pins [data-suggest]').click()")
+    assert sorted(
+        sorted(m) for m in cdp.evaluate("window.dashboard.state.supernodes.map(s => s.members)")
+    ) == [got[0]]
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_edges_coloured_by_share_of_their_targets_input(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    total: dict[int, float] = {}
+    for _, t, w in view.edges:
+        total[t] = total.get(t, 0.0) + abs(w)
+    weights = {j: (s, t, w) for j, (s, t, w) in enumerate(view.edges)}
+    biggest = max(abs(w) for *_, w in view.edges)
+    cdp.evaluate("document.getElementById('show-all').click()")
+    for mode, want in (
+        ("weight", lambda s, t, w: abs(w) / biggest),
+        ("share", lambda s, t, w: abs(w) / total[t]),
+    ):
+        cdp.evaluate(f"""(() => {{ const s = document.getElementById('color-by'); s.value = '{mode}';
+            s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")
+        shapes = cdp.evaluate("window.dashboard.edgeShapes()")
+        assert len(shapes) == len(view.edges)
+        for g in shapes:
+            assert g["strength"] == pytest.approx(min(1.0, want(*weights[g["edge"]])), rel=1e-3, abs=1e-6), (
+                mode
+            )
+    assert json.loads(cdp.evaluate("window.dashboard.stateJSON()"))["qParams"]["colorBy"] == "share"
+    cdp.evaluate("window.dashboard.forget()")
+    assert cdp.evaluate("document.getElementById('color-by').value") == "weight"
     assert_clean(cdp)
 
 
 def test_narrow_view_shows_the_logits(page, toy_dashboard):
     _, index, _ = toy_dashboard
     cdp = page
-    cdp.open(index.resolve().as_uri(), 900, height=900)
+    open_fresh(cdp, index.resolve().as_uri(), 700, height=900)
     boxes = cdp.evaluate("""[...document.querySelectorAll('.node[data-type=logit]')].map(e => {
         const r = e.getBoundingClientRect(); return [r.left, r.right, r.top, r.bottom]; })""")
     assert boxes
     for left, right, top, bottom in boxes:
-        assert 0 <= left and right <= 900 and 0 <= top and bottom <= 900, boxes
-    # No horizontal scrolling, and the panel sits under the graph.
-    assert cdp.evaluate("document.documentElement.scrollWidth") <= 900
+        assert 0 <= left and right <= 700 and 0 <= top and bottom <= 900, boxes
+    # No horizontal scrolling, and (this narrow) the panel sits under the graph.
+    assert cdp.evaluate("document.documentElement.scrollWidth") <= 700
     graph_bottom = cdp.evaluate("document.getElementById('graph').getBoundingClientRect().bottom")
     assert cdp.evaluate("document.getElementById('panel').getBoundingClientRect().top") >= graph_bottom
-    shot(cdp, "dashboard-900.png")
+    shot(cdp, "dashboard-700.png")
     assert_clean(cdp)
 
 

@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("ipykernel")
 from jupyter_client.manager import start_new_kernel  # noqa: E402
 
+from part3_attribution_graphs.tools import notebook_builder as nbb  # noqa: E402
+
 SETUP = """
 import json
 from part3_attribution_graphs.explorer import attribution_explorer
@@ -42,7 +44,7 @@ def _run(kc, code: str) -> list[dict]:
 @pytest.mark.notebook
 def test_picking_a_new_prompt_shows_the_progress_bar_in_the_explorer(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "P3AG_WORLD": "toy"})
+    km, kc = start_new_kernel(kernel_name=nbb.ensure_kernel(), env={**os.environ, "P3AG_WORLD": "toy"})
     try:
         out = _run(kc, SETUP)
         streams = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")

@@ -18,6 +18,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from part3_attribution_graphs.tools import notebook_builder as nbb
+
 SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions" / "part3_attribution_graphs_solutions.ipynb"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -46,7 +48,10 @@ def test_solutions_notebook_runs_under_plain_nbclient(tmp_path, monkeypatch):
             cell.outputs = []
     # A cell that stalled would wait out this timeout and then fail on the captures below.
     client = RecordingClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(SOLUTIONS.parent)}}
+        nb,
+        timeout=300,
+        kernel_name=nbb.ensure_kernel(),
+        resources={"metadata": {"path": str(SOLUTIONS.parent)}},
     )
     client.execute()
 

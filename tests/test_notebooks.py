@@ -38,9 +38,51 @@ def _code(nb) -> list[str]:
 
 def test_committed_notebooks_match_a_fresh_build():
     problems = nbb.check(verbose=False)
-    assert not problems, (
-        "\n".join(problems) + "\nRebuild: python -m part3_attribution_graphs.tools.notebook_builder"
-    )
+    assert not problems, "\n".join(problems)
+
+
+def test_an_editors_autosave_is_caught_with_what_to_do(fresh, tmp_path, monkeypatch):
+    """Opened in Jupyter with another kernel picked (an autosave then writes it): the freshness check
+    says so and tells the author how to rebuild or drop the change."""
+    monkeypatch.setattr(nbb, "build", lambda: fresh)
+    nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
+    nb.metadata.kernelspec = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    saved = tmp_path / "solutions.ipynb"
+    nbformat.write(nb, saved)
+    monkeypatch.setitem(nbb.NOTEBOOKS, "solutions", saved)
+    problems = nbb.check(verbose=False)
+    assert len(problems) == 1 and str(saved) in problems[0], problems
+    assert "make notebooks" in problems[0] and f"git checkout -- {saved}" in problems[0], problems[0]
+
+
+def test_committed_outputs_render_for_a_reader():
+    """The solutions notebook's dashboards name a page a reader's own run writes, never the build machine's
+    temporary folder; where the output does not run (untrusted), a line says what to do; the explorer cell
+    keeps a line that says it needs its kernel, not a dead widget."""
+    nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
+    cells = {c.get("id"): c for c in nb.cells}
+    for cell_id in ("dashboard", "dashboard-examples"):
+        data = [o["data"] for o in cells[cell_id].outputs if "text/html" in o.get("data", {})]
+        assert len(data) == 1, cell_id
+        page, text = data[0]["text/html"], data[0]["text/plain"]
+        assert "<iframe srcdoc=" in page
+        where = f"{nbb.READER_OUTPUT_DIR}/couplet/index.html"
+        assert f"<code>{where}</code>" in page and where in text, text
+        assert "p3ag_nb_" not in page + text and not re.search(r"<code>/", page), text
+        assert "trust the notebook" in page and "re-run this cell" in page
+    explorer = [o["data"] for o in cells["explorer"].outputs if "data" in o]
+    assert explorer and all("application/vnd.jupyter.widget-view+json" not in d for d in explorer)
+    assert any("re-run this cell" in d.get("text/plain", "") for d in explorer), explorer
+
+
+def test_notebooks_use_the_projects_kernel_never_python3():
+    for path in nbb.NOTEBOOKS.values():
+        assert nbformat.read(path, as_version=4).metadata.kernelspec == nbb.KERNELSPEC
+    assert nbb.KERNEL_NAME != "python3"
+    makefile = (nbb.ROOT / "Makefile").read_text()
+    installs = re.findall(r"ipykernel install[^\n]*", makefile)
+    assert installs and all("--name python3" not in i and "--sys-prefix" in i for i in installs), installs
+    assert all(f"--name {nbb.KERNEL_NAME}" in i for i in installs), installs
 
 
 def test_build_is_deterministic(fresh):
@@ -121,7 +163,17 @@ def in_kernel_env(tmp_path, monkeypatch):
 def test_solutions_notebook_passes_nbval(tmp_path):
     path = nbb.NOTEBOOKS["solutions"]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbval-lax",
+            f"--nbval-kernel-name={nbb.ensure_kernel()}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(path),
+        ],
         cwd=nbb.ROOT,
         env=_kernel_env(P3AG_OUTPUT_DIR=str(tmp_path)),
         capture_output=True,
@@ -240,7 +292,7 @@ def test_exercises_notebook_as_a_learner_first_opens_it(in_kernel_env):
     client = nbb.notebook_client(
         nb,
         timeout=300,
-        kernel_name="python3",
+        kernel_name=nbb.ensure_kernel(),
         allow_errors=True,
         resources={"metadata": {"path": str(nbb.NOTEBOOKS["exercises"].parent)}},
     )

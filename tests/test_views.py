@@ -165,8 +165,10 @@ def test_dashboard_files_and_counts(dashboard, result):
     assert len(data["edges"]) == n_edges(result) == data["meta"]["n_edges"]
     assert data["meta"]["scores"] == {"replacement": 0.61}
     assert data["meta"]["node_threshold"] == 0.8 and data["meta"]["edge_threshold"] == 0.85
-    # Every edge joins an earlier node (in graph order) to a later one.
-    assert all(s < t for s, t, _ in data["edges"])
+    # Every edge joins an earlier node (in graph order) to a later one, the sliders' extra ones too.
+    nodes = data["nodes"] + data["extra"]["nodes"]
+    assert all(s < t for s, t, *_ in data["edges"])
+    assert all(nodes[s]["idx"] < nodes[t]["idx"] for s, t, *_ in data["edges"] + data["extra"]["edges"])
     # What the tests and the browser look for is in the page.
     for marker in ('id="panel"', "logit-table", "data-node-id", "edge-canvas", "--latent-fill"):
         assert marker in page
@@ -250,11 +252,28 @@ def test_display_uses_srcdoc_iframe(monkeypatch, world, result, tmp_path):
     assert len(shown) == 1
     frame = shown[0]._repr_html_()
     assert "<iframe srcdoc=" in frame and 'sandbox="allow-scripts' in frame
-    assert "<script>" not in frame  # the page is escaped inside the attribute
+    # The page is escaped inside the attribute; the one script outside it hides the "untrusted" line.
+    outside = re.sub(r'srcdoc="[^"]*"', "", frame)
+    assert outside.count("<script") == 1 and "document.currentScript" in outside
+    assert "trust the notebook" in outside and "re-run this cell" in outside
     # Viewers that drop the HTML (an untrusted notebook, a terminal) still say what and where it is.
     index = str((tmp_path / "index.html").resolve())
     assert repr(shown[0]) == f"Attribution dashboard: {index} (open it in a browser)"
     assert index in frame.split("<iframe")[0]
+
+
+def test_inline_caption_names_the_page_relative_to_the_working_folder(monkeypatch, world, result, tmp_path):
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.chdir(tmp_path)
+    utils.create_attribution_dashboard(result, None, output_dir="outputs/couplet", display=True)
+    assert repr(shown[0]) == "Attribution dashboard: outputs/couplet/index.html (open it in a browser)"
+    assert "<code>outputs/couplet/index.html</code>" in shown[0]._repr_html_()
+    assert str(tmp_path) not in shown[0]._repr_html_().split("<iframe")[0]
 
 
 def test_view_drops_latents_without_edges_like_circuit_tracer(result):
@@ -665,3 +684,20 @@ def test_explorer_adds_a_prompt_without_flicker(world, result):
     ex.add_prompt()
     # One update, for the new prompt: the graph never flicks back to the first prompt on the way.
     assert ex.shown == [other] and ex.prompt_picker.value == other
+
+
+def test_similar_latents_by_decoder_and_by_examples():
+    from types import SimpleNamespace
+
+    from part3_attribution_graphs.views.suggestions import similar_latents
+
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    tcs = {0: SimpleNamespace(W_dec=W[:2]), 1: SimpleNamespace(W_dec=W[2:])}
+    peaks = {(1, 0): {" big", " large"}, (1, 1): {" large", " big", " huge"}, (0, 0): {" x"}}
+    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1)], tcs, peaks)
+    assert [(a, b, why) for a, b, _, why in pairs] == [
+        ((0, 0), (0, 1), "decoder"),
+        ((1, 0), (1, 1), "examples"),
+    ]
+    assert pairs[0][2] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5) and pairs[1][2] == pytest.approx(2 / 3)
+    assert similar_latents([(0, 0), (1, 0)], None, None) == []

@@ -12,6 +12,9 @@ Numbers (milliseconds, medians where repeated):
   render     navigation start to the first frame painted after that (what a learner waits for)
   redraw     `window.dashboard.redraw()` to the next frame
   hover      a mouseover on a node to the next frame (logits and latents)
+  wheel      one wheel step over the graph to the next frame
+  show_all_* the same with "show all edges" on
+  slider     the edge slider moved (re-pruning as `prune` does) to the next frame
 """
 
 from __future__ import annotations
@@ -122,22 +125,42 @@ def measure(index: Path, width: int = 1400) -> dict:
             for _ in range(3)
         ]
         hovers = {}
-        for kind in ("logit", "latent"):
-            times = []
-            for k in range(4):
-                times.append(
-                    cdp.evaluate(f"""(async () => {{
-                    const els = [...document.querySelectorAll('.node[data-type={kind}]')];
-                    const el = els[{k} % els.length], target = el.querySelector('.shape') || el;
-                    const t = performance.now();
-                    target.dispatchEvent(new MouseEvent('mouseover', {{bubbles: true}}));
-                    const dt = (await {frame}) - t;
-                    target.dispatchEvent(new MouseEvent('mouseout', {{bubbles: true}}));
-                    await {frame};
-                    return dt;
-                }})()""")
-                )
-            hovers[kind] = statistics.median(times)
+        for show_all in (False, True):
+            if show_all:
+                cdp.evaluate("document.getElementById('show-all').click()")
+            for kind in ("logit", "latent"):
+                times = []
+                for k in range(4):
+                    times.append(
+                        cdp.evaluate(f"""(async () => {{
+                        const els = [...document.querySelectorAll('.node[data-type={kind}]')];
+                        const el = els[{k} % els.length], target = el.querySelector('.shape') || el;
+                        const t = performance.now();
+                        target.dispatchEvent(new MouseEvent('mouseover', {{bubbles: true}}));
+                        const dt = (await {frame}) - t;
+                        target.dispatchEvent(new MouseEvent('mouseout', {{bubbles: true}}));
+                        await {frame};
+                        return dt;
+                    }})()""")
+                    )
+                hovers[kind + ("_all" if show_all else "")] = statistics.median(times)
+            # One wheel step over the graph (zoom in, then out again), to the next frame.
+            times = [
+                cdp.evaluate(f"""(async () => {{
+                const g = document.getElementById('graph'), r = g.getBoundingClientRect();
+                const t = performance.now();
+                g.dispatchEvent(new WheelEvent('wheel', {{deltaY: {dy}, clientX: r.x + r.width / 2,
+                    clientY: r.y + r.height / 2, bubbles: true, cancelable: true}}));
+                return (await {frame}) - t;
+            }})()""")
+                for dy in (-120, 120, -120, 120)
+            ]
+            hovers["wheel" + ("_all" if show_all else "")] = statistics.median(times)
+        slider = cdp.evaluate(f"""(async () => {{
+            const s = document.getElementById('edge-thr'), t = performance.now();
+            s.value = 0.7; s.dispatchEvent(new Event('input', {{bubbles: true}}));
+            return (await {frame}) - t;
+        }})()""")
         errors = page_errors(cdp)
     return {
         "load_ms": round(load, 1),
@@ -145,6 +168,11 @@ def measure(index: Path, width: int = 1400) -> dict:
         "redraw_ms": round(statistics.median(redraws), 1),
         "hover_logit_ms": round(hovers["logit"], 1),
         "hover_latent_ms": round(hovers["latent"], 1),
+        "wheel_ms": round(hovers["wheel"], 1),
+        "show_all_hover_logit_ms": round(hovers["logit_all"], 1),
+        "show_all_hover_latent_ms": round(hovers["latent_all"], 1),
+        "show_all_wheel_ms": round(hovers["wheel_all"], 1),
+        "slider_ms": round(slider, 1),
         "page_errors": len(errors),
     }
 

@@ -57,7 +57,17 @@ import nbformat
 
 from ..exercises import EXERCISES, Exercise
 
-__all__ = ["REPO_URL", "SOURCE", "NOTEBOOKS", "build", "check", "execute_solutions", "main"]
+__all__ = [
+    "REPO_URL",
+    "SOURCE",
+    "NOTEBOOKS",
+    "KERNEL_NAME",
+    "build",
+    "check",
+    "ensure_kernel",
+    "execute_solutions",
+    "main",
+]
 
 # The one place the repository URL lives: the Colab badge and the Colab install cell both use it.
 REPO_URL = "https://github.com/part3-attribution-graphs/part3_attribution_graphs"
@@ -73,7 +83,14 @@ CODE_KINDS = ("python", "exercise", "given", "listing")
 # Names IPython puts in every namespace.
 IPYTHON_NAMES = {"display", "get_ipython", "In", "Out", "exit", "quit"}
 
-KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+# The notebooks' kernel: the project's own name, registered inside its venv (`make install`, or
+# `ensure_kernel`), so nothing is written over a user's `python3` kernel.
+KERNEL_NAME = "part3-attribution-graphs"
+KERNELSPEC = {
+    "display_name": "Python 3 (part3_attribution_graphs)",
+    "language": "python",
+    "name": KERNEL_NAME,
+}
 NB_METADATA = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
 
 
@@ -647,6 +664,19 @@ def _clean_after_execution(nb: nbformat.NotebookNode) -> None:
         ]
 
 
+def ensure_kernel() -> str:
+    """Register this Python as the `KERNEL_NAME` kernel inside its own environment (sys.prefix) if no kernel
+    of that name is known; returns the name. Never touches the user-wide kernels."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL_NAME in KernelSpecManager().find_kernel_specs():
+        return KERNEL_NAME
+    from ipykernel.kernelspec import install
+
+    install(kernel_name=KERNEL_NAME, display_name=KERNELSPEC["display_name"], prefix=sys.prefix)
+    return KERNEL_NAME
+
+
 def notebook_client(nb: nbformat.NotebookNode, **kwargs):
     """A plain `nbclient.NotebookClient` (kept as a function so tests and the builder build it one way)."""
     from nbclient import NotebookClient
@@ -654,7 +684,7 @@ def notebook_client(nb: nbformat.NotebookNode, **kwargs):
     return NotebookClient(nb, **kwargs)
 
 
-def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str = "python3") -> Path:
+def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str = KERNEL_NAME) -> Path:
     """Run the exercises notebook with papermill and `USE_REFERENCE_SOLUTIONS=True`; return the executed copy.
 
     Same as `papermill notebooks/part3_attribution_graphs_exercises.ipynb OUT.ipynb
@@ -663,6 +693,8 @@ def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str =
     """
     import papermill
 
+    if kernel_name == KERNEL_NAME:
+        ensure_kernel()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     executed = out / NOTEBOOKS["exercises"].name.replace(".ipynb", ".executed.ipynb")
@@ -675,6 +707,29 @@ def instructor_demo(out_dir: str | Path, world: str = "auto", kernel_name: str =
         progress_bar=sys.stderr.isatty(),
     )
     return executed
+
+
+# The parameters cell's default OUTPUT_DIR: where a reader's own run writes its pages.
+READER_OUTPUT_DIR = "attribution_graph_outputs"
+
+
+def _relocate_outputs(nb: nbformat.NotebookNode, folder: str, reader_folder: str) -> None:
+    """Name the pages a build wrote into a temporary `folder` as a reader's run names them (`reader_folder`),
+    so no committed output points at a path that exists only on the build machine."""
+    olds = sorted({str(folder), str(Path(folder).resolve())}, key=len, reverse=True)
+
+    def fix(text: str) -> str:
+        for old in olds:
+            text = text.replace(old + os.sep, reader_folder + "/").replace(old, reader_folder)
+        return text
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = fix(out["text"])
+            for mime, value in out.get("data", {}).items():
+                if isinstance(value, str):
+                    out["data"][mime] = fix(value)
 
 
 def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
@@ -694,13 +749,14 @@ def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
             client = notebook_client(
                 nb,
                 timeout=timeout,
-                kernel_name="python3",
+                kernel_name=ensure_kernel(),
                 record_timing=False,
                 resources={"metadata": {"path": str(NOTEBOOKS["solutions"].parent)}},
             )
             start = time.perf_counter()
             client.execute()
             elapsed = time.perf_counter() - start
+            _relocate_outputs(nb, tmp, READER_OUTPUT_DIR)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -738,8 +794,13 @@ def check(verbose: bool = True) -> list[str]:
             lineterm="",
             n=1,
         )
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         problems.append(
-            f"{path.relative_to(ROOT)} differs from a fresh build:\n" + "\n".join(list(diff)[:60])
+            f"{rel} differs from a fresh build:\n"
+            + "\n".join(list(diff)[:60])
+            + f"\nEdited {SOURCE.relative_to(ROOT)} or the package? Rebuild: `make notebooks` (python -m "
+            "part3_attribution_graphs.tools.notebook_builder). Only opened in Jupyter (an autosave, a "
+            f"kernel picked)? Drop that: `git checkout -- {rel}`."
         )
     if verbose:
         for p in problems:

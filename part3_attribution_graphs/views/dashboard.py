@@ -9,8 +9,11 @@ layer (latents and the MLP error node at each position), logits on top. Node siz
 on the logits (logits: their probability). Edges are drawn on demand (the hovered, clicked and pinned
 nodes' edges, or all of them with "show all edges") on a canvas under the nodes, blue when positive
 and red when negative. A learner can zoom and pan, pin nodes (ctrl/shift-click), look at the pinned
-subgraph, group pinned latents into supernodes, label latents, re-prune with two sliders, and save
-or load that state as `neuronpedia.json`.
+subgraph, group pinned nodes into supernodes (or take a suggested group), label latents, hide nodes,
+and re-prune with two sliders that compute exactly what `prune(result, node_t, edge_t)` keeps (from
+the candidates `views/sliders.py` embeds). Its state is kept in the browser's storage per graph
+(file:// included); "save" downloads the page again with the state inside, "export JSON" the
+Neuronpedia graph with it, and "load state" reads such a JSON back.
 
 For tests and scripts: every drawn node is an element of class `node` with `data-node-id`
 (`NodeInfo.node_id`, as in every export) and `data-type`; the panel is `#panel` (class `empty`
@@ -44,6 +47,8 @@ from .neuronpedia import (
     view_graph,
 )
 from .palette import NODE_NAMES, css_variables, shown_token
+from .sliders import slider_graph
+from .suggestions import similar_latents
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -189,8 +194,13 @@ def dashboard_data(
         predicted, measured = change
         ablate[position[int(idx)]] = [_sig(predicted), _sig(measured)]
 
+    sliders = slider_graph(result)
+    extra = [i for i in sliders.candidates if i not in position]  # nodes the sliders can bring back
+    everyone = list(view.indices) + extra
+    where = {g: k for k, g in enumerate(everyone)}
+
     nodes = []
-    for k, idx in enumerate(view.indices):
+    for k, idx in enumerate(everyone):
         node = graph.nodes[idx]
         kind = _TYPE_NAMES[node_kind(node)]
         row = 0 if kind == "embedding" else n_layers + 1 if kind == "logit" else int(node.layer) + 1
@@ -217,9 +227,19 @@ def dashboard_data(
             entry["label"] = node.label
         if k in ablate:
             entry["ablate"] = ablate[k]
+        entry["idx"] = idx
+        if idx in sliders.ranks:
+            entry["rank"] = sliders.ranks[idx]
+        if idx in sliders.logit_weights:
+            entry["lw"] = sliders.logit_weights[idx]
         nodes.append(entry)
 
-    edges = [[s, t, _sig(w)] for s, t, w in view.edges]
+    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry 1 marks an edge the
+    # sliders prune, with its exact float32 weight.
+    exact = {(where[s], where[t]): w for s, t, w in sliders.edges}
+    edges = [[s, t, exact[s, t], 1] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
+    in_view = {(s, t) for s, t, _ in view.edges}
+    extra_edges = [[s, t, w, 1] for (s, t), w in exact.items() if (s, t) not in in_view]
 
     latents = sorted(
         {
@@ -250,6 +270,15 @@ def dashboard_data(
                     panels[f"{layer}_{f}"]["ex"] = ex
     for panel in panels.values():
         panel["derived"] = derived_label(panel)
+    peaks = {
+        (layer, f): {shown_token(e["tokens"][e["peak"]]) for e in ex["examples"] if e["tokens"]}
+        for layer, f in latents
+        if (ex := panels[f"{layer}_{f}"].get("ex"))
+    }
+    similar = [
+        [f"{a[0]}_{a[1]}", f"{b[0]}_{b[1]}", _sig(score, 3), why]
+        for a, b, score, why in similar_latents(latents, transcoders, peaks)
+    ]
 
     settings = result_settings(result)
     notes = {}
@@ -271,7 +300,7 @@ def dashboard_data(
             "prompt": result.prompt,
             "tokens": result_tokens(result),
             "n_layers": n_layers,
-            "n_nodes": len(nodes),
+            "n_nodes": len(view.indices),
             "n_nodes_full": len(graph),
             "n_edges": len(edges),
             "n_dropped": len(view.dropped),
@@ -286,9 +315,18 @@ def dashboard_data(
             "notes": notes,
             "kind_names": {_TYPE_NAMES[k]: v for k, v in NODE_NAMES.items()},
         },
-        "nodes": nodes,
+        "nodes": nodes[: len(view.indices)],
         "edges": edges,
+        # What the sliders need to prune as `prune` does (views/sliders.py).
+        "extra": {"nodes": nodes[len(view.indices) :], "edges": extra_edges},
+        "prune": {
+            "node_max": sliders.node_threshold,
+            "shares": sliders.shares,
+            "n_ranked": sliders.n_ranked,
+        },
         "latents": panels,
+        # Latent keys that could be one supernode (views/suggestions.py): [a, b, score, why].
+        "similar": similar,
         "state": state or {},
         # The export without its links (the page rebuilds them from `edges`): what "save" writes.
         "export": {"metadata": graph_json["metadata"], "nodes": graph_json["nodes"]},
@@ -316,8 +354,12 @@ def render_dashboard_html(data: dict) -> str:
         "__JS__": _asset("dashboard.js"),
         "__DATA__": _json_for_script(data),
     }
-    page = _asset("dashboard.html")
-    out, rest = [], page
+    return _fill(_asset("dashboard.html"), parts)
+
+
+def _fill(template: str, parts: dict[str, str]) -> str:
+    """`template` with each placeholder replaced, in one pass (text put in is never substituted again)."""
+    out, rest = [], template
     while True:
         hits = [(rest.find(k), k) for k in parts if rest.find(k) >= 0]
         if not hits:
@@ -348,26 +390,29 @@ def read_saved_state(folder: str | Path) -> dict | None:
 
 
 class DashboardFrame:
-    """The page in an iframe for a notebook output, with a plain-text line for viewers that drop HTML."""
+    """The page in an iframe for a notebook output (`assets/frame.html`), with a line that says what to do
+    where the output does not run (an untrusted notebook) and a plain-text line for viewers that drop HTML."""
 
     def __init__(self, page: str, index: Path):
         self.index = index
-        caption = (
-            f'<div style="font: 12px sans-serif; color: #4b5563; margin: 2px 0;">Attribution dashboard '
-            f"&middot; full page: <code>{html.escape(str(index))}</code></div>"
-        )
-        # allow-same-origin lets the page size its own frame to its content; the page is our own file.
-        self.data = (
-            f'<div>{caption}<iframe srcdoc="{html.escape(page, quote=True)}" title="attribution dashboard" '
-            'style="width: 100%; height: 760px; border: 1px solid #ddd; display: block;" '
-            'sandbox="allow-scripts allow-same-origin allow-downloads"></iframe></div>'
+        self.data = _fill(
+            _asset("frame.html"),
+            {"__PATH__": html.escape(_shown_path(index)), "__SRCDOC__": html.escape(page, quote=True)},
         )
 
     def _repr_html_(self) -> str:
         return self.data
 
     def __repr__(self) -> str:
-        return f"Attribution dashboard: {self.index} (open it in a browser)"
+        return f"Attribution dashboard: {_shown_path(self.index)} (open it in a browser)"
+
+
+def _shown_path(index: Path) -> str:
+    """The page's path as a reader can use it: relative to the working folder when it lies inside it."""
+    try:
+        return str(Path(index).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(index)
 
 
 def _show_inline(page: str, index: Path) -> None:

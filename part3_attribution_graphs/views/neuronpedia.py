@@ -353,6 +353,8 @@ def apply_state(nodes: list[dict], q_params: dict, state: dict) -> None:
         if sn and any(m in ids for m in sn[1:])
     ]
     q_params["clickedId"] = q.get("clickedId", "") if q.get("clickedId", "") in ids else ""
+    if q.get("hiddenIds"):  # our dashboard's own key: nodes left out of the drawing
+        q_params["hiddenIds"] = [h for h in q["hiddenIds"] if h in ids]
     for key in ("node_threshold", "edge_threshold", "linkType", "sg_pos"):
         if key in q:
             q_params[key] = q[key]

@@ -3,8 +3,13 @@
 // nodes' edges, or every edge with "show all edges". Plain ES5, no libraries, no network.
 (function () {
   "use strict";
+  // The page as it was written (before this script changed anything): "save" writes it again with the state.
+  var PAGE = "<!DOCTYPE html>\n" + document.documentElement.outerHTML;
   var DATA = JSON.parse(document.getElementById("dashboard-data").textContent);
-  var META = DATA.meta, NODES = DATA.nodes, EDGES = DATA.edges, LATENTS = DATA.latents;
+  var META = DATA.meta, LATENTS = DATA.latents, PRUNE = DATA.prune || {shares: [], n_ranked: 0, node_max: 1};
+  // The view's nodes and edges come first (drawn at first); the candidates the sliders can bring back follow.
+  var EXTRA = DATA.extra || {nodes: [], edges: []};
+  var NODES = DATA.nodes.concat(EXTRA.nodes), EDGES = DATA.edges.concat(EXTRA.edges);
   var nRows = META.n_layers + 2;
 
   // ------------------------------------------------------------------------------------------- helpers
@@ -26,18 +31,18 @@
   var POS = css("--edge-pos") || "#2563eb", NEG = css("--edge-neg") || "#dc2626";
 
   var byId = {};
-  NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; n.inAbs = 0; });
-  EDGES.forEach(function (e, j) {
-    NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); NODES[e[1]].inAbs += Math.abs(e[2]);
-  });
+  NODES.forEach(function (n, i) { byId[n.id] = i; n.inE = []; n.outE = []; });
+  EDGES.forEach(function (e, j) { NODES[e[0]].outE.push(j); NODES[e[1]].inE.push(j); });
+  var BY_KEY = {};  // latent key ("layer_feature") -> its nodes, one per position
+  NODES.forEach(function (n, i) { if (n.key) (BY_KEY[n.key] = BY_KEY[n.key] || []).push(i); });
   var maxAbs = 1e-12, maxInfl = 1e-12;
   EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
   NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
 
   // ------------------------------------------------------------------------------------------- state
   var state = {
-    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {},
-    nodeThr: META.node_threshold || 1, edgeThr: 1, showAll: false, subgraph: false
+    pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both", colorBy: "weight", sgPos: {}, panelWidth: null,
+    nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
   };
   function labelOf(i) {
     var n = NODES[i];
@@ -55,40 +60,73 @@
   }
 
   // ------------------------------------------------------------------------------------------- pruning
-  // The sliders re-prune what the page holds: nodes by their cumulative influence (as `prune_nodes`
-  // does), then edges by the share of the edge score `|w| / (target's |input|) * target's importance`
-  // (as `prune_edges` does), then circuit-tracer's clean-up (a latent needs an input and an output).
-  var nodeVis = NODES.map(function () { return true; }), edgeVis = EDGES.map(function () { return true; });
-  var byCum = NODES.map(function (n, i) { return i; }).filter(function (i) {
-    return NODES[i].type !== "logit" && NODES[i].type !== "embedding";
-  });
-  byCum.sort(function (a, b) { return NODES[a].cum - NODES[b].cum; });
-  var edgeScore = EDGES.map(function (e) {
-    var t = NODES[e[1]], imp = Math.max(t.influence, 0) + (t.type === "logit" ? (t.prob || 0) : 0);
-    return t.inAbs > 0 ? Math.abs(e[2]) / t.inAbs * imp : 0;
-  });
-  var byScore = EDGES.map(function (e, j) { return j; });
-  byScore.sort(function (a, b) { return edgeScore[b] - edgeScore[a]; });
+  // The sliders compute `prune(result, node_t, edge_t)` (pruning.py) from what views/sliders.py embeds:
+  // prune_nodes keeps the nodes of its influence ranking until their running share reaches node_t (the
+  // shares are Python's own float32 numbers), plus the logits; prune_edges then scores every edge among
+  // them, `B[t, s] * importance[t]` with B the row-normalised |A| and importance the influence on the
+  // logits within those nodes (plus the logit weight), and keeps the best until their share reaches
+  // edge_t; then the viewers' clean-up (view_graph): a latent needs an input and an output, an error
+  // node an output. Weights are float32 as in Python; shares are rounded to float32 before comparing,
+  // as torch compares them.
+  var F32 = Math.fround, N_VIEW = DATA.nodes.length, E_VIEW = DATA.edges.length;
+  var nodeVis = NODES.map(function (n, i) { return i < N_VIEW; });
+  var edgeVis = EDGES.map(function (e, j) { return j < E_VIEW; });
+  var prunedKept = null;  // nodes prune keeps at the sliders' thresholds (null: Python's own result)
+  var SHARES = PRUNE.shares.map(F32);
+  var CAND = [], ABSW = [];  // the edges prune_edges sees, and their |weight| as float32
+  EDGES.forEach(function (e, j) { if (e[3] === 1) { CAND.push(j); ABSW.push(Math.abs(F32(e[2]))); } });
+  var LOGITS = [];
+  NODES.forEach(function (n, i) { if (n.lw !== undefined) LOGITS.push(i); });
 
+  function pruneNodes(t) {
+    var t32 = F32(t), k = 0;
+    while (k < SHARES.length && SHARES[k] < t32) k++;
+    k = Math.min(k + 1, PRUNE.n_ranked);  // n_to_cross
+    var kept = new Uint8Array(NODES.length);
+    NODES.forEach(function (n, i) { if ((n.rank !== undefined && n.rank < k) || n.lw !== undefined) kept[i] = 1; });
+    return kept;
+  }
+  function pruneEdges(kept, t) {
+    var N = NODES.length, live = [], k, j, i;
+    for (k = 0; k < CAND.length; k++) { j = CAND[k]; if (kept[EDGES[j][0]] && kept[EDGES[j][1]]) live.push(k); }
+    var rowSum = new Float64Array(N);
+    live.forEach(function (k) { rowSum[EDGES[CAND[k]][1]] += ABSW[k]; });
+    var clamp = F32(1e-8), b = live.map(function (k) { return ABSW[k] / Math.max(rowSum[EDGES[CAND[k]][1]], clamp); });
+    var v = new Float64Array(N), infl = new Float64Array(N);
+    LOGITS.forEach(function (i) { v[i] = F32(NODES[i].lw); });
+    for (var step = 0; step <= META.n_layers; step++) {  // influence: w B + w B^2 + ... (B is nilpotent)
+      var nv = new Float64Array(N);
+      for (k = 0; k < live.length; k++) { var e = EDGES[CAND[live[k]]]; nv[e[0]] += v[e[1]] * b[k]; }
+      v = nv;
+      for (i = 0; i < N; i++) infl[i] += v[i];
+    }
+    LOGITS.forEach(function (i) { infl[i] += F32(NODES[i].lw); });
+    var score = live.map(function (k, q) { return b[q] * infl[EDGES[CAND[k]][1]]; });
+    var order = score.map(function (x, q) { return q; });
+    order.sort(function (a, c) { return score[c] - score[a]; });
+    var total = 0, acc = 0, below = 0;
+    order.forEach(function (q) { total += score[q]; });
+    if (total > 0) {
+      var t32 = F32(t), tot32 = F32(total);
+      for (k = 0; k < order.length; k++) {
+        acc += score[order[k]];
+        if (F32(F32(acc) / tot32) < t32) below++; else break;
+      }
+    }
+    // n_to_cross = below + 1 scores; the last of them is the cutoff (zero once it falls among non-edges).
+    var cutoff = total > 0 && below < order.length ? score[order[below]] : 0;
+    var keep = new Uint8Array(EDGES.length);
+    live.forEach(function (k, q) { if (score[q] > 0 && score[q] >= cutoff) keep[CAND[k]] = 1; });
+    return keep;
+  }
   function reprune() {
-    var i, j, k;
-    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit" || NODES[i].type === "embedding";
-    var prev = 0;
-    for (k = 0; k < byCum.length; k++) {  // keep nodes until the running share reaches the threshold
-      if (prev >= state.nodeThr - 1e-9) break;
-      nodeVis[byCum[k]] = true; prev = NODES[byCum[k]].cum;
-    }
-    var live = byScore.filter(function (j) { return nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]]; });
-    var total = 0;
-    live.forEach(function (j) { total += edgeScore[j]; });
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = false;
-    var acc = 0;
-    for (k = 0; k < live.length; k++) {
-      if (total > 0 && acc / total >= state.edgeThr - 1e-9) break;
-      edgeVis[live[k]] = true; acc += edgeScore[live[k]];
-    }
+    var i, j, kept = pruneNodes(state.nodeThr), keep = pruneEdges(kept, state.edgeThr);
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = !!keep[j];
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit";
+    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = true; nodeVis[EDGES[j][1]] = true; }
+    prunedKept = nodeVis.slice();
     var changed = true;
-    while (changed) {
+    while (changed) {  // view_graph's clean-up
       changed = false;
       for (i = 0; i < NODES.length; i++) {
         var n = NODES[i];
@@ -100,20 +138,38 @@
         }
       }
     }
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = edgeVis[j] && nodeVis[EDGES[j][0]] && nodeVis[EDGES[j][1]];
+    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = true;  // every token has one
+    drawStats();
+  }
+
+  // At the thresholds the page was written with it shows Python's own result; elsewhere it prunes again.
+  function setPruning() {
+    if (state.nodeThr !== PRUNE.node_max || state.edgeThr !== (META.edge_threshold || 1)) { reprune(); return; }
+    for (var i = 0; i < NODES.length; i++) nodeVis[i] = i < N_VIEW;
+    for (var j = 0; j < EDGES.length; j++) edgeVis[j] = j < E_VIEW;
+    prunedKept = null;
+    drawStats();
   }
 
   // ------------------------------------------------------------------------------------------- header
+  function drawStats() {  // the counts and thresholds of what is drawn now
+    var el = document.getElementById("stats-now");
+    if (!el) return;
+    var nv = 0, ev = 0, i;
+    for (i = 0; i < NODES.length; i++) if (nodeVis[i]) nv++;
+    for (i = 0; i < EDGES.length; i++) if (edgeVis[i]) ev++;
+    el.innerHTML = "<span>nodes <b>" + nv + "</b> of " + META.n_nodes_full + "</span>" +
+      "<span>edges <b>" + ev + "</b></span>" +
+      "<span>node threshold <b>" + fmt(state.nodeThr) + "</b></span>" +
+      "<span>edge threshold <b>" + fmt(state.edgeThr) + "</b></span>";
+  }
   (function header() {
     var s = META.settings || {};
     var parts = [
       "<h1>Attribution graph</h1>",
       '<div class="prompt">' + tok(META.prompt) + "</div>",
       '<div class="stats">',
-      "<span>nodes <b>" + META.n_nodes + "</b> of " + META.n_nodes_full + "</span>",
-      "<span>edges <b>" + META.n_edges + "</b></span>",
-      "<span>node threshold <b>" + fmt(META.node_threshold) + "</b></span>",
-      "<span>edge threshold <b>" + fmt(META.edge_threshold) + "</b></span>",
+      '<span id="stats-now"></span>',
       "<span>layers <b>" + META.n_layers + "</b></span>",
       "<span>model <b>" + esc(META.scan) + "</b></span>"
     ];
@@ -131,6 +187,7 @@
       parts.push('<div class="note">' + esc(META.notes[k]) + "</div>");
     });
     document.getElementById("header").innerHTML = parts.join("");
+    drawStats();
     var names = META.kind_names || {};
     function sw(kind, round) {
       var v = kind === "error" ? "mlp-error" : kind;
@@ -175,7 +232,7 @@
         sn.members.forEach(function (i) { itemOf[i] = k; });
       });
     } else {
-      NODES.forEach(function (n, i) { if (nodeVis[i]) { itemOf[i] = items.length; items.push({node: i}); } });
+      NODES.forEach(function (n, i) { if (nodeVis[i] && !state.hidden[i]) { itemOf[i] = items.length; items.push({node: i}); } });
     }
     items.forEach(function (it) {
       if (it.sup === undefined) {
@@ -237,33 +294,67 @@
         it.by = top + (nRows - 1 - it.row) * rowH + rowH / 2;
         var share = it.type === "logit" ? (NODES[it.node].prob || 0) : Math.max(it.influence, 0) / maxInfl;
         it.r = it.type === "super" ? 9 : (logit ? 1 : rScale) * (3 + 5 * Math.sqrt(Math.min(1, share)));
+        var moved = state.subgraph ? state.sgPos[itemKey(it)] : null;  // where the learner dragged it
+        if (moved) { it.bx = moved[0]; it.by = moved[1]; }
       });
     });
   }
+  // A subgraph item's name in the saved positions: its node id, or its supernode's name.
+  function itemKey(it) { return it.sup === undefined ? NODES[it.node].id : "supernode:" + state.supernodes[it.sup].name; }
   function sx(x) { return x * view.k + view.x; }
   function sy(y) { return y * view.k + view.y; }
 
-  // Labels beside the most influential latents (and every pinned node and supernode).
-  function labelled() {
-    var set = {};
-    if (state.subgraph) { items.forEach(function (it, k) { set[k] = true; }); return set; }
-    var lat = items.map(function (it, k) { return k; }).filter(function (k) { return items[k].type === "latent"; });
-    lat.sort(function (a, b) { return items[b].influence - items[a].influence; });
-    state.pinned.forEach(function (i) { if (itemOf[i] !== undefined) set[itemOf[i]] = true; });
-    // The most influential latents next, skipping one whose label would run into another's.
-    var taken = [], n = 0;
-    Object.keys(set).forEach(function (k) { taken.push(items[k]); });
-    var room = 110 / view.k;
-    lat.forEach(function (k) {
-      if (n >= 10 || set[k]) return;
-      var it = items[k], clash = taken.some(function (o) {
-        return o.row === it.row && Math.abs(o.bx - it.bx) < room;
-      }) || items.some(function (o) {  // a label must not run over the nodes to its right
-        return o !== it && o.row === it.row && o.bx > it.bx && o.bx - it.bx < room;
-      });
-      if (!clash) { set[k] = true; taken.push(it); n++; }
+  // Labels: every pinned node's (and in the subgraph every node's), then the most influential latents'.
+  // Each takes the first free spot around its node (right, left, above, below); a label never covers
+  // another (it may cover a node: the white halo keeps it legible). Pinned and subgraph labels always
+  // show, moving further out if they must; the others are left out when no spot is free.
+  var measure = document.createElement("canvas").getContext("2d");
+  measure.font = "10px " + getComputedStyle(document.body).fontFamily;
+  function textWidth(text) { return measure.measureText(text).width; }
+  var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
+  function placeLabels() {
+    var place = {}, boxes = [];
+    function free(b) {
+      for (var q = 0; q < boxes.length; q++) {
+        var o = boxes[q];
+        if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
+      }
+      return true;
+    }
+    items.forEach(function (it) {  // the logits' token labels sit above them
+      if (it.type !== "logit") return;
+      var w = textWidth(cut(shown(NODES[it.node].token), 10)) * 1.1, x = sx(it.bx), y = sy(it.by) - it.r - 4;
+      boxes.push([x - w / 2, y - 10, x + w / 2, y + 2]);
     });
-    return set;
+    function tryPlace(k, always) {
+      var it = items[k], l = itemLabel(it);
+      if (!l || !l.text || it.type === "logit") return false;
+      var text = cut(l.text, 22), w = textWidth(text) + 2, x = sx(it.bx), y = sy(it.by), r = it.r;
+      for (var reach = 0; reach < (always ? 4 : 1); reach++) {
+        for (var q = 0; q < SPOTS.length; q++) {
+          var side = SPOTS[q][0], dy = SPOTS[q][1] * 12 + (SPOTS[q][1] < 0 ? -reach * 24 : reach * 24);
+          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx;
+          var box = [x0, y + dy - 8, x0 + w, y + dy + 3];
+          if (free(box)) {
+            boxes.push(box);
+            place[k] = {text: text, derived: l.derived, dx: dx, dy: dy + 3, anchor: side < 0 ? "end" : "start"};
+            return true;
+          }
+        }
+      }
+      if (!always) return false;
+      place[k] = {text: text, derived: l.derived, dx: r + 3, dy: 3, anchor: "start"};  // no room anywhere: as before
+      return true;
+    }
+    var order = items.map(function (it, k) { return k; });
+    order.sort(function (a, b) { return items[b].influence - items[a].influence; });
+    if (state.subgraph) { order.forEach(function (k) { tryPlace(k, true); }); return place; }
+    state.pinned.forEach(function (i) { if (itemOf[i] !== undefined) tryPlace(itemOf[i], true); });
+    var n = 0;
+    order.forEach(function (k) {
+      if (n < 10 && items[k].type === "latent" && !place[k] && tryPlace(k, false)) n++;
+    });
+    return place;
   }
   function itemLabel(it) {
     if (it.type === "super") return {text: state.supernodes[it.sup].name, derived: false};
@@ -274,7 +365,7 @@
   }
 
   function drawNodes() {
-    var out = [], lab = labelled();
+    var out = [], lab = placeLabels();
     items.forEach(function (it, k) {
       var cls = "node " + it.type, attrs;
       if (it.type === "super") {
@@ -294,14 +385,12 @@
                 '" height="' + (2 * h).toFixed(1) + '" rx="2"></rect>';
       }
       var text = "";
-      var l = lab[k] || it.type === "logit" ? itemLabel(it) : null;
-      if (l && l.text) {
-        if (it.type === "logit") {
-          text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(l.text, 10)) + "</text>";
-        } else {
-          text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + (r + 3).toFixed(1) + '" y="3">' +
-                 esc(cut(l.text, 22)) + "</text>";
-        }
+      if (it.type === "logit") {
+        text = '<text class="tok lab" y="' + (-r - 4).toFixed(1) + '" text-anchor="middle">' + esc(cut(shown(NODES[it.node].token), 10)) + "</text>";
+      } else if (lab[k]) {
+        var l = lab[k];
+        text = '<text class="lab' + (l.derived ? " derived" : "") + '" x="' + l.dx.toFixed(1) + '" y="' + l.dy.toFixed(1) +
+               '" text-anchor="' + l.anchor + '">' + esc(l.text) + "</text>";
       }
       out.push('<g class="' + cls + '"' + attrs + ' data-item="' + k + '" tabindex="0" role="button" aria-label="' +
                esc(it.type === "super" ? "supernode " + state.supernodes[it.sup].name : nodeTitle(NODES[it.node])) +
@@ -337,6 +426,11 @@
   }
 
   // ------------------------------------------------------------------------------------------- edges
+  // A focused node's drawn edges: its inputs, its outputs or both (the "edges" filter).
+  function focusEdges(i) {
+    var n = NODES[i], js = state.linkType === "in" ? n.inE : state.linkType === "out" ? n.outE : n.inE.concat(n.outE);
+    return js.filter(function (j) { return edgeVis[j] && itemOf[EDGES[j][0]] !== undefined && itemOf[EDGES[j][1]] !== undefined; });
+  }
   // Which edges to draw: [source item, target item, weight, edge index or -1 for a summed edge].
   function edgesToDraw() {
     var list = [];
@@ -358,19 +452,83 @@
     if (state.hover !== null && items[state.hover] && items[state.hover].node !== undefined) focus.push(items[state.hover].node);
     if (state.clicked !== null) focus.push(state.clicked);
     focus = focus.concat(state.pinned);
-    if (state.showAll) EDGES.forEach(function (e, j) { if (edgeVis[j]) pick[j] = true; });
-    else focus.forEach(function (i) {
-      NODES[i].inE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
-      NODES[i].outE.forEach(function (j) { if (edgeVis[j]) pick[j] = true; });
-    });
+    if (state.showAll) {  // the same list until the graph changes (render() drops it): hovers reuse it
+      if (!allEdges) {
+        allEdges = [];
+        EDGES.forEach(function (e, j) {
+          if (edgeVis[j] && itemOf[e[0]] !== undefined && itemOf[e[1]] !== undefined) allEdges.push([itemOf[e[0]], itemOf[e[1]], e[2], j]);
+        });
+      }
+      return allEdges;
+    }
+    focus.forEach(function (i) { focusEdges(i).forEach(function (j) { pick[j] = true; }); });
     Object.keys(pick).forEach(function (j) {
       var e = EDGES[j];
-      list.push([itemOf[e[0]], itemOf[e[1]], e[2], +j]);
+      if (itemOf[e[0]] !== undefined && itemOf[e[1]] !== undefined) list.push([itemOf[e[0]], itemOf[e[1]], e[2], +j]);
     });
     return list;
   }
 
-  function drawEdges() {
+  // Where an edge runs: a straight line, or in the subgraph a curve when both ends share a column (edges
+  // between nodes at one token would otherwise lie on top of each other): positive edges bend right,
+  // negative ones left, further the more rows they span.
+  function edgeShape(d) {
+    var s = items[d[0]], t = items[d[1]], x1 = sx(s.bx), y1 = sy(s.by), x2 = sx(t.bx), y2 = sy(t.by);
+    var g = {x1: x1, y1: y1, x2: x2, y2: y2, cx: null, cy: null};
+    if (state.subgraph && Math.abs(x2 - x1) < 24) {
+      g.cx = (x1 + x2) / 2 + (d[2] >= 0 ? 1 : -1) * (0.5 * Math.abs(y2 - y1) + 8); g.cy = (y1 + y2) / 2;
+    }
+    return g;
+  }
+  function tracePath(g) {
+    ctx2d.moveTo(g.x1, g.y1);
+    if (g.cx === null) ctx2d.lineTo(g.x2, g.y2); else ctx2d.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
+  }
+  // How strongly an edge is drawn, in [0, 1]: its |weight| against the largest, or (colour by "share")
+  // its share of its target's input, |w| over the target's drawn inputs (a supernode's: its members').
+  var shareTotals = null;  // per node, the |weights| of its drawn inputs; render() drops it
+  function strength(d, scale) {
+    if (state.colorBy !== "share") return Math.min(1, Math.abs(d[2]) / scale);
+    if (!shareTotals) {
+      shareTotals = new Float64Array(NODES.length);
+      EDGES.forEach(function (e, j) { if (edgeVis[j]) shareTotals[e[1]] += Math.abs(e[2]); });
+    }
+    var t = items[d[1]], tot = t.sup === undefined ? shareTotals[t.node] :
+      state.supernodes[t.sup].members.reduce(function (a, i) { return a + shareTotals[i]; }, 0);
+    return tot > 0 ? Math.min(1, Math.abs(d[2]) / tot) : 0;
+  }
+  var LEVELS = 8;  // edges are drawn in this many strengths, one path each: 30k edges cost 16 strokes
+  function strokeBuckets(ctx, buckets, dim) {
+    ctx.lineCap = "round";
+    buckets.forEach(function (list, k) {  // weak first, so the strong lie on top
+      if (!list) return;
+      var a = (k >> 1) / (LEVELS - 1);
+      ctx.globalAlpha = dim ? 0.06 : 0.2 + 0.7 * a;
+      ctx.strokeStyle = k & 1 ? NEG : POS;
+      ctx.lineWidth = 0.5 + 3.5 * a;
+      ctx.beginPath();
+      list.forEach(function (d) {
+        var g = edgeShape(d);
+        ctx.moveTo(g.x1, g.y1);
+        if (g.cx === null) ctx.lineTo(g.x2, g.y2); else ctx.quadraticCurveTo(g.cx, g.cy, g.x2, g.y2);
+      });
+      ctx.stroke();
+    });
+    ctx.globalAlpha = 1;
+  }
+  // With "show all", every edge is painted once per view into two bitmaps (plain, and dimmed under a
+  // focused node); a hover then copies one and draws only the focused node's edges. While the wheel or
+  // a drag moves the view, the bitmap is moved along; once it rests the edges are painted again.
+  var allCache = null;
+  function bitmap(dpr, buckets, dim) {
+    var c = document.createElement("canvas");
+    c.width = canvas.width; c.height = canvas.height;
+    var cx = c.getContext("2d");
+    cx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    strokeBuckets(cx, buckets, dim);
+    return c;
+  }
+  function drawEdges(quick) {
     var dpr = window.devicePixelRatio || 1;
     if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
       canvas.width = Math.round(W * dpr); canvas.height = Math.round(H * dpr);
@@ -379,39 +537,68 @@
     ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx2d.clearRect(0, 0, W, H);
     drawnEdges = edgesToDraw();
+    if (state.showAll && !state.subgraph) { drawAllEdges(dpr, quick); return; }
     var localMax = 1e-12;
     drawnEdges.forEach(function (d) { localMax = Math.max(localMax, Math.abs(d[2])); });
-    var scale = state.subgraph ? localMax : maxAbs;
-    var hot = {};  // in "show all", the focused nodes' edges are drawn on top at full strength
-    if (state.showAll && !state.subgraph && (state.hover !== null || state.clicked !== null)) {
-      var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked;
-      if (f !== undefined && f !== null) NODES[f].inE.concat(NODES[f].outE).forEach(function (j) { hot[j] = true; });
-    }
-    var dim = Object.keys(hot).length > 0;
-    drawnEdges.sort(function (a, b) { return (hot[a[3]] ? 1 : 0) - (hot[b[3]] ? 1 : 0) || Math.abs(a[2]) - Math.abs(b[2]); });
-    ctx2d.lineCap = "round";
+    var scale = state.subgraph ? localMax : maxAbs, buckets = [];
     drawnEdges.forEach(function (d) {
-      var s = items[d[0]], t = items[d[1]], a = Math.min(1, Math.abs(d[2]) / scale);
-      ctx2d.globalAlpha = dim && !hot[d[3]] ? 0.06 : 0.2 + 0.7 * a;
-      ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG;
-      ctx2d.lineWidth = 0.5 + 3.5 * a;
-      ctx2d.beginPath();
-      ctx2d.moveTo(sx(s.bx), sy(s.by));
-      ctx2d.lineTo(sx(t.bx), sy(t.by));
-      ctx2d.stroke();
+      var lv = Math.round(strength(d, scale) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+      (buckets[k] = buckets[k] || []).push(d);
+    });
+    strokeBuckets(ctx2d, buckets, false);
+  }
+  function drawTop(top, scale) {  // the focused node's edges, one by one, strongest last
+    top.sort(function (a, b) { return Math.abs(a[2]) - Math.abs(b[2]); });
+    ctx2d.lineCap = "round";
+    top.forEach(function (d) {
+      var a = strength(d, scale);
+      ctx2d.globalAlpha = 0.2 + 0.7 * a; ctx2d.strokeStyle = d[2] >= 0 ? POS : NEG; ctx2d.lineWidth = 0.5 + 3.5 * a;
+      ctx2d.beginPath(); tracePath(edgeShape(d)); ctx2d.stroke();
     });
     ctx2d.globalAlpha = 1;
   }
+  function drawAllEdges(dpr, quick) {
+    var f = state.hover !== null && items[state.hover] ? items[state.hover].node : state.clicked, top = [];
+    if (f !== undefined && f !== null) {
+      focusEdges(f).forEach(function (j) { top.push([itemOf[EDGES[j][0]], itemOf[EDGES[j][1]], EDGES[j][2], j]); });
+    }
+    var fresh = allCache && allCache.list === drawnEdges && allCache.w === canvas.width && allCache.h === canvas.height &&
+      allCache.k === view.k && allCache.x === view.x && allCache.y === view.y;
+    if (!fresh && !(quick && allCache && allCache.list === drawnEdges)) {
+      var buckets = [];
+      drawnEdges.forEach(function (d) {
+        var lv = Math.round(strength(d, maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
+        (buckets[k] = buckets[k] || []).push(d);
+      });
+      allCache = {list: drawnEdges, w: canvas.width, h: canvas.height, k: view.k, x: view.x, y: view.y,
+                  plain: bitmap(dpr, buckets, false), dim: bitmap(dpr, buckets, true)};
+      fresh = true;
+    }
+    var s = view.k / allCache.k;  // the bitmap's view moved to this one (exact when fresh)
+    ctx2d.setTransform(dpr * s, 0, 0, dpr * s, dpr * (view.x - allCache.x * s), dpr * (view.y - allCache.y * s));
+    ctx2d.drawImage(top.length ? allCache.dim : allCache.plain, 0, 0, W, H);
+    ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
+    drawTop(top, maxAbs);
+  }
 
-  // The drawn edge nearest to a point (within 5 px), for the edge tooltip.
+  // The drawn edge nearest to a point (within 5 px), for the edge tooltip; a curve is checked in pieces.
   function edgeAt(px, py) {
     var best = null, bestD = 25;
-    drawnEdges.forEach(function (d) {
-      var s = items[d[0]], t = items[d[1]];
-      var x1 = sx(s.bx), y1 = sy(s.by), x2 = sx(t.bx), y2 = sy(t.by), dx = x2 - x1, dy = y2 - y1;
-      var l2 = dx * dx + dy * dy, u = l2 > 0 ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / l2)) : 0;
+    function seg(x1, y1, x2, y2, d) {
+      var dx = x2 - x1, dy = y2 - y1, l2 = dx * dx + dy * dy;
+      var u = l2 > 0 ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / l2)) : 0;
       var ex = x1 + u * dx - px, ey = y1 + u * dy - py, dd = ex * ex + ey * ey;
       if (dd < bestD) { bestD = dd; best = d; }
+    }
+    drawnEdges.forEach(function (d) {
+      var g = edgeShape(d);
+      if (g.cx === null) { seg(g.x1, g.y1, g.x2, g.y2, d); return; }
+      var px0 = g.x1, py0 = g.y1;
+      for (var k = 1; k <= 16; k++) {
+        var u = k / 16, v = 1 - u;
+        var qx = v * v * g.x1 + 2 * u * v * g.cx + u * u * g.x2, qy = v * v * g.y1 + 2 * u * v * g.cy + u * u * g.y2;
+        seg(px0, py0, qx, qy, d); px0 = qx; py0 = qy;
+      }
     });
     return best;
   }
@@ -419,7 +606,7 @@
   // ------------------------------------------------------------------------------------------- focus
   var lit = [];
   function highlight() {
-    lit.forEach(function (el) { el.classList.remove("hl", "nb"); });
+    lit.forEach(function (el) { el.classList.remove("hl", "nb", "same"); });
     lit = [];
     var f = state.hover !== null && items[state.hover] ? state.hover : (state.clicked !== null ? itemOf[state.clicked] : undefined);
     if (f === undefined || f === null || state.subgraph) return;
@@ -427,19 +614,25 @@
     var it = items[f];
     if (it.node === undefined) return;
     var n = NODES[it.node];
-    n.inE.concat(n.outE).forEach(function (j) {
-      if (!edgeVis[j]) return;
+    focusEdges(it.node).forEach(function (j) {
       var e = EDGES[j], other = itemOf[e[0] === it.node ? e[1] : e[0]];
       if (other !== undefined) { itemEls[other].classList.add("nb"); lit.push(itemEls[other]); }
     });
+    // The same latent at every other position lights up too.
+    if (n.key) (BY_KEY[n.key] || []).forEach(function (i) {
+      var k = itemOf[i];
+      if (i !== it.node && k !== undefined && items[k].node === i) { itemEls[k].classList.add("same"); lit.push(itemEls[k]); }
+    });
   }
 
+  var allEdges = null;  // every drawn edge with "show all" on, kept between hovers
   function render() {  // the whole graph: items, layout, nodes, axes, edges
+    allEdges = null; shareTotals = null; allCache = null;
     buildItems(); layout();
     svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
     graphEl.style.height = H + "px";
     if (state.hover !== null && !items[state.hover]) state.hover = null;
-    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel();
+    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel(); persist();
   }
   function refresh() { drawEdges(); highlight(); }
 
@@ -487,10 +680,15 @@
     if (drag) {
       var dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
       if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
-      if (drag.moved) {
+      if (drag.moved && drag.item !== null) {
+        var it = items[drag.item];
+        it.bx = drag.bx + dx / view.k; it.by = drag.by + dy / view.k;
+        state.sgPos[itemKey(it)] = [Math.round(it.bx), Math.round(it.by)];
+        moveNodes(); drawEdges();
+      } else if (drag.moved) {
         graphEl.classList.add("panning");
         view.x = drag.vx + dx; view.y = drag.vy + dy;
-        moveNodes(); drawAxes(); drawEdges();
+        moveNodes(); drawAxes(); drawEdges(true);
       }
       return;
     }
@@ -506,19 +704,41 @@
     } else tip.classList.add("hidden");
   });
   graphEl.addEventListener("mousedown", function (ev) {
-    if (ev.button !== 0 || itemFromEvent(ev) !== null) return;
-    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false};
+    if (ev.button !== 0) return;
+    var k = itemFromEvent(ev);
+    if (k !== null && !state.subgraph) return;
+    // In the subgraph a node can be dragged to where it reads best (its place is saved); elsewhere the view pans.
+    drag = {x: ev.clientX, y: ev.clientY, vx: view.x, vy: view.y, moved: false, item: k,
+            bx: k !== null ? items[k].bx : 0, by: k !== null ? items[k].by : 0};
   });
   window.addEventListener("mouseup", function () {
-    if (drag && drag.moved) setTimeout(function () { drag = null; }, 0); else drag = null;
+    if (drag && drag.moved) {
+      if (drag.item !== null) { drawNodes(); highlight(); persist(); }
+      setTimeout(function () { drag = null; }, 0); drawEdges();
+    } else drag = null;
     graphEl.classList.remove("panning");
   });
+  // Inline in a notebook the wheel scrolls the notebook, unless the graph has the focus (click it) or a
+  // modifier key is held; a page of its own zooms with the plain wheel.
+  var INLINE = (function () { try { return window.self !== window.top; } catch (err) { return true; } })();
+  var wheelHinted = false, relabelTimer = null;
+  function graphHasFocus() { return graphEl.contains(document.activeElement); }
   graphEl.addEventListener("wheel", function (ev) {
+    if (INLINE && !graphHasFocus() && !(ev.ctrlKey || ev.metaKey || ev.altKey || ev.shiftKey)) {
+      if (!wheelHinted) { wheelHinted = true; say("to zoom, click the graph first (or hold ctrl while scrolling)"); }
+      return;  // not prevented: the notebook scrolls
+    }
     ev.preventDefault();
     var r = graphEl.getBoundingClientRect(), px = ev.clientX - r.left, py = ev.clientY - r.top;
     var k = Math.max(0.5, Math.min(40, view.k * Math.exp(-ev.deltaY * 0.0015)));
     view.x = px - (px - view.x) * k / view.k; view.y = py - (py - view.y) * k / view.k; view.k = k;
-    moveNodes(); drawAxes(); drawEdges();
+    moveNodes(); drawAxes(); drawEdges(true);
+    clearTimeout(relabelTimer);  // once the wheel rests, place the labels and paint the edges again
+    relabelTimer = setTimeout(function () {
+      var focused = graphHasFocus();
+      drawNodes(); highlight(); drawEdges();
+      if (focused) graphEl.focus({preventScroll: true});
+    }, 200);
   }, {passive: false});
   graphEl.addEventListener("click", function (ev) {
     if (drag && drag.moved) return;
@@ -547,6 +767,73 @@
     render();
     if (state.clicked !== null) select(state.clicked);
   }
+  // The pinned subgraph's scores, as compute_graph_scores (scores.py) computes a graph's, on the drawn
+  // graph with every drawn latent that is not pinned treated as an error node (its inputs cut): the
+  // replacement score is the share of the logits' influence that ends at embeddings rather than at
+  // errors; the completeness score the influence-weighted share of each node's input not from errors.
+  function subgraphScores() {
+    if (!state.pinned.length) return null;
+    var N = NODES.length, pinned = {}, errLike = new Uint8Array(N), i, j, k;
+    state.pinned.forEach(function (p) { pinned[p] = true; });
+    NODES.forEach(function (n, q) {
+      if (nodeVis[q] && (n.type === "error" || (n.type === "latent" && !pinned[q]))) errLike[q] = 1;
+    });
+    var live = [], rowSum = new Float64Array(N), fromErr = new Float64Array(N);
+    EDGES.forEach(function (e, q) { if (edgeVis[q] && !errLike[e[1]]) live.push(q); });
+    live.forEach(function (q) {
+      var e = EDGES[q], a = Math.abs(e[2]);
+      rowSum[e[1]] += a; if (errLike[e[0]]) fromErr[e[1]] += a;
+    });
+    var v = new Float64Array(N), infl = new Float64Array(N), w = new Float64Array(N);
+    LOGITS.forEach(function (q) { w[q] = F32(NODES[q].lw); });
+    v.set(w);
+    for (k = 0; k <= META.n_layers; k++) {
+      var nv = new Float64Array(N);
+      live.forEach(function (q) { var e = EDGES[q]; nv[e[0]] += v[e[1]] * Math.abs(e[2]) / Math.max(rowSum[e[1]], 1e-8); });
+      v = nv;
+      for (i = 0; i < N; i++) infl[i] += v[i];
+    }
+    var emb = 0, err = 0, num = 0, den = 0;
+    for (i = 0; i < N; i++) {
+      if (!nodeVis[i]) continue;
+      if (NODES[i].type === "embedding") emb += infl[i];
+      if (errLike[i]) err += infl[i];
+      var weight = infl[i] + w[i], share = rowSum[i] > 0 ? 1 - fromErr[i] / rowSum[i] : 1;
+      num += share * weight; den += weight;
+    }
+    j = emb + err;
+    return {replacement: j > 0 ? emb / j : 0, completeness: den > 0 ? num / den : 0};
+  }
+  // Suggested supernodes: among the pinned latents (or, with fewer than two pinned, the drawn ones), those
+  // that are one latent at several positions, or whose decoder directions or top examples agree
+  // (DATA.similar, from views/suggestions.py), joined transitively.
+  var suggestions = [];
+  function suggestSupernodes() {
+    var pool = state.pinned.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
+    if (pool.length < 2) pool = NODES.map(function (n, i) { return i; }).filter(function (i) {
+      return nodeVis[i] && !state.hidden[i] && NODES[i].type === "latent" && superOf(i) < 0;
+    });
+    var parent = {}, why = {};
+    function root(i) { while (parent[i] !== i) i = parent[i] = parent[parent[i]]; return i; }
+    function join(a, b, reason) { a = root(a); b = root(b); if (a !== b) { parent[b] = a; why[a] = (why[a] || []).concat(why[b] || [], [reason]); } }
+    pool.forEach(function (i) { parent[i] = i; });
+    var atKey = {};
+    pool.forEach(function (i) { (atKey[NODES[i].key] = atKey[NODES[i].key] || []).push(i); });
+    Object.keys(atKey).forEach(function (key) { atKey[key].slice(1).forEach(function (i) { join(atKey[key][0], i, "same latent"); }); });
+    (DATA.similar || []).forEach(function (p) {
+      var as = atKey[p[0]], bs = atKey[p[1]];
+      if (as && bs) join(as[0], bs[0], p[3] === "decoder" ? "decoders cos " + fmt(p[2]) : "examples agree " + fmt(p[2]));
+    });
+    var groups = {};
+    pool.forEach(function (i) { (groups[root(i)] = groups[root(i)] || []).push(i); });
+    suggestions = Object.keys(groups).filter(function (r) { return groups[r].length > 1; }).map(function (r) {
+      return {members: groups[r].sort(function (a, b) { return a - b; }), why: (why[r] || []).filter(function (w, k, all) { return all.indexOf(w) === k; })};
+    });
+    say(suggestions.length ? suggestions.length + " suggested supernode" + (suggestions.length > 1 ? "s" : "") + ": see the pins bar" :
+        "no latents here agree (same latent, decoders, or examples)");
+    drawPins();
+    return suggestions;
+  }
   function drawPins() {
     var box = document.getElementById("pins"), out = [];
     state.pinned.forEach(function (i) {
@@ -560,8 +847,18 @@
       out.push('<span class="sn">\u25c9 <input type="text" data-sn-name="' + s + '" value="' + esc(sn.name) + '" aria-label="supernode name"> (' +
                sn.members.length + ' nodes)<button type="button" data-ungroup="' + s + '" title="ungroup">ungroup</button></span>');
     });
+    suggestions.forEach(function (sg, k) {
+      out.push('<span class="suggest">suggested: ' + sg.members.map(function (i) { return esc(cut(nodeTitle(NODES[i]), 30)); }).join(" + ") +
+               ' <span class="muted">(' + esc(sg.why.join(", ")) + ')</span><button type="button" data-suggest="' + k +
+               '" title="make these one supernode">group</button></span>');
+    });
+    var sc = subgraphScores();
+    if (sc) out.push('<span class="sub-scores" title="the pinned subgraph\u2019s scores: unpinned latents count as errors">' +
+                     "replacement <b>" + fmt(sc.replacement) + "</b> &middot; completeness <b>" + fmt(sc.completeness) + "</b></span>");
     box.innerHTML = out.length ? '<span class="muted">pinned:</span>' + out.join("") : "";
     document.getElementById("subgraph-btn").classList.toggle("on", state.subgraph);
+    var nHidden = Object.keys(state.hidden).length, unhide = document.getElementById("unhide-btn");
+    unhide.hidden = !nHidden; unhide.textContent = "show hidden (" + nHidden + ")";
   }
   document.getElementById("pins").addEventListener("change", function (ev) {
     var t = ev.target;
@@ -572,13 +869,17 @@
     var t = ev.target;
     if (t.hasAttribute("data-unpin")) togglePin(+t.getAttribute("data-unpin"));
     if (t.hasAttribute("data-ungroup")) { state.supernodes.splice(+t.getAttribute("data-ungroup"), 1); render(); }
+    if (t.hasAttribute("data-suggest")) {
+      var sg = suggestions.splice(+t.getAttribute("data-suggest"), 1)[0], first = labelOf(sg.members[0]);
+      group(first ? cut(first.text, 30) : "", sg.members);
+    }
   });
   function group(name, members) {
-    members = members.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
-    if (members.length < 2) { say("tick two or more pinned latents to group them"); return false; }
+    members = members.filter(function (i) { return superOf(i) < 0; });
+    if (members.length < 2) { say("tick two or more pinned nodes to group them"); return false; }
     members.forEach(function (i) { if (state.pinned.indexOf(i) < 0) state.pinned.push(i); delete state.ticked[i]; });
     state.supernodes.push({name: name || "supernode " + (state.supernodes.length + 1), members: members});
-    say("grouped " + members.length + " latents");
+    say("grouped " + members.length + " nodes");
     render();
     return true;
   }
@@ -592,12 +893,18 @@
   document.getElementById("clear-pins").addEventListener("click", function () {
     state.pinned = []; state.supernodes = []; state.ticked = {}; state.subgraph = false; render();
   });
+  document.getElementById("suggest-btn").addEventListener("click", suggestSupernodes);
+  document.getElementById("unhide-btn").addEventListener("click", function () { state.hidden = {}; render(); });
+  document.getElementById("color-by").addEventListener("change", function (ev) {
+    state.colorBy = ev.target.value; render(); persist();
+  });
+  document.getElementById("link-type").addEventListener("change", function (ev) { state.linkType = ev.target.value; refresh(); });
   document.getElementById("show-all").addEventListener("change", function (ev) { state.showAll = ev.target.checked; refresh(); });
   document.getElementById("reset-view").addEventListener("click", function () { view = {k: 1, x: 0, y: 0}; render(); });
 
   // ------------------------------------------------------------------------------------------- sliders
   var nodeThr = document.getElementById("node-thr"), edgeThr = document.getElementById("edge-thr");
-  nodeThr.max = String(Math.min(1, META.node_threshold || 1));
+  nodeThr.max = String(PRUNE.node_max);  // the page holds the nodes kept up to the result's own threshold
   function showThresholds() {
     nodeThr.value = state.nodeThr; edgeThr.value = state.edgeThr;
     document.getElementById("node-thr-val").textContent = (+state.nodeThr).toFixed(2);
@@ -607,13 +914,37 @@
     state.nodeThr = +nodeThr.value; state.edgeThr = +edgeThr.value;
     showThresholds(); reprune(); render();
     var nv = nodeVis.filter(Boolean).length, ev = edgeVis.filter(Boolean).length;
-    say(nv + " nodes, " + ev + " edges shown");
+    say(nv + " nodes, " + ev + " edges: as prune(result, " + state.nodeThr + ", " + state.edgeThr + ") keeps them");
     if (state.clicked !== null) select(state.clicked); else overview();
   }
   nodeThr.addEventListener("input", onSlide); edgeThr.addEventListener("input", onSlide);
 
   // ------------------------------------------------------------------------------------------- panel
-  var panel = document.getElementById("panel");
+  var panel = document.getElementById("panel"), mainEl = document.querySelector("main");
+  // The splitter between graph and panel: drag it (or focus it and use the arrow keys) to share the width.
+  function setPanelWidth(w) {
+    state.panelWidth = w === null ? null : Math.round(Math.max(220, Math.min(w, mainEl.clientWidth - 260)));
+    if (state.panelWidth === null) mainEl.style.removeProperty("--panel-w");
+    else mainEl.style.setProperty("--panel-w", state.panelWidth + "px");
+  }
+  var splitter = document.getElementById("splitter"), sizing = null;
+  splitter.addEventListener("mousedown", function (ev) {
+    if (ev.button !== 0) return;
+    ev.preventDefault();
+    sizing = {x: ev.clientX, w: panel.getBoundingClientRect().width};
+  });
+  window.addEventListener("mousemove", function (ev) {
+    if (!sizing) return;
+    setPanelWidth(sizing.w + sizing.x - ev.clientX);
+    if (!sizing.frame) sizing.frame = requestAnimationFrame(function () { if (sizing) sizing.frame = null; render(); });
+  });
+  window.addEventListener("mouseup", function () { if (sizing) { sizing = null; render(); } });
+  splitter.addEventListener("keydown", function (ev) {
+    var step = ev.key === "ArrowLeft" ? 20 : ev.key === "ArrowRight" ? -20 : 0;
+    if (!step) return;
+    ev.preventDefault();
+    setPanelWidth(panel.getBoundingClientRect().width + step); render();
+  });
   function fitPanel() {  // beside the graph, the panel is about as tall as the graph and scrolls
     panel.style.maxHeight = (H + 80) + "px";  // from the layout, not read back (that would force a reflow)
   }
@@ -651,15 +982,33 @@
     return total ? below / total : 0;
   }
 
+  // A node's connections, as circuit-tracer's and Neuronpedia's viewers list them: positive and negative
+  // apart, each sorted by its share of the target's input (|w| over the target's drawn inputs).
+  var expanded = {};  // which lists show every row, for the node in the panel
+  function inputTotal(t) {
+    var sum = 0;
+    NODES[t].inE.forEach(function (j) { if (edgeVis[j]) sum += Math.abs(EDGES[j][2]); });
+    return sum;
+  }
+  function edgeShare(j) { var tot = inputTotal(EDGES[j][1]); return tot > 0 ? EDGES[j][2] / tot : 0; }
   function linkList(i, which) {
-    var n = NODES[i], list = (which === "in" ? n.inE : n.outE).filter(function (j) { return edgeVis[j]; });
-    if (!list.length) return '<div class="muted">none</div>';
-    list.sort(function (a, b) { return Math.abs(EDGES[b][2]) - Math.abs(EDGES[a][2]); });
-    return '<div class="links">' + list.slice(0, 10).map(function (j) {
-      var e = EDGES[j], other = which === "in" ? e[0] : e[1];
-      return '<div data-goto="' + other + '"><span>' + esc(nodeTitle(NODES[other])) + '</span><span style="color:' +
-             (e[2] >= 0 ? POS : NEG) + '">' + fmt(e[2]) + "</span></div>";
-    }).join("") + (list.length > 10 ? '<div class="muted">\u2026 ' + (list.length - 10) + " more</div>" : "") + "</div>";
+    var n = NODES[i], all = (which === "in" ? n.inE : n.outE).filter(function (j) { return edgeVis[j]; });
+    if (!all.length) return '<div class="muted">none</div>';
+    var share = {};
+    all.forEach(function (j) { share[j] = edgeShare(j); });
+    return ["pos", "neg"].map(function (sign) {
+      var list = all.filter(function (j) { return sign === "pos" ? EDGES[j][2] >= 0 : EDGES[j][2] < 0; });
+      if (!list.length) return "";
+      list.sort(function (a, b) { return Math.abs(share[b]) - Math.abs(share[a]); });
+      var key = which + "-" + sign, shown = expanded[key] ? list : list.slice(0, 10);
+      return '<div class="links-head muted">' + (sign === "pos" ? "positive" : "negative") + " (" + list.length + ")</div>" +
+        '<div class="links" data-list="' + key + '">' + shown.map(function (j) {
+          var e = EDGES[j], other = which === "in" ? e[0] : e[1];
+          return '<div data-goto="' + other + '" title="weight ' + fmt(e[2]) + '"><span>' + esc(nodeTitle(NODES[other])) +
+                 '</span><span style="color:' + (e[2] >= 0 ? POS : NEG) + '">' + (100 * share[j]).toFixed(1) + "%</span></div>";
+        }).join("") + (list.length > shown.length ? '<button type="button" class="more" data-more="' + key + '">\u2026 ' +
+        (list.length - shown.length) + " more</button>" : "") + "</div>";
+    }).join("");
   }
 
   function latentSections(n) {
@@ -703,8 +1052,10 @@
     return out.join("");
   }
 
-  function select(i) {
+  function select(i, keepLists) {
+    if (!keepLists) expanded = {};
     state.clicked = i;
+    persist();
     nodesG.querySelectorAll(".node.selected").forEach(function (el) { el.classList.remove("selected"); });
     if (i === null) { overview(); refresh(); return; }
     if (itemOf[i] !== undefined && items[itemOf[i]].node === i) itemEls[itemOf[i]].classList.add("selected");
@@ -727,7 +1078,8 @@
                 esc(l && l.derived ? l.text : "label this latent") + '" value="' + esc(l && !l.derived ? l.text : "") + '">' +
                 (l && l.derived ? '<span class="derived-mark" title="derived from its data; type to replace it">derived</span>' : "") + "</div>");
     }
-    html.push('<div><button type="button" id="pin-btn">' + (pinned ? "unpin" : "pin") + "</button></div>");
+    html.push('<div><button type="button" id="pin-btn">' + (pinned ? "unpin" : "pin") + '</button> <button type="button" id="hide-btn" ' +
+              'title="leave this node out of the graph (\u201cshow hidden\u201d brings it back)">hide</button></div>');
     html.push('<table class="facts">' + facts.map(function (f) {
       return "<tr><td>" + esc(f[0]) + "</td><td>" + esc(f[1]) + "</td></tr>";
     }).join("") + "</table>");
@@ -736,8 +1088,8 @@
                 fmt(n.ablate[1]) + "</b> <span class=\"muted\">(top logit)</span></div>");
     }
     if (n.type === "latent") html.push(latentSections(n));
-    if (n.type !== "embedding") html.push("<h3>Strongest inputs</h3>" + linkList(i, "in"));
-    if (n.type !== "logit") html.push("<h3>Strongest outputs</h3>" + linkList(i, "out"));
+    if (n.type !== "embedding") html.push('<h3 title="share of this node\u2019s input">Inputs</h3>' + linkList(i, "in"));
+    if (n.type !== "logit") html.push('<h3 title="share of each target\u2019s input">Outputs</h3>' + linkList(i, "out"));
     panel.innerHTML = html.join("");
     panel.classList.remove("empty");
     panel.setAttribute("data-node-id", n.id);
@@ -780,6 +1132,13 @@
   panel.addEventListener("click", function (ev) {
     if (ev.target.closest(".close")) { select(null); return; }
     if (ev.target.id === "pin-btn") { togglePin(state.clicked); return; }
+    if (ev.target.id === "hide-btn") { var h = state.clicked; state.hidden[h] = true; select(null); render(); say("hid " + nodeTitle(NODES[h])); return; }
+    var more = ev.target.closest("[data-more]");
+    if (more) {
+      var top = panel.scrollTop, key = more.getAttribute("data-more");
+      expanded[key] = true; select(state.clicked, true); panel.scrollTop = top;
+      return;
+    }
     var go = ev.target.closest("[data-goto]");
     if (go) select(+go.getAttribute("data-goto"));
   });
@@ -793,6 +1152,25 @@
   // ------------------------------------------------------------------------------------------- save and load
   // The saved file is the Neuronpedia graph JSON with this page's state in qParams (pinnedIds,
   // supernodes as [name, ...node ids], clickedId) and the labels as node clerps and qParams.labels.
+  function queryParams() {  // this page's state in Neuronpedia's qParams (plus our own keys, which it ignores)
+    var ids = function (i) { return NODES[i].id; };
+    var labels = {}, k;
+    for (k in state.labels) if (Object.prototype.hasOwnProperty.call(state.labels, k)) labels[k] = state.labels[k];
+    return {
+      pinnedIds: state.pinned.map(ids),
+      supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(ids)); }),
+      linkType: state.linkType,
+      hiddenIds: Object.keys(state.hidden).map(ids),
+      sgPositions: state.sgPos,
+      colorBy: state.colorBy,
+      panelWidth: state.panelWidth,
+      clickedId: state.clicked !== null ? ids(state.clicked) : "",
+      sg_pos: "",
+      node_threshold: state.nodeThr,
+      edge_threshold: state.edgeThr,
+      labels: labels
+    };
+  }
   function stateJSON() {
     var exp = DATA.export, ids = NODES.map(function (n) { return n.id; });
     var nodes = exp.nodes.map(function (n) {
@@ -803,20 +1181,77 @@
     });
     return JSON.stringify({
       metadata: exp.metadata,
-      qParams: {
-        pinnedIds: state.pinned.map(function (i) { return ids[i]; }),
-        supernodes: state.supernodes.map(function (sn) { return [sn.name].concat(sn.members.map(function (i) { return ids[i]; })); }),
-        linkType: "both",
-        clickedId: state.clicked !== null ? ids[state.clicked] : "",
-        sg_pos: "",
-        node_threshold: state.nodeThr,
-        edge_threshold: state.edgeThr,
-        labels: state.labels
-      },
+      qParams: queryParams(),
       nodes: nodes,
-      links: EDGES.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
+      links: DATA.edges.map(function (e) { return {source: ids[e[0]], target: ids[e[1]], weight: e[2]}; })
     });
   }
+  function currentState() {  // what the page restores: the qParams and labels, and when
+    var q = queryParams(), labels = q.labels;
+    delete q.labels;
+    return {qParams: q, labels: labels, saved_at: Date.now()};
+  }
+  function hasState(s) {
+    var q = (s && s.qParams) || {};
+    return !!((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.clickedId ||
+      (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
+      (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") || typeof q.panelWidth === "number" || q.colorBy === "share" ||
+      (q.sgPositions && Object.keys(q.sgPositions).length) ||
+      (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
+      (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
+  }
+  // This graph's state in the browser's storage (works from file:// too), under a key of its own.
+  var STORE_KEY = (function () {
+    var text = META.prompt + "|" + NODES.map(function (n) { return n.id; }).join(",") + "|" + EDGES.length, h = 2166136261;
+    for (var k = 0; k < text.length; k++) { h ^= text.charCodeAt(k); h = Math.imul(h, 16777619) >>> 0; }
+    return "part3-attribution-dashboard:" + h.toString(16);
+  })();
+  var storing = false;  // off until the saved state is back, so the first draw does not overwrite it
+  var localStore;
+  function storage() {  // null where the browser refuses (a sandboxed frame, storage turned off)
+    if (localStore === undefined) {
+      try {
+        localStore = window.localStorage;
+        localStore.setItem(STORE_KEY + ":probe", "1"); localStore.removeItem(STORE_KEY + ":probe");
+      } catch (err) { localStore = null; }
+    }
+    return localStore;
+  }
+  function persist() {
+    var ls = storage();
+    if (!storing || !ls) return;
+    try { ls.setItem(STORE_KEY, JSON.stringify(currentState())); } catch (err) { /* full or refused */ }
+  }
+  function stored() {
+    var ls = storage();
+    try { return ls ? JSON.parse(ls.getItem(STORE_KEY) || "null") : null; } catch (err) { return null; }
+  }
+  function forget() {
+    var ls = storage();
+    try { if (ls) ls.removeItem(STORE_KEY); } catch (err) { /* refused */ }
+    storing = false;
+    state.clicked = null;
+    applyState({qParams: {node_threshold: PRUNE.node_max, edge_threshold: META.edge_threshold || 1}});
+    storing = true;
+    say("pins, supernodes, labels and thresholds cleared, here and in this browser's storage");
+  }
+  function download(name, text, type) {
+    var blob = new Blob([text], {type: type}), a = document.createElement("a");
+    a.href = URL.createObjectURL(blob); a.download = name;
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(function () { URL.revokeObjectURL(a.href); }, 1000);
+  }
+  // This page again with the state inside: it opens with it from anywhere, file:// included.
+  function pageWithState() {
+    var copy = {}, k;
+    for (k in DATA) if (Object.prototype.hasOwnProperty.call(DATA, k)) copy[k] = DATA[k];
+    copy.state = currentState();
+    var json = JSON.stringify(copy).replace(/</g, "\\u003c").replace(/>/g, "\\u003e").replace(/&/g, "\\u0026");
+    // "<\/script>": written out, the end tag would end this very script in the page.
+    var open = PAGE.indexOf('id="dashboard-data">'), from = PAGE.indexOf(">", open) + 1, to = PAGE.indexOf("<\/script>", from);
+    return PAGE.slice(0, from) + json + PAGE.slice(to);
+  }
+  function slug() { return String((DATA.export.metadata || {}).slug || "attribution-graph").replace(/[^\w.-]+/g, "-"); }
   function applyState(s) {
     var q = (s && s.qParams) || {}, known = function (id) { return byId[id] !== undefined; };
     var pins = q.pinnedIds || [];
@@ -830,17 +1265,32 @@
     Object.keys(labels).forEach(function (id) { if (known(id)) state.labels[id] = String(labels[id]); });
     if (typeof q.node_threshold === "number") state.nodeThr = Math.min(+nodeThr.max, q.node_threshold);
     if (typeof q.edge_threshold === "number") state.edgeThr = q.edge_threshold;
+    state.hidden = {};
+    (q.hiddenIds || []).filter(known).forEach(function (id) { state.hidden[byId[id]] = true; });
+    state.linkType = q.linkType === "in" || q.linkType === "out" ? q.linkType : "both";
+    state.colorBy = q.colorBy === "share" ? "share" : "weight";
+    document.getElementById("color-by").value = state.colorBy;
+    state.sgPos = {};
+    Object.keys(q.sgPositions || {}).forEach(function (key) {
+      var xy = q.sgPositions[key];
+      if (xy && typeof xy[0] === "number" && typeof xy[1] === "number") state.sgPos[key] = [xy[0], xy[1]];
+    });
+    setPanelWidth(typeof q.panelWidth === "number" ? q.panelWidth : null);
+    document.getElementById("link-type").value = state.linkType;
     state.ticked = {}; state.subgraph = false;
-    showThresholds(); reprune(); render();
+    showThresholds(); setPruning(); render();
     if (q.clickedId && known(q.clickedId)) select(byId[q.clickedId]); else select(null);
   }
   document.getElementById("save-btn").addEventListener("click", function () {
-    var blob = new Blob([stateJSON()], {type: "application/json"}), a = document.createElement("a");
-    a.href = URL.createObjectURL(blob); a.download = "neuronpedia.json";
-    document.body.appendChild(a); a.click(); a.remove();
-    setTimeout(function () { URL.revokeObjectURL(a.href); }, 1000);
-    say("saved neuronpedia.json: put it beside index.html (or load it here) to restore this state");
+    download(slug() + ".html", pageWithState(), "text/html");
+    say("downloaded " + slug() + ".html: this page with your pins, supernodes, labels and thresholds inside; open it to go on");
   });
+  document.getElementById("export-btn").addEventListener("click", function () {
+    download("neuronpedia.json", stateJSON(), "application/json");
+    say("downloaded neuronpedia.json: upload it to Neuronpedia, or open it here with \u201cload state\u201d");
+  });
+  document.getElementById("forget-btn").addEventListener("click", forget);
+  document.getElementById("load-btn").addEventListener("click", function () { document.getElementById("load-file").click(); });
   document.getElementById("load-file").addEventListener("change", function (ev) {
     var file = ev.target.files[0];
     if (!file) return;
@@ -873,20 +1323,40 @@
 
   // At the thresholds it was written with, the page shows what Python pruned: no re-pruning needed.
   showThresholds(); render(); overview();
-  var initial = DATA.state || {};
-  if ((initial.qParams && Object.keys(initial.qParams).length) || (initial.labels && Object.keys(initial.labels).length)) applyState(initial);
-  // Served over http (e.g. by Jupyter): a saved neuronpedia.json beside the page restores its state.
-  if (/^https?:$/.test(location.protocol) && !window.frameElement) {
-    fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
-      var q = j && j.qParams;
-      if (q && ((q.pinnedIds && q.pinnedIds.length) || (q.supernodes && q.supernodes.length) || q.labels)) applyState(j);
-    }).catch(function () { /* no saved state beside the page */ });
+  // The state to open with: the newer of the one written into the page and the one in this browser.
+  var initial = DATA.state || {}, local = stored();
+  if (local && hasState(local) && (local.saved_at || 0) >= (initial.saved_at || 0)) {
+    applyState(local); say("your pins, labels and thresholds for this graph are back (kept in this browser)");
+  } else if (hasState(initial)) applyState(initial);
+  else {
+    say(storage() ? "changes are kept in this browser; \u201csave\u201d downloads this page with them inside" :
+        "this browser keeps nothing for this page: \u201csave\u201d downloads it with your changes inside");
+    // Served over http (e.g. by Jupyter), a neuronpedia.json saved beside the page is read too.
+    if (/^https?:$/.test(location.protocol) && !window.frameElement) {
+      fetch("neuronpedia.json").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
+        if (j && hasState(j)) applyState(j);
+      }).catch(function () { /* no saved state beside the page */ });
+    }
   }
+  storing = true;
+  persist();
   fitFrame();
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
-    stateJSON: stateJSON, applyState: applyState, items: function () { return items; },
+    stateJSON: stateJSON, applyState: applyState, items: function () { return items; }, pageWithState: pageWithState,
+    forget: forget, storeKey: STORE_KEY, itemKey: itemKey, subgraphScores: subgraphScores, suggest: suggestSupernodes, zoom: function () { return view.k; },
     drawnEdges: function () { return drawnEdges.map(function (d) { return d[3]; }); },
-    visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; }
+    edgeShapes: function () {
+      var scale = state.subgraph ? Math.max.apply(null, drawnEdges.map(function (d) { return Math.abs(d[2]); }).concat([1e-12])) : maxAbs;
+      return drawnEdges.map(function (d) { var g = edgeShape(d); g.weight = d[2]; g.edge = d[3]; g.strength = strength(d, scale); return g; });
+    },
+    visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
+    // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
+    // and the drawn edges as [source, target].
+    pruned: function () {
+      var ids = function (vis) { return NODES.map(function (n, i) { return vis[i] ? n.idx : -1; }).filter(function (x) { return x >= 0; }).sort(function (a, b) { return a - b; }); };
+      return {kept: prunedKept && ids(prunedKept), visible: ids(nodeVis),
+              edges: EDGES.filter(function (e, j) { return edgeVis[j]; }).map(function (e) { return [NODES[e[0]].idx, NODES[e[1]].idx]; })};
+    }
   };
 })();

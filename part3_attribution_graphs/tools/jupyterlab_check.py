@@ -1,0 +1,131 @@
+"""Open the committed solutions notebook in a real JupyterLab, headless, as a reader meets it: untrusted,
+then trusted, then reopened; print what every dashboard output and the explorer cell show.
+
+    python -m part3_attribution_graphs.tools.jupyterlab_check     # needs the `lab` extra and Chromium
+
+JupyterLab runs with throwaway settings and trust database (nothing of yours is read or changed) on a
+copy of the notebook. Exits 1 if any dashboard output is blank (neither a graph nor the line that
+says what to do) or if opening the notebook changed the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .chromium import INSTALL_HINT, find_chromium, launch
+from .notebook_builder import NOTEBOOKS
+
+# What each dashboard output shows: frames, whether the "trust the notebook" line is visible, drawn nodes.
+PROBE = """(() => {
+  const outs = [...document.querySelectorAll('.jp-OutputArea-output')];
+  const dash = outs.filter(o => o.querySelector('iframe') || o.textContent.includes('Attribution dashboard'));
+  return {
+    dashboards: dash.map(o => {
+      const f = o.querySelector('iframe'), note = [...o.querySelectorAll('div')]
+        .find(d => d.textContent.startsWith('No dashboard here?'));
+      let nodes = null;
+      try { nodes = f ? f.contentDocument.querySelectorAll('#graph .node').length : null; }
+      catch (e) { nodes = -1; }
+      return {frame: !!f, note_visible: !!note && note.offsetHeight > 0, nodes: nodes};
+    }),
+    explorer_note: outs.some(o => o.textContent.includes('Attribution explorer: live')),
+  };
+})()"""
+SCROLL = """(() => { const p = document.querySelector('.jp-WindowedPanel-outer');
+  if (p) p.scrollTop += 1500; })()"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _look(chromium: str, url: str) -> dict:
+    """Open `url` in a fresh headless Chromium, scroll through the notebook (JupyterLab renders cells as
+    they come into view), and probe the outputs."""
+    with launch(chromium, width=1400, height=1000, timeout=120) as cdp:
+        for domain in ("Page", "Runtime"):
+            cdp.send(f"{domain}.enable")
+        cdp.send("Page.navigate", url=url)
+        time.sleep(20)
+        for _ in range(80):
+            cdp.evaluate(SCROLL)
+            time.sleep(0.15)
+        time.sleep(3)
+        return cdp.evaluate(PROBE)
+
+
+def main() -> int:
+    chromium = find_chromium()
+    if chromium is None:
+        raise SystemExit(f"Chromium not found: {INSTALL_HINT}")
+    jupyter = Path(sys.executable).with_name("jupyter")
+    if subprocess.run([sys.executable, "-c", "import jupyterlab"], capture_output=True).returncode:
+        raise SystemExit('JupyterLab is not installed here: pip install -e ".[lab]"')
+    work = Path(tempfile.mkdtemp(prefix="p3ag-lab-"))
+    root = work / "nb"
+    root.mkdir()
+    notebook = root / "solutions.ipynb"
+    shutil.copy(NOTEBOOKS["solutions"], notebook)
+    before = notebook.read_bytes()
+    env = {
+        **os.environ,
+        **{f"JUPYTER_{k}_DIR": str(work / k.lower()) for k in ("DATA", "CONFIG", "RUNTIME")},
+    }
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(jupyter),
+            "lab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.token=",
+            "--ServerApp.password=",
+            f"--ServerApp.root_dir={root}",
+            "--allow-root",
+        ],  # fmt: skip
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen = {}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/api", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        url = f"{base}/lab/tree/{notebook.name}"
+        seen["untrusted"] = _look(chromium, url)
+        subprocess.run([str(jupyter), "trust", str(notebook)], env=env, check=True, capture_output=True)
+        seen["trusted"] = _look(chromium, url)
+        seen["reopened"] = _look(chromium, url)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    changed = notebook.read_bytes() != before
+    shutil.rmtree(work, ignore_errors=True)
+    blank = [
+        (case, k)
+        for case, probe in seen.items()
+        for k, d in enumerate(probe["dashboards"])
+        if not (d["note_visible"] or (d["frame"] and (d["nodes"] or 0) > 0))
+    ]
+    print(json.dumps({**seen, "file_changed_by_opening": changed, "blank_outputs": blank}, indent=1))
+    return 1 if blank or changed or not all(p["dashboards"] for p in seen.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
