@@ -106,7 +106,8 @@ def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path
         raise hub_error(
             f"{filename} of {repo_id}",
             err,
-            f"Pass local_dir= a folder that already holds this file, or make example data locally. {TOY_HINT}",
+            f"Pass local_dir= a folder that already holds this file, or make example data locally. "
+            f"{TOY_HINT}",
         ) from err
 
 
@@ -169,7 +170,11 @@ def _read_by_range(
     try:
         source = RemoteSafetensors(repo_id, filename, token=find_hf_token(), cache=cache)
         data = _read_subset(source, features, n_examples, f"{repo_id}/{filename}")
-    except (OSError, ValueError, KeyError) as err:  # network and HTTP: OSError; a file not as expected: the rest
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+    ) as err:  # network and HTTP: OSError; a file not as expected: the rest
         raise hub_error(
             f"{filename} of {repo_id} by range requests",
             err,
@@ -230,7 +235,8 @@ def load_example_data(
     missing = [k for k in EXAMPLE_KEYS if k not in data]
     if missing:
         raise HubUnreachableError(
-            f"{path} lacks {missing}; it has {sorted(data)}: not the example data this code expects. {TOY_HINT}",
+            f"{path} lacks {missing}; it has {sorted(data)}: not the example data this code expects. "
+            f"{TOY_HINT}",
             kind="unexpected answer",
         )
     if n_examples is not None:

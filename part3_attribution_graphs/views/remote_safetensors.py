@@ -98,7 +98,11 @@ def parse_header(raw: bytes, data_start: int, size: int | None, name: str) -> di
     tensors, spans = {}, []
     for key, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = (
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                info["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{name}: tensor {key!r} has no dtype, shape or data_offsets.") from None
         if dtype not in _ITEMSIZE:
@@ -110,7 +114,9 @@ def parse_header(raw: bytes, data_start: int, size: int | None, name: str) -> di
                 f"[{begin}, {end}] hold {end - begin}: the header is corrupt."
             )
         if size is not None and data_start + end > size:
-            raise ValueError(f"{name}: tensor {key!r} ends at byte {data_start + end}, past the file's {size}.")
+            raise ValueError(
+                f"{name}: tensor {key!r} ends at byte {data_start + end}, past the file's {size}."
+            )
         tensors[key] = (dtype, shape, begin, end)
         spans.append((begin, end, key))
     spans.sort()
@@ -158,7 +164,9 @@ class RemoteSafetensors:
         self.etag: str | None = None
         self.size: int | None = None
         self._lock = threading.Lock()
-        self._local = threading.local()  # one HTTP session per thread (requests' sessions are not thread-safe)
+        self._local = (
+            threading.local()
+        )  # one HTTP session per thread (requests' sessions are not thread-safe)
         self._storage_url: str | None = None  # the signed URL the hub redirected to, used while it works
         self._cache_path = None if cache is False else Path(cache or default_range_cache())
         self._chunks: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint, not touching
@@ -189,7 +197,9 @@ class RemoteSafetensors:
             raise ValueError(f"{self.name} has no tensor {key!r}; it has {sorted(self.tensors)}.")
         dtype_name, shape, begin, _ = self.tensors[key]
         if dtype_name not in _DTYPES or len(shape) not in (1, 2):
-            raise ValueError(f"{self.name}: tensor {key!r} is {dtype_name} {list(shape)}, which is not read here.")
+            raise ValueError(
+                f"{self.name}: tensor {key!r} is {dtype_name} {list(shape)}, which is not read here."
+            )
         dtype = _DTYPES[dtype_name]
         item = _ITEMSIZE[dtype_name]
         width = shape[1] if len(shape) == 2 else 1
@@ -283,7 +293,7 @@ class RemoteSafetensors:
             self.size = size if size is not None else self.size
 
     def _fetch(self, start: int, end: int) -> bytes:
-        """Bytes `[start, end)` of the file, over one HTTP range request (a second if a signed URL expired)."""
+        """Bytes `[start, end)` of the file, by one HTTP range request (another if a signed URL expired)."""
         deadline = time.monotonic() + _hub.REQUEST_DEADLINE_S
         for _ in range(3):
             url = self._resolve(deadline)
@@ -307,7 +317,9 @@ class RemoteSafetensors:
                 self.bytes_fetched += len(data)
                 self.requests += 1
             return data
-        raise HubRequestError(f"{self.name}: the hub's storage kept refusing its own signed URLs", "forbidden")
+        raise HubRequestError(
+            f"{self.name}: the hub's storage kept refusing its own signed URLs", "forbidden"
+        )
 
     def _body(self, response, start: int, end: int, deadline: float) -> bytes:
         """The asked-for bytes of a 206 answer, checked against `Content-Range`; anything else is refused
@@ -317,7 +329,9 @@ class RemoteSafetensors:
             raise _refused(url, response, start, end)
         found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
         if found is None:
-            raise HubRequestError(f"{url}: a 206 answer without a valid Content-Range", "unexpected answer", 206)
+            raise HubRequestError(
+                f"{url}: a 206 answer without a valid Content-Range", "unexpected answer", 206
+            )
         first, last = int(found.group(1)), int(found.group(2))
         if found.group(3) != "*" and self.size is not None and int(found.group(3)) != self.size:
             raise HubRequestError(

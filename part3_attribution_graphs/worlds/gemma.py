@@ -95,7 +95,9 @@ def gemmascope_transcoder_loader(
         return hf_hub_download(force_download=force_download, **kwargs)
 
     try:
-        raw = json.loads(Path(hub_download(repo_id, f"{folder_name}/config.json", token, download=fetch)).read_text())
+        raw = json.loads(
+            Path(hub_download(repo_id, f"{folder_name}/config.json", token, download=fetch)).read_text()
+        )
     except EntryNotFoundError as err:  # an old layout without config.json: what the folder name says
         if failure_kind(err) != "not found":
             raise
@@ -103,7 +105,9 @@ def gemmascope_transcoder_loader(
             "model_name": repo_id.replace("gemma-scope-2", "gemma-3"),
             "affine_connection": "affine" in folder_name,
         }
-    params = load_file(hub_download(repo_id, f"{folder_name}/params.safetensors", token, download=fetch), device)
+    params = load_file(
+        hub_download(repo_id, f"{folder_name}/params.safetensors", token, download=fetch), device
+    )
     layer = int(re.search(r"layer_(\d+)", folder_name).group(1))
     d_in, d_sae = params["w_enc"].shape
     affine = bool(raw.get("affine_connection", False))

@@ -420,7 +420,9 @@ def hub_download(
         except Exception as err:
             kind = failure_kind(err)
             status = next((s for s in map(_status, _causes(err)) if s is not None), None)
-            response = next((e.response for e in _causes(err) if getattr(e, "response", None) is not None), None)
+            response = next(
+                (e.response for e in _causes(err) if getattr(e, "response", None) is not None), None
+            )
             if send_token and _token_refused(response):
                 send_token = False  # huggingface_hub: False = send no token at all
                 continue

@@ -39,7 +39,7 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
 9. A captive portal answers every URL with its own HTML page (`200`), a proxy with `403`/`407`. Here:
    `captive="page"` or `captive="407"` makes the hub endpoint do that.
 10. A `206` says in `Content-Range` which bytes it holds. Here: `range_shift` answers `206` with bytes
-    from another offset (and says so in `Content-Range`).
+    from another offset (and says so in `Content-Range`), for ranges from `range_shift_from` on.
 11. Here: `trickle_s` sends storage bodies one byte per `trickle_s` seconds.
 12. (the client's cache file; nothing to serve)
 
@@ -83,7 +83,8 @@ __all__ = [
 ]
 
 GEMMASCOPE_REPO = "google/gemma-scope-2-1b-it"
-_DIRECT_MAX = 1_000_000  # files below this (config.json) are served by the hub itself, like git (non-LFS) files
+# Stored in LFS/Xet, so /resolve/ redirects to storage; any other file is a git file the hub serves itself.
+_LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def write_gemmascope_layout(
@@ -182,6 +183,7 @@ class OfflineHub:
     captive: str | None = None  # "page", "403" or "407"
     xet_broken: bool = False
     range_shift: int = 0
+    range_shift_from: int = 0  # only ranges starting here or later are shifted
     trickle_s: float = 0.0
     url_lifetime_s: float = 3600.0
     retry_after: str = "1"
@@ -217,8 +219,9 @@ class OfflineHub:
         with self.lock:
             self._blobs[old] = keep
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        new_commit = hashlib.sha1((self.commit(repo_id) + filename).encode()).hexdigest()
         with self.lock:
-            self._commits[repo_id] = hashlib.sha1((self.commit(repo_id) + filename).encode()).hexdigest()
+            self._commits[repo_id] = new_commit
 
     def etag(self, path: Path) -> str:
         stat = path.stat()
@@ -313,7 +316,7 @@ class _Base(BaseHTTPRequestHandler):
             if start > end:
                 self._reply(416, b"", body, {"Content-Range": f"bytes */{size}"})
                 return
-            shift = max(-start, min(hub.range_shift, size - 1 - end))
+            shift = max(-start, min(hub.range_shift, size - 1 - end)) if start >= hub.range_shift_from else 0
             start, end = start + shift, end + shift
         with open(path, "rb") as f:
             f.seek(start)
@@ -357,12 +360,12 @@ class _HubHandler(_Base):
             self._reply(401, error, body, {"Content-Type": "application/json"})
             return
         path = unquote(urlparse(self.path).path)
-        api = re.match(r"^/api/models/(.+?)(?:/revision/[^/]+)?$", path)
-        if api and not path.endswith("xet-read-token"):
-            self._repo_info(api.group(1), body)
-            return
         if "/xet-read-token/" in path:  # row 8: a CAS token route that does not give one
             self._reply(200, b"{}", body, {"Content-Type": "application/json"})
+            return
+        api = re.match(r"^/api/models/(.+?)(?:/revision/[^/]+)?$", path)
+        if api:
+            self._repo_info(api.group(1), body)
             return
         resolve = re.match(r"^/(.+?)/resolve/([^/]+)/(.+)$", path)
         if resolve is None:
@@ -399,12 +402,16 @@ class _HubHandler(_Base):
                 404,
                 b'{"error": "Entry not found"}',
                 body,
-                {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
+                {
+                    "X-Error-Code": "EntryNotFound",
+                    "X-Error-Message": "Entry not found",
+                    "X-Repo-Commit": commit,
+                },
             )
             return
         etag = hub.etag(path)
         size = path.stat().st_size
-        if size < _DIRECT_MAX:  # a git file: served here, its ETag a blob id
+        if not filename.endswith(_LFS_SUFFIXES):  # a git file (config.json): served here, its ETag a blob id
             self._send_file(path, body, {"ETag": f'"{etag[:40]}"', "X-Repo-Commit": commit})
             return
         with hub.lock:
@@ -487,4 +494,3 @@ def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterat
         for server in (hub_server, storage_server):
             server.shutdown()
             server.server_close()
-
