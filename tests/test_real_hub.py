@@ -483,3 +483,28 @@ def test_an_unusable_range_cache_is_a_miss_with_a_warning_naming_it(schema_file,
         got = _load(cache=cache)
     _assert_rows(got, data)
     assert any(str(cache) in str(w.message) and "cannot be used" in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------ row 14: the quantisation, as documented
+
+
+@pytest.mark.gemma270m
+def test_the_documented_quantisation_is_the_gguf_files():
+    """The README, the notebook and the world's docstring name exactly the tensor types of the PyPI GGUF."""
+    import re
+    from pathlib import Path
+
+    import gguf
+
+    from part3_attribution_graphs.worlds import gemma270m
+
+    reader = gguf.GGUFReader(str(gemma270m.assemble_gguf()))
+    stored = {t.tensor_type.name for t in reader.tensors} - {"F32"}
+    root = Path(__file__).resolve().parents[1]
+    for text in (
+        (root / "README.md").read_text(),
+        (root / "notebook_source" / "attribution_graphs.md").read_text(),
+        gemma270m_scope.__doc__,
+    ):
+        assert "4-bit" not in text
+        assert set(re.findall(r"\bQ\d_(?:K|0|1)\b", text)) == stored
