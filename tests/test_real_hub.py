@@ -362,6 +362,13 @@ def test_scope_world_loads_offline_from_a_warm_cache(toy_world, tmp_path, monkey
     for layer, tc in transcoders.items():
         torch.testing.assert_close(warm[layer].W_skip, tc.W_skip)
         assert warm[layer].cfg.metadata.hook_name == cold[layer].cfg.metadata.hook_name
+    monkeypatch.setattr(gemma270m_scope, "N_LAYERS", len(transcoders))  # the toy world's layers stand in
+    monkeypatch.setattr(registry, "has_270m_weights", lambda: True)
+    with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:  # and "auto" takes it, offline
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        assert registry.choose_world("auto")[0] == "gemma270m-scope"
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+        assert registry.choose_world("auto")[0] == "toy"
     with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:  # a cold cache offline says so
         mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
         with pytest.raises(HubUnreachableError, match="network"):

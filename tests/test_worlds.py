@@ -9,6 +9,7 @@ refuses or never answers.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import time
 
@@ -414,3 +415,4 @@ def test_scope_world_at_full_270m_shapes(tmp_path, capsys):
     finally:
         for path in written:
             path.unlink()
+        shutil.rmtree(tmp_path / ".hf_cache", ignore_errors=True)  # the copies huggingface_hub downloaded

@@ -45,6 +45,7 @@ __all__ = [
     "N_LAYERS",
     "D_SAE",
     "listed_l0",
+    "transcoders_cached",
     "fit_report",
     "print_fit_report",
     "load_gemma270m_scope_world",
@@ -72,6 +73,16 @@ def listed_l0() -> dict[int, float]:
         for layer, sae_id in enumerate(transcoder_ids(N_LAYERS))
         if sae_id in lookup.expected_l0
     }
+
+
+def transcoders_cached() -> bool:
+    """Whether all 18 transcoders' files are in huggingface_hub's cache (so the world loads offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(
+        isinstance(try_to_load_from_cache(REPO_ID, f"transcoder_all/{sae_id}/params.safetensors"), str)
+        for sae_id in transcoder_ids(N_LAYERS)
+    )
 
 
 @torch.no_grad()
