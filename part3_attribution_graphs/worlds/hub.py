@@ -222,7 +222,7 @@ def failure_kind(err: BaseException) -> str:
             return "not the hub" if status == 407 else "unexpected answer"
         if isinstance(e, (requests.ConnectionError, requests.Timeout, OfflineModeIsEnabled, TimeoutError)):
             return "network"
-    if any(type(e) is EntryNotFoundError for e in chain):
+    if any(type(e) is EntryNotFoundError or type(e) is FileNotFoundError for e in chain):
         return "not found"
     if any(isinstance(e, (ConnectionError, OSError)) and not isinstance(e, ValueError) for e in chain):
         return "network"
@@ -406,6 +406,7 @@ def hub_download(
     Raises:
         whatever huggingface_hub raised last (`failure_kind` tells what it means).
     """
+    import requests
     from huggingface_hub import constants, hf_hub_download
 
     download = download or hf_hub_download
@@ -426,7 +427,8 @@ def hub_download(
             if send_token and _token_refused(response):
                 send_token = False  # huggingface_hub: False = send no token at all
                 continue
-            transient = kind in ("rate limited", "hub error") or (kind == "network" and status is None)
+            dropped = any(isinstance(e, (requests.ConnectionError, requests.Timeout)) for e in _causes(err))
+            transient = kind in ("rate limited", "hub error") or (kind == "network" and dropped)
             left = deadline - time.monotonic()
             if constants.HF_HUB_OFFLINE or not transient or attempt + 1 == MAX_TRIES or left <= 0:
                 raise
