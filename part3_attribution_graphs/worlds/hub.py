@@ -420,7 +420,6 @@ def hub_download(
             return path
         except Exception as err:
             kind = failure_kind(err)
-            status = next((s for s in map(_status, _causes(err)) if s is not None), None)
             response = next(
                 (e.response for e in _causes(err) if getattr(e, "response", None) is not None), None
             )
