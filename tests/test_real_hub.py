@@ -338,13 +338,20 @@ def no_hub_at_all():
     sock.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
+    from huggingface_hub.utils import reset_sessions
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "HF_HUB_OFFLINE", True)
         mp.setattr(constants, "ENDPOINT", dead)
         mp.setattr(
             file_download, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
         )
-        yield
+        reset_sessions()  # huggingface_hub builds its sessions (offline ones refuse to send) per thread, once
+        try:
+            yield
+        finally:
+            mp.undo()
+            reset_sessions()
 
 
 def test_scope_world_loads_offline_from_a_warm_cache(toy_world, tmp_path, monkeypatch):

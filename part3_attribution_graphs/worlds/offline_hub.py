@@ -473,6 +473,7 @@ def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterat
     `root/.hf_cache`), so nothing touches the real hub or the real cache. Nothing of SAELens is replaced.
     """
     from huggingface_hub import constants, file_download
+    from huggingface_hub.utils import reset_sessions
 
     hub = OfflineHub(root=Path(root))
     hub_server, storage_server = _serve(_HubHandler, hub), _serve(_StorageHandler, hub)
@@ -488,8 +489,10 @@ def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterat
             # what HF_ENDPOINT does when set before import: hf_hub_url builds URLs from this template
             mock.patch.object(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template),
         ):
+            reset_sessions()  # huggingface_hub's per-thread sessions were built for the old settings
             yield hub
     finally:
+        reset_sessions()
         hub.stop.set()
         for server in (hub_server, storage_server):
             server.shutdown()
