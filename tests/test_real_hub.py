@@ -522,3 +522,16 @@ def test_the_documented_quantisation_is_the_gguf_files():
     ):
         assert "4-bit" not in text
         assert set(re.findall(r"\bQ\d_(?:K|0|1)\b", text)) == stored
+
+
+def test_retry_after_in_seconds_or_as_a_date_and_nonsense_backs_off():
+    from email.utils import formatdate
+    from types import SimpleNamespace
+
+    def answer(value):
+        return SimpleNamespace(headers={"Retry-After": value} if value is not None else {})
+
+    assert hub._retry_wait(answer("7"), 0) == 7.0
+    assert 8 <= hub._retry_wait(answer(formatdate(time.time() + 10, usegmt=True)), 0) <= 10
+    for value in ("soon", None):
+        assert 0.5 <= hub._retry_wait(answer(value), 0) <= 0.625  # backoff: 0.5 s, jittered

@@ -322,9 +322,11 @@ def _retry_wait(response, attempt: int) -> float:
         try:
             return max(0.0, float(value))
         except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
+            pass
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):  # neither seconds nor a date: back off as if it were not there
+            pass
     return min(MAX_WAIT_S, 0.5 * 2**attempt) * (1 + 0.25 * random.random())
 
 
