@@ -24,7 +24,10 @@ world, so everything downstream also runs offline.
 When only some latents are needed, `load_example_data(..., features=[...])` reads just their rows
 and the sequences they point to (a full file is ~800 MB, most of it the corpus): from the hub by HTTP
 range requests (`remote_safetensors`), or from a whole file in `local_dir`. The result then carries
-`feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`.
+`feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`. A layer whose file
+cannot be had can get the same layout from the world itself, for those latents only
+(`local_example_rows`; `load_example_data_parallel(..., model=, transcoders=)` does that per layer).
+Every failure is a `HubUnreachableError` whose `kind` says what went wrong (see `worlds.hub`).
 """
 
 from __future__ import annotations
