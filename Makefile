@@ -36,7 +36,7 @@ test: install $(VENV)/.installed-gemma270m
 
 ## Without the Gemma 270M, browser and notebook-execution tiers.
 test-fast: install
-	$(PY) -m pytest -m "not gemma270m and not browser and not notebook" tests
+	$(PY) -m pytest -m "not gemma270m and not browser and not notebook and not install" tests
 
 test-browser: install
 	bash scripts/install_chromium.sh

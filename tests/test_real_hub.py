@@ -1,0 +1,537 @@
+"""The hub path against a loopback hub that behaves like the real one: one or more tests per row of issue 19
+(redirects to another host with signed, expiring URLs; re-uploads; gzip; rate limits; tokens; the real file
+layouts; missing files; SAELens' own requests; Xet; captive portals; lying or slow hosts; unusable caches).
+
+Every server is on 127.0.0.1 (`worlds.offline_hub`); nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+import types
+import warnings
+
+import pytest
+import torch
+from huggingface_hub import constants, file_download
+
+from part3_attribution_graphs.attribution import attribute
+from part3_attribution_graphs.views import examples as ex
+from part3_attribution_graphs.views.examples import (
+    example_file_path,
+    feature_examples,
+    load_example_data,
+    load_example_data_parallel,
+    local_example_rows,
+    make_toy_example_data,
+)
+from part3_attribution_graphs.views.remote_safetensors import RemoteSafetensors
+from part3_attribution_graphs.worlds import gemma270m_scope, hub, registry
+from part3_attribution_graphs.worlds.gemma import (
+    HubUnreachableError,
+    gemmascope_transcoder_loader,
+    load_saes_parallel,
+    transcoder_ids,
+)
+from part3_attribution_graphs.worlds.gemma270m_scope import RELEASE, REPO_ID
+from part3_attribution_graphs.worlds.offline_hub import (
+    offline_hub,
+    real_example_schema,
+    write_example_files,
+    write_gemmascope_layout,
+)
+
+LAYER = 7
+FILENAME = example_file_path(LAYER)
+FEATURES = [3, 40, 41, 200, 511, 700, 1023]
+
+
+@pytest.fixture(autouse=True)
+def no_token(monkeypatch, tmp_path):
+    """No token anywhere (environment, `.env`, login file, Colab) unless a test sets one."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "find_dotenv", lambda start=None: None)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-token"))
+
+
+@pytest.fixture(scope="module")
+def schema_file(tmp_path_factory):
+    """An examples.safetensors in GemmaScope 2's real schema (1,024 latents, K = 1000, tokens (2000, 256))."""
+    root = tmp_path_factory.mktemp("hub")
+    data = real_example_schema(1024, 2000)
+    (path,) = write_example_files({LAYER: data}, root, repo_id=REPO_ID)
+    return root, path, data
+
+
+def _load(features=FEATURES, cache=None, n_examples=20):
+    return load_example_data(
+        LAYER,
+        model_size="270m",
+        instruction_tuned=False,
+        features=features,
+        n_examples=n_examples,
+        range_cache=cache,
+    )
+
+
+def _expected(data, features=FEATURES, n=20):
+    return {
+        "activations": data["activations"][features, :n],
+        "positions": data["positions"][features, :n],
+        "feature_frequencies": data["feature_frequencies"][features],
+        "top_tokens": data["top_tokens"][features],
+    }
+
+
+def _assert_rows(got, data, features=FEATURES):
+    for key, value in _expected(data, features).items():
+        assert torch.equal(got[key], value), key
+    f = features[1]  # its strongest example's text is the corpus around it
+    (top,) = feature_examples(got, f, None, n_examples=1)
+    seq, pos = int(data["seq_ids"][f, 0]), int(data["positions"][f, 0])
+    assert top["token_ids"] == data["tokens"][seq, max(0, pos - 12) : pos + 5].tolist()
+
+
+# ------------------------------------------------------------------ row 1: Range ignored under gzip
+
+
+def test_a_host_that_ignores_range_under_gzip_is_never_downloaded(schema_file, tmp_path, capsys):
+    root, path, data = schema_file
+    with offline_hub(root) as served:
+        served.ignore_range_under_gzip = True
+        got = _load(cache=tmp_path / "c.db")
+        sent = served.bytes_sent
+    _assert_rows(got, data)
+    size = path.stat().st_size
+    with capsys.disabled():
+        print(
+            f"\n[row 1] gzip-happy host: {sent / 2**20:.2f} MiB sent for {len(FEATURES)} latents of a "
+            f"{size / 2**20:.1f} MiB file"
+        )
+    assert sent < 0.05 * size  # the rows and their sequences, not the file
+
+
+# ------------------------------------------------------------------ row 2: re-upload, signed URLs
+
+
+def test_a_reupload_with_the_same_shapes_is_read_anew(schema_file, tmp_path):
+    root, _, _ = schema_file
+    repo = tmp_path / "hub"
+    first, second = real_example_schema(1024, 2000, seed=1), real_example_schema(1024, 2000, seed=2)
+    write_example_files({LAYER: first}, repo, repo_id=REPO_ID)
+    cache = tmp_path / "c.db"
+    with offline_hub(repo) as served:
+        _assert_rows(_load(cache=cache), first)
+        served.reupload(REPO_ID, FILENAME, second)  # same names, dtypes and shapes, new values and commit
+        _assert_rows(_load(cache=cache), second)
+
+
+def test_storage_urls_are_signed_expire_and_never_get_the_token(schema_file, tmp_path, monkeypatch):
+    root, _, data = schema_file
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    with offline_hub(root) as served:
+        served.valid_tokens = {"hf_good"}
+        source = RemoteSafetensors(REPO_ID, FILENAME, token="hf_good", cache=False)
+        assert source.etag and source.commit and source.size == (root / REPO_ID / FILENAME).stat().st_size
+        served.expire_signed_urls()  # the URL the reader holds now answers 403: it asks the hub again
+        torch.testing.assert_close(source.read_rows("activations", [5], 20), data["activations"][[5], :20])
+        assert served.storage_saw_authorization == 0
+        assert sum("/resolve/" in p for p, _ in served.requests) == 2
+
+
+# ------------------------------------------------------------------ row 3: rate limits
+
+
+def test_a_rate_limited_cold_load_waits_and_succeeds(toy_world, schema_file, tmp_path):
+    """429 with Retry-After, then success: transcoders (huggingface_hub does not retry 429) and ranges."""
+    _, transcoders = toy_world
+    root, _, data = schema_file
+    write_gemmascope_layout({0: transcoders[0]}, root, repo_id=REPO_ID)
+    with offline_hub(root, cache_dir=tmp_path / "hf") as served:
+        served.rate_limit(2, retry_after="1")
+        t0 = time.perf_counter()
+        loaded = load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+        served.rate_limit(2, retry_after="1")
+        got = _load(cache=tmp_path / "c.db")
+        elapsed = time.perf_counter() - t0
+    torch.testing.assert_close(loaded[0].W_enc, transcoders[0].W_enc)
+    _assert_rows(got, data)
+    assert elapsed < 15, elapsed
+
+
+def test_a_hub_that_stays_rate_limited_is_given_up_on_in_bounded_time(schema_file, monkeypatch):
+    root, _, _ = schema_file
+    monkeypatch.setattr(hub, "REQUEST_DEADLINE_S", 2.0)
+    with offline_hub(root) as served:
+        served.rate_limit(1000, retry_after="3600")
+        t0 = time.perf_counter()
+        with pytest.raises(HubUnreachableError, match="rate limited") as err:
+            _load(cache=False)
+    assert time.perf_counter() - t0 < 5
+    assert err.value.kind == "rate limited"
+
+
+# ------------------------------------------------------------------ row 4: tokens
+
+
+def test_the_token_is_found_where_huggingface_hub_finds_it(tmp_path, monkeypatch):
+    login = tmp_path / "token"
+    login.write_text("hf_from_login\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(login))
+    assert hub.find_hf_token() == "hf_from_login"
+
+    from huggingface_hub.utils import _auth
+
+    userdata = types.ModuleType("google.colab.userdata")
+    userdata.get = lambda name: "hf_from_colab" if name == "HF_TOKEN" else None
+    userdata.NotebookAccessError = type("NotebookAccessError", (Exception,), {})
+    userdata.SecretNotFoundError = type("SecretNotFoundError", (Exception,), {})
+    errors = types.ModuleType("google.colab.errors")
+    errors.Error = Exception
+    colab = types.ModuleType("google.colab")
+    colab.userdata, colab.errors = userdata, errors
+    google = types.ModuleType("google")
+    google.colab = colab
+    for name, module in [
+        ("google.colab", colab),
+        ("google.colab.userdata", userdata),
+        ("google.colab.errors", errors),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    if "google" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setattr(_auth, "is_google_colab", lambda: True)
+    monkeypatch.setattr(_auth, "_IS_GOOGLE_COLAB_CHECKED", False)
+    assert hub.find_hf_token() == "hf_from_colab"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")  # the environment (then .env) still wins
+    assert hub.find_hf_token() == "hf_from_env"
+
+
+def test_a_stale_token_is_dropped_for_public_files_with_a_warning(
+    toy_world, schema_file, tmp_path, monkeypatch
+):
+    _, transcoders = toy_world
+    root, _, data = schema_file
+    write_gemmascope_layout({0: transcoders[0]}, root, repo_id=REPO_ID)
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    with offline_hub(root, cache_dir=tmp_path / "hf") as served:
+        served.valid_tokens = {"hf_good"}
+        with pytest.warns(UserWarning, match="stale") as caught:
+            got = _load(cache=tmp_path / "c.db")
+        assert "HF_TOKEN in the environment" in str(caught[0].message)
+        with pytest.warns(UserWarning, match="stale"):
+            loaded = load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+    _assert_rows(got, data)
+    torch.testing.assert_close(loaded[0].W_dec, transcoders[0].W_dec)
+
+
+# ------------------------------------------------------------------ row 5: the real schema, and others
+
+
+def test_the_real_example_schema_is_read(schema_file, tmp_path):
+    root, _, data = schema_file
+    assert data["seq_ids"].dtype == torch.int64 and data["tokens"].shape[1] == 256
+    with offline_hub(root):
+        got = _load(cache=tmp_path / "c.db")
+    _assert_rows(got, data)
+    assert "logit_effects" not in got  # extra keys are left on the hub
+
+
+def test_an_unexpected_example_schema_is_a_clear_fallback_not_a_crash(tmp_path):
+    data = real_example_schema(64, 50, k=8)
+    del data["top_logits"]
+    write_example_files({LAYER: data}, tmp_path, repo_id=REPO_ID)
+    with offline_hub(tmp_path), pytest.raises(HubUnreachableError, match="top_logits") as err:
+        _load(features=[1, 2], cache=tmp_path / "c.db")
+    assert err.value.kind == "unexpected answer"
+
+
+# ------------------------------------------------------------------ row 6: a missing layer
+
+
+def test_a_missing_example_file_is_reported_as_not_found(tmp_path):
+    (tmp_path / REPO_ID).mkdir(parents=True)
+    with offline_hub(tmp_path), pytest.raises(HubUnreachableError) as err:
+        _load(features=[1], cache=tmp_path / "c.db")
+    msg = str(err.value)
+    assert "not found" in msg and "404" in msg and "network" not in msg.split("Everything")[0]
+    assert err.value.kind == "not found"
+
+
+def test_one_missing_layer_falls_back_for_that_layer_and_its_graph_latents_only(toy_world, tmp_path, capsys):
+    model, transcoders = toy_world
+    result = attribute(model, transcoders, gemma270m_scope.LESSON_PROMPT, batch_size=64)
+    wanted = ex.features_in_graph(result)
+    full = make_toy_example_data(model, transcoders, n_sequences=64)
+    missing = sorted(wanted)[1]
+    write_example_files({k: v for k, v in full.items() if k != missing}, tmp_path, repo_id=REPO_ID)
+    with offline_hub(tmp_path):
+        got = load_example_data_parallel(
+            range(model.cfg.n_layers),
+            model_size="270m",
+            instruction_tuned=False,
+            features_by_layer=wanted,
+            n_examples=8,
+            range_cache=tmp_path / "c.db",
+            model=model,
+            transcoders=transcoders,
+        )
+    out = capsys.readouterr().out
+    assert f"layer(s) [{missing}]" in out and "not found" in out
+    for layer, feats in wanted.items():
+        assert got[layer]["feature_ids"].tolist() == feats  # only the graph's latents, every layer
+    local = local_example_rows(model, transcoders, {missing: wanted[missing]})[missing]
+    torch.testing.assert_close(got[missing]["activations"], local["activations"])
+    hub_layer = next(layer for layer in wanted if layer != missing)
+    torch.testing.assert_close(
+        got[hub_layer]["activations"], full[hub_layer]["activations"][wanted[hub_layer], :8]
+    )
+
+
+def test_local_example_rows_are_the_full_local_data_for_those_latents(toy_world):
+    model, transcoders = toy_world
+    chosen = {0: [1, 5, 17], 2: [0, 3]}
+    full = make_toy_example_data(model, transcoders, n_sequences=64, features_by_layer=chosen)
+    local = local_example_rows(model, transcoders, chosen, n_sequences=64)
+    assert sorted(local) == sorted(chosen)
+    for layer, feats in chosen.items():
+        for key in ("activations", "feature_frequencies", "top_tokens", "bottom_logits"):
+            torch.testing.assert_close(local[layer][key].float(), full[layer][key][feats].float(), msg=key)
+        for f in feats:  # the same windows of text (activations equal to float32 rounding, see above)
+            ours, theirs = (feature_examples(d[layer], f, None, 3) for d in (local, full))
+            assert [(e["seq_id"], e["peak"], e["token_ids"]) for e in ours] == [
+                (e["seq_id"], e["peak"], e["token_ids"]) for e in theirs
+            ]
+
+
+# ------------------------------------------------------------------ row 7: SAELens' own requests, offline
+
+
+def test_saelens_own_loader_is_served_and_ours_gives_the_same_transcoder(toy_world, tmp_path):
+    from sae_lens import SAE
+
+    _, transcoders = toy_world
+    write_gemmascope_layout({1: transcoders[1]}, tmp_path, repo_id=REPO_ID)
+    (sae_id,) = transcoder_ids(2)[1:]
+    with offline_hub(tmp_path) as served:
+        theirs, their_cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity(RELEASE, sae_id)
+        assert any(r.startswith("bytes=0-7") for _, r in served.requests)  # SAELens' header read, served
+        ours, our_cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity(
+            RELEASE, sae_id, converter=gemmascope_transcoder_loader
+        )
+    assert our_cfg == their_cfg
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+@contextlib.contextmanager
+def no_hub_at_all():
+    """HF_HUB_OFFLINE=1, and every endpoint a closed port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    from huggingface_hub.utils import reset_sessions
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(constants, "ENDPOINT", dead)
+        mp.setattr(
+            file_download, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        reset_sessions()  # huggingface_hub builds its sessions (offline ones refuse to send) per thread, once
+        try:
+            yield
+        finally:
+            mp.undo()
+            reset_sessions()
+
+
+def test_scope_world_loads_offline_from_a_warm_cache(toy_world, tmp_path, monkeypatch):
+    from part3_attribution_graphs.worlds import gemma270m
+
+    model, transcoders = toy_world
+    monkeypatch.setattr(gemma270m, "load_gemma3_270m_offline", lambda **k: (model, {}))
+    write_gemmascope_layout(transcoders, tmp_path / "hub", repo_id=REPO_ID)
+    cache = tmp_path / "hf"
+    with offline_hub(tmp_path / "hub", cache_dir=cache):
+        _, cold = gemma270m_scope.load_gemma270m_scope_world(report=False)
+    with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        _, warm = gemma270m_scope.load_gemma270m_scope_world(report=False)
+    for layer, tc in transcoders.items():
+        torch.testing.assert_close(warm[layer].W_skip, tc.W_skip)
+        assert warm[layer].cfg.metadata.hook_name == cold[layer].cfg.metadata.hook_name
+    monkeypatch.setattr(gemma270m_scope, "N_LAYERS", len(transcoders))  # the toy world's layers stand in
+    monkeypatch.setattr(registry, "has_270m_weights", lambda: True)
+    with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:  # and "auto" takes it, offline
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        assert registry.choose_world("auto")[0] == "gemma270m-scope"
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+        assert registry.choose_world("auto")[0] == "toy"
+    with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:  # a cold cache offline says so
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+        with pytest.raises(HubUnreachableError, match="network"):
+            gemma270m_scope.load_gemma270m_scope_world(report=False)
+
+
+# ------------------------------------------------------------------ row 8: Xet
+
+
+def test_a_xet_storage_failure_is_a_hub_error_and_auto_falls_back(toy_world, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("hf_xet")  # without it huggingface_hub downloads over plain HTTP: no Xet path
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    model, transcoders = toy_world
+    write_gemmascope_layout({0: transcoders[0]}, tmp_path, repo_id=REPO_ID)
+    with offline_hub(tmp_path, cache_dir=tmp_path / "hf") as served:
+        served.xet_broken = True
+        with pytest.raises(HubUnreachableError, match="Xet"):
+            load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+
+        from part3_attribution_graphs.worlds import gemma270m
+
+        monkeypatch.setattr(gemma270m, "load_gemma3_270m_offline", lambda **k: (model, {}))
+        monkeypatch.setattr(
+            registry, "choose_world", lambda w: ("gemma270m-scope", "t") if w == "auto" else (w, "")
+        )
+        name, _, _ = registry.load_world("auto", device="cpu")
+    assert name == "toy" and "Xet" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ row 9: captive portals and proxies
+
+
+@pytest.mark.parametrize("captive", ["page", "407"])
+def test_a_captive_portal_or_proxy_is_not_the_hub(tmp_path, captive):
+    with offline_hub(tmp_path) as served:
+        assert hub.hub_reachable()
+        served.captive = captive
+        assert not hub.hub_reachable()
+        name, why = registry.choose_world("auto")
+        with pytest.raises(HubUnreachableError, match="captive portal") as err:
+            hub.check_hub("the transcoders")
+    assert name == "toy" and "out of reach" in why
+    assert err.value.kind == "not the hub"
+
+
+# ------------------------------------------------------------------ row 10: lying hosts, corrupt headers
+
+
+def test_a_range_answered_from_another_offset_is_refused_and_not_cached(schema_file, tmp_path):
+    root, path, data = schema_file
+    cache = tmp_path / "c.db"
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with offline_hub(root) as served:
+        served.range_shift, served.range_shift_from = 16, data_start  # the header is honest, rows are not
+        with pytest.raises(HubUnreachableError, match="answer holds bytes") as err:
+            _load(cache=cache)
+        assert err.value.kind == "unexpected answer"
+        served.range_shift = 0
+        _assert_rows(_load(cache=cache), data)  # nothing wrong was kept
+
+
+def test_a_header_whose_shape_overruns_its_offsets_is_refused(tmp_path):
+    data = real_example_schema(64, 50, k=8)
+    (path,) = write_example_files({LAYER: data}, tmp_path, repo_id=REPO_ID)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["activations"]["shape"] = [64, 9]  # one column more than its bytes hold
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    with offline_hub(tmp_path), pytest.raises(HubUnreachableError, match="'activations'") as err:
+        _load(features=[1, 2], n_examples=None, cache=tmp_path / "c.db")
+    assert "data_offsets" in str(err.value)
+
+
+# ------------------------------------------------------------------ row 11: a trickling host
+
+
+def test_a_trickling_host_is_given_up_on_at_the_deadline(schema_file, monkeypatch):
+    root, _, _ = schema_file
+    monkeypatch.setattr(hub, "REQUEST_DEADLINE_S", 1.5)
+    outcome = []
+    with offline_hub(root) as served:
+        served.trickle_s = 0.2  # one byte every 0.2 s: no read timeout ever fires
+
+        def run():
+            try:
+                _load(cache=False)
+                outcome.append("loaded")
+            except HubUnreachableError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        thread.join(10)
+    assert outcome, "still waiting on the trickle after 10 s"
+    assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network"
+    assert "deadline" in str(outcome[0]) and time.perf_counter() - t0 < 10
+
+
+# ------------------------------------------------------------------ row 12: an unusable cache file
+
+
+@pytest.mark.parametrize("damage", ["a directory", "not a database", "under a file"])
+def test_an_unusable_range_cache_is_a_miss_with_a_warning_naming_it(schema_file, tmp_path, damage):
+    root, _, data = schema_file
+    cache = tmp_path / "ranges.sqlite"
+    if damage == "a directory":
+        cache.mkdir()
+    elif damage == "not a database":
+        cache.write_bytes(b"\x00garbage" * 100)
+    else:
+        (tmp_path / "file").write_text("x")
+        cache = tmp_path / "file" / "ranges.sqlite"
+    with offline_hub(root), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _load(cache=cache)
+    _assert_rows(got, data)
+    assert any(str(cache) in str(w.message) and "cannot be used" in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------ row 14: the quantisation, as documented
+
+
+@pytest.mark.gemma270m
+def test_the_documented_quantisation_is_the_gguf_files():
+    """The README, the notebook and the world's docstring name exactly the tensor types of the PyPI GGUF."""
+    import re
+    from pathlib import Path
+
+    import gguf
+
+    from part3_attribution_graphs.worlds import gemma270m
+
+    reader = gguf.GGUFReader(str(gemma270m.assemble_gguf()))
+    stored = {t.tensor_type.name for t in reader.tensors} - {"F32"}
+    root = Path(__file__).resolve().parents[1]
+    for text in (
+        (root / "README.md").read_text(),
+        (root / "notebook_source" / "attribution_graphs.md").read_text(),
+        gemma270m_scope.__doc__,
+    ):
+        assert "4-bit" not in text
+        assert set(re.findall(r"\bQ\d_(?:K|0|1)\b", text)) == stored
+
+
+def test_retry_after_in_seconds_or_as_a_date_and_nonsense_backs_off():
+    from email.utils import formatdate
+    from types import SimpleNamespace
+
+    def answer(value):
+        return SimpleNamespace(headers={"Retry-After": value} if value is not None else {})
+
+    assert hub._retry_wait(answer("7"), 0) == 7.0
+    assert 8 <= hub._retry_wait(answer(formatdate(time.time() + 10, usegmt=True)), 0) <= 10
+    for value in ("soon", None):
+        assert 0.5 <= hub._retry_wait(answer(value), 0) <= 0.625  # backoff: 0.5 s, jittered
