@@ -1402,7 +1402,7 @@ def influence_uniform_logits(adjacency_matrix, logit_weights, n_layers):
     return _influence(adjacency_matrix, torch.ones_like(logit_weights), n_layers)
 
 
-@mutant("compute_influence", "you kept only the last power")
+@mutant("compute_influence", "kept only the last power")
 def influence_last_power_only(adjacency_matrix, logit_weights, n_layers):
     B = S.normalize_matrix(adjacency_matrix)
     v = F.pad(logit_weights, (adjacency_matrix.shape[0] - len(logit_weights), 0))

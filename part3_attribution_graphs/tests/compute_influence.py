@@ -77,9 +77,16 @@ def _influence_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, tol: floa
     if got.abs().max() == 0:
         # Both mistakes give exactly zero on any graph whose first nodes have no inputs and whose logits feed
         # nothing.
+        # Where no path has the full n_layers + 1 edges, the last power alone is zero too.
+        last_only = _influence_variant(A, w, n_layers, last_only=True).abs().max() == 0
         raise _Fail(
             f"Your influence{label} is all zeros: put the logit weights on the LAST n_logit nodes (the logit "
             "nodes come last) and propagate from targets back to sources with v @ B, not B @ v."
+            + (
+                " Or you kept only the last power v @ B^(n_layers+1), which is zero here: sum every power."
+                if last_only
+                else ""
+            )
         )
     hint = _diagnose(
         got.double().cpu(),
