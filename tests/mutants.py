@@ -648,6 +648,13 @@ def embeddings_divided_by_sqrt_d_model(model, cache, tokens):
     return nodes, [v / model.cfg.d_model**0.5 for v in writing], reading
 
 
+@mutant("build_embedding_nodes", "shifted by one position")
+def embeddings_shifted_by_one(model, cache, tokens):
+    """Node pos writes the embedding of the token after it (the last one wraps round to <bos>)."""
+    nodes, writing, reading = _embeddings(model, cache, tokens)
+    return nodes, writing[1:] + writing[:1], reading
+
+
 # ==================================================================================================
 # build_intermediate_nodes
 # ==================================================================================================
@@ -923,6 +930,27 @@ def intermediate_reading_unit_length(transcoders, cache, tc_hooks, tokens, d_mod
         top_k,
         "latent_reading",
         lambda tc, n, v, c: F.normalize(v, dim=0),
+    )
+
+
+@mutant("build_intermediate_nodes", "read at the neighbouring position")
+def intermediate_activation_one_before(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    nodes, writing, reading, ranges = _intermediate(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k
+    )
+    for node in nodes:
+        if node.node_type == NodeType.LATENT:
+            node.activation = tc_hooks.transcoder_acts[node.layer][0, node.ctx_idx - 1, node.feature].item()
+    return nodes, writing, reading, ranges
+
+
+@mutant("build_intermediate_nodes", "come from the next layer's transcoder")
+def intermediate_reading_next_layer(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    def edit(tc, node, v, c):
+        return transcoders[(node.layer + 1) % len(transcoders)].W_enc[:, node.feature].detach()
+
+    return _intermediate_edited(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, "latent_reading", edit
     )
 
 
@@ -1817,6 +1845,11 @@ def latent_set_along_encoder(model, transcoder, tokens, position, latent, value)
 @mutant("run_with_latent_set", "you added b_dec with the change")
 def latent_set_adds_b_dec(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, edit="with_b_dec")
+
+
+@mutant("run_with_latent_set", "return the logits at every position")
+def latent_set_last_position_only(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value)[:, -1:]
 
 
 # ==================================================================================================

@@ -112,6 +112,16 @@ def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: 
                     lambda: model.W_U.detach()[:, ids].T,
                 ),
                 (
+                    "your writing vectors are shifted by one position (off by one?): node pos writes "
+                    "cache['blocks.0.hook_resid_pre'][0, pos], the embedding of its own token",
+                    lambda: torch.roll(exp, -1, 0),
+                ),
+                (
+                    "your writing vectors are shifted by one position (off by one?): node pos writes "
+                    "cache['blocks.0.hook_resid_pre'][0, pos], the embedding of its own token",
+                    lambda: torch.roll(exp, 1, 0),
+                ),
+                (
                     "your writing vectors are zeros: each embedding node writes its embedding, "
                     "cache['blocks.0.hook_resid_pre'][0, pos]",
                     lambda: torch.zeros_like(exp),

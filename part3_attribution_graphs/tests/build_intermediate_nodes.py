@@ -214,6 +214,18 @@ def _intermediate_case(
         )
         exp_a = torch.stack([act_of[k] for k in lat]).cpu()
         if not _close(got_a, exp_a, max(w.tol, 1e-6)):
+            seq_len = acts[lat[0][0]].shape[1]
+            shifted = [
+                torch.stack(
+                    [acts[k[0]][0, min(max(k[1] + d, 0), seq_len - 1), k[3]].double() for k in lat]
+                ).cpu()
+                for d in (-1, 1)
+            ]
+            if any(_close(got_a, other, max(w.tol, 1e-6)) for other in shifted):
+                raise _Fail(
+                    f"Latent activations{label} are read at the neighbouring position (off by one?): a "
+                    "latent node at position pos has activation transcoder_acts[layer][0, pos, f]."
+                )
             raise _Fail(
                 f"Latent activations{label} should be transcoder_acts[layer][0, pos, f], "
                 f"{_worst(got_a, exp_a, 'activation')}."
@@ -264,6 +276,31 @@ def _intermediate_case(
                         "your latent reading vectors are scaled by the activation; read the plain encoder "
                         "direction W_enc[:, f]",
                         lambda: a_col * enc,
+                    ),
+                    (
+                        "your latent reading vectors come from the next layer's transcoder; read "
+                        "transcoders[layer].W_enc[:, f], the node's own layer",
+                        lambda: (
+                            torch.stack(
+                                [
+                                    transcoders[layers[(layers.index(k[0]) + 1) % len(layers)]].W_enc[:, k[3]]
+                                    for k in lat
+                                ]
+                            )
+                            .detach()
+                            .double()
+                        ),
+                    ),
+                    (
+                        "your latent reading vectors come from the previous layer's transcoder; read "
+                        "transcoders[layer].W_enc[:, f], the node's own layer",
+                        lambda: (
+                            torch.stack(
+                                [transcoders[layers[layers.index(k[0]) - 1]].W_enc[:, k[3]] for k in lat]
+                            )
+                            .detach()
+                            .double()
+                        ),
                     ),
                     (
                         "your latent reading vectors are scaled to unit length; read the plain encoder "

@@ -204,6 +204,12 @@ def test_run_with_latent_set(fn: Any, w: _World) -> None:
                 "`finally:` block)."
             )
         expected = _ref_run_with_latent_set(model, tc, w.tokens, pos, latent, value)
+        shape = tuple(expected.shape)
+        if isinstance(got, Tensor) and got.shape[-1:] == shape[-1:] and got.numel() < expected.numel():
+            raise _Fail(
+                f"The logits you returned have shape {tuple(got.shape)}, expected {shape}: return the "
+                "logits at every position, model(tokens) as it comes, not a slice of them."
+            )
         got = _tensor(
             got,
             "The logits you returned",
