@@ -9,7 +9,7 @@ pass. `tests/test_autograder.py` runs them all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -238,6 +238,57 @@ class HooksReference(S.TranscoderReplacementHooks):
     """The reference itself, subclassed (e.g. a learner who extends the given class)."""
 
 
+# Issue 21: mistakes whose message only said where values differ.
+
+
+@mutant("transcoder_replacement_hooks", "you detached the wrong term")
+class HooksDetachSwapped(_LearnerHooks):
+    def replace(self, mlp_out, skip):
+        return skip.detach() + (mlp_out - skip)
+
+
+@mutant("transcoder_replacement_hooks", "through the real MLP AND the skip")
+class HooksBothPaths(_LearnerHooks):
+    """The straight-through trick written the other way round: the MLP's own gradient stays."""
+
+    def replace(self, mlp_out, skip):
+        return mlp_out + skip - skip.detach()
+
+
+class _LearnerHooksEncoding(_LearnerHooks):
+    """Encodes the cached tensor at `read(layer, tc)` instead of the MLP's input."""
+
+    def read(self, layer, tc):
+        return tc.cfg.metadata.hook_name
+
+    def encode(self, layer, tc):
+        with torch.no_grad():
+            acts = tc.encode(self.cache[self.read(layer, tc)])
+            self.transcoder_acts[layer] = acts
+            self.transcoder_output[layer] = tc.decode(acts)
+
+
+@mutant("transcoder_replacement_hooks", "you encoded the MLP's output")
+class HooksEncodeMlpOut(_LearnerHooksEncoding):
+    def read(self, layer, tc):
+        return tc.cfg.metadata.hook_name_out
+
+
+@mutant("transcoder_replacement_hooks", "you encoded the residual stream before ln2")
+class HooksEncodeResidMid(_LearnerHooksEncoding):
+    def read(self, layer, tc):
+        return f"blocks.{layer}.hook_resid_mid"
+
+
+@mutant("transcoder_replacement_hooks", "leaves out the decoder bias")
+class HooksOutputWithoutBDec(_LearnerHooks):
+    def encode(self, layer, tc):
+        with torch.no_grad():
+            acts = tc.encode(self.cache[tc.cfg.metadata.hook_name])
+            self.transcoder_acts[layer] = acts
+            self.transcoder_output[layer] = acts @ tc.W_dec  # decode() also adds b_dec
+
+
 # ==================================================================================================
 # compute_salient_logits
 # ==================================================================================================
@@ -380,6 +431,45 @@ def salient_never_returns(model, logits, n_output_nodes=3):
     while k >= 0:
         k += 1
     return _salient(model, logits, n_output_nodes)
+
+
+# Issue 21: mistakes whose message only said where values differ.
+
+
+def _salient_info(model, probs, ids):
+    return [
+        SalientToken(model.tokenizer.decode([int(i)]), float(probs[k]), int(i)) for k, i in enumerate(ids)
+    ]
+
+
+@mutant("compute_salient_logits", "one position before the last")
+def salient_second_to_last(model, logits, n_output_nodes=3):
+    return _salient(model, logits, n_output_nodes, pos=-2)
+
+
+@mutant("compute_salient_logits", "you subtracted one number, W_U.mean()")
+def salient_scalar_mean(model, logits, n_output_nodes=3):
+    probs, ids = logits[0, -1].softmax(dim=-1).topk(n_output_nodes)
+    return model.W_U[:, ids].T - model.W_U.mean(), _salient_info(model, probs, ids)
+
+
+@mutant("compute_salient_logits", "scaled to unit length")
+def salient_unit_length(model, logits, n_output_nodes=3):
+    vecs, info = _salient(model, logits, n_output_nodes)
+    return F.normalize(vecs, dim=-1), info
+
+
+@mutant("compute_salient_logits", "softmax over the top n_output_nodes logits only")
+def salient_softmax_over_top(model, logits, n_output_nodes=3):
+    top, ids = logits[0, -1].topk(n_output_nodes)
+    vecs = model.W_U[:, ids].T - model.W_U.mean(dim=-1)
+    return vecs, _salient_info(model, top.softmax(dim=-1), ids)
+
+
+@mutant("compute_salient_logits", "a token's unembedding is the column W_U[:, token_id]")
+def salient_rows_of_W_U(model, logits, n_output_nodes=3):
+    probs, ids = logits[0, -1].softmax(dim=-1).topk(n_output_nodes)
+    return model.W_U[ids] - model.W_U.mean(dim=0), _salient_info(model, probs, ids)
 
 
 # ==================================================================================================
@@ -533,6 +623,36 @@ def embeddings_scale_the_cache(model, cache, tokens):
     embeddings = cache["blocks.0.hook_resid_pre"]
     embeddings *= model.cfg.d_model**0.5
     return _embeddings(model, cache, tokens)
+
+
+# Issue 21: mistakes whose message only said where values differ.
+
+
+@mutant("build_embedding_nodes", "ln1.hook_normalized")
+def embeddings_after_layer_norm(model, cache, tokens):
+    _, normed = model.run_with_cache(tokens, names_filter="blocks.0.ln1.hook_normalized")
+    nodes, _, reading = _embeddings(model, cache, tokens)
+    return nodes, list(normed["blocks.0.ln1.hook_normalized"][0].unbind(0)), reading
+
+
+@mutant("build_embedding_nodes", "unembedding columns")
+def embeddings_from_W_U(model, cache, tokens):
+    nodes, _, reading = _embeddings(model, cache, tokens)
+    return nodes, list(model.W_U[:, tokens[0]].T.unbind(0)), reading
+
+
+@mutant("build_embedding_nodes", "you divided the embeddings by sqrt(d_model)")
+def embeddings_divided_by_sqrt_d_model(model, cache, tokens):
+    """Undoing a scale that TransformerLens folded in on purpose."""
+    nodes, writing, reading = _embeddings(model, cache, tokens)
+    return nodes, [v / model.cfg.d_model**0.5 for v in writing], reading
+
+
+@mutant("build_embedding_nodes", "shifted by one position")
+def embeddings_shifted_by_one(model, cache, tokens):
+    """Node pos writes the embedding of the token after it (the last one wraps round to <bos>)."""
+    nodes, writing, reading = _embeddings(model, cache, tokens)
+    return nodes, writing[1:] + writing[:1], reading
 
 
 # ==================================================================================================
@@ -716,6 +836,124 @@ def intermediate_leaves_a_transcoder_hook(
     return _intermediate(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k)
 
 
+# Issue 21: mistakes whose message only said where values differ. Each edits one kind of vector of the
+# notebook loop's answer.
+
+
+def _intermediate_edited(transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, kind, edit):
+    nodes, writing, reading, ranges = _intermediate(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k
+    )
+    vecs = writing if kind != "latent_reading" else reading
+    node_type = NodeType.MLP_ERROR if kind == "error" else NodeType.LATENT
+    for i, node in enumerate(nodes):
+        if node.node_type == node_type:
+            vecs[i] = edit(transcoders[node.layer], node, vecs[i], cache)
+    return nodes, writing, reading, ranges
+
+
+@mutant("build_intermediate_nodes", "your error node has the wrong sign")
+def intermediate_error_negated(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate_edited(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, "error", lambda tc, n, v, c: -v
+    )
+
+
+@mutant("build_intermediate_nodes", "your error node starts from the MLP's input")
+def intermediate_error_from_mlp_input(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    def edit(tc, node, v, c):
+        return (
+            v
+            - c[tc.cfg.metadata.hook_name_out][0, node.ctx_idx]
+            + c[tc.cfg.metadata.hook_name][0, node.ctx_idx]
+        )
+
+    return _intermediate_edited(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, "error", edit
+    )
+
+
+@mutant("build_intermediate_nodes", "subtracts b_dec twice")
+def intermediate_error_b_dec_twice(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate_edited(
+        transcoders,
+        cache,
+        tc_hooks,
+        tokens,
+        d_model,
+        start_posn,
+        top_k,
+        "error",
+        lambda tc, n, v, c: v - tc.b_dec.detach(),
+    )
+
+
+@mutant("build_intermediate_nodes", "you added b_dec to each latent's writing vector")
+def intermediate_writing_with_b_dec(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate_edited(
+        transcoders,
+        cache,
+        tc_hooks,
+        tokens,
+        d_model,
+        start_posn,
+        top_k,
+        "latent_writing",
+        lambda tc, n, v, c: v + tc.b_dec.detach(),
+    )
+
+
+@mutant("build_intermediate_nodes", "your latent writing vectors are scaled to unit length")
+def intermediate_writing_unit_length(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate_edited(
+        transcoders,
+        cache,
+        tc_hooks,
+        tokens,
+        d_model,
+        start_posn,
+        top_k,
+        "latent_writing",
+        lambda tc, n, v, c: F.normalize(v, dim=0),
+    )
+
+
+@mutant("build_intermediate_nodes", "your latent reading vectors are scaled to unit length")
+def intermediate_reading_unit_length(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    return _intermediate_edited(
+        transcoders,
+        cache,
+        tc_hooks,
+        tokens,
+        d_model,
+        start_posn,
+        top_k,
+        "latent_reading",
+        lambda tc, n, v, c: F.normalize(v, dim=0),
+    )
+
+
+@mutant("build_intermediate_nodes", "read at the neighbouring position")
+def intermediate_activation_one_before(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    nodes, writing, reading, ranges = _intermediate(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k
+    )
+    for node in nodes:
+        if node.node_type == NodeType.LATENT:
+            node.activation = tc_hooks.transcoder_acts[node.layer][0, node.ctx_idx - 1, node.feature].item()
+    return nodes, writing, reading, ranges
+
+
+@mutant("build_intermediate_nodes", "come from the next layer's transcoder")
+def intermediate_reading_next_layer(transcoders, cache, tc_hooks, tokens, d_model, start_posn=4, top_k=5):
+    def edit(tc, node, v, c):
+        return transcoders[(node.layer + 1) % len(transcoders)].W_enc[:, node.feature].detach()
+
+    return _intermediate_edited(
+        transcoders, cache, tc_hooks, tokens, d_model, start_posn, top_k, "latent_reading", edit
+    )
+
+
 # ==================================================================================================
 # prepare_backward_batches
 # ==================================================================================================
@@ -826,6 +1064,33 @@ def batches_with_split(graph, batch_size=8):
                 )
             )
     return out[::-1]  # order of batches does not matter
+
+
+# Issue 21: mistakes whose message only said what was expected.
+
+
+@mutant("prepare_backward_batches", "You passed their writing vectors")
+def batches_writing_vecs(graph, batch_size=8):
+    return [
+        (start, nodes, graph.writing_vecs[start : start + len(nodes)], positions, layers)
+        for start, nodes, _, positions, layers in _batches(graph, batch_size)
+    ]
+
+
+@mutant("prepare_backward_batches", "those are the nodes' indices in graph.nodes")
+def batches_node_indices_as_positions(graph, batch_size=8):
+    return [
+        (start, nodes, reading, torch.arange(start, start + len(nodes)), layers)
+        for start, nodes, reading, _, layers in _batches(graph, batch_size)
+    ]
+
+
+@mutant("prepare_backward_batches", "those are the nodes' positions, ctx_idx")
+def batches_positions_as_layers(graph, batch_size=8):
+    return [
+        (start, nodes, reading, positions, [n.ctx_idx for n in nodes])
+        for start, nodes, reading, positions, _ in _batches(graph, batch_size)
+    ]
 
 
 # ==================================================================================================
@@ -1017,6 +1282,21 @@ def adjacency_grouped_like_the_notebook(model, tokens, graph, freeze, tc_hooks, 
     return _adjacency_grouped(model, tokens, graph, freeze, tc_hooks, batches, start_posn, place=place)
 
 
+# Issue 21: mistakes that were told their rows were not filled.
+
+
+@mutant("compute_adjacency_matrix", "(ctx_idx < start_posn, not <=)")
+def adjacency_masks_start_posn_too(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    return _adjacency(model, tokens, graph, freeze, tc_hooks, batches, start_posn, fixed_mask=start_posn + 1)
+
+
+@mutant("compute_adjacency_matrix", "each source's READING vector")
+def adjacency_reading_vectors(model, tokens, graph, freeze, tc_hooks, batches, start_posn=4):
+    """The source's reading vector where its writing vector belongs (embeddings read zeros)."""
+    swapped = replace(graph, writing_vecs=graph.reading_vecs)
+    return _adjacency(model, tokens, swapped, freeze, tc_hooks, batches, start_posn)
+
+
 # ==================================================================================================
 # compute_influence
 # ==================================================================================================
@@ -1040,6 +1320,10 @@ def _influence(
         B = absA / (sums.clamp(min=1e-8) if clamp else sums)
     elif normalise == "cols":
         B = absA / absA.sum(dim=0, keepdim=True).clamp(min=1e-8)
+    elif normalise == "row_max":
+        B = absA / absA.amax(dim=1, keepdim=True).clamp(min=1e-8)
+    elif normalise == "abs_after":
+        B = (A / A.sum(dim=1, keepdim=True).clamp(min=1e-8)).abs()
     else:
         B = absA
     v = torch.zeros(A.shape[0])
@@ -1126,6 +1410,36 @@ def influence_until_nilpotent(adjacency_matrix, logit_weights, n_layers):
         v = v @ B
         total = total + v
     return total
+
+
+# Issue 21: mistakes whose message only said where values differ.
+
+
+@mutant("compute_influence", "by its largest entry")
+def influence_rows_by_max(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, normalise="row_max")
+
+
+@mutant("compute_influence", "absolute values after normalising")
+def influence_abs_after_normalising(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, normalise="abs_after")
+
+
+@mutant("compute_influence", "weight 1 on every logit node")
+def influence_uniform_logits(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, torch.ones_like(logit_weights), n_layers)
+
+
+@mutant("compute_influence", "kept only the last power")
+def influence_last_power_only(adjacency_matrix, logit_weights, n_layers):
+    B = S.normalize_matrix(adjacency_matrix)
+    v = F.pad(logit_weights, (adjacency_matrix.shape[0] - len(logit_weights), 0))
+    return v @ torch.linalg.matrix_power(B, n_layers + 1)
+
+
+@mutant("compute_influence", "you summed 1 power;")
+def influence_direct_edges_only(adjacency_matrix, logit_weights, n_layers):
+    return _influence(adjacency_matrix, logit_weights, n_layers, terms=1)
 
 
 # ==================================================================================================
@@ -1219,6 +1533,34 @@ def prune_nodes_topk_searchsorted(adjacency_matrix, logit_weights, n_layers, thr
     return kept, adjacency_matrix[kept[:, None], kept[None, :]]
 
 
+# Issue 21: mistakes whose message only listed the nodes that differ.
+
+
+@mutant("prune_nodes", "direct edge weights")
+def prune_nodes_by_edge_weight(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    n, n_logits = adjacency_matrix.shape[0], len(logit_weights)
+    score = adjacency_matrix.abs().sum(0)[: n - n_logits]
+    order = score.argsort(descending=True)
+    n_keep = int((score[order].cumsum(0) / score.sum() < threshold).sum()) + 1
+    kept = torch.cat([order[:n_keep], torch.arange(n - n_logits, n)]).sort().values
+    return kept, adjacency_matrix[kept][:, kept]
+
+
+@mutant("prune_nodes", "fraction of the nodes by count")
+def prune_nodes_by_count(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    n, n_logits = adjacency_matrix.shape[0], len(logit_weights)
+    influence = S.compute_influence(adjacency_matrix, logit_weights, n_layers)[: n - n_logits]
+    order = influence.argsort(descending=True)
+    kept = torch.cat([order[: int(threshold * (n - n_logits))], torch.arange(n - n_logits, n)]).sort().values
+    return kept, adjacency_matrix[kept][:, kept]
+
+
+@mutant("prune_nodes", "is transposed: keep A's layout")
+def prune_nodes_transposed(adjacency_matrix, logit_weights, n_layers, threshold=0.8):
+    kept, pruned = _prune_nodes(adjacency_matrix, logit_weights, n_layers, threshold)
+    return kept, pruned.T
+
+
 # ==================================================================================================
 # prune_edges
 # ==================================================================================================
@@ -1237,12 +1579,20 @@ def _prune_edges(
     keep_logits=True,
     zero_dropped=True,
     sort=True,
+    norm="rows",
+    weighted=True,
 ):
     n_logits = len(w)
     importance = S.compute_influence(A, w, n_layers)
     if add_logits:
         importance[-n_logits:] += w
-    B = S.normalize_matrix(A)
+    B = {
+        "rows": lambda: S.normalize_matrix(A),
+        "signed": lambda: A / A.abs().sum(dim=1, keepdim=True).clamp(min=1e-8),
+        "none": lambda: A.abs(),
+    }[norm]()
+    if not weighted:
+        importance = torch.ones_like(importance)
     scores = B * (importance[:, None] if by_target else importance[None, :])
     flat = scores.flatten().sort(descending=True).values
     cum = flat.cumsum(0) / flat.sum()
@@ -1319,6 +1669,30 @@ def prune_edges_topk(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
     return kept, edges[kept][:, kept]
 
 
+# Issue 21: mistakes whose message only listed the nodes that differ.
+
+
+@mutant("prune_edges", "not the signed ones")
+def prune_edges_signed_scores(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, norm="signed")
+
+
+@mutant("prune_edges", "not by |A| itself")
+def prune_edges_unnormalised(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, norm="none")
+
+
+@mutant("prune_edges", "weight each edge's normalised weight by its target's importance")
+def prune_edges_unweighted(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, weighted=False)
+
+
+@mutant("prune_edges", "is transposed: keep A's layout")
+def prune_edges_transposed(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    kept, pruned = _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold)
+    return kept, pruned.T
+
+
 # ==================================================================================================
 # run_with_latent_set (interventions)
 # ==================================================================================================
@@ -1338,6 +1712,7 @@ def _latent_set(
     add=False,
     error="held",
     cleanup=True,
+    edit="set",
 ):
     """A learner's answer in the notebook's style; keyword switches reproduce one mistake each."""
     read, write = transcoder.cfg.metadata.hook_name, transcoder.cfg.metadata.hook_name_out
@@ -1345,9 +1720,16 @@ def _latent_set(
         _, cache = model.run_with_cache(tokens, names_filter=read)
         x = cache[read][0, position]
         clean = transcoder.encode(cache[read][0, position + read_at])[latent]
-        change = (value if add else value - clean) * transcoder.W_dec[latent]
+        direction = transcoder.W_enc[:, latent] if edit == "encoder" else transcoder.W_dec[latent]
+        change = (value if add else value - clean) * direction
+        if edit == "negated":
+            change = -change
+        elif edit == "with_b_dec":
+            change = change + transcoder.b_dec
     name = {"out": write, "in": read, "resid_mid": write.replace("hook_mlp_out", "hook_resid_mid")}[hook]
-    pos = {"position": position, "all": slice(None), "next": position + 1}[where]
+    pos = {"position": position, "all": slice(None), "next": position + 1, "onwards": slice(position, None)}[
+        where
+    ]
 
     def hook_fn(act, hook):
         act = act.clone()
@@ -1442,19 +1824,48 @@ def latent_set_in_one_pass(model, transcoder, tokens, position, latent, value):
         return model(tokens)
 
 
+# Issue 21: mistakes whose message only said where the logits differ.
+
+
+@mutant("run_with_latent_set", "your change has the wrong sign")
+def latent_set_negated_change(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, edit="negated")
+
+
+@mutant("run_with_latent_set", "to the end of the sequence")
+def latent_set_from_position_on(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, where="onwards")
+
+
+@mutant("run_with_latent_set", "along the encoder direction")
+def latent_set_along_encoder(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, edit="encoder")
+
+
+@mutant("run_with_latent_set", "you added b_dec with the change")
+def latent_set_adds_b_dec(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value, edit="with_b_dec")
+
+
+@mutant("run_with_latent_set", "return the logits at every position")
+def latent_set_last_position_only(model, transcoder, tokens, position, latent, value):
+    return _latent_set(model, transcoder, tokens, position, latent, value)[:, -1:]
+
+
 # ==================================================================================================
 # predicted_effects (interventions)
 # ==================================================================================================
 
 
-def _effects(result, node_indices, *, divide=True, steps=None, total=True):
+def _effects(result, node_indices, *, divide=True, steps=None, total=True, rows=False, absolute=False):
     A, nodes = result.adjacency_matrix, result.graph.nodes
+    A = A.abs() if absolute else A
     idx = list(node_indices)
     gain = torch.zeros(A.shape[0], dtype=A.dtype)
     for u, n in enumerate(nodes):
         if n.node_type == NodeType.LATENT:
             gain[u] = 1 / n.activation if divide else 1.0
-    M = A * gain
+    M = gain[:, None] * A if rows else A * gain
     direct = A[:, idx]
     if not total:
         return direct.T, direct.T
@@ -1556,6 +1967,31 @@ def effects_triangular(result, node_indices):
         eye - A * gain, A[:, list(node_indices)], upper=False, unitriangular=True
     )
     return A[:, list(node_indices)].T, total.T
+
+
+# Issue 21: mistakes whose message only said where values differ.
+
+
+@mutant("predicted_effects", "you divided the ROWS of A")
+def effects_rows_divided(result, node_indices):
+    return _effects(result, node_indices, rows=True)
+
+
+@mutant("predicted_effects", "counts the source's own change")
+def effects_with_source(result, node_indices):
+    direct, total = _effects(result, node_indices)
+    return direct, total + torch.eye(total.shape[1], dtype=total.dtype)[list(node_indices)]
+
+
+@mutant("predicted_effects", "you took the source's ROW of A")
+def effects_direct_from_rows(result, node_indices):
+    _, total = _effects(result, node_indices)
+    return result.adjacency_matrix[list(node_indices)], total
+
+
+@mutant("predicted_effects", "you took |A|")
+def effects_absolute(result, node_indices):
+    return _effects(result, node_indices, absolute=True)
 
 
 def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:

@@ -33,6 +33,13 @@ def _resid_after_block0(model: Any, tokens: Tensor) -> Tensor:
     return cache["blocks.0.hook_resid_post"][0]
 
 
+def _normalised_in_block0(model: Any, tokens: Tensor) -> Tensor:
+    name = "blocks.0.ln1.hook_normalized"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+    return cache[name][0]
+
+
 def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: str) -> None:
     model, d_model, seq = w.model, w.model.cfg.d_model, tokens.shape[1]
     out = _run(fn, model, cache, tokens, what="build_embedding_nodes")
@@ -87,6 +94,32 @@ def _embedding_case(fn: Callable, w: _World, cache: Any, tokens: Tensor, label: 
                     "your writing vectors are the residual stream after block 0; an embedding node writes "
                     "what enters block 0: cache['blocks.0.hook_resid_pre'][0]",
                     lambda: _resid_after_block0(model, tokens),
+                ),
+                (
+                    "you divided the embeddings by sqrt(d_model); TransformerLens already folds Gemma's "
+                    "scale into W_E: use cache['blocks.0.hook_resid_pre'][0] as it is",
+                    lambda: exp / d_model**0.5,
+                ),
+                (
+                    "your writing vectors are the normalised input of block 0's first layer norm "
+                    "(ln1.hook_normalized); an embedding node writes the raw embedding: "
+                    "cache['blocks.0.hook_resid_pre'][0]",
+                    lambda: _normalised_in_block0(model, tokens),
+                ),
+                (
+                    "your writing vectors are unembedding columns (W_U[:, token]); an embedding node writes "
+                    "its embedding, W_E[token] = cache['blocks.0.hook_resid_pre'][0, pos]",
+                    lambda: model.W_U.detach()[:, ids].T,
+                ),
+                (
+                    "your writing vectors are shifted by one position (off by one?): node pos writes "
+                    "cache['blocks.0.hook_resid_pre'][0, pos], the embedding of its own token",
+                    lambda: torch.roll(exp, -1, 0),
+                ),
+                (
+                    "your writing vectors are shifted by one position (off by one?): node pos writes "
+                    "cache['blocks.0.hook_resid_pre'][0, pos], the embedding of its own token",
+                    lambda: torch.roll(exp, 1, 0),
                 ),
                 (
                     "your writing vectors are zeros: each embedding node writes its embedding, "

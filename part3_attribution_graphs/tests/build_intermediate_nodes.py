@@ -201,6 +201,9 @@ def _intermediate_case(
     errs = sorted(k for k in mine if k[2] == "mlp_error")
     act_of = {k: acts[k[0]][0, k[1], k[3]].double() for k in lat}
 
+    def b_dec_of(keys: list) -> Tensor:
+        return torch.stack([transcoders[k[0]].b_dec.detach().double() for k in keys])
+
     def dec_row(layer: int, f: int) -> Tensor:  # one row at a time: a real model's W_dec is large
         return transcoders[layer].W_dec[f].detach().double()
 
@@ -211,6 +214,18 @@ def _intermediate_case(
         )
         exp_a = torch.stack([act_of[k] for k in lat]).cpu()
         if not _close(got_a, exp_a, max(w.tol, 1e-6)):
+            seq_len = acts[lat[0][0]].shape[1]
+            shifted = [
+                torch.stack(
+                    [acts[k[0]][0, min(max(k[1] + d, 0), seq_len - 1), k[3]].double() for k in lat]
+                ).cpu()
+                for d in (-1, 1)
+            ]
+            if any(_close(got_a, other, max(w.tol, 1e-6)) for other in shifted):
+                raise _Fail(
+                    f"Latent activations{label} are read at the neighbouring position (off by one?): a "
+                    "latent node at position pos has activation transcoder_acts[layer][0, pos, f]."
+                )
             raise _Fail(
                 f"Latent activations{label} should be transcoder_acts[layer][0, pos, f], "
                 f"{_worst(got_a, exp_a, 'activation')}."
@@ -232,6 +247,15 @@ def _intermediate_case(
                         "W_dec[f]",
                         lambda: a_col * enc,
                     ),
+                    (
+                        "you added b_dec to each latent's writing vector; a latent writes a * W_dec[f] only "
+                        "(b_dec is a constant, part of no latent: it is subtracted from the error node)",
+                        lambda: a_col * dec + b_dec_of(lat),
+                    ),
+                    (
+                        "your latent writing vectors are scaled to unit length; write a * W_dec[f] as it is",
+                        lambda: (a_col * dec) / (a_col * dec).norm(dim=-1, keepdim=True),
+                    ),
                 ],
                 w.tol,
             )
@@ -252,6 +276,36 @@ def _intermediate_case(
                         "your latent reading vectors are scaled by the activation; read the plain encoder "
                         "direction W_enc[:, f]",
                         lambda: a_col * enc,
+                    ),
+                    (
+                        "your latent reading vectors come from the next layer's transcoder; read "
+                        "transcoders[layer].W_enc[:, f], the node's own layer",
+                        lambda: (
+                            torch.stack(
+                                [
+                                    transcoders[layers[(layers.index(k[0]) + 1) % len(layers)]].W_enc[:, k[3]]
+                                    for k in lat
+                                ]
+                            )
+                            .detach()
+                            .double()
+                        ),
+                    ),
+                    (
+                        "your latent reading vectors come from the previous layer's transcoder; read "
+                        "transcoders[layer].W_enc[:, f], the node's own layer",
+                        lambda: (
+                            torch.stack(
+                                [transcoders[layers[layers.index(k[0]) - 1]].W_enc[:, k[3]] for k in lat]
+                            )
+                            .detach()
+                            .double()
+                        ),
+                    ),
+                    (
+                        "your latent reading vectors are scaled to unit length; read the plain encoder "
+                        "direction W_enc[:, f] (the transcoder's pre-activation is x @ W_enc[:, f])",
+                        lambda: enc / enc.norm(dim=-1, keepdim=True),
                     ),
                 ],
                 w.tol,
@@ -275,6 +329,7 @@ def _intermediate_case(
     b_dec = per_error(lambda lt, p: transcoders[lt].b_dec.detach())
     kept = per_error(kept_sum)
     exp_e = mlp - kept - b_dec - skip
+    mlp_in = per_error(lambda lt, p: cache[transcoders[lt].cfg.metadata.hook_name][0, p])
     if not _close(got_e, exp_e, w.tol):
         dec = per_error(lambda lt, p: tc_hooks.transcoder_output[lt][0, p])
         hint = _diagnose(
@@ -307,6 +362,21 @@ def _intermediate_case(
                     "your error node is the whole MLP output: subtract the kept latents, b_dec and the skip "
                     "term",
                     lambda: mlp,
+                ),
+                (
+                    "your error node has the wrong sign: error = mlp_out - (kept latents + b_dec + skip), "
+                    "what the MLP writes that the kept latents, b_dec and the skip do not",
+                    lambda: -exp_e,
+                ),
+                (
+                    "your error node starts from the MLP's input (hook_name); start from its output: "
+                    "cache[tc.cfg.metadata.hook_name_out][0, pos] - (kept latents + b_dec + skip)",
+                    lambda: mlp_in - kept - b_dec - skip,
+                ),
+                (
+                    "your error node subtracts b_dec twice: error = mlp_out - (kept latents' a * W_dec + "
+                    "b_dec + skip)",
+                    lambda: exp_e - b_dec,
                 ),
             ],
             w.tol,

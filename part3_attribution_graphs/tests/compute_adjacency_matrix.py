@@ -192,6 +192,21 @@ def _adjacency_case(
             f"Your edges{label} match gradients through the real MLPs: install the transcoder hooks "
             "(tc_hooks.install()) before calling setup_attribution, and remove them afterwards."
         )
+    # Checked before the all-zero rows: both mistakes empty whole rows too (targets whose only sources sit
+    # at start_posn, or read only embeddings, whose reading vectors are zero).
+    at_start = torch.tensor([nd.ctx_idx == start_posn and nd.layer != "L" for nd in graph.nodes])
+    if bad[:, at_start].any() and not bad[:, ~at_start].any() and a[:, at_start].abs().max() == 0:
+        raise _Fail(
+            f"Edges from sources at position start_posn (={start_posn}){label} are zero: mask only the "
+            "positions before it (ctx_idx < start_posn, not <=)."
+        )
+    misread = _copy_graph(graph)
+    misread.writing_vecs = graph.reading_vecs.clone()
+    if _close(a, _reference_adjacency(w, misread, batches, start_posn).double().cpu(), tol):
+        raise _Fail(
+            f"Your edges{label} contract the gradient with each source's READING vector: an edge is what the "
+            "source writes, so use graph.writing_vecs[source]."
+        )
     zero_rows = [i for i in range(n) if a[i].abs().max() == 0 and e[i].abs().max() > 0]
     if zero_rows:
         raise _Fail(

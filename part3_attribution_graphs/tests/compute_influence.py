@@ -25,7 +25,15 @@ from .harness import (
 
 
 def _influence_variant(
-    A: Tensor, w: Tensor, n_layers: int, *, terms: int | None = None, k0: bool = False, norm: str = "rows"
+    A: Tensor,
+    w: Tensor,
+    n_layers: int,
+    *,
+    terms: int | None = None,
+    k0: bool = False,
+    norm: str = "rows",
+    last_only: bool = False,
+    start: Tensor | None = None,
 ) -> Tensor:
     """compute_influence, with the usual mistakes switchable."""
     A = A.double()
@@ -35,14 +43,18 @@ def _influence_variant(
         B = A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-8)
     elif norm == "signed":
         B = A / A.sum(1, keepdim=True).clamp(min=1e-8)
+    elif norm == "abs_after":
+        B = (A / A.sum(1, keepdim=True).clamp(min=1e-8)).abs()
+    elif norm == "row_max":
+        B = A.abs() / A.abs().amax(1, keepdim=True).clamp(min=1e-8)
     else:
         B = A.abs()
     v = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
-    v[A.shape[0] - w.shape[0] :] = w.double()
+    v[A.shape[0] - w.shape[0] :] = w.double() if start is None else start.double()
     total = v.clone() if k0 else torch.zeros_like(v)
     for _ in range(n_layers + 1 if terms is None else terms):
         v = v @ B
-        total = total + v
+        total = v if last_only else total + v
     return total
 
 
@@ -65,9 +77,16 @@ def _influence_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, tol: floa
     if got.abs().max() == 0:
         # Both mistakes give exactly zero on any graph whose first nodes have no inputs and whose logits feed
         # nothing.
+        # Where no path has the full n_layers + 1 edges, the last power alone is zero too.
+        last_only = _influence_variant(A, w, n_layers, last_only=True).abs().max() == 0
         raise _Fail(
             f"Your influence{label} is all zeros: put the logit weights on the LAST n_logit nodes (the logit "
             "nodes come last) and propagate from targets back to sources with v @ B, not B @ v."
+            + (
+                " Or you kept only the last power v @ B^(n_layers+1), which is zero here: sum every power."
+                if last_only
+                else ""
+            )
         )
     hint = _diagnose(
         got.double().cpu(),
@@ -86,6 +105,35 @@ def _influence_case(fn: Callable, A: Tensor, w: Tensor, n_layers: int, tol: floa
             (
                 "too few power-series terms: sum n_layers + 1 powers",
                 lambda: _influence_variant(A, w, n_layers, terms=n_layers - 1),
+            ),
+            *(
+                (
+                    f"too few power-series terms: you summed {k} power{'s' if k > 1 else ''}; sum "
+                    f"n_layers + 1 = {n_layers + 1} powers, v @ B + ... + v @ B^(n_layers+1), since a path "
+                    "can have n_layers + 1 edges",
+                    lambda k=k: _influence_variant(A, w, n_layers, terms=k),
+                )
+                for k in range(1, n_layers - 1)
+            ),
+            (
+                "you kept only the last power v @ B^(n_layers+1); sum every power, v @ B + v @ B^2 + ... "
+                "(paths of every length count)",
+                lambda: _influence_variant(A, w, n_layers, last_only=True),
+            ),
+            (
+                "you started from weight 1 on every logit node; start from the logit weights (each "
+                "logit's probability), v[-n_logits:] = logit_weights",
+                lambda: _influence_variant(A, w, n_layers, start=torch.ones_like(w)),
+            ),
+            (
+                "you divided each row of |A| by its largest entry; divide by its sum, so that a target's "
+                "incoming weights sum to 1 (normalize_matrix)",
+                lambda: _influence_variant(A, w, n_layers, norm="row_max"),
+            ),
+            (
+                "you took absolute values after normalising: B = |A| / row sums of |A| (normalize_matrix); "
+                "signed row sums can cancel",
+                lambda: _influence_variant(A, w, n_layers, norm="abs_after"),
             ),
             (
                 "you did not normalise: use B = |A| with each row divided by its sum (normalize_matrix(A))",

@@ -35,7 +35,21 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
     exp_strs = [info.str_token for info in exp_info]
     exp_probs = torch.tensor([info.prob for info in exp_info], dtype=torch.float64)
     given = logits.clone()
-    out = _run(fn, model, given, n, what="compute_salient_logits")
+    out = _run(
+        fn,
+        model,
+        given,
+        n,
+        what="compute_salient_logits",
+        hints=[
+            (
+                IndexError,
+                "",
+                "W_U is (d_model, d_vocab): a token's unembedding is the column W_U[:, token_id], and the "
+                "mean over the vocabulary is W_U.mean(dim=-1)",
+            )
+        ],
+    )
     _check_unchanged(logits, given, "the logits")
     vecs, info = _items(out, 2, "compute_salient_logits")
     vecs = _tensor(vecs, f"reading_vecs{label}", shape=(n, d_model), device=w.device)
@@ -106,6 +120,21 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
                     lambda: demeaned(top(logits[0, 0].double())),
                 ),
                 (
+                    "you read the prediction one position before the last (logits[0, -2], off by one?); the "
+                    "next token is predicted at the last position: use logits[0, -1]",
+                    lambda: demeaned(top(logits[0, -2].double())),
+                ),
+                (
+                    "you subtracted one number, W_U.mean(), the mean of the whole matrix; subtract the mean "
+                    "unembedding vector over the vocabulary, W_U.mean(dim=-1) (one value per d_model entry)",
+                    lambda: W_U[:, exp_ids].T - W_U.mean(),
+                ),
+                (
+                    "your reading vectors are scaled to unit length; keep the demeaned unembedding as it is "
+                    "(its norm sets the logit's scale)",
+                    lambda: exp_vecs / exp_vecs.norm(dim=-1, keepdim=True),
+                ),
+                (
                     "you took the softmax over the wrong dimension: take it over the vocabulary (dim=-1) of "
                     "logits[0, -1]",
                     lambda: demeaned(top(logits.double().softmax(dim=1)[0, -1])),
@@ -139,6 +168,11 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
                 (
                     "you returned logits, not probabilities: apply softmax over the vocabulary",
                     lambda: last[exp_ids],
+                ),
+                (
+                    "you took the softmax over the top n_output_nodes logits only; take it over the whole "
+                    "vocabulary first (softmax(logits[0, -1])), then pick the top tokens",
+                    lambda: last[exp_ids].softmax(-1),
                 ),
                 (
                     "you returned log-probabilities: return probabilities (softmax, not log_softmax)",

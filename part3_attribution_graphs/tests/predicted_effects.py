@@ -77,7 +77,7 @@ def _effects_variant(result: Any, idx: list[int], mode: str) -> Tensor:
     acts = torch.tensor([float(n.activation) for n in nodes], dtype=A.dtype, device=A.device)
     safe = torch.where(latent, acts, torch.ones_like(acts))
     gain = {"no_division": latent.to(A.dtype), "times_activation": acts * latent}.get(mode, latent / safe)
-    M, cols = A * gain, A[:, idx]
+    M, cols = (A * gain[:, None] if mode == "rows" else A * gain), A[:, idx]
     if mode == "per_unit_activation":
         cols = cols / safe[idx]
     if mode == "one_step":
@@ -85,7 +85,10 @@ def _effects_variant(result: Any, idx: list[int], mode: str) -> Tensor:
     if mode == "transposed":
         M = M.T
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(eye - M, cols).T
+    total = torch.linalg.solve(eye - M, cols)
+    if mode == "with_source":
+        total = total + eye[:, idx]
+    return total.T
 
 
 _TOTAL_MISTAKES = (
@@ -110,6 +113,16 @@ _TOTAL_MISTAKES = (
         "transposed",
         "you used M.T (or solved from the left): M[t, u] = A[t, u] / a_u has targets in rows and sources "
         "in columns like A, and the changes solve (I - M) x = A[:, s], with M itself",
+    ),
+    (
+        "rows",
+        "you divided the ROWS of A (the targets) by the activations; divide each latent's COLUMN, where it "
+        "is the source: M[t, u] = A[t, u] / a_u, i.e. A * gain with gain indexed by column",
+    ),
+    (
+        "with_source",
+        "your total effect counts the source's own change (a 1 at s): the effects are on the other nodes; "
+        "x = (I - M)^-1 A[:, s], with no identity column added",
     ),
     (
         "one_step",
@@ -149,6 +162,18 @@ def _effects_case(fn: Any, result: Any, idx: list[int], tol: float, label: str) 
                     (text, lambda m=mode: _effects_variant(result, idx, m))
                     for mode, text in _TOTAL_MISTAKES
                     if mode == "per_unit_activation"
+                ]
+                + [
+                    (
+                        "you took the source's ROW of A, A[s] (the edges INTO it); its direct effects are "
+                        "the edges out of it, its column A[:, s]",
+                        lambda: A_before[idx],
+                    ),
+                    (
+                        "you took |A|: effects keep their sign (an inhibiting edge lowers its target), so "
+                        "use A[:, s] as it is",
+                        lambda: A_before.abs()[:, idx].T,
+                    ),
                 ],
                 tol,
             )

@@ -116,9 +116,15 @@ def _batches_case(fn: Callable, graph: GraphNodes, batch_size: int, label: str) 
             raise _Fail(f"{what} has {len(idx)} nodes, more than batch_size={batch_size}.")
         reading = _tensor(reading, f"{what}: reading_vecs", shape=(len(idx), d_model), device=device)
         if not torch.allclose(reading.to(graph.reading_vecs.dtype), graph.reading_vecs[idx]):
+            cause = (
+                " You passed their writing vectors: a target is read through its reading vector (the "
+                "gradient flows back from what the node reads)."
+                if torch.allclose(reading.to(graph.writing_vecs.dtype), graph.writing_vecs[idx])
+                else ""
+            )
             raise _Fail(
                 f"{what}: reading_vecs should be graph.reading_vecs[{idx[0]}:{idx[-1] + 1}], the reading "
-                "vectors of the batch's own nodes."
+                f"vectors of the batch's own nodes.{cause}"
             )
         if isinstance(positions, (list, tuple)):
             raise _Fail(
@@ -126,15 +132,27 @@ def _batches_case(fn: Callable, graph: GraphNodes, batch_size: int, label: str) 
                 f"got a {type(positions).__name__}."
             )
         positions = _tensor(positions, f"{what}: positions", shape=(len(idx),), device=device, floating=False)
-        if positions.tolist() != [graph.nodes[i].ctx_idx for i in idx]:
-            raise _Fail(
-                f"{what}: positions should be the nodes' ctx_idx {[graph.nodes[i].ctx_idx for i in idx]}, "
-                f"got {positions.tolist()}."
+        ctx = [graph.nodes[i].ctx_idx for i in idx]
+        if positions.tolist() != ctx:
+            cause = (
+                " (those are the nodes' indices in graph.nodes; a position is where the node sits in the "
+                "prompt, its ctx_idx)"
+                if positions.tolist() == idx and idx != ctx
+                else ""
             )
-        if list(layers) != [graph.nodes[i].layer for i in idx]:
             raise _Fail(
-                f"{what}: layers should be the nodes' layer entries {[graph.nodes[i].layer for i in idx]}, "
-                f"got {_fmt(list(layers))}."
+                f"{what}: positions should be the nodes' ctx_idx {ctx}, got {positions.tolist()}{cause}."
+            )
+        node_layers = [graph.nodes[i].layer for i in idx]
+        if list(layers) != node_layers:
+            cause = (
+                " (those are the nodes' positions, ctx_idx; take each node's .layer)"
+                if list(layers) == ctx and ctx != node_layers
+                else ""
+            )
+            raise _Fail(
+                f"{what}: layers should be the nodes' layer entries {node_layers}, got {_fmt(list(layers))}"
+                f"{cause}."
             )
         seen += idx
         sizes.setdefault(key, []).append((idx[0], len(idx)))

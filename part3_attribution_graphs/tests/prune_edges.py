@@ -36,12 +36,21 @@ def _prune_edges_variant(
     strict: bool = False,
     orphans: bool = False,
     zero_dropped: bool = True,
+    norm: str = "rows",
+    weighted: bool = True,
 ) -> tuple[list[int], Tensor]:
     n, n_logits = A.shape[0], w.shape[0]
     importance = compute_influence(A.double(), w.double(), n_layers)
     if add_logits:
         importance[n - n_logits :] += w.double()
-    B = normalize_matrix(A.double())
+    if norm == "signed":  # rows divided by their sums of |A|, signs kept
+        B = A.double() / A.double().abs().sum(1, keepdim=True).clamp(min=1e-8)
+    elif norm == "none":
+        B = A.double().abs()
+    else:
+        B = normalize_matrix(A.double())
+    if not weighted:
+        importance = torch.ones_like(importance)
     scores = B * (importance[:, None] if by_target else importance[None, :])
     flat = scores.flatten().sort(descending=True).values
     share = flat.cumsum(0) / flat.sum()
@@ -88,6 +97,21 @@ def _prune_edges_case(
             "regardless",
             dict(orphans=True),
         ),
+        (
+            "score edges by the normalised weights |A| / row sums (normalize_matrix), not the signed ones: a "
+            "negative edge matters as much as a positive one",
+            dict(norm="signed"),
+        ),
+        (
+            "score edges by the row-normalised |A| (normalize_matrix), not by |A| itself: each target's "
+            "incoming weights share its importance",
+            dict(norm="none"),
+        ),
+        (
+            "weight each edge's normalised weight by its target's importance (influence, plus the logit "
+            "weights on the logit nodes): score[j, i] = B[j, i] * importance[j]",
+            dict(weighted=False),
+        ),
     ]
     if sorted(got) != exp:
         for hint, kwargs in variants:
@@ -101,6 +125,11 @@ def _prune_edges_case(
     if got != exp:
         raise _Fail(f"kept_indices{what} should be sorted in the original node order, got {_fmt(got)}.")
     if not _close(pruned, exp_pruned, tol):
+        if _close(pruned, exp_pruned.T, tol):
+            raise _Fail(
+                f"pruned_matrix{what} is transposed: keep A's layout (row = target, column = source), "
+                "edges[kept][:, kept]."
+            )
         if _close(pruned, A[exp][:, exp], tol):
             raise _Fail(
                 f"Zero out the edges you drop{what}: pruned_matrix should keep only the surviving edges, "

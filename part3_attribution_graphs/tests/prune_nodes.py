@@ -34,12 +34,19 @@ def _prune_nodes_variant(
     strict: bool = False,
     ascending: bool = False,
     keep_logits: bool = True,
+    by_edges: bool = False,
+    by_count: bool = False,
 ) -> list[int]:
     n, n_logits = A.shape[0], w.shape[0]
-    influence = compute_influence(A.double(), w.double(), n_layers)[: n - n_logits]
+    if by_edges:  # each node's direct outgoing edge weight, sum of |A| over its column
+        influence = A.double().abs().sum(0)[: n - n_logits]
+    else:
+        influence = compute_influence(A.double(), w.double(), n_layers)[: n - n_logits]
     order = influence.argsort(descending=not ascending)
     share = influence[order].cumsum(0) / influence.sum()
     count = int((share <= threshold).sum() if strict else (share < threshold).sum()) + 1 + shift
+    if by_count:  # a `threshold` fraction of the nodes, whatever their influence
+        count = int(threshold * (n - n_logits))
     kept = set(order[: max(count, 0)].tolist())
     if keep_logits:
         kept |= set(range(n - n_logits, n))
@@ -75,6 +82,16 @@ def _prune_nodes_case(
                 dict(shift=1),
             ),
             ("you kept the least influential nodes: sort by decreasing influence", dict(ascending=True)),
+            (
+                "you ranked nodes by their direct edge weights (|A| summed over each column); rank them by "
+                "influence (compute_influence), which counts every path from the node to the logits",
+                dict(by_edges=True),
+            ),
+            (
+                "you kept a `threshold` fraction of the nodes by count; keep nodes, most influential first, "
+                "until their cumulative share of the total INFLUENCE reaches the threshold",
+                dict(by_count=True),
+            ),
         ]
         for hint, kwargs in variants:
             if sorted(got) == _prune_nodes_variant(A, w, n_layers, threshold, **kwargs):
@@ -91,6 +108,11 @@ def _prune_nodes_case(
             f"{_fmt(got)}."
         )
     if not _close(pruned, A[exp][:, exp], tol):
+        if _close(pruned, A[exp][:, exp].T, tol):
+            raise _Fail(
+                f"pruned_matrix{what} is transposed: keep A's layout (row = target, column = source), "
+                "A[kept][:, kept]."
+            )
         raise _Fail(f"pruned_matrix{what} should be A[kept][:, kept], {_worst(pruned, A[exp][:, exp])}.")
 
 

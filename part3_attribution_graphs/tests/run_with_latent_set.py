@@ -105,6 +105,26 @@ def _latent_set_mistakes(w: _World, tc: Any, position: int, latent: int, value: 
             lambda: _edited_logits(w, tc, out_name, right, slice(None)),
         ),
         (
+            "you changed the MLP output from `position` to the end of the sequence (mlp_out[:, position:]); "
+            "change only `position` itself (mlp_out[:, position])",
+            lambda: _edited_logits(w, tc, out_name, right, slice(position, None)),
+        ),
+        (
+            "your change has the wrong sign: (a - value) * W_dec[latent] moves the activation away from "
+            "value; add (value - a) * W_dec[latent]",
+            lambda: _edited_logits(w, tc, out_name, -right, position),
+        ),
+        (
+            "you added the change along the encoder direction W_enc[:, latent]; a latent writes through "
+            "its decoder row: add (value - a) * W_dec[latent]",
+            lambda: _edited_logits(w, tc, out_name, (value - clean) * tc.W_enc[:, latent].detach(), position),
+        ),
+        (
+            "you added b_dec with the change; b_dec is already in the clean MLP output (the transcoder "
+            "adds it whatever the activations): add only (value - a) * W_dec[latent]",
+            lambda: _edited_logits(w, tc, out_name, right + tc.b_dec.detach(), position),
+        ),
+        (
             "you changed the wrong position (off by one?): index the sequence axis with `position` itself",
             lambda: _edited_logits(w, tc, out_name, right, position - 1),
         ),
@@ -184,6 +204,12 @@ def test_run_with_latent_set(fn: Any, w: _World) -> None:
                 "`finally:` block)."
             )
         expected = _ref_run_with_latent_set(model, tc, w.tokens, pos, latent, value)
+        shape = tuple(expected.shape)
+        if isinstance(got, Tensor) and got.shape[-1:] == shape[-1:] and got.numel() < expected.numel():
+            raise _Fail(
+                f"The logits you returned have shape {tuple(got.shape)}, expected {shape}: return the "
+                "logits at every position, model(tokens) as it comes, not a slice of them."
+            )
         got = _tensor(
             got,
             "The logits you returned",

@@ -58,6 +58,10 @@ class _VariantHooks:
             skip = skip_output(tc, x.detach())
         else:
             skip = skip_output(tc, x)
+        if self.mode == "both_paths":
+            return mlp_out + (skip - skip.detach())
+        if self.mode == "detach_swapped":
+            return skip.detach() + (mlp_out - skip)
         return skip + (mlp_out - skip).detach()
 
     def remove(self) -> None:
@@ -80,6 +84,16 @@ _TC_HOOK_MISTAKES = (
         "no gradient flows through your skip term: compute it from the LIVE MLP input captured by a "
         "hook at mlp.hook_in during this forward pass, not from the cached activations (the cache is "
         "not part of this pass's graph)",
+    ),
+    (
+        "both_paths",
+        "the gradient flows through the real MLP AND the skip: mlp_out + skip - skip.detach() keeps the "
+        "MLP's own gradient; detach the MLP's part instead: skip + (mlp_out - skip).detach()",
+    ),
+    (
+        "detach_swapped",
+        "you detached the wrong term: skip.detach() + (mlp_out - skip) sends the gradient through the "
+        "MLP minus the skip; detach the difference instead: skip + (mlp_out - skip).detach()",
     ),
     (
         "resid_mid",
@@ -167,8 +181,26 @@ def _check_tc_dicts(obj: Any, w: _World) -> None:
                 "(batch, seq, d_sae): encode the whole cached input cache[tc.cfg.metadata.hook_name]."
             )
         if not _close(acts, exp_acts, w.tol):
+            hint = _diagnose(
+                acts,
+                [
+                    (
+                        "you encoded the MLP's output (hook_mlp_out); a transcoder reads the MLP's input: "
+                        "encode cache[tc.cfg.metadata.hook_name] (mlp.hook_in)",
+                        lambda tc=tc: tc.encode(w.cache[tc.cfg.metadata.hook_name_out]),
+                    ),
+                    (
+                        "you encoded the residual stream before ln2 (hook_resid_mid); a transcoder reads the "
+                        "MLP's input after the norm: encode cache[tc.cfg.metadata.hook_name] (mlp.hook_in)",
+                        lambda layer=layer, tc=tc: tc.encode(w.cache[f"blocks.{layer}.hook_resid_mid"]),
+                    ),
+                ],
+                w.tol,
+            )
             raise _Fail(
-                f"transcoder_acts[{layer}] differs from tc.encode(cache[tc.cfg.metadata.hook_name]), "
+                f"transcoder_acts[{layer}]: {hint}."
+                if hint
+                else f"transcoder_acts[{layer}] differs from tc.encode(cache[tc.cfg.metadata.hook_name]), "
                 f"{_worst(acts, exp_acts, 'acts')}."
             )
         out = _tensor(
@@ -185,7 +217,12 @@ def _check_tc_dicts(obj: Any, w: _World) -> None:
                         "transcoder_output includes the skip term: it should be tc.decode(acts) only "
                         "(SAELens' decode leaves the skip out; tc(x) adds it)",
                         lambda e=exp_out, s=ref.skip_output[layer]: e + s,
-                    )
+                    ),
+                    (
+                        "transcoder_output leaves out the decoder bias: acts @ W_dec is not the whole "
+                        "decoder; use tc.decode(acts), which adds b_dec",
+                        lambda e=exp_out, tc=tc: e - tc.b_dec.detach(),
+                    ),
                 ],
                 w.tol,
             )
