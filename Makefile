@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,crosscheck]"
-	# The notebooks' kernel, under the project's own name and inside the venv: a user's python3 stays theirs.
+	# The tests' kernel, under the project's own name and inside the venv: a user's python3 stays theirs.
 	$(PY) -m ipykernel install --sys-prefix --name part3-attribution-graphs --display-name "Python 3 (part3_attribution_graphs)" >/dev/null
 	touch $@
 
@@ -53,7 +53,10 @@ lint: install
 ## Learners: JupyterLab on the exercises notebook (installs jupyterlab into .venv once).
 lab: install
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[lab]"
-	$(VENV)/bin/jupyter lab notebooks/
+	# The notebooks name `python3` (as Colab needs): a python3 kernel inside the venv, first on JUPYTER_PATH,
+	# makes that this venv for this session without touching a user-wide kernel.
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	JUPYTER_PATH="$(abspath $(VENV))/share/jupyter" $(VENV)/bin/jupyter lab notebooks/
 
 notebooks: install
 	$(PY) -m part3_attribution_graphs.tools.notebook_builder

@@ -46,7 +46,7 @@ def test_an_editors_autosave_is_caught_with_what_to_do(fresh, tmp_path, monkeypa
     says so and tells the author how to rebuild or drop the change."""
     monkeypatch.setattr(nbb, "build", lambda: fresh)
     nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
-    nb.metadata.kernelspec = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    nb.metadata.kernelspec = {"display_name": "Python (my-env)", "language": "python", "name": "conda-env-my-env-py"}
     saved = tmp_path / "solutions.ipynb"
     nbformat.write(nb, saved)
     monkeypatch.setitem(nbb.NOTEBOOKS, "solutions", saved)
@@ -75,14 +75,18 @@ def test_committed_outputs_render_for_a_reader():
     assert any("re-run this cell" in d.get("text/plain", "") for d in explorer), explorer
 
 
-def test_notebooks_use_the_projects_kernel_never_python3():
+def test_notebooks_name_the_standard_kernel_and_nothing_installs_over_the_users():
+    """Colab and a fresh Jupyter know only `python3`; the tests run the project's kernel, registered inside
+    the venv, and no install writes a user-wide kernel."""
     for path in nbb.NOTEBOOKS.values():
         assert nbformat.read(path, as_version=4).metadata.kernelspec == nbb.KERNELSPEC
-    assert nbb.KERNEL_NAME != "python3"
+    assert nbb.KERNELSPEC["name"] == "python3" and nbb.KERNEL_NAME != "python3"
     makefile = (nbb.ROOT / "Makefile").read_text()
     installs = re.findall(r"ipykernel install[^\n]*", makefile)
-    assert installs and all("--name python3" not in i and "--sys-prefix" in i for i in installs), installs
-    assert all(f"--name {nbb.KERNEL_NAME}" in i for i in installs), installs
+    assert installs and all("--sys-prefix" in i and "--user" not in i for i in installs), installs
+    assert any(f"--name {nbb.KERNEL_NAME}" in i for i in installs), installs
+    lab = makefile.split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert "JUPYTER_PATH=" in lab, "make lab must put the venv's kernels before the user's"
 
 
 def test_build_is_deterministic(fresh):

@@ -83,14 +83,13 @@ CODE_KINDS = ("python", "exercise", "given", "listing")
 # Names IPython puts in every namespace.
 IPYTHON_NAMES = {"display", "get_ipython", "In", "Out", "exit", "quit"}
 
-# The notebooks' kernel: the project's own name, registered inside its venv (`make install`, or
-# `ensure_kernel`), so nothing is written over a user's `python3` kernel.
+# Two kernels, on purpose. The committed notebooks name the kernel every Jupyter and Colab knows,
+# `python3` (Colab answers any other name with "Unrecognized runtime"; a fresh Jupyter asks to pick one).
+# The project's own kernel, registered inside its venv (`make install`, or `ensure_kernel`), is the one the
+# builder, the tests and the demo execute with, so nothing is ever written over a user's `python3`;
+# `make lab` puts the venv's own `python3` first on JUPYTER_PATH for the learner's session.
 KERNEL_NAME = "part3-attribution-graphs"
-KERNELSPEC = {
-    "display_name": "Python 3 (part3_attribution_graphs)",
-    "language": "python",
-    "name": KERNEL_NAME,
-}
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 NB_METADATA = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
 
 
