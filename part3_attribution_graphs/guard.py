@@ -353,13 +353,22 @@ def model_session(model: Any, name: str, stacklevel: int = 4) -> Iterator[bool]:
     try:
         if outermost:
             check_model(model, stacklevel)
-            buffers = [(m, key, b) for m in model.modules() for key, b in m._buffers.items()]
+            # Persistence too: a buffer re-registered as non-persistent would drop out of state_dict.
+            buffers = [
+                (m, key, b, key in m._non_persistent_buffers_set)
+                for m in model.modules()
+                for key, b in m._buffers.items()
+            ]
         with torch.inference_mode(False):
             yield outermost
     finally:
-        for module, key, b in buffers:
+        for module, key, b, transient in buffers:
             if module._buffers.get(key) is not b:
                 module._buffers[key] = b
+            if transient:
+                module._non_persistent_buffers_set.add(key)
+            else:
+                module._non_persistent_buffers_set.discard(key)
         with _busy_lock:
             entry[2] -= 1
             if entry[2] == 0:

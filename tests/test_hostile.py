@@ -158,11 +158,12 @@ def test_error_a_million_new_tokens_is_refused_at_once(world, monkeypatch):
 def test_correct_buffers_replaced_inside_a_failed_call_are_put_back(world):
     model, _ = world
     attn = model.blocks[0].attn
-    before = attn.rotary_sin
+    before, keys = attn.rotary_sin, list(model.state_dict())
     with pytest.raises(RuntimeError, match="boom"), guard.model_session(model, "test"):
         attn.register_buffer("rotary_sin", torch.zeros(211, before.shape[1]), persistent=False)
         raise RuntimeError("boom")
     assert attn.rotary_sin is before
+    assert list(model.state_dict()) == keys, "the buffer came back, but no longer in state_dict"
 
 
 # --- 2. Two threads on one model: the right answer or a clear refusal -----------------------------
