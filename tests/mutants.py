@@ -1527,6 +1527,203 @@ def effects_triangular(result, node_indices):
     return A[:, list(node_indices)].T, total.T
 
 
+# ==================================================================================================
+# strongest_path (case study)
+# ==================================================================================================
+
+
+def _path(result, *, weights="shares", start=("embedding",), end="top", order="forward", local=False, strength=None):
+    """The notebook's dynamic programme, written by a learner; switches reproduce one mistake each."""
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type.value for i in kept]
+    if weights == "shares":
+        B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    elif weights == "raw":
+        B = A.abs()
+    elif weights == "signed":
+        B = A / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    elif weights == "columns":
+        B = A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-12)
+    else:  # "shares_transposed"
+        B = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).T
+    is_input = torch.tensor([k in start for k in kinds])
+    best = is_input.double()
+    for _ in range(len(kept)):
+        via, parent = (B * best).max(1)
+        best = torch.where(is_input, best, via)
+    t = kinds.index("logit") if end == "top" else len(kept) - 1
+    path = [t]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    if order == "forward":
+        path = path[::-1]
+    value = float(best[t])
+    if strength == "raw":
+        value = float(torch.tensor([A[b, a].abs() for a, b in zip(path, path[1:])]).prod())
+    return (path if local else [kept[k] for k in path]), value
+
+
+@mutant("strongest_path", "greedy is not optimal")
+def path_greedy(result):
+    """From the logit, step back along the strongest incoming edge until an embedding."""
+    A = result.pruned_matrix
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    t = kinds.index(NodeType.LOGIT)
+    path, strength = [t], 1.0
+    while kinds[path[-1]] != NodeType.EMBEDDING:
+        s = int(B[path[-1]].argmax())
+        strength *= float(B[path[-1], s])
+        path.append(s)
+    return [kept[k] for k in path[::-1]], strength
+
+
+@mutant("strongest_path", "normalise first")
+def path_raw_weights(result):
+    return _path(result, weights="raw")
+
+
+@mutant("strongest_path", "take absolute values")
+def path_signed_weights(result):
+    return _path(result, weights="signed")
+
+
+@mutant("strongest_path", "normalise each ROW")
+def path_column_shares(result):
+    return _path(result, weights="columns")
+
+
+@mutant("strongest_path", "PRODUCT")
+def path_summed(result):
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    is_input = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
+    best = torch.where(is_input, 0.0, float("-inf")).double()
+    for _ in range(len(kept)):
+        via, parent = torch.where(B > 0, B + best, torch.tensor(float("-inf"))).max(1)
+        best = torch.where(is_input, best, via)
+    path = [kinds.index(NodeType.LOGIT)]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    return [kept[k] for k in path[::-1]], float(best[path[0]])
+
+
+@mutant("strongest_path", "runs from the logit back to the input")
+def path_reversed(result):
+    return _path(result, order="backward")
+
+
+@mutant("strongest_path", "map each one through result.kept_indices")
+def path_local_indices(result):
+    return _path(result, local=True)
+
+
+@mutant("strongest_path", "start at an input token")
+def path_from_any_source(result):
+    return _path(result, start=("embedding", "mlp_error"))
+
+
+@mutant("strongest_path", "not the top logit")
+def path_to_last_logit(result):
+    return _path(result, end="last")
+
+
+@mutant("strongest_path", "A is target by source")
+def path_transposed(result):
+    """Reads A as source by target: B.T where B is needed."""
+    return _path(result, weights="shares_transposed")
+
+
+@mutant("strongest_path", "not of raw |A|")
+def path_raw_strength(result):
+    return _path(result, strength="raw")
+
+
+@alternative("strongest_path")
+def path_reference_style(result):
+    return _path(result)
+
+
+@alternative("strongest_path")
+def path_node_by_node(result):
+    """A loop over nodes in graph order (a topological order: edges only go forward)."""
+    A = result.pruned_matrix
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-8)
+    best = torch.zeros(len(kept), dtype=A.dtype)
+    parent = [-1] * len(kept)
+    for t, kind in enumerate(kinds):
+        if kind == NodeType.EMBEDDING:
+            best[t] = 1.0
+        elif t > 0:
+            candidates = B[t, :t] * best[:t]
+            parent[t] = int(candidates.argmax())
+            best[t] = candidates[parent[t]]
+    t = kinds.index(NodeType.LOGIT)
+    path = [t]
+    while parent[path[-1]] >= 0:
+        path.append(parent[path[-1]])
+    return [kept[k] for k in reversed(path)], float(best[t])
+
+
+@alternative("strongest_path")
+def path_dijkstra(result):
+    """Shares are at most 1, so -log(share) >= 0: the strongest path is a shortest path (Dijkstra)."""
+    import heapq
+    import math
+
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    out_edges = [[(t, -math.log(B[t, s].item())) for t in torch.nonzero(B[:, s]).flatten().tolist()] for s in range(len(kept))]
+    dist = {s: 0.0 for s, k in enumerate(kinds) if k == NodeType.EMBEDDING}
+    prev: dict[int, int] = {}
+    heap = [(0.0, s) for s in dist]
+    done = set()
+    while heap:
+        d, s = heapq.heappop(heap)
+        if s in done:
+            continue
+        done.add(s)
+        for t, cost in out_edges[s]:
+            if d + cost < dist.get(t, math.inf):
+                dist[t], prev[t] = d + cost, s
+                heapq.heappush(heap, (d + cost, t))
+    t = kinds.index(NodeType.LOGIT)
+    path = [t]
+    while path[-1] in prev:
+        path.append(prev[path[-1]])
+    return [kept[k] for k in reversed(path)], math.exp(-dist[t])
+
+
+@alternative("strongest_path")
+def path_backward_from_logit(result):
+    """The same programme run backwards: the strongest path from each node to the logit, in log space."""
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    logB = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).log()  # -inf where there is no edge
+    end = kinds.index(NodeType.LOGIT)
+    to_end = torch.full((len(kept),), float("-inf"), dtype=A.dtype)
+    to_end[end] = 0.0
+    for _ in range(len(kept)):
+        via, step = (logB + to_end[:, None]).max(0)  # over targets t: log B[t, s] + to_end[t]
+        to_end = torch.maximum(to_end, via)
+        to_end[end] = 0.0
+    is_input = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
+    start = int(torch.where(is_input, to_end, torch.tensor(float("-inf"), dtype=A.dtype)).argmax())
+    path = [start]
+    while path[-1] != end:
+        path.append(int(step[path[-1]]))
+    return [kept[k] for k in path], float(to_end[start].exp())
+
+
 def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:
     """{exercise: (mutants, alternatives)}."""
     out: dict[str, tuple[list[Mutant], list[Mutant]]] = {}
