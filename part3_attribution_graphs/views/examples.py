@@ -299,23 +299,34 @@ def make_toy_example_data(
     seed: int = 0,
     batch_size: int = 64,
     features_by_layer: dict[int, Iterable[int]] | None = None,
+    tokens: Int[Tensor, "n_seq seq"] | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """Example data for every transcoder of an offline world, in GemmaScope 2's layout (keyed by layer).
 
-    Runs the model on `n_sequences` random token sequences (each after `<bos>`), encodes each layer's
-    MLP input with its transcoder, and keeps each latent's `n_examples` largest activations. The
-    `<bos>` position is left out, as its activations say nothing about the text.
+    Runs the model on a corpus, encodes each layer's MLP input with its transcoder, and keeps each
+    latent's `n_examples` largest activations. The corpus is `tokens` if given (rows after `<bos>`,
+    right-padded with the pad token), else the world's own text for the planted world
+    (`planted.example_corpus`, so its latents can be labelled: a land, "opposite of"), else
+    `n_sequences` random token sequences of `seq_len`. The `<bos>` and padding positions are left out,
+    as their activations say nothing about the text.
 
     `features_by_layer` (e.g. `features_in_graph(result)`) limits the `top_*`/`bottom_*` logit tables
     to those latents (the others are left at zero): on a real vocabulary (Gemma's 262k tokens) the
     full tables cost minutes on a CPU, the rest seconds.
     """
-    gen = torch.Generator().manual_seed(seed)
+    from ..worlds import planted
+
     tok = model.tokenizer
-    special = set(tok.all_special_ids)
-    words = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
-    tokens = words[torch.randint(len(words), (n_sequences, seq_len), generator=gen)]
-    tokens[:, 0] = tok.bos_token_id
+    if tokens is None and planted.is_planted_model(model):
+        tokens = planted.example_corpus()
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        special = set(tok.all_special_ids)
+        words = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+        tokens = words[torch.randint(len(words), (n_sequences, seq_len), generator=gen)]
+        tokens[:, 0] = tok.bos_token_id
+    n_sequences, seq_len = tokens.shape
+    padding = tokens == tok.pad_token_id
     device = model.W_U.device
     names = [f"blocks.{layer}.mlp.hook_in" for layer in sorted(transcoders)]
 
@@ -330,6 +341,7 @@ def make_toy_example_data(
         for layer, tc in transcoders.items():
             a = tc.encode(cache[f"blocks.{layer}.mlp.hook_in"].to(tc.W_enc.dtype)).float().cpu()
             a[:, 0] = 0.0
+            a[padding[lo : lo + batch_size]] = 0.0
             acts[layer].append(a)
 
     W_U = model.W_U.detach().float()
@@ -365,7 +377,7 @@ def make_toy_example_data(
             "activations": torch.where(fired, vals, 0.0).float(),
             "seq_ids": torch.where(fired, idx // seq_len, -1).int(),
             "positions": torch.where(fired, idx % seq_len, -1).int(),
-            "feature_frequencies": ((a[:, 1:] > 0).float().mean(dim=(0, 1))).float(),
+            "feature_frequencies": ((a[:, 1:] > 0).float().sum(dim=(0, 1)) / (~padding[:, 1:]).sum()).float(),
             "top_tokens": top_ids.int().cpu(),
             "top_logits": top_vals.float().cpu(),
             "bottom_tokens": bot_ids.int().cpu(),
@@ -436,6 +448,9 @@ def feature_examples(
         p = int(pos[j])
         lo, hi = max(0, p - left), min(corpus.shape[1], p + right + 1)
         ids = corpus[s, lo:hi].tolist()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        while len(ids) > p - lo + 1 and ids[-1] == pad:  # a padded corpus: no padding after the text
+            ids.pop()
         acts = [0.0] * len(ids)
         same = seq == s
         for q, a in zip(pos[same].tolist(), act[same].tolist()):
