@@ -35,7 +35,9 @@ def strongest_path(result: AttributionResult) -> tuple[list[int], float]:
 
     An edge s -> t has normalised weight `B[t, s] = |A[t, s]| / sum_s' |A[t, s']|` (A = the pruned matrix,
     target by source): the share of t's incoming attribution that comes from s. A path's strength is the
-    product of its edges' normalised weights; the strongest path maximises it.
+    product of its edges' normalised weights; the strongest path maximises it. Direct edges from an
+    embedding to a logit are left out (they say that a token matters, not how), so the path passes
+    through at least one latent.
 
     Returns:
         The path as indices into `result.graph.nodes`, from the embedding node to the top logit node (the
@@ -44,6 +46,8 @@ def strongest_path(result: AttributionResult) -> tuple[list[int], float]:
     B = normalize_matrix(result.pruned_matrix)
     kinds = [result.graph.nodes[i].node_type for i in result.kept_indices.tolist()]
     is_input = torch.tensor([kind == NodeType.EMBEDDING for kind in kinds], device=B.device)
+    is_logit = torch.tensor([kind == NodeType.LOGIT for kind in kinds], device=B.device)
+    B = B * ~(is_logit[:, None] & is_input[None, :])  # no direct edge: a path passes through a latent
     end = kinds.index(NodeType.LOGIT)
     # best[t]: the strength of the strongest path from any input to t (0: none yet). One sweep extends every
     # node's best path by one edge, all nodes at once; once a sweep changes nothing, every best is final.

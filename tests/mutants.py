@@ -1532,7 +1532,26 @@ def effects_triangular(result, node_indices):
 # ==================================================================================================
 
 
-def _path(result, *, weights="shares", start=("embedding",), end="top", order="forward", local=False, strength=None):
+def _no_direct(B, kinds):
+    """B without the edges from embeddings straight to logits."""
+    for t, kt in enumerate(kinds):
+        for s, ks in enumerate(kinds):
+            if str(getattr(kt, "value", kt)) == "logit" and str(getattr(ks, "value", ks)) == "embedding":
+                B[t, s] = 0
+    return B
+
+
+def _path(
+    result,
+    *,
+    direct=False,
+    weights="shares",
+    start=("embedding",),
+    end="top",
+    order="forward",
+    local=False,
+    strength=None,
+):
     """The notebook's dynamic programme, written by a learner; switches reproduce one mistake each."""
     A = result.pruned_matrix.double()
     kept = result.kept_indices.tolist()
@@ -1547,6 +1566,8 @@ def _path(result, *, weights="shares", start=("embedding",), end="top", order="f
         B = A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-12)
     else:  # "shares_transposed"
         B = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).T
+    if not direct:
+        B = _no_direct(B, kinds)
     is_input = torch.tensor([k in start for k in kinds])
     best = is_input.double()
     for _ in range(len(kept)):
@@ -1571,6 +1592,7 @@ def path_greedy(result):
     kept = result.kept_indices.tolist()
     kinds = [result.graph.nodes[i].node_type for i in kept]
     B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    B = _no_direct(B, kinds)
     t = kinds.index(NodeType.LOGIT)
     path, strength = [t], 1.0
     while kinds[path[-1]] != NodeType.EMBEDDING:
@@ -1578,6 +1600,11 @@ def path_greedy(result):
         strength *= float(B[path[-1], s])
         path.append(s)
     return [kept[k] for k in path[::-1]], strength
+
+
+@mutant("strongest_path", "a direct edge from an embedding to the logit")
+def path_keeps_direct_edges(result):
+    return _path(result, direct=True)
 
 
 @mutant("strongest_path", "normalise first")
@@ -1595,12 +1622,12 @@ def path_column_shares(result):
     return _path(result, weights="columns")
 
 
-@mutant("strongest_path", "PRODUCT")
+@mutant("strongest_path", "product of its edges' normalised weights")
 def path_summed(result):
     A = result.pruned_matrix.double()
     kept = result.kept_indices.tolist()
     kinds = [result.graph.nodes[i].node_type for i in kept]
-    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
     is_input = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
     best = torch.where(is_input, 0.0, float("-inf")).double()
     for _ in range(len(kept)):
@@ -1654,7 +1681,7 @@ def path_node_by_node(result):
     A = result.pruned_matrix
     kept = result.kept_indices.tolist()
     kinds = [result.graph.nodes[i].node_type for i in kept]
-    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-8)
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-8), kinds)
     best = torch.zeros(len(kept), dtype=A.dtype)
     parent = [-1] * len(kept)
     for t, kind in enumerate(kinds):
@@ -1680,8 +1707,11 @@ def path_dijkstra(result):
     A = result.pruned_matrix.double()
     kept = result.kept_indices.tolist()
     kinds = [result.graph.nodes[i].node_type for i in kept]
-    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
-    out_edges = [[(t, -math.log(B[t, s].item())) for t in torch.nonzero(B[:, s]).flatten().tolist()] for s in range(len(kept))]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
+    out_edges = [
+        [(t, -math.log(B[t, s].item())) for t in torch.nonzero(B[:, s]).flatten().tolist()]
+        for s in range(len(kept))
+    ]
     dist = {s: 0.0 for s, k in enumerate(kinds) if k == NodeType.EMBEDDING}
     prev: dict[int, int] = {}
     heap = [(0.0, s) for s in dist]
@@ -1708,7 +1738,7 @@ def path_backward_from_logit(result):
     A = result.pruned_matrix.double()
     kept = result.kept_indices.tolist()
     kinds = [result.graph.nodes[i].node_type for i in kept]
-    logB = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).log()  # -inf where there is no edge
+    logB = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds).log()  # -inf: no edge
     end = kinds.index(NodeType.LOGIT)
     to_end = torch.full((len(kept),), float("-inf"), dtype=A.dtype)
     to_end[end] = 0.0

@@ -43,36 +43,36 @@ def _hand_result() -> SimpleNamespace:
     ]
     kept = torch.tensor([0, 1, 3, 4, 5, 7, 8, 9, 10, 11])
     # Local (kept) indices: 0, 1 embeddings; 2, 3 layer-0 latents; 4 error; 5, 6 layer-1 latents; 7 error;
-    # 8 the top logit; 9 the second logit. {(source, target): weight}.
-    edges = EDGES
+    # 8 the top logit; 9 the second logit. {(source, target): weight}. Shares, row by row: 2 <- 0: .75;
+    # 3 <- 1: .6; 5 <- 2: .6 (negative); 6 <- 3: .6; 8 <- 5: .25, 6: .29, 7: .21, 1: .25 (direct).
+    # Strongest: 0 -> 2 -> 5 -> 8 (0.1125). Greedy takes 6 first (1 -> 3 -> 6 -> 8: 0.105).
+    edges = {
+        (0, 2): 3.0,
+        (1, 2): 1.0,
+        (0, 3): 16.0,
+        (1, 3): 24.0,
+        (2, 5): -60.0,
+        (3, 5): 10.0,
+        (4, 5): 20.0,
+        (1, 5): 10.0,
+        (2, 6): 1.0,
+        (3, 6): 6.0,
+        (4, 6): 3.0,
+        (5, 8): 3.0,
+        (6, 8): -3.5,
+        (7, 8): 2.5,
+        (1, 8): 3.0,
+        (5, 9): 1.0,
+        (6, 9): 4.0,
+        (3, 9): 2.0,
+    }
     A = torch.zeros(10, 10, dtype=torch.float64)
     for (s, t), v in edges.items():
         A[t, s] = v
     graph = GraphNodes(nodes=nodes, seq_len=3, n_layers=2)
-    return SimpleNamespace(graph=graph, kept_indices=kept, pruned_matrix=A, logit_weights=torch.tensor([0.6, 0.3]))
-
-
-EDGES = {
-    (0, 2): 2.0,
-    (1, 2): 0.5,
-    (0, 3): 1.0,
-    (1, 3): 3.0,
-    (2, 5): -4.0,
-    (3, 5): 1.0,
-    (4, 5): 6.0,
-    (1, 5): 0.5,
-    (2, 6): 1.0,
-    (3, 6): 3.0,
-    (4, 6): 0.2,
-    (5, 8): 2.0,
-    (6, 8): 2.5,
-    (7, 8): 1.0,
-    (1, 8): 0.3,
-    (2, 8): 0.2,
-    (5, 9): 1.0,
-    (6, 9): 4.0,
-    (3, 9): 2.0,
-}
+    return SimpleNamespace(
+        graph=graph, kept_indices=kept, pruned_matrix=A, logit_weights=torch.tensor([0.6, 0.3])
+    )
 
 
 def _kinds(result: Any) -> list[str]:
@@ -91,6 +91,10 @@ def _path_variant(result: Any, mode: str) -> list[int]:
         "signed": A / A.abs().sum(1, keepdim=True).clamp(min=1e-30),
         "columns": A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-30),
     }.get(mode, normalize_matrix(A))
+    if mode != "direct":  # drop the direct edges from embeddings to logits
+        is_logit = torch.tensor([k == "logit" for k in kinds])
+        is_embedding = torch.tensor([k == "embedding" for k in kinds])
+        B = B * ~(is_logit[:, None] & is_embedding[None, :])
     end = kinds.index("logit")
     if mode == "last_logit":
         end = len(kinds) - 1
@@ -117,6 +121,12 @@ def _path_variant(result: Any, mode: str) -> list[int]:
 
 
 _PATH_MISTAKES = (
+    (
+        "direct",
+        "your path is a direct edge from an embedding to the logit; it says only that this token matters, "
+        "not how: leave out the edges from embeddings straight to logits, so that the path passes through "
+        "at least one latent",
+    ),
     (
         "greedy",
         "walking back from the logit along the strongest incoming edge is greedy, and greedy is not optimal "
@@ -195,9 +205,9 @@ def _check_path(fn: Any, result: Any, label: str) -> None:
     for s, t in zip(path, path[1:]):
         if A[where[t], where[s]] == 0:
             raise _Fail(
-                f"{label}: your path steps from node {s} to node {t}, but the pruned graph has no edge from "
-                f"{s} to {t}: A[t, s] = 0. Each step must be an edge of result.pruned_matrix, and A is target "
-                "by source: the edges into t are row t, those out of s column s."
+                f"{label}: your path steps from node {s} to node {t}, but the pruned graph has no edge "
+                f"from {s} to {t}: A[t, s] = 0. Each step must be an edge of result.pruned_matrix, and A is "
+                "target by source: the edges into t are row t, those out of s column s."
             )
     B = normalize_matrix(A.double())
     local = torch.tensor([where[p] for p in path])
@@ -227,16 +237,23 @@ def _check_path(fn: Any, result: Any, label: str) -> None:
 def test_strongest_path(fn: Any, w: _World) -> None:
     """The strongest path on a hand-made graph and on the toy (or your) pruned graph."""
     _check_path(fn, _hand_result(), "a hand-made graph (a negative edge on the strongest path)")
-    kept, pruned = prune_graph(w.adjacency, w.logit_weights, w.n_layers, 0.8, 0.85)
-    result = AttributionResult(
-        graph=w.graph,
-        adjacency_matrix=w.adjacency,
-        kept_indices=kept,
-        pruned_matrix=pruned,
-        prompt="",
-        str_tokens=[],
-        logit_weights=w.logit_weights,
-        influence=torch.zeros(len(w.graph.nodes)),
-        settings={},
-    )
-    _check_path(fn, result, w.name)
+    for node_threshold, edge_threshold in ((0.8, 0.85), (0.9, 0.95), (1.0, 1.0)):
+        # the lesson's thresholds, looser where they leave no path through a latent to the top logit
+        kept, pruned = prune_graph(w.adjacency, w.logit_weights, w.n_layers, node_threshold, edge_threshold)
+        result = AttributionResult(
+            graph=w.graph,
+            adjacency_matrix=w.adjacency,
+            kept_indices=kept,
+            pruned_matrix=pruned,
+            prompt="",
+            str_tokens=[],
+            logit_weights=w.logit_weights,
+            influence=torch.zeros(len(w.graph.nodes)),
+            settings={},
+        )
+        try:
+            _ref_strongest_path(result)
+        except ValueError:
+            continue
+        break
+    _check_path(fn, result, f"{w.name} (pruned at {node_threshold} / {edge_threshold})")
