@@ -22,7 +22,9 @@ from .pruning import normalize_matrix
 from .replacement import Transcoder
 from .result import AttributionResult
 
-__all__ = ["strongest_path", "path_strength", "swap_group"]
+__all__ = ["strongest_path", "path_strength", "group_latents", "swap_group"]
+
+LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +77,41 @@ def path_strength(result: AttributionResult, path: Sequence[int]) -> float:
     local = torch.tensor([where[node] for node in path], dtype=torch.long)
     B = normalize_matrix(result.pruned_matrix.double())
     return float(B[local[1:], local[:-1]].prod())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the latents: which carry a group?
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def group_latents(
+    model: HookedSAETransformer,
+    transcoders: Mapping[int, Transcoder],
+    prompts: Sequence[str],
+    groups: Sequence[str],
+    min_in: float = 0.6,
+    max_out: float = 0.1,
+) -> dict[str, LatentSet]:
+    """`{group: [(layer, position, latent), ...]}`: the latents that fire on most prompts of one group only.
+
+    A latent at (layer, position) belongs to group g when it fires on at least `min_in` of g's prompts and
+    on at most `max_out` of all the others'. No label but the group goes in. The prompts must have one length
+    (one template), so that a position means the same word in each.
+    """
+    tokens = model.to_tokens(list(prompts))
+    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    labels = sorted(set(groups))
+    which = torch.tensor([labels.index(g) for g in groups], device=tokens.device)
+    found: dict[str, LatentSet] = {g: [] for g in labels}
+    for layer, tc in transcoders.items():
+        fired = (tc.encode(cache[tc.cfg.metadata.hook_name]) > 0).float()  # (prompt, pos, latent)
+        for k, label in enumerate(labels):
+            rate_in, rate_out = fired[which == k].mean(0), fired[which != k].mean(0)  # (pos, latent)
+            for pos, latent in ((rate_in >= min_in) & (rate_out <= max_out)).nonzero().tolist():
+                found[label].append((layer, pos, latent))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1754,6 +1754,90 @@ def path_backward_from_logit(result):
     return [kept[k] for k in path], float(to_end[start].exp())
 
 
+# ==================================================================================================
+# swap_group (case study)
+# ==================================================================================================
+
+
+def _swap(
+    model, transcoders, prompt_a, prompt_b, latents, *, source="b", combine="set", where="own", zeros=True
+):
+    """A learner's swap with `intervene`; switches reproduce one mistake each."""
+    acts_a = S.intervene(model, transcoders, prompt_a, []).activations
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = []
+    for layer, pos, f in latents:
+        read = pos if where == "own" else -1
+        value = float((acts_b if source == "b" else acts_a)[layer][read, f])
+        if combine == "add":
+            value += float(acts_a[layer][pos, f])
+        if value == 0 and not zeros:
+            continue
+        edits.append((layer, pos, f, value))
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
+
+
+@mutant("swap_group", "you added B's activation to A's own")
+def swap_adds(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, combine="add")
+
+
+@mutant("swap_group", "values on prompt A")
+def swap_keeps_a_values(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, source="a")
+
+
+@mutant("swap_group", "must be switched off too")
+def swap_skips_silent_latents(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, zeros=False)
+
+
+@mutant("swap_group", "at the latent's own position")
+def swap_reads_last_position(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, where="last")
+
+
+@mutant("swap_group", "use intervene's defaults")
+def swap_live_attention(model, transcoders, prompt_a, prompt_b, latents):
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = [(layer, pos, f, float(acts_b[layer][pos, f])) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits, freeze_attention=False).logits[0, -1]
+
+
+@mutant("swap_group", "return the next-token logits")
+def swap_every_position(model, transcoders, prompt_a, prompt_b, latents):
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = [(layer, pos, f, float(acts_b[layer][pos, f])) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits).logits
+
+
+@alternative("swap_group")
+def swap_reference_style(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents)
+
+
+@alternative("swap_group")
+def swap_values_by_encoding(model, transcoders, prompt_a, prompt_b, latents):
+    """B's values straight from the transcoders' encoders on a cached run of B."""
+    names = [transcoders[layer].cfg.metadata.hook_name for layer, _, _ in latents]
+    _, cache = model.run_with_cache(prompt_b, names_filter=lambda name: name in names)
+    edits = []
+    for layer, pos, f in latents:
+        tc = transcoders[layer]
+        edits.append((layer, pos, f, tc.encode(cache[tc.cfg.metadata.hook_name])[0, pos, f].item()))
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
+
+
+@alternative("swap_group")
+def swap_with_clean_runs(model, transcoders, prompt_a, prompt_b, latents):
+    """Both clean passes kept (clean_run), B's read off it, A's reused by intervene."""
+    from part3_attribution_graphs.interventions import clean_run
+
+    run_a, run_b = clean_run(model, transcoders, prompt_a), clean_run(model, transcoders, prompt_b)
+    edits = [(layer, pos, f, run_b.acts[layer][pos, f].item()) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, run_a, edits).logits[0, -1]
+
+
 def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:
     """{exercise: (mutants, alternatives)}."""
     out: dict[str, tuple[list[Mutant], list[Mutant]]] = {}
