@@ -22,7 +22,7 @@ from .pruning import normalize_matrix
 from .replacement import Transcoder
 from .result import AttributionResult
 
-__all__ = ["strongest_path", "path_strength", "group_latents", "swap_group"]
+__all__ = ["strongest_path", "path_shares", "firing_rates", "group_latents", "swap_group"]
 
 LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
 
@@ -68,15 +68,16 @@ def strongest_path(result: AttributionResult) -> tuple[list[int], float]:
     return result.kept_indices[path[::-1]].tolist(), float(best[end])
 
 
-def path_strength(result: AttributionResult, path: Sequence[int]) -> float:
-    """The product of the normalised weights of a path's edges (path: indices into `result.graph.nodes`)."""
-    where = {int(node): k for k, node in enumerate(result.kept_indices.tolist())}
+def path_shares(result: AttributionResult, path: Sequence[int]) -> list[float]:
+    """The normalised weight of each edge of a path (indices into `result.graph.nodes`); their product is
+    the path's strength."""
+    where = {node: k for k, node in enumerate(result.kept_indices.tolist())}
     missing = [node for node in path if node not in where]
     if missing:
         raise ValueError(f"Nodes {missing} are not in the pruned graph (result.kept_indices).")
     local = torch.tensor([where[node] for node in path], dtype=torch.long)
     B = normalize_matrix(result.pruned_matrix.double())
-    return float(B[local[1:], local[:-1]].prod())
+    return B[local[1:], local[:-1]].tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,6 +86,17 @@ def path_strength(result: AttributionResult, path: Sequence[int]) -> float:
 
 
 @torch.no_grad()
+def _fired(
+    model: HookedSAETransformer, transcoders: Mapping[int, Transcoder], prompts: Sequence[str]
+) -> dict[int, Float[Tensor, "n_prompts seq d_sae"]]:
+    """`{layer: 1.0 where a latent fires, else 0.0}` on each prompt (prompts of one length run as a batch)."""
+    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
+    _, cache = model.run_with_cache(model.to_tokens(list(prompts)), names_filter=lambda name: name in names)
+    return {
+        layer: (tc.encode(cache[tc.cfg.metadata.hook_name]) > 0).float() for layer, tc in transcoders.items()
+    }
+
+
 def group_latents(
     model: HookedSAETransformer,
     transcoders: Mapping[int, Transcoder],
@@ -96,22 +108,34 @@ def group_latents(
     """`{group: [(layer, position, latent), ...]}`: the latents that fire on most prompts of one group only.
 
     A latent at (layer, position) belongs to group g when it fires on at least `min_in` of g's prompts and
-    on at most `max_out` of all the others'. No label but the group goes in. The prompts must have one length
-    (one template), so that a position means the same word in each.
+    on at most `max_out` of all the others'. No label but the group goes in. The prompts must have one
+    length (one template), so that a position means the same word in each.
     """
-    tokens = model.to_tokens(list(prompts))
-    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    fired = _fired(model, transcoders, prompts)
     labels = sorted(set(groups))
-    which = torch.tensor([labels.index(g) for g in groups], device=tokens.device)
+    which = torch.tensor([labels.index(g) for g in groups])
     found: dict[str, LatentSet] = {g: [] for g in labels}
-    for layer, tc in transcoders.items():
-        fired = (tc.encode(cache[tc.cfg.metadata.hook_name]) > 0).float()  # (prompt, pos, latent)
+    for layer, f in fired.items():
         for k, label in enumerate(labels):
-            rate_in, rate_out = fired[which == k].mean(0), fired[which != k].mean(0)  # (pos, latent)
+            rate_in, rate_out = f[which == k].mean(0), f[which != k].mean(0)  # (pos, latent)
             for pos, latent in ((rate_in >= min_in) & (rate_out <= max_out)).nonzero().tolist():
                 found[label].append((layer, pos, latent))
     return found
+
+
+def firing_rates(
+    model: HookedSAETransformer,
+    transcoders: Mapping[int, Transcoder],
+    prompts: Sequence[str],
+    groups: Sequence[str],
+    latents: LatentSet,
+) -> tuple[list[str], Float[Tensor, "n_groups n_latents"]]:
+    """`(group names, rates)`: how often each latent fires on each group's prompts (one template)."""
+    fired = _fired(model, transcoders, prompts)
+    labels = sorted(set(groups))
+    which = torch.tensor([labels.index(g) for g in groups])
+    cols = torch.stack([fired[layer][:, pos, f] for layer, pos, f in latents], dim=1)  # (prompt, latent)
+    return labels, torch.stack([cols[which == k].mean(0) for k in range(len(labels))])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,9 +101,9 @@ def test_undefined_names_are_caught():
 
 
 def _kernel_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "P3AG_WORLD": "toy", **extra}
+    env = {**os.environ, "P3AG_WORLD": "planted", **extra}
     env.pop("TQDM_DISABLE", None)  # the notebooks must run with the progress bars a learner sees
-    env.pop("HF_TOKEN", None)  # the committed outputs are the toy world's
+    env.pop("HF_TOKEN", None)  # the committed outputs are the planted world's
     return env
 
 
@@ -129,7 +129,7 @@ def test_solutions_notebook_passes_nbval(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert (tmp_path / "couplet" / "index.html").exists()
+    assert (tmp_path / "two_hop" / "index.html").exists()
 
 
 @pytest.mark.notebook
@@ -143,7 +143,7 @@ def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(in
     outputs = json.dumps([c.get("outputs", []) for c in nb.cells])
     for _, test in EXERCISES:
         assert f"All tests in `{test}` passed!" in outputs
-    assert (tmp_path / "couplet" / "index.html").exists()
+    assert (tmp_path / "two_hop" / "index.html").exists()
 
 
 # ------------------------------------------------------------------------------------------------
