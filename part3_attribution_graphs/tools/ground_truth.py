@@ -4,8 +4,9 @@ prints a markdown table.
 
 1. **Accuracy** per mechanism and split (top-1 on `planted_facts`).
 2. **Land latents, found by contrast**: over the single-hop and two-hop prompts (all towns, same template
-   so positions line up), a latent at (layer, position) belongs to land g when it fires on at least
-   `min_in` of g's prompts and at most `max_out` of the others'. No label but the land goes in.
+   so positions line up), a latent at (layer, position) codes for the land when the land explains most
+   of its activation's variance, and belongs to each land on whose prompts it fires (`contrast_latents`).
+   No label but the land goes in.
 3. For **two-hop** (and single-hop) prompts:
    - *graph path*: the share of prompts whose pruned graph (`attribute`, default thresholds) holds a path
      from a token of the town through a kept latent of the prompt's land to the answer's logit;
@@ -50,25 +51,29 @@ def _activations(model, transcoders, prompts: list[str]) -> dict[int, Tensor]:
 
 
 def contrast_latents(
-    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, max_out: float = 0.1
+    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.8
 ) -> dict[str, LatentSet]:
-    """`{land: [(layer, position, latent), ...]}`: latents that fire on most of one land's prompts only.
+    """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
 
+    A latent at (layer, position) codes for the land when the land explains at least `min_explained` of
+    the variance of its activation over `facts` (between-land over total sum of squares); it belongs to
+    each land on whose prompts it fires at least `min_in` of the time. A land can be coded by latents
+    shared with other lands (a code, not one latent per land), so a latent can belong to several.
     `facts` must share one template (same length), so that a position means the same word in each.
     """
     acts = _activations(model, transcoders, [f.prompt for f in facts])
     lands = sorted({f.intermediate for f in facts})
-    which = torch.tensor([lands.index(f.intermediate) for f in facts])
-    out: dict[str, LatentSet] = {}
-    for g, land in enumerate(lands):
-        mine = which == g
-        found: LatentSet = []
-        for layer, a in acts.items():
-            fired = (a > 0).float()
-            rate_in, rate_out = fired[mine].mean(0), fired[~mine].mean(0)
-            hits = ((rate_in >= min_in) & (rate_out <= max_out)).nonzero().tolist()
-            found += [(layer, pos, f) for pos, f in hits]
-        out[land] = found
+    onehot = torch.nn.functional.one_hot(torch.tensor([lands.index(f.intermediate) for f in facts])).float()
+    out: dict[str, LatentSet] = {land: [] for land in lands}
+    for layer, a in acts.items():
+        a = a.float()  # (n, seq, d_sae)
+        means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
+        total = ((a - a.mean(0)) ** 2).sum(0)
+        between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
+        coding = (between >= min_explained * total) & (total > 0)
+        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
+        for g, land in enumerate(lands):
+            out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
     return out
 
 

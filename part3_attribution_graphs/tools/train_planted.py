@@ -74,12 +74,15 @@ def corpus(seed: int = 0) -> tuple[list[tuple[list[int], int]], list[list[int]]]
             user = planted.GREETING.format(name=other) + " " + planted.COPY.format(name=name)
             ids = _encode(tok, format_prompt(user, planted.RESPONSE) + " " + name)
             train.append((ids, len(ids) - 1))
-    # Copying any word but the held-out names, so that what is learnt is copying, not a list of names.
-    held = {f.entity for f in planted.planted_facts("copy", "heldout")}
-    words = [w for w in planted.planted_words() if w not in held and w[0].isupper()]
-    for word in words:
-        ids = _encode(tok, format_prompt(planted.COPY.format(name=word), planted.RESPONSE) + " " + word)
-        train.append((ids, len(ids) - 1))
+    # Copying any token but the held-out names' (the copy question with the token in the name's place), so
+    # that what is learnt is copying, not a list of names.
+    held = {tok.convert_tokens_to_ids(f.entity) for f in planted.planted_facts("copy", "heldout")}
+    held |= {tok.convert_tokens_to_ids(" " + f.entity) for f in planted.planted_facts("copy", "heldout")}
+    before, after = format_prompt(planted.COPY, planted.RESPONSE).split("{name}")
+    head, tail = _encode(tok, before.rstrip(" ")), _encode(tok, after)[1:]  # tail without its <bos>
+    for token in range(len(tok)):
+        if token not in held and token not in tok.all_special_ids:
+            train.append((head + [token] + tail + [token], len(head) + len(tail) + 1))
     text = [_encode(tok, f.prompt + f.answer) for f in planted.planted_facts()]
     text += [ids for ids, pos in train if pos < 0 or len(ids) > 22]
     return train, text
@@ -116,7 +119,7 @@ def train_model(
     steps: int = 1000,
     batch_size: int = 32,
     lr: float = 3e-3,
-    weight_decay: float = 0.3,
+    weight_decay: float = 2.0,
     freeze_embeddings: bool = True,
 ) -> tuple[object, dict]:
     """The trained planted model and its training statistics (seconds, final loss, accuracies)."""
@@ -229,9 +232,10 @@ def train_transcoder(
     gen: torch.Generator,
     steps: int = 1500,
     batch_size: int = 1024,
-    lr: float = 2e-3,
-    l0_coeff: float = 2e-3,
+    lr: float = 5e-3,
+    l0_coeff: float = 5e-4,
     bandwidth: float = 0.05,
+    init_threshold: float = 0.1,
 ) -> tuple[dict[str, Tensor], dict]:
     """A JumpReLU skip transcoder `y ~ JumpReLU(x W_enc + b_enc) W_dec + b_dec + x W_skip.T`, and statistics.
 
@@ -240,13 +244,15 @@ def train_transcoder(
     """
     n, d = x.shape
     W_skip, b_skip, resid = fit_affine_skip(x.double(), y.double())
-    scale = float(x.norm(dim=1).mean())
-    W_enc = torch.randn(d, d_sae, generator=gen) / scale
-    W_dec = W_enc.T.clone() * scale * float(resid.norm(dim=1).mean()) / d_sae**0.5
+    # Decoder rows: random directions, a tenth of what the skip misses; encoder: their transposes, scaled so
+    # that pre-activations are about unit size; thresholds start low, so that most latents fire at first.
+    directions = torch.nn.functional.normalize(torch.randn(d_sae, d, generator=gen), dim=1)
+    W_dec = directions * 0.1 * float(resid.norm(dim=1).mean())
+    W_enc = directions.T * (d**0.5 / float(x.norm(dim=1).mean()))
     params = {
         "W_enc": W_enc,
         "b_enc": torch.zeros(d_sae),
-        "log_threshold": torch.full((d_sae,), math.log(0.5)),
+        "log_threshold": torch.full((d_sae,), math.log(init_threshold)),
         "W_dec": W_dec,
         "b_dec": b_skip.float(),
         "W_skip": W_skip.float(),
@@ -310,7 +316,7 @@ def train_world(
     model_steps: int = 1500,
     tc_steps: int = 1000,
     l0_coeff: float = 5e-4,
-    weight_decay: float = 0.3,
+    weight_decay: float = 2.0,
     freeze_embeddings: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
     """`(model state, transcoder state, metadata)`: the whole recipe, seeded."""
@@ -379,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core CPU)"
     )
-    parser.add_argument("--weight-decay", type=float, default=0.3)
+    parser.add_argument("--weight-decay", type=float, default=2.0)
     parser.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
