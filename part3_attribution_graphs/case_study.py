@@ -86,15 +86,13 @@ def path_shares(result: AttributionResult, path: Sequence[int]) -> list[float]:
 
 
 @torch.no_grad()
-def _fired(
+def _activations(
     model: HookedSAETransformer, transcoders: Mapping[int, Transcoder], prompts: Sequence[str]
 ) -> dict[int, Float[Tensor, "n_prompts seq d_sae"]]:
-    """`{layer: 1.0 where a latent fires, else 0.0}` on each prompt (prompts of one length run as a batch)."""
+    """Every latent's activation on each prompt, by layer (prompts of one length run as one batch)."""
     names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
     _, cache = model.run_with_cache(model.to_tokens(list(prompts)), names_filter=lambda name: name in names)
-    return {
-        layer: (tc.encode(cache[tc.cfg.metadata.hook_name]) > 0).float() for layer, tc in transcoders.items()
-    }
+    return {layer: tc.encode(cache[tc.cfg.metadata.hook_name]) for layer, tc in transcoders.items()}
 
 
 def group_latents(
@@ -103,23 +101,31 @@ def group_latents(
     prompts: Sequence[str],
     groups: Sequence[str],
     min_in: float = 0.6,
-    max_out: float = 0.1,
+    min_explained: float = 0.5,
 ) -> dict[str, LatentSet]:
-    """`{group: [(layer, position, latent), ...]}`: the latents that fire on most prompts of one group only.
+    """`{group: [(layer, position, latent), ...]}`: the latents that code for the group, found by contrast.
 
-    A latent at (layer, position) belongs to group g when it fires on at least `min_in` of g's prompts and
-    on at most `max_out` of all the others'. No label but the group goes in. The prompts must have one
-    length (one template), so that a position means the same word in each.
+    A latent at (layer, position) codes for the group when the group explains at least `min_explained` of
+    the variance of its activation over the prompts (between-group over total sum of squares), and belongs
+    to each group on whose prompts it fires at least `min_in` of the time: a group may be coded by latents
+    it shares with others. No label but the group goes in. The prompts must share one template (one
+    length), so that a position means the same word in each.
     """
-    fired = _fired(model, transcoders, prompts)
     labels = sorted(set(groups))
-    which = torch.tensor([labels.index(g) for g in groups])
+    onehot = torch.nn.functional.one_hot(torch.tensor([labels.index(g) for g in groups])).float()
+    counts = onehot.sum(0)[:, None, None]
     found: dict[str, LatentSet] = {g: [] for g in labels}
-    for layer, f in fired.items():
+    for layer, a in _activations(model, transcoders, prompts).items():
+        a = a.float()
+        means = torch.einsum("ng,nsf->gsf", onehot, a) / counts  # (group, pos, latent)
+        total = ((a - a.mean(0)) ** 2).sum(0)
+        between = (counts * (means - a.mean(0)) ** 2).sum(0)
+        # a latent that barely varies (the shared template before the entity: only rounding differs) codes
+        # nothing, whatever share of its rounding noise the groups happen to explain
+        coding = (between >= min_explained * total) & (total > 1e-4 * (a**2).sum(0))
+        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / counts
         for k, label in enumerate(labels):
-            rate_in, rate_out = f[which == k].mean(0), f[which != k].mean(0)  # (pos, latent)
-            for pos, latent in ((rate_in >= min_in) & (rate_out <= max_out)).nonzero().tolist():
-                found[label].append((layer, pos, latent))
+            found[label] += [(layer, pos, f) for pos, f in (coding & (rate[k] >= min_in)).nonzero().tolist()]
     return found
 
 
@@ -131,11 +137,11 @@ def firing_rates(
     latents: LatentSet,
 ) -> tuple[list[str], Float[Tensor, "n_groups n_latents"]]:
     """`(group names, rates)`: how often each latent fires on each group's prompts (one template)."""
-    fired = _fired(model, transcoders, prompts)
+    acts = _activations(model, transcoders, prompts)
     labels = sorted(set(groups))
     which = torch.tensor([labels.index(g) for g in groups])
-    cols = torch.stack([fired[layer][:, pos, f] for layer, pos, f in latents], dim=1)  # (prompt, latent)
-    return labels, torch.stack([cols[which == k].mean(0) for k in range(len(labels))])
+    fired = torch.stack([acts[layer][:, pos, f] > 0 for layer, pos, f in latents], dim=1).float()
+    return labels, torch.stack([fired[which == k].mean(0) for k in range(len(labels))])
 
 
 # --------------------------------------------------------------------------------------------------
