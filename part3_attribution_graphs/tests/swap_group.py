@@ -22,7 +22,10 @@ from .harness import (
     _close,
     _diagnose,
     _Fail,
+    _hook_state,
+    _new_hooks,
     _public_test,
+    _remove_new_hooks,
     _run,
     _tensor,
     _World,
@@ -152,7 +155,17 @@ def _planted_case(fn: Any) -> None:
             f"the planted world, {a.attribute} of the land with {a.entity} ({a.intermediate}) swapped "
             f"with {b.entity}'s ({b.intermediate})"
         )
-        got = _call(fn, model, tcs, a.prompt, b.prompt, latents, label)
+        state = _hook_state(model, tcs)
+        try:
+            got = _call(fn, model, tcs, a.prompt, b.prompt, latents, label)
+            left = _new_hooks(model, state, tcs)
+        finally:
+            _remove_new_hooks(model, state, tcs)  # the harness guards the toy world; this one is ours
+        if left:
+            raise _Fail(
+                f"{label}: swap_group left {left} hook(s) on the model: use intervene, or add hooks with "
+                "`with model.hooks(fwd_hooks=...):`."
+            )
         answer = model.tokenizer.decode([int(got.argmax())])
         if int(got.argmax()) != target:
             raise _Fail(
