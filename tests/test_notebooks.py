@@ -143,7 +143,7 @@ def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(in
     outputs = json.dumps([c.get("outputs", []) for c in nb.cells])
     for _, test in EXERCISES:
         assert f"All tests in `{test}` passed!" in outputs
-    assert (tmp_path / "two_hop" / "index.html").exists()
+    assert (tmp_path / "couplet" / "index.html").exists()  # the toy world's running example
 
 
 # ------------------------------------------------------------------------------------------------
