@@ -70,11 +70,12 @@ def plot_group_latents(
             hovertemplate="%{y} prompts<br>latent %{x}<br>fires on %{z:.0%}<extra></extra>",
         )
     )
+    many = len(latents) > 40  # then the names only on hover
     fig.update_layout(
         title=title,
-        xaxis={"title": "latent (layer/position/index)", "tickangle": -45},
+        xaxis={"title": "latent (layer/position/index)", "tickangle": -45, "showticklabels": not many},
         yaxis={"autorange": "reversed"},
-        width=max(500, 60 + 28 * len(latents)),
+        width=min(1000, max(500, 160 + 28 * len(latents))),
         height=420,
     )
     return fig
