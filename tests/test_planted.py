@@ -17,9 +17,10 @@ from part3_attribution_graphs.tools import ground_truth, train_planted
 from part3_attribution_graphs.views.examples import feature_examples, make_toy_example_data
 from part3_attribution_graphs.worlds import planted
 
-# What the shortened recipe (seed 0) reaches on the training prompts: measured, with a margin.
+# What the shortened recipe (seed 0) reaches on the training prompts (chance: 1 in 335): measured
+# 2026-12-02, copy 100% and opposite 83% after 120 steps; the floors leave a margin for other CPUs.
 SHORT_MODEL_STEPS, SHORT_TC_STEPS = 120, 30
-SHORT_RUN_MIN_ACCURACY = {"group_attribute/train": 0.5, "opposite/train": 0.5}
+SHORT_RUN_MIN_ACCURACY = {"copy/train": 0.9, "opposite/train": 0.6}
 MAX_FVU = 0.1  # the shipped transcoders' fraction of variance unexplained, per layer
 MAX_L0 = 30  # latents firing per token, on average
 

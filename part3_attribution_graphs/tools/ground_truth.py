@@ -51,7 +51,7 @@ def _activations(model, transcoders, prompts: list[str]) -> dict[int, Tensor]:
 
 
 def contrast_latents(
-    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.8
+    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.5
 ) -> dict[str, LatentSet]:
     """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
 
@@ -70,7 +70,9 @@ def contrast_latents(
         means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
         total = ((a - a.mean(0)) ** 2).sum(0)
         between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
-        coding = (between >= min_explained * total) & (total > 0)
+        # Positions every prompt shares (the chat template) leave a latent constant: no variance to explain.
+        varies = total > 1e-6 * (a**2).sum(0).clamp(min=1e-12)
+        coding = (between >= min_explained * total) & varies
         rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
         for g, land in enumerate(lands):
             out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
@@ -143,62 +145,73 @@ def _swap(model, transcoders, fact_a, fact_b, latents: LatentSet, acts_b, with_s
         return _top1(intervene(model, transcoders, fact_a.prompt, edits, **kwargs).logits)
 
 
-def measure(model, transcoders, n_pairs: int = 3, n_graphs: int | None = None, seed: int = 0) -> dict:
-    """Every figure of the table (see the module docstring), as a dict.
+def measure(
+    model,
+    transcoders,
+    n_pairs: int = 2,
+    n_graphs: int | None = None,
+    explained: tuple[float, ...] = (0.5, 0.3),
+    seed: int = 0,
+) -> dict:
+    """Every figure of the table (see the module docstring), as a dict; one set of rows per `explained`
+    (`contrast_latents`' `min_explained`).
 
     Interventions and graphs count only prompts the model answers right (an ablation cannot knock out an
     answer that was not there); each figure comes with its number of prompts (or pairs).
     """
-    gen = torch.Generator().manual_seed(seed)
-    out: dict = {"accuracy": planted.planted_accuracy(model), "rows": {}}
+    out: dict = {"accuracy": planted.planted_accuracy(model), "rows": {}, "latents": {}}
     for mech in ("two_hop", "single_hop"):
         facts = planted.planted_facts(mech)
-        found = contrast_latents(model, transcoders, facts)
-        out[f"{mech}/latents"] = {land: len(v) for land, v in found.items()}
         acts = _activations(model, transcoders, [f.prompt for f in facts])
-        tokens = model.to_tokens([f.prompt for f in facts])
         with torch.no_grad():
-            top = model(tokens)[:, -1].argmax(-1).tolist()
+            top = model(model.to_tokens([f.prompt for f in facts]))[:, -1].argmax(-1).tolist()
         right = [top[i] == model.to_single_token(f.answer) for i, f in enumerate(facts)]
         town_pos = _town_positions(model, facts[0])
         same_question = defaultdict(list)
         for i, f in enumerate(facts):
             same_question[f.attribute].append(i)
-        for split in ("heldout", "train"):
-            idx = [i for i, f in enumerate(facts) if f.split == split and right[i]]
-            if not idx:
-                continue
-            tally: dict[str, list[int]] = defaultdict(list)
-            for i in tqdm(idx[:n_graphs] if n_graphs else idx, desc=f"{mech}/{split} graphs", leave=False):
-                f = facts[i]
-                result = attribute(model, transcoders, f.prompt)
-                via = set(found[f.intermediate])
-                answer = model.to_single_token(f.answer)
-                tally["graph path"].append(int(graph_has_path(result, town_pos, via, answer)))
-            for i in tqdm(idx, desc=f"{mech}/{split} interventions", leave=False):
-                f, answer, mine = (
-                    facts[i],
-                    model.to_single_token(facts[i].answer),
-                    found[facts[i].intermediate],
-                )
-                for live in (False, True):
-                    zeroed = [(layer, pos, k, 0.0) for layer, pos, k in mine]
-                    ablated = intervene(model, transcoders, f.prompt, zeroed, freeze_attention=not live)
-                    tally[f"ablation/{'live' if live else 'frozen'}"].append(
-                        int(_top1(ablated.logits) != answer)
-                    )
-                others = [j for j in same_question[f.attribute] if facts[j].intermediate != f.intermediate]
-                for p in torch.randperm(len(others), generator=gen)[:n_pairs].tolist():
-                    b = facts[others[p]]
-                    latents = sorted(set(mine) | set(found[b.intermediate]))
-                    acts_b = {layer: a[others[p]] for layer, a in acts.items()}
-                    target = model.to_single_token(b.answer)
+        graphs: dict[int, object] = {}  # one attribution per prompt, read at every threshold
+        for min_explained in explained:
+            gen = torch.Generator().manual_seed(seed)
+            found = contrast_latents(model, transcoders, facts, min_explained=min_explained)
+            out["latents"][f"{mech}/{min_explained}"] = {land: len(v) for land, v in found.items()}
+            for split in ("heldout", "train"):
+                idx = [i for i, f in enumerate(facts) if f.split == split and right[i]]
+                if not idx:
+                    continue
+                tally: dict[str, list[int]] = defaultdict(list)
+                for i in tqdm(
+                    idx[:n_graphs] if n_graphs else idx, desc=f"{mech}/{split} graphs", leave=False
+                ):
+                    if i not in graphs:
+                        graphs[i] = attribute(model, transcoders, facts[i].prompt)
+                    answer = model.to_single_token(facts[i].answer)
+                    path = graph_has_path(graphs[i], town_pos, set(found[facts[i].intermediate]), answer)
+                    tally["graph path"].append(int(path))
+                for i in tqdm(idx, desc=f"{mech}/{split} interventions", leave=False):
+                    f, mine = facts[i], found[facts[i].intermediate]
+                    answer = model.to_single_token(f.answer)
                     for live in (False, True):
-                        for with_skip in (False, True):
-                            key = f"swap{' + skip' if with_skip else ''}/{'live' if live else 'frozen'}"
-                            top1 = _swap(model, transcoders, f, b, latents, acts_b, with_skip, live)
-                            tally[key].append(int(top1 == target))
-            out["rows"][f"{mech}/{split}"] = {k: (sum(v) / len(v), len(v)) for k, v in tally.items()}
+                        zeroed = [(layer, pos, k, 0.0) for layer, pos, k in mine]
+                        ablated = intervene(model, transcoders, f.prompt, zeroed, freeze_attention=not live)
+                        key = f"ablation/{'live' if live else 'frozen'}"
+                        tally[key].append(int(_top1(ablated.logits) != answer))
+                    others = [
+                        j for j in same_question[f.attribute] if facts[j].intermediate != f.intermediate
+                    ]
+                    for p in torch.randperm(len(others), generator=gen)[:n_pairs].tolist():
+                        b = facts[others[p]]
+                        latents = sorted(set(mine) | set(found[b.intermediate]))
+                        acts_b = {layer: a[others[p]] for layer, a in acts.items()}
+                        target = model.to_single_token(b.answer)
+                        for live in (False, True):
+                            for with_skip in (False, True):
+                                key = f"swap{' + skip' if with_skip else ''}/{'live' if live else 'frozen'}"
+                                top1 = _swap(model, transcoders, f, b, latents, acts_b, with_skip, live)
+                                tally[key].append(int(top1 == target))
+                out["rows"][(mech, split, min_explained)] = {
+                    k: (sum(v) / len(v), len(v)) for k, v in tally.items()
+                }
     return out
 
 
@@ -220,8 +233,9 @@ def table(out: dict) -> str:
         "| prompts (answered right) | land latents per land | measure | frozen | live |",
         "|---|---|---|---:|---:|",
     ]
-    for key, res in out["rows"].items():
-        counts = out[f"{key.split('/')[0]}/latents"].values()
+    for (mech, split, min_explained), res in out["rows"].items():
+        counts = out["latents"][f"{mech}/{min_explained}"].values()
+        key = f"{mech}/{split}, land explains >= {min_explained:.0%}"
         found = f"{min(counts)}-{max(counts)}"
         g = res["graph path"]
         lines.append(f"| {key} | {found} | pruned graph: town -> land latent -> answer | {_pct(g)} | |")
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data", default=None, help="a folder written by tools.train_planted (default: shipped)"
     )
-    parser.add_argument("--pairs", type=int, default=3, help="swap partners per prompt")
+    parser.add_argument("--pairs", type=int, default=2, help="swap partners per prompt")
     parser.add_argument("--graphs", type=int, default=None, help="at most this many graphs per mechanism")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
