@@ -125,22 +125,36 @@ def _swap(model, transcoders, fact_a, fact_b, latents: LatentSet, acts_b, with_s
     kwargs = {"freeze_attention": not live}
     if not with_skip:
         return _top1(intervene(model, transcoders, fact_a.prompt, edits, **kwargs).logits)
-    # The skip path's output at the swapped (layer, position)s becomes B's: added after the MLP output.
+    # The skip path's output at the swapped (layer, position)s becomes B's: skip(B's input) - skip(live input)
+    # is added after the MLP output, in intervene's second forward pass (its first is the clean pass it
+    # caches, which must stay clean).
     spots = sorted({(layer, pos) for layer, pos, _ in latents})
     names = [transcoders[layer].cfg.metadata.hook_name for layer, _ in spots]
-    _, cache_a = model.run_with_cache(fact_a.prompt, names_filter=lambda n: n in names)
     _, cache_b = model.run_with_cache(fact_b.prompt, names_filter=lambda n: n in names)
-    hooks = []
-    for layer, pos in spots:
-        tc, name = transcoders[layer], transcoders[layer].cfg.metadata.hook_name
-        delta = skip_output(tc, cache_b[name][0, pos]) - skip_output(tc, cache_a[name][0, pos])
+    live_in: dict[int, Tensor] = {}
+    passes = [0]
 
-        def add(resid, hook, pos=pos, delta=delta):
+    def count(x, hook):
+        passes[0] += 1
+
+    hooks: list = [("hook_embed", count)]
+    for layer in sorted({layer for layer, _ in spots}):
+        tc, read = transcoders[layer], transcoders[layer].cfg.metadata.hook_name
+        positions = [pos for lay, pos in spots if lay == layer]
+
+        def remember(x, hook, layer=layer):
+            live_in[layer] = x[0].detach()
+
+        def add(resid, hook, layer=layer, tc=tc, read=read, positions=positions):
+            if passes[0] < 2:
+                return resid
             resid = resid.clone()
-            resid[:, pos] += delta.to(resid.dtype)
+            for pos in positions:
+                delta = skip_output(tc, cache_b[read][0, pos]) - skip_output(tc, live_in[layer][pos])
+                resid[:, pos] += delta.to(resid.dtype)
             return resid
 
-        hooks.append((f"blocks.{layer}.hook_resid_post", add))
+        hooks += [(read, remember), (f"blocks.{layer}.hook_resid_post", add)]
     with model.hooks(fwd_hooks=hooks):
         return _top1(intervene(model, transcoders, fact_a.prompt, edits, **kwargs).logits)
 
