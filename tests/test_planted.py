@@ -17,9 +17,10 @@ from part3_attribution_graphs.tools import ground_truth, train_planted
 from part3_attribution_graphs.views.examples import feature_examples, make_toy_example_data
 from part3_attribution_graphs.worlds import planted
 
-# What the shortened recipe (seed 0) reaches on the training prompts: measured, with a margin.
+# What the shortened recipe (seed 0) reaches on the training prompts (chance: 1 in 335): measured
+# 2026-12-02, copy 100% and opposite 83% after 120 steps; the floors leave a margin for other CPUs.
 SHORT_MODEL_STEPS, SHORT_TC_STEPS = 120, 30
-SHORT_RUN_MIN_ACCURACY = {"group_attribute/train": 0.5, "opposite/train": 0.5}
+SHORT_RUN_MIN_ACCURACY = {"copy/train": 0.9, "opposite/train": 0.6}
 MAX_FVU = 0.1  # the shipped transcoders' fraction of variance unexplained, per layer
 MAX_L0 = 30  # latents firing per token, on average
 
@@ -201,12 +202,15 @@ def test_example_data_comes_from_the_worlds_own_text(planted_world):
     data = make_toy_example_data(model, transcoders, features_by_layer={0: [0]})
     corpus = planted.example_corpus()
     assert torch.equal(data[0]["tokens"], corpus.int())
-    # A land latent's examples are about its land's towns.
-    found = ground_truth.contrast_latents(model, transcoders, planted.planted_facts("single_hop"))
+    # A land latent's examples are about its land: its name or one of its towns, in every top example.
+    found = ground_truth.contrast_latents(
+        model, transcoders, planted.planted_facts("single_hop"), min_explained=0.8
+    )
     land, latents = next((k, v) for k, v in sorted(found.items()) if v)
     layer, _, latent = latents[0]
     examples = feature_examples(data[layer], latent, model.tokenizer, n_examples=3)
-    assert examples and all(ex["tokens"][-1] != "<pad>" for ex in examples)
-    towns = [t for t, g in planted.planted_members().items() if g == land]
-    text = "".join(examples[0]["tokens"])
-    assert any(t in text for t in towns) or land in text, (land, text)
+    assert len(examples) == 3 and all(ex["tokens"][-1] != "<pad>" for ex in examples)
+    names = [land] + [t for t, g in planted.planted_members().items() if g == land]
+    for ex in examples:
+        text = "".join(ex["tokens"])
+        assert any(name in text for name in names), (land, text)

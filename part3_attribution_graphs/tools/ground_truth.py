@@ -51,7 +51,7 @@ def _activations(model, transcoders, prompts: list[str]) -> dict[int, Tensor]:
 
 
 def contrast_latents(
-    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.8
+    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.5
 ) -> dict[str, LatentSet]:
     """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
 
@@ -70,7 +70,9 @@ def contrast_latents(
         means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
         total = ((a - a.mean(0)) ** 2).sum(0)
         between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
-        coding = (between >= min_explained * total) & (total > 0)
+        # Positions every prompt shares (the chat template) leave a latent constant: no variance to explain.
+        varies = total > 1e-6 * (a**2).sum(0).clamp(min=1e-12)
+        coding = (between >= min_explained * total) & varies
         rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
         for g, land in enumerate(lands):
             out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
@@ -123,82 +125,107 @@ def _swap(model, transcoders, fact_a, fact_b, latents: LatentSet, acts_b, with_s
     kwargs = {"freeze_attention": not live}
     if not with_skip:
         return _top1(intervene(model, transcoders, fact_a.prompt, edits, **kwargs).logits)
-    # The skip path's output at the swapped (layer, position)s becomes B's: added after the MLP output.
+    # The skip path's output at the swapped (layer, position)s becomes B's: skip(B's input) - skip(live input)
+    # is added after the MLP output, in intervene's second forward pass (its first is the clean pass it
+    # caches, which must stay clean).
     spots = sorted({(layer, pos) for layer, pos, _ in latents})
     names = [transcoders[layer].cfg.metadata.hook_name for layer, _ in spots]
-    _, cache_a = model.run_with_cache(fact_a.prompt, names_filter=lambda n: n in names)
     _, cache_b = model.run_with_cache(fact_b.prompt, names_filter=lambda n: n in names)
-    hooks = []
-    for layer, pos in spots:
-        tc, name = transcoders[layer], transcoders[layer].cfg.metadata.hook_name
-        delta = skip_output(tc, cache_b[name][0, pos]) - skip_output(tc, cache_a[name][0, pos])
+    live_in: dict[int, Tensor] = {}
+    passes = [0]
 
-        def add(resid, hook, pos=pos, delta=delta):
+    def count(x, hook):
+        passes[0] += 1
+
+    hooks: list = [("hook_embed", count)]
+    for layer in sorted({layer for layer, _ in spots}):
+        tc, read = transcoders[layer], transcoders[layer].cfg.metadata.hook_name
+        positions = [pos for lay, pos in spots if lay == layer]
+
+        def remember(x, hook, layer=layer):
+            live_in[layer] = x[0].detach()
+
+        def add(resid, hook, layer=layer, tc=tc, read=read, positions=positions):
+            if passes[0] < 2:
+                return resid
             resid = resid.clone()
-            resid[:, pos] += delta.to(resid.dtype)
+            for pos in positions:
+                delta = skip_output(tc, cache_b[read][0, pos]) - skip_output(tc, live_in[layer][pos])
+                resid[:, pos] += delta.to(resid.dtype)
             return resid
 
-        hooks.append((f"blocks.{layer}.hook_resid_post", add))
+        hooks += [(read, remember), (f"blocks.{layer}.hook_resid_post", add)]
     with model.hooks(fwd_hooks=hooks):
         return _top1(intervene(model, transcoders, fact_a.prompt, edits, **kwargs).logits)
 
 
-def measure(model, transcoders, n_pairs: int = 3, n_graphs: int | None = None, seed: int = 0) -> dict:
-    """Every figure of the table (see the module docstring), as a dict.
+def measure(
+    model,
+    transcoders,
+    n_pairs: int = 2,
+    n_graphs: int | None = None,
+    explained: tuple[float, ...] = (0.5, 0.3),
+    seed: int = 0,
+) -> dict:
+    """Every figure of the table (see the module docstring), as a dict; one set of rows per `explained`
+    (`contrast_latents`' `min_explained`).
 
     Interventions and graphs count only prompts the model answers right (an ablation cannot knock out an
     answer that was not there); each figure comes with its number of prompts (or pairs).
     """
-    gen = torch.Generator().manual_seed(seed)
-    out: dict = {"accuracy": planted.planted_accuracy(model), "rows": {}}
+    out: dict = {"accuracy": planted.planted_accuracy(model), "rows": {}, "latents": {}}
     for mech in ("two_hop", "single_hop"):
         facts = planted.planted_facts(mech)
-        found = contrast_latents(model, transcoders, facts)
-        out[f"{mech}/latents"] = {land: len(v) for land, v in found.items()}
         acts = _activations(model, transcoders, [f.prompt for f in facts])
-        tokens = model.to_tokens([f.prompt for f in facts])
         with torch.no_grad():
-            top = model(tokens)[:, -1].argmax(-1).tolist()
+            top = model(model.to_tokens([f.prompt for f in facts]))[:, -1].argmax(-1).tolist()
         right = [top[i] == model.to_single_token(f.answer) for i, f in enumerate(facts)]
         town_pos = _town_positions(model, facts[0])
         same_question = defaultdict(list)
         for i, f in enumerate(facts):
             same_question[f.attribute].append(i)
-        for split in ("heldout", "train"):
-            idx = [i for i, f in enumerate(facts) if f.split == split and right[i]]
-            if not idx:
-                continue
-            tally: dict[str, list[int]] = defaultdict(list)
-            for i in tqdm(idx[:n_graphs] if n_graphs else idx, desc=f"{mech}/{split} graphs", leave=False):
-                f = facts[i]
-                result = attribute(model, transcoders, f.prompt)
-                via = set(found[f.intermediate])
-                answer = model.to_single_token(f.answer)
-                tally["graph path"].append(int(graph_has_path(result, town_pos, via, answer)))
-            for i in tqdm(idx, desc=f"{mech}/{split} interventions", leave=False):
-                f, answer, mine = (
-                    facts[i],
-                    model.to_single_token(facts[i].answer),
-                    found[facts[i].intermediate],
-                )
-                for live in (False, True):
-                    zeroed = [(layer, pos, k, 0.0) for layer, pos, k in mine]
-                    ablated = intervene(model, transcoders, f.prompt, zeroed, freeze_attention=not live)
-                    tally[f"ablation/{'live' if live else 'frozen'}"].append(
-                        int(_top1(ablated.logits) != answer)
-                    )
-                others = [j for j in same_question[f.attribute] if facts[j].intermediate != f.intermediate]
-                for p in torch.randperm(len(others), generator=gen)[:n_pairs].tolist():
-                    b = facts[others[p]]
-                    latents = sorted(set(mine) | set(found[b.intermediate]))
-                    acts_b = {layer: a[others[p]] for layer, a in acts.items()}
-                    target = model.to_single_token(b.answer)
+        graphs: dict[int, object] = {}  # one attribution per prompt, read at every threshold
+        for min_explained in explained:
+            gen = torch.Generator().manual_seed(seed)
+            found = contrast_latents(model, transcoders, facts, min_explained=min_explained)
+            out["latents"][f"{mech}/{min_explained}"] = {land: len(v) for land, v in found.items()}
+            for split in ("heldout", "train"):
+                idx = [i for i, f in enumerate(facts) if f.split == split and right[i]]
+                if not idx:
+                    continue
+                tally: dict[str, list[int]] = defaultdict(list)
+                for i in tqdm(
+                    idx[:n_graphs] if n_graphs else idx, desc=f"{mech}/{split} graphs", leave=False
+                ):
+                    if i not in graphs:
+                        graphs[i] = attribute(model, transcoders, facts[i].prompt)
+                    answer = model.to_single_token(facts[i].answer)
+                    path = graph_has_path(graphs[i], town_pos, set(found[facts[i].intermediate]), answer)
+                    tally["graph path"].append(int(path))
+                for i in tqdm(idx, desc=f"{mech}/{split} interventions", leave=False):
+                    f, mine = facts[i], found[facts[i].intermediate]
+                    answer = model.to_single_token(f.answer)
                     for live in (False, True):
-                        for with_skip in (False, True):
-                            key = f"swap{' + skip' if with_skip else ''}/{'live' if live else 'frozen'}"
-                            top1 = _swap(model, transcoders, f, b, latents, acts_b, with_skip, live)
-                            tally[key].append(int(top1 == target))
-            out["rows"][f"{mech}/{split}"] = {k: (sum(v) / len(v), len(v)) for k, v in tally.items()}
+                        zeroed = [(layer, pos, k, 0.0) for layer, pos, k in mine]
+                        ablated = intervene(model, transcoders, f.prompt, zeroed, freeze_attention=not live)
+                        key = f"ablation/{'live' if live else 'frozen'}"
+                        tally[key].append(int(_top1(ablated.logits) != answer))
+                    others = [
+                        j for j in same_question[f.attribute] if facts[j].intermediate != f.intermediate
+                    ]
+                    for p in torch.randperm(len(others), generator=gen)[:n_pairs].tolist():
+                        b = facts[others[p]]
+                        latents = sorted(set(mine) | set(found[b.intermediate]))
+                        acts_b = {layer: a[others[p]] for layer, a in acts.items()}
+                        target = model.to_single_token(b.answer)
+                        for live in (False, True):
+                            for with_skip in (False, True):
+                                key = f"swap{' + skip' if with_skip else ''}/{'live' if live else 'frozen'}"
+                                top1 = _swap(model, transcoders, f, b, latents, acts_b, with_skip, live)
+                                tally[key].append(int(top1 == target))
+                out["rows"][(mech, split, min_explained)] = {
+                    k: (sum(v) / len(v), len(v)) for k, v in tally.items()
+                }
     return out
 
 
@@ -220,8 +247,9 @@ def table(out: dict) -> str:
         "| prompts (answered right) | land latents per land | measure | frozen | live |",
         "|---|---|---|---:|---:|",
     ]
-    for key, res in out["rows"].items():
-        counts = out[f"{key.split('/')[0]}/latents"].values()
+    for (mech, split, min_explained), res in out["rows"].items():
+        counts = out["latents"][f"{mech}/{min_explained}"].values()
+        key = f"{mech}/{split}, land explains >= {min_explained:.0%}"
         found = f"{min(counts)}-{max(counts)}"
         g = res["graph path"]
         lines.append(f"| {key} | {found} | pruned graph: town -> land latent -> answer | {_pct(g)} | |")
@@ -241,12 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data", default=None, help="a folder written by tools.train_planted (default: shipped)"
     )
-    parser.add_argument("--pairs", type=int, default=3, help="swap partners per prompt")
+    parser.add_argument("--pairs", type=int, default=2, help="swap partners per prompt")
     parser.add_argument("--graphs", type=int, default=None, help="at most this many graphs per mechanism")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    planted.load_planted_world(data_dir=args.data)  # once first, so the timing below leaves imports out
     t0 = time.perf_counter()
     model, transcoders = planted.load_planted_world(data_dir=args.data)
+    print(f"load_planted_world: {time.perf_counter() - t0:.2f} s")
     out = measure(model, transcoders, n_pairs=args.pairs, n_graphs=args.graphs)
     print(table(out))
     print(f"\n({time.perf_counter() - t0:.0f} s)")

@@ -15,12 +15,13 @@ The world (all names invented, so no reader's knowledge of real places gets in t
 
 - 24 towns with two-word names ("North Haven") in 8 lands, 3 towns per land; no single word of a
   town's name tells its land (each land's towns share no word), so the land must be *computed* from
-  the pair, by an MLP, not read off one embedding. Each land has 6 attributes (capital, language,
-  colour, animal, fruit, sport).
+  the pair, by an MLP, not read off one embedding (the embeddings are random and frozen, too). Each land
+  has 6 attributes (capital, language, colour, animal, fruit, sport).
 - `single_hop`: "Which land is North Haven in?" -> the land. `group_attribute`: "What is the fruit of
   Borea?" -> the fruit. `two_hop`: "What is the fruit of the land with North Haven?" -> the land's fruit;
   5 of each town's 6 attributes are asked during training, the sixth (a different one for each town of
-  a land) is held out, so a held-out composed question can only be answered through the land.
+  a land) is held out, so a held-out composed question can only be answered through the land. Answers
+  are one word with its leading space (" Borea"), after the model's turn starts with `RESPONSE` ("Answer:").
 - `opposite`: 12 antonym pairs (both ways) under 4 templates; the last template is held out.
 - `copy`: "My name is Zed. What is my name?" -> "Zed"; 8 of the 24 names are never copied in training.
 
@@ -131,18 +132,21 @@ OPPOSITE_TEMPLATES = (
 COPY = "My name is {name}. What is my name?"
 GREETING = "Say hi to {name}."  # a line that trains every name's embedding, without copying it
 
+# Which concept each mechanism computes, where and from what: as planted, and where the shipped model was
+# measured to do it (residual-stream and MLP-output patching, tools/ground_truth.py and the README).
 GROUND_TRUTH = {
-    "single_hop": "the land, computed by an MLP at the town's second word from both words "
-    "(attention brings the first word there), moved by attention to the last position and read out",
-    "group_attribute": "the land's attribute, looked up at the last position from the land's name "
-    "(moved there by attention) and the attribute word",
-    "two_hop": "town -> land -> attribute: the land is computed at the town's second word as in single_hop, "
-    "then the attribute is looked up from the land, as in group_attribute; the town's own identity should "
-    "not matter once the land is known (held-out questions can only be answered that way)",
+    "single_hop": "the land, computed from both words of the town (no single word tells it): layer 0's "
+    "attention brings the two words to the last position, MLPs 0-1 there compute the land (patching B's MLP "
+    "0+1 outputs at the last position gives B's land), later layers write it out",
+    "group_attribute": "the land's attribute, looked up at the last position from the land's name (moved "
+    "there by attention) and the attribute word",
+    "two_hop": "town -> land -> attribute: the land is computed at the last position as in single_hop (MLPs "
+    "0-1), then the attribute is looked up from it in MLPs 2-3; held-out questions can only be answered that "
+    "way. The land is a distributed code over latents shared between lands, not one latent per land",
     "opposite": "the antonym, computed from the word (moved by attention to the last position) and the "
     "relation 'opposite', whatever the template",
-    "copy": "the name, copied by attention from its position after 'is' to the last position (an induction-"
-    "like move of the token's identity, which works for names never copied in training)",
+    "copy": "the token after 'My name is', copied by attention to the last position; works for names never "
+    "copied in training (the embedding is random and frozen, and copying was trained on every other token)",
 }
 
 
