@@ -214,3 +214,32 @@ def test_example_data_comes_from_the_worlds_own_text(planted_world):
     for ex in examples:
         text = "".join(ex["tokens"])
         assert any(name in text for name in names), (land, text)
+
+
+def test_graph_path_needs_every_link():
+    """town embedding -> land latent -> answer logit, on a hand-made pruned graph."""
+    from types import SimpleNamespace
+
+    from part3_attribution_graphs.nodes import NodeInfo, NodeType
+
+    nodes = [
+        NodeInfo(NodeType.EMBEDDING, "E", 1, 50),
+        NodeInfo(NodeType.LATENT, 1, 5, 7),
+        NodeInfo(NodeType.LATENT, 2, 5, 8),
+        NodeInfo(NodeType.LOGIT, "L", 5, 9),
+    ]
+    adj = torch.zeros(4, 4)
+    adj[1, 0] = adj[2, 1] = adj[3, 2] = 1.0  # emb -> latent 7 -> latent 8 -> logit 9
+
+    def result(a):
+        return SimpleNamespace(
+            kept_indices=torch.arange(4), pruned_matrix=a, graph=SimpleNamespace(nodes=nodes)
+        )
+
+    assert ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 9)
+    assert ground_truth.graph_has_path(result(adj), [1], {(2, 5, 8)}, 9)
+    assert not ground_truth.graph_has_path(result(adj), [2], {(1, 5, 7)}, 9)  # not from the town
+    assert not ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 10)  # another logit
+    cut = adj.clone()
+    cut[3, 2] = 0.0
+    assert not ground_truth.graph_has_path(result(cut), [1], {(1, 5, 7)}, 9)
