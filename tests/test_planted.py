@@ -182,14 +182,14 @@ def test_write_world_replaces_the_folder_whole(tmp_path):
 # ------------------------------------------------------------------------------- ground truth and views
 
 
-def test_contrast_finds_land_latents_that_fire_for_their_land(planted_world):
+def test_land_latents_found_by_contrast_that_fire_for_their_land(planted_world):
     model, transcoders = planted_world
     facts = planted.planted_facts("two_hop")
-    found = ground_truth.contrast_latents(model, transcoders, facts)
+    found = planted.land_latents(model, transcoders, facts)
     assert set(found) == set(planted.planted_members().values())
     assert all(found.values()), {k: len(v) for k, v in found.items()}
     # Independently: each found latent fires more often on its land's prompts than on the others'.
-    acts = ground_truth._activations(model, transcoders, [f.prompt for f in facts])
+    acts = planted.latent_activations(model, transcoders, [f.prompt for f in facts])
     for land, latents in found.items():
         mine = torch.tensor([f.intermediate == land for f in facts])
         for layer, pos, f in latents[:5]:
@@ -203,9 +203,7 @@ def test_example_data_comes_from_the_worlds_own_text(planted_world):
     corpus = planted.example_corpus()
     assert torch.equal(data[0]["tokens"], corpus.int())
     # A land latent's examples are about its land: its name or one of its towns, in every top example.
-    found = ground_truth.contrast_latents(
-        model, transcoders, planted.planted_facts("single_hop"), min_explained=0.8
-    )
+    found = planted.land_latents(model, transcoders, planted.planted_facts("single_hop"), min_explained=0.8)
     land, latents = next((k, v) for k, v in sorted(found.items()) if v)
     layer, _, latent = latents[0]
     examples = feature_examples(data[layer], latent, model.tokenizer, n_examples=3)
@@ -214,3 +212,32 @@ def test_example_data_comes_from_the_worlds_own_text(planted_world):
     for ex in examples:
         text = "".join(ex["tokens"])
         assert any(name in text for name in names), (land, text)
+
+
+def test_graph_path_needs_every_link():
+    """town embedding -> land latent -> answer logit, on a hand-made pruned graph."""
+    from types import SimpleNamespace
+
+    from part3_attribution_graphs.nodes import NodeInfo, NodeType
+
+    nodes = [
+        NodeInfo(NodeType.EMBEDDING, "E", 1, 50),
+        NodeInfo(NodeType.LATENT, 1, 5, 7),
+        NodeInfo(NodeType.LATENT, 2, 5, 8),
+        NodeInfo(NodeType.LOGIT, "L", 5, 9),
+    ]
+    adj = torch.zeros(4, 4)
+    adj[1, 0] = adj[2, 1] = adj[3, 2] = 1.0  # emb -> latent 7 -> latent 8 -> logit 9
+
+    def result(a):
+        return SimpleNamespace(
+            kept_indices=torch.arange(4), pruned_matrix=a, graph=SimpleNamespace(nodes=nodes)
+        )
+
+    assert ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 9)
+    assert ground_truth.graph_has_path(result(adj), [1], {(2, 5, 8)}, 9)
+    assert not ground_truth.graph_has_path(result(adj), [2], {(1, 5, 7)}, 9)  # not from the town
+    assert not ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 10)  # another logit
+    cut = adj.clone()
+    cut[3, 2] = 0.0
+    assert not ground_truth.graph_has_path(result(cut), [1], {(1, 5, 7)}, 9)

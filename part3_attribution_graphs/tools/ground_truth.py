@@ -5,7 +5,7 @@ prints a markdown table.
 1. **Accuracy** per mechanism and split (top-1 on `planted_facts`).
 2. **Land latents, found by contrast**: over the single-hop and two-hop prompts (all towns, same template
    so positions line up), a latent at (layer, position) codes for the land when the land explains most
-   of its activation's variance, and belongs to each land on whose prompts it fires (`contrast_latents`).
+   of its activation's variance, and belongs to each land on whose prompts it fires (`planted.land_latents`).
    No label but the land goes in.
 3. For **two-hop** (and single-hop) prompts:
    - *graph path*: the share of prompts whose pruned graph (`attribute`, default thresholds) holds a path
@@ -36,47 +36,9 @@ from ..nodes import NodeType
 from ..progress import tqdm
 from ..replacement import skip_output
 from ..worlds import planted
+from ..worlds.planted import LatentSet, land_latents, latent_activations
 
-__all__ = ["contrast_latents", "LatentSet", "graph_has_path", "measure", "main"]
-
-LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
-
-
-@torch.no_grad()
-def _activations(model, transcoders, prompts: list[str]) -> dict[int, Tensor]:
-    """`{layer: (n_prompts, seq, d_sae)}` latent activations (prompts of one length)."""
-    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
-    _, cache = model.run_with_cache(model.to_tokens(prompts), names_filter=lambda n: n in names)
-    return {layer: tc.encode(cache[tc.cfg.metadata.hook_name]) for layer, tc in transcoders.items()}
-
-
-def contrast_latents(
-    model, transcoders, facts: list[planted.PlantedFact], min_in: float = 0.6, min_explained: float = 0.5
-) -> dict[str, LatentSet]:
-    """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
-
-    A latent at (layer, position) codes for the land when the land explains at least `min_explained` of
-    the variance of its activation over `facts` (between-land over total sum of squares); it belongs to
-    each land on whose prompts it fires at least `min_in` of the time. A land can be coded by latents
-    shared with other lands (a code, not one latent per land), so a latent can belong to several.
-    `facts` must share one template (same length), so that a position means the same word in each.
-    """
-    acts = _activations(model, transcoders, [f.prompt for f in facts])
-    lands = sorted({f.intermediate for f in facts})
-    onehot = torch.nn.functional.one_hot(torch.tensor([lands.index(f.intermediate) for f in facts])).float()
-    out: dict[str, LatentSet] = {land: [] for land in lands}
-    for layer, a in acts.items():
-        a = a.float()  # (n, seq, d_sae)
-        means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
-        total = ((a - a.mean(0)) ** 2).sum(0)
-        between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
-        # Positions every prompt shares (the chat template) leave a latent constant: no variance to explain.
-        varies = total > 1e-6 * (a**2).sum(0).clamp(min=1e-12)
-        coding = (between >= min_explained * total) & varies
-        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
-        for g, land in enumerate(lands):
-            out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
-    return out
+__all__ = ["graph_has_path", "measure", "table", "main"]
 
 
 def graph_has_path(result, sources: Iterable[int], via: set[tuple[int, int, int]], target_token: int) -> bool:
@@ -168,7 +130,7 @@ def measure(
     seed: int = 0,
 ) -> dict:
     """Every figure of the table (see the module docstring), as a dict; one set of rows per `explained`
-    (`contrast_latents`' `min_explained`).
+    (`planted.land_latents`' `min_explained`).
 
     Interventions and graphs count only prompts the model answers right (an ablation cannot knock out an
     answer that was not there); each figure comes with its number of prompts (or pairs).
@@ -176,7 +138,7 @@ def measure(
     out: dict = {"accuracy": planted.planted_accuracy(model), "rows": {}, "latents": {}}
     for mech in ("two_hop", "single_hop"):
         facts = planted.planted_facts(mech)
-        acts = _activations(model, transcoders, [f.prompt for f in facts])
+        acts = latent_activations(model, transcoders, [f.prompt for f in facts])
         with torch.no_grad():
             top = model(model.to_tokens([f.prompt for f in facts]))[:, -1].argmax(-1).tolist()
         right = [top[i] == model.to_single_token(f.answer) for i, f in enumerate(facts)]
@@ -187,7 +149,7 @@ def measure(
         graphs: dict[int, object] = {}  # one attribution per prompt, read at every threshold
         for min_explained in explained:
             gen = torch.Generator().manual_seed(seed)
-            found = contrast_latents(model, transcoders, facts, min_explained=min_explained)
+            found = land_latents(model, transcoders, facts, min_explained=min_explained)
             out["latents"][f"{mech}/{min_explained}"] = {land: len(v) for land, v in found.items()}
             for split in ("heldout", "train"):
                 idx = [i for i, f in enumerate(facts) if f.split == split and right[i]]

@@ -10,6 +10,9 @@ API (what checks, the lesson and the benchmark read):
   `fact.prompt` is exactly what `attribute` / `intervene` take for this world (chat template included).
 - `planted_groups() -> {group: {attribute: answer}}`, `planted_members() -> {entity: group}`.
 - `GROUND_TRUTH`: for each mechanism, which concept the model should compute, where, and from what.
+- `land_latents(model, transcoders, facts=None, min_explained=0.5) -> {land: [(layer, position, latent)]}`:
+  the latents that code for each land, found by contrasting prompts (no label but the land); setting them
+  to another land's values (`intervene`) swaps the answer (rates in the README's planted-world table).
 
 The world (all names invented, so no reader's knowledge of real places gets in the way):
 
@@ -67,6 +70,9 @@ __all__ = [
     "planted_accuracy",
     "is_planted_model",
     "example_corpus",
+    "LatentSet",
+    "latent_activations",
+    "land_latents",
 ]
 
 TOKENIZER_NAME = "planted-world-g3"  # no "gemma" in it: TransformerLens special-cases that name
@@ -358,3 +364,52 @@ def example_corpus() -> Int[Tensor, "n_seq seq"]:
     ids = [tok(t).input_ids for t in texts]
     width = max(len(i) for i in ids)
     return torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+
+
+LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
+
+
+@torch.no_grad()
+def latent_activations(
+    model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], prompts: list[str]
+) -> dict[int, Tensor]:
+    """`{layer: (n_prompts, seq, d_sae)}` latent activations (prompts of one length)."""
+    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
+    _, cache = model.run_with_cache(model.to_tokens(prompts), names_filter=lambda n: n in names)
+    return {layer: tc.encode(cache[tc.cfg.metadata.hook_name]) for layer, tc in transcoders.items()}
+
+
+def land_latents(
+    model: HookedSAETransformer,
+    transcoders: dict[int, JumpReLUSkipTranscoder],
+    facts: list[PlantedFact] | None = None,
+    min_in: float = 0.6,
+    min_explained: float = 0.5,
+) -> dict[str, LatentSet]:
+    """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
+
+    A latent at (layer, position) codes for the land when the land explains at least `min_explained` of
+    the variance of its activation over `facts` (between-land over total sum of squares); it belongs to
+    each land on whose prompts it fires at least `min_in` of the time. A land can be coded by latents
+    shared with other lands (a code, not one latent per land), so a latent can belong to several.
+    `facts` (default: the two-hop questions) must share one template (same length), so that a position
+    means the same word in each. At `min_explained=0.5` setting these latents to another land's values swaps
+    the answer in most held-out two-hop prompts, at 0.3 in nearly all (the README's planted-world table).
+    """
+    facts = planted_facts("two_hop") if facts is None else facts
+    acts = latent_activations(model, transcoders, [f.prompt for f in facts])
+    lands = sorted({f.intermediate for f in facts})
+    onehot = torch.nn.functional.one_hot(torch.tensor([lands.index(f.intermediate) for f in facts])).float()
+    out: dict[str, LatentSet] = {land: [] for land in lands}
+    for layer, a in acts.items():
+        a = a.float()  # (n, seq, d_sae)
+        means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
+        total = ((a - a.mean(0)) ** 2).sum(0)
+        between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
+        # Positions every prompt shares (the chat template) leave a latent constant: no variance to explain.
+        varies = total > 1e-6 * (a**2).sum(0).clamp(min=1e-12)
+        coding = (between >= min_explained * total) & varies
+        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
+        for g, land in enumerate(lands):
+            out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
+    return out
