@@ -21,8 +21,9 @@ from .nodes import NodeType
 from .pruning import normalize_matrix
 from .replacement import Transcoder
 from .result import AttributionResult
+from .worlds.planted import latent_activations
 
-__all__ = ["strongest_path", "path_shares", "firing_rates", "group_latents", "swap_group"]
+__all__ = ["strongest_path", "path_shares", "firing_rates", "swap_group"]
 
 LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
 
@@ -81,52 +82,8 @@ def path_shares(result: AttributionResult, path: Sequence[int]) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading the latents: which carry a group?
+# Reading the latents: which fire for which group? (`worlds.planted.land_latents` finds a land's latents)
 # --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _activations(
-    model: HookedSAETransformer, transcoders: Mapping[int, Transcoder], prompts: Sequence[str]
-) -> dict[int, Float[Tensor, "n_prompts seq d_sae"]]:
-    """Every latent's activation on each prompt, by layer (prompts of one length run as one batch)."""
-    names = [tc.cfg.metadata.hook_name for tc in transcoders.values()]
-    _, cache = model.run_with_cache(model.to_tokens(list(prompts)), names_filter=lambda name: name in names)
-    return {layer: tc.encode(cache[tc.cfg.metadata.hook_name]) for layer, tc in transcoders.items()}
-
-
-def group_latents(
-    model: HookedSAETransformer,
-    transcoders: Mapping[int, Transcoder],
-    prompts: Sequence[str],
-    groups: Sequence[str],
-    min_in: float = 0.6,
-    min_explained: float = 0.5,
-) -> dict[str, LatentSet]:
-    """`{group: [(layer, position, latent), ...]}`: the latents that code for the group, found by contrast.
-
-    A latent at (layer, position) codes for the group when the group explains at least `min_explained` of
-    the variance of its activation over the prompts (between-group over total sum of squares), and belongs
-    to each group on whose prompts it fires at least `min_in` of the time: a group may be coded by latents
-    it shares with others. No label but the group goes in. The prompts must share one template (one
-    length), so that a position means the same word in each.
-    """
-    labels = sorted(set(groups))
-    onehot = torch.nn.functional.one_hot(torch.tensor([labels.index(g) for g in groups])).float()
-    counts = onehot.sum(0)[:, None, None]
-    found: dict[str, LatentSet] = {g: [] for g in labels}
-    for layer, a in _activations(model, transcoders, prompts).items():
-        a = a.float()
-        means = torch.einsum("ng,nsf->gsf", onehot, a) / counts  # (group, pos, latent)
-        total = ((a - a.mean(0)) ** 2).sum(0)
-        between = (counts * (means - a.mean(0)) ** 2).sum(0)
-        # a latent that barely varies (the shared template before the entity: only rounding differs) codes
-        # nothing, whatever share of its rounding noise the groups happen to explain
-        coding = (between >= min_explained * total) & (total > 1e-4 * (a**2).sum(0))
-        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / counts
-        for k, label in enumerate(labels):
-            found[label] += [(layer, pos, f) for pos, f in (coding & (rate[k] >= min_in)).nonzero().tolist()]
-    return found
 
 
 def firing_rates(
@@ -137,7 +94,7 @@ def firing_rates(
     latents: LatentSet,
 ) -> tuple[list[str], Float[Tensor, "n_groups n_latents"]]:
     """`(group names, rates)`: how often each latent fires on each group's prompts (one template)."""
-    acts = _activations(model, transcoders, prompts)
+    acts = latent_activations(model, dict(transcoders), list(prompts))
     labels = sorted(set(groups))
     which = torch.tensor([labels.index(g) for g in groups])
     fired = torch.stack([acts[layer][:, pos, f] > 0 for layer, pos, f in latents], dim=1).float()

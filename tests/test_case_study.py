@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from part3_attribution_graphs.case_study import group_latents, path_shares, strongest_path, swap_group
+from part3_attribution_graphs.case_study import path_shares, strongest_path, swap_group
 from part3_attribution_graphs.interventions import intervene
 from part3_attribution_graphs.nodes import GraphNodes, NodeInfo, NodeType
 from part3_attribution_graphs.worlds.gemma import format_prompt
@@ -100,11 +100,11 @@ def test_a_swap_with_its_own_values_changes_nothing(toy_world):
 def test_land_latents_only_where_the_land_can_be_known():
     """Before the town's second word the land is unknown, and every two-hop prompt reads the same tokens up to
     the town: no latent there may code for a land, whatever its rounding noise."""
-    from part3_attribution_graphs.worlds.planted import load_planted_world, planted_facts
+    from part3_attribution_graphs.worlds.planted import land_latents, load_planted_world, planted_facts
 
     model, tcs = load_planted_world()
     facts = planted_facts("two_hop")
-    found = group_latents(model, tcs, [f.prompt for f in facts], [f.intermediate for f in facts])
+    found = land_latents(model, tcs, facts)
     first_town_word = model.to_str_tokens(facts[0].prompt).index(" " + facts[0].entity.split()[0])
     positions = {pos for latents in found.values() for _, pos, _ in latents}
     assert positions and min(positions) > first_town_word

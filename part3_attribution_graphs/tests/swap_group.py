@@ -13,7 +13,6 @@ from typing import Any
 
 from torch import Tensor
 
-from ..case_study import group_latents
 from ..case_study import swap_group as _ref_swap_group
 from ..interventions import clean_run, intervene
 from ..worlds.gemma import format_prompt
@@ -130,11 +129,11 @@ def _exact_case(fn: Any, w: _World) -> None:
 def _planted_case(fn: Any) -> None:
     """Two-hop pairs of the planted world: where the reference swap makes the model answer B's attribute,
     the learner's must too."""
-    from ..worlds.planted import planted_facts
+    from ..worlds.planted import land_latents, planted_facts
 
     model, tcs = _planted_world()
     facts = planted_facts("two_hop")
-    found = group_latents(model, tcs, [f.prompt for f in facts], [f.intermediate for f in facts])
+    found = land_latents(model, tcs, facts)
     pairs = []
     for a in planted_facts("two_hop", "heldout"):
         partners = [
