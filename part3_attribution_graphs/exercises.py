@@ -187,6 +187,24 @@ EXERCISES: tuple[Exercise, ...] = (
         importance=4,
         minutes=(15, 20),
     ),
+    Exercise(
+        "strongest_path",
+        f"{PACKAGE}.case_study:strongest_path",
+        "function",
+        "strongest_path",
+        difficulty=3,
+        importance=3,
+        minutes=(15, 25),
+    ),
+    Exercise(
+        "swap_group",
+        f"{PACKAGE}.case_study:swap_group",
+        "function",
+        "swap_group",
+        difficulty=2,
+        importance=4,
+        minutes=(10, 15),
+    ),
 )
 
 

@@ -156,6 +156,13 @@ def check_context(model: Any, n_tokens: int, what: str, hint: str = "Shorten the
 
 def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_or_tokens") -> int:
     """Check text or token ids for one prompt before any forward pass; return its number of tokens."""
+    if isinstance(getattr(prompt_or_tokens, "tokens", None), Tensor) and hasattr(prompt_or_tokens, "acts"):
+        # A prepared clean pass (interventions.CleanRun): its tokens were checked when it was made.
+        if getattr(prompt_or_tokens, "model", model) is not model:
+            raise ValueError(
+                f"{name} is a clean run made with another model: make one with clean_run(model, ...)."
+            )
+        return int(prompt_or_tokens.tokens.shape[-1])
     if isinstance(prompt_or_tokens, (bytes, bytearray)):
         raise TypeError(f"{name} is bytes: pass text ({name}.decode('utf-8')) or token ids.")
     if isinstance(prompt_or_tokens, str):

@@ -9,6 +9,9 @@ make the change for real and measure it:
   `(layer, position, latent, value)` sets one latent's activation (0 ablates, `k * a` steers).
 - `intervene_generate` does the same while generating greedily, so you can read what a steered
   latent makes the model say.
+- `clean_run` does a prompt's clean forward pass once; pass what it returns to `intervene` in place of the
+  prompt, and a sweep over many latents of one prompt (`ablation_effects`, swaps) costs one forward pass
+  per intervention instead of two.
 - `predicted_effects` is what the graph says should happen: the direct effect (the adjacency column,
   every other latent held) and the total effect (downstream latents respond along every path).
 
@@ -30,7 +33,7 @@ The options, each with what it does when on (frozen) and when off (live):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -53,6 +56,8 @@ from .replacement import FreezeHooks, Transcoder, hook_names_out, skip_output
 __all__ = [
     "Intervention",
     "InterventionResult",
+    "CleanRun",
+    "clean_run",
     "PredictedEffects",
     "run_with_latent_set",
     "intervene",
@@ -79,6 +84,25 @@ class InterventionResult:
 
     logits: Float[Tensor, "1 seq d_vocab"]
     activations: dict[int, Float[Tensor, "seq d_sae"]]
+
+
+@dataclass(frozen=True, eq=False)
+class CleanRun:
+    """A prompt's clean forward pass, kept so that many interventions on it share it (see `clean_run`).
+
+    `frozen_values` holds every attention pattern and RMSNorm scale (what `freeze_attention` and
+    `freeze_norms` hold); `mlp_in`, `mlp_out` and `acts` each transcoder's input, the MLP's output and
+    the latents' activations, by layer, at every position. `transcoders` are the ones it was made with:
+    `intervene` refuses a run made with other transcoders (or another model).
+    """
+
+    model: HookedSAETransformer = field(repr=False)
+    transcoders: Mapping[int, Transcoder] = field(repr=False)
+    tokens: Int[Tensor, "1 seq"]
+    frozen_values: dict[str, Tensor] = field(repr=False)
+    mlp_in: dict[int, Float[Tensor, "seq d_in"]] = field(repr=False)
+    mlp_out: dict[int, Float[Tensor, "seq d_out"]] = field(repr=False)
+    acts: dict[int, Float[Tensor, "seq d_sae"]] = field(repr=False)
 
 
 class PredictedEffects(NamedTuple):
@@ -187,14 +211,12 @@ def _set(acts: Float[Tensor, "seq d_sae"], edits: list[tuple[int, int, float]]) 
 class _Splice:
     """The hooks of one intervention run, one pair per layer with a transcoder."""
 
-    def __init__(self, transcoders, cache, edits, constrained, hold_errors, apply_activation_function):
+    def __init__(
+        self, transcoders, clean: CleanRun, edits, constrained, hold_errors, apply_activation_function
+    ):
         self.transcoders, self.edits, self.constrained = transcoders, edits, constrained
         self.hold_errors, self.apply_fn = hold_errors, apply_activation_function
-        self.clean_in = {layer: cache[tc.cfg.metadata.hook_name][0] for layer, tc in transcoders.items()}
-        self.clean_out = {layer: cache[hook_names_out(tc)][0] for layer, tc in transcoders.items()}
-        self.clean_acts = {
-            layer: tc.encode(self.clean_in[layer].to(tc.dtype)) for layer, tc in transcoders.items()
-        }
+        self.clean_in, self.clean_out, self.clean_acts = clean.mlp_in, clean.mlp_out, clean.acts
         self.live_in: dict[int, Tensor] = {}
         self.activations: dict[int, Tensor] = {}
 
@@ -240,6 +262,59 @@ def _intervene_args(a: dict) -> None:
 _FLAGS = ("freeze_attention", "apply_activation_function", "freeze_norms", "hold_errors")
 
 
+def _check_transcoders_fit(model: HookedSAETransformer, transcoders: Mapping[int, Transcoder]) -> None:
+    for layer, tc in transcoders.items():
+        if tc.cfg.metadata.hook_name not in model.hook_dict or hook_names_out(tc) not in model.hook_dict:
+            raise ValueError(
+                f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r} and writes "
+                f"{hook_names_out(tc)!r}, which this model does not have: wrong transcoders?"
+            )
+
+
+@guarded(model="model", transcoders="transcoders", tokens="prompt_or_tokens")
+@torch.no_grad()
+def clean_run(
+    model: HookedSAETransformer,
+    transcoders: Mapping[int, Transcoder],
+    prompt_or_tokens: str | Tensor | Sequence[int],
+) -> CleanRun:
+    """One clean forward pass of a prompt, for `intervene` to reuse: pass it in place of the prompt.
+
+        clean = clean_run(model, transcoders, prompt)
+        for edit in edits:  # one forward pass each, not two
+            out = intervene(model, transcoders, clean, [edit])
+
+    The result is the same as passing the prompt itself (the clean pass is deterministic).
+    """
+    tokens = _as_tokens(model, prompt_or_tokens)
+    _check_transcoders_fit(model, transcoders)
+    freeze = FreezeHooks(model)
+    cache = freeze.cache_frozen_values(tokens)
+    mlp_in = {layer: cache[tc.cfg.metadata.hook_name][0] for layer, tc in transcoders.items()}
+    return CleanRun(
+        model=model,
+        transcoders=dict(transcoders),
+        tokens=tokens,
+        frozen_values=freeze.frozen_values,
+        mlp_in=mlp_in,
+        mlp_out={layer: cache[hook_names_out(tc)][0] for layer, tc in transcoders.items()},
+        acts={layer: tc.encode(mlp_in[layer].to(tc.dtype)) for layer, tc in transcoders.items()},
+    )
+
+
+def _reuse(model: HookedSAETransformer, transcoders: Mapping[int, Transcoder], clean: CleanRun) -> CleanRun:
+    """`clean` itself, after checking that it was made with this model and (at least) these transcoders."""
+    if clean.model is not model:
+        raise ValueError("This CleanRun was made with another model: make one with clean_run(model, ...).")
+    foreign = [layer for layer, tc in transcoders.items() if clean.transcoders.get(layer) is not tc]
+    if foreign:
+        raise ValueError(
+            f"This CleanRun was made without the transcoders you pass for layers {foreign}: make it with "
+            "clean_run(model, transcoders, prompt) using the same transcoders."
+        )
+    return clean
+
+
 @guarded(
     model="model",
     transcoders="transcoders",
@@ -252,7 +327,7 @@ _FLAGS = ("freeze_attention", "apply_activation_function", "freeze_norms", "hold
 def intervene(
     model: HookedSAETransformer,
     transcoders: Mapping[int, Transcoder],
-    prompt_or_tokens: str | Tensor | Sequence[int],
+    prompt_or_tokens: str | Tensor | Sequence[int] | CleanRun,
     interventions: Iterable[Intervention],
     *,
     freeze_attention: bool = True,
@@ -264,6 +339,8 @@ def intervene(
     """Run the model with the transcoders spliced in and these latents set; return logits and activations.
 
     Args:
+        prompt_or_tokens: the prompt (text or token ids), or a `CleanRun` of it (`clean_run`), whose clean
+            pass is then reused instead of repeated.
         interventions: `(layer, position, latent, value)` each; value 0 ablates, `k * activation` steers.
         freeze_attention: keep every attention pattern at its clean value.
         constrained_layers: layers whose other latents keep their clean values (no effect passes through
@@ -274,7 +351,8 @@ def intervene(
         hold_errors: each MLP output is the transcoder's output plus its clean error (True), or the real MLP
             plus the edits (False, circuit-tracer's live mode).
     """
-    tokens = _as_tokens(model, prompt_or_tokens)
+    given = isinstance(prompt_or_tokens, CleanRun)
+    tokens = prompt_or_tokens.tokens if given else _as_tokens(model, prompt_or_tokens)
     edits = _check_interventions(transcoders, tokens.shape[1], interventions)
     constrained = set() if constrained_layers is None else {int(layer) for layer in constrained_layers}
     if constrained - set(transcoders):
@@ -282,21 +360,16 @@ def intervene(
             f"constrained_layers {sorted(constrained - set(transcoders))} have no transcoder; the "
             f"transcoders cover layers {sorted(transcoders)}."
         )
-    for layer, tc in transcoders.items():
-        if tc.cfg.metadata.hook_name not in model.hook_dict or hook_names_out(tc) not in model.hook_dict:
-            raise ValueError(
-                f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r} and writes "
-                f"{hook_names_out(tc)!r}, which this model does not have: wrong transcoders?"
-            )
+    _check_transcoders_fit(model, transcoders)
     freeze_norms = freeze_attention if freeze_norms is None else freeze_norms
 
+    clean = _reuse(model, transcoders, prompt_or_tokens) if given else clean_run(model, transcoders, tokens)
     freeze = FreezeHooks(model)
-    cache = freeze.cache_frozen_values(tokens)
     kept = ("hook_pattern",) * freeze_attention + ("hook_scale",) * freeze_norms
     freeze.frozen_values = (
-        {name: v for name, v in freeze.frozen_values.items() if name.endswith(kept)} if kept else {}
+        {name: v for name, v in clean.frozen_values.items() if name.endswith(kept)} if kept else {}
     )
-    splice = _Splice(transcoders, cache, edits, constrained, hold_errors, apply_activation_function)
+    splice = _Splice(transcoders, clean, edits, constrained, hold_errors, apply_activation_function)
     hooks = (freeze.fwd_hooks if freeze.frozen_values else []) + splice.fwd_hooks()
     with model.hooks(fwd_hooks=hooks):  # removes every hook on exit, errors included
         logits = model(tokens)
@@ -338,6 +411,8 @@ def intervene_generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}.")
+    if isinstance(prompt_or_tokens, CleanRun):  # each step runs on longer text: nothing to reuse
+        prompt_or_tokens = prompt_or_tokens.tokens
     tokens = _as_tokens(model, prompt_or_tokens)
     interventions = list(interventions)
     _check_interventions(transcoders, tokens.shape[1], interventions)  # positions must be in the prompt
@@ -444,14 +519,14 @@ def ablation_effects(
     if logit_index is None:
         logit_index = result.graph.node_range_dict["L"][0]
     token = nodes[logit_index].feature
-    tokens = model.to_tokens(result.prompt)
-    clean = demeaned_logit(intervene(model, transcoders, tokens, [], **kwargs).logits, token)
+    run = clean_run(model, transcoders, result.prompt)  # one clean pass for the whole sweep
+    clean = demeaned_logit(intervene(model, transcoders, run, [], **kwargs).logits, token)
     predicted = (scale - 1) * predicted_effects(result, node_indices).total[:, logit_index]
     measured = []
     for i in node_indices:
         n = nodes[i]
         out = intervene(
-            model, transcoders, tokens, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs
+            model, transcoders, run, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs
         )
         measured.append(float(demeaned_logit(out.logits, token) - clean))
     return predicted.cpu(), torch.tensor(measured, dtype=predicted.dtype)

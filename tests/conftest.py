@@ -1,4 +1,5 @@
-"""Shared fixtures: the toy world is built once per session (0.1 s, deterministic)."""
+"""Shared fixtures: the toy world is built once per session (0.1 s, deterministic), the planted world read
+once from its shipped files."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ def toy_world():
 @pytest.fixture(scope="session")
 def toy_world_f64():
     return make_toy_world(0, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def planted_world():
+    from part3_attribution_graphs.worlds.planted import load_planted_world
+
+    return load_planted_world()
+
+
+@pytest.fixture(scope="session")
+def planted_world_f64():
+    from part3_attribution_graphs.worlds.planted import load_planted_world
+
+    model, transcoders = load_planted_world()
+    model = model.to(torch.float64)
+    model.cfg.dtype = torch.float64
+    return model, {layer: tc.to(torch.float64) for layer, tc in transcoders.items()}
 
 
 def hook_count(model) -> int:

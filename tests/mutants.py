@@ -1994,6 +1994,317 @@ def effects_absolute(result, node_indices):
     return _effects(result, node_indices, absolute=True)
 
 
+# ==================================================================================================
+# strongest_path (case study)
+# ==================================================================================================
+
+
+def _no_direct(B, kinds):
+    """B without the edges from embeddings straight to logits."""
+    for t, kt in enumerate(kinds):
+        for s, ks in enumerate(kinds):
+            if str(getattr(kt, "value", kt)) == "logit" and str(getattr(ks, "value", ks)) == "embedding":
+                B[t, s] = 0
+    return B
+
+
+def _path(
+    result,
+    *,
+    direct=False,
+    weights="shares",
+    start=("embedding",),
+    end="top",
+    order="forward",
+    local=False,
+    strength=None,
+):
+    """The notebook's dynamic programme, written by a learner; switches reproduce one mistake each."""
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type.value for i in kept]
+    if weights == "shares":
+        B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    elif weights == "raw":
+        B = A.abs()
+    elif weights == "signed":
+        B = A / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    elif weights == "columns":
+        B = A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-12)
+    else:  # "shares_transposed"
+        B = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).T
+    if not direct:
+        B = _no_direct(B, kinds)
+    is_input = torch.tensor([k in start for k in kinds])
+    best = is_input.double()
+    for _ in range(len(kept)):
+        via, parent = (B * best).max(1)
+        best = torch.where(is_input, best, via)
+    t = kinds.index("logit") if end == "top" else len(kept) - 1
+    path = [t]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    if order == "forward":
+        path = path[::-1]
+    value = float(best[t])
+    if strength == "raw":
+        value = float(torch.tensor([A[b, a].abs() for a, b in zip(path, path[1:])]).prod())
+    return (path if local else [kept[k] for k in path]), value
+
+
+@mutant("strongest_path", "greedy is not optimal")
+def path_greedy(result):
+    """From the logit, step back along the strongest incoming edge until an embedding."""
+    A = result.pruned_matrix
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)
+    B = _no_direct(B, kinds)
+    t = kinds.index(NodeType.LOGIT)
+    path, strength = [t], 1.0
+    while kinds[path[-1]] != NodeType.EMBEDDING:
+        s = int(B[path[-1]].argmax())
+        strength *= float(B[path[-1], s])
+        path.append(s)
+    return [kept[k] for k in path[::-1]], strength
+
+
+@mutant("strongest_path", "a direct edge from an embedding to the logit")
+def path_keeps_direct_edges(result):
+    return _path(result, direct=True)
+
+
+@mutant("strongest_path", "normalise first")
+def path_raw_weights(result):
+    return _path(result, weights="raw")
+
+
+@mutant("strongest_path", "take absolute values")
+def path_signed_weights(result):
+    return _path(result, weights="signed")
+
+
+@mutant("strongest_path", "normalise each ROW")
+def path_column_shares(result):
+    return _path(result, weights="columns")
+
+
+@mutant("strongest_path", "product of its edges' normalised weights")
+def path_summed(result):
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
+    is_input = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
+    best = torch.where(is_input, 0.0, float("-inf")).double()
+    for _ in range(len(kept)):
+        via, parent = torch.where(B > 0, B + best, torch.tensor(float("-inf"))).max(1)
+        best = torch.where(is_input, best, via)
+    path = [kinds.index(NodeType.LOGIT)]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    return [kept[k] for k in path[::-1]], float(best[path[0]])
+
+
+@mutant("strongest_path", "runs from the logit back to the input")
+def path_reversed(result):
+    return _path(result, order="backward")
+
+
+@mutant("strongest_path", "map each one through result.kept_indices")
+def path_local_indices(result):
+    return _path(result, local=True)
+
+
+@mutant("strongest_path", "start at an input token")
+def path_from_any_source(result):
+    return _path(result, start=("embedding", "mlp_error"))
+
+
+@mutant("strongest_path", "not the top logit")
+def path_to_last_logit(result):
+    return _path(result, end="last")
+
+
+@mutant("strongest_path", "A is target by source")
+def path_transposed(result):
+    """Reads A as source by target: B.T where B is needed."""
+    return _path(result, weights="shares_transposed")
+
+
+@mutant("strongest_path", "not of raw |A|")
+def path_raw_strength(result):
+    return _path(result, strength="raw")
+
+
+@alternative("strongest_path")
+def path_reference_style(result):
+    return _path(result)
+
+
+@alternative("strongest_path")
+def path_node_by_node(result):
+    """A loop over nodes in graph order (a topological order: edges only go forward)."""
+    A = result.pruned_matrix
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-8), kinds)
+    best = torch.zeros(len(kept), dtype=A.dtype)
+    parent = [-1] * len(kept)
+    for t, kind in enumerate(kinds):
+        if kind == NodeType.EMBEDDING:
+            best[t] = 1.0
+        elif t > 0:
+            candidates = B[t, :t] * best[:t]
+            parent[t] = int(candidates.argmax())
+            best[t] = candidates[parent[t]]
+    t = kinds.index(NodeType.LOGIT)
+    path = [t]
+    while parent[path[-1]] >= 0:
+        path.append(parent[path[-1]])
+    return [kept[k] for k in reversed(path)], float(best[t])
+
+
+@alternative("strongest_path")
+def path_dijkstra(result):
+    """Shares are at most 1, so -log(share) >= 0: the strongest path is a shortest path (Dijkstra)."""
+    import heapq
+    import math
+
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
+    out_edges = [
+        [(t, -math.log(B[t, s].item())) for t in torch.nonzero(B[:, s]).flatten().tolist()]
+        for s in range(len(kept))
+    ]
+    dist = {s: 0.0 for s, k in enumerate(kinds) if k == NodeType.EMBEDDING}
+    prev: dict[int, int] = {}
+    heap = [(0.0, s) for s in dist]
+    done = set()
+    while heap:
+        d, s = heapq.heappop(heap)
+        if s in done:
+            continue
+        done.add(s)
+        for t, cost in out_edges[s]:
+            if d + cost < dist.get(t, math.inf):
+                dist[t], prev[t] = d + cost, s
+                heapq.heappush(heap, (d + cost, t))
+    t = kinds.index(NodeType.LOGIT)
+    path = [t]
+    while path[-1] in prev:
+        path.append(prev[path[-1]])
+    return [kept[k] for k in reversed(path)], math.exp(-dist[t])
+
+
+@alternative("strongest_path")
+def path_backward_from_logit(result):
+    """The same programme run backwards: the strongest path from each node to the logit, in log space."""
+    A = result.pruned_matrix.double()
+    kept = result.kept_indices.tolist()
+    kinds = [result.graph.nodes[i].node_type for i in kept]
+    logB = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds).log()  # -inf: no edge
+    end = kinds.index(NodeType.LOGIT)
+    to_end = torch.full((len(kept),), float("-inf"), dtype=A.dtype)
+    to_end[end] = 0.0
+    for _ in range(len(kept)):
+        via, step = (logB + to_end[:, None]).max(0)  # over targets t: log B[t, s] + to_end[t]
+        to_end = torch.maximum(to_end, via)
+        to_end[end] = 0.0
+    is_input = torch.tensor([k == NodeType.EMBEDDING for k in kinds])
+    start = int(torch.where(is_input, to_end, torch.tensor(float("-inf"), dtype=A.dtype)).argmax())
+    path = [start]
+    while path[-1] != end:
+        path.append(int(step[path[-1]]))
+    return [kept[k] for k in path], float(to_end[start].exp())
+
+
+# ==================================================================================================
+# swap_group (case study)
+# ==================================================================================================
+
+
+def _swap(
+    model, transcoders, prompt_a, prompt_b, latents, *, source="b", combine="set", where="own", zeros=True
+):
+    """A learner's swap with `intervene`; switches reproduce one mistake each."""
+    acts_a = S.intervene(model, transcoders, prompt_a, []).activations
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = []
+    for layer, pos, f in latents:
+        read = pos if where == "own" else -1
+        value = float((acts_b if source == "b" else acts_a)[layer][read, f])
+        if combine == "add":
+            value += float(acts_a[layer][pos, f])
+        if value == 0 and not zeros:
+            continue
+        edits.append((layer, pos, f, value))
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
+
+
+@mutant("swap_group", "you added B's activation to A's own")
+def swap_adds(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, combine="add")
+
+
+@mutant("swap_group", "values on prompt A")
+def swap_keeps_a_values(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, source="a")
+
+
+@mutant("swap_group", "must be switched off too")
+def swap_skips_silent_latents(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, zeros=False)
+
+
+@mutant("swap_group", "at the latent's own position")
+def swap_reads_last_position(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents, where="last")
+
+
+@mutant("swap_group", "use intervene's defaults")
+def swap_live_attention(model, transcoders, prompt_a, prompt_b, latents):
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = [(layer, pos, f, float(acts_b[layer][pos, f])) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits, freeze_attention=False).logits[0, -1]
+
+
+@mutant("swap_group", "return the next-token logits")
+def swap_every_position(model, transcoders, prompt_a, prompt_b, latents):
+    acts_b = S.intervene(model, transcoders, prompt_b, []).activations
+    edits = [(layer, pos, f, float(acts_b[layer][pos, f])) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits).logits
+
+
+@alternative("swap_group")
+def swap_reference_style(model, transcoders, prompt_a, prompt_b, latents):
+    return _swap(model, transcoders, prompt_a, prompt_b, latents)
+
+
+@alternative("swap_group")
+def swap_values_by_encoding(model, transcoders, prompt_a, prompt_b, latents):
+    """B's values straight from the transcoders' encoders on a cached run of B."""
+    names = [transcoders[layer].cfg.metadata.hook_name for layer, _, _ in latents]
+    _, cache = model.run_with_cache(prompt_b, names_filter=lambda name: name in names)
+    edits = []
+    for layer, pos, f in latents:
+        tc = transcoders[layer]
+        edits.append((layer, pos, f, tc.encode(cache[tc.cfg.metadata.hook_name])[0, pos, f].item()))
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
+
+
+@alternative("swap_group")
+def swap_with_clean_runs(model, transcoders, prompt_a, prompt_b, latents):
+    """Both clean passes kept (clean_run), B's read off it, A's reused by intervene."""
+    from part3_attribution_graphs.interventions import clean_run
+
+    run_a, run_b = clean_run(model, transcoders, prompt_a), clean_run(model, transcoders, prompt_b)
+    edits = [(layer, pos, f, run_b.acts[layer][pos, f].item()) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, run_a, edits).logits[0, -1]
+
+
 def catalogue_by_exercise() -> dict[str, tuple[list[Mutant], list[Mutant]]]:
     """{exercise: (mutants, alternatives)}."""
     out: dict[str, tuple[list[Mutant], list[Mutant]]] = {}

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 import part3_attribution_graphs.tests as autograder
-from part3_attribution_graphs import attribution, interventions, nodes, pruning, replacement, solutions
+from part3_attribution_graphs import (
+    attribution,
+    case_study,
+    interventions,
+    nodes,
+    pruning,
+    replacement,
+    solutions,
+)
 from part3_attribution_graphs.exercises import EXERCISES
 from part3_attribution_graphs.tests import harness
 from part3_attribution_graphs.toy import make_toy_world
@@ -135,7 +143,7 @@ def test_catalogue_covers_every_exercise():
 
 
 def test_solutions_reexport_the_stage_modules():
-    homes = (attribution, interventions, nodes, pruning, replacement)
+    homes = (attribution, case_study, interventions, nodes, pruning, replacement)
     for name in solutions.__all__:
         obj = getattr(solutions, name)
         if callable(obj):

@@ -27,6 +27,7 @@ PROMPT = format_prompt("What is the opposite of small?", "The opposite of small 
 COUPLET = format_prompt(
     "Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and"
 )
+PLANTED_PROMPT = format_prompt("What is the fruit of the land with North Haven?", "Answer:")
 EVERY_LATENT = 10**6  # top_k large enough that every active latent becomes a node
 
 
@@ -139,20 +140,24 @@ def test_independent_linear_model_reproduces_the_forward_pass(toy_world):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("top_k", [EVERY_LATENT, 5])
-def test_graph_is_complete(dtype, rtol, top_k, toy_world, toy_world_f64):
+@pytest.mark.parametrize("world", ["toy", "planted"])
+def test_graph_is_complete(dtype, rtol, top_k, world, request):
     """Incoming edges + bias terms = what the target reads (pre-activation - b_enc, or demeaned logit).
 
-    With top_k=5 the latents outside the top 5 live in the error node, so the sum still closes.
+    With top_k=5 the latents outside the top 5 live in the error node, so the sum still closes. On the
+    planted world (trained weights and transcoders) with one of its two-hop questions.
     """
-    model, transcoders = toy_world if dtype == torch.float32 else toy_world_f64
-    result = attribute(model, transcoders, COUPLET, start_posn=0, top_k=top_k, batch_size=64)
+    fixture = f"{world}_world" + ("" if dtype == torch.float32 else "_f64")
+    model, transcoders = request.getfixturevalue(fixture)
+    prompt = COUPLET if world == "toy" else PLANTED_PROMPT
+    result = attribute(model, transcoders, prompt, start_posn=0, top_k=top_k, batch_size=64)
     graph, A = result.graph, result.adjacency_matrix.double()
     assert A.dtype == torch.float64 and result.adjacency_matrix.dtype == dtype
-    lin, cache = linearised(model, transcoders, COUPLET)
+    lin, cache = linearised(model, transcoders, prompt)
     clean, biases = lin.forward(*lin.clean_inputs()), lin.forward(*lin.bias_inputs())
     targets = [i for i, n in enumerate(graph.nodes) if n.node_type in (NodeType.LATENT, NodeType.LOGIT)]
     with torch.no_grad():
-        logits = model(model.to_tokens(COUPLET))[0, -1].double()
+        logits = model(model.to_tokens(prompt))[0, -1].double()
     worst = 0.0
     for t in targets:
         node, r = graph.nodes[t], graph.reading_vecs[t].double()

@@ -14,8 +14,10 @@ from conftest import hook_count
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.interventions import (
+    CleanRun,
     PredictedEffects,
     ablation_effects,
+    clean_run,
     demeaned_logit,
     intervene,
     intervene_generate,
@@ -222,6 +224,90 @@ def test_ablation_effects_are_the_total_effect_and_one_intervention_each(graphs)
         (demeaned_logit(ablated.logits, token) - clean).item(), abs=1e-12
     )
     assert (measured != 0).all()
+
+
+class PassCounter:
+    """Counts the model's forward passes (a raw torch hook on the embedding, which TransformerLens leaves
+    alone)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.embed.register_forward_hook(self.count)
+
+    def count(self, *args) -> None:
+        self.n += 1
+
+    def __enter__(self) -> PassCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"freeze_attention": False},
+        {"freeze_norms": False},
+        {"hold_errors": False, "freeze_attention": False},
+        {"constrained_layers": range(2), "apply_activation_function": False},
+    ],
+    ids=["frozen", "live", "patterns-only", "real-mlps", "constrained"],
+)
+def test_a_clean_run_gives_what_the_prompt_gives(toy_world, kw):
+    """Passing a CleanRun in place of the prompt changes nothing but the number of forward passes."""
+    model, tcs = toy_world
+    clean = clean_run(model, tcs, PROMPT)
+    for edits in ([], [(1, 7, 3, 0.0)], [(0, 5, 1, 2.5), (2, 10, 17, 4.0), (3, 12, 8, 0.0)]):
+        with PassCounter(model) as passes:
+            reused = intervene(model, tcs, clean, edits, **kw)
+        assert passes.n == 1
+        fresh = intervene(model, tcs, PROMPT, edits, **kw)
+        assert torch.equal(reused.logits, fresh.logits)
+        assert reused.activations.keys() == fresh.activations.keys()
+        assert all(torch.equal(reused.activations[k], fresh.activations[k]) for k in fresh.activations)
+
+
+def test_ablation_effects_make_one_clean_pass_per_sweep(graphs):
+    """n latents: one clean pass, one baseline and n ablations (it used to be two passes per run); the
+    measured effects are exactly those of separate `intervene` calls on the prompt."""
+    model, tcs, result, tokens = graphs[torch.float32]
+    top = sorted(
+        (i for i, n in enumerate(result.graph.nodes) if n.node_type == NodeType.LATENT),
+        key=lambda i: -float(result.influence[i]),
+    )[:4]
+    with PassCounter(model) as passes:
+        _, measured = ablation_effects(model, tcs, result, top, freeze_attention=False)
+    assert passes.n == len(top) + 2
+    token = result.graph.nodes[result.graph.node_range_dict["L"][0]].feature
+    base = demeaned_logit(intervene(model, tcs, tokens, [], freeze_attention=False).logits, token)
+    one_by_one = []
+    for i in top:
+        n = result.graph.nodes[i]
+        out = intervene(model, tcs, tokens, [(n.layer, n.ctx_idx, n.feature, 0.0)], freeze_attention=False)
+        one_by_one.append(float(demeaned_logit(out.logits, token) - base))
+    assert torch.equal(measured, torch.tensor(one_by_one, dtype=measured.dtype))
+
+
+def test_a_clean_run_of_another_world_is_refused(toy_world, toy_world_f64):
+    model, tcs = toy_world
+    other_model, other_tcs = toy_world_f64
+    clean = clean_run(model, tcs, PROMPT)
+    assert isinstance(clean, CleanRun) and "tokens=" in repr(clean) and "W_enc" not in repr(clean)
+    before = hook_count(model)
+    with pytest.raises(ValueError, match="another model"):
+        intervene(other_model, other_tcs, clean, [])
+    with pytest.raises(ValueError, match="without the transcoders you pass for layers"):
+        intervene(model, {**tcs, 1: other_tcs[1]}, clean, [])
+    with pytest.raises(ValueError, match="position 999 is outside the prompt"):
+        intervene(model, tcs, clean, [(1, 999, 3, 0.0)])
+    assert hook_count(model) == before
+    partial = {layer: tc for layer, tc in tcs.items() if layer != 2}  # a subset of its transcoders is fine
+    torch.testing.assert_close(
+        intervene(model, partial, clean, [(1, 7, 3, 0.0)]).logits,
+        intervene(model, partial, PROMPT, [(1, 7, 3, 0.0)]).logits,
+    )
 
 
 def test_intervene_generate_without_interventions_is_greedy_decoding(toy_world):

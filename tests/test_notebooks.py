@@ -46,7 +46,11 @@ def test_an_editors_autosave_is_caught_with_what_to_do(fresh, tmp_path, monkeypa
     says so and tells the author how to rebuild or drop the change."""
     monkeypatch.setattr(nbb, "build", lambda: fresh)
     nb = nbformat.read(nbb.NOTEBOOKS["solutions"], as_version=4)
-    nb.metadata.kernelspec = {"display_name": "Python (my-env)", "language": "python", "name": "conda-env-my-env-py"}
+    nb.metadata.kernelspec = {
+        "display_name": "Python (my-env)",
+        "language": "python",
+        "name": "conda-env-my-env-py",
+    }
     saved = tmp_path / "solutions.ipynb"
     nbformat.write(nb, saved)
     monkeypatch.setitem(nbb.NOTEBOOKS, "solutions", saved)
@@ -147,9 +151,9 @@ def test_undefined_names_are_caught():
 
 
 def _kernel_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "P3AG_WORLD": "toy", **extra}
+    env = {**os.environ, "P3AG_WORLD": "planted", **extra}
     env.pop("TQDM_DISABLE", None)  # the notebooks must run with the progress bars a learner sees
-    env.pop("HF_TOKEN", None)  # the committed outputs are the toy world's
+    env.pop("HF_TOKEN", None)  # the committed outputs are the planted world's
     return env
 
 
@@ -185,7 +189,7 @@ def test_solutions_notebook_passes_nbval(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert (tmp_path / "couplet" / "index.html").exists()
+    assert (tmp_path / "two_hop" / "index.html").exists()
 
 
 @pytest.mark.notebook
@@ -199,7 +203,7 @@ def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(in
     outputs = json.dumps([c.get("outputs", []) for c in nb.cells])
     for _, test in EXERCISES:
         assert f"All tests in `{test}` passed!" in outputs
-    assert (tmp_path / "couplet" / "index.html").exists()
+    assert (tmp_path / "couplet" / "index.html").exists()  # the toy world's running example
 
 
 # ------------------------------------------------------------------------------------------------

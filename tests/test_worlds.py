@@ -163,12 +163,12 @@ AUTO_CASES = [
     ((True, False, True, True), "gemma270m-scope"),
     ((False, True, True, True), "gemma270m-scope"),
     ((False, False, True, True), "gemma270m-scope"),
-    ((False, False, True, False), "toy"),
-    ((True, False, True, False), "toy"),
-    ((True, True, False, True), "toy"),
-    ((True, False, False, True), "toy"),
-    ((False, True, False, True), "toy"),
-    ((False, False, False, True), "toy"),
+    ((False, False, True, False), "planted"),
+    ((True, False, True, False), "planted"),
+    ((True, True, False, True), "planted"),
+    ((True, False, False, True), "planted"),
+    ((False, True, False, True), "planted"),
+    ((False, False, False, True), "planted"),
 ]
 
 
@@ -200,7 +200,7 @@ def test_named_worlds_are_taken_as_asked_and_typos_rejected(monkeypatch):
         registry.choose_world("gemma-270m")
 
 
-def test_auto_falls_back_to_toy_when_the_chosen_hub_world_fails(monkeypatch, capsys):
+def test_auto_falls_back_to_planted_when_the_chosen_hub_world_fails(monkeypatch, capsys):
     monkeypatch.setattr(
         registry, "choose_world", lambda world: ("gemma", "test") if world == "auto" else (world, "")
     )
@@ -211,15 +211,18 @@ def test_auto_falls_back_to_toy_when_the_chosen_hub_world_fails(monkeypatch, cap
         return ("model", {0: "tc"})
 
     monkeypatch.setattr(registry, "_load", fail)
-    assert registry.load_world("auto", device="cpu") == ("toy", "model", {0: "tc"})
+    assert registry.load_world("auto", device="cpu") == ("planted", "model", {0: "tc"})
     assert "no access" in capsys.readouterr().out
     with pytest.raises(HubUnreachableError):  # a world named explicitly is not swapped for another
         registry.load_world("gemma", device="cpu")
 
 
-def test_load_world_toy(capsys):
-    name, model, transcoders = registry.load_world("toy", device="cpu")
-    assert name == "toy" and sorted(transcoders) == list(range(model.cfg.n_layers))
+@pytest.mark.parametrize("world", ["toy", "planted"])
+def test_load_world_offline(world):
+    """Both offline worlds load by name; "auto" never picks the random toy world, but it stays available."""
+    name, model, transcoders = registry.load_world(world, device="cpu")
+    assert name == world and sorted(transcoders) == list(range(model.cfg.n_layers))
+    assert registry.OFFLINE_WORLD == "planted" and "toy" in registry.WORLD_NAMES
 
 
 # ----------------------------------------------------------------------------- the gemma270m-scope world

@@ -732,9 +732,10 @@ def _relocate_outputs(nb: nbformat.NotebookNode, folder: str, reader_folder: str
 
 
 def execute_solutions(nb: nbformat.NotebookNode, timeout: int = 900) -> float:
-    """Execute the solutions notebook in place on the toy world; returns the wall time in seconds."""
+    """Execute the solutions notebook in place on the planted world (where "auto" lands offline); returns the
+    wall time in seconds."""
     env_overrides = {
-        "P3AG_WORLD": "toy",
+        "P3AG_WORLD": "planted",
         # Not needed to finish (plain nbclient runs the notebook as it is): finished bars leave their timings
         # as text, which would make the committed outputs differ from run to run.
         "TQDM_DISABLE": "1",
@@ -840,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_execute:
         elapsed = execute_solutions(notebooks["solutions"])
-        print(f"Executed the solutions notebook (toy world) in {elapsed:.0f} s.")
+        print(f"Executed the solutions notebook (planted world) in {elapsed:.0f} s.")
     for kind, nb in notebooks.items():
         write(nb, NOTEBOOKS[kind])
         n_ex = sum(1 for c in nb.cells if c.cell_type == "code" and "USE_REFERENCE_SOLUTIONS:\n" in c.source)

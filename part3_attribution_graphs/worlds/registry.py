@@ -4,9 +4,11 @@
 `"auto"` checks the hub once (a few seconds at most when it is out of reach) and picks, in order:
 `gemma` when the hub answers and there is a Hugging Face token and a GPU; `gemma270m-scope` when the
 hub answers and the 270M weights package is installed (or, with `HF_HUB_OFFLINE=1`, when its
-transcoders are in huggingface_hub's cache); `toy` otherwise. If the chosen hub world then
-fails to load (no licence for the gated model, a dropped connection), `"auto"` says why and falls back
-to `toy`; a world named explicitly raises instead.
+transcoders are in huggingface_hub's cache); `planted` otherwise (the small trained world with known
+mechanisms, shipped in the package). If the chosen hub world then fails to load (no licence for the gated
+model, a dropped connection), `"auto"` says why and falls back to `planted`; a world named explicitly
+raises instead. The random `toy` world is never picked by `"auto"`: name it (the autograder's exactness
+checks use it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from dataclasses import dataclass
 
 from .hub import HubUnreachableError, MissingTokenError, find_hf_token, hub_reachable
 
-__all__ = ["World", "WORLDS", "WORLD_NAMES", "has_gpu", "has_270m_weights", "choose_world", "load_world"]
+__all__ = [
+    "World",
+    "WORLDS",
+    "WORLD_NAMES",
+    "OFFLINE_WORLD",
+    "has_gpu",
+    "has_270m_weights",
+    "choose_world",
+    "load_world",
+]
 
 
 @dataclass(frozen=True)
@@ -39,12 +50,18 @@ WORLDS = {
             "toy",
             "toy Gemma-3-shaped model with random weights: features mean nothing, the maths is the same",
         ),
+        World(
+            "planted",
+            "small Gemma-3-shaped model trained on planted facts (towns -> lands -> attributes, opposites, "
+            "copying), with trained transcoders: mechanisms known, see worlds/planted.py",
+        ),
         World("gemma270m", "Gemma 3 270M with fitted stand-in transcoders"),
         World("gemma270m-scope", "Gemma 3 270M with its GemmaScope 2 transcoders", ("270m", False)),
         World("gemma", "Gemma 3-1B IT with GemmaScope 2 transcoders", ("1b", True)),
     ]
 }
 WORLD_NAMES = ("auto", *WORLDS)
+OFFLINE_WORLD = "planted"  # what "auto" picks, and falls back to, without the hub
 
 
 def has_gpu() -> bool:
@@ -77,14 +94,14 @@ def choose_world(world: str = "auto") -> tuple[str, str]:
 
         if constants.HF_HUB_OFFLINE and has_270m_weights() and _scope_cached():
             return "gemma270m-scope", "HF_HUB_OFFLINE is set and its transcoders are in the local cache"
-        return "toy", "the Hugging Face hub is out of reach"
+        return OFFLINE_WORLD, "the Hugging Face hub is out of reach"
     token, gpu = bool(find_hf_token()), has_gpu()
     if token and gpu:
         return "gemma", "the hub answers, and there is a token and a GPU"
     missing = " and ".join(what for what, ok in (("no token", token), ("no GPU", gpu)) if not ok)
     if has_270m_weights():
         return "gemma270m-scope", f"the hub answers, but {missing} for Gemma 3-1B"
-    return "toy", f"{missing} for Gemma 3-1B, and the 270M weights package is not installed"
+    return OFFLINE_WORLD, f"{missing} for Gemma 3-1B, and the 270M weights package is not installed"
 
 
 def _load(name: str, device: str):
@@ -92,6 +109,10 @@ def _load(name: str, device: str):
         from .toy import make_toy_world
 
         return make_toy_world()
+    if name == "planted":
+        from .planted import load_planted_world
+
+        return load_planted_world()
     if name == "gemma270m":
         from .gemma270m import load_gemma3_270m_offline
 
@@ -109,8 +130,8 @@ def load_world(world: str = "auto", device: str | None = None):
     """`(name, model, transcoders)` for a world name from `WORLD_NAMES` (`"auto"`: see the module docstring).
 
     Args:
-        device: where the model lives (default: `"cuda"` if available, else `"cpu"`; the toy world stays
-            on the CPU).
+        device: where the model lives (default: `"cuda"` if available, else `"cpu"`; the toy and planted
+            worlds stay on the CPU).
     """
     name, why = choose_world(world)
     if world == "auto":
@@ -119,8 +140,8 @@ def load_world(world: str = "auto", device: str | None = None):
     try:
         model, transcoders = _load(name, device)
     except (HubUnreachableError, MissingTokenError) as err:
-        if world != "auto" or name == "toy":
+        if world != "auto" or name == OFFLINE_WORLD:
             raise
-        print(f"{name} did not load ({type(err).__name__}: {err}); using the toy world instead.")
-        return load_world("toy", device)
+        print(f"{name} did not load ({type(err).__name__}: {err}); using the {OFFLINE_WORLD} world instead.")
+        return load_world(OFFLINE_WORLD, device)
     return name, model, transcoders

@@ -20,7 +20,14 @@ from transformers import PreTrainedTokenizerFast
 
 from .synthetic import WorldSpec, make_world
 
-__all__ = ["make_toy_world", "make_toy_tokenizer", "TOY_SPEC", "TOY_WORDS", "TOY_N_LAYERS"]
+__all__ = [
+    "make_toy_world",
+    "make_toy_tokenizer",
+    "make_word_tokenizer",
+    "TOY_SPEC",
+    "TOY_WORDS",
+    "TOY_N_LAYERS",
+]
 
 TOY_N_LAYERS = 4
 D_MODEL = 64
@@ -45,17 +52,22 @@ PUNCTUATION = list(".,?!:;'\"*()-") + ["**"]
 
 
 def make_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """The toy world's word-level tokenizer (`make_word_tokenizer` over `TOY_WORDS`)."""
+    return make_word_tokenizer(TOY_WORDS, "toy-world-g3")
+
+
+def make_word_tokenizer(words: list[str], name: str) -> PreTrainedTokenizerFast:
     """A word-level tokenizer that splits text the way Gemma's SentencePiece model does for these words.
 
     Words carry their leading space (`" sun"`), newlines are their own token, and the chat-template
     markers are single special tokens, so `format_prompt(...)` starts with the same four tokens as on
-    Gemma: `<bos>`, `<start_of_turn>`, `user`, `\\n`.
+    Gemma: `<bos>`, `<start_of_turn>`, `user`, `\\n`. Each word comes with and without its leading space,
+    then punctuation and digits; `name` must not contain "gemma" (TransformerLens special-cases it).
     """
     vocab: dict[str, int] = {}
     for tok in SPECIAL_TOKENS + ["\n", "\n\n"]:
         vocab[tok] = len(vocab)
-    words = list(dict.fromkeys(TOY_WORDS))
-    for w in words + PUNCTUATION + [str(d) for d in range(10)]:
+    for w in list(dict.fromkeys(words)) + PUNCTUATION + [str(d) for d in range(10)]:
         for piece in (w, " " + w):
             vocab.setdefault(piece, len(vocab))
     vocab.setdefault(" ", len(vocab))
@@ -79,7 +91,7 @@ def make_toy_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
         clean_up_tokenization_spaces=False,
         add_bos_token=True,
-        name_or_path="toy-world-g3",  # no "gemma" here: TransformerLens special-cases that name,
+        name_or_path=name,
     )
     fast.padding_side = "right"
     return fast

@@ -1,0 +1,259 @@
+"""Autograder test for `strongest_path`: the strongest input-to-top-logit path of a pruned graph.
+
+Any path that is valid (embedding first, top logit last, an edge of the pruned graph at every step) and as
+strong as the strongest passes, so a correct answer that breaks a tie differently is not failed.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..case_study import strongest_path as _ref_strongest_path
+from ..nodes import GraphNodes, NodeInfo, NodeType
+from ..pruning import normalize_matrix, prune_graph
+from ..result import AttributionResult
+from .harness import _Fail, _float, _fmt, _int, _public_test, _run, _World
+
+__all__ = ["test_strongest_path"]
+
+_TOL = 1e-6  # relative, on strengths (products of a handful of shares)
+
+
+def _hand_result() -> SimpleNamespace:
+    """Twelve nodes, ten kept. The strongest path runs through a negative edge; a greedy walk back from the
+    logit, raw |A|, signed weights, sums, column shares or a start at an error node each pick another."""
+    E, L, R, G = NodeType.EMBEDDING, NodeType.LATENT, NodeType.MLP_ERROR, NodeType.LOGIT
+    nodes = [
+        NodeInfo(E, "E", 0, 10, str_token="Dallas"),
+        NodeInfo(E, "E", 1, 11, str_token="?"),
+        NodeInfo(E, "E", 2, 12, str_token="\n"),
+        NodeInfo(L, 0, 0, 5, activation=1.0),
+        NodeInfo(L, 0, 1, 7, activation=2.0),
+        NodeInfo(R, 0, 0, 0),
+        NodeInfo(L, 0, 2, 4, activation=1.0),
+        NodeInfo(L, 1, 1, 3, activation=1.5),
+        NodeInfo(L, 1, 1, 9, activation=0.5),
+        NodeInfo(R, 1, 1, 0),
+        NodeInfo(G, "L", 1, 20, token_prob=0.6, str_token="Austin"),
+        NodeInfo(G, "L", 1, 21, token_prob=0.3, str_token="Texas"),
+    ]
+    kept = torch.tensor([0, 1, 3, 4, 5, 7, 8, 9, 10, 11])
+    # Local (kept) indices: 0, 1 embeddings; 2, 3 layer-0 latents; 4 error; 5, 6 layer-1 latents; 7 error;
+    # 8 the top logit; 9 the second logit. {(source, target): weight}. Shares, row by row: 2 <- 0: .75;
+    # 3 <- 1: .6; 5 <- 2: .6 (negative); 6 <- 3: .6; 8 <- 5: .25, 6: .29, 7: .21, 1: .25 (direct).
+    # Strongest: 0 -> 2 -> 5 -> 8 (0.1125). Greedy takes 6 first (1 -> 3 -> 6 -> 8: 0.105).
+    edges = {
+        (0, 2): 3.0,
+        (1, 2): 1.0,
+        (0, 3): 16.0,
+        (1, 3): 24.0,
+        (2, 5): -60.0,
+        (3, 5): 10.0,
+        (4, 5): 20.0,
+        (1, 5): 10.0,
+        (2, 6): 1.0,
+        (3, 6): 6.0,
+        (4, 6): 3.0,
+        (5, 8): 3.0,
+        (6, 8): -3.5,
+        (7, 8): 2.5,
+        (1, 8): 3.0,
+        (5, 9): 1.0,
+        (6, 9): 4.0,
+        (3, 9): 2.0,
+    }
+    A = torch.zeros(10, 10, dtype=torch.float64)
+    for (s, t), v in edges.items():
+        A[t, s] = v
+    graph = GraphNodes(nodes=nodes, seq_len=3, n_layers=2)
+    return SimpleNamespace(
+        graph=graph, kept_indices=kept, pruned_matrix=A, logit_weights=torch.tensor([0.6, 0.3])
+    )
+
+
+def _kinds(result: Any) -> list[str]:
+    return [result.graph.nodes[i].node_type.value for i in result.kept_indices.tolist()]
+
+
+def _path_variant(result: Any, mode: str) -> list[int]:
+    """The path a known mistake finds (global node indices), to name the mistake in the message."""
+    A = result.pruned_matrix.double()
+    kinds = _kinds(result)
+    is_input = torch.tensor([k == "embedding" for k in kinds])
+    if mode == "error_start":
+        is_input = torch.tensor([k in ("embedding", "mlp_error") for k in kinds])
+    B = {
+        "raw": A.abs(),
+        "signed": A / A.abs().sum(1, keepdim=True).clamp(min=1e-30),
+        "columns": A.abs() / A.abs().sum(0, keepdim=True).clamp(min=1e-30),
+    }.get(mode, normalize_matrix(A))
+    if mode != "direct":  # drop the direct edges from embeddings to logits
+        is_logit = torch.tensor([k == "logit" for k in kinds])
+        is_embedding = torch.tensor([k == "embedding" for k in kinds])
+        B = B * ~(is_logit[:, None] & is_embedding[None, :])
+    end = kinds.index("logit")
+    if mode == "last_logit":
+        end = len(kinds) - 1
+    if mode == "greedy":
+        path = [end]
+        while not is_input[path[-1]] and B[path[-1]].abs().sum() > 0:
+            path.append(int(B[path[-1]].argmax()))
+        return result.kept_indices[path[::-1]].tolist()
+    if mode == "sum":
+        best = torch.where(is_input, 0.0, float("-inf")).double()
+        for _ in range(len(kinds)):
+            cand = torch.where(B > 0, B + best, torch.tensor(float("-inf"), dtype=B.dtype))
+            via, parent = cand.max(1)
+            best = torch.where(is_input, best, via)
+    else:
+        best = is_input.double()
+        for _ in range(len(kinds)):
+            via, parent = (B * best).max(1)
+            best = torch.where(is_input, best, via)
+    path = [end]
+    while not is_input[path[-1]] and len(path) <= len(kinds):
+        path.append(int(parent[path[-1]]))
+    return result.kept_indices[path[::-1]].tolist()
+
+
+_PATH_MISTAKES = (
+    (
+        "direct",
+        "your path is a direct edge from an embedding to the logit; it says only that this token matters, "
+        "not how: leave out the edges from embeddings straight to logits, so that the path passes through "
+        "at least one latent",
+    ),
+    (
+        "greedy",
+        "walking back from the logit along the strongest incoming edge is greedy, and greedy is not optimal "
+        "here: a weaker edge can lead to a much stronger path. Keep, for every node, the strength of the "
+        "strongest path reaching it (dynamic programming in topological order)",
+    ),
+    (
+        "raw",
+        "normalise first: an edge's weight is |A[t, s]| divided by the sum of |A[t, :]| (the share of t's "
+        "input that comes from s), as in normalize_matrix; raw |A| favours nodes with big inputs",
+    ),
+    (
+        "signed",
+        "take absolute values: a strong negative edge (inhibition) is as much part of the mechanism as a "
+        "positive one, so the weight is |A[t, s]| / sum |A[t, :]|",
+    ),
+    (
+        "columns",
+        "normalise each ROW of A (a target's incoming edges: A[t, s] is target by source), not each column",
+    ),
+    (
+        "sum",
+        "a path's strength is the PRODUCT of its edges' normalised weights (or the sum of their logs), not "
+        "their sum",
+    ),
+)
+
+
+def _check_path(fn: Any, result: Any, label: str) -> None:
+    out = _run(fn, result, what=f"strongest_path(result) on {label}")
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise _Fail(f"{label}: return a tuple (path, strength), got {type(out).__name__} {_fmt(out)}.")
+    path, strength = out
+    if isinstance(path, Tensor):
+        path = path.tolist()
+    if not isinstance(path, (list, tuple)) or not path:
+        raise _Fail(f"{label}: the path should be a non-empty list of node indices, got {_fmt(path)}.")
+    path = [_int(p, f"{label}: each node of the path") for p in path]
+    strength = _float(strength, f"{label}: the strength")
+    nodes, kept = result.graph.nodes, result.kept_indices.tolist()
+    ref_path, ref_strength = _ref_strongest_path(result)
+    where = {node: k for k, node in enumerate(kept)}
+    kinds = _kinds(result)
+    top = kept[kinds.index("logit")]
+
+    def is_type(node: int, kind: str) -> bool:
+        return 0 <= node < len(nodes) and nodes[node].node_type.value == kind
+
+    if is_type(path[0], "logit") and is_type(path[-1], "embedding"):
+        raise _Fail(
+            f"{label}: your path runs from the logit back to the input ({_fmt(path)}); return it in the "
+            "order the information flows: path[0] is the embedding node, path[-1] the top logit."
+        )
+    if any(p not in where for p in path):
+        local = [p for p in path if 0 <= p < len(kept)]
+        if len(local) == len(path) and [kept[p] for p in path] == ref_path:
+            raise _Fail(
+                f"{label}: your path {_fmt(path)} indexes the pruned matrix; return indices into "
+                "result.graph.nodes: map each one through result.kept_indices."
+            )
+        raise _Fail(
+            f"{label}: nodes {[p for p in path if p not in where]} of your path are not in the pruned graph "
+            "(result.kept_indices): a path goes along edges of result.pruned_matrix."
+        )
+    if not is_type(path[0], "embedding"):
+        raise _Fail(
+            f"{label}: your path starts at a {nodes[path[0]].node_type.value} node; start at an input token, "
+            "an embedding node (error nodes have no incoming edges either, but they are not the prompt)."
+        )
+    if path[-1] != top:
+        raise _Fail(
+            f"{label}: your path ends at node {path[-1]}, not the top logit (node {top}, the first logit "
+            "node kept: logit nodes come most probable first)."
+        )
+    A = result.pruned_matrix
+    for s, t in zip(path, path[1:]):
+        if A[where[t], where[s]] == 0:
+            raise _Fail(
+                f"{label}: your path steps from node {s} to node {t}, but the pruned graph has no edge "
+                f"from {s} to {t}: A[t, s] = 0. Each step must be an edge of result.pruned_matrix, and A is "
+                "target by source: the edges into t are row t, those out of s column s."
+            )
+    B = normalize_matrix(A.double())
+    local = torch.tensor([where[p] for p in path])
+    actual = float(B[local[1:], local[:-1]].prod())
+    if abs(actual - ref_strength) > _TOL * ref_strength:
+        for mode, hint in _PATH_MISTAKES:
+            if path == _path_variant(result, mode):
+                raise _Fail(f"{label}: {hint}.")
+        raise _Fail(
+            f"{label}: your path {_fmt(path)} has strength {actual:.4g}, but a stronger one exists "
+            f"({ref_strength:.4g}): {_fmt(ref_path)}."
+        )
+    if abs(strength - actual) > _TOL * actual:
+        raw = float(A.double().abs()[local[1:], local[:-1]].prod())
+        hint = (
+            "the product of the edges' normalised weights |A[t, s]| / sum |A[t, :]|, not of raw |A|"
+            if abs(strength - raw) <= _TOL * abs(raw)
+            else "the product of its edges' normalised weights"
+        )
+        raise _Fail(
+            f"{label}: you return strength {strength:.4g} for your path, which has strength {actual:.4g}: "
+            f"return {hint}."
+        )
+
+
+@_public_test("strongest_path")
+def test_strongest_path(fn: Any, w: _World) -> None:
+    """The strongest path on a hand-made graph and on the toy (or your) pruned graph."""
+    _check_path(fn, _hand_result(), "a hand-made graph (a negative edge on the strongest path)")
+    for node_threshold, edge_threshold in ((0.8, 0.85), (0.9, 0.95), (1.0, 1.0)):
+        # the lesson's thresholds, looser where they leave no path through a latent to the top logit
+        kept, pruned = prune_graph(w.adjacency, w.logit_weights, w.n_layers, node_threshold, edge_threshold)
+        result = AttributionResult(
+            graph=w.graph,
+            adjacency_matrix=w.adjacency,
+            kept_indices=kept,
+            pruned_matrix=pruned,
+            prompt="",
+            str_tokens=[],
+            logit_weights=w.logit_weights,
+            influence=torch.zeros(len(w.graph.nodes)),
+            settings={},
+        )
+        try:
+            _ref_strongest_path(result)
+        except ValueError:
+            continue
+        break
+    _check_path(fn, result, f"{w.name} (pruned at {node_threshold} / {edge_threshold})")

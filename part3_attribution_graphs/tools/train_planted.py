@@ -1,0 +1,406 @@
+"""The planted world's recipe: train the model on its planted facts, then its transcoders on activations.
+
+`python -m part3_attribution_graphs.tools.train_planted [--out DIR] [--seed 0] [--steps N]` writes
+`model.safetensors`, `transcoders.safetensors` and `meta.json` (vocabulary size, shape, training
+settings and statistics) into `DIR` (default: the package's `worlds/planted_data/`), replacing the
+folder's files in one rename. Seeded: the same seed on the same machine gives the same bits.
+
+1. **The model** (Gemma 3's architecture at `planted.PLANTED_SPEC`, tied embeddings as Gemma's) learns
+   the training split of `planted_facts()` plus corpus-only lines: every name in a greeting ("Say hi
+   to Oz.") so held-out names have trained embeddings, and copy questions with a distractor name before
+   them. The loss is the answer token's cross-entropy plus a small weight on every other token of the
+   user's turn (next-word prediction, which trains the embeddings of words that are never answers).
+   AdamW, weight decay on the matrices (it favours the economical, shared route through the land).
+2. **The transcoders**: one JumpReLU skip transcoder per layer, trained on that layer's MLP input and
+   output over the corpus (every split's text, no labels): normalised MSE plus `l0_coeff` times L0, with
+   the straight-through (rectangle kernel) gradient for the thresholds, the skip initialised by least
+   squares and trained with the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..progress import tqdm
+from ..worlds import planted
+from ..worlds.gemma import START_POSN, format_prompt
+from ..worlds.synthetic import fit_affine_skip
+
+__all__ = ["corpus", "train_model", "train_transcoder", "train_world", "write_world", "main"]
+
+ANSWER_WEIGHT = 1.0  # loss weight of the answer token
+TEXT_WEIGHT = 0.1  # loss weight of each other token of the user's turn
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text).input_ids
+
+
+def corpus(seed: int = 0) -> tuple[list[tuple[list[int], int]], list[list[int]]]:
+    """`(training sequences, transcoder text)`.
+
+    Training sequences are `(token ids of prompt + answer, answer position)`: the train split of every
+    mechanism, greetings (answer position -1: no answer) and copy questions with a distractor. The
+    transcoder text is every planted prompt with its answer (both splits: activations only, no labels)
+    plus the greetings and distractor lines.
+    """
+    rng = random.Random(seed)
+    tok = planted.make_planted_tokenizer()
+    train: list[tuple[list[int], int]] = []
+    for fact in planted.planted_facts(split="train"):
+        ids = _encode(tok, fact.prompt + fact.answer)
+        train.append((ids, len(ids) - 1))
+    for name in planted.NAMES:
+        ids = _encode(tok, format_prompt(planted.GREETING.format(name=name)))
+        train.append((ids, -1))
+    copy_names = [f.entity for f in planted.planted_facts("copy", "train")]
+    for name in copy_names:
+        for _ in range(3):
+            other = rng.choice([n for n in planted.NAMES if n != name])
+            user = planted.GREETING.format(name=other) + " " + planted.COPY.format(name=name)
+            ids = _encode(tok, format_prompt(user, planted.RESPONSE) + " " + name)
+            train.append((ids, len(ids) - 1))
+    # Copying any token but the held-out names' (the copy question with the token in the name's place), so
+    # that what is learnt is copying, not a list of names.
+    held = {tok.convert_tokens_to_ids(f.entity) for f in planted.planted_facts("copy", "heldout")}
+    held |= {tok.convert_tokens_to_ids(" " + f.entity) for f in planted.planted_facts("copy", "heldout")}
+    before, after = format_prompt(planted.COPY, planted.RESPONSE).split("{name}")
+    head, tail = _encode(tok, before.rstrip(" ")), _encode(tok, after)[1:]  # tail without its <bos>
+    for token in range(len(tok)):
+        if token not in held and token not in tok.all_special_ids:
+            train.append((head + [token] + tail + [token], len(head) + len(tail) + 1))
+    text = [_encode(tok, f.prompt + f.answer) for f in planted.planted_facts()]
+    text += [ids for ids, pos in train if pos < 0 or len(ids) > 22]
+    return train, text
+
+
+def _pad(seqs: list[list[int]], pad: int) -> Int[Tensor, "batch seq"]:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+
+
+def _logits(model, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_vocab"]:
+    """The model's logits with the unembedding tied to the embedding (W_U = W_E.T / sqrt(d_model))."""
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    return model.ln_final(resid) @ model.embed.W_E.T / math.sqrt(model.cfg.d_model)
+
+
+@torch.no_grad()
+def _init_weights(model, gen: torch.Generator) -> None:
+    """Norm weights 1 (Gemma's scale 1 + w with w = 0), no biases, fan-in scaled matrices, unit embeddings."""
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith(".w"):
+            p.fill_(1.0)
+        elif name.split(".")[-1].lstrip("_").startswith("b_"):
+            p.zero_()
+        elif name == "embed.W_E":  # rows of norm sqrt(d_model): Gemma's embedding scale folded in
+            p.normal_(generator=gen)
+        else:
+            fan_in = p.shape[-2] if p.ndim >= 2 else p.shape[-1]
+            p.normal_(generator=gen).div_(fan_in**0.5)
+
+
+def train_model(
+    seed: int = 0,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    weight_decay: float = 2.0,
+    freeze_embeddings: bool = True,
+) -> tuple[object, dict]:
+    """The trained planted model and its training statistics (seconds, final loss, accuracies)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tok = planted.make_planted_tokenizer()
+    model = planted.build_planted_model(tok)
+    _init_weights(model, gen)
+    train, _ = corpus(seed)
+    pad = tok.pad_token_id
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.split(".")[-1].lstrip("_").startswith("b_") or name.startswith("unembed"):
+            p.requires_grad_(False)  # Gemma has no biases; the unembedding is tied to the embedding
+        elif name == "embed.W_E" and freeze_embeddings:
+            p.requires_grad_(False)
+        elif p.ndim >= 2 and name != "embed.W_E":
+            decay.append(p)
+        else:
+            no_decay.append(p)  # norms, and the embedding (rows of held-out names must not shrink)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    start = START_POSN - 1  # the position that predicts the first word of the user's text
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="model", leave=False):
+        idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
+        tokens = _pad([train[i][0] for i in idx], pad)
+        answer_pos = torch.tensor([train[i][1] for i in idx])
+        logits = _logits(model, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        pos = torch.arange(targets.shape[1])
+        is_answer = pos[None] == (answer_pos[:, None] - 1)
+        is_text = (pos[None] >= start) & (targets != pad) & ~is_answer
+        weights = ANSWER_WEIGHT * is_answer.float() / batch_size + TEXT_WEIGHT * is_text.float() / batch_size
+        loss = (ce * weights).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    with torch.no_grad():  # the unembedding becomes what training used: the tied embedding
+        model.unembed.W_U.copy_(model.embed.W_E.T / math.sqrt(model.cfg.d_model))
+        model.unembed.b_U.zero_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stats = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - c0, 1),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "freeze_embeddings": freeze_embeddings,
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "accuracy": planted.planted_accuracy(model),
+    }
+    return model, stats
+
+
+class _JumpReLU(torch.autograd.Function):
+    """`pre * H(pre - theta)`, with the rectangle-kernel straight-through gradient for `theta`."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.bandwidth / 2).to(pre.dtype)
+        g_theta = -(theta / ctx.bandwidth) * near * grad
+        return grad * (pre > theta), g_theta.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """`H(pre - theta)` (what L0 counts), with the rectangle-kernel straight-through gradient for `theta`."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.bandwidth / 2).to(pre.dtype)
+        return None, (-(1 / ctx.bandwidth) * near * grad).sum(0), None
+
+
+def train_transcoder(
+    x: Float[Tensor, "n d"],
+    y: Float[Tensor, "n d"],
+    d_sae: int,
+    gen: torch.Generator,
+    steps: int = 1500,
+    batch_size: int = 1024,
+    lr: float = 5e-3,
+    l0_coeff: float = 5e-4,
+    bandwidth: float = 0.05,
+    init_threshold: float = 0.1,
+) -> tuple[dict[str, Tensor], dict]:
+    """A JumpReLU skip transcoder `y ~ JumpReLU(x W_enc + b_enc) W_dec + b_dec + x W_skip.T`, and statistics.
+
+    Loss: mean squared error over the variance of `y` (FVU) plus `l0_coeff` times the mean number of
+    latents firing, with the L0 coefficient ramped up over the first fifth of the steps.
+    """
+    n, d = x.shape
+    W_skip, b_skip, resid = fit_affine_skip(x.double(), y.double())
+    # Decoder rows: random directions, a tenth of what the skip misses; encoder: their transposes, scaled so
+    # that pre-activations are about unit size; thresholds start low, so that most latents fire at first.
+    directions = torch.nn.functional.normalize(torch.randn(d_sae, d, generator=gen), dim=1)
+    W_dec = directions * 0.1 * float(resid.norm(dim=1).mean())
+    W_enc = directions.T * (d**0.5 / float(x.norm(dim=1).mean()))
+    params = {
+        "W_enc": W_enc,
+        "b_enc": torch.zeros(d_sae),
+        "log_threshold": torch.full((d_sae,), math.log(init_threshold)),
+        "W_dec": W_dec,
+        "b_dec": b_skip.float(),
+        "W_skip": W_skip.float(),
+    }
+    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=lr, betas=(0.9, 0.999))
+    var = float(((y - y.mean(0)) ** 2).sum(1).mean())
+
+    def forward(xb):
+        pre = xb @ params["W_enc"] + params["b_enc"]
+        theta = params["log_threshold"].exp()
+        acts = _JumpReLU.apply(pre, theta, bandwidth)
+        out = acts @ params["W_dec"] + params["b_dec"] + xb @ params["W_skip"].T
+        return out, _Step.apply(pre, theta, bandwidth)
+
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(n, (min(batch_size, n),), generator=gen)
+        out, fired = forward(x[idx])
+        fvu = ((out - y[idx]) ** 2).sum(1).mean() / var
+        ramp = min(1.0, step / (0.2 * steps))
+        loss = fvu + ramp * l0_coeff * fired.sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out, fired = forward(x)
+        stats = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "l0": round(float(fired.sum(1).mean()), 2),
+            "fvu": round(float(((out - y) ** 2).sum(1).mean() / var), 5),
+            "fvu_skip_only": round(float((resid.float() ** 2).sum(1).mean() / var), 5),
+            "dead_latents": int((fired.sum(0) == 0).sum()),
+            "n_tokens": n,
+        }
+    final = {k: v.detach() for k, v in params.items() if k != "log_threshold"}
+    final["threshold"] = params["log_threshold"].detach().exp()
+    return final, stats
+
+
+@torch.no_grad()
+def collect_activations(model, text: list[list[int]]) -> dict[int, tuple[Tensor, Tensor]]:
+    """`{layer: (MLP inputs, MLP outputs)}` at every non-padding position after `<bos>`."""
+    tokens = _pad(text, model.tokenizer.pad_token_id)
+    lengths = torch.tensor([len(t) for t in text])
+    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]) & (
+        torch.arange(tokens.shape[1])[None] > 0
+    )
+    names = {
+        f"blocks.{layer}.{s}" for layer in range(model.cfg.n_layers) for s in ("mlp.hook_in", "hook_mlp_out")
+    }
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, return_type=None)
+    return {
+        layer: (cache[f"blocks.{layer}.mlp.hook_in"][mask], cache[f"blocks.{layer}.hook_mlp_out"][mask])
+        for layer in range(model.cfg.n_layers)
+    }
+
+
+def train_world(
+    seed: int = 0,
+    model_steps: int = 1500,
+    tc_steps: int = 1000,
+    l0_coeff: float = 5e-4,
+    weight_decay: float = 2.0,
+    freeze_embeddings: bool = True,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """`(model state, transcoder state, metadata)`: the whole recipe, seeded."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, model_stats = train_model(
+        seed, steps=model_steps, weight_decay=weight_decay, freeze_embeddings=freeze_embeddings
+    )
+    _, text = corpus(seed)
+    acts = collect_activations(model, text)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tc_state, tc_stats = {}, {}
+    for layer, (x, y) in tqdm(acts.items(), desc="transcoders", leave=False):
+        params, stats = train_transcoder(
+            x, y, planted.PLANTED_SPEC.d_sae, gen, steps=tc_steps, l0_coeff=l0_coeff
+        )
+        tc_state.update({f"{layer}.{k}": v.contiguous() for k, v in params.items()})
+        tc_stats[str(layer)] = stats
+    model_state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    meta = {
+        "world": "planted",
+        "seed": seed,
+        "vocab_size": len(model.tokenizer),
+        "spec": asdict(planted.PLANTED_SPEC),
+        "model": model_stats,
+        "transcoders": {"steps": tc_steps, "l0_coeff": l0_coeff, "per_layer": tc_stats},
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "total_cpu_seconds": round(time.process_time() - c0, 1),
+        "load_average": round(os.getloadavg()[0], 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    return model_state, tc_state, meta
+
+
+def write_world(out: Path, model_state: dict, tc_state: dict, meta: dict) -> None:
+    """Write the three files into `out`, replacing its files together (a new folder, then renames)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(model_state, str(tmp / "model.safetensors"))
+        save_file(tc_state, str(tmp / "transcoders.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.chmod(0o755)  # mkdtemp's folder is private; package data is not
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=planted.planted_data_dir())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-steps", type=int, default=1500)
+    parser.add_argument("--tc-steps", type=int, default=1000)
+    parser.add_argument("--l0-coeff", type=float, default=5e-4)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core CPU)"
+    )
+    parser.add_argument("--weight-decay", type=float, default=2.0)
+    parser.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_state, tc_state, meta = train_world(
+        args.seed,
+        args.model_steps,
+        args.tc_steps,
+        args.l0_coeff,
+        args.weight_decay,
+        not args.train_embeddings,
+    )
+    write_world(args.out, model_state, tc_state, meta)
+    print(json.dumps(meta, indent=1))
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The planted world: its facts as data, its shipped files, what the model learnt, and its recipe.
+
+Speed (load time, training time) is measured by the tools, not here: `tools.train_planted` reports its
+seconds in `meta.json`, and the README's planted-world section gives them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from part3_attribution_graphs.tools import ground_truth, train_planted
+from part3_attribution_graphs.views.examples import feature_examples, make_toy_example_data
+from part3_attribution_graphs.worlds import planted
+
+# What the shortened recipe (seed 0) reaches on the training prompts (chance: 1 in 335): measured
+# 2026-12-02, copy 100% and opposite 83% after 120 steps; the floors leave a margin for other CPUs.
+SHORT_MODEL_STEPS, SHORT_TC_STEPS = 120, 30
+SHORT_RUN_MIN_ACCURACY = {"copy/train": 0.9, "opposite/train": 0.6}
+MAX_FVU = 0.1  # the shipped transcoders' fraction of variance unexplained, per layer
+MAX_L0 = 30  # latents firing per token, on average
+
+
+# ------------------------------------------------------------------------------------------ the facts
+
+
+def test_facts_are_consistent_with_the_tables():
+    groups, members = planted.planted_groups(), planted.planted_members()
+    assert len(groups) == 8 and all(len(a) == len(planted.ATTRIBUTES) for a in groups.values())
+    assert Counter(members.values()) == dict.fromkeys(groups, 3)
+    for f in planted.planted_facts("two_hop"):
+        assert f.intermediate == members[f.entity] and f.answer == groups[f.intermediate][f.attribute]
+        assert f.entity in f.prompt and f.attribute in f.prompt
+    for f in planted.planted_facts("single_hop"):
+        assert f.answer == " " + members[f.entity]
+    for f in planted.planted_facts("group_attribute"):
+        assert f.answer == groups[f.entity][f.attribute]
+    for f in planted.planted_facts("copy"):
+        assert f.answer == " " + f.entity and f.entity in f.prompt
+    # Every mechanism has training prompts; two-hop, opposite and copy hold some out.
+    for mech in planted.MECHANISMS:
+        assert planted.planted_facts(mech, "train"), mech
+    for mech in ("two_hop", "opposite", "copy"):
+        assert planted.planted_facts(mech, "heldout"), mech
+    # A held-out two-hop question is never also a training one.
+    train = {f.prompt for f in planted.planted_facts(split="train")}
+    assert not train & {f.prompt for f in planted.planted_facts(split="heldout")}
+
+
+def test_no_single_word_of_a_town_tells_its_land():
+    """The land has to be computed from both words: each word occurs in towns of several lands."""
+    lands_of: dict[str, set[str]] = {}
+    for town, land in planted.planted_members().items():
+        for word in town.split():
+            lands_of.setdefault(word, set()).add(land)
+    assert all(len(lands) >= 2 for lands in lands_of.values()), lands_of
+
+
+def test_every_prompt_and_answer_is_in_the_vocabulary():
+    tok = planted.make_planted_tokenizer()
+    for f in planted.planted_facts():
+        ids = tok(f.prompt + f.answer).input_ids
+        assert tok.unk_token_id not in ids, f.prompt
+        assert len(tok(f.answer, add_special_tokens=False).input_ids) == 1, f.answer
+    assert tok.tokenize(planted.planted_facts()[0].prompt)[:3] == ["<start_of_turn>", "user", "\n"]
+
+
+def test_bad_filters_are_named():
+    with pytest.raises(ValueError, match="two_hop"):
+        planted.planted_facts("twohop")
+    with pytest.raises(ValueError, match="heldout"):
+        planted.planted_facts(split="test")
+
+
+# ------------------------------------------------------------------------------------- shipped files
+
+
+def test_shipped_world_loads_without_training(monkeypatch):
+    """The world comes from the shipped files, bit for bit, and loading runs no optimiser."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("loading the planted world trained something")
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", no_training)
+    monkeypatch.setattr(torch.optim.Adam, "__init__", no_training)
+    model, transcoders = planted.load_planted_world()
+    folder = planted.planted_data_dir()
+    state = load_file(str(folder / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert state and all(torch.equal(params[k], v) for k, v in state.items())
+    tc_state = load_file(str(folder / "transcoders.safetensors"))
+    assert torch.equal(transcoders[2].W_enc, tc_state["2.W_enc"])
+    # The unembedding is tied to the embedding, as Gemma's is.
+    torch.testing.assert_close(model.W_U, model.W_E.T / model.cfg.d_model**0.5)
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= 10 * 2**20, f"the shipped files take {total / 2**20:.1f} MB (at most 10)"
+
+
+def test_load_refuses_another_vocabulary(tmp_path):
+    folder = planted.planted_data_dir()
+    for name in ("model.safetensors", "transcoders.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    meta = json.loads((folder / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + 1}))
+    with pytest.raises(ValueError, match="retrain"):
+        planted.load_planted_world(data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_planted"):
+        planted.load_planted_world(data_dir=tmp_path / "nowhere")
+
+
+def test_model_answers_every_mechanism(planted_world):
+    """At least 95% top-1 on each mechanism's training prompts and on its held-out ones."""
+    model, _ = planted_world
+    acc = planted.planted_accuracy(model)
+    assert set(acc) == {f"{f.mechanism}/{f.split}" for f in planted.planted_facts()}
+    low = {k: v for k, v in acc.items() if v < 0.95}
+    assert not low, f"below 95%: {low}"
+
+
+def test_accuracy_counts_wrong_answers(planted_world):
+    """The accuracy is computed, not assumed: facts with a wrong answer score 0."""
+    model, _ = planted_world
+    facts = planted.planted_facts("opposite", "train")[:6]
+    wrong = [planted.PlantedFact(f.prompt, " Zed", f.mechanism, f.split) for f in facts]
+    assert planted.planted_accuracy(model, wrong) == {"opposite/train": 0.0}
+
+
+@torch.no_grad()
+def test_shipped_transcoders_reconstruct_sparsely(planted_world):
+    model, transcoders = planted_world
+    tokens = planted.example_corpus()
+    mask = (tokens != model.tokenizer.pad_token_id) & (torch.arange(tokens.shape[1]) > 0)
+    _, cache = model.run_with_cache(tokens)
+    for layer, tc in transcoders.items():
+        x = cache[f"blocks.{layer}.mlp.hook_in"][mask]
+        y = cache[f"blocks.{layer}.hook_mlp_out"][mask]
+        out = tc(x)  # SAELens' forward: decode(encode(x)) plus the skip
+        fvu = float(((out - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+        l0 = float((tc.encode(x) > 0).sum(-1).float().mean())
+        assert fvu < MAX_FVU, f"layer {layer}: FVU {fvu:.3f}"
+        assert 1 <= l0 <= MAX_L0, f"layer {layer}: L0 {l0:.1f}"
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+
+def test_short_recipe_is_deterministic_and_learns(tmp_path):
+    """Two shortened runs, one seed: the same bits; the result loads and reaches the stated accuracy."""
+    torch.set_num_threads(1)
+    runs = [train_planted.train_world(0, SHORT_MODEL_STEPS, SHORT_TC_STEPS) for _ in range(2)]
+    (m1, t1, meta1), (m2, t2, _) = runs
+    assert m1.keys() == m2.keys() and t1.keys() == t2.keys()
+    assert all(torch.equal(m1[k], m2[k]) for k in m1) and all(torch.equal(t1[k], t2[k]) for k in t1)
+    train_planted.write_world(tmp_path / "world", m1, t1, meta1)
+    model, _ = planted.load_planted_world(data_dir=tmp_path / "world")
+    acc = planted.planted_accuracy(model)
+    low = {k: acc[k] for k, floor in SHORT_RUN_MIN_ACCURACY.items() if acc[k] < floor}
+    assert not low, f"after {SHORT_MODEL_STEPS} steps: {low} (all: {acc})"
+    layers = meta1["transcoders"]["per_layer"]
+    assert set(layers) == {"0", "1", "2", "3"} and all(
+        {"l0", "fvu", "dead_latents"} <= set(v) for v in layers.values()
+    )
+
+
+def test_write_world_replaces_the_folder_whole(tmp_path):
+    out = tmp_path / "world"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    train_planted.write_world(out, {"a": torch.zeros(2)}, {"0.b": torch.ones(1)}, {"k": 1})
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "model.safetensors",
+        "transcoders.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary folder left behind
+
+
+# ------------------------------------------------------------------------------- ground truth and views
+
+
+def test_land_latents_found_by_contrast_that_fire_for_their_land(planted_world):
+    model, transcoders = planted_world
+    facts = planted.planted_facts("two_hop")
+    found = planted.land_latents(model, transcoders, facts)
+    assert set(found) == set(planted.planted_members().values())
+    assert all(found.values()), {k: len(v) for k, v in found.items()}
+    # Independently: each found latent fires more often on its land's prompts than on the others'.
+    acts = planted.latent_activations(model, transcoders, [f.prompt for f in facts])
+    for land, latents in found.items():
+        mine = torch.tensor([f.intermediate == land for f in facts])
+        for layer, pos, f in latents[:5]:
+            fired = acts[layer][:, pos, f] > 0
+            assert fired[mine].float().mean() > fired[~mine].float().mean()
+
+
+def test_example_data_comes_from_the_worlds_own_text(planted_world):
+    model, transcoders = planted_world
+    data = make_toy_example_data(model, transcoders, features_by_layer={0: [0]})
+    corpus = planted.example_corpus()
+    assert torch.equal(data[0]["tokens"], corpus.int())
+    # A land latent's examples are about its land: its name or one of its towns, in every top example.
+    found = planted.land_latents(model, transcoders, planted.planted_facts("single_hop"), min_explained=0.8)
+    land, latents = next((k, v) for k, v in sorted(found.items()) if v)
+    layer, _, latent = latents[0]
+    examples = feature_examples(data[layer], latent, model.tokenizer, n_examples=3)
+    assert len(examples) == 3 and all(ex["tokens"][-1] != "<pad>" for ex in examples)
+    names = [land] + [t for t, g in planted.planted_members().items() if g == land]
+    for ex in examples:
+        text = "".join(ex["tokens"])
+        assert any(name in text for name in names), (land, text)
+
+
+def test_graph_path_needs_every_link():
+    """town embedding -> land latent -> answer logit, on a hand-made pruned graph."""
+    from types import SimpleNamespace
+
+    from part3_attribution_graphs.nodes import NodeInfo, NodeType
+
+    nodes = [
+        NodeInfo(NodeType.EMBEDDING, "E", 1, 50),
+        NodeInfo(NodeType.LATENT, 1, 5, 7),
+        NodeInfo(NodeType.LATENT, 2, 5, 8),
+        NodeInfo(NodeType.LOGIT, "L", 5, 9),
+    ]
+    adj = torch.zeros(4, 4)
+    adj[1, 0] = adj[2, 1] = adj[3, 2] = 1.0  # emb -> latent 7 -> latent 8 -> logit 9
+
+    def result(a):
+        return SimpleNamespace(
+            kept_indices=torch.arange(4), pruned_matrix=a, graph=SimpleNamespace(nodes=nodes)
+        )
+
+    assert ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 9)
+    assert ground_truth.graph_has_path(result(adj), [1], {(2, 5, 8)}, 9)
+    assert not ground_truth.graph_has_path(result(adj), [2], {(1, 5, 7)}, 9)  # not from the town
+    assert not ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 10)  # another logit
+    cut = adj.clone()
+    cut[3, 2] = 0.0
+    assert not ground_truth.graph_has_path(result(cut), [1], {(1, 5, 7)}, 9)
