@@ -16,8 +16,10 @@ prints a markdown table.
      where setting a's and b's latents to the values B's prompt gives them makes the model answer b's
      attribute; "latents" edits the latents only, "+ skip" also replaces the skip path's output at those
      layers and positions by B's (the skip carries what the MLP computes linearly from its input).
-   Each intervention runs in the graph's frozen model (attention patterns and norm scales frozen, MLP
-   errors held; `intervene`'s default) and live (patterns and norms recomputed).
+   Each of these runs in the graph's frozen model (attention patterns and norm scales frozen, MLP errors
+   held; `intervene`'s default) and live (patterns and norms recomputed).
+4. For **copy** prompts (held-out names, frozen model): with every latent at every position set to its
+   value in another name's prompt, the share that answer that name, and the share that keep their own.
 """
 
 from __future__ import annotations
