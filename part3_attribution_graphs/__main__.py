@@ -339,6 +339,9 @@ def _run(args: argparse.Namespace, stage: Path) -> dict:
     scores = compute_graph_scores(result)
     if not args.no_dashboard:
         from .utils import create_attribution_dashboard, features_in_graph, make_toy_example_data
+        from .views.neuronpedia import view_graph
+
+        shown = set(view_graph(result).indices)
 
         # Example data generated from the world itself (offline); a real world's come from
         # utils.load_example_data_parallel, which needs the hub.
@@ -357,7 +360,9 @@ def _run(args: argparse.Namespace, stage: Path) -> dict:
             display=False,
             scores=scores,
             example_data_by_layer=examples,
-            interventions=measured["live"] if measured else None,
+            # The dashboard shows the nodes of view_graph only; an influential latent can be pruned away
+            # (nodes.json keeps every measurement).
+            interventions={i: v for i, v in measured["live"].items() if i in shown} if measured else None,
         )
 
     summary = {

@@ -16,8 +16,10 @@ prints a markdown table.
      where setting a's and b's latents to the values B's prompt gives them makes the model answer b's
      attribute; "latents" edits the latents only, "+ skip" also replaces the skip path's output at those
      layers and positions by B's (the skip carries what the MLP computes linearly from its input).
-   Each intervention runs in the graph's frozen model (attention patterns and norm scales frozen, MLP
-   errors held; `intervene`'s default) and live (patterns and norms recomputed).
+   Each of these runs in the graph's frozen model (attention patterns and norm scales frozen, MLP errors
+   held; `intervene`'s default) and live (patterns and norms recomputed).
+4. For **copy** prompts (held-out names, frozen model): with every latent at every position set to its
+   value in another name's prompt, the share that answer that name, and the share that keep their own.
 """
 
 from __future__ import annotations
@@ -188,7 +190,27 @@ def measure(
                 out["rows"][(mech, split, min_explained)] = {
                     k: (sum(v) / len(v), len(v)) for k, v in tally.items()
                 }
+    out["copy"] = _copy_swaps(model, transcoders)
     return out
+
+
+def _copy_swaps(model, transcoders) -> dict[str, tuple[float, int]]:
+    """Held-out copy prompts with every latent at every position set to its value in another name's prompt:
+    the share that then answer the other name, and the share that keep their own (each pair both ways)."""
+    facts = planted.planted_facts("copy", "heldout")
+    acts = latent_activations(model, transcoders, [f.prompt for f in facts])
+    other, own = [], []
+    for i, f in enumerate(facts):
+        j = (i + 1) % len(facts)
+        edits = [
+            (layer, pos, k, float(a[j, pos, k]))
+            for layer, a in acts.items()
+            for pos, k in ((a[i] > 0) | (a[j] > 0)).nonzero().tolist()
+        ]
+        top = _top1(intervene(model, transcoders, f.prompt, edits).logits)
+        other.append(int(top == model.to_single_token(facts[j].answer)))
+        own.append(int(top == model.to_single_token(f.answer)))
+    return {"other name": (sum(other) / len(other), len(other)), "own name": (sum(own) / len(own), len(own))}
 
 
 def _town_positions(model, fact: planted.PlantedFact) -> list[int]:
@@ -219,6 +241,12 @@ def table(out: dict) -> str:
             lines.append(
                 f"| {key} | | {what} | {_pct(res[what + '/frozen'])} | {_pct(res[what + '/live'])} |"
             )
+    if "copy" in out:
+        c = out["copy"]
+        lines.append(
+            f"| copy/heldout | - | every latent set to another name's prompt's values: answers that name / "
+            f"keeps its own | {_pct(c['other name'])} / {_pct(c['own name'])} | |"
+        )
     return "\n".join(lines)
 
 
