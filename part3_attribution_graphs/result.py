@@ -66,7 +66,7 @@ class AttributionResult:
     logit_weights: Float[Tensor, " n_logits"]
     influence: Float[Tensor, " n_nodes"]
     settings: dict[str, Any]
-    world: dict[str, Any] | None = None  # unknown for a result built by hand
+    world: dict[str, Any] | None
 
     @property
     def kept_nodes(self) -> list[NodeInfo]:

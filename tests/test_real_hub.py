@@ -375,7 +375,7 @@ def test_scope_world_loads_offline_from_a_warm_cache(toy_world, tmp_path, monkey
         mp.setattr(constants, "HF_HUB_CACHE", str(cache))
         assert registry.choose_world("auto")[0] == "gemma270m-scope"
         mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-        assert registry.choose_world("auto")[0] == "toy"
+        assert registry.choose_world("auto")[0] == registry.OFFLINE_WORLD
     with no_hub_at_all(), pytest.MonkeyPatch.context() as mp:  # a cold cache offline says so
         mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
         with pytest.raises(HubUnreachableError, match="network"):
@@ -402,7 +402,7 @@ def test_a_xet_storage_failure_is_a_hub_error_and_auto_falls_back(toy_world, tmp
             registry, "choose_world", lambda w: ("gemma270m-scope", "t") if w == "auto" else (w, "")
         )
         name, _, _ = registry.load_world("auto", device="cpu")
-    assert name == "toy" and "Xet" in capsys.readouterr().out
+    assert name == registry.OFFLINE_WORLD and "Xet" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ row 9: captive portals and proxies
@@ -417,7 +417,7 @@ def test_a_captive_portal_or_proxy_is_not_the_hub(tmp_path, captive):
         name, why = registry.choose_world("auto")
         with pytest.raises(HubUnreachableError, match="captive portal") as err:
             hub.check_hub("the transcoders")
-    assert name == "toy" and "out of reach" in why
+    assert name == registry.OFFLINE_WORLD and "out of reach" in why
     assert err.value.kind == "not the hub"
 
 

@@ -250,6 +250,7 @@ def test_strongest_path(fn: Any, w: _World) -> None:
             logit_weights=w.logit_weights,
             influence=torch.zeros(len(w.graph.nodes)),
             settings={},
+            world=None,  # built here, not by attribute: no world recorded
         )
         try:
             _ref_strongest_path(result)
