@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name part3-attribution-graphs --display-name "Python 3 (part3_attribution_graphs)" >/dev/null
 	touch $@
 
-## The main job: build an attribution graph on the offline toy world, write files to out/graph.
+## The main job: build an attribution graph on the offline planted world (a held-out two-hop question), write files to out/graph.
 graph: install
 	$(PY) -m part3_attribution_graphs --out out/graph
 

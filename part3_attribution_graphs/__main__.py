@@ -1,4 +1,4 @@
-"""Build one attribution graph and write its files: `python -m part3_attribution_graphs [--world toy]`.
+"""Build one attribution graph and write its files: `python -m part3_attribution_graphs [--world planted]`.
 
 Writes to `--out` (default `out/graph`):
   graph.pt          the whole AttributionResult (read it back with AttributionResult.load)
@@ -32,8 +32,12 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-DEFAULT_USER = "What is the opposite of small?"
-DEFAULT_RESPONSE = "The opposite of small is **large"
+DEFAULT_WORLD = "planted"  # offline, and its mechanisms are known: the graph has something to find
+# Each world's default prompt, (user turn, start of the answer). The planted world's is one of its held-out
+# two-hop questions (`planted_facts("two_hop", "heldout")`; a test keeps it one): North Bridge -> Caldor ->
+# the capital, Corvin. Other worlds get the lesson's couplet of opposites.
+DEFAULT_PROMPTS = {"planted": ("What is the capital of the land with North Bridge?", "Answer:")}
+DEFAULT_USER, DEFAULT_RESPONSE = "What is the opposite of small?", "The opposite of small is **large"
 # The files this program writes into --out, and the list it keeps there of the ones it wrote.
 GRAPH_FILES = ("graph.pt", "nodes.json")
 DASHBOARD_FILES = ("index.html", "neuronpedia.json")
@@ -135,12 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--world", default="toy", choices=world_names())
+    parser.add_argument("--world", default=DEFAULT_WORLD, choices=world_names())
     # Defaults of the attribution-only options are filled in after parsing, so that --result can tell
     # whether they were given.
-    parser.add_argument("--user", default=None, help=f"the user's turn of the chat prompt ({DEFAULT_USER!r})")
+    user, response = DEFAULT_PROMPTS[DEFAULT_WORLD]
     parser.add_argument(
-        "--response", default=None, help=f"the start of the model's answer ({DEFAULT_RESPONSE!r})"
+        "--user",
+        default=None,
+        help=f"the user's turn of the chat prompt (planted: {user!r}; other worlds: {DEFAULT_USER!r})",
+    )
+    parser.add_argument(
+        "--response",
+        default=None,
+        help=f"the start of the model's answer (planted: {response!r}; other worlds: {DEFAULT_RESPONSE!r})",
     )
     parser.add_argument(
         "--out", default="out/graph", type=_out_dir, help="folder for the files (created if needed)"
@@ -189,7 +200,8 @@ def settle_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 f"{', '.join(given)} choose(s) what to attribute, but --result redraws a graph already made "
                 f"(its own prompt and settings): drop {', '.join(given)}, or drop --result to attribute anew."
             )
-    defaults = {"user": DEFAULT_USER, "response": DEFAULT_RESPONSE, "n_output_nodes": 3, "top_k": 5}
+    user, response = DEFAULT_PROMPTS.get(args.world, (DEFAULT_USER, DEFAULT_RESPONSE))
+    defaults = {"user": user, "response": response, "n_output_nodes": 3, "top_k": 5}
     for name, value in {**defaults, "batch_size": 256}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

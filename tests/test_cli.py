@@ -102,3 +102,17 @@ def test_planted_world_dashboard_with_interventions_on_pruned_away_latents(tmp_p
     assert "index.html" in summary["files"] and set(summary["interventions"]) == {"frozen", "live"}
     nodes = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
     assert sum("ablation" in n for n in nodes) == 5
+
+
+def test_the_default_run_is_the_planted_worlds_held_out_two_hop_question():
+    """`make graph` shows a graph with something to find: the planted world, on a question it was never
+    trained on, whose answer the ground truth knows."""
+    from part3_attribution_graphs.worlds.gemma import format_prompt
+    from part3_attribution_graphs.worlds.planted import planted_facts
+
+    args = cli.settle_arguments(cli.build_parser(), cli.build_parser().parse_args([]))
+    assert args.world == "planted"
+    prompt = format_prompt(args.user, args.response)
+    assert prompt in {f.prompt for f in planted_facts("two_hop", split="heldout")}
+    toy = cli.settle_arguments(cli.build_parser(), cli.build_parser().parse_args(["--world", "toy"]))
+    assert (toy.user, toy.response) == (cli.DEFAULT_USER, cli.DEFAULT_RESPONSE)
