@@ -603,7 +603,7 @@ def test_error_an_unwritable_folder_says_so_in_one_sentence(graph):
 def test_error_cli_result_from_another_world_is_refused(other_graph, tmp_path, capsys):
     path = other_graph.save(tmp_path / "other.pt")
     with pytest.raises(SystemExit) as info:
-        cli.main(["--result", str(path), "--out", str(tmp_path / "out"), "--no-dashboard"])
+        cli.main(["--world", "toy", "--result", str(path), "--out", str(tmp_path / "out"), "--no-dashboard"])
     assert info.value.code == 1
     assert "does not fit --world toy" in capsys.readouterr().err
 
