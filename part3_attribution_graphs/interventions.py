@@ -185,12 +185,10 @@ def _as_tokens(
     return tokens.long()
 
 
-def _check_interventions(
-    transcoders: Mapping[int, Transcoder], seq_len: int, interventions: Iterable[Intervention]
-) -> dict[int, list[tuple[int, int, float]]]:
-    """Validate every (layer, position, latent, value) and group them by layer, before any hook goes in."""
+def _by_layer(interventions: Iterable[Intervention]) -> dict[int, list[tuple[int, int, float]]]:
+    """The (already checked, by the guard) interventions grouped by layer."""
     by_layer: dict[int, list[tuple[int, int, float]]] = {}
-    for layer, pos, latent, value in check_interventions(transcoders, seq_len, interventions):
+    for layer, pos, latent, value in interventions:
         by_layer.setdefault(layer, []).append((pos, latent, value))
     return by_layer
 
@@ -262,15 +260,6 @@ def _intervene_args(a: dict) -> None:
 _FLAGS = ("freeze_attention", "apply_activation_function", "freeze_norms", "hold_errors")
 
 
-def _check_transcoders_fit(model: HookedSAETransformer, transcoders: Mapping[int, Transcoder]) -> None:
-    for layer, tc in transcoders.items():
-        if tc.cfg.metadata.hook_name not in model.hook_dict or hook_names_out(tc) not in model.hook_dict:
-            raise ValueError(
-                f"transcoders[{layer}] reads {tc.cfg.metadata.hook_name!r} and writes "
-                f"{hook_names_out(tc)!r}, which this model does not have: wrong transcoders?"
-            )
-
-
 @guarded(model="model", transcoders="transcoders", tokens="prompt_or_tokens")
 @torch.no_grad()
 def clean_run(
@@ -287,7 +276,6 @@ def clean_run(
     The result is the same as passing the prompt itself (the clean pass is deterministic).
     """
     tokens = _as_tokens(model, prompt_or_tokens)
-    _check_transcoders_fit(model, transcoders)
     freeze = FreezeHooks(model)
     cache = freeze.cache_frozen_values(tokens)
     mlp_in = {layer: cache[tc.cfg.metadata.hook_name][0] for layer, tc in transcoders.items()}
@@ -353,14 +341,13 @@ def intervene(
     """
     given = isinstance(prompt_or_tokens, CleanRun)
     tokens = prompt_or_tokens.tokens if given else _as_tokens(model, prompt_or_tokens)
-    edits = _check_interventions(transcoders, tokens.shape[1], interventions)
+    edits = _by_layer(interventions)  # checked by the guard (`_intervene_args`)
     constrained = set() if constrained_layers is None else {int(layer) for layer in constrained_layers}
     if constrained - set(transcoders):
         raise ValueError(
             f"constrained_layers {sorted(constrained - set(transcoders))} have no transcoder; the "
             f"transcoders cover layers {sorted(transcoders)}."
         )
-    _check_transcoders_fit(model, transcoders)
     freeze_norms = freeze_attention if freeze_norms is None else freeze_norms
 
     clean = _reuse(model, transcoders, prompt_or_tokens) if given else clean_run(model, transcoders, tokens)
@@ -409,13 +396,10 @@ def intervene_generate(
     Each new token is the argmax of `intervene` (same keyword options) on the text so far, so frozen
     values always come from a clean pass on the same tokens. No KV cache: fine for tens of tokens.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}.")
     if isinstance(prompt_or_tokens, CleanRun):  # each step runs on longer text: nothing to reuse
         prompt_or_tokens = prompt_or_tokens.tokens
     tokens = _as_tokens(model, prompt_or_tokens)
-    interventions = list(interventions)
-    _check_interventions(transcoders, tokens.shape[1], interventions)  # positions must be in the prompt
+    interventions = list(interventions)  # checked by the guard: positions inside the prompt
     n_prompt = tokens.shape[1]
     for _ in range(max_new_tokens):
         logits = intervene(model, transcoders, tokens, interventions, **kwargs).logits
