@@ -89,16 +89,26 @@ def check_prompt(prompt: object) -> str:
     return prompt
 
 
-def _check_prompt_length(model: Any, prompt: str, start_posn: int) -> None:
-    """The prompt must fit in the context (else it would be cut) and be longer than the masked prefix."""
-    n_tokens = model.to_tokens(prompt, truncate=False).shape[1]
+def check_context(model: Any, n_tokens: int, what: str, hint: str = "Shorten the prompt") -> None:
+    """Refuse `n_tokens` beyond the model's context (TransformerLens would cut text, or grow its buffers)."""
     n_ctx = model.cfg.n_ctx
     if n_tokens > n_ctx:
         raise ValueError(
-            f"The prompt has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}: it would be "
-            f"cut to its first {n_ctx} tokens and the graph would explain another token. Shorten the "
-            f"prompt, or load the model with a larger n_ctx."
+            f"{what} has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}. {hint}, or load the "
+            "model with a larger n_ctx."
         )
+
+
+def _check_prompt_length(model: Any, prompt: str, start_posn: int) -> None:
+    """The prompt must fit in the context (else it would be cut) and be longer than the masked prefix."""
+    n_tokens = model.to_tokens(prompt, truncate=False).shape[1]
+    check_context(
+        model,
+        n_tokens,
+        "The prompt",
+        hint=f"It would be cut to its first {model.cfg.n_ctx} tokens and the graph would explain another "
+        "token. Shorten the prompt",
+    )
     if n_tokens <= start_posn:
         raise ValueError(
             f"The prompt has {n_tokens} tokens, no more than start_posn={start_posn} masked ones, so "

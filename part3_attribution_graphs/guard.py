@@ -39,6 +39,7 @@ from torch import Tensor
 from .checks import (
     ExistingHooksWarning,
     as_count,
+    check_context,
     check_some_transcoders,
     check_transcoder,
     existing_hooks,
@@ -142,16 +143,6 @@ def as_real(name: str, value: object, dtype: torch.dtype = torch.float32) -> flo
 # --------------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------------
-
-
-def check_context(model: Any, n_tokens: int, what: str, hint: str = "Shorten the prompt") -> None:
-    """Refuse `n_tokens` beyond the model's context (TransformerLens would cut text, or grow its buffers)."""
-    n_ctx = model.cfg.n_ctx
-    if n_tokens > n_ctx:
-        raise ValueError(
-            f"{what} has {n_tokens} tokens but the model's context holds n_ctx={n_ctx}. {hint}, or load the "
-            "model with a larger n_ctx."
-        )
 
 
 def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_or_tokens") -> int:
