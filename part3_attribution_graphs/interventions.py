@@ -290,10 +290,9 @@ def clean_run(
     )
 
 
-def _reuse(model: HookedSAETransformer, transcoders: Mapping[int, Transcoder], clean: CleanRun) -> CleanRun:
-    """`clean` itself, after checking that it was made with this model and (at least) these transcoders."""
-    if clean.model is not model:
-        raise ValueError("This CleanRun was made with another model: make one with clean_run(model, ...).")
+def _reuse(transcoders: Mapping[int, Transcoder], clean: CleanRun) -> CleanRun:
+    """`clean` itself, after checking that it was made with (at least) these transcoders (the guard has
+    checked that it was made with this model)."""
     foreign = [layer for layer, tc in transcoders.items() if clean.transcoders.get(layer) is not tc]
     if foreign:
         raise ValueError(
@@ -350,7 +349,7 @@ def intervene(
         )
     freeze_norms = freeze_attention if freeze_norms is None else freeze_norms
 
-    clean = _reuse(model, transcoders, prompt_or_tokens) if given else clean_run(model, transcoders, tokens)
+    clean = _reuse(transcoders, prompt_or_tokens) if given else clean_run(model, transcoders, tokens)
     freeze = FreezeHooks(model)
     kept = ("hook_pattern",) * freeze_attention + ("hook_scale",) * freeze_norms
     freeze.frozen_values = (
