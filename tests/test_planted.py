@@ -81,9 +81,9 @@ def test_unknown_words_are_named_not_turned_into_unk(planted_world):
     from part3_attribution_graphs.worlds.gemma import format_prompt
 
     model, transcoders = planted_world
-    town = planted.TOWNS[0]
     with pytest.raises(ValueError, match="'Paris'"):
         attribute(model, transcoders, format_prompt("What is the capital of Paris?", "Answer:"))
+    town = next(iter(planted.planted_members()))
     with pytest.raises(ValueError, match=repr(town.lower())):
         intervene(model, transcoders, format_prompt(f"{town.lower()}. Which land is it in?"), [])
     with pytest.raises(ValueError, match="'Paris'"):
