@@ -2,8 +2,8 @@
 
 - The token: what huggingface_hub's own `get_token` finds, in the installed version's order (0.36: a
   Colab secret, `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the `hf auth login` file; 2.x: OIDC, the
-  environment, the login file, a Colab secret), else `HF_TOKEN` in the nearest `.env` file; an explicit
-  `dotenv_path` is read first. `HF_HUB_DISABLE_IMPLICIT_TOKEN` means no token is sent unless one is
+  environment, the login file, a Colab secret), else `HF_TOKEN` in a `.env` file (`dotenv_path`, or the
+  nearest). `HF_HUB_DISABLE_IMPLICIT_TOKEN` means no token is sent unless one is
   passed. Every token is stripped and checked (one line of header-safe characters).
 - Settings are read when called, not at import: `HF_ENDPOINT` (the supported way to point huggingface_hub
   and this package at another hub; every download here passes it as `endpoint=`), `HF_HUB_OFFLINE`
@@ -178,19 +178,17 @@ def check_token(token: str, source: str) -> str:
 
 
 def _token_and_source(dotenv_path: str | Path | None = None) -> tuple[str | None, str]:
+    path = None
     if dotenv_path is not None:
         path = Path(dotenv_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"dotenv_path {str(path)!r} is not a file (from {Path.cwd()}): pass the path of a `.env` "
-                "file with a line `HF_TOKEN=hf_...`, or leave dotenv_path out."
+                f"dotenv_path {str(path)!r} is not a file (looked from {Path.cwd()}): pass the path of a "
+                "`.env` file with a line `HF_TOKEN=hf_...`, or leave dotenv_path out."
             )
-        token = _dotenv_token(path).strip()
-        if token:
-            return check_token(token, f"HF_TOKEN in {path}"), f"HF_TOKEN in {path}"
     from huggingface_hub import get_token
 
-    token = get_token()  # huggingface_hub's own order: a Colab secret, the environment, the login file
+    token = get_token()  # huggingface_hub's own sources, in the installed version's order
     if token:
         source = (
             "huggingface_hub's token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, a Colab secret or `hf auth login`)"
@@ -198,7 +196,7 @@ def _token_and_source(dotenv_path: str | Path | None = None) -> tuple[str | None
         if os.environ.get("HF_TOKEN", "").strip() == token.strip():
             source = "HF_TOKEN in the environment"
         return check_token(token, source), source
-    path = find_dotenv() if dotenv_path is None else None
+    path = path or find_dotenv()
     if path is not None:
         token = _dotenv_token(path).strip()
         if token:
@@ -207,9 +205,9 @@ def _token_and_source(dotenv_path: str | Path | None = None) -> tuple[str | None
 
 
 def find_hf_token(dotenv_path: str | Path | None = None) -> str | None:
-    """The Hugging Face token, or None: from `dotenv_path` if given, else huggingface_hub's own
-    (`huggingface_hub.get_token`, in the installed version's order), else from the nearest `.env` (see
-    `find_dotenv`). Stripped and checked.
+    """The Hugging Face token, or None: huggingface_hub's own (`huggingface_hub.get_token`, in the installed
+    version's order), else `HF_TOKEN` from `dotenv_path` (default: the nearest `.env`, see `find_dotenv`).
+    Stripped and checked.
 
     Raises:
         FileNotFoundError: `dotenv_path` is not a file (the message names it).

@@ -378,7 +378,7 @@ class _Base(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        if self.storage_host and hub._take("_resets"):
+        if self.storage_host and len(data) > hub.reset_after and hub._take("_resets"):
             self._write(data[: hub.reset_after])
             self.wfile.flush()
             # SO_LINGER 0: close() sends a TCP RST, as a dropped CDN connection does
