@@ -510,7 +510,9 @@ def _refused(url: str, response, start: int | None = None, end: int | None = Non
         return HubRequestError(f"{url}: not found (HTTP 404)", "not found", status)
     if status in (401, 403):
         return HubRequestError(f"{url}: access refused (HTTP {status})", "forbidden", status)
-    if status == 407 or kind_of == "text/html":
+    if status == 407:
+        return HubRequestError(f"{url}: HTTP 407 from a proxy that wants credentials", "proxy", status)
+    if kind_of == "text/html":
         return HubRequestError(
             f"{url}: HTTP {status} with {kind_of or 'a body'} that is not the hub's", "not the hub", status
         )

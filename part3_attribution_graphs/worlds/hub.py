@@ -189,6 +189,10 @@ def _token_and_source(dotenv_path: str | Path | None = None) -> tuple[str | None
     from huggingface_hub import get_token
 
     token = get_token()  # huggingface_hub's own sources, in the installed version's order
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # huggingface_hub drops line breaks: check the raw
+        raw = os.environ.get(name, "")
+        if token and raw.replace("\r", "").replace("\n", "").strip() == token.strip():
+            check_token(raw, f"{name} in the environment")
     if token:
         source = (
             "huggingface_hub's token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, a Colab secret or `hf auth login`)"
@@ -306,7 +310,8 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 def _local_failure(e: BaseException) -> str | None:
     """A failure on this machine (not the network's): a full disk, a cache that cannot be written."""
-    if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+    # Python's own OSErrors only: ssl.SSLError and requests' errors are OSErrors too, with unrelated errnos
+    if isinstance(e, OSError) and type(e).__module__ == "builtins" and not isinstance(e, ConnectionError):
         if e.errno == errno.ENOSPC:
             return "disk full"
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -609,7 +614,9 @@ def hub_download(
 
     download = download or hf_hub_download
     deadline = time.monotonic() + deadline_s
-    send_token: str | bool | None = token if token else implicit_token()
+    # False (not None): huggingface_hub would otherwise send its own token by the settings it read at import
+    send_token: str | bool = (token if token else implicit_token()) or False
+    stale = False
     waits = 0
     while True:
         offline = hub_offline()
@@ -618,12 +625,12 @@ def hub_download(
                 repo_id=repo_id,
                 filename=filename,
                 revision=revision,
-                token=send_token,  # None: huggingface_hub's implicit token rules; False: none at all
+                token=send_token,
                 endpoint=hub_endpoint(),
                 cache_dir=hub_cache_dir(),
                 local_files_only=offline,
             )
-            if send_token is False:
+            if stale:
                 _warn_stale(f"{repo_id}/{filename}")
             return path
         except Exception as err:
@@ -631,7 +638,7 @@ def hub_download(
                 (e.response for e in _causes(err) if getattr(e, "response", None) is not None), None
             )
             if send_token and _token_refused(response):
-                send_token = False  # huggingface_hub: False = send no token at all
+                send_token, stale = False, True
                 continue
             if offline or failure_kind(err) != "rate limited" or _backoff_retries_429() or waits >= MAX_TRIES:
                 raise
