@@ -210,7 +210,7 @@ def test_auto_falls_back_to_planted_when_the_chosen_hub_world_fails(monkeypatch,
         return ("model", {0: "tc"})
 
     monkeypatch.setattr(registry, "_load", fail)
-    monkeypatch.setattr(registry, "has_270m_weights", lambda: False)  # else gemma falls back to gemma270m-scope
+    monkeypatch.setattr(registry, "has_270m_weights", lambda: False)  # with it: gemma270m-scope
     assert registry.load_world("auto", device="cpu") == ("planted", "model", {0: "tc"})
     assert "no access" in capsys.readouterr().out
     with pytest.raises(HubUnreachableError):  # a world named explicitly is not swapped for another
