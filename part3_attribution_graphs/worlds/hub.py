@@ -624,11 +624,11 @@ def hub_download(
             path = download(
                 repo_id=repo_id,
                 filename=filename,
-                revision=revision,
                 token=send_token,
                 endpoint=hub_endpoint(),
                 cache_dir=hub_cache_dir(),
                 local_files_only=offline,
+                **({"revision": revision} if revision is not None else {}),
             )
             if stale:
                 _warn_stale(f"{repo_id}/{filename}")
