@@ -10,9 +10,10 @@ VENV_LATEST ?= .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 TORCH ?= torch==2.13.0
 CONSTRAINTS := constraints-tested.txt
-# The tests that load worlds and talk to the (fake) hub: run again on the pinned set.
+# The tests that load worlds and talk to the (fake) hub: run again on the pinned set (the autograder's sweep
+# on the real 270M weights checks the graders, not the stack, and runs on the newest resolution only).
 PINNED_TIER := tests/test_real_hub.py tests/test_worlds.py tests/test_loading.py tests/test_crosscheck.py \
-	tests/test_cli.py tests/test_gemma270m.py
+	tests/test_cli.py tests/test_gemma270m.py -k "not test_autograder_passes_the_reference_on_real_weights"
 
 .PHONY: install install-latest test-latest test-pinned lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard ground-truth planted clean
 
