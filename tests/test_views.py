@@ -428,7 +428,7 @@ def test_example_loader_offline(monkeypatch, tmp_path, example_data):
     write_hub_layout(hub, {2: example_data[2], 3: example_data[3]})
     calls = []
 
-    def fake_download(repo_id, filename, local_dir=None, token=None):
+    def fake_download(repo_id, filename, local_dir=None, token=None, **settings):  # endpoint, cache_dir, ...
         calls.append((repo_id, filename))
         return str(hub / filename)
 

@@ -16,7 +16,6 @@ import time
 import pytest
 import torch
 from conftest import hook_count
-from huggingface_hub import constants
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.scores import compute_graph_scores
@@ -57,8 +56,8 @@ def silent_endpoint(refuse: bool):
         sock.listen(8)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-            mp.setattr(constants, "HF_HUB_OFFLINE", False)
+            mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # read when called, as set here
+            mp.setenv("HF_HUB_OFFLINE", "0")
             yield
     finally:
         sock.close()
@@ -113,8 +112,8 @@ def test_hub_check_fails_fast_naming_the_offline_worlds(refuse):
 
 
 def test_hub_check_is_bounded_even_when_name_lookup_hangs(monkeypatch):
-    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example.invalid")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
 
     def hang(*args, **kwargs):
         time.sleep(10)
@@ -128,7 +127,7 @@ def test_hub_check_is_bounded_even_when_name_lookup_hangs(monkeypatch):
 
 
 def test_hub_offline_setting_means_unreachable(monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # after import, as a notebook cell sets it
     assert not hub.hub_reachable()
 
 
@@ -211,6 +210,7 @@ def test_auto_falls_back_to_planted_when_the_chosen_hub_world_fails(monkeypatch,
         return ("model", {0: "tc"})
 
     monkeypatch.setattr(registry, "_load", fail)
+    monkeypatch.setattr(registry, "has_270m_weights", lambda: False)  # with it: gemma270m-scope
     assert registry.load_world("auto", device="cpu") == ("planted", "model", {0: "tc"})
     assert "no access" in capsys.readouterr().out
     with pytest.raises(HubUnreachableError):  # a world named explicitly is not swapped for another

@@ -43,7 +43,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..progress import tqdm
-from ..worlds.hub import HubUnreachableError, find_hf_token, hub_download, hub_error
+from ..worlds.hub import (
+    HubUnreachableError,
+    hub_cache_dir,
+    hub_download,
+    hub_error,
+    hub_offline,
+    implicit_token,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -104,7 +111,7 @@ def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path
         return hf_hub_download(local_dir=local_dir, **kwargs)
 
     try:
-        return Path(hub_download(repo_id, filename, token=find_hf_token(), download=fetch))
+        return Path(hub_download(repo_id, filename, download=fetch))
     except Exception as err:  # network, auth, missing-file and Xet errors all come through here
         raise hub_error(
             f"{filename} of {repo_id}",
@@ -171,7 +178,7 @@ def _read_by_range(
     from .remote_safetensors import RemoteSafetensors
 
     try:
-        source = RemoteSafetensors(repo_id, filename, token=find_hf_token(), cache=cache)
+        source = RemoteSafetensors(repo_id, filename, token=implicit_token(), cache=cache)
         data = _read_subset(source, features, n_examples, f"{repo_id}/{filename}")
     except (
         OSError,
@@ -204,8 +211,10 @@ def load_example_data(
 
     With `features` and no `local_dir`, only the file's header and the byte ranges of those latents' rows
     and of the corpus sequences they point to are read, by HTTP range requests (a graph's few dozen latents
-    cost a few MB, not the ~800 MB file), and kept in a local cache. With `local_dir`, or without `features`,
-    the whole file is downloaded (once, into `local_dir` if given) and read from disk.
+    cost a few MB, not the ~800 MB file), and kept in a local cache; a whole file already in huggingface_hub's
+    cache is read there instead. With `local_dir`, or without `features`, the whole file is downloaded (once,
+    into `local_dir` if given) and read from disk. `HF_HUB_OFFLINE` (read when called) makes every read
+    local: huggingface_hub's cache, the range cache, or an error of kind "offline".
 
     Args:
         layer: the transcoder's layer. model_size, instruction_tuned: pick the repository
@@ -226,8 +235,14 @@ def load_example_data(
     repo_id = repo_id or example_repo_id(model_size, instruction_tuned)
     filename = example_file_path(layer, category, width, l0, affine)
     if features is not None and local_dir is None:
-        return _read_by_range(repo_id, filename, [int(i) for i in features], n_examples, range_cache)
-    path = _download(repo_id, filename, local_dir)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir())
+        if not isinstance(cached, str):  # not in huggingface_hub's cache already: read the rows by range
+            return _read_by_range(repo_id, filename, [int(i) for i in features], n_examples, range_cache)
+        path = Path(cached)
+    else:
+        path = _download(repo_id, filename, local_dir)
     if features is not None:
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -281,7 +296,7 @@ def load_example_data_parallel(
     """
     layers = list(layers)
     fallback = model is not None and transcoders is not None and features_by_layer is not None
-    if features_by_layer is not None and local_dir is None:
+    if features_by_layer is not None and local_dir is None and not hub_offline():
         from ..worlds.hub import check_hub
 
         try:

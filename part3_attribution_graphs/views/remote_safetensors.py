@@ -7,11 +7,16 @@ the start of that range. `RemoteSafetensors` asks the hub where the file is (its
 URL, the commit and the file's ETag, a hash of its bytes), then fetches the header and exactly those
 ranges from storage with HTTP `Range` requests (close ranges merged, several requests at once), and keeps
 every fetched range in a small SQLite cache keyed by the ETag: a re-uploaded file, even one with the same
-shapes, has a new key.
+shapes, has a new key. Each cached block is stored with the sha256 of its bytes and checked when it is
+read back: a block whose bytes changed on disk is a miss (fetched again) with a warning naming the cache
+file. The cache also remembers which ETag each file had, so that with `HF_HUB_OFFLINE` set (read when
+called) the ranges read before are served without a single request.
 
-Each answer is checked before its body is read: a `200` (a host that ignored `Range`, e.g. because the
-client accepted gzip) is dropped at the headers, never downloaded; a `206` must say in `Content-Range`
-that it holds the bytes asked for, and its body must have that length. Requests go through
+A connection reset in the middle of a body is resumed from the first byte not received (up to
+`worlds.hub.MAX_TRIES` times, within the deadline). Each answer is checked before its body is read: a
+`200` (a host that ignored `Range`, e.g. because the client accepted gzip) is dropped at the headers,
+never downloaded; a `206` must say in `Content-Range` that it holds the bytes asked for, and its body
+must have that length. Requests go through
 `worlds.hub.hub_request` (retries, deadline, stale token). A cache file that cannot be used is skipped
 with a warning naming it.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -35,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..worlds import hub as _hub
-from ..worlds.hub import HubRequestError, hub_endpoint, hub_request
+from ..worlds.hub import HubRequestError, hub_endpoint, hub_offline, hub_request
 
 __all__ = ["RemoteSafetensors", "default_range_cache", "file_url", "parse_header"]
 
@@ -156,6 +162,7 @@ class RemoteSafetensors:
     ) -> None:
         self.url = file_url(repo_id, filename, revision)
         self.name = f"{repo_id}/{filename}"
+        self._file_key = f"{repo_id}/{filename}@{revision}"
         self.token = token
         self.max_workers = max(1, max_workers)
         self.bytes_fetched = 0
@@ -170,7 +177,11 @@ class RemoteSafetensors:
         self._storage_url: str | None = None  # the signed URL the hub redirected to, used while it works
         self._cache_path = None if cache is False else Path(cache or default_range_cache())
         self._chunks: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint, not touching
-        self._resolve(time.monotonic() + _hub.REQUEST_DEADLINE_S)
+        if hub_offline():
+            self._recall()
+        else:
+            self._resolve(time.monotonic() + _hub.REQUEST_DEADLINE_S)
+            self._remember()
         self._key = f"etag:{self.etag}" if self.etag else None
         if self._key is None:  # nothing says which version of the file this is: keep nothing on disk
             self._cache_path = None
@@ -293,37 +304,54 @@ class RemoteSafetensors:
             self.size = size if size is not None else self.size
 
     def _fetch(self, start: int, end: int) -> bytes:
-        """Bytes `[start, end)` of the file, by one HTTP range request (another if a signed URL expired)."""
+        """Bytes `[start, end)` of the file, by HTTP range requests: another if a signed URL expired, and
+        the rest of the range again after a connection broke mid-body (resumed, not restarted)."""
         deadline = time.monotonic() + _hub.REQUEST_DEADLINE_S
-        for _ in range(3):
+        got = bytearray()
+        refused = breaks = 0
+        while True:
             url = self._resolve(deadline)
+            at = start + len(got)
             response = hub_request(
                 self._session(),
                 url,
-                headers={"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"},
+                headers={"Accept-Encoding": "identity", "Range": f"bytes={at}-{end - 1}"},
                 token=self.token if url == self.url else None,  # a signed storage URL refuses a token
                 deadline=deadline,
                 what=self.name,
             )
             try:
                 if response.status_code in (400, 401, 403, 404, 410) and url != self.url:
+                    refused += 1
+                    if refused >= 3:
+                        raise HubRequestError(
+                            f"{self.name}: the hub's storage kept refusing its own signed URLs", "forbidden"
+                        )
                     with self._lock:  # the signed URL expired: ask the hub for a new one
                         self._storage_url = None
                     continue
-                data = self._body(response, start, end, deadline)
+                try:
+                    got += self._body(response, at, end, deadline)
+                except _Broken as err:
+                    got += err.partial
+                    breaks += 1
+                    if breaks >= _hub.MAX_TRIES or time.monotonic() > deadline:
+                        raise
+                    continue
             finally:
                 response.close()
             with self._lock:
-                self.bytes_fetched += len(data)
-                self.requests += 1
-            return data
-        raise HubRequestError(
-            f"{self.name}: the hub's storage kept refusing its own signed URLs", "forbidden"
-        )
+                self.bytes_fetched += len(got)
+                self.requests += 1 + breaks
+            return bytes(got)
 
     def _body(self, response, start: int, end: int, deadline: float) -> bytes:
         """The asked-for bytes of a 206 answer, checked against `Content-Range`; anything else is refused
-        before its body is read."""
+        before its body is read.
+
+        Raises:
+            _Broken: the connection broke mid-body (`partial`: the asked-for bytes that did arrive).
+        """
         url, status = response.url, response.status_code
         if status != 206:
             raise _refused(url, response, start, end)
@@ -347,7 +375,11 @@ class RemoteSafetensors:
             )
         if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
             raise HubRequestError(f"{url}: the range came back encoded", "unexpected answer", 206)
-        data = _read_body(response, last - first + 1, deadline, url)
+        try:
+            data = _read_body(response, last - first + 1, deadline, url)
+        except _Broken as err:
+            err.partial = err.partial[start - first : end - first]
+            raise
         return data[start - first : end - first]
 
     # ------------------------------------------------------------------------------------------ cache
@@ -367,8 +399,12 @@ class RemoteSafetensors:
             self._cache_path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.closing(sqlite3.connect(self._cache_path, timeout=60)) as db, db:
                 db.execute(
-                    "CREATE TABLE IF NOT EXISTS chunks (file TEXT, start INTEGER, data BLOB, "
+                    "CREATE TABLE IF NOT EXISTS blocks (file TEXT, start INTEGER, data BLOB, sha256 TEXT, "
                     "PRIMARY KEY (file, start))"
+                )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, etag TEXT, commit_sha TEXT, "
+                    "size INTEGER)"
                 )
                 return work(db)
         except (sqlite3.Error, OSError) as err:
@@ -381,17 +417,58 @@ class RemoteSafetensors:
             self._cache_path = None
             return None
 
+    def _remember(self) -> None:
+        """Keep which version of the file the hub named, for reading it offline later."""
+        if self.etag:
+            self._database(
+                lambda db: db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                    (self._file_key, self.etag, self.commit, self.size),
+                )
+            )
+
+    def _recall(self) -> None:
+        """Offline: the version of the file last read online, from the cache.
+
+        Raises:
+            HubRequestError ("offline"): the cache has never seen this file.
+        """
+        row = self._database(
+            lambda db: db.execute(
+                "SELECT etag, commit_sha, size FROM files WHERE name = ?", (self._file_key,)
+            ).fetchone()
+        )
+        if not row:
+            raise HubRequestError(
+                f"{self.name}: HF_HUB_OFFLINE is set and the range cache ({self._cache_path}) has never read "
+                "this file",
+                "offline",
+            )
+        self.etag, self.commit, self.size = row
+
     def _load_cache(self) -> None:
         rows = self._database(
-            lambda db: db.execute("SELECT start, data FROM chunks WHERE file = ?", (self._key,)).fetchall()
+            lambda db: db.execute(
+                "SELECT start, data, sha256 FROM blocks WHERE file = ?", (self._key,)
+            ).fetchall()
         )
-        self._add(rows or [])
+        good = [(start, data) for start, data, digest in rows or [] if _digest(data) == digest]
+        if len(good) < len(rows or []):
+            warnings.warn(
+                f"The range cache {self._cache_path} holds {len(rows) - len(good)} block(s) of {self.name} "
+                "whose bytes no longer match their checksum (changed on disk): they are read from the hub "
+                "again.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._add(good)
 
     def _store(self, fetched: list[tuple[int, bytes]]) -> None:
         self._add(fetched)
         self._database(
             lambda db: db.executemany(
-                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", [(self._key, s, d) for s, d in fetched]
+                "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)",
+                [(self._key, s, d, _digest(d)) for s, d in fetched],
             )
         )
 
@@ -413,6 +490,18 @@ class RemoteSafetensors:
             self._chunks[i:j] = [(lo, bytes(buf))]
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Broken(HubRequestError):
+    """The connection broke mid-body; `partial` holds the bytes that arrived."""
+
+    def __init__(self, message: str, partial: bytes) -> None:
+        super().__init__(message, "network")
+        self.partial = partial
+
+
 def _refused(url: str, response, start: int | None = None, end: int | None = None) -> HubRequestError:
     """What a non-206 answer means, read from its headers only."""
     status = response.status_code
@@ -421,7 +510,9 @@ def _refused(url: str, response, start: int | None = None, end: int | None = Non
         return HubRequestError(f"{url}: not found (HTTP 404)", "not found", status)
     if status in (401, 403):
         return HubRequestError(f"{url}: access refused (HTTP {status})", "forbidden", status)
-    if status == 407 or kind_of == "text/html":
+    if status == 407:
+        return HubRequestError(f"{url}: HTTP 407 from a proxy that wants credentials", "proxy", status)
+    if kind_of == "text/html":
         return HubRequestError(
             f"{url}: HTTP {status} with {kind_of or 'a body'} that is not the hub's", "not the hub", status
         )
@@ -452,10 +543,14 @@ def _read_body(response, n: int, deadline: float, url: str) -> bytes:
         try:
             piece = read(min(2**16, n - len(buf)))
         except (OSError, Urllib3Error) as err:
-            raise HubRequestError(f"{url}: the connection broke ({err})", "network") from err
+            raise _Broken(
+                f"{url}: the connection broke after {len(buf)} of {n} bytes ({err})", bytes(buf)
+            ) from err
         if not piece:
             break
         buf += piece
     if len(buf) != n:
-        raise HubRequestError(f"{url}: the body has {len(buf)} bytes, Content-Range says {n}", "network", 206)
+        raise _Broken(
+            f"{url}: the body ended after {len(buf)} of the {n} bytes Content-Range says", bytes(buf)
+        )
     return bytes(buf)

@@ -22,10 +22,10 @@ from .hub import (
     MissingTokenError,
     check_hub,
     failure_kind,
-    find_hf_token,
     hub_download,
     hub_error,
     load_hf_token,
+    transport_errors,
     use_token,
 )
 
@@ -89,7 +89,7 @@ def gemmascope_transcoder_loader(
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
 
-    token = find_hf_token()
+    token = None  # hub_download sends the implicit token (find_hf_token) unless switched off
 
     def fetch(**kwargs) -> str:
         return hf_hub_download(force_download=force_download, **kwargs)
@@ -157,7 +157,7 @@ def load_gemma_model(
     use_token(token or load_hf_token())
     try:
         model = HookedSAETransformer.from_pretrained_no_processing(GEMMA_MODEL, device=device, dtype=dtype)
-    except (OSError, ValueError) as err:  # transformers: network, auth, missing files; Xet: ValueError
+    except (OSError, ValueError, RuntimeError) as err:  # transformers: network, auth, files; Xet: the rest
         raise _hub_error(GEMMA_MODEL, err) from err
     model.set_use_hook_mlp_in(True)
     return model
@@ -181,7 +181,9 @@ def load_saes_parallel(
     def load_one(sae_id: str) -> SAE:
         try:
             return SAE.from_pretrained(release, sae_id, device="cpu", converter=converter)
-        except (OSError, ValueError, KeyError) as err:  # network and HTTP; Xet storage; an unexpected file
+        # network and HTTP (OSError); an unexpected file (ValueError, KeyError); hf_xet's CAS errors
+        # ("RuntimeError: Data processing error: CAS service error") and httpx's transport errors
+        except (OSError, ValueError, KeyError, RuntimeError, *transport_errors()) as err:
             raise _hub_error(f"{release}/{sae_id}", err, gated=None) from err
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:

@@ -150,6 +150,10 @@ def load_hf_gemma3_270m(gguf_path: str | Path) -> PreTrainedModel:
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, attn_implementation="eager"
     )
+    # transformers 5 keeps the GGUF's quantization_config on the config although the weights are now plain
+    # float32, and TransformerLens 3.9 refuses to convert a checkpoint that names a quantisation method.
+    if getattr(hf_model.config, "quantization_config", None) is not None:
+        del hf_model.config.quantization_config
     hf_model.eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)

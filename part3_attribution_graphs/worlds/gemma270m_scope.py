@@ -36,7 +36,7 @@ from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
 from safetensors.torch import save_file
 
 from .gemma import format_prompt, load_saes_parallel, transcoder_ids
-from .hub import check_hub
+from .hub import check_hub, hub_cache_dir, hub_offline
 
 __all__ = [
     "WORLD",
@@ -80,7 +80,12 @@ def transcoders_cached() -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return all(
-        isinstance(try_to_load_from_cache(REPO_ID, f"transcoder_all/{sae_id}/params.safetensors"), str)
+        isinstance(
+            try_to_load_from_cache(
+                REPO_ID, f"transcoder_all/{sae_id}/params.safetensors", cache_dir=hub_cache_dir()
+            ),
+            str,
+        )
         for sae_id in transcoder_ids(N_LAYERS)
     )
 
@@ -143,11 +148,9 @@ def load_gemma270m_scope_world(
         HubUnreachableError: the hub did not answer (within seconds), or a transcoder could not be loaded
             (with `HF_HUB_OFFLINE=1`: it is not in huggingface_hub's cache).
     """
-    from huggingface_hub import constants
-
     from . import gemma270m
 
-    if not constants.HF_HUB_OFFLINE:  # offline, every file comes from the cache: nothing to check
+    if not hub_offline():  # read now (a notebook cell may set it); offline, every file comes from the cache
         check_hub(f"the GemmaScope 2 transcoders ({RELEASE})")
     model, _ = gemma270m.load_gemma3_270m_offline(device=device, dtype=dtype, cache_dir=cache_dir)
     transcoders = load_saes_parallel(

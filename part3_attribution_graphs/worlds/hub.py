@@ -1,25 +1,39 @@
 """The Hugging Face hub: every request this package makes to it, and what a failure means.
 
-- The token: `HF_TOKEN` in the environment, else a `.env` file, else what huggingface_hub's
-  `get_token` finds (a Colab secret `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the `hf auth login` file).
+- The token: what huggingface_hub's own `get_token` finds, in the installed version's order (0.36: a
+  Colab secret, `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the `hf auth login` file; 2.x: OIDC, the
+  environment, the login file, a Colab secret), else `HF_TOKEN` in a `.env` file (`dotenv_path`, or the
+  nearest). `HF_HUB_DISABLE_IMPLICIT_TOKEN` means no token is sent unless one is
+  passed. Every token is stripped and checked (one line of header-safe characters).
+- Settings are read when called, not at import: `HF_ENDPOINT` (the supported way to point huggingface_hub
+  and this package at another hub; every download here passes it as `endpoint=`), `HF_HUB_OFFLINE`
+  (`hub_offline`: downloads become `local_files_only`, the range reader uses only its cache) and
+  `HF_HUB_CACHE`/`HF_HOME` (passed as `cache_dir=`). Code that calls huggingface_hub without these
+  arguments (SAELens' own loader, transformers) sees what huggingface_hub read at its import.
 - `check_hub`: one quick request, before a hub world's first download, so that a machine without
   network fails in seconds naming the offline worlds; an answer that is not the hub's (a captive
   portal's page, a proxy's 403/407) counts as no hub.
-- `hub_request`: one HTTP request with an overall deadline, retrying 429 and 5xx answers and dropped
-  connections with backoff (honouring `Retry-After`), bounded in tries and time; a 401 to a token is
-  retried once without it (the hub refuses an unknown token even for a public repository), with a
-  warning that the token is stale.
-- `hub_download`: `huggingface_hub.hf_hub_download` (its cache, keyed by commit and ETag, and
-  `HF_HUB_OFFLINE`) under the same retries and stale-token rule.
-- `failure_kind` / `hub_error`: every failure is told as "not found", "forbidden", "network",
-  "rate limited", "hub error", "not the hub" or "unexpected answer", with what to do.
+- `hub_request` (the range reader's requests, which do not go through huggingface_hub): one HTTP request
+  with an overall deadline, retrying 5xx answers and dropped connections with backoff, and a 429 after the
+  wait the hub names (`RateLimit: "api";r=0;t=N`, else `Retry-After`) when that wait fits before the
+  deadline (else at once, saying how long the hub asked to wait); a 401 to a token is retried once without
+  it (the hub refuses an unknown token even for a public repository), with a warning that it is stale.
+- `hub_download`: one `huggingface_hub.hf_hub_download` (its cache, its backoff for 5xx and dropped
+  connections, and in 2.x for 429); only what the installed version's backoff does not retry (a 429 in
+  0.36) is waited out here, and a stale token is dropped as above.
+- `failure_kind` / `hub_error`: every failure is told as "not found", "forbidden", "network", "offline",
+  "rate limited", "hub error", "not the hub", "proxy", "TLS", "disk full", "cache not writable" or
+  "unexpected answer", with what to do.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
+import inspect
 import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -33,6 +47,9 @@ __all__ = [
     "HubUnreachableError",
     "HubRequestError",
     "hub_endpoint",
+    "hub_offline",
+    "hub_cache_dir",
+    "implicit_token",
     "find_dotenv",
     "find_hf_token",
     "load_hf_token",
@@ -55,9 +72,9 @@ OFFLINE_HINT = (
 CHECK_TIMEOUT_S = 3.0  # one round trip to the hub; a reachable hub answers in well under a second
 CHECK_REPO = "google/gemma-scope-2-270m-pt"  # public; its info is JSON naming it, which no proxy makes up
 REQUEST_DEADLINE_S = 60.0  # one request, retries and waits included
-DOWNLOAD_DEADLINE_S = 600.0  # one whole-file download (an 85 MB transcoder), retries included
+DOWNLOAD_DEADLINE_S = 600.0  # the longest hub_download waits out 429s itself (not the transfer: see README)
 MAX_TRIES = 5
-MAX_WAIT_S = 30.0  # the longest single wait between tries, whatever Retry-After asks
+MAX_BACKOFF_S = 8.0  # the longest wait between tries when the hub names none (huggingface_hub's too)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 T = TypeVar("T")
@@ -86,11 +103,38 @@ class HubRequestError(OSError):
 # ------------------------------------------------------------------------------------------- token
 
 
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def hub_endpoint() -> str:
-    """The hub's base URL, read when called (`HF_ENDPOINT` at import time, as huggingface_hub has it)."""
+    """The hub's base URL, read when called: `HF_ENDPOINT` as set now, else what huggingface_hub read."""
     from huggingface_hub import constants
 
-    return constants.ENDPOINT.rstrip("/")
+    return (os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT).rstrip("/")
+
+
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set now (a notebook cell may set it after
+    import); where neither is in the environment, what huggingface_hub read at its import."""
+    from huggingface_hub import constants
+
+    values = [os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if all(v is None or not v.strip() for v in values):
+        return bool(constants.HF_HUB_OFFLINE)
+    return any(_is_true(v) for v in values)
+
+
+def hub_cache_dir() -> str:
+    """huggingface_hub's cache folder as the environment names it now (`HF_HUB_CACHE`, else `HF_HOME/hub`),
+    else what huggingface_hub read at its import."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE", "").strip():
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"].strip())
+    if os.environ.get("HF_HOME", "").strip():
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"].strip()), "hub")
+    return constants.HF_HUB_CACHE
 
 
 def find_dotenv(start: Path | None = None) -> Path | None:
@@ -113,33 +157,81 @@ def _dotenv_token(path: Path) -> str:
             f"{path} is not UTF-8 text (byte {err.start} cannot be decoded): save it as UTF-8, with a line "
             "`HF_TOKEN=hf_...`, or delete it."
         ) from None
-    return (dotenv_values(path, encoding="utf-8").get("HF_TOKEN") or "").strip()
+    return dotenv_values(path, encoding="utf-8").get("HF_TOKEN") or ""
+
+
+def check_token(token: str, source: str) -> str:
+    """`token` stripped; a `ValueError` naming `source` unless it is one line of header-safe characters
+    (printable ASCII without spaces: what an `Authorization` header can carry, as every hub token is)."""
+    token = token.strip()
+    bad = re.search(r"[^\x21-\x7e]", token)
+    if bad:
+        char = bad.group()
+        what = "a line break (two lines pasted?)" if char in "\r\n" else f"the character {char!r}"
+        what = "a space" if char == " " else what
+        raise ValueError(
+            f"The Hugging Face token from {source} holds {what} at position {bad.start()}: a token is one "
+            "line of letters, digits and `_` (hf_...). Copy it again from https://huggingface.co/settings/"
+            "tokens, without quotes or other text."
+        )
+    return token
 
 
 def _token_and_source(dotenv_path: str | Path | None = None) -> tuple[str | None, str]:
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        return token, "HF_TOKEN in the environment"
-    path = Path(dotenv_path) if dotenv_path else find_dotenv()
-    if path is not None and path.is_file():
-        token = _dotenv_token(path)
-        if token:
-            return token, f"HF_TOKEN in {path}"
+    path = None
+    if dotenv_path is not None:
+        path = Path(dotenv_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dotenv_path {str(path)!r} is not a file (looked from {Path.cwd()}): pass the path of a "
+                "`.env` file with a line `HF_TOKEN=hf_...`, or leave dotenv_path out."
+            )
     from huggingface_hub import get_token
 
-    token = get_token()  # a Colab secret, HUGGING_FACE_HUB_TOKEN, or the `hf auth login` file
-    return (token or None), "huggingface_hub's token (Colab secret HF_TOKEN or `hf auth login`)"
+    token = get_token()  # huggingface_hub's own sources, in the installed version's order
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # huggingface_hub drops line breaks: check the raw
+        raw = os.environ.get(name, "")
+        if token and raw.replace("\r", "").replace("\n", "").strip() == token.strip():
+            check_token(raw, f"{name} in the environment")
+    if token:
+        source = (
+            "huggingface_hub's token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, a Colab secret or `hf auth login`)"
+        )
+        if os.environ.get("HF_TOKEN", "").strip() == token.strip():
+            source = "HF_TOKEN in the environment"
+        return check_token(token, source), source
+    path = path or find_dotenv()
+    if path is not None:
+        token = _dotenv_token(path).strip()
+        if token:
+            return check_token(token, f"HF_TOKEN in {path}"), f"HF_TOKEN in {path}"
+    return None, "nowhere"
 
 
 def find_hf_token(dotenv_path: str | Path | None = None) -> str | None:
-    """The Hugging Face token, or None: `HF_TOKEN` from the environment if it is set and not empty, else
-    from `dotenv_path` (default: the nearest `.env`, see `find_dotenv`), else huggingface_hub's own
-    (`huggingface_hub.get_token`: a Colab secret `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the login file).
+    """The Hugging Face token, or None: huggingface_hub's own (`huggingface_hub.get_token`, in the installed
+    version's order), else `HF_TOKEN` from `dotenv_path` (default: the nearest `.env`, see `find_dotenv`).
+    Stripped and checked.
 
     Raises:
-        ValueError: the `.env` file is not UTF-8 (the message names the file).
+        FileNotFoundError: `dotenv_path` is not a file (the message names it).
+        ValueError: the `.env` file is not UTF-8, or the token is not one line of header-safe characters
+            (the message names where it came from).
     """
     return _token_and_source(dotenv_path)[0]
+
+
+def implicit_token() -> str | None:
+    """The token to send when the caller gave none: `find_hf_token()`, or None when
+    `HF_HUB_DISABLE_IMPLICIT_TOKEN` is set (now or at huggingface_hub's import), as huggingface_hub does."""
+    from huggingface_hub import constants
+
+    disabled = os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")
+    if (disabled is not None and _is_true(disabled)) or (
+        disabled is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN
+    ):
+        return None
+    return find_hf_token()
 
 
 def load_hf_token(dotenv_path: str | Path | None = None, gated: str = "google/gemma-3-1b-it") -> str:
@@ -200,10 +292,39 @@ def _causes(err: BaseException) -> list[BaseException]:
     return chain
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a dropped or refused connection, for requests and for the httpx client
+    huggingface_hub 1.x and later use (whichever are installed)."""
+    import importlib
+
+    import requests
+
+    found: list[type[BaseException]] = [requests.ConnectionError, requests.Timeout]
+    for name in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _local_failure(e: BaseException) -> str | None:
+    """A failure on this machine (not the network's): a full disk, a cache that cannot be written."""
+    # Python's own OSErrors only: ssl.SSLError and requests' errors are OSErrors too, with unrelated errnos
+    if isinstance(e, OSError) and type(e).__module__ == "builtins" and not isinstance(e, ConnectionError):
+        if e.errno == errno.ENOSPC:
+            return "disk full"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "cache not writable"
+    return None
+
+
 def failure_kind(err: BaseException) -> str:
     """What went wrong, in one of: "not found", "forbidden", "rate limited", "hub error", "not the hub",
-    "network", "unexpected answer" (looking through the exception's causes)."""
-    import requests
+    "proxy", "TLS", "disk full", "cache not writable", "offline", "network", "unexpected answer" (looking
+    through the exception's causes)."""
+    import ssl
+
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled
 
     chain = _causes(err)
@@ -215,14 +336,27 @@ def failure_kind(err: BaseException) -> str:
             return "not found"
         if status in (401, 403) or isinstance(e, GatedRepoError):
             return "forbidden"
+        if status == 407:
+            return "proxy"
         if status == 429:
             return "rate limited"
         if isinstance(status, int) and status >= 500:
             return "hub error"
         if isinstance(status, int) and status >= 400:
-            return "not the hub" if status == 407 else "unexpected answer"
-        if isinstance(e, (requests.ConnectionError, requests.Timeout, OfflineModeIsEnabled, TimeoutError)):
-            return "network"
+            return "unexpected answer"
+        if _local_failure(e):
+            return _local_failure(e)
+    names = " ".join(f"{type(e).__name__} {e}" for e in chain)
+    if any(isinstance(e, ssl.SSLError) for e in chain) or re.search(r"SSL|CERTIFICATE_VERIFY|TLS", names):
+        return "TLS"
+    if re.search(r"ProxyError|Tunnel connection failed|407 Proxy", names):
+        return "proxy"
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return "offline"
+    if any(isinstance(e, transport_errors()) or isinstance(e, TimeoutError) for e in chain):
+        return "network"
+    if any(isinstance(e, EntryNotFoundError) and isinstance(e, FileNotFoundError) for e in chain):
+        return "offline" if hub_offline() else "network"  # not in the local cache (offline, or no answer)
     if any(type(e) is EntryNotFoundError or type(e) is FileNotFoundError for e in chain):
         return "not found"
     if any(isinstance(e, (ConnectionError, OSError)) and not isinstance(e, ValueError) for e in chain):
@@ -232,13 +366,25 @@ def failure_kind(err: BaseException) -> str:
 
 _ADVICE = {
     "not found": "The hub answered that this file does not exist there (HTTP 404): nothing to retry.",
-    "forbidden": "The hub refused access (HTTP 401/403): check that your token has access to the repository.",
-    "rate limited": "The hub is rate-limiting this network (HTTP 429, still after retrying): wait a few "
-    "minutes, or log in with a token (`HF_TOKEN`), which gets a larger allowance.",
+    "forbidden": "The hub refused access (HTTP 401/403): check that your token has access to the repository "
+    "(for a gated one, accept its licence on its page first).",
+    "rate limited": "The hub is rate-limiting this network (HTTP 429, still after waiting): wait for the "
+    "window it named (at most 5 minutes), or log in with a token (`HF_TOKEN`), which gets a larger "
+    "allowance.",
     "hub error": "The hub had a server error (HTTP 5xx, still after retrying): try again later.",
-    "not the hub": "Something between you and the hub answered instead of it (a proxy or a captive portal's "
-    "sign-in page): sign in to the network or set your proxy (HTTPS_PROXY).",
-    "network": "Check your network connection (or unset HF_HUB_OFFLINE).",
+    "not the hub": "Something between you and the hub answered instead of it (a captive portal's sign-in "
+    "page, a filtering proxy): sign in to the network, or use another one.",
+    "proxy": "Your proxy refused the connection (HTTP 407 or a failed tunnel): check HTTPS_PROXY and its "
+    "credentials, or unset it if this network needs none.",
+    "TLS": "The secure connection failed (a TLS/SSL certificate error): a network that intercepts HTTPS "
+    "needs its certificate in REQUESTS_CA_BUNDLE/SSL_CERT_FILE; check the machine's clock too.",
+    "disk full": "The disk holding huggingface_hub's cache is full: free space there, or point HF_HUB_CACHE "
+    "at a disk with room.",
+    "cache not writable": "huggingface_hub's cache folder cannot be written: fix its permissions, or point "
+    "HF_HUB_CACHE at a folder you can write.",
+    "offline": "HF_HUB_OFFLINE is set and this file is not in the local cache: unset HF_HUB_OFFLINE (in a "
+    "notebook: `os.environ.pop('HF_HUB_OFFLINE')`) to download it once.",
+    "network": "Check your network connection.",
     "unexpected answer": "The file or the answer was not what this code expects.",
 }
 
@@ -256,24 +402,27 @@ def hub_error(what: str, err: BaseException, hint: str = OFFLINE_HINT) -> HubUnr
 # -------------------------------------------------------------------------------- the hub check
 
 
-def _probe(timeout: float) -> str | None:
-    """None if the hub answers one request within `timeout` s as the hub would, else what went wrong."""
+def _probe(timeout: float) -> tuple[str, str] | None:
+    """None if the hub answers one request within `timeout` s as the hub would, else (kind, what happened)."""
     import requests
-    from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
+    if hub_offline():
+        return "offline", "HF_HUB_OFFLINE is set"
     endpoint = hub_endpoint()  # read here: the thread may outlive a caller's temporary setting
-    outcome: list[str | None] = []
+    outcome: list[tuple[str, str] | None] = []
 
     def ask() -> None:
         try:
             r = requests.get(f"{endpoint}/api/models/{CHECK_REPO}", timeout=timeout, allow_redirects=False)
         except Exception as err:  # whatever stops the request, the hub is out of reach
-            outcome.append(type(err).__name__)
+            kind = failure_kind(err)
+            outcome.append((kind if kind in ("TLS", "proxy") else "network", type(err).__name__))
             return
         if r.status_code in (429, 500, 502, 503, 504):  # the hub is there, only busy: downloads retry
             outcome.append(None)
+            return
+        if r.status_code == 407:
+            outcome.append(("proxy", "HTTP 407 from a proxy"))
             return
         try:
             answer = r.json() if "json" in r.headers.get("Content-Type", "") else None
@@ -284,20 +433,23 @@ def _probe(timeout: float) -> str | None:
         else:
             kind = r.headers.get("Content-Type", "no content type").split(";")[0]
             outcome.append(
-                f"HTTP {r.status_code} with {kind} that is not the hub's answer: a proxy or a captive "
-                "portal's sign-in page?"
+                (
+                    "not the hub",
+                    f"HTTP {r.status_code} with {kind} that is not the hub's answer: a proxy or a captive "
+                    "portal's sign-in page?",
+                )
             )
 
     # A thread bounds the whole check: requests' timeout does not cover a hanging DNS lookup.
     thread = threading.Thread(target=ask, name="hub-check", daemon=True)
     thread.start()
     thread.join(timeout + 0.5)
-    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+    return outcome[0] if outcome else ("network", f"no answer within {timeout:g} s")
 
 
 def hub_reachable(timeout: float = CHECK_TIMEOUT_S) -> bool:
     """Whether the hub answers one request within `timeout` seconds, as the hub (a proxy's or a captive
-    portal's page does not count). `HF_HUB_OFFLINE=1` means no."""
+    portal's page does not count). `HF_HUB_OFFLINE=1` (read now) means no."""
     return _probe(timeout) is None
 
 
@@ -305,9 +457,9 @@ def check_hub(what: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise `HubUnreachableError`, naming the offline worlds, unless the hub answers within `timeout` s."""
     problem = _probe(timeout)
     if problem is not None:
-        kind = "not the hub" if "not the hub" in problem else "network"
+        kind, text = problem
         raise HubUnreachableError(
-            f"The Hugging Face hub ({hub_endpoint()}) is out of reach ({problem}), so {what} cannot be "
+            f"The Hugging Face hub ({hub_endpoint()}) is out of reach ({text}), so {what} cannot be "
             f"downloaded. {_ADVICE[kind]} {OFFLINE_HINT}",
             kind=kind,
         )
@@ -316,9 +468,16 @@ def check_hub(what: str, timeout: float = CHECK_TIMEOUT_S) -> None:
 # ------------------------------------------------------------------------------------- requests
 
 
-def _retry_wait(response, attempt: int) -> float:
-    """Seconds to wait before the next try: `Retry-After` (seconds or a date) if given, else backoff."""
-    value = response.headers.get("Retry-After") if response is not None else None
+def rate_limit_wait(headers) -> float | None:
+    """Seconds the hub asks a client to wait, or None when it names no wait: the reset `t` of an exhausted
+    `RateLimit: "api";r=0;t=N` (what the hub sends; its windows are 5 minutes), else `Retry-After`
+    (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    limit = re.search(r'"\w+"\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+)', headers.get("RateLimit") or "")
+    if limit and int(limit.group(1)) == 0:
+        return float(limit.group(2))
+    value = headers.get("Retry-After")
     if value:
         try:
             return max(0.0, float(value))
@@ -328,7 +487,24 @@ def _retry_wait(response, attempt: int) -> float:
             return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):  # neither seconds nor a date: back off as if it were not there
             pass
-    return min(MAX_WAIT_S, 0.5 * 2**attempt) * (1 + 0.25 * random.random())
+    return None
+
+
+def _retry_wait(response, attempt: int) -> float:
+    """Seconds to wait before the next try: what the hub names (`rate_limit_wait`), else backoff."""
+    named = rate_limit_wait(response.headers if response is not None else None)
+    if named is not None:
+        return named
+    return min(MAX_BACKOFF_S, 0.5 * 2**attempt) * (1 + 0.25 * random.random())
+
+
+def _too_long(url: str, wait: float, left: float, status: int) -> HubRequestError:
+    return HubRequestError(
+        f"{url} answered HTTP 429 and asks to wait {wait:.0f} s, longer than the {max(left, 0):.0f} s left "
+        "before this request's deadline: stopped now rather than wait in vain",
+        "rate limited",
+        status,
+    )
 
 
 def hub_request(
@@ -340,19 +516,24 @@ def hub_request(
     allow_redirects: bool = False,
     what: str = "",
 ):
-    """GET `url` (streamed: the body is not read) with retries for 429/5xx and dropped connections.
+    """GET `url` (streamed: the body is not read) with retries for 5xx, dropped connections and 429.
 
-    `token` is sent as a bearer token; a 401 to it is retried once without it, with a stale-token warning.
-    `deadline` (a `time.monotonic()` instant, default now + `REQUEST_DEADLINE_S`) bounds all tries and waits.
+    A 429 is retried after the wait the hub names (`rate_limit_wait`) if it fits before the deadline, else
+    it fails at once. `token` is sent as a bearer token; a 401 to it is retried once without it, with a
+    stale-token warning. `deadline` (a `time.monotonic()` instant, default now + `REQUEST_DEADLINE_S`)
+    bounds all tries and waits. With `HF_HUB_OFFLINE` set (now) nothing is sent.
 
     Returns:
         the `requests.Response` of the last try, any status but 429/5xx (the caller reads or closes it).
 
     Raises:
-        HubRequestError: no usable answer before the deadline ("network", "rate limited", "hub error").
+        HubRequestError: no usable answer before the deadline ("network", "rate limited", "hub error",
+            "offline", "TLS", "proxy").
     """
     import requests
 
+    if hub_offline():
+        raise HubRequestError(f"{url}: not requested, HF_HUB_OFFLINE is set", "offline")
     deadline = time.monotonic() + REQUEST_DEADLINE_S if deadline is None else deadline
     headers = dict(headers or {})
     send_token = token
@@ -372,6 +553,9 @@ def hub_request(
                 timeout=(min(10.0, left), min(30.0, left)),
             )
         except (requests.ConnectionError, requests.Timeout) as err:
+            kind = failure_kind(err)
+            if kind in ("TLS", "proxy"):  # retrying cannot fix a certificate or a proxy setting
+                raise HubRequestError(f"{url}: {type(err).__name__}: {err}", kind) from err
             last = err
             wait = _retry_wait(None, attempt)
         else:
@@ -385,14 +569,26 @@ def hub_request(
                 return response
             wait = _retry_wait(response, attempt)
             response.close()
-            kind = "rate limited" if response.status_code == 429 else "hub error"
-            last = HubRequestError(f"{url} answered HTTP {response.status_code}", kind, response.status_code)
+            status = response.status_code
+            if status == 429 and wait > deadline - time.monotonic():
+                raise _too_long(url, wait, deadline - time.monotonic(), status)
+            kind = "rate limited" if status == 429 else "hub error"
+            last = HubRequestError(f"{url} answered HTTP {status}", kind, status)
         if attempt + 1 < MAX_TRIES:
-            time.sleep(max(0.0, min(wait, MAX_WAIT_S, deadline - time.monotonic())))
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
     if isinstance(last, HubRequestError):
         raise HubRequestError(f"{last} (after {attempt + 1} tries)", last.kind, last.status) from last
     reason = f"{type(last).__name__}: {last}" if last is not None else "the deadline passed"
     raise HubRequestError(f"{url}: no answer ({reason})", "network") from last
+
+
+def _backoff_retries_429() -> bool:
+    """Whether the installed huggingface_hub's own backoff retries 429 (2.x does, honouring `RateLimit`;
+    0.36 retries only 5xx), read from `http_backoff`'s documented default."""
+    from huggingface_hub.utils import http_backoff
+
+    default = inspect.signature(http_backoff).parameters["retry_on_status_codes"].default
+    return 429 in (default if isinstance(default, tuple) else (default,))
 
 
 def hub_download(
@@ -401,38 +597,53 @@ def hub_download(
     token: str | None = None,
     deadline_s: float = DOWNLOAD_DEADLINE_S,
     download: Callable[..., T] | None = None,
+    revision: str | None = None,
 ) -> T:
-    """`hf_hub_download(repo_id, filename)` into huggingface_hub's cache, retrying rate limits, server errors
-    and dropped connections (bounded by `deadline_s`), and retrying a 401 without the token (a stale token,
-    warned about). Offline (`HF_HUB_OFFLINE=1`) it returns the cached file, as huggingface_hub does.
+    """`hf_hub_download(repo_id, filename)` into huggingface_hub's cache, with the settings read now
+    (`endpoint=hub_endpoint()`, `cache_dir=hub_cache_dir()`, `local_files_only=hub_offline()`).
+
+    huggingface_hub's own backoff retries server errors and dropped connections (and in 2.x rate limits);
+    here only a 429 it does not retry is waited out (the wait the hub names, if it fits in `deadline_s`),
+    and a 401 to a token is retried once without it (a stale token, warned about). `token` None sends the
+    implicit token (`implicit_token`).
 
     Raises:
-        whatever huggingface_hub raised last (`failure_kind` tells what it means).
+        whatever huggingface_hub raised (`failure_kind` tells what it means).
     """
-    import requests
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
     download = download or hf_hub_download
     deadline = time.monotonic() + deadline_s
-    send_token: str | bool | None = token if token else None
-    for attempt in range(MAX_TRIES):
+    # False (not None): huggingface_hub would otherwise send its own token by the settings it read at import
+    send_token: str | bool = (token if token else implicit_token()) or False
+    stale = False
+    waits = 0
+    while True:
+        offline = hub_offline()
         try:
-            path = download(repo_id=repo_id, filename=filename, token=send_token)
-            if send_token is False:
+            path = download(
+                repo_id=repo_id,
+                filename=filename,
+                token=send_token,
+                endpoint=hub_endpoint(),
+                cache_dir=hub_cache_dir(),
+                local_files_only=offline,
+                **({"revision": revision} if revision is not None else {}),
+            )
+            if stale:
                 _warn_stale(f"{repo_id}/{filename}")
             return path
         except Exception as err:
-            kind = failure_kind(err)
             response = next(
                 (e.response for e in _causes(err) if getattr(e, "response", None) is not None), None
             )
             if send_token and _token_refused(response):
-                send_token = False  # huggingface_hub: False = send no token at all
+                send_token, stale = False, True
                 continue
-            dropped = any(isinstance(e, (requests.ConnectionError, requests.Timeout)) for e in _causes(err))
-            transient = kind in ("rate limited", "hub error") or (kind == "network" and dropped)
-            left = deadline - time.monotonic()
-            if constants.HF_HUB_OFFLINE or not transient or attempt + 1 == MAX_TRIES or left <= 0:
+            if offline or failure_kind(err) != "rate limited" or _backoff_retries_429() or waits >= MAX_TRIES:
                 raise
-            time.sleep(max(0.0, min(_retry_wait(response, attempt), MAX_WAIT_S, left)))
-    raise AssertionError("unreachable: the loop returns or raises")
+            wait = _retry_wait(response, waits)
+            if wait > deadline - time.monotonic():
+                raise _too_long(f"{repo_id}/{filename}", wait, deadline - time.monotonic(), 429) from err
+            waits += 1
+            time.sleep(wait)

@@ -15,10 +15,14 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
    with the same names and shapes. Here: every file has a sha256 ETag, every repository a commit, and
    `reupload` writes new bytes under a new commit while old signed URLs keep serving the old bytes
    until they expire (storage is addressed by content).
-3. The hub rate-limits `/resolve/` and `/api/` per IP with `429` and `Retry-After`. SAELens'
-   `_get_with_rate_limit_retry` retries 429; huggingface_hub's `http_backoff` retries only 5xx and
-   network errors, so `hf_hub_download` fails on one 429. Here: `rate_limit(n)` answers the next `n`
-   hub requests with `429` and `Retry-After`.
+3. The hub rate-limits `/resolve/` and `/api/` per IP or token in fixed 5-minute windows (hub-docs
+   `rate-limits.md`) and says so in IETF draft headers: `RateLimit: "api";r=0;t=N` (none left, the
+   window resets in N s) and `RateLimit-Policy: "fixed window";"api";q=500;w=300`. huggingface_hub 2.x's
+   `http_backoff` retries 408/429/5xx up to 5 times and, on a 429 with `r=0`, sleeps `t + 1` s (else
+   `Retry-After`, else 1, 2, 4, 8 s); 0.36's retries only 5xx and dropped connections, so there
+   `hf_hub_download` fails on one 429. SAELens' `_get_with_rate_limit_retry` retries 429. Here:
+   `rate_limit(n, window_s)` answers the next `n` hub requests with `429` and those two headers
+   (`retry_after=` adds a `Retry-After`, which some proxies send instead).
 4. huggingface_hub's `get_token` reads a Colab secret `HF_TOKEN`, then `HF_TOKEN` /
    `HUGGING_FACE_HUB_TOKEN`, then the `hf auth login` file (`HF_TOKEN_PATH`). The hub answers `401`
    to a token it does not know even for a public repository. Here: with `valid_tokens` set, a bearer
@@ -42,6 +46,29 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
     from another offset (and says so in `Content-Range`), for ranges from `range_shift_from` on.
 11. Here: `trickle_s` sends storage bodies one byte per `trickle_s` seconds.
 12. (the client's cache file; nothing to serve)
+13. The hub and its CDN answer `500`/`502`/`503`/`504` in outages (huggingface_hub retries them, 5 tries,
+    waits 1-8 s). Here: `server_errors(n, status)` answers the next `n` hub requests with `status`.
+14. A CDN connection can be reset in the middle of a body (a TCP RST after some bytes). Here:
+    `reset_mid_body(n, after)` cuts the next `n` storage bodies after `after` bytes with a reset.
+15. A network that intercepts HTTPS, or a wrong clock, makes the TLS handshake fail (`ssl.SSLError`
+    under the client's connection error). Here: `tls_endpoint` is the hub's port spoken to over
+    `https://`, which fails the handshake as an intercepting box does.
+16. A proxy that wants credentials answers `407` (to a `CONNECT` for HTTPS, to the request itself for
+    HTTP). Here: `proxy` is the URL of a proxy that answers every request `407` (set it as
+    `HTTP_PROXY`/`HTTPS_PROXY`).
+17. The Xet path of a normal download (not served here): with `hf_xet` installed and `X-Xet-Hash` on
+    the `/resolve/` answer, huggingface_hub asks `X-Xet-Refresh-Route` for a CAS URL and token
+    (`X-Xet-Cas-Url`, `X-Xet-Access-Token`, `X-Xet-Token-Expiration`) and hf_xet then reads the file's
+    reconstruction and its xorb ranges from CAS; its failures surface as
+    `RuntimeError: Data processing error: CAS service error ...`. Only the broken route of row 8 is
+    served; a working CAS server is not.
+
+How it is reached: through the supported door only. `offline_hub` sets `HF_ENDPOINT`, `HF_HUB_CACHE`
+and `HF_HUB_OFFLINE=0` in the environment for the block; this package reads them when it calls
+(`worlds.hub.hub_endpoint`, `hub_cache_dir`, `hub_offline`) and passes `endpoint=` and `cache_dir=` to
+`hf_hub_download`, so any installed huggingface_hub version is reached without touching its internals.
+Code that calls huggingface_hub without those arguments (SAELens' own loader, transformers) reads
+`HF_ENDPOINT` only at huggingface_hub's import: run it in a subprocess started inside the block.
 
 The storage host (a second loopback server, another origin) rejects any `Authorization` header with
 `400` (a signed URL carries its own authentication, as S3/CloudFront do) and answers `403` once a
@@ -55,8 +82,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -64,7 +94,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from unittest import mock
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import torch
@@ -186,8 +215,15 @@ class OfflineHub:
     range_shift_from: int = 0  # only ranges starting here or later are shifted
     trickle_s: float = 0.0
     url_lifetime_s: float = 3600.0
-    retry_after: str = "1"
+    retry_after: str | None = None
+    window_s: int = 300
+    error_status: int = 503
+    reset_after: int = 0
+    tls_endpoint: str = ""
+    proxy: str = ""
     _rate_limited: int = 0
+    _server_errors: int = 0
+    _resets: int = 0
     _generation: int = 0
     _commits: dict[str, str] = field(default_factory=dict)
     _blobs: dict[str, Path] = field(default_factory=dict)  # sha256 -> file holding those bytes
@@ -195,10 +231,21 @@ class OfflineHub:
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def rate_limit(self, n: int, retry_after: str = "1") -> None:
-        """Answer the next `n` requests to the hub (not the storage host) with 429."""
+    def rate_limit(self, n: int, window_s: int = 300, retry_after: str | None = None) -> None:
+        """Answer the next `n` requests to the hub (not the storage host) with 429, `RateLimit` saying the
+        window resets in `window_s` s (row 3)."""
         with self.lock:
-            self._rate_limited, self.retry_after = n, retry_after
+            self._rate_limited, self.window_s, self.retry_after = n, window_s, retry_after
+
+    def server_errors(self, n: int, status: int = 503) -> None:
+        """Answer the next `n` requests to the hub with `status` (row 13)."""
+        with self.lock:
+            self._server_errors, self.error_status = n, status
+
+    def reset_mid_body(self, n: int, after: int = 100) -> None:
+        """Cut the next `n` storage bodies after `after` bytes with a TCP reset (row 14)."""
+        with self.lock:
+            self._resets, self.reset_after = n, after
 
     def expire_signed_urls(self) -> None:
         """Every storage URL handed out so far answers 403 from now on."""
@@ -239,10 +286,10 @@ class OfflineHub:
                 self._blobs.setdefault(known, path)
         return known
 
-    def _take_rate_limit(self) -> bool:
+    def _take(self, counter: str) -> bool:
         with self.lock:
-            if self._rate_limited > 0:
-                self._rate_limited -= 1
+            if getattr(self, counter) > 0:
+                setattr(self, counter, getattr(self, counter) - 1)
                 return True
         return False
 
@@ -253,6 +300,7 @@ class OfflineHub:
 
 class _Base(BaseHTTPRequestHandler):
     hub: OfflineHub
+    storage_host = False  # row 14's resets cut storage bodies only
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -330,6 +378,14 @@ class _Base(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        if self.storage_host and len(data) > hub.reset_after and hub._take("_resets"):
+            self._write(data[: hub.reset_after])
+            self.wfile.flush()
+            # SO_LINGER 0: close() sends a TCP RST, as a dropped CDN connection does
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
         if hub.trickle_s > 0:
             for i in range(len(data)):
                 if hub.stop.wait(hub.trickle_s):
@@ -351,8 +407,19 @@ class _HubHandler(_Base):
         if hub.captive in ("403", "407"):
             self._reply(int(hub.captive), b"<html>Proxy authentication required</html>", body)
             return
-        if hub._take_rate_limit():
-            self._reply(429, b"Too Many Requests", body, {"Retry-After": hub.retry_after})
+        if hub._take("_rate_limited"):
+            headers = {
+                "RateLimit": f'"api";r=0;t={hub.window_s}',
+                "RateLimit-Policy": '"fixed window";"api";q=500;w=300',
+            }
+            if hub.retry_after is not None:
+                headers["Retry-After"] = hub.retry_after
+            self._reply(429, b"Too Many Requests", body, headers)
+            return
+        if hub._take("_server_errors"):
+            self._reply(
+                hub.error_status, b"<html>Service Unavailable</html>", body, {"Content-Type": "text/html"}
+            )
             return
         auth = self.headers.get("Authorization", "")
         if auth and hub.valid_tokens is not None and auth.removeprefix("Bearer ") not in hub.valid_tokens:
@@ -432,6 +499,8 @@ class _HubHandler(_Base):
 
 
 class _StorageHandler(_Base):
+    storage_host = True
+
     def _serve(self, body: bool) -> None:
         hub = self.hub
         with hub.lock:
@@ -458,6 +527,23 @@ class _StorageHandler(_Base):
         self._send_file(blob, body, {"ETag": f'"{url.path.removeprefix("/blobs/")}"'})
 
 
+class _ProxyHandler(_Base):
+    """A proxy that wants credentials it is never given (row 16)."""
+
+    def do_CONNECT(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        with self.hub.lock:
+            self.hub.requests.append((f"proxy:{self.command} {self.path}", ""))
+        self._reply(
+            407,
+            b"<html>Proxy Authentication Required</html>",
+            body,
+            {"Proxy-Authenticate": 'Basic realm="proxy"', "Content-Type": "text/html"},
+        )
+
+
 def _serve(handler: type[_Base], hub: OfflineHub) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (handler,), {"hub": hub}))
     server.daemon_threads = True
@@ -465,35 +551,36 @@ def _serve(handler: type[_Base], hub: OfflineHub) -> ThreadingHTTPServer:
     return server
 
 
+_SETTINGS = ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+
+
 @contextlib.contextmanager
 def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterator[OfflineHub]:
     """Serve `root` as the Hugging Face hub for the duration of the block (see the module docstring).
 
-    huggingface_hub's `ENDPOINT` points at the loopback hub and its cache at `cache_dir` (default
-    `root/.hf_cache`), so nothing touches the real hub or the real cache. Nothing of SAELens is replaced.
+    `HF_ENDPOINT` points at the loopback hub, `HF_HUB_CACHE` at `cache_dir` (default `root/.hf_cache`) and
+    `HF_HUB_OFFLINE` is `0`, in the environment, for the block (then restored): nothing touches the real hub
+    or the real cache, and nothing of huggingface_hub or SAELens is replaced.
     """
-    from huggingface_hub import constants, file_download
-    from huggingface_hub.utils import reset_sessions
-
     hub = OfflineHub(root=Path(root))
-    hub_server, storage_server = _serve(_HubHandler, hub), _serve(_StorageHandler, hub)
-    hub.endpoint = f"http://127.0.0.1:{hub_server.server_address[1]}"
-    hub.storage = f"http://127.0.0.1:{storage_server.server_address[1]}"
+    servers = [_serve(handler, hub) for handler in (_HubHandler, _StorageHandler, _ProxyHandler)]
+    ports = [server.server_address[1] for server in servers]
+    hub.endpoint = f"http://127.0.0.1:{ports[0]}"
+    hub.storage = f"http://127.0.0.1:{ports[1]}"
+    hub.proxy = f"http://127.0.0.1:{ports[2]}"
+    hub.tls_endpoint = f"https://127.0.0.1:{ports[0]}"  # TLS to a plain HTTP port: the handshake fails
     cache = Path(cache_dir) if cache_dir is not None else hub.root / ".hf_cache"
-    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    before = {name: os.environ.get(name) for name in _SETTINGS}
+    os.environ.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"})
     try:
-        with (
-            mock.patch.object(constants, "ENDPOINT", hub.endpoint),
-            mock.patch.object(constants, "HF_HUB_OFFLINE", False),
-            mock.patch.object(constants, "HF_HUB_CACHE", str(cache)),
-            # what HF_ENDPOINT does when set before import: hf_hub_url builds URLs from this template
-            mock.patch.object(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template),
-        ):
-            reset_sessions()  # huggingface_hub's per-thread sessions were built for the old settings
-            yield hub
+        yield hub
     finally:
-        reset_sessions()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         hub.stop.set()
-        for server in (hub_server, storage_server):
+        for server in servers:
             server.shutdown()
             server.server_close()

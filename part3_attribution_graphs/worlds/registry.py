@@ -5,10 +5,12 @@
 `gemma` when the hub answers and there is a Hugging Face token and a GPU; `gemma270m-scope` when the
 hub answers and the 270M weights package is installed (or, with `HF_HUB_OFFLINE=1`, when its
 transcoders are in huggingface_hub's cache); `planted` otherwise (the small trained world with known
-mechanisms, shipped in the package). If the chosen hub world then fails to load (no licence for the gated
-model, a dropped connection), `"auto"` says why and falls back to `planted`; a world named explicitly
-raises instead. The random `toy` world is never picked by `"auto"`: name it (the autograder's exactness
-checks use it).
+mechanisms, shipped in the package). If the chosen hub world then fails to load, `"auto"` says why and
+falls back to the next one down that can still work: from `gemma` (a gated-repository 403 because its
+licence was not accepted, a dropped connection) to `gemma270m-scope` when the 270M weights package is
+installed (its repository is public: no token or licence needed), else to `planted`; a world named
+explicitly raises instead. The random `toy` world is never picked by `"auto"`: name it (the autograder's
+exactness checks use it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from .hub import HubUnreachableError, MissingTokenError, find_hf_token, hub_reachable
+from .hub import HubUnreachableError, MissingTokenError, find_hf_token, hub_offline, hub_reachable
 
 __all__ = [
     "World",
@@ -90,9 +92,7 @@ def choose_world(world: str = "auto") -> tuple[str, str]:
     if world != "auto":
         return world, "asked for"
     if not hub_reachable():
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE and has_270m_weights() and _scope_cached():
+        if hub_offline() and has_270m_weights() and _scope_cached():
             return "gemma270m-scope", "HF_HUB_OFFLINE is set and its transcoders are in the local cache"
         return OFFLINE_WORLD, "the Hugging Face hub is out of reach"
     token, gpu = bool(find_hf_token()), has_gpu()
@@ -126,6 +126,14 @@ def _load(name: str, device: str):
     return load_gemma_world(device=device)
 
 
+def _fallback(name: str) -> str:
+    """Where `"auto"` goes when `name` fails to load: the public 270M world after the gated 1B one (if its
+    weights package is installed), else the offline world."""
+    if name == "gemma" and has_270m_weights():
+        return "gemma270m-scope"
+    return OFFLINE_WORLD
+
+
 def load_world(world: str = "auto", device: str | None = None):
     """`(name, model, transcoders)` for a world name from `WORLD_NAMES` (`"auto"`: see the module docstring).
 
@@ -142,6 +150,14 @@ def load_world(world: str = "auto", device: str | None = None):
     except (HubUnreachableError, MissingTokenError) as err:
         if world != "auto" or name == OFFLINE_WORLD:
             raise
-        print(f"{name} did not load ({type(err).__name__}: {err}); using the {OFFLINE_WORLD} world instead.")
+        after = _fallback(name)
+        print(f"{name} did not load ({type(err).__name__}: {err}); using the {after} world instead.")
+        if after != OFFLINE_WORLD:
+            try:
+                return after, *_load(after, device)
+            except (HubUnreachableError, MissingTokenError) as second:
+                print(
+                    f"{after} did not load either ({type(second).__name__}: {second}); using {OFFLINE_WORLD}."
+                )
         return load_world(OFFLINE_WORLD, device)
     return name, model, transcoders
