@@ -21,7 +21,7 @@ from part3_attribution_graphs import (
     solutions,
 )
 from part3_attribution_graphs.exercises import EXERCISES
-from part3_attribution_graphs.tests import harness
+from part3_attribution_graphs.tests import hygiene, running, worlds
 from part3_attribution_graphs.toy import make_toy_world
 
 try:  # tests/ has no __init__.py: pytest puts this folder on sys.path
@@ -51,13 +51,13 @@ def grade(exercise: str, impl, time_limit_s: float | None = None, **kwargs) -> t
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
     """The autograder's per-call time limit, set to `seconds` for a while (None: leave it)."""
-    saved = harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S
+    saved = running.TIME_LIMIT_S, running.REAL_TIME_LIMIT_S
     if seconds is not None:
-        harness.TIME_LIMIT_S = harness.REAL_TIME_LIMIT_S = seconds
+        running.TIME_LIMIT_S = running.REAL_TIME_LIMIT_S = seconds
     try:
         yield
     finally:
-        harness.TIME_LIMIT_S, harness.REAL_TIME_LIMIT_S = saved
+        running.TIME_LIMIT_S, running.REAL_TIME_LIMIT_S = saved
 
 
 @contextlib.contextmanager
@@ -85,7 +85,7 @@ def fingerprint(model, transcoders) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def grader_world():
     """The toy world the autograder builds and caches for itself (what a learner's calls run on)."""
-    return harness._get_world(None, None)
+    return worlds._get_world(None, None)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def second_world():
 @pytest.fixture(autouse=True)
 def leaves_no_trace(grader_world):
     """Whatever a test does, the grader's model ends with the hooks and weights it started with."""
-    world = harness._get_world(None, None)  # rebuilt if a test changed the cached world's tensors
+    world = worlds._get_world(None, None)  # rebuilt if a test changed the cached world's tensors
     model, tcs = world.model, world.transcoders
     hooks, before = hook_total(model), fingerprint(model, tcs)
     yield
@@ -284,11 +284,11 @@ def _mutant(name: str):
 
 
 def _clean(world) -> bool:
-    return harness._new_hooks(world.model, ({}, set()), world.transcoders) == 0
+    return hygiene._new_hooks(world.model, ({}, set()), world.transcoders) == 0
 
 
 def test_demeaning_W_U_in_place_fails_its_own_test_and_the_next_passes():
-    world = harness._get_world(None, None)
+    world = worlds._get_world(None, None)
     model, W_U = world.model, world.model.unembed.W_U
     before = W_U.detach().clone()
     m = _mutant("salient_demeans_W_U_in_place")
@@ -301,7 +301,7 @@ def test_demeaning_W_U_in_place_fails_its_own_test_and_the_next_passes():
 
 @pytest.mark.parametrize("how", ["reassigned", "data"])
 def test_other_ways_of_changing_a_weight_are_caught_and_undone(how):
-    world = harness._get_world(None, None)
+    world = worlds._get_world(None, None)
     W_U = world.model.unembed.W_U
     before = W_U.detach().clone()
 
@@ -330,7 +330,7 @@ def test_a_leaked_hook_fails_its_own_test_and_the_next_passes(name, site):
     m = _mutant(name)
     message, _ = grade(m.exercise, m.impl)
     assert f"left 1 hook on the model (1 on {site})" in message, message
-    world = harness._get_world(None, None)
+    world = worlds._get_world(None, None)
     assert _clean(world)
     for exercise in ("transcoder_replacement_hooks", "compute_adjacency_matrix"):
         assert grade(exercise, REFERENCE[exercise])[0] is None, exercise
@@ -339,7 +339,7 @@ def test_a_leaked_hook_fails_its_own_test_and_the_next_passes(name, site):
 def test_a_leaked_hook_would_break_the_next_test():
     """The control for the test above: the same hook left on the grader's model (bypassing the clean-up) makes
     a correct adjacency fail, as issue 12 saw ("50 rows are all zero")."""
-    world = harness._get_world(None, None)
+    world = worlds._get_world(None, None)
     world.model.add_hook("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))
     try:
         message, _ = grade("compute_adjacency_matrix", REFERENCE["compute_adjacency_matrix"])
@@ -352,7 +352,7 @@ def test_an_input_edited_in_place_fails_and_the_world_is_rebuilt():
     m = _mutant("embeddings_scale_the_cache")
     message, _ = grade(m.exercise, m.impl)
     assert m.hint in message, message
-    world = harness._get_world(None, None)
+    world = worlds._get_world(None, None)
     _, cache = world.model.run_with_cache(world.tokens, names_filter="blocks.0.hook_resid_pre")
     assert torch.equal(world.cache["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_pre"])
     assert grade("build_embedding_nodes", REFERENCE["build_embedding_nodes"])[0] is None
@@ -369,7 +369,7 @@ def test_an_endless_loop_is_stopped_and_leaves_the_model_clean():
     assert time.perf_counter() - start < 30
     assert "did not finish within 1 s" in message and "`while True:`" in message, message
     assert "left 1 hook on the model (1 on blocks.0.hook_resid_pre)" in message
-    assert _clean(harness._get_world(None, None))
+    assert _clean(worlds._get_world(None, None))
     assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
 
 
@@ -397,7 +397,7 @@ def test_a_failure_renders_as_the_message_and_the_learners_line():
         rendered = "\n".join(e._render_traceback_())
     assert "autograder.test_compute_influence(lambda *args: None)" in rendered
     assert "should be a torch.Tensor, got NoneType" in rendered
-    assert "harness.py" not in rendered and "part3_attribution_graphs" not in rendered
+    assert "running.py" not in rendered and "part3_attribution_graphs" not in rendered
 
 
 def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world_dropped(monkeypatch):
@@ -407,11 +407,11 @@ def test_on_a_model_too_large_to_copy_a_changed_weight_is_reported_and_the_world
         model, tcs = make_toy_world(seed=3)
     W_U = model.unembed.W_U
     before = W_U.detach().clone()
-    monkeypatch.setattr(harness, "COPY_LIMIT", 0)
+    monkeypatch.setattr(hygiene, "COPY_LIMIT", 0)
     m = _mutant("salient_demeans_W_U_in_place")
     message, _ = grade(m.exercise, m.impl, model=model, transcoders=tcs)
     assert m.hint in message and "reload the model" in message, message
-    assert harness._REAL is None  # the next test rebuilds its references from the model as it now is
+    assert worlds._REAL is None  # the next test rebuilds its references from the model as it now is
     assert not torch.equal(W_U, before)  # nothing to restore from: the learner reloads
     with torch.no_grad():
         W_U.copy_(before)

@@ -8,20 +8,11 @@ import torch
 from torch import Tensor
 
 from ..pruning import compute_influence, normalize_matrix
-from .harness import (
-    _chain,
-    _check_unchanged,
-    _close,
-    _diagnose,
-    _Fail,
-    _public_test,
-    _run,
-    _tensor,
-    _two_logit_graph,
-    _World,
-    _worst,
-    _zero_row_graph,
-)
+from .compare import _check_unchanged, _close, _diagnose, _tensor, _worst
+from .handmade import _chain, _two_logit_graph, _zero_row_graph
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _influence_variant(

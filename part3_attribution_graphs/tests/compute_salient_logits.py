@@ -10,22 +10,10 @@ from torch import Tensor
 from ..nodes import (
     compute_salient_logits,
 )
-from .harness import (
-    _check_unchanged,
-    _close,
-    _diagnose,
-    _Fail,
-    _float,
-    _fmt,
-    _int,
-    _items,
-    _public_test,
-    _run,
-    _short,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _check_unchanged, _close, _diagnose, _float, _int, _items, _tensor, _worst
+from .messages import _Fail, _fmt, _short
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -> None:

@@ -10,18 +10,10 @@ from torch import Tensor
 
 from ..interventions import predicted_effects as _ref_predicted_effects
 from ..nodes import GraphNodes, NodeInfo, NodeType
-from .harness import (
-    _check_unchanged,
-    _close,
-    _diagnose,
-    _Fail,
-    _items,
-    _public_test,
-    _run,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _check_unchanged, _close, _diagnose, _items, _tensor, _worst
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 __all__ = ["test_predicted_effects"]
 

@@ -12,18 +12,10 @@ from ..nodes import (
     NodeInfo,
     NodeType,
 )
-from .harness import (
-    _check_unchanged,
-    _copy_graph,
-    _Fail,
-    _fmt,
-    _int,
-    _items,
-    _public_test,
-    _run,
-    _tensor,
-    _World,
-)
+from .compare import _check_unchanged, _copy_graph, _int, _items, _tensor
+from .messages import _Fail, _fmt
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _hand_graph() -> GraphNodes:

@@ -8,21 +8,11 @@ import torch
 from torch import Tensor
 
 from ..pruning import compute_influence, normalize_matrix, prune_edges, prune_nodes
-from .harness import (
-    _check_unchanged,
-    _close,
-    _Fail,
-    _fmt,
-    _items,
-    _orphan_graph,
-    _prune_check,
-    _public_test,
-    _robust_threshold,
-    _run,
-    _tie_graph,
-    _World,
-    _worst,
-)
+from .compare import _check_unchanged, _close, _items, _worst
+from .handmade import _orphan_graph, _prune_check, _robust_threshold, _tie_graph
+from .messages import _Fail, _fmt
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _prune_edges_variant(

@@ -7,21 +7,11 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..pruning import compute_influence, prune_nodes
-from .harness import (
-    _check_unchanged,
-    _close,
-    _Fail,
-    _fmt,
-    _items,
-    _prune_check,
-    _public_test,
-    _robust_threshold,
-    _run,
-    _tie_graph,
-    _two_logit_graph,
-    _World,
-    _worst,
-)
+from .compare import _check_unchanged, _close, _items, _worst
+from .handmade import _prune_check, _robust_threshold, _tie_graph, _two_logit_graph
+from .messages import _Fail, _fmt
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _prune_nodes_variant(

@@ -8,19 +8,11 @@ import torch
 from torch import Tensor
 
 from ..interventions import run_with_latent_set as _ref_run_with_latent_set
-from .harness import (
-    _close,
-    _diagnose,
-    _Fail,
-    _hook_state,
-    _new_hooks,
-    _public_test,
-    _remove_new_hooks,
-    _run,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _close, _diagnose, _tensor, _worst
+from .hygiene import _hook_state, _new_hooks, _remove_new_hooks
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 __all__ = ["test_run_with_latent_set"]
 

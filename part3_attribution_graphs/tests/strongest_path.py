@@ -16,7 +16,10 @@ from ..case_study import strongest_path as _ref_strongest_path
 from ..nodes import GraphNodes, NodeInfo, NodeType
 from ..pruning import normalize_matrix, prune_graph
 from ..result import AttributionResult
-from .harness import _Fail, _float, _fmt, _int, _public_test, _run, _World
+from .compare import _float, _int
+from .messages import _Fail, _fmt
+from .running import _public_test, _run
+from .worlds import _World
 
 __all__ = ["test_strongest_path"]
 

@@ -16,20 +16,11 @@ from torch import Tensor
 from ..case_study import swap_group as _ref_swap_group
 from ..interventions import clean_run, intervene
 from ..worlds.gemma import format_prompt
-from .harness import (
-    TOY_PROMPT,
-    _close,
-    _diagnose,
-    _Fail,
-    _hook_state,
-    _new_hooks,
-    _public_test,
-    _remove_new_hooks,
-    _run,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _close, _diagnose, _tensor, _worst
+from .hygiene import _hook_state, _new_hooks, _remove_new_hooks
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import TOY_PROMPT, _World
 
 __all__ = ["test_swap_group"]
 
@@ -159,7 +150,7 @@ def _planted_case(fn: Any) -> None:
             got = _call(fn, model, tcs, a.prompt, b.prompt, latents, label)
             left = _new_hooks(model, state, tcs)
         finally:
-            _remove_new_hooks(model, state, tcs)  # the harness guards the toy world; this one is ours
+            _remove_new_hooks(model, state, tcs)  # the toy world is guarded by `running`; this one is ours
         if left:
             raise _Fail(
                 f"{label}: swap_group left {left} hook(s) on the model: use intervene, or add hooks with "
