@@ -367,25 +367,57 @@ def test_an_endless_loop_is_stopped_and_leaves_the_model_clean():
     start = time.perf_counter()
     message, _ = grade("compute_salient_logits", compute_salient_logits, time_limit_s=1.0)
     assert time.perf_counter() - start < 30
-    assert "did not finish within 1 s" in message and "`while True:`" in message, message
+    assert "time limit of 1 s" in message and "`while True:`" in message, message
     assert "left 1 hook on the model (1 on blocks.0.hook_resid_pre)" in message
     assert _clean(worlds._get_world(None, None))
     assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
 
 
-def test_time_limit_degrades_to_none_off_the_main_thread():
+def test_a_loop_that_cancels_the_alarm_is_still_stopped():
+    """Issue 27: the old limit was a SIGALRM the learner's own code could cancel, then loop forever."""
+    import signal
+
+    def compute_salient_logits(model, logits, n_output_nodes=3):
+        if hasattr(signal, "setitimer"):
+            with contextlib.suppress(ValueError):  # off the main thread signal() refuses: nothing to cancel
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        while True:
+            pass
+
+    message, _ = grade("compute_salient_logits", compute_salient_logits, time_limit_s=1.0)
+    assert "Your `compute_salient_logits`" in message and "time limit of 1 s" in message, message
+    assert "was stopped" in message and "`while True:`" in message, message
+    assert grade("compute_salient_logits", REFERENCE["compute_salient_logits"])[0] is None
+
+
+def test_the_time_limit_holds_for_a_test_called_from_a_worker_thread():
+    """Issue 27: off the main thread there was no limit at all, so a function that sleeps forever hung the
+    caller. Now the caller gets the failure; the sleep, blocked in C, ends in the background."""
     import threading
+
+    def compute_influence(adjacency_matrix, logit_weights, n_layers):
+        time.sleep(3600)
 
     done = []
     thread = threading.Thread(
-        target=lambda: done.append(
-            grade("compute_influence", REFERENCE["compute_influence"], time_limit_s=0.5)
-        )
+        target=lambda: done.append(grade("compute_influence", compute_influence, time_limit_s=0.5)),
+        daemon=True,
     )
     with one_thread():
         thread.start()
         thread.join(timeout=120)
-    assert done and done[0][0] is None
+    assert done, "the test called from a worker thread was never stopped"
+    message = done[0][0]
+    assert "Your `compute_influence`" in message and "time limit of 0.5 s" in message, message
+    assert "still running in the background" in message, message
+    ok = []
+    thread = threading.Thread(
+        target=lambda: ok.append(grade("compute_influence", REFERENCE["compute_influence"], time_limit_s=30))
+    )
+    thread.start()
+    thread.join(timeout=120)
+    assert ok and ok[0][0] is None, ok
 
 
 def test_a_failure_renders_as_the_message_and_the_learners_line():

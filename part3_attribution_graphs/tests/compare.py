@@ -3,6 +3,7 @@ the known mistake an answer reproduces."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,10 +71,16 @@ def _stack(vecs: list, what: str, d_model: int, device: torch.device) -> Tensor:
 
 
 def _float(x: Any, what: str) -> float:
+    """A finite Python float (a NaN or an infinity compares as neither right nor wrong, so it is refused)."""
     try:
-        return float(x)
+        value = float(x)
     except (TypeError, ValueError, RuntimeError):
         raise _Fail(f"{what} should be a number, got {type(x).__name__} {_short(repr(x), 80)}.") from None
+    if not math.isfinite(value):
+        raise _Fail(
+            f"{what} is {value}: it should be a finite number (a 0/0 or a log of 0 somewhere on the way?)."
+        )
+    return value
 
 
 def _int(x: Any, what: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from .worlds import _forget_world, _World
 
 # Worlds with at most this many parameters (model and transcoders) keep a pristine copy to restore from.
 COPY_LIMIT = 50_000_000
+# Elements of a call's inputs (and of the cached world's tensors) copied before each call, to restore them.
+ARG_COPY_LIMIT = 20_000_000
 
 
 def _set_deterministic(state: tuple[bool, bool]) -> None:
@@ -175,49 +178,121 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _world_tensors(w: _World) -> dict[str, Tensor]:
-    """Every tensor the cached world holds (its model and transcoders aside), by a readable path."""
-    found: dict[str, Tensor] = {}
-    seen: set[int] = set()
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Bit-identical values (NaN equal to NaN: a NaN that was there before is no change)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
-    def walk(x: Any, path: str, depth: int) -> None:
-        if depth > 6 or id(x) in seen:
+
+class _Values:
+    """The plain data learner code can reach from some roots and could edit in place: tensors (their
+    values), lists, dicts and the fields of dataclasses (what each holds), by the path a learner would
+    write. Modules are not walked (`_Guard` watches their parameters, buffers and hooks).
+
+    Tensors are copied while the copies stay under `budget` elements, so that a change is undone; past it a
+    tensor is watched through its version counter only, and a change cannot be undone."""
+
+    def __init__(self, roots: dict[str, Any], budget: int):
+        self.tensors: list[tuple[str, Tensor, Tensor | None, int, int]] = []
+        self.containers: list[tuple[str, Any, Any]] = []
+        self.budget = budget
+        seen: set[int] = set()
+        for path, x in roots.items():
+            self._walk(x, path, 0, seen)
+
+    def _walk(self, x: Any, path: str, depth: int, seen: set[int]) -> None:
+        if depth > 8 or id(x) in seen or isinstance(x, (torch.nn.Module, type)):
             return
         if isinstance(x, Tensor):
-            found.setdefault(path, x)
+            seen.add(id(x))
+            copy = None
+            if x.numel() <= self.budget:
+                self.budget -= x.numel()
+                copy = x.detach().clone()
+            self.tensors.append((path, x, copy, _version(x), x.data_ptr()))
+            return
+        fields = None
+        if isinstance(x, list):
+            self.containers.append((path, x, list(x)))
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(x)]
+        elif isinstance(x, dict):
+            self.containers.append((path, x, dict(x)))
+            items = [(f"{path}[{k!r}]", v) for k, v in x.items()]
+        elif isinstance(x, tuple):
+            names = getattr(x, "_fields", None) or [f"[{i}]" for i in range(len(x))]
+            items = [(f"{path}.{n}" if not n.startswith("[") else f"{path}{n}", v) for n, v in zip(names, x)]
+        elif (dataclasses.is_dataclass(x) or isinstance(x, SimpleNamespace)) and hasattr(x, "__dict__"):
+            fields = dict(vars(x))
+            self.containers.append((path, x, fields))
+            items = [(f"{path}.{k}", v) for k, v in fields.items()]
+        elif isinstance(x, FreezeHooks):
+            items = [(f"{path}.frozen_values", x.frozen_values)]
+        elif isinstance(getattr(x, "cache_dict", None), dict):  # an ActivationCache
+            items = [(path, x.cache_dict)]
+        else:
             return
         seen.add(id(x))
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if k != "pristine":
-                    walk(v, f"{path}[{k!r}]", depth + 1)
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                if isinstance(v, (Tensor, list, tuple, dict)):
-                    walk(v, f"{path}[{i}]", depth + 1)
-        elif hasattr(x, "cache_dict"):  # ActivationCache
-            walk(x.cache_dict, path, depth + 1)
-        elif dataclasses.is_dataclass(x) or isinstance(x, FreezeHooks):
-            for k, v in vars(x).items():
-                if k not in ("model", "transcoders", "nodes"):
-                    walk(v, f"{path}.{k}", depth + 1)
+        for sub, v in items:
+            if isinstance(v, (Tensor, list, dict, tuple)) or hasattr(v, "__dict__"):
+                self._walk(v, sub, depth + 1, seen)
 
-    for f in dataclasses.fields(w):
-        if f.name not in ("model", "transcoders"):
-            walk(getattr(w, f.name), f.name, 0)
-    return found
+    def restore(self) -> tuple[list[str], bool]:
+        """Put back what changed: (the paths that changed, whether every change was undone)."""
+        changed, undone = [], True
+        for path, x, saved in self.containers:
+            if isinstance(x, list):
+                if len(x) != len(saved) or any(a is not b for a, b in zip(x, saved)):
+                    x[:] = saved
+                    changed.append(path)
+            elif isinstance(x, dict):
+                if x.keys() != saved.keys() or any(x[k] is not v for k, v in saved.items()):
+                    x.clear()
+                    x.update(saved)
+                    changed.append(path)
+            else:
+                now = vars(x)
+                moved = [
+                    k
+                    for k in set(now) | set(saved)
+                    if k not in now or k not in saved or now[k] is not saved[k]
+                ]
+                if moved:
+                    for k in set(now) - set(saved):
+                        object.__delattr__(x, k)
+                    for k, v in saved.items():
+                        object.__setattr__(x, k, v)
+                    changed += [f"{path}.{k}" for k in sorted(moved)]
+        for path, t, copy, version, ptr in self.tensors:
+            if copy is None:
+                if _version(t) != version or t.data_ptr() != ptr:
+                    changed.append(path)
+                    undone = False
+            elif t.data_ptr() != ptr or not _same(t.detach(), copy):
+                changed.append(path)
+                try:
+                    with torch.no_grad():
+                        if t.shape == copy.shape and t.data_ptr() == ptr:
+                            t.copy_(copy)
+                        else:
+                            t.data = copy
+                except RuntimeError:  # e.g. an inference tensor outside inference mode
+                    undone = False
+        return changed, undone
 
 
-def _pristine(w: _World) -> dict[tuple[int, str], Tensor] | None:
-    """A copy of every parameter and buffer of a small world (taken once), to restore from; None if too
-    big."""
-    if "pristine" not in w.extra:
-        slots = list(_tensor_slots(w.model, w.transcoders))
+def _pristine(model: Any, transcoders: dict, keep: dict) -> dict[tuple[int, str], Tensor] | None:
+    """A copy of every parameter and buffer of a small model and its transcoders (taken once, kept in
+    `keep`), to restore from; None if too big."""
+    if "pristine" not in keep:
+        slots = list(_tensor_slots(model, transcoders))
         if sum(t.numel() for *_, t in slots) > COPY_LIMIT:
-            w.extra["pristine"] = None
+            keep["pristine"] = None
         else:
-            w.extra["pristine"] = {(id(d), key): t.detach().clone() for _, d, key, t in slots}
-    return w.extra["pristine"]
+            keep["pristine"] = {(id(d), key): t.detach().clone() for _, d, key, t in slots}
+    return keep["pristine"]
 
 
 def _guess(name: str, t: Tensor) -> str:
@@ -232,17 +307,35 @@ def _guess(name: str, t: Tensor) -> str:
 
 class _Guard:
     """A snapshot of everything learner code could disturb, taken before it runs; `check()` afterwards
-    names what changed and undoes it."""
+    names what changed and undoes it.
 
-    def __init__(self, w: _World):
-        self.w = w
-        self.hooks = _hook_state(w.model, w.transcoders)
+    Watched: the hooks, parameters and buffers of `model` and `transcoders` and which transcoders the dict
+    holds; the data of `world` (the cached `_World` they belong to, if any: its graph, batches, cache,
+    adjacency...); and `inputs`, the arguments of the call by name. `keep` holds the pristine copy of a
+    small model's weights (the world's `extra`, or a grader's own dict for a world it loads itself)."""
+
+    def __init__(
+        self,
+        model: Any,
+        transcoders: dict,
+        keep: dict,
+        *,
+        world: _World | None = None,
+        inputs: dict[str, Any] | None = None,
+    ):
+        self.model, self.transcoders, self.w = model, transcoders, world
+        self.hooks = _hook_state(model, transcoders)
         self.slots = [
             (name, d, key, t, _version(t), t.data_ptr(), t.grad, t.requires_grad)
-            for name, d, key, t in _tensor_slots(w.model, w.transcoders)
+            for name, d, key, t in _tensor_slots(model, transcoders)
         ]
-        self.world = {path: (t, _version(t)) for path, t in _world_tensors(w).items()}
-        self.pristine = _pristine(w)
+        self.layers = dict(transcoders)
+        # The world's own fields: what the body adds to `extra` (lazy extras) is not learner code's doing.
+        held = {} if world is None else {f.name: getattr(world, f.name) for f in dataclasses.fields(world)}
+        held = {k: v for k, v in held.items() if k not in ("model", "transcoders", "extra")}
+        self.world = _Values(held, ARG_COPY_LIMIT)
+        self.inputs = _Values(inputs or {}, ARG_COPY_LIMIT)
+        self.pristine = _pristine(model, transcoders, keep)
         if (
             self.pristine is not None
         ):  # a passed model may have changed between tests: that is not this call's doing
@@ -252,10 +345,10 @@ class _Guard:
                     self.pristine[(id(d), key)] = t.detach().clone()
 
     def hook_sites(self) -> dict[str, int]:
-        return _new_hook_sites(self.w.model, self.hooks, self.w.transcoders)
+        return _new_hook_sites(self.model, self.hooks, self.transcoders)
 
     def remove_hooks(self) -> None:
-        _remove_new_hooks(self.w.model, self.hooks, self.w.transcoders)
+        _remove_new_hooks(self.model, self.hooks, self.transcoders)
 
     def check(self, what: str, *, hooks_allowed: bool = False, hook_hint: str = "") -> str | None:
         """Undo every side effect since the snapshot; describe the ones learner code should not have had."""
@@ -275,6 +368,12 @@ class _Guard:
                 + "."
             )
         changed, lost = [], False
+        if self.transcoders.keys() != self.layers.keys() or any(
+            self.transcoders[k] is not tc for k, tc in self.layers.items()
+        ):
+            self.transcoders.clear()
+            self.transcoders.update(self.layers)
+            changed.append("the transcoders dict (which layers it holds)")
         for name, d, key, t, version, ptr, grad, requires_grad in self.slots:
             now = d.get(key)
             if now is not t:  # rebound to another tensor: put the original back
@@ -309,13 +408,21 @@ class _Guard:
                 f"{what} changed {_names(changed)} in place: work on copies (x - m, not x -= m; "
                 f"no .data edits; do not reassign model weights). {undone}"
             )
-            if lost:
+            if lost and self.w is not None:
                 _forget_world(self.w)
-        touched = [path for path, (t, version) in self.world.items() if _version(t) != version]
+        inputs, inputs_undone = self.inputs.restore()
+        world, world_undone = self.world.restore()
+        touched = inputs + [path for path in world if path not in inputs]
         if touched:
             problems.append(
                 f"{what} changed its input {_names(touched)} in place: work on a copy (e.g. x.clone() "
-                "before editing it, or x * s rather than x *= s). The autograder will rebuild it."
+                "before editing it, x * s rather than x *= s, sorted(xs) rather than xs.sort()). "
+                + (
+                    "The autograder has restored it."
+                    if inputs_undone and world_undone
+                    else "The autograder will rebuild what it could not restore; rebuild your own copy too."
+                )
             )
-            _forget_world(self.w)
+            if not world_undone and self.w is not None:
+                _forget_world(self.w)
         return "\n".join(problems) if problems else None

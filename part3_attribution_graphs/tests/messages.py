@@ -16,7 +16,10 @@ class _Fail(Exception):
 
 
 class _TimeUp(BaseException):
-    """Raised by the alarm inside learner code (a BaseException, so `except Exception:` cannot swallow it)."""
+    """Raised inside learner code that ran past its time limit (a BaseException, so `except Exception:`
+    cannot swallow it); `still_running` is set when the code could not be stopped."""
+
+    still_running = False
 
 
 class AutograderFailure(AssertionError):

@@ -3,10 +3,11 @@ clear failure; and `_public_test`, which makes a test body into the public `test
 
 from __future__ import annotations
 
-import contextlib
-import signal
+import ctypes
+import inspect
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,28 +28,79 @@ REAL_TIME_LIMIT_S = 1800.0
 _ACTIVE: list[tuple[str, _World]] = []
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise `_TimeUp` in this thread after `seconds` (SIGALRM: Unix, main thread; elsewhere no limit)."""
-    usable = (
-        seconds is not None
-        and hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-    )
-    if not usable:
-        yield
-        return
+# How long a stopped call may take to unwind, and how often it is told to stop meanwhile (a learner's
+# `except BaseException:` inside the loop can swallow one notice, not every one).
+_GRACE_S = 5.0
+_NOTICE_EVERY_S = 0.1
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _TimeUp()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+class _LearnerCall(threading.Thread):
+    """One call into learner code, on a thread of its own: the caller waits for it with a deadline that no
+    code on this thread can reach (a learner's `signal.setitimer(signal.ITIMER_REAL, 0)` or SIGALRM handler
+    cancels nothing here), and that works whichever thread the test itself was called from.
+
+    The thread starts with the caller's grad and inference modes (torch keeps them per thread), so the call
+    sees what it would have seen on the caller's thread; and with the caller's number of intra-op threads
+    (OpenMP keeps that per thread too: without it the toy world's tiny matrices pay for thread hand-offs)."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        super().__init__(name="autograder: your code", daemon=True)
+        self.fn, self.args = fn, args
+        self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self.threads = torch.get_num_threads()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            torch.set_num_threads(self.threads)
+            with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
+                self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which reports it
+            self.error = e
+
+    def stop(self, exc: type[BaseException], grace_s: float) -> bool:
+        """Raise `exc` in the thread (at its next Python instruction) until it ends or `grace_s` passes;
+        True if it ended. Code blocked inside one C call (a sleep, one huge tensor operation) gets the
+        exception only when that call returns."""
+        deadline = time.monotonic() + grace_s
+        while self.is_alive() and time.monotonic() < deadline:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident), ctypes.py_object(exc))
+            self.join(_NOTICE_EVERY_S)
+        return not self.is_alive()
+
+
+def _call_with_limit(fn: Callable, args: tuple, seconds: float) -> Any:
+    """`fn(*args)`, raising `_TimeUp` (with the learner's frame where it was stopped, or a `still_running`
+    flag) if it runs past `seconds`. Ctrl-C while waiting stops the call too and is passed on."""
+    call = _LearnerCall(fn, args)
+    call.start()
     try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        call.join(seconds)
+    except KeyboardInterrupt:
+        call.stop(KeyboardInterrupt, _GRACE_S)
+        raise
+    if call.is_alive():
+        stopped = call.stop(_TimeUp, _GRACE_S)
+        up = call.error if stopped and isinstance(call.error, _TimeUp) else _TimeUp()
+        up.still_running = not stopped
+        raise up
+    if call.error is not None:
+        raise call.error
+    return call.result
+
+
+def _active() -> list[_World]:
+    """The world of the innermost public test now running (none outside one)."""
+    return [_ACTIVE[-1][1]] if _ACTIVE else []
+
+
+def _named(fn: Callable, args: tuple) -> dict[str, Any]:
+    """The call's arguments by the names its signature gives them (`argument 1`... where it has none)."""
+    try:
+        return dict(inspect.signature(fn).bind(*args).arguments)
+    except (TypeError, ValueError):
+        return {f"argument {i + 1}": a for i, a in enumerate(args)}
 
 
 def _time_limit_s() -> float:
@@ -62,19 +114,22 @@ def _run(
     hints: Sequence[tuple[type, str, str]] = (),
     hooks_allowed: bool = False,
     hook_hint: str = "",
+    watch: Sequence[tuple[Any, dict, dict]] = (),
 ) -> Any:
     """Call learner code under the time limit; turn any exception into a clear failure (with a hint when we
     know the cause), and any side effect on the model or the cached world into a failure naming it (undone).
 
     `hooks_allowed`: the call may leave hooks (the test removes them itself, e.g. after `install()`).
     `hook_hint`: what to advise if it leaves hooks anyway.
+    `watch`: (model, transcoders, keep) of other worlds the call runs on, guarded too (see `_Guard`).
     """
-    guard = _Guard(_ACTIVE[-1][1]) if _ACTIVE else None
+    guards = [_Guard(w.model, w.transcoders, w.extra, world=w, inputs=_named(fn, args)) for w in _active()]
+    guards += [_Guard(model, tcs, keep) for model, tcs, keep in watch]
     limit = _time_limit_s()
     message = None
     try:
-        with _torch_globals_kept(), _time_limit(limit):
-            result = fn(*args)
+        with _torch_globals_kept():
+            result = _call_with_limit(fn, args, limit)
     except NotImplementedError as e:
         exercise = _exercises.get(_ACTIVE[-1][0]).qualname if _ACTIVE else what
         message = (
@@ -83,9 +138,16 @@ def _run(
             "`raise NotImplementedError(...)` and run that cell again."
         )
     except _TimeUp as e:
+        exercise = _exercises.get(_ACTIVE[-1][0]).qualname if _ACTIVE else what
+        stopped = (
+            " and is still running in the background, blocked inside one call into C (a sleep, a huge "
+            "tensor operation?): it stops when that call returns; restart the kernel if it keeps the CPU busy"
+            if getattr(e, "still_running", False)
+            else f" and was stopped{_where(e)}"
+        )
         message = (
-            f"{what} did not finish within {limit:.0f} s and was stopped{_where(e)}: an endless loop? "
-            "(A correct answer takes well under a second on the toy world.)"
+            f"Your `{exercise}` ({what}) did not finish within the autograder's time limit of {limit:.3g} s"
+            f"{stopped}: an endless loop? (A correct answer takes well under a second on the toy world.)"
         )
     except _Fail:
         raise
@@ -96,9 +158,8 @@ def _run(
                 message += f"\nHint: {hint}"
                 break
     finally:
-        side_effects = (
-            None if guard is None else guard.check(what, hooks_allowed=hooks_allowed, hook_hint=hook_hint)
-        )
+        found = [guard.check(what, hooks_allowed=hooks_allowed, hook_hint=hook_hint) for guard in guards]
+        side_effects = "\n".join(f for f in found if f) or None
     if side_effects:
         message = side_effects if message is None else f"{side_effects}\n{message}"
     if message is not None:
@@ -153,7 +214,7 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
                             "model.reset_hooks(including_permanent=True)."
                         )
                 world = _get_world(model, transcoders)
-                guard = _Guard(world)
+                guard = _Guard(world.model, world.transcoders, world.extra, world=world)
                 _ACTIVE.append((exercise, world))
                 try:
                     with _one_thread(world.small), torch.inference_mode(False):
