@@ -1759,10 +1759,20 @@ def latent_set_adds_value(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, add=True)
 
 
-@mutant("run_with_latent_set", "another position")
+@mutant("run_with_latent_set", "clean activation a at the position before")
 def latent_set_reads_the_clean_activation_one_before(model, transcoder, tokens, position, latent, value):
     """Issue 21: was told "you add value * W_dec[latent]", which is not what it does."""
     return _latent_set(model, transcoder, tokens, position, latent, value, read_at=-1)
+
+
+@mutant("run_with_latent_set", "you read the latent's clean activation a at the last position")
+def latent_set_reads_the_clean_activation_at_the_last_position(
+    model, transcoder, tokens, position, latent, value
+):
+    """Issue 27: led with "you add value * W_dec[latent]" before the real cause."""
+    return _latent_set(
+        model, transcoder, tokens, position, latent, value, read_at=tokens.shape[1] - 1 - position
+    )
 
 
 @mutant("run_with_latent_set", "at every position")
@@ -1877,6 +1887,18 @@ def _effects(result, node_indices, *, divide=True, steps=None, total=True, rows=
             term = M @ term
             out = out + term
     return direct.T, out.T
+
+
+@mutant("predicted_effects", "you used result.pruned_matrix")
+def effects_on_the_pruned_matrix(result, node_indices):
+    """Issue 27: the kept nodes' matrix; once an AttributeError about the test's stand-in object."""
+    A, nodes = result.pruned_matrix, result.kept_nodes
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
+    direct = A[:, list(node_indices)]
+    total = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - A * gain, direct)
+    return direct.T, total.T
 
 
 @mutant("predicted_effects", "your total effect is the direct effect")
@@ -2018,6 +2040,8 @@ def _path(
     order="forward",
     local=False,
     strength=None,
+    sweeps=None,
+    renormalise=False,
 ):
     """The notebook's dynamic programme, written by a learner; switches reproduce one mistake each."""
     A = result.pruned_matrix.double()
@@ -2035,9 +2059,11 @@ def _path(
         B = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).T
     if not direct:
         B = _no_direct(B, kinds)
+    if renormalise:  # shares recomputed without the direct edges
+        B = B / B.sum(1, keepdim=True).clamp(min=1e-12)
     is_input = torch.tensor([k in start for k in kinds])
     best = is_input.double()
-    for _ in range(len(kept)):
+    for _ in range(len(kept) if sweeps is None else sweeps(result)):
         via, parent = (B * best).max(1)
         best = torch.where(is_input, best, via)
     t = kinds.index("logit") if end == "top" else len(kept) - 1
@@ -2135,6 +2161,49 @@ def path_transposed(result):
 @mutant("strongest_path", "not of raw |A|")
 def path_raw_strength(result):
     return _path(result, strength="raw")
+
+
+@mutant("strongest_path", "your sweeps stopped before")
+def path_stops_after_n_layers(result):
+    """Issue 27: was told to return the product of the normalised weights (the formula was right)."""
+    return _path(result, sweeps=lambda r: r.graph.n_layers)
+
+
+@mutant("strongest_path", "renormalised")
+def path_renormalised_without_direct_edges(result):
+    """Issue 27: was told to return the product of the normalised weights."""
+    return _path(result, renormalise=True)
+
+
+@mutant("strongest_path", "result.pruned_matrix")
+def path_normalises_in_place(result):
+    """Issue 27: normalises the learner's input in place, then answers right: passed."""
+    A = result.pruned_matrix
+    A.abs_().div_(A.sum(1, keepdim=True).clamp(min=1e-12))
+    return _path(result)
+
+
+@mutant("strongest_path", "the strength is nan")
+def path_nan_strength(result):
+    path, _ = _path(result)
+    return path, float("nan")
+
+
+@mutant("strongest_path", "the path runs in the pruned graph")
+def path_on_the_full_adjacency(result):
+    """Issue 27: the full matrix over all nodes; once an AttributeError about the test's stand-in object."""
+    A = result.adjacency_matrix.double()
+    kinds = [node.node_type.value for node in result.graph.nodes]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
+    is_input = torch.tensor([k == "embedding" for k in kinds])
+    best = is_input.double()
+    for _ in range(len(kinds)):
+        via, parent = (B * best).max(1)
+        best = torch.where(is_input, best, via)
+    path = [kinds.index("logit")]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    return path[::-1], float(best[path[0]])
 
 
 @alternative("strongest_path")
@@ -2262,6 +2331,14 @@ def swap_skips_silent_latents(model, transcoders, prompt_a, prompt_b, latents):
 @mutant("swap_group", "at the latent's own position")
 def swap_reads_last_position(model, transcoders, prompt_a, prompt_b, latents):
     return _swap(model, transcoders, prompt_a, prompt_b, latents, where="last")
+
+
+@mutant("swap_group", "you set the latents to 0, which is an ablation")
+def swap_ablates(model, transcoders, prompt_a, prompt_b, latents):
+    """Issue 27: was told to read B's value at the latent's own position (toy latents are silent at the
+    last position, so reading there also gives 0)."""
+    edits = [(layer, pos, f, 0.0) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
 
 
 @mutant("swap_group", "use intervene's defaults")

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..nodes import GraphNodes
+from ..result import AttributionResult
 from .compare import _tensor
 from .messages import _Fail, _fmt
 
@@ -110,3 +112,37 @@ def _prune_check(kept: Any, pruned: Any, A: Tensor, w: Tensor, what: str) -> tup
             f"kept_indices, got {_fmt(got)}."
         )
     return got, pruned
+
+
+def _hand_made_result(
+    graph: GraphNodes,
+    logit_weights: Tensor,
+    *,
+    kept: Tensor | None = None,
+    pruned: Tensor | None = None,
+    adjacency: Tensor | None = None,
+) -> AttributionResult:
+    """A complete `AttributionResult` for a graph built here: every field is there (a learner who reads
+    the wrong one gets its value, and a message about it, never an AttributeError about a stand-in).
+
+    Give `adjacency` (all nodes; `pruned` defaults to it restricted to `kept`) or `pruned` (the kept nodes;
+    the full matrix is it placed at `kept`, zeros elsewhere). `kept` defaults to every node."""
+    n = len(graph.nodes)
+    kept = torch.arange(n) if kept is None else kept
+    if adjacency is None:
+        adjacency = torch.zeros(n, n, dtype=pruned.dtype)
+        adjacency[kept[:, None], kept[None, :]] = pruned
+    if pruned is None:
+        pruned = adjacency[kept][:, kept]
+    return AttributionResult(
+        graph=graph,
+        adjacency_matrix=adjacency,
+        kept_indices=kept,
+        pruned_matrix=pruned,
+        prompt="",
+        str_tokens=[""] * graph.seq_len,
+        logit_weights=logit_weights,
+        influence=torch.zeros(n, dtype=adjacency.dtype),
+        settings={},
+        world=None,  # built here, not by attribute: no world recorded
+    )
