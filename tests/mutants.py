@@ -36,6 +36,7 @@ class Mutant:
     impl: Any
     hint: str | None  # substring of the expected failure; None: a correct alternative that must pass
     time_limit_s: float | None = None  # grade with this time limit (for mutants that never return)
+    note: str | None = None  # a correct alternative that gets a note: substring of the printed `Note: ...`
 
 
 MUTANTS: list[Mutant] = []
@@ -52,11 +53,11 @@ def mutant(exercise: str, hint: str, *, time_limit_s: float | None = None) -> Ca
     return register
 
 
-def alternative(exercise: str) -> Callable:
+def alternative(exercise: str, *, note: str | None = None) -> Callable:
     exercises.get(exercise)
 
     def register(impl: Any) -> Any:
-        ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None))
+        ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None, note=note))
         return impl
 
     return register
@@ -1378,7 +1379,7 @@ def influence_divides_by_zero(adjacency_matrix, logit_weights, n_layers):
     return _influence(adjacency_matrix, logit_weights, n_layers, clamp=False)
 
 
-@mutant("compute_influence", "modified the adjacency matrix in place")
+@mutant("compute_influence", "changed its input adjacency_matrix in place")
 def influence_in_place_abs(adjacency_matrix, logit_weights, n_layers):
     adjacency_matrix.abs_()  # saves memory, but the caller's matrix loses its signs
     return _influence(adjacency_matrix, logit_weights, n_layers)
@@ -1581,6 +1582,7 @@ def _prune_edges(
     sort=True,
     norm="rows",
     weighted=True,
+    above=False,
 ):
     n_logits = len(w)
     importance = S.compute_influence(A, w, n_layers)
@@ -1597,7 +1599,7 @@ def _prune_edges(
     flat = scores.flatten().sort(descending=True).values
     cum = flat.cumsum(0) / flat.sum()
     cut = flat[(cum > threshold).long().argmax() if strict else (cum >= threshold).long().argmax()]
-    mask = scores >= cut
+    mask = scores > cut if above else scores >= cut
     edges = A * mask
     alive = (edges != 0).any(0) | (edges != 0).any(1)
     if keep_logits:
@@ -1639,6 +1641,12 @@ def prune_edges_keeps_dropped_weights(adjacency_matrix, logit_weights, n_layers,
 @mutant("prune_edges", "exact tie")
 def prune_edges_strict_at_tie(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
     return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, strict=True)
+
+
+@mutant("prune_edges", "scores >= cutoff: with > you drop")
+def prune_edges_strictly_above_the_cutoff(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    """Issue 27: `>` for `>=` got only "differs"."""
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, above=True)
 
 
 @mutant("prune_edges", "should be sorted")
@@ -2175,7 +2183,7 @@ def path_renormalised_without_direct_edges(result):
     return _path(result, renormalise=True)
 
 
-@mutant("strongest_path", "result.pruned_matrix")
+@mutant("strongest_path", "changed its input result.pruned_matrix in place")
 def path_normalises_in_place(result):
     """Issue 27: normalises the learner's input in place, then answers right: passed."""
     A = result.pruned_matrix
@@ -2211,7 +2219,7 @@ def path_reference_style(result):
     return _path(result)
 
 
-@alternative("strongest_path")
+@alternative("strongest_path", note="updates one node at a time in a Python loop")
 def path_node_by_node(result):
     """A loop over nodes in graph order (a topological order: edges only go forward)."""
     A = result.pruned_matrix
@@ -2234,7 +2242,7 @@ def path_node_by_node(result):
     return [kept[k] for k in reversed(path)], float(best[t])
 
 
-@alternative("strongest_path")
+@alternative("strongest_path", note="updates one node at a time in a Python loop")
 def path_dijkstra(result):
     """Shares are at most 1, so -log(share) >= 0: the strongest path is a shortest path (Dijkstra)."""
     import heapq

@@ -367,6 +367,9 @@ class _Guard:
                 )
                 + "."
             )
+        # Inputs first: a transcoders dict passed in and edited is named (and put back) as an input.
+        inputs, inputs_undone = self.inputs.restore()
+        world, world_undone = self.world.restore()
         changed, lost = [], False
         if self.transcoders.keys() != self.layers.keys() or any(
             self.transcoders[k] is not tc for k, tc in self.layers.items()
@@ -410,8 +413,6 @@ class _Guard:
             )
             if lost and self.w is not None:
                 _forget_world(self.w)
-        inputs, inputs_undone = self.inputs.restore()
-        world, world_undone = self.world.restore()
         touched = inputs + [path for path in world if path not in inputs]
         if touched:
             problems.append(

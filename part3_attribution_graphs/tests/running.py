@@ -170,15 +170,16 @@ def _run(
 def _public_test(exercise: str, expects: str | None = None) -> Callable:
     """Make a test body `test_<exercise>(obj, w)` into the public test `test_<exercise>(obj, *, model=None,
     transcoders=None)`: checks what was passed, sets up the world, one thread on the toy world, guards the
-    model (see `_Guard`), prints one line on success and raises `AutograderFailure` with only the message on
-    failure. What the learner passes (a function or a class) comes from the exercise's registry record."""
+    model (see `_Guard`), prints one line on success (and a second, `Note: ...`, if the body returns a note
+    about a correct answer) and raises `AutograderFailure` with only the message on failure. What the
+    learner passes (a function or a class) comes from the exercise's registry record."""
     record = _exercises.get(exercise)
     if expects is not None and expects != record.expects:  # the registry says what the learner passes
         raise TypeError(
             f"@_public_test({exercise!r}, expects={expects!r}): the registry record says {record.expects!r}."
         )
 
-    def decorate(body: Callable[[Any, _World], None]) -> Callable:
+    def decorate(body: Callable[[Any, _World], str | None]) -> Callable:
         name = record.test_name
         if body.__name__ != name:
             raise TypeError(f"@_public_test({exercise!r}) decorates {body.__name__}; name it {name}.")
@@ -218,7 +219,7 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
                 _ACTIVE.append((exercise, world))
                 try:
                     with _one_thread(world.small), torch.inference_mode(False):
-                        body(obj, world)
+                        note = body(obj, world)
                 finally:
                     _ACTIVE.pop()
                     # The safety net: whatever the body's own checks did not catch (learner hooks that ran
@@ -232,6 +233,8 @@ def _public_test(exercise: str, expects: str | None = None) -> Callable:
                 # Raised outside the except block: no chained internals.
                 raise AutograderFailure(message)
             print(f"All tests in `{name}` passed!")
+            if note:
+                print(f"Note: {note}")
 
         test.__name__ = test.__qualname__ = name
         test.__module__ = body.__module__

@@ -6,6 +6,9 @@ strong as the strongest passes, so a correct answer that breaks a tie differentl
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from typing import Any
 
 import torch
@@ -151,12 +154,13 @@ _RENORMALISED = (
     "first, then zero the embedding -> logit entries, and do not normalise again"
 )
 
+_FULL = (
+    "you searched result.adjacency_matrix, the full graph; the path runs in the pruned graph: "
+    "result.pruned_matrix, whose rows and columns are the nodes of result.kept_indices"
+)
+
 _PATH_MISTAKES = (
-    (
-        "full",
-        "you searched result.adjacency_matrix, the full graph; the path runs in the pruned graph: "
-        "result.pruned_matrix, whose rows and columns are the nodes of result.kept_indices",
-    ),
+    ("full", _FULL),
     (
         "direct",
         "your path is a direct edge from an embedding to the logit; it says only that this token matters, "
@@ -203,6 +207,10 @@ def _strength_hint(result: Any, local: Tensor, strength: float) -> str:
         return "return the product of the edges' normalised weights |A[t, s]| / sum |A[t, :]|, not of raw |A|"
     if matches(float(_weights(result, "renormalised")[local[1:], local[:-1]].prod())):
         return _RENORMALISED
+    whole = _hand_made_result(result.graph, result.logit_weights, adjacency=result.adjacency_matrix)
+    path = [int(k) for k in result.kept_indices[local].tolist()]
+    if matches(float(_weights(whole)[path[1:], path[:-1]].prod())):
+        return _FULL
     kinds = _kinds(result)
     is_input = torch.tensor([k == "embedding" for k in kinds])
     B, end = _weights(result), kinds.index("logit")
@@ -288,8 +296,39 @@ def _check_path(fn: Any, result: Any, label: str) -> None:
         )
 
 
+def _node_at_a_time(fn: Any) -> int | None:
+    """The line of a `for` loop that assigns one node's entry at a time (`best[t] = ...` with `t` the loop
+    variable), if `fn`'s source has one: a correct programme, but not the sweep the lesson asks for."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        first = inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError, SyntaxError):
+        return None  # no source to read (a built-in, a lambda in an odd place): no note
+    for loop in ast.walk(tree):
+        if not isinstance(loop, ast.For):
+            continue
+        names = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+        for node in ast.walk(loop):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Subscript) and any(
+                        isinstance(n, ast.Name) and n.id in names for n in ast.walk(sub.slice)
+                    ):
+                        return first + loop.lineno - 1
+    return None
+
+
+_SWEEP_NOTE = (
+    "your strongest_path passes; it updates one node at a time in a Python loop (line {line}). The lesson's "
+    "sweep updates every node at once, `via, parent = (B * best).max(dim=1)` then `best = "
+    "torch.where(is_input, best, via)`: one matrix operation per sweep, repeated until a sweep changes "
+    "nothing (once per edge of the longest path). Same answer, and it scales to graphs of thousands of nodes."
+)
+
+
 @_public_test("strongest_path")
-def test_strongest_path(fn: Any, w: _World) -> None:
+def test_strongest_path(fn: Any, w: _World) -> str | None:
     """The strongest path on a hand-made graph and on the toy (or your) pruned graph."""
     _check_path(fn, _hand_result(), "a hand-made graph (a negative edge on the strongest path)")
     for node_threshold, edge_threshold in ((0.8, 0.85), (0.9, 0.95), (1.0, 1.0)):
@@ -302,3 +341,5 @@ def test_strongest_path(fn: Any, w: _World) -> None:
             continue
         break
     _check_path(fn, result, f"{w.name} (pruned at {node_threshold} / {edge_threshold})")
+    line = _node_at_a_time(fn)
+    return None if line is None else _SWEEP_NOTE.format(line=line)
