@@ -174,10 +174,3 @@ def _copy_graph(graph: GraphNodes) -> GraphNodes:
         seq_len=graph.seq_len,
         n_layers=graph.n_layers,
     )
-
-
-def _check_unchanged(before: Tensor, after: Tensor, what: str) -> None:
-    if before.shape != after.shape or not torch.equal(before, after):
-        raise _Fail(
-            f"Your function modified {what} in place; work on a copy (e.g. use x.abs(), not x.abs_())."
-        )

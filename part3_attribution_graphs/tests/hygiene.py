@@ -1,5 +1,18 @@
-"""State hygiene: snapshot what learner code could disturb (hooks, parameters, buffers, the cached world,
-global torch settings) before it runs; afterwards name what changed and undo it."""
+"""State hygiene: snapshot what learner code could disturb before it runs; afterwards name what changed and
+undo it, so that it never reaches the next test or the learner's next cell.
+
+Watched (`_Guard`): the hooks on the model and the transcoders (TransformerLens temporary and permanent
+hooks, raw torch hooks on any module), their parameters and buffers, which transcoders the dict holds, the
+data of the cached world (graph, batches, cache, adjacency...), the call's own inputs (`_Values`: tensors
+by value, lists, dicts and dataclass fields by identity) and global torch settings (`_torch_globals_kept`).
+
+Restoring parameters: on a model whose parameters number at most `COPY_LIMIT` (the toy and planted worlds,
+small test doubles) one pristine copy per world, taken when the world is first guarded, is copied back over
+any changed tensor (which also catches edits through `.data`). A larger model is only watched through each
+tensor's version counter and storage (a copy would double the memory); a change is reported with the advice
+to reload the model, and the cached world is dropped so that the next test rebuilds it. Inputs and world
+data are copied up to `ARG_COPY_LIMIT` elements per call; past it they too are watched, not restored.
+"""
 
 from __future__ import annotations
 

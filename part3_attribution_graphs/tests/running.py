@@ -1,5 +1,18 @@
 """Running learner code: under a time limit, guarded (see `hygiene`), with every exception turned into a
-clear failure; and `_public_test`, which makes a test body into the public `test_<exercise>`."""
+clear failure; and `_public_test`, which makes a test body into the public `test_<exercise>`.
+
+The time limit. Learner code runs on a thread of its own (`_LearnerCall`) and the caller waits for it with
+a deadline; past it the thread is sent `_TimeUp` (`PyThreadState_SetAsyncExc`) and the test fails naming
+the exercise, the limit and the learner's line. Why this way:
+- a SIGALRM (the old limit) lives where learner code can cancel it (`signal.setitimer(..., 0)`, its own
+  handler) and exists only on the main thread: a test called from a worker thread had no limit;
+- `_thread.interrupt_main()` from a watchdog also reaches the main thread only, and a learner's SIGINT
+  handler or `except KeyboardInterrupt` defeats it;
+- a subprocess cannot call a function defined in a notebook cell (closures, the live model in memory).
+The one case no in-process limit can stop is a single C call that never returns (a sleep, one enormous
+tensor operation): the exception is raised when it returns to Python. The caller is not held up by it (the
+test fails at the deadline and says the call is still running in the background).
+"""
 
 from __future__ import annotations
 
