@@ -572,3 +572,15 @@ def test_no_planted_pair_graded_is_a_failure(monkeypatch):
     monkeypatch.setattr(grader, "_planted_pairs", lambda facts, found: [])
     message, _ = grade("swap_group", REFERENCE["swap_group"])
     assert message is not None and "could not grade swap_group on the planted world" in message
+
+
+def test_learner_code_sees_the_callers_torch_modes():
+    """Learner code runs on a thread of its own; torch keeps grad mode and the default device per thread, so
+    the grader hands over the caller's."""
+    with torch.no_grad():
+        assert running._call_with_limit(torch.is_grad_enabled, (), 30) is False
+    torch.set_default_device("meta")
+    try:
+        assert running._call_with_limit(torch.get_default_device, (), 30) == torch.device("meta")
+    finally:
+        torch.set_default_device(None)

@@ -52,21 +52,23 @@ class _LearnerCall(threading.Thread):
     code on this thread can reach (a learner's `signal.setitimer(signal.ITIMER_REAL, 0)` or SIGALRM handler
     cancels nothing here), and that works whichever thread the test itself was called from.
 
-    The thread starts with the caller's grad and inference modes (torch keeps them per thread), so the call
-    sees what it would have seen on the caller's thread; and with the caller's number of intra-op threads
-    (OpenMP keeps that per thread too: without it the toy world's tiny matrices pay for thread hand-offs)."""
+    The thread starts with the caller's grad and inference modes, default device and number of intra-op
+    threads (torch and OpenMP keep each per thread), so the call sees what it would have seen on the
+    caller's thread (and the toy world's tiny matrices don't pay for thread hand-offs)."""
 
     def __init__(self, fn: Callable, args: tuple):
         super().__init__(name="autograder: your code", daemon=True)
         self.fn, self.args = fn, args
         self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        self.threads = torch.get_num_threads()
+        self.threads, self.device = torch.get_num_threads(), torch.get_default_device()
         self.result: Any = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             torch.set_num_threads(self.threads)
+            if self.device != torch.device("cpu"):  # torch keeps the default device per thread too
+                torch.set_default_device(self.device)
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 self.result = self.fn(*self.args)
         except BaseException as e:  # noqa: BLE001 - handed to the caller, which reports it
