@@ -281,6 +281,14 @@ def compute_adjacency_matrix(
     pass, whose gradients are contracted with every source's writing vector in one einsum per write
     point: no loop over source nodes, and nothing in the loop makes the host wait for the GPU.
 
+    The layout, for one batch (`rows`: its b targets' node indices) and one group of sources (`cols`: their
+    node slice; `writes[p, k]`: the k-th source at position p, zeros where none; `slots`: each source's
+    `p * k_max + k`, in node order). E.g. sources 10-14 at positions 1, 1, 1, 3, 3 (k_max 3):
+
+        slots = [3, 4, 5, 9, 10]                      # p * 3 + k
+        edges = einsum(grads[name], writes)           # (b, seq, 3): edges[j, p, k] = g[j, p] . writes[p, k]
+        A[rows, 10:15] = edges.flatten(1)[:, slots]   # (b, 5): column p * 3 + k, picked in node order
+
     Returns:
         A of shape (n_nodes, n_nodes); `A[j, i]` is the edge from node i to node j.
     """

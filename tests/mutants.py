@@ -36,6 +36,7 @@ class Mutant:
     impl: Any
     hint: str | None  # substring of the expected failure; None: a correct alternative that must pass
     time_limit_s: float | None = None  # grade with this time limit (for mutants that never return)
+    note: str | None = None  # a correct alternative that gets a note: substring of the printed `Note: ...`
 
 
 MUTANTS: list[Mutant] = []
@@ -52,11 +53,11 @@ def mutant(exercise: str, hint: str, *, time_limit_s: float | None = None) -> Ca
     return register
 
 
-def alternative(exercise: str) -> Callable:
+def alternative(exercise: str, *, note: str | None = None) -> Callable:
     exercises.get(exercise)
 
     def register(impl: Any) -> Any:
-        ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None))
+        ALTERNATIVES.append(Mutant(exercise, impl.__name__, impl, None, note=note))
         return impl
 
     return register
@@ -424,7 +425,7 @@ def salient_leaves_a_hook(model, logits, n_output_nodes=3):
     return _salient(model, logits, n_output_nodes)
 
 
-@mutant("compute_salient_logits", "did not finish within 1 s", time_limit_s=1.0)
+@mutant("compute_salient_logits", "time limit of 1 s and was stopped", time_limit_s=1.0)
 def salient_never_returns(model, logits, n_output_nodes=3):
     """An endless loop: the test must stop it."""
     k = 0
@@ -1378,7 +1379,7 @@ def influence_divides_by_zero(adjacency_matrix, logit_weights, n_layers):
     return _influence(adjacency_matrix, logit_weights, n_layers, clamp=False)
 
 
-@mutant("compute_influence", "modified the adjacency matrix in place")
+@mutant("compute_influence", "changed its input adjacency_matrix in place")
 def influence_in_place_abs(adjacency_matrix, logit_weights, n_layers):
     adjacency_matrix.abs_()  # saves memory, but the caller's matrix loses its signs
     return _influence(adjacency_matrix, logit_weights, n_layers)
@@ -1581,6 +1582,7 @@ def _prune_edges(
     sort=True,
     norm="rows",
     weighted=True,
+    above=False,
 ):
     n_logits = len(w)
     importance = S.compute_influence(A, w, n_layers)
@@ -1597,7 +1599,7 @@ def _prune_edges(
     flat = scores.flatten().sort(descending=True).values
     cum = flat.cumsum(0) / flat.sum()
     cut = flat[(cum > threshold).long().argmax() if strict else (cum >= threshold).long().argmax()]
-    mask = scores >= cut
+    mask = scores > cut if above else scores >= cut
     edges = A * mask
     alive = (edges != 0).any(0) | (edges != 0).any(1)
     if keep_logits:
@@ -1639,6 +1641,12 @@ def prune_edges_keeps_dropped_weights(adjacency_matrix, logit_weights, n_layers,
 @mutant("prune_edges", "exact tie")
 def prune_edges_strict_at_tie(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
     return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, strict=True)
+
+
+@mutant("prune_edges", "scores >= cutoff: with > you drop")
+def prune_edges_strictly_above_the_cutoff(adjacency_matrix, logit_weights, n_layers, threshold=0.85):
+    """Issue 27: `>` for `>=` got only "differs"."""
+    return _prune_edges(adjacency_matrix, logit_weights, n_layers, threshold, above=True)
 
 
 @mutant("prune_edges", "should be sorted")
@@ -1759,10 +1767,20 @@ def latent_set_adds_value(model, transcoder, tokens, position, latent, value):
     return _latent_set(model, transcoder, tokens, position, latent, value, add=True)
 
 
-@mutant("run_with_latent_set", "another position")
+@mutant("run_with_latent_set", "clean activation a at the position before")
 def latent_set_reads_the_clean_activation_one_before(model, transcoder, tokens, position, latent, value):
     """Issue 21: was told "you add value * W_dec[latent]", which is not what it does."""
     return _latent_set(model, transcoder, tokens, position, latent, value, read_at=-1)
+
+
+@mutant("run_with_latent_set", "you read the latent's clean activation a at the last position")
+def latent_set_reads_the_clean_activation_at_the_last_position(
+    model, transcoder, tokens, position, latent, value
+):
+    """Issue 27: led with "you add value * W_dec[latent]" before the real cause."""
+    return _latent_set(
+        model, transcoder, tokens, position, latent, value, read_at=tokens.shape[1] - 1 - position
+    )
 
 
 @mutant("run_with_latent_set", "at every position")
@@ -1877,6 +1895,18 @@ def _effects(result, node_indices, *, divide=True, steps=None, total=True, rows=
             term = M @ term
             out = out + term
     return direct.T, out.T
+
+
+@mutant("predicted_effects", "you used result.pruned_matrix")
+def effects_on_the_pruned_matrix(result, node_indices):
+    """Issue 27: the kept nodes' matrix; once an AttributeError about the test's stand-in object."""
+    A, nodes = result.pruned_matrix, result.kept_nodes
+    gain = torch.tensor(
+        [1 / n.activation if n.node_type == NodeType.LATENT else 0.0 for n in nodes], dtype=A.dtype
+    )
+    direct = A[:, list(node_indices)]
+    total = torch.linalg.solve(torch.eye(A.shape[0], dtype=A.dtype) - A * gain, direct)
+    return direct.T, total.T
 
 
 @mutant("predicted_effects", "your total effect is the direct effect")
@@ -2018,6 +2048,8 @@ def _path(
     order="forward",
     local=False,
     strength=None,
+    sweeps=None,
+    renormalise=False,
 ):
     """The notebook's dynamic programme, written by a learner; switches reproduce one mistake each."""
     A = result.pruned_matrix.double()
@@ -2035,9 +2067,11 @@ def _path(
         B = (A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12)).T
     if not direct:
         B = _no_direct(B, kinds)
+    if renormalise:  # shares recomputed without the direct edges
+        B = B / B.sum(1, keepdim=True).clamp(min=1e-12)
     is_input = torch.tensor([k in start for k in kinds])
     best = is_input.double()
-    for _ in range(len(kept)):
+    for _ in range(len(kept) if sweeps is None else sweeps(result)):
         via, parent = (B * best).max(1)
         best = torch.where(is_input, best, via)
     t = kinds.index("logit") if end == "top" else len(kept) - 1
@@ -2137,12 +2171,55 @@ def path_raw_strength(result):
     return _path(result, strength="raw")
 
 
+@mutant("strongest_path", "your sweeps stopped before")
+def path_stops_after_n_layers(result):
+    """Issue 27: was told to return the product of the normalised weights (the formula was right)."""
+    return _path(result, sweeps=lambda r: r.graph.n_layers)
+
+
+@mutant("strongest_path", "renormalised")
+def path_renormalised_without_direct_edges(result):
+    """Issue 27: was told to return the product of the normalised weights."""
+    return _path(result, renormalise=True)
+
+
+@mutant("strongest_path", "changed its input result.pruned_matrix in place")
+def path_normalises_in_place(result):
+    """Issue 27: normalises the learner's input in place, then answers right: passed."""
+    A = result.pruned_matrix
+    A.abs_().div_(A.sum(1, keepdim=True).clamp(min=1e-12))
+    return _path(result)
+
+
+@mutant("strongest_path", "the strength is nan")
+def path_nan_strength(result):
+    path, _ = _path(result)
+    return path, float("nan")
+
+
+@mutant("strongest_path", "the path runs in the pruned graph")
+def path_on_the_full_adjacency(result):
+    """Issue 27: the full matrix over all nodes; once an AttributeError about the test's stand-in object."""
+    A = result.adjacency_matrix.double()
+    kinds = [node.node_type.value for node in result.graph.nodes]
+    B = _no_direct(A.abs() / A.abs().sum(1, keepdim=True).clamp(min=1e-12), kinds)
+    is_input = torch.tensor([k == "embedding" for k in kinds])
+    best = is_input.double()
+    for _ in range(len(kinds)):
+        via, parent = (B * best).max(1)
+        best = torch.where(is_input, best, via)
+    path = [kinds.index("logit")]
+    while not is_input[path[-1]]:
+        path.append(int(parent[path[-1]]))
+    return path[::-1], float(best[path[0]])
+
+
 @alternative("strongest_path")
 def path_reference_style(result):
     return _path(result)
 
 
-@alternative("strongest_path")
+@alternative("strongest_path", note="updates one node at a time in a Python loop")
 def path_node_by_node(result):
     """A loop over nodes in graph order (a topological order: edges only go forward)."""
     A = result.pruned_matrix
@@ -2165,7 +2242,7 @@ def path_node_by_node(result):
     return [kept[k] for k in reversed(path)], float(best[t])
 
 
-@alternative("strongest_path")
+@alternative("strongest_path", note="updates one node at a time in a Python loop")
 def path_dijkstra(result):
     """Shares are at most 1, so -log(share) >= 0: the strongest path is a shortest path (Dijkstra)."""
     import heapq
@@ -2262,6 +2339,14 @@ def swap_skips_silent_latents(model, transcoders, prompt_a, prompt_b, latents):
 @mutant("swap_group", "at the latent's own position")
 def swap_reads_last_position(model, transcoders, prompt_a, prompt_b, latents):
     return _swap(model, transcoders, prompt_a, prompt_b, latents, where="last")
+
+
+@mutant("swap_group", "you set the latents to 0, which is an ablation")
+def swap_ablates(model, transcoders, prompt_a, prompt_b, latents):
+    """Issue 27: was told to read B's value at the latent's own position (toy latents are silent at the
+    last position, so reading there also gives 0)."""
+    edits = [(layer, pos, f, 0.0) for layer, pos, f in latents]
+    return S.intervene(model, transcoders, prompt_a, edits).logits[0, -1]
 
 
 @mutant("swap_group", "use intervene's defaults")

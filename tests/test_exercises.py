@@ -77,7 +77,9 @@ TEST_MODULE = '''
 """normalize_matrix: |A| with each row divided by its sum."""
 
 from ..pruning import normalize_matrix
-from .harness import _close, _Fail, _public_test, _run, _tensor, _worst
+from .compare import _close, _tensor, _worst
+from .messages import _Fail
+from .running import _public_test, _run
 
 
 @_public_test("normalize_matrix")

@@ -10,13 +10,15 @@ Tests leave the model as they found it: hooks your code adds, weights it changes
 edits are reported and undone, and a call that runs too long is stopped.
 
 One module per exercise (`tests/<exercise>.py`, listed in `exercises.py`) defines its `test_<exercise>`;
-`harness.py` holds what they share.
+What they share, by concern: `worlds` (the worlds tests run on), `running` (calling learner code under a
+time limit; `_public_test`), `hygiene` (what learner code must leave as it found), `compare` (checking
+what it returns), `messages` (what the learner reads), `handmade` (small hand-made graphs).
 """
 
 import importlib as _importlib
 
 from ..exercises import EXERCISES as _EXERCISES
-from .harness import AutograderFailure
+from .messages import AutograderFailure
 
 for _exercise in _EXERCISES:
     globals()[_exercise.test_name] = getattr(

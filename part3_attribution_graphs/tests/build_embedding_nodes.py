@@ -8,23 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .harness import (
-    SECOND_PROMPT,
-    _close,
-    _diagnose,
-    _Fail,
-    _items,
-    _list,
-    _node_attr,
-    _node_number,
-    _ntype,
-    _public_test,
-    _run,
-    _stack,
-    _World,
-    _worst,
-    format_prompt,
-)
+from ..worlds.gemma import format_prompt
+from .compare import _close, _diagnose, _items, _list, _node_attr, _node_number, _ntype, _stack, _worst
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import SECOND_PROMPT, _World
 
 
 def _resid_after_block0(model: Any, tokens: Tensor) -> Tensor:

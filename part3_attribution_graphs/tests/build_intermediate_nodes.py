@@ -12,11 +12,10 @@ from torch import Tensor
 from ..nodes import (
     build_intermediate_nodes,
 )
-from .harness import (
-    START_POSN,
+from ..worlds.gemma import START_POSN
+from .compare import (
     _close,
     _diagnose,
-    _Fail,
     _float,
     _int,
     _items,
@@ -24,12 +23,12 @@ from .harness import (
     _node_attr,
     _node_number,
     _ntype,
-    _public_test,
-    _run,
     _stack,
-    _World,
     _worst,
 )
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _silent_layer(transcoders: dict, layer: int) -> dict:

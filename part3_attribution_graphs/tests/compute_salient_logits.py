@@ -10,22 +10,10 @@ from torch import Tensor
 from ..nodes import (
     compute_salient_logits,
 )
-from .harness import (
-    _check_unchanged,
-    _close,
-    _diagnose,
-    _Fail,
-    _float,
-    _fmt,
-    _int,
-    _items,
-    _public_test,
-    _run,
-    _short,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _close, _diagnose, _float, _int, _items, _tensor, _worst
+from .messages import _Fail, _fmt, _short
+from .running import _public_test, _run
+from .worlds import _World
 
 
 def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -> None:
@@ -50,7 +38,6 @@ def _salient_case(fn: Callable, w: _World, logits: Tensor, n: int, label: str) -
             )
         ],
     )
-    _check_unchanged(logits, given, "the logits")
     vecs, info = _items(out, 2, "compute_salient_logits")
     vecs = _tensor(vecs, f"reading_vecs{label}", shape=(n, d_model), device=w.device)
     if not isinstance(info, (list, tuple)) or len(info) != n:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -10,18 +9,13 @@ from torch import Tensor
 
 from ..interventions import predicted_effects as _ref_predicted_effects
 from ..nodes import GraphNodes, NodeInfo, NodeType
-from .harness import (
-    _check_unchanged,
-    _close,
-    _diagnose,
-    _Fail,
-    _items,
-    _public_test,
-    _run,
-    _tensor,
-    _World,
-    _worst,
-)
+from ..pruning import prune_graph
+from ..result import AttributionResult
+from .compare import _close, _diagnose, _items, _tensor, _worst
+from .handmade import _hand_made_result
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 __all__ = ["test_predicted_effects"]
 
@@ -31,7 +25,7 @@ __all__ = ["test_predicted_effects"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _hand_result() -> SimpleNamespace:
+def _hand_result() -> AttributionResult:
     """emb -> a (act 2) -> b (act 0.5) -> d (act 1.5) -> logit, with error nodes and a side latent c (act
     4)."""
     L, E = NodeType.LATENT, NodeType.MLP_ERROR
@@ -68,7 +62,9 @@ def _hand_result() -> SimpleNamespace:
         (8, 7): 0.5,
     }.items():
         A[t, s] = v
-    return SimpleNamespace(adjacency_matrix=A, graph=GraphNodes(nodes=nodes, seq_len=1, n_layers=3))
+    n_logits = sum(node.node_type == NodeType.LOGIT for node in nodes)
+    graph = GraphNodes(nodes=nodes, seq_len=1, n_layers=3)
+    return _hand_made_result(graph, torch.full((n_logits,), 1.0 / n_logits, dtype=A.dtype), adjacency=A)
 
 
 def _effects_variant(result: Any, idx: list[int], mode: str) -> Tensor:
@@ -137,13 +133,27 @@ _TOTAL_MISTAKES = (
 )
 
 
+_PRUNED = (
+    "you used result.pruned_matrix (the kept nodes only, pruned edges zeroed); effects are predicted on the "
+    "full graph, result.adjacency_matrix, where node_indices index result.graph.nodes"
+)
+
+
 def _effects_case(fn: Any, result: Any, idx: list[int], tol: float, label: str) -> None:
     A_before = result.adjacency_matrix.clone()
     out = _run(
-        fn, result, list(idx), what=f"predicted_effects(result, {idx[:4]}{'...' if len(idx) > 4 else ''})"
+        fn,
+        result,
+        list(idx),
+        what=f"predicted_effects(result, {idx[:4]}{'...' if len(idx) > 4 else ''})",
+        hints=[(IndexError, "out of bounds", _PRUNED), (RuntimeError, "out of bounds", _PRUNED)],
     )
     direct, total = _items(out, 2, "predicted_effects")
-    _check_unchanged(A_before, result.adjacency_matrix, "result.adjacency_matrix")
+    n_kept = len(result.kept_indices)
+    if n_kept != A_before.shape[0] and any(
+        isinstance(x, Tensor) and x.dim() == 2 and x.shape[-1] == n_kept for x in (direct, total)
+    ):
+        raise _Fail(f"{label}: your effects have {n_kept} columns, one per kept node: {_PRUNED}.")
     ref = _ref_predicted_effects(result, idx)
     n_nodes = A_before.shape[0]
     for name, got, want in (("direct", direct, ref.direct), ("total", total, ref.total)):
@@ -204,7 +214,8 @@ def test_predicted_effects(fn: Any, w: _World) -> None:
     hand = _hand_result()
     _effects_case(fn, hand, [1], 1e-10, "a hand-made chain (emb -> a -> b -> d -> logit)")
     _effects_case(fn, hand, [3, 1, 4], 1e-10, "the hand-made chain, three sources")
-    result = SimpleNamespace(adjacency_matrix=w.adjacency, graph=w.graph)
+    kept, pruned = prune_graph(w.adjacency, w.logit_weights, w.n_layers)  # a result as attribute makes it
+    result = _hand_made_result(w.graph, w.logit_weights, kept=kept, pruned=pruned, adjacency=w.adjacency)
     latents = [i for i, n in enumerate(w.graph.nodes) if n.node_type == NodeType.LATENT]
     by_layer = {}
     for i in latents:

@@ -6,7 +6,9 @@ strong as the strongest passes, so a correct answer that breaks a tie differentl
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import ast
+import inspect
+import textwrap
 from typing import Any
 
 import torch
@@ -16,14 +18,18 @@ from ..case_study import strongest_path as _ref_strongest_path
 from ..nodes import GraphNodes, NodeInfo, NodeType
 from ..pruning import normalize_matrix, prune_graph
 from ..result import AttributionResult
-from .harness import _Fail, _float, _fmt, _int, _public_test, _run, _World
+from .compare import _float, _int
+from .handmade import _hand_made_result
+from .messages import _Fail, _fmt
+from .running import _public_test, _run
+from .worlds import _World
 
 __all__ = ["test_strongest_path"]
 
 _TOL = 1e-6  # relative, on strengths (products of a handful of shares)
 
 
-def _hand_result() -> SimpleNamespace:
+def _hand_result() -> AttributionResult:
     """Twelve nodes, ten kept. The strongest path runs through a negative edge; a greedy walk back from the
     logit, raw |A|, signed weights, sums, column shares or a start at an error node each pick another."""
     E, L, R, G = NodeType.EMBEDDING, NodeType.LATENT, NodeType.MLP_ERROR, NodeType.LOGIT
@@ -70,22 +76,17 @@ def _hand_result() -> SimpleNamespace:
     for (s, t), v in edges.items():
         A[t, s] = v
     graph = GraphNodes(nodes=nodes, seq_len=3, n_layers=2)
-    return SimpleNamespace(
-        graph=graph, kept_indices=kept, pruned_matrix=A, logit_weights=torch.tensor([0.6, 0.3])
-    )
+    return _hand_made_result(graph, torch.tensor([0.6, 0.3]), kept=kept, pruned=A)
 
 
 def _kinds(result: Any) -> list[str]:
     return [result.graph.nodes[i].node_type.value for i in result.kept_indices.tolist()]
 
 
-def _path_variant(result: Any, mode: str) -> list[int]:
-    """The path a known mistake finds (global node indices), to name the mistake in the message."""
+def _weights(result: Any, mode: str = "") -> Tensor:
+    """The edge weights a known mistake uses (the reference's for any other `mode`)."""
     A = result.pruned_matrix.double()
     kinds = _kinds(result)
-    is_input = torch.tensor([k == "embedding" for k in kinds])
-    if mode == "error_start":
-        is_input = torch.tensor([k in ("embedding", "mlp_error") for k in kinds])
     B = {
         "raw": A.abs(),
         "signed": A / A.abs().sum(1, keepdim=True).clamp(min=1e-30),
@@ -95,6 +96,31 @@ def _path_variant(result: Any, mode: str) -> list[int]:
         is_logit = torch.tensor([k == "logit" for k in kinds])
         is_embedding = torch.tensor([k == "embedding" for k in kinds])
         B = B * ~(is_logit[:, None] & is_embedding[None, :])
+    if mode == "renormalised":  # shares recomputed after dropping the direct edges
+        B = B / B.sum(1, keepdim=True).clamp(min=1e-30)
+    return B
+
+
+def _sweep(B: Tensor, is_input: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """`best` and `parent` after `n` sweeps of the reference's dynamic programme."""
+    best = is_input.double()
+    parent = torch.zeros(len(best), dtype=torch.long)
+    for _ in range(n):
+        via, parent = (B * best).max(1)
+        best = torch.where(is_input, best, via)
+    return best, parent
+
+
+def _path_variant(result: Any, mode: str) -> list[int]:
+    """The path a known mistake finds (global node indices), to name the mistake in the message."""
+    if mode == "full":  # the reference's search, on the full matrix over every node
+        whole = _hand_made_result(result.graph, result.logit_weights, adjacency=result.adjacency_matrix)
+        return _path_variant(whole, "")
+    kinds = _kinds(result)
+    is_input = torch.tensor([k == "embedding" for k in kinds])
+    if mode == "error_start":
+        is_input = torch.tensor([k in ("embedding", "mlp_error") for k in kinds])
+    B = _weights(result, mode)
     end = kinds.index("logit")
     if mode == "last_logit":
         end = len(kinds) - 1
@@ -110,17 +136,31 @@ def _path_variant(result: Any, mode: str) -> list[int]:
             via, parent = cand.max(1)
             best = torch.where(is_input, best, via)
     else:
-        best = is_input.double()
-        for _ in range(len(kinds)):
-            via, parent = (B * best).max(1)
-            best = torch.where(is_input, best, via)
+        best, parent = _sweep(B, is_input, result.graph.n_layers if mode == "early" else len(kinds))
     path = [end]
     while not is_input[path[-1]] and len(path) <= len(kinds):
         path.append(int(parent[path[-1]]))
     return result.kept_indices[path[::-1]].tolist()
 
 
+_EARLY = (
+    "your sweeps stopped before the strongest path reached the logit: after k sweeps, best[t] covers only "
+    "paths of at most k edges, and a path can have n_layers + 1 edges or more (embedding, latents at "
+    "several layers, logit). Sweep until a sweep changes nothing (at most once per node)"
+)
+_RENORMALISED = (
+    "you renormalised the weights after dropping the direct edges: an edge's weight is its share of ALL of "
+    "its target's input, |A[t, s]| / sum |A[t, :]| with the direct edges counted in the sum. Normalise "
+    "first, then zero the embedding -> logit entries, and do not normalise again"
+)
+
+_FULL = (
+    "you searched result.adjacency_matrix, the full graph; the path runs in the pruned graph: "
+    "result.pruned_matrix, whose rows and columns are the nodes of result.kept_indices"
+)
+
 _PATH_MISTAKES = (
+    ("full", _FULL),
     (
         "direct",
         "your path is a direct edge from an embedding to the logit; it says only that this token matters, "
@@ -152,7 +192,36 @@ _PATH_MISTAKES = (
         "a path's strength is the PRODUCT of its edges' normalised weights (or the sum of their logs), not "
         "their sum",
     ),
+    ("early", _EARLY),
+    ("renormalised", _RENORMALISED),
 )
+
+
+def _strength_hint(result: Any, local: Tensor, strength: float) -> str:
+    """What a wrong strength for the right path probably comes from."""
+
+    def matches(value: float) -> bool:
+        return abs(strength - value) <= _TOL * abs(value)
+
+    if matches(float(result.pruned_matrix.double().abs()[local[1:], local[:-1]].prod())):
+        return "return the product of the edges' normalised weights |A[t, s]| / sum |A[t, :]|, not of raw |A|"
+    if matches(float(_weights(result, "renormalised")[local[1:], local[:-1]].prod())):
+        return _RENORMALISED
+    whole = _hand_made_result(result.graph, result.logit_weights, adjacency=result.adjacency_matrix)
+    path = [int(k) for k in result.kept_indices[local].tolist()]
+    if matches(float(_weights(whole)[path[1:], path[:-1]].prod())):
+        return _FULL
+    kinds = _kinds(result)
+    is_input = torch.tensor([k == "embedding" for k in kinds])
+    B, end = _weights(result), kinds.index("logit")
+    final = float(_sweep(B, is_input, len(kinds))[0][end])
+    for n in range(1, len(kinds)):
+        value = float(_sweep(B, is_input, n)[0][end])
+        if value == final:
+            break
+        if matches(value):
+            return _EARLY
+    return "return the product of its edges' normalised weights"
 
 
 def _check_path(fn: Any, result: Any, label: str) -> None:
@@ -221,40 +290,56 @@ def _check_path(fn: Any, result: Any, label: str) -> None:
             f"({ref_strength:.4g}): {_fmt(ref_path)}."
         )
     if abs(strength - actual) > _TOL * actual:
-        raw = float(A.double().abs()[local[1:], local[:-1]].prod())
-        hint = (
-            "the product of the edges' normalised weights |A[t, s]| / sum |A[t, :]|, not of raw |A|"
-            if abs(strength - raw) <= _TOL * abs(raw)
-            else "the product of its edges' normalised weights"
-        )
         raise _Fail(
             f"{label}: you return strength {strength:.4g} for your path, which has strength {actual:.4g}: "
-            f"return {hint}."
+            f"{_strength_hint(result, local, strength)}."
         )
+
+
+def _node_at_a_time(fn: Any) -> int | None:
+    """The line of a `for` loop that assigns one node's entry at a time (`best[t] = ...` with `t` the loop
+    variable), if `fn`'s source has one: a correct programme, but not the sweep the lesson asks for."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        first = inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError, SyntaxError):
+        return None  # no source to read (a built-in, a lambda in an odd place): no note
+    for loop in ast.walk(tree):
+        if not isinstance(loop, ast.For):
+            continue
+        names = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+        for node in ast.walk(loop):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Subscript) and any(
+                        isinstance(n, ast.Name) and n.id in names for n in ast.walk(sub.slice)
+                    ):
+                        return first + loop.lineno - 1
+    return None
+
+
+_SWEEP_NOTE = (
+    "your strongest_path passes; it updates one node at a time in a Python loop (line {line}). The lesson's "
+    "sweep updates every node at once, `via, parent = (B * best).max(dim=1)` then `best = "
+    "torch.where(is_input, best, via)`: one matrix operation per sweep, repeated until a sweep changes "
+    "nothing (once per edge of the longest path). Same answer, and it scales to graphs of thousands of nodes."
+)
 
 
 @_public_test("strongest_path")
-def test_strongest_path(fn: Any, w: _World) -> None:
+def test_strongest_path(fn: Any, w: _World) -> str | None:
     """The strongest path on a hand-made graph and on the toy (or your) pruned graph."""
     _check_path(fn, _hand_result(), "a hand-made graph (a negative edge on the strongest path)")
     for node_threshold, edge_threshold in ((0.8, 0.85), (0.9, 0.95), (1.0, 1.0)):
         # the lesson's thresholds, looser where they leave no path through a latent to the top logit
         kept, pruned = prune_graph(w.adjacency, w.logit_weights, w.n_layers, node_threshold, edge_threshold)
-        result = AttributionResult(
-            graph=w.graph,
-            adjacency_matrix=w.adjacency,
-            kept_indices=kept,
-            pruned_matrix=pruned,
-            prompt="",
-            str_tokens=[],
-            logit_weights=w.logit_weights,
-            influence=torch.zeros(len(w.graph.nodes)),
-            settings={},
-            world=None,  # built here, not by attribute: no world recorded
-        )
+        result = _hand_made_result(w.graph, w.logit_weights, kept=kept, pruned=pruned, adjacency=w.adjacency)
         try:
             _ref_strongest_path(result)
         except ValueError:
             continue
         break
     _check_path(fn, result, f"{w.name} (pruned at {node_threshold} / {edge_threshold})")
+    line = _node_at_a_time(fn)
+    return None if line is None else _SWEEP_NOTE.format(line=line)

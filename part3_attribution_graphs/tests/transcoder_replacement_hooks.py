@@ -10,20 +10,11 @@ from torch import Tensor
 
 from ..attribution import setup_attribution
 from ..replacement import skip_output
-from .harness import (
-    _close,
-    _diagnose,
-    _Fail,
-    _hook_state,
-    _new_hooks,
-    _new_lens_handles,
-    _public_test,
-    _remove_new_hooks,
-    _run,
-    _tensor,
-    _World,
-    _worst,
-)
+from .compare import _close, _diagnose, _tensor, _worst
+from .hygiene import _hook_state, _new_hooks, _new_lens_handles, _remove_new_hooks
+from .messages import _Fail
+from .running import _public_test, _run
+from .worlds import _World
 
 
 class _VariantHooks:
