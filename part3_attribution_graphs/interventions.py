@@ -51,6 +51,7 @@ from .guard import (
     guarded,
 )
 from .nodes import NodeType
+from .progress import tqdm
 from .replacement import FreezeHooks, Transcoder, hook_names_out, skip_output
 
 __all__ = [
@@ -506,7 +507,7 @@ def ablation_effects(
     clean = demeaned_logit(intervene(model, transcoders, run, [], **kwargs).logits, token)
     predicted = (scale - 1) * predicted_effects(result, node_indices).total[:, logit_index]
     measured = []
-    for i in node_indices:
+    for i in tqdm(node_indices, desc="ablations", leave=False, disable=len(node_indices) < 2):
         n = nodes[i]
         out = intervene(
             model, transcoders, run, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ..arguments import whole_number
 from ..attribution import attribute
 from ..interventions import intervene
 from ..nodes import NodeType
@@ -259,8 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data", default=None, help="a folder written by tools.train_planted (default: shipped)"
     )
-    parser.add_argument("--pairs", type=int, default=2, help="swap partners per prompt")
-    parser.add_argument("--graphs", type=int, default=None, help="at most this many graphs per mechanism")
+    parser.add_argument("--pairs", type=whole_number(1), default=2, help="swap partners per prompt")
+    parser.add_argument(
+        "--graphs", type=whole_number(1), default=None, help="at most this many graphs per mechanism"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     planted.load_planted_world(data_dir=args.data)  # once first, so the timing below leaves imports out
