@@ -177,9 +177,9 @@ class OutputFolder:
             ]
             if folders or appeared:
                 raise OutputError(
-                    f"{self.flag} {out}: {', '.join(folders + appeared)} appeared or changed there while this "
-                    "program ran, and it did not write them: nothing was replaced. Move them away and run "
-                    "again."
+                    f"{self.flag} {out}: {', '.join(folders + appeared)} appeared or changed there while "
+                    "this program ran, and it did not write them: nothing was replaced. Move them away and "
+                    "run again."
                 )
             previous = stage / ".previous"
             previous.mkdir()

@@ -1,6 +1,6 @@
 """The planted world's recipe: train the model on its planted facts, then its transcoders on activations.
 
-`python -m part3_attribution_graphs.tools.train_planted [--out DIR] [--force] [--seed 0] [--model-steps N]` writes
+`python -m part3_attribution_graphs.tools.train_planted [--out DIR] [--force] [--seed 0]` writes
 `model.safetensors`, `transcoders.safetensors` and `meta.json` (vocabulary size, shape, training
 settings and statistics) into `DIR` (default: the package's `worlds/planted_data/`) the way the CLI
 writes (`staging.OutputFolder`): staged, moved in together, the folder's other files left alone, and a
