@@ -45,6 +45,7 @@ from .checks import (
     existing_hooks,
     foreign_mlp,
 )
+from .fingerprints import versions, weights_digest
 
 __all__ = [
     "ENTRY_POINTS",
@@ -54,11 +55,13 @@ __all__ = [
     "as_indices",
     "as_layers",
     "as_real",
+    "check_clean_run_fresh",
     "check_context",
     "check_interventions",
     "check_latent_nodes",
     "check_result_fits",
     "check_token_input",
+    "clean_run_state",
     "guarded",
     "model_session",
     "world_fingerprint",
@@ -153,6 +156,7 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
             raise ValueError(
                 f"{name} is a clean run made with another model: make one with clean_run(model, ...)."
             )
+        check_clean_run_fresh(prompt_or_tokens, name)
         return int(prompt_or_tokens.tokens.shape[-1])
     if isinstance(prompt_or_tokens, (bytes, bytearray)):
         raise TypeError(f"{name} is bytes: pass text ({name}.decode('utf-8')) or token ids.")
@@ -200,6 +204,47 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
     return ids.numel()
 
 
+def clean_run_state(run: Any) -> dict[str, dict[str, tuple]]:
+    """What a `CleanRun` was made from and holds, as tensor versions (`fingerprints.versions`): the model's
+    and transcoders' parameters, and its own tensors."""
+    own = [("tokens", run.tokens)]
+    for field_name in ("frozen_values", "mlp_in", "mlp_out", "acts"):
+        own += [(f"{field_name}[{key!r}]", t) for key, t in getattr(run, field_name).items()]
+    return {
+        "the model's weights": versions(run.model.named_parameters()),
+        **{
+            f"transcoder {layer}'s weights": versions(tc.named_parameters())
+            for layer, tc in sorted(run.transcoders.items())
+        },
+        "its own tensors": versions(own),
+    }
+
+
+def check_clean_run_fresh(run: Any, name: str = "prompt_or_tokens") -> None:
+    """Refuse a `CleanRun` whose model or transcoders changed since it was made, or whose own tensors were
+    edited or replaced (`run.acts[3] *= 2`, `dataclasses.replace(run, tokens=...)`): its clean values would
+    no longer be this model's clean pass."""
+    made = getattr(run, "made_from", None)
+    if not made:
+        raise ValueError(
+            f"{name} is a CleanRun that clean_run did not make: make it with clean_run(model, transcoders, "
+            "prompt)."
+        )
+    now = clean_run_state(run)
+    changed = []
+    for what in sorted(set(made) | set(now)):
+        before, after = made.get(what, {}), now.get(what, {})
+        if before != after:
+            names = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            changed.append(what if what != "its own tensors" else f"its {', '.join(names[:4])}")
+    if changed:
+        raise ValueError(
+            f"{name} is a stale CleanRun: {'; '.join(changed)} changed since clean_run made it, so its clean "
+            "values no longer belong to this model. Make a new one with clean_run(model, transcoders, "
+            "prompt) after the change."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Results and the world they were made in
 # --------------------------------------------------------------------------------------------------
@@ -228,14 +273,15 @@ def _transcoder_digest(tc: torch.nn.Module) -> str:
 
 
 def world_fingerprint(model: Any, transcoders: Mapping[int, Any]) -> dict[str, Any]:
-    """What identifies the world a result was made in: the model's name and shapes, and a hash of each
-    transcoder's weights (stored with the result, compared by `check_result_fits`)."""
+    """What identifies the world a result was made in: the model's name and shapes, a hash of its weights
+    and of each transcoder's (stored with the result, compared by `check_result_fits`)."""
     cfg = model.cfg
     return {
         "model_name": str(getattr(cfg, "model_name", "")),
         "n_layers": int(cfg.n_layers),
         "d_model": int(cfg.d_model),
         "d_vocab": int(cfg.d_vocab),
+        "model": weights_digest(model),
         "transcoders": {str(layer): _transcoder_digest(tc) for layer, tc in sorted(transcoders.items())},
     }
 
@@ -259,11 +305,18 @@ def check_result_fits(result: Any, model: Any, transcoders: Mapping[int, Any] | 
         problems.append(f"{g.n_layers} layers, the model {cfg.n_layers}")
     if g.writing_vecs.shape[-1] != cfg.d_model:
         problems.append(f"d_model {g.writing_vecs.shape[-1]}, the model {cfg.d_model}")
-    made = getattr(result, "world", None) or {}
+    made = getattr(result, "world", None)
+    if not isinstance(made, Mapping):
+        raise ValueError(
+            "This result does not record the model and transcoders it was made with (its world is "
+            f"{made!r}), so it cannot be checked against these: run attribute again on them."
+        )
     now = world_fingerprint(model, transcoders or {})
     for key in ("model_name", "d_vocab"):
         if key in made and made[key] != now[key]:
             problems.append(f"{key} {made[key]!r}, the model {now[key]!r}")
+    if "model" in made and made["model"] != now["model"] and not problems:
+        problems.append("the model's weights differ (changed since, or another model of the same name)")
     for layer, digest in now["transcoders"].items():
         if layer in made.get("transcoders", {}) and made["transcoders"][layer] != digest:
             problems.append(f"transcoder {layer}'s weights differ")
