@@ -20,6 +20,7 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -339,6 +340,64 @@ def check_result_fits(result: Any, model: Any, transcoders: Mapping[int, Any] | 
 # id(model) -> [thread ident, thread name, depth]
 _busy: dict[int, list] = {}
 _busy_lock = threading.Lock()
+# tokenizer -> the lock its guarded calls take turns on: a fast tokenizer used by two threads at once fails
+# with Rust's "Already borrowed" (two models may share one tokenizer).
+_tokenizer_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_any_tokenizer = threading.RLock()  # for a tokenizer that cannot be a weak key
+
+
+def _tokenizer_lock(model: Any) -> Any:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return contextlib.nullcontext()
+    with _busy_lock:
+        try:
+            return _tokenizer_locks.setdefault(tokenizer, threading.RLock())
+        except TypeError:
+            return _any_tokenizer
+
+
+class _Gate:
+    """Where another thread's use of a model waits while a guarded call holds it, so that it never runs with
+    the call's hooks (nor has its own hooks removed when the call's `model.hooks()` context ends, which
+    removes every hook added at its level): a forward pre-hook on the embedding (a plain `model(tokens)`)
+    and `model.hooks` (`run_with_cache`, `run_with_hooks`). The thread that holds the model passes. A
+    forward already running when the call began is not covered."""
+
+    guard_gate = True  # `checks.existing_hooks` leaves it out
+
+    def __init__(self) -> None:
+        self.owner = threading.get_ident()
+        self.open = threading.Event()
+
+    def wait(self) -> None:
+        if threading.get_ident() != self.owner:
+            self.open.wait()
+
+    def __call__(self, module: Any, args: Any) -> None:
+        self.wait()
+
+    @contextmanager
+    def install(self, model: Any) -> Iterator[None]:
+        embed = getattr(model, "embed", None)
+        handle = embed.register_forward_pre_hook(self) if isinstance(embed, torch.nn.Module) else None
+        real_hooks = model.hooks
+        has_own = "hooks" in vars(model)
+
+        def hooks(*args: Any, **kwargs: Any) -> Any:
+            self.wait()
+            return real_hooks(*args, **kwargs)
+
+        if not has_own:
+            vars(model)["hooks"] = hooks  # an instance attribute, shadowing the method for the call
+        try:
+            yield
+        finally:
+            if not has_own:
+                vars(model).pop("hooks", None)
+            if handle is not None:
+                handle.remove()
+            self.open.set()
 
 
 def _check_model_type(model: Any) -> None:
@@ -401,29 +460,32 @@ def model_session(model: Any, name: str, stacklevel: int = 4) -> Iterator[bool]:
         entry[2] += 1
     outermost = entry[2] == 1
     buffers = []
-    try:
-        if outermost:
-            check_model(model, stacklevel)
-            # Persistence too: a buffer re-registered as non-persistent would drop out of state_dict.
-            buffers = [
-                (m, key, b, key in m._non_persistent_buffers_set)
-                for m in model.modules()
-                for key, b in m._buffers.items()
-            ]
-        with torch.inference_mode(False):
-            yield outermost
-    finally:
-        for module, key, b, transient in buffers:
-            if module._buffers.get(key) is not b:
-                module._buffers[key] = b
-            if transient:
-                module._non_persistent_buffers_set.add(key)
-            else:
-                module._non_persistent_buffers_set.discard(key)
-        with _busy_lock:
-            entry[2] -= 1
-            if entry[2] == 0:
-                del _busy[id(model)]
+    with contextlib.ExitStack() as stack:
+        try:
+            if outermost:
+                stack.enter_context(_tokenizer_lock(model))
+                check_model(model, stacklevel)
+                # Persistence too: a buffer re-registered as non-persistent would drop out of state_dict.
+                buffers = [
+                    (m, key, b, key in m._non_persistent_buffers_set)
+                    for m in model.modules()
+                    for key, b in m._buffers.items()
+                ]
+                stack.enter_context(_Gate().install(model))
+            with torch.inference_mode(False):
+                yield outermost
+        finally:
+            for module, key, b, transient in buffers:
+                if module._buffers.get(key) is not b:
+                    module._buffers[key] = b
+                if transient:
+                    module._non_persistent_buffers_set.add(key)
+                else:
+                    module._non_persistent_buffers_set.discard(key)
+            with _busy_lock:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    del _busy[id(model)]
 
 
 # --------------------------------------------------------------------------------------------------
