@@ -20,7 +20,7 @@ import test_hostile
 import torch
 
 from part3_attribution_graphs import __main__ as cli
-from part3_attribution_graphs import interventions, staging
+from part3_attribution_graphs import interventions
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.interventions import (
     ablation_effects,
@@ -356,6 +356,8 @@ def test_error_a_signal_during_the_run_cleans_the_staging_folder(first_run, tmp_
 
 
 def test_error_a_commit_that_fails_half_way_puts_the_old_set_back(first_run, tmp_path, monkeypatch, capsys):
+    from part3_attribution_graphs import staging
+
     out = _copy(first_run, tmp_path)
     real, moves = staging._move, []
 
@@ -393,7 +395,8 @@ def test_error_a_users_file_saved_during_the_run_is_not_overwritten(first_run, t
 
 
 def test_correct_interventions_beyond_the_graphs_latents_are_capped_with_a_word(tmp_path, capsys):
-    summary = cli.main(_cli_args(tmp_path / "g", "--no-dashboard", "--interventions", "1000000"))
+    short = ("--no-dashboard", "--top-k", "1", "--user", "small?", "--response", "large")  # few latents
+    summary = cli.main(_cli_args(tmp_path / "g", *short, "--interventions", "1000000"))
     err = capsys.readouterr().err
     assert "--interventions 1000000: the graph has" in err and "are ablated" in err
     nodes = json.loads((tmp_path / "g" / "nodes.json").read_text())["nodes"]
@@ -425,6 +428,8 @@ def test_correct_write_world_keeps_the_users_files(tmp_path):
 
 
 def test_error_write_world_does_not_replace_a_users_meta_json_without_force(tmp_path):
+    from part3_attribution_graphs import staging
+
     out = _users_folder(tmp_path)
     (out / "meta.json").write_text("mine")
     with pytest.raises(staging.OutputError, match="already holds meta.json.*--force"):
@@ -483,6 +488,8 @@ def test_error_a_tools_bad_number_is_a_usage_error_before_any_work(
 
 
 def test_the_staging_folder_is_hidden_and_inside_out(tmp_path):
+    from part3_attribution_graphs import staging
+
     folder = staging.OutputFolder(tmp_path / "o", ("a.txt",), ".list.json")
     folder.check(("a.txt",))
     with folder.staged() as stage:
