@@ -5,6 +5,9 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
 
 - takes the model's lock: a second thread on the same model is refused (the runs would read each other's
   hooks), while the thread already inside may call other entry points (`ablation_effects` calls `intervene`);
+  meanwhile another thread's plain `model(tokens)` or `model.hooks()` waits until the call ends (`_Gate`),
+  and guarded calls on two models that share one tokenizer take turns (a fast tokenizer used by two threads
+  at once fails with "Already borrowed");
 - checks the model once per outermost call: not a `copy.deepcopy`, not loaded in `inference_mode`, and warns
   naming every hook already on it (they would run during the call and change what it computes);
 - checks a prompt's length against `n_ctx` before any forward pass (text and token ids), and that token ids
@@ -13,9 +16,13 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
 - checks transcoders: one per layer it names, reading and writing that layer's MLP, with finite weights;
 - checks numbers strictly: counts and indices with `operator.index` (no `True` for 1, no `3.7` for 3), flags
   as real bools, layer lists as lists (not the string "12"), values finite and within the model's dtype;
-- checks a result against the model and transcoders it is used with (`check_result_fits`).
+- checks a result against the model and transcoders it is used with (`check_result_fits`: names, shapes and
+  weight digests), and a `CleanRun` against what it was made from (`check_clean_run_fresh`: the versions of
+  the model's, the transcoders' and its own tensors).
 
-`ENTRY_POINTS` lists every guarded function; `tests/test_hostile.py` proves the public ones all are.
+`ENTRY_POINTS` lists every guarded function; `tests/test_hostile.py` derives the public functions of every
+public module and proves each is guarded or listed there with a reason. The decorator's keywords are `Spec`'s
+fields (new fields keep their defaults, so existing declarations stay valid).
 """
 
 from __future__ import annotations
