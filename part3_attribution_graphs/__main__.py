@@ -11,9 +11,9 @@ Writes to `--out` (default `out/graph`):
 
 The files are written into a hidden folder inside `--out` and moved in together at the end, when the previous
 run's files go (`staging.OutputFolder`): an interrupted run (Ctrl-C, SIGTERM, SIGHUP) or a move that fails
-leaves `--out` as it was, never a new nodes.json beside an old index.html, and no hidden folder. `--out` keeps a
-list of the files this program wrote there (`.part3_attribution_graphs.json`); a file of the same name that is
-not on it is yours, and is replaced only with `--force` (one saved there during the run, never).
+leaves `--out` as it was, never a new nodes.json beside an old index.html, and no hidden folder. `--out`
+keeps a list of the files this program wrote there (`.part3_attribution_graphs.json`); a file of the same name
+that is not on it is yours, and is replaced only with `--force` (one saved there during the run, never).
 """
 
 from __future__ import annotations
