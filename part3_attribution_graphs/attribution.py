@@ -26,7 +26,7 @@ from .nodes import GraphNodes, Layer, NodeInfo, NodeType, build_graph_nodes, com
 from .progress import tqdm
 from .pruning import compute_influence, prune_graph
 from .replacement import FreezeHooks, Transcoder, TranscoderReplacementHooks
-from .result import AttributionResult, contents_digest
+from .result import AttributionResult
 from .transposed import TransposedModel
 
 __all__ = [
@@ -505,7 +505,7 @@ def attribute(
     check_finite_adjacency(adjacency)
     logit_weights = logit_weights_of(graph, adjacency.dtype, adjacency.device)
     kept, pruned = prune_graph(adjacency, logit_weights, model.cfg.n_layers, node_threshold, edge_threshold)
-    result = AttributionResult(
+    return AttributionResult(
         graph=graph,
         adjacency_matrix=adjacency,
         kept_indices=kept,
@@ -525,5 +525,3 @@ def attribute(
         ),
         world=world_fingerprint(model, transcoders),
     )
-    result.world["contents"] = contents_digest(result)  # what `AttributionResult.load` checks a file against
-    return result

@@ -72,6 +72,12 @@ class AttributionResult:
     settings: dict[str, Any]
     world: dict[str, Any] | None
 
+    def __post_init__(self) -> None:
+        # A result made from a world (attribute's) records a digest of its own contents, which `load` checks a
+        # file against; a copy made by `prune` (dataclasses.replace) keeps the original's.
+        if isinstance(self.world, dict) and "contents" not in self.world:
+            self.world = {**self.world, "contents": contents_digest(self)}
+
     @property
     def kept_nodes(self) -> list[NodeInfo]:
         return [self.graph.nodes[i] for i in self.kept_indices.tolist()]
@@ -184,8 +190,9 @@ class AttributionResult:
                 logit_weights=payload["logit_weights"],
                 influence=payload["influence"],
                 settings=dict(payload["settings"]),
-                world=payload.get("world"),
+                world=None,  # set below as the file has it: __post_init__ would make up a missing digest
             )
+            result.world = payload.get("world")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is damaged: {type(e).__name__} {e}. Save the result again.") from None
         problem = _shape_problem(result)
@@ -198,6 +205,8 @@ class AttributionResult:
                 "detected. Run attribute again and save the result to get a checked file.",
                 stacklevel=3,
             )
+            if isinstance(result.world, dict):  # from here on it is checked like a new result
+                result.world = {**result.world, "contents": contents_digest(result)}
             return result
         world = result.world
         if not isinstance(world, dict) or not isinstance(world.get("contents"), str):
