@@ -10,9 +10,10 @@ Writes to `--out` (default `out/graph`):
 `--result out/graph/graph.pt` redraws a saved graph (re-pruned at the given thresholds) without attributing.
 
 The files are written into a hidden folder inside `--out` and moved in together at the end, when the previous
-run's files go: an interrupted run leaves `--out` as it was, never a new nodes.json beside an old index.html.
-`--out` keeps a list of the files this program wrote there (`.part3_attribution_graphs.json`); a file of the
-same name that is not on it is yours, and is replaced only with `--force`.
+run's files go (`staging.OutputFolder`): an interrupted run (Ctrl-C, SIGTERM, SIGHUP) or a move that fails
+leaves `--out` as it was, never a new nodes.json beside an old index.html, and no hidden folder. `--out`
+keeps a list of the files this program wrote there (`.part3_attribution_graphs.json`); a file of the same name
+that is not on it is yours, and is replaced only with `--force` (one saved there during the run, never).
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from __future__ import annotations
 # torch and TransformerLens (many seconds) are imported.
 import argparse
 import json
-import os
 import shutil
-import signal
-import tempfile
-import threading
+import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+from .arguments import fraction, whole_number
+from .staging import OutputError, OutputFolder
 
 DEFAULT_WORLD = "planted"  # offline, and its mechanisms are known: the graph has something to find
 # Each world's default prompt, (user turn, start of the answer). The planted world's is one of its held-out
@@ -84,6 +83,11 @@ def _measure_interventions(model, transcoders, result, n: int, nodes: list[dict]
     from .interventions import ablation_effects, agreement, most_influential_latents
 
     top = most_influential_latents(result, n)
+    if len(top) < n:
+        print(
+            f"--interventions {n}: the graph has {len(top)} latents, so all {len(top)} are ablated.",
+            file=sys.stderr,
+        )
     out, stats = {}, {}
     for mode, freeze in (("frozen", True), ("live", False)):
         predicted, measured = ablation_effects(model, transcoders, result, top, freeze_attention=freeze)
@@ -97,32 +101,6 @@ def _measure_interventions(model, transcoders, result, n: int, nodes: list[dict]
         }
     out["agreement"] = stats
     return out
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"whole number >= {minimum}"
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a fraction in (0, 1] (0.8 keeps 80% of the influence), got {value}"
-        )
-    return value
 
 
 def _out_dir(text: str) -> Path:
@@ -162,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace files in --out named like this program's outputs that it did not write there",
     )
-    parser.add_argument("--n-output-nodes", type=_count(1), default=None, help="(default 3)")
-    parser.add_argument("--top-k", type=_count(0), default=None, help="(default 5)")
-    parser.add_argument("--batch-size", type=_count(1), default=None, help="(default 256)")
-    parser.add_argument("--node-threshold", type=_fraction, default=0.8)
-    parser.add_argument("--edge-threshold", type=_fraction, default=0.85)
+    parser.add_argument("--n-output-nodes", type=whole_number(1), default=None, help="(default 3)")
+    parser.add_argument("--top-k", type=whole_number(0), default=None, help="(default 5)")
+    parser.add_argument("--batch-size", type=whole_number(1), default=None, help="(default 256)")
+    parser.add_argument("--node-threshold", type=fraction, default=0.8)
+    parser.add_argument("--edge-threshold", type=fraction, default=0.85)
     parser.add_argument("--no-dashboard", action="store_true")
     parser.add_argument(
         "--no-examples",
@@ -183,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--interventions",
-        type=_count(0),
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="ablate the N most influential latents and measure the top logit's change",
@@ -214,82 +192,32 @@ def planned_files(args: argparse.Namespace) -> tuple[str, ...]:
     return GRAPH_FILES + (() if args.no_dashboard else DASHBOARD_FILES)
 
 
+def output_folder(out: Path) -> OutputFolder:
+    """`--out` as the staging writer sees it: this program's files and its list of them there."""
+    return OutputFolder(out, GRAPH_FILES + DASHBOARD_FILES, MANIFEST)
+
+
 def ours(out: Path) -> set[str]:
     """The files an earlier run of this program wrote into `out` (from its list there)."""
-    try:
-        listed = json.loads((out / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    known = set(GRAPH_FILES + DASHBOARD_FILES)
-    return {name for name in listed if name in known}
+    return output_folder(out).ours()
 
 
-def check_out_dir(out: Path, planned: tuple[str, ...] = GRAPH_FILES, force: bool = False) -> Path:
+def check_out_dir(out: Path, planned: tuple[str, ...] = GRAPH_FILES, force: bool = False) -> OutputFolder:
     """Create `out` if needed and check that files can be written there and that none of the user's own
     would be replaced (unless `force`), before any slow work starts."""
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file, not a folder: choose a folder for the graph's files.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise CLIError(
-            f"cannot write to --out {out} ({err.strerror or err}): choose a folder you can write to."
-        ) from None
-    folders = [name for name in planned if (out / name).is_dir()]
-    if folders:
-        raise CLIError(f"--out {out} holds the folder(s) {', '.join(folders)} where a file goes: move them.")
-    theirs = sorted(name for name in planned if (out / name).exists() and name not in ours(out))
-    if theirs and not force:
-        raise CLIError(
-            f"--out {out} already holds {', '.join(theirs)}, which this program did not write there and "
-            "would overwrite: choose another folder, move them away, or pass --force to replace them."
-        )
-    return out
+    folder = output_folder(out)
+    folder.check(planned, force)
+    return folder
 
 
-@contextmanager
-def _no_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C back until the block ends (main thread only), so the block runs whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
-def commit(stage: Path, out: Path, written: list[str]) -> None:
-    """Move the staged files into `out` together: the previous run's files go, the new ones come, and the
-    list of ours is rewritten last. Ctrl-C waits until this is done."""
-    with _no_interrupt():
-        old = ours(out)
-        manifest = json.dumps({"files": sorted(old | set(written))})
-        (stage / MANIFEST).write_text(manifest)
-        os.replace(stage / MANIFEST, out / MANIFEST)  # while both sets are in flux, both count as ours
-        for name in old - set(written):
-            (out / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(stage / name, out / name)
-        (stage / MANIFEST).write_text(json.dumps({"files": sorted(written)}))
-        os.replace(stage / MANIFEST, out / MANIFEST)
-
-
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, folder: OutputFolder | None = None) -> dict:
     """Load the world, attribute the prompt, write the files (see the module docstring for how); returns the
     summary that `main` prints."""
-    stage = Path(tempfile.mkdtemp(dir=args.out, prefix=".partial-"))
-    try:
+    if folder is None:
+        folder = check_out_dir(args.out, planned_files(args), args.force)
+    with folder.staged() as stage:
         summary = _run(args, stage)
-        commit(stage, args.out, summary["files"])
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        folder.commit(stage, summary["files"])
     return summary
 
 
@@ -404,8 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)  # exits with status 2 and a usage line on a bad argument
     settle_arguments(parser, args)
     try:
-        check_out_dir(args.out, planned_files(args), args.force)
-        summary = run(args)
+        folder = check_out_dir(args.out, planned_files(args), args.force)
+        summary = run(args, folder)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     except Exception as err:  # noqa: BLE001 - every failure becomes one readable line
@@ -414,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         message = (
             " ".join(str(err).split()) or type(err).__name__
         )  # one line, however the message was wrapped
-        if not isinstance(err, CLIError):
+        if not isinstance(err, (CLIError, OutputError)):
             if not isinstance(err, (ValueError, TypeError, RuntimeError, OSError)):
                 message = f"{type(err).__name__}: {message}"
             message += " (--traceback shows where)"

@@ -254,6 +254,8 @@ def existing_hooks(model: torch.nn.Module) -> list[str]:
                     )
         for attr, kind in _TORCH_HOOK_KINDS.items():
             for hook_id, fn in getattr(module, attr, {}).items():
+                if getattr(fn, "guard_gate", False):  # the guard's own, for the length of a guarded call
+                    continue
                 found.append(f"{name or '<model>'}: {lens.get(hook_id, 'torch ' + kind)} {_fn_name(fn)}")
     import torch.nn.modules.module as torch_module
 

@@ -24,6 +24,7 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 
 from .attribution import attribute
+from .guard import guarded
 from .nodes import NodeType
 from .pruning import prune_graph
 from .replacement import Transcoder
@@ -65,6 +66,7 @@ def _label(node, str_tokens: Sequence[str]) -> str:
     return f"embedding “{shown_token(node.str_token)}” @ position {node.ctx_idx}"
 
 
+@guarded(result="result")
 def graph_figure(result: AttributionResult, title: str = "") -> go.Figure:
     """The pruned graph: tokens along x, layers up y; edges blue (positive) or red (negative)."""
     nodes = result.kept_nodes
@@ -309,6 +311,7 @@ def _in_widget_event() -> bool:
     return bool(parent) and parent.get("header", {}).get("msg_type") == "comm_msg"
 
 
+@guarded(model="model", transcoders="transcoders")
 def attribution_explorer(
     model: HookedSAETransformer,
     transcoders: dict[int, Transcoder],

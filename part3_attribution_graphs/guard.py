@@ -5,6 +5,9 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
 
 - takes the model's lock: a second thread on the same model is refused (the runs would read each other's
   hooks), while the thread already inside may call other entry points (`ablation_effects` calls `intervene`);
+  meanwhile another thread's plain `model(tokens)` or `model.hooks()` waits until the call ends (`_Gate`),
+  and guarded calls on two models that share one tokenizer take turns (a fast tokenizer used by two threads
+  at once fails with "Already borrowed");
 - checks the model once per outermost call: not a `copy.deepcopy`, not loaded in `inference_mode`, and warns
   naming every hook already on it (they would run during the call and change what it computes);
 - checks a prompt's length against `n_ctx` before any forward pass (text and token ids), and that token ids
@@ -13,13 +16,18 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
 - checks transcoders: one per layer it names, reading and writing that layer's MLP, with finite weights;
 - checks numbers strictly: counts and indices with `operator.index` (no `True` for 1, no `3.7` for 3), flags
   as real bools, layer lists as lists (not the string "12"), values finite and within the model's dtype;
-- checks a result against the model and transcoders it is used with (`check_result_fits`).
+- checks a result against the model and transcoders it is used with (`check_result_fits`: names, shapes and
+  weight digests), and a `CleanRun` against what it was made from (`check_clean_run_fresh`: the versions of
+  the model's, the transcoders' and its own tensors).
 
-`ENTRY_POINTS` lists every guarded function; `tests/test_hostile.py` proves the public ones all are.
+`ENTRY_POINTS` lists every guarded function; `tests/test_hostile.py` derives the public functions of every
+public module and proves each is guarded or listed there with a reason. The decorator's keywords are `Spec`'s
+fields (new fields keep their defaults, so existing declarations stay valid).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -45,6 +53,7 @@ from .checks import (
     existing_hooks,
     foreign_mlp,
 )
+from .fingerprints import versions, weights_digest
 
 __all__ = [
     "ENTRY_POINTS",
@@ -54,11 +63,13 @@ __all__ = [
     "as_indices",
     "as_layers",
     "as_real",
+    "check_clean_run_fresh",
     "check_context",
     "check_interventions",
     "check_latent_nodes",
     "check_result_fits",
     "check_token_input",
+    "clean_run_state",
     "guarded",
     "model_session",
     "world_fingerprint",
@@ -153,6 +164,7 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
             raise ValueError(
                 f"{name} is a clean run made with another model: make one with clean_run(model, ...)."
             )
+        check_clean_run_fresh(prompt_or_tokens, name)
         return int(prompt_or_tokens.tokens.shape[-1])
     if isinstance(prompt_or_tokens, (bytes, bytearray)):
         raise TypeError(f"{name} is bytes: pass text ({name}.decode('utf-8')) or token ids.")
@@ -200,6 +212,47 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
     return ids.numel()
 
 
+def clean_run_state(run: Any) -> dict[str, dict[str, tuple]]:
+    """What a `CleanRun` was made from and holds, as tensor versions (`fingerprints.versions`): the model's
+    and transcoders' parameters, and its own tensors."""
+    own = [("tokens", run.tokens)]
+    for field_name in ("frozen_values", "mlp_in", "mlp_out", "acts"):
+        own += [(f"{field_name}[{key!r}]", t) for key, t in getattr(run, field_name).items()]
+    return {
+        "the model's weights": versions(run.model.named_parameters()),
+        **{
+            f"transcoder {layer}'s weights": versions(tc.named_parameters())
+            for layer, tc in sorted(run.transcoders.items())
+        },
+        "its own tensors": versions(own),
+    }
+
+
+def check_clean_run_fresh(run: Any, name: str = "prompt_or_tokens") -> None:
+    """Refuse a `CleanRun` whose model or transcoders changed since it was made, or whose own tensors were
+    edited or replaced (`run.acts[3] *= 2`, `dataclasses.replace(run, tokens=...)`): its clean values would
+    no longer be this model's clean pass."""
+    made = getattr(run, "made_from", None)
+    if not made:
+        raise ValueError(
+            f"{name} is a CleanRun that clean_run did not make: make it with clean_run(model, transcoders, "
+            "prompt)."
+        )
+    now = clean_run_state(run)
+    changed = []
+    for what in sorted(set(made) | set(now)):
+        before, after = made.get(what, {}), now.get(what, {})
+        if before != after:
+            names = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            changed.append(what if what != "its own tensors" else f"its {', '.join(names[:4])}")
+    if changed:
+        raise ValueError(
+            f"{name} is a stale CleanRun: {'; '.join(changed)} changed since clean_run made it, so its clean "
+            "values no longer belong to this model. Make a new one with clean_run(model, transcoders, "
+            "prompt) after the change."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Results and the world they were made in
 # --------------------------------------------------------------------------------------------------
@@ -228,14 +281,15 @@ def _transcoder_digest(tc: torch.nn.Module) -> str:
 
 
 def world_fingerprint(model: Any, transcoders: Mapping[int, Any]) -> dict[str, Any]:
-    """What identifies the world a result was made in: the model's name and shapes, and a hash of each
-    transcoder's weights (stored with the result, compared by `check_result_fits`)."""
+    """What identifies the world a result was made in: the model's name and shapes, a hash of its weights
+    and of each transcoder's (stored with the result, compared by `check_result_fits`)."""
     cfg = model.cfg
     return {
         "model_name": str(getattr(cfg, "model_name", "")),
         "n_layers": int(cfg.n_layers),
         "d_model": int(cfg.d_model),
         "d_vocab": int(cfg.d_vocab),
+        "model": weights_digest(model),
         "transcoders": {str(layer): _transcoder_digest(tc) for layer, tc in sorted(transcoders.items())},
     }
 
@@ -259,11 +313,18 @@ def check_result_fits(result: Any, model: Any, transcoders: Mapping[int, Any] | 
         problems.append(f"{g.n_layers} layers, the model {cfg.n_layers}")
     if g.writing_vecs.shape[-1] != cfg.d_model:
         problems.append(f"d_model {g.writing_vecs.shape[-1]}, the model {cfg.d_model}")
-    made = getattr(result, "world", None) or {}
+    made = getattr(result, "world", None)
+    if not isinstance(made, Mapping):
+        raise ValueError(
+            "This result does not record the model and transcoders it was made with (its world is "
+            f"{made!r}), so it cannot be checked against these: run attribute again on them."
+        )
     now = world_fingerprint(model, transcoders or {})
     for key in ("model_name", "d_vocab"):
         if key in made and made[key] != now[key]:
             problems.append(f"{key} {made[key]!r}, the model {now[key]!r}")
+    if "model" in made and made["model"] != now["model"] and not problems:
+        problems.append("the model's weights differ (changed since, or another model of the same name)")
     for layer, digest in now["transcoders"].items():
         if layer in made.get("transcoders", {}) and made["transcoders"][layer] != digest:
             problems.append(f"transcoder {layer}'s weights differ")
@@ -286,6 +347,64 @@ def check_result_fits(result: Any, model: Any, transcoders: Mapping[int, Any] | 
 # id(model) -> [thread ident, thread name, depth]
 _busy: dict[int, list] = {}
 _busy_lock = threading.Lock()
+# tokenizer -> the lock its guarded calls take turns on: a fast tokenizer used by two threads at once fails
+# with Rust's "Already borrowed" (two models may share one tokenizer).
+_tokenizer_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_any_tokenizer = threading.RLock()  # for a tokenizer that cannot be a weak key
+
+
+def _tokenizer_lock(model: Any) -> Any:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return contextlib.nullcontext()
+    with _busy_lock:
+        try:
+            return _tokenizer_locks.setdefault(tokenizer, threading.RLock())
+        except TypeError:
+            return _any_tokenizer
+
+
+class _Gate:
+    """Where another thread's use of a model waits while a guarded call holds it, so that it never runs with
+    the call's hooks (nor has its own hooks removed when the call's `model.hooks()` context ends, which
+    removes every hook added at its level): a forward pre-hook on the embedding (a plain `model(tokens)`)
+    and `model.hooks` (`run_with_cache`, `run_with_hooks`). The thread that holds the model passes. A
+    forward already running when the call began is not covered."""
+
+    guard_gate = True  # `checks.existing_hooks` leaves it out
+
+    def __init__(self) -> None:
+        self.owner = threading.get_ident()
+        self.open = threading.Event()
+
+    def wait(self) -> None:
+        if threading.get_ident() != self.owner:
+            self.open.wait()
+
+    def __call__(self, module: Any, args: Any) -> None:
+        self.wait()
+
+    @contextmanager
+    def install(self, model: Any) -> Iterator[None]:
+        embed = getattr(model, "embed", None)
+        handle = embed.register_forward_pre_hook(self) if isinstance(embed, torch.nn.Module) else None
+        real_hooks = model.hooks
+        has_own = "hooks" in vars(model)
+
+        def hooks(*args: Any, **kwargs: Any) -> Any:
+            self.wait()
+            return real_hooks(*args, **kwargs)
+
+        if not has_own:
+            vars(model)["hooks"] = hooks  # an instance attribute, shadowing the method for the call
+        try:
+            yield
+        finally:
+            if not has_own:
+                vars(model).pop("hooks", None)
+            if handle is not None:
+                handle.remove()
+            self.open.set()
 
 
 def _check_model_type(model: Any) -> None:
@@ -348,29 +467,32 @@ def model_session(model: Any, name: str, stacklevel: int = 4) -> Iterator[bool]:
         entry[2] += 1
     outermost = entry[2] == 1
     buffers = []
-    try:
-        if outermost:
-            check_model(model, stacklevel)
-            # Persistence too: a buffer re-registered as non-persistent would drop out of state_dict.
-            buffers = [
-                (m, key, b, key in m._non_persistent_buffers_set)
-                for m in model.modules()
-                for key, b in m._buffers.items()
-            ]
-        with torch.inference_mode(False):
-            yield outermost
-    finally:
-        for module, key, b, transient in buffers:
-            if module._buffers.get(key) is not b:
-                module._buffers[key] = b
-            if transient:
-                module._non_persistent_buffers_set.add(key)
-            else:
-                module._non_persistent_buffers_set.discard(key)
-        with _busy_lock:
-            entry[2] -= 1
-            if entry[2] == 0:
-                del _busy[id(model)]
+    with contextlib.ExitStack() as stack:
+        try:
+            if outermost:
+                stack.enter_context(_tokenizer_lock(model))
+                check_model(model, stacklevel)
+                # Persistence too: a buffer re-registered as non-persistent would drop out of state_dict.
+                buffers = [
+                    (m, key, b, key in m._non_persistent_buffers_set)
+                    for m in model.modules()
+                    for key, b in m._buffers.items()
+                ]
+                stack.enter_context(_Gate().install(model))
+            with torch.inference_mode(False):
+                yield outermost
+        finally:
+            for module, key, b, transient in buffers:
+                if module._buffers.get(key) is not b:
+                    module._buffers[key] = b
+                if transient:
+                    module._non_persistent_buffers_set.add(key)
+                else:
+                    module._non_persistent_buffers_set.discard(key)
+            with _busy_lock:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    del _busy[id(model)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,9 +48,11 @@ from .guard import (
     check_context,
     check_interventions,
     check_latent_nodes,
+    clean_run_state,
     guarded,
 )
 from .nodes import NodeType
+from .progress import tqdm
 from .replacement import FreezeHooks, Transcoder, hook_names_out, skip_output
 
 __all__ = [
@@ -93,7 +95,8 @@ class CleanRun:
     `frozen_values` holds every attention pattern and RMSNorm scale (what `freeze_attention` and
     `freeze_norms` hold); `mlp_in`, `mlp_out` and `acts` each transcoder's input, the MLP's output and
     the latents' activations, by layer, at every position. `transcoders` are the ones it was made with:
-    `intervene` refuses a run made with other transcoders (or another model).
+    `intervene` refuses a run made with other transcoders (or another model), and a stale one: made before
+    the model's or transcoders' weights changed, or with its own tensors edited or replaced since.
     """
 
     model: HookedSAETransformer = field(repr=False)
@@ -103,6 +106,10 @@ class CleanRun:
     mlp_in: dict[int, Float[Tensor, "seq d_in"]] = field(repr=False)
     mlp_out: dict[int, Float[Tensor, "seq d_out"]] = field(repr=False)
     acts: dict[int, Float[Tensor, "seq d_sae"]] = field(repr=False)
+    # Versions of the model's, the transcoders' and its own tensors when it was made
+    # (`guard.clean_run_state`); the guard refuses the run when they differ (weights changed in place, its
+    # tensors edited or replaced).
+    made_from: dict[str, dict[str, tuple]] = field(default_factory=dict, repr=False, compare=False)
 
 
 class PredictedEffects(NamedTuple):
@@ -151,6 +158,11 @@ def run_with_latent_set(
 
 
 def _latent_set_args(a: dict) -> None:
+    if isinstance(a["tokens"], CleanRun):
+        raise TypeError(
+            "run_with_latent_set takes the prompt's token ids (or text), not a CleanRun: pass run.tokens, or "
+            "use intervene(model, transcoders, run, [(layer, position, latent, value)]), which reuses it."
+        )
     seq_len, d_sae = a["_tokens_length"], a["transcoder"].cfg.d_sae
     a["position"] = as_index("position", a["position"], seq_len, f"the prompt has {seq_len} tokens")
     a["latent"] = as_index("latent", a["latent"], d_sae, f"the transcoder has {d_sae} latents")
@@ -279,7 +291,7 @@ def clean_run(
     freeze = FreezeHooks(model)
     cache = freeze.cache_frozen_values(tokens)
     mlp_in = {layer: cache[tc.cfg.metadata.hook_name][0] for layer, tc in transcoders.items()}
-    return CleanRun(
+    run = CleanRun(
         model=model,
         transcoders=dict(transcoders),
         tokens=tokens,
@@ -288,6 +300,8 @@ def clean_run(
         mlp_out={layer: cache[hook_names_out(tc)][0] for layer, tc in transcoders.items()},
         acts={layer: tc.encode(mlp_in[layer].to(tc.dtype)) for layer, tc in transcoders.items()},
     )
+    object.__setattr__(run, "made_from", clean_run_state(run))  # frozen dataclass: set once, here
+    return run
 
 
 def _reuse(transcoders: Mapping[int, Transcoder], clean: CleanRun) -> CleanRun:
@@ -506,7 +520,7 @@ def ablation_effects(
     clean = demeaned_logit(intervene(model, transcoders, run, [], **kwargs).logits, token)
     predicted = (scale - 1) * predicted_effects(result, node_indices).total[:, logit_index]
     measured = []
-    for i in node_indices:
+    for i in tqdm(node_indices, desc="ablations", leave=False, disable=len(node_indices) < 2):
         n = nodes[i]
         out = intervene(
             model, transcoders, run, [(n.layer, n.ctx_idx, n.feature, scale * n.activation)], **kwargs

@@ -9,16 +9,19 @@ A saved result holds only tensors, strings and numbers, so `load` reads it with 
 weights_only=True)`: opening a file someone sent you runs none of its code. `save` writes a temporary file
 beside the target and renames it, so the path holds the old result or the new one, never half of one; `load`
 checks that every shape fits the node list. A result records the world it was made in (`world`: the model's
-name and shapes, a hash of each transcoder's weights), so the functions that use it with a model can refuse
-another world's (`guard.check_result_fits`).
+name and shapes, a hash of its weights and of each transcoder's), so the functions that use it with a model
+can refuse another world's (`guard.check_result_fits`), and a hash of its own contents, so `load` refuses a
+file edited after it was saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +31,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .fingerprints import tensor_digest
 from .guard import guarded
 from .nodes import GraphNodes, NodeInfo, NodeType
 from .pruning import check_threshold, prune_graph
 
-__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "prune"]
+__all__ = ["AttributionResult", "FORMAT", "FORMAT_VERSION", "contents_digest", "prune"]
 
 # The file's own name and version: `load` refuses files that are not ours or are newer than this code.
 FORMAT = "part3_attribution_graphs.AttributionResult"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `world` holds the model's weight digest and the result's own (`contents_digest`)
 
 PruneFn = Callable[..., tuple[Int[Tensor, " n_kept"], Float[Tensor, "n_kept n_kept"]]]
 
@@ -68,6 +72,12 @@ class AttributionResult:
     settings: dict[str, Any]
     world: dict[str, Any] | None
 
+    def __post_init__(self) -> None:
+        # A result made from a world (attribute's) records a digest of its own contents, which `load` checks a
+        # file against; a copy made by `prune` (dataclasses.replace) keeps the original's.
+        if isinstance(self.world, dict) and "contents" not in self.world:
+            self.world = {**self.world, "contents": contents_digest(self)}
+
     @property
     def kept_nodes(self) -> list[NodeInfo]:
         return [self.graph.nodes[i] for i in self.kept_indices.tolist()]
@@ -82,6 +92,12 @@ class AttributionResult:
     @guarded()
     def save(self, path: str | Path) -> Path:
         """Write the result to `path` (a `.pt` file; parent folders are created). Returns the path."""
+        if not isinstance(self.world, dict) or "contents" not in self.world:
+            raise ValueError(
+                "This result does not record what it was made from (its world is "
+                f"{'None' if self.world is None else 'missing the digest of its contents'}), so a loaded "
+                "copy could not be checked: save a result that attribute returned."
+            )
         path = _writable_file(path)
         g = self.graph
         payload = {
@@ -124,7 +140,13 @@ class AttributionResult:
     @classmethod
     @guarded()
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> AttributionResult:
-        """Read a result written by `save` (safely: tensors and plain data only)."""
+        """Read a result written by `save` (safely: tensors and plain data only), and check that its contents
+        are what `attribute` computed (`contents_digest`)."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise TypeError(
+                f"path must be the file a result was saved to (a str or Path such as 'out/graph/graph.pt'), "
+                f"got {type(path).__name__} {path!r}."
+            )
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -168,14 +190,59 @@ class AttributionResult:
                 logit_weights=payload["logit_weights"],
                 influence=payload["influence"],
                 settings=dict(payload["settings"]),
-                world=payload.get("world"),
+                world=None,  # set below as the file has it: __post_init__ would make up a missing digest
             )
+            result.world = payload.get("world")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is damaged: {type(e).__name__} {e}. Save the result again.") from None
         problem = _shape_problem(result)
         if problem:
             raise ValueError(f"{path} is damaged: {problem}. Save the result again.")
+        if version < 2:
+            warnings.warn(
+                f"{path} was written in format version {version}, which does not record a digest of its "
+                "contents or the model's weights: edits to the file, or use with a changed model, cannot be "
+                "detected. Run attribute again and save the result to get a checked file.",
+                stacklevel=3,
+            )
+            if isinstance(result.world, dict):  # from here on it is checked like a new result
+                result.world = {**result.world, "contents": contents_digest(result)}
+            return result
+        world = result.world
+        if not isinstance(world, dict) or not isinstance(world.get("contents"), str):
+            raise ValueError(
+                f"{path} does not record what it was made from (its world is {world!r:.60}): it was edited "
+                "or written by other code. Run attribute again and save the result."
+            )
+        if contents_digest(result) != world["contents"]:
+            raise ValueError(
+                f"{path}'s graph or adjacency values differ from what attribute computed (the file was "
+                "edited after it was saved): run attribute again and save the result."
+            )
         return result
+
+
+@guarded(result="result")
+def contents_digest(result: AttributionResult) -> str:
+    """A hash of what `attribute` computed and pruning leaves alone: the nodes (without labels), their
+    vectors, the adjacency matrix, the logit weights, the influence and the prompt
+    (`fingerprints.tensor_digest`)."""
+    g = result.graph
+    h = hashlib.sha256()
+    for n in g.nodes:
+        kind = getattr(n.node_type, "value", n.node_type)
+        fields = (kind, n.layer, n.ctx_idx, n.feature, float(n.activation), float(n.token_prob), n.str_token)
+        h.update(repr(fields).encode())
+    h.update(repr((result.prompt, list(result.str_tokens), g.seq_len, g.n_layers)).encode())
+    for t in (
+        g.writing_vecs,
+        g.reading_vecs,
+        result.adjacency_matrix,
+        result.logit_weights,
+        result.influence,
+    ):
+        h.update(tensor_digest(t).encode())
+    return h.hexdigest()[:16]
 
 
 def _writable_file(path: str | Path) -> Path:

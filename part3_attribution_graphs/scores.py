@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .guard import guarded
 from .nodes import NodeType
 from .pruning import compute_influence, normalize_matrix
 from .result import AttributionResult
@@ -18,6 +19,7 @@ from .result import AttributionResult
 __all__ = ["compute_graph_scores"]
 
 
+@guarded(result="result")
 def compute_graph_scores(result: AttributionResult) -> dict[str, float]:
     """The replacement score and the completeness score of a full (unpruned) attribution graph.
 

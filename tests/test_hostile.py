@@ -19,7 +19,7 @@ from conftest import hook_count
 
 import part3_attribution_graphs.tests as autograder
 from part3_attribution_graphs import __main__ as cli
-from part3_attribution_graphs import attribution, guard, interventions, result, solutions
+from part3_attribution_graphs import attribution, guard, interventions, solutions
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.checks import ExistingHooksWarning
 from part3_attribution_graphs.interventions import (
@@ -758,14 +758,344 @@ def _public_callables(module) -> dict[str, object]:
     return found
 
 
-def entry_points() -> dict[str, object]:
-    """The public surface: everything public in interventions.py and result.py, and every function in
-    attribution.py that takes a prompt (the rest of attribution.py are stages that take prepared objects)."""
-    found = {**_public_callables(interventions), **_public_callables(result)}
-    for name, fn in _public_callables(attribution).items():
-        if "prompt" in inspect.signature(fn).parameters:
-            found[name] = fn
+def public_modules() -> list:
+    """Every public module of the package (a module whose dotted name has no part starting with "_")."""
+    import importlib
+    import pkgutil
+
+    import part3_attribution_graphs as package
+
+    names = [m.name for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")]
+    return [
+        importlib.import_module(n) for n in sorted(names) if not any(p.startswith("_") for p in n.split("."))
+    ]
+
+
+def public_functions() -> dict[str, object]:
+    found: dict[str, object] = {}
+    for module in public_modules():
+        found.update(_public_callables(module))
     return found
+
+
+# What a function that needs the guard takes: a model, transcoders, a result, a clean run, token ids or
+# tensors, by parameter name or annotation.
+_MODEL_PARAMETERS = {
+    "model",
+    "transcoders",
+    "transcoder",
+    "tc",
+    "result",
+    "tokens",
+    "prompt_or_tokens",
+    "hf_model",
+}
+_MODEL_TYPES = (
+    "HookedSAETransformer",
+    "Transcoder",
+    "Tensor",
+    "AttributionResult",
+    "CleanRun",
+    "GraphNodes",
+    "Module",
+    "ActivationCache",
+    "SyntheticResult",
+)
+
+
+def takes_model_or_tensors(fn) -> bool:
+    return any(
+        p.name in _MODEL_PARAMETERS or any(t in str(p.annotation) for t in _MODEL_TYPES)
+        for p in inspect.signature(inspect.unwrap(fn)).parameters.values()
+    )
+
+
+_P = "part3_attribution_graphs."
+
+# Public functions that are not entry points because they take no model, transcoders, result or tensor (the
+# test checks their signatures): whole modules, then single functions, each with why.
+NO_MODEL_MODULES = {
+    "arguments": "argparse number types",
+    "staging": "moves files into a folder",
+    "exercises": "the exercise catalogue: names and text",
+    "tools.bench_dashboard": "times a page built from a synthetic result it makes itself",
+    "tools.chromium": "drives a browser",
+    "tools.gpu_bench": "runs tools.bench and edits the README table",
+    "tools.jupyterlab_check": "checks a JupyterLab install",
+    "tools.memory": "measures memory of worlds it builds itself",
+    "tools.notebook_builder": "builds the notebooks from the lesson's text",
+    "views.palette": "colours and token text",
+    "views.remote_safetensors": "reads byte ranges of hub files",
+    "worlds.gemma": "loaders: they build the model (no model passed in)",
+    "worlds.gguf_tokenizer": "reads a GGUF file's tokenizer",
+    "worlds.hub": "hub tokens and requests",
+    "worlds.registry": "names and loads the worlds",
+    "worlds.toy": "builds the toy world",
+}
+NO_MODEL_FUNCTIONS = {
+    "attribution.read_hook_name": "a hook's name",
+    "attribution.write_hook_name": "a hook's name",
+    "checks.as_count": "a number check",
+    "checks.check_prompt": "a text check",
+    "explorer.AttributionExplorer.result_for": "a method of an explorer that attribution_explorer built",
+    "explorer.AttributionExplorer.update": "ditto",
+    "explorer.AttributionExplorer.add_prompt": "ditto",
+    "guard.as_flag": "a number check",
+    "guard.as_index": "a number check",
+    "guard.as_indices": "a number check",
+    "guard.as_layers": "a number check",
+    "guard.as_real": "a number check",
+    "guard.guarded": "the guard's decorator",
+    "linear_model.LinearisedModel.clean_inputs": "a method of a linearised copy, no model passed in",
+    "linear_model.LinearisedModel.zero_inputs": "ditto",
+    "linear_model.LinearisedModel.bias_inputs": "ditto",
+    "pruning.check_threshold": "a number check",
+    "replacement.TranscoderReplacementHooks.install": "a method of hooks built for a checked model",
+    "replacement.TranscoderReplacementHooks.remove": "ditto",
+    "tools.bench.run_case": "builds its own world from a case name",
+    "tools.bench.shrink": "a smaller world spec",
+    "tools.bench.format_table": "formats numbers",
+    "views.dashboard.derived_label": "a panel's label",
+    "views.examples.FeatureTable.to_html": "renders a table it holds",
+    "worlds.gemma270m.peak_rss_gib": "a memory figure",
+    "worlds.gemma270m.main": "command line: loads its own world",
+    "worlds.gemma270m_scope.main": "command line: loads its own world",
+    "tools.bench.main": "command line",
+    "tools.crosscheck.our_node_key": "a node's key",
+    "tools.crosscheck.ct_node_keys": "keys of a circuit-tracer graph",
+    "tools.ground_truth.table": "formats numbers",
+    "tools.ground_truth.main": "command line: loads its own world",
+    "tools.train_planted.corpus": "builds token lists",
+    "tools.train_planted.train_model": "builds and trains its own model",
+    "tools.train_planted.train_world": "builds and trains its own world",
+    "tools.train_planted.write_world": "writes state dicts to files",
+    "tools.train_planted.world_folder": "names a folder",
+    "tools.train_planted.build_parser": "command line",
+    "tools.train_planted.main": "command line",
+    "views.case_study_figures.plot_path": "draws labels and numbers",
+    "views.case_study_figures.plot_intervention_rates": "draws numbers",
+    "views.circuit_tracer_export.feature_json": "formats one feature's data",
+    "views.dashboard.render_dashboard_html": "renders a dict",
+    "views.dashboard.read_saved_state": "reads a JSON file",
+    "views.examples.example_repo_id": "a hub repository's name",
+    "views.examples.example_file_path": "a hub file's name",
+    "views.examples.load_example_data": "downloads example data",
+    "views.figures.random_layered_dag": "a random graph for the pruning demo",
+    "views.figures.demo_pruning": "runs pruning functions on random graphs",
+    "views.intervention_figures.plot_steering_sweep": "draws numbers",
+    "views.neuronpedia.node_kind": "a node's kind",
+    "views.neuronpedia.cantor_pair": "arithmetic",
+    "views.neuronpedia.export_node_id": "a node's id",
+    "views.neuronpedia.saved_state": "reads a dict",
+    "views.neuronpedia.apply_state": "edits dicts",
+    "views.neuronpedia.load_schema": "reads the schema file",
+    "worlds.gemma270m.assemble_gguf": "downloads a file",
+    "worlds.gemma270m.calibration_text": "text",
+    "worlds.gemma270m.calibration_tokens": "tokenizes text",
+    "worlds.gemma270m.default_cache_dir": "a path",
+    "worlds.gemma270m.gemma3_270m_config": "a config",
+    "worlds.gemma270m.load_gemma3_270m_offline": "a loader: builds the model",
+    "worlds.gemma270m.load_hf_gemma3_270m": "a loader",
+    "worlds.gemma270m_scope.listed_l0": "numbers",
+    "worlds.gemma270m_scope.transcoders_cached": "a file check",
+    "worlds.gemma270m_scope.print_fit_report": "prints numbers",
+    "worlds.gemma270m_scope.load_gemma270m_scope_world": "a loader",
+    "worlds.offline_hub.real_example_schema": "a file layout",
+    "worlds.offline_hub.offline_hub": "serves files",
+    "worlds.offline_hub.OfflineHub.rate_limit": "a test server's switch",
+    "worlds.offline_hub.OfflineHub.expire_signed_urls": "a test server's switch",
+    "worlds.offline_hub.OfflineHub.commit": "a test server's state",
+    "worlds.offline_hub.OfflineHub.etag": "a file's tag",
+    "worlds.planted.planted_facts": "the planted facts",
+    "worlds.planted.planted_groups": "names",
+    "worlds.planted.planted_members": "names",
+    "worlds.planted.planted_words": "words",
+    "worlds.planted.make_planted_tokenizer": "a tokenizer",
+    "worlds.planted.load_planted_world": "a loader",
+    "worlds.planted.build_planted_model": "builds a model",
+    "worlds.planted.planted_data_dir": "a path",
+    "worlds.planted.example_corpus": "token ids it makes itself",
+    "worlds.synthetic.make_world": "builds a world",
+    "worlds.synthetic.new_skip_transcoder": "builds a transcoder",
+}
+# Public functions that take a model, transcoders, a result or tensors and are not entry points, by why.
+NOT_ENTRY_POINTS = {
+    "the guard's own checks, which @guarded calls (guarding them would check twice)": {
+        "checks.check_attribute_inputs",
+        "checks.check_finite_adjacency",
+        "checks.check_finite_weights",
+        "checks.check_some_transcoders",
+        "checks.check_transcoder",
+        "checks.check_transcoders",
+        "checks.existing_hooks",
+        "checks.foreign_mlp",
+        "fingerprints.tensor_digest",
+        "fingerprints.versions",
+        "fingerprints.weights_digest",
+        "guard.check_clean_run_fresh",
+        "guard.check_interventions",
+        "guard.check_latent_nodes",
+        "guard.check_result_fits",
+        "guard.check_token_input",
+        "guard.clean_run_state",
+        "guard.model_session",
+        "checks.check_context",
+        "guard.world_fingerprint",
+        "guard.check_model",
+    },
+    "stages of attribute on objects it prepared and checked; the exercises re-implement them and the graders "
+    "call them with hand-made inputs": {
+        "attribution.setup_attribution",
+        "attribution.prepare_backward_batches",
+        "attribution.compute_adjacency_matrix",
+        "attribution.transposed_adjacency_matrix",
+        "attribution.logit_direct_influence",
+        "attribution.fold_latents",
+        "attribution.run_frozen_forward",
+        "attribution.logit_weights_of",
+        "attribution.validate_transcoders",
+        "nodes.compute_salient_logits",
+        "nodes.build_embedding_nodes",
+        "nodes.build_intermediate_nodes",
+        "nodes.build_logit_nodes",
+        "nodes.build_graph_nodes",
+        "pruning.normalize_matrix",
+        "pruning.compute_influence",
+        "pruning.prune_nodes",
+        "pruning.prune_edges",
+        "pruning.prune_graph",
+        "pruning.n_to_cross",
+        "replacement.FreezeHooks.cache_frozen_values",
+        "replacement.skip_output",
+        "replacement.hook_names_out",
+        "transposed.TransposedModel.supports",
+        "transposed.TransposedModel.gradients",
+        "linear_model.LinearisedModel.forward",
+        "linear_model.LinearisedModel.read_values",
+        "linear_model.LinearisedModel.edge_by_perturbation",
+        "tools.bench.seed_compute_adjacency_matrix",
+        "tools.bench.seed_setup_attribution",
+        "tools.bench.floor_flops",
+        "tools.bench.matmul_rate",
+    },
+    "exercise references that read a pruned matrix only (no model runs), graded on hand-made stand-ins": {
+        "case_study.strongest_path",
+        "case_study.path_shares",
+    },
+    "graders: they take the learner's function and run the (guarded) references": {
+        f"tests.{name}.test_{name}"
+        for name in (
+            "build_embedding_nodes",
+            "build_intermediate_nodes",
+            "compute_adjacency_matrix",
+            "compute_influence",
+            "compute_salient_logits",
+            "predicted_effects",
+            "prepare_backward_batches",
+            "prune_edges",
+            "prune_nodes",
+            "run_with_latent_set",
+            "strongest_path",
+            "swap_group",
+            "transcoder_replacement_hooks",
+        )
+    },
+    "the circuit-tracer cross-check's adapters, on worlds and graphs its own main builds": {
+        "tools.crosscheck.ct_transcoder_set",
+        "tools.crosscheck.ct_replacement_model",
+        "tools.crosscheck.ct_attribute",
+        "tools.crosscheck.aligned_adjacency",
+        "tools.crosscheck.to_ct_graph",
+    },
+    "training and fixture helpers on tensors they are handed by their own callers (no model runs)": {
+        "tools.train_planted.train_transcoder",
+        "worlds.synthetic.fit_affine_skip",
+        "worlds.synthetic.set_transcoder_params",
+        "worlds.offline_hub.write_example_files",
+        "worlds.offline_hub.OfflineHub.reupload",
+    },
+    "views that draw a result or tensors the learner already has (no model runs)": {
+        "views.case_study_figures.plot_group_latents",
+        "views.examples.features_in_graph",
+        "views.examples.feature_row",
+        "views.examples.feature_examples",
+        "views.examples.activation_histogram",
+        "views.examples.inspect_feature",
+        "views.figures.plot_cumulative_influence",
+        "views.intervention_figures.plot_predicted_vs_measured",
+        "views.neuronpedia.kept_nodes",
+        "views.neuronpedia.result_influence",
+        "views.neuronpedia.result_settings",
+        "views.neuronpedia.result_tokens",
+        "views.neuronpedia.export_node_ids",
+        "views.neuronpedia.view_graph",
+        "views.neuronpedia.cumulative_influence",
+        "views.neuronpedia.pruned_edges",
+        "views.sliders.slider_graph",
+        "views.sliders.float32_list",
+        "views.examples.load_example_data_parallel",
+        "explorer.graph_counts",
+    },
+    # A known gap (issue 27): these take a model and are not guarded yet. They live in files other branches
+    # are rewriting (worlds/planted.py: its own branch decorates them; views/*, worlds/*, the benchmark).
+    # The list only shrinks: guarding one fails the test below until it leaves the list.
+    "NOT YET GUARDED (known gap, other branches' files)": {
+        "views.circuit_tracer_export.export_circuit_tracer",
+        "views.dashboard.latent_logit_tables",
+        "views.dashboard.dashboard_data",
+        "views.dashboard.create_attribution_dashboard",
+        "views.examples.make_toy_example_data",
+        "views.examples.local_example_rows",
+        "views.neuronpedia.default_scan",
+        "views.neuronpedia.build_graph_json",
+        "views.neuronpedia.export_neuronpedia",
+        "views.suggestions.similar_latents",
+        "worlds.gemma270m.compare_with_transformers",
+        "worlds.gemma270m.fit_transcoders",
+        "worlds.gemma270m.mean_l0",
+        "worlds.gemma270m_scope.fit_report",
+        "worlds.gemma270m_scope.write_random_transcoders",
+        "worlds.offline_hub.write_gemmascope_layout",
+        "worlds.planted.planted_accuracy",
+        "worlds.planted.is_planted_model",
+        "worlds.planted.latent_activations",
+        "worlds.planted.land_latents",
+        "tools.ground_truth.measure",
+        "tools.ground_truth.graph_has_path",
+        "tools.train_planted.collect_activations",
+    },
+}
+
+
+def _short(name: str) -> str:
+    return name.removeprefix(_P)
+
+
+def test_every_public_function_is_guarded_or_listed_with_a_reason():
+    listed = {n for names in NOT_ENTRY_POINTS.values() for n in names}
+    unaccounted, misfiled = [], []
+    for name, fn in public_functions().items():
+        short = _short(name)
+        if name in guard.ENTRY_POINTS:
+            assert short not in listed, f"{short} is guarded now: take it off NOT_ENTRY_POINTS"
+            continue
+        no_model = short in NO_MODEL_FUNCTIONS or any(short.startswith(m + ".") for m in NO_MODEL_MODULES)
+        if no_model and takes_model_or_tensors(fn):
+            misfiled.append(short)
+        elif not no_model and short not in listed:
+            unaccounted.append(short)
+    assert not misfiled, f"listed as taking no model, but their signatures take one: {misfiled}"
+    assert not unaccounted, f"public, not guarded, not listed with a reason: {unaccounted}"
+    public = {_short(n) for n in public_functions()}
+    stale = sorted((listed | set(NO_MODEL_FUNCTIONS)) - public)
+    assert not stale, f"listed but no longer public functions: {stale}"
+    unknown_modules = sorted(m for m in NO_MODEL_MODULES if not any(p.startswith(m + ".") for p in public))
+    assert not unknown_modules, unknown_modules
+
+
+def entry_points() -> dict[str, object]:
+    """Every guarded public function of every public module (what the test below calls)."""
+    return {name: fn for name, fn in public_functions().items() if name in guard.ENTRY_POINTS}
 
 
 def test_the_entry_point_list_covers_the_issue():
@@ -777,9 +1107,13 @@ def test_the_entry_point_list_covers_the_issue():
         "interventions.run_with_latent_set",
         "interventions.predicted_effects",
         "interventions.ablation_effects",
+        "interventions.clean_run",
         "result.AttributionResult.load",
         "result.AttributionResult.save",
         "result.prune",
+        "case_study.swap_group",
+        "case_study.firing_rates",
+        "explorer.attribution_explorer",
     ):
         assert f"part3_attribution_graphs.{expected}" in names
 

@@ -257,14 +257,16 @@ def test_short_recipe_is_deterministic_and_learns(tmp_path):
     )
 
 
-def test_write_world_replaces_the_folder_whole(tmp_path):
+def test_write_world_writes_its_three_files_and_keeps_the_folders_others(tmp_path):
     out = tmp_path / "world"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("the user's")  # not the recipe's: stays (tests/test_reliability.py)
     train_planted.write_world(out, {"a": torch.zeros(2)}, {"0.b": torch.ones(1)}, {"k": 1})
     assert sorted(p.name for p in out.iterdir()) == [
+        train_planted.MANIFEST,
         "meta.json",
         "model.safetensors",
+        "notes.txt",
         "transcoders.safetensors",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary folder left behind

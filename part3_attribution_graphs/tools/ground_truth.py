@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import whole_number
 from ..attribution import attribute
 from ..case_study import strongest_path
 from ..interventions import intervene
@@ -443,15 +444,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data", default=None, help="a folder written by tools.train_planted (default: shipped)"
     )
-    parser.add_argument("--pairs", type=int, default=2, help="swap partners per prompt")
-    parser.add_argument("--graphs", type=int, default=None, help="at most this many graphs")
+    parser.add_argument("--pairs", type=whole_number(1), default=2, help="swap partners per prompt")
+    parser.add_argument(
+        "--graphs", type=whole_number(1), default=None, help="at most this many graphs per mechanism"
+    )
     parser.add_argument(
         "--figure", type=Path, default=Path("out/ground_truth_sweep.html"), help="sweep figure"
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the threshold sweep")
     args = parser.parse_args(argv)
-    if args.pairs < 1 or (args.graphs is not None and args.graphs < 1):
-        parser.error("--pairs and --graphs must be at least 1")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, transcoders = planted.load_planted_world(data_dir=args.data)

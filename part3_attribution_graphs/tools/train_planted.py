@@ -1,9 +1,11 @@
 """The planted world's recipe: train the model on its planted facts, then its transcoders on activations.
 
-`python -m part3_attribution_graphs.tools.train_planted [--out DIR] [--seed 0] [--steps N]` writes
+`python -m part3_attribution_graphs.tools.train_planted [--out DIR] [--force] [--seed 0]` writes
 `model.safetensors`, `transcoders.safetensors` and `meta.json` (vocabulary size, shape, training
-settings and statistics) into `DIR` (default: the package's `worlds/planted_data/`), replacing the
-folder's files in one rename. Seeded: the same seed on the same machine gives the same bits.
+settings and statistics) into `DIR` (default: the package's `worlds/planted_data/`) the way the CLI
+writes (`staging.OutputFolder`): staged, moved in together, the folder's other files left alone, and a
+file of the same name that the recipe did not write replaced only with `--force`. Seeded: the same seed
+on the same machine gives the same bits.
 
 1. **The model** (Gemma 3's architecture at `planted.PLANTED_SPEC`, tied embeddings as Gemma's) learns
    the training split of `planted_facts()` plus corpus-only lines: a line per town stating its land ("Ambry
@@ -28,8 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +40,9 @@ from jaxtyping import Float, Int
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..arguments import real, whole_number
 from ..progress import tqdm
+from ..staging import OutputError, OutputFolder
 from ..worlds import planted
 from ..worlds.gemma import START_POSN, format_prompt
 from ..worlds.synthetic import fit_affine_skip
@@ -491,43 +493,69 @@ def train_world(
     return model_state, tc_state, meta
 
 
-def write_world(out: Path, model_state: dict, tc_state: dict, meta: dict) -> None:
-    """Write the three files into `out`, replacing its files together (a new folder, then renames)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(model_state, str(tmp / "model.safetensors"))
-        save_file(tc_state, str(tmp / "transcoders.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)  # mkdtemp's folder is private; package data is not
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+# The files the recipe writes, and the list it keeps of them in the folder it writes to.
+WORLD_FILES = ("model.safetensors", "transcoders.safetensors", "meta.json")
+MANIFEST = ".written-by-train_planted.json"
+
+
+def world_folder(out: Path) -> OutputFolder:
+    """`out` as the staging writer sees it: the recipe's three files and its list of them there."""
+    return OutputFolder(Path(out), WORLD_FILES, MANIFEST)
+
+
+def write_world(
+    out: Path,
+    model_state: dict,
+    tc_state: dict,
+    meta: dict,
+    force: bool = False,
+    folder: OutputFolder | None = None,
+) -> None:
+    """Write the three files into `out`, replacing the ones this recipe wrote there before together
+    (`staging.OutputFolder`); the folder's other files stay, and a file of the same name that the recipe
+    did not write is replaced only with `force`. `folder`: `out` as already checked (`main` checks it
+    before training; a file saved there since is then not replaced)."""
+    if folder is None:
+        folder = world_folder(out)
+        folder.check(WORLD_FILES, force)
+    with folder.staged() as stage:
+        save_file(model_state, str(stage / "model.safetensors"))
+        save_file(tc_state, str(stage / "transcoders.safetensors"))
+        (stage / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        for name in WORLD_FILES:
+            (stage / name).chmod(0o644)  # package data: readable by all
+        folder.commit(stage, list(WORLD_FILES))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=planted.planted_data_dir())
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files in --out of the same names that the recipe did not write",
+    )
+    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--model-steps", type=whole_number(1), default=1500)
+    parser.add_argument("--tc-steps", type=whole_number(1), default=1000)
+    parser.add_argument("--l0-coeff", type=real(0.0), default=1e-2)
+    parser.add_argument(
+        "--threads", type=whole_number(1), default=1, help="torch threads (1: fastest on a busy 2-core CPU)"
+    )
+    parser.add_argument("--weight-decay", type=real(0.0), default=2.0)
+    parser.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding too")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=planted.planted_data_dir())
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-steps", type=int, default=1500)
-    parser.add_argument("--tc-steps", type=int, default=1000)
-    parser.add_argument("--l0-coeff", type=float, default=1e-2)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core CPU)"
-    )
-    parser.add_argument("--weight-decay", type=float, default=2.0)
-    parser.add_argument("--train-embeddings", action="store_true", help="train the (tied) embedding too")
+    """Check `--out` first, train, write; a problem with `--out` is one line (exit status 1)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    folder = world_folder(args.out)
+    try:
+        folder.check(WORLD_FILES, args.force)
+    except OutputError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     torch.set_num_threads(args.threads)
     model_state, tc_state, meta = train_world(
         args.seed,
@@ -537,7 +565,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.weight_decay,
         not args.train_embeddings,
     )
-    write_world(args.out, model_state, tc_state, meta)
+    try:
+        write_world(args.out, model_state, tc_state, meta, folder=folder)
+    except OutputError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(json.dumps(meta, indent=1))
     return meta
 
