@@ -377,7 +377,7 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     }
     # Save: this page again, with the state inside.
     cdp.evaluate("document.getElementById('save-btn').click()")
-    saved_page = wait_for(downloads / "attribution-graph.html")
+    saved_page = wait_for_glob(downloads, "attribution-graph_*.html")
     # Hostile text in the state stays text in a saved page: its scripts are the page's own two.
     hostile = "</script><script>window.pwned = 1</script><img src=x onerror='window.pwned = 1'>"
     member_id = json.dumps(pick["members"][1])
@@ -447,6 +447,17 @@ def wait_for(path: Path, seconds: float = 20) -> Path:
     assert path.exists(), f"nothing downloaded to {path}"
     time.sleep(0.2)  # let the download finish writing
     return path
+
+
+def wait_for_glob(folder: Path, pattern: str, seconds: float = 20) -> Path:
+    """The one file matching `pattern` in `folder` once a download has written it."""
+    deadline = time.time() + seconds
+    while not [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")] and time.time() < deadline:
+        time.sleep(0.1)
+    found = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
+    assert len(found) == 1, f"expected one download matching {pattern} in {folder}, found {found}"
+    time.sleep(0.2)  # let the download finish writing
+    return found[0]
 
 
 def restored_state(cdp) -> dict:

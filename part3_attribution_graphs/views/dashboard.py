@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from importlib.resources import files
@@ -234,12 +235,12 @@ def dashboard_data(
             entry["lw"] = sliders.logit_weights[idx]
         nodes.append(entry)
 
-    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry 1 marks an edge the
-    # sliders prune, with its exact float32 weight.
-    exact = {(where[s], where[t]): w for s, t, w in sliders.edges}
-    edges = [[s, t, exact[s, t], 1] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
+    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry q > 0 marks an edge the
+    # sliders prune, with its exact float32 weight: it is sliders.edges[q - 1] (the edge cuts name them so).
+    exact = {(where[s], where[t]): (w, q + 1) for q, (s, t, w) in enumerate(sliders.edges)}
+    edges = [[s, t, *exact[s, t]] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
     in_view = {(s, t) for s, t, _ in view.edges}
-    extra_edges = [[s, t, w, 1] for (s, t), w in exact.items() if (s, t) not in in_view]
+    extra_edges = [[s, t, w, q] for (s, t), (w, q) in exact.items() if (s, t) not in in_view]
 
     latents = sorted(
         {
@@ -302,6 +303,9 @@ def dashboard_data(
             "n_layers": n_layers,
             "n_nodes": len(view.indices),
             "n_nodes_full": len(graph),
+            # This build of the page: the browser keeps its state per graph and page, so two builds of one
+            # graph (or two copies in other folders) never share it unasked.
+            "build": uuid.uuid4().hex[:12],
             "n_edges": len(edges),
             "n_dropped": len(view.dropped),
             "node_threshold": settings.get("node_threshold"),
@@ -321,8 +325,10 @@ def dashboard_data(
         "extra": {"nodes": nodes[len(view.indices) :], "edges": extra_edges},
         "prune": {
             "node_max": sliders.node_threshold,
+            "node_own": sliders.own_threshold,
             "shares": sliders.shares,
             "n_ranked": sliders.n_ranked,
+            "cuts": {str(k): v for k, v in sliders.cuts.items()},
         },
         "latents": panels,
         # Latent keys that could be one supernode (views/suggestions.py): [a, b, score, why].
