@@ -452,7 +452,9 @@ def wait_for(path: Path, seconds: float = 20) -> Path:
 def wait_for_glob(folder: Path, pattern: str, seconds: float = 20) -> Path:
     """The one file matching `pattern` in `folder` once a download has written it."""
     deadline = time.time() + seconds
-    while not [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")] and time.time() < deadline:
+    while (
+        not [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")] and time.time() < deadline
+    ):
         time.sleep(0.1)
     found = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
     assert len(found) == 1, f"expected one download matching {pattern} in {folder}, found {found}"
@@ -1024,3 +1026,136 @@ def test_chromium_missing_gives_install_hint(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert find_chromium(try_install=False) is None
     assert "scripts/install_chromium.sh" in INSTALL_HINT
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 26: the workbench as researchers keep using it.
+
+
+@pytest.fixture(scope="module")
+def planted_dashboard(planted_world, tmp_path_factory):
+    """The planted world's graph of the CLI's default prompt, as `make graph` draws it."""
+    from part3_attribution_graphs.__main__ import DEFAULT_PROMPTS
+
+    model, tcs = planted_world
+    result = attribute(model, tcs, format_prompt(*DEFAULT_PROMPTS["planted"]), batch_size=64)
+    out = tmp_path_factory.mktemp("planted")
+    create_attribution_dashboard(result, model, tcs, output_dir=out, display=False)
+    return result, out / "index.html"
+
+
+def set_state(cdp, q_params: dict) -> None:
+    """Give the page a state as "load state" would (through the page's own applyState)."""
+    cdp.evaluate(f"window.dashboard.applyState({{qParams: {json.dumps(q_params)}}})")
+
+
+def pinned_ids(cdp) -> list[str]:
+    return cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)")
+
+
+def test_saved_page_is_a_snapshot_and_copies_keep_their_own_state(page, toy_dashboard, tmp_path):
+    """Save, go on editing, reopen the save: the save shows what was saved (the later edits are offered);
+    a copy of the page elsewhere, or another build of the graph, starts clean (another copy's state is
+    offered)."""
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    latents = cdp.evaluate("""window.dashboard.data.nodes.map((n, i) => n.type === 'latent' ? n.id : null)
+        .filter(Boolean).slice(0, 3)""")
+    set_state(cdp, {"pinnedIds": latents[:1]})
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    cdp.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    cdp.evaluate("document.getElementById('save-btn').click()")
+    saved = wait_for_glob(downloads, "attribution-graph_*.html")
+    # Named after the prompt and the time, not one name for every save.
+    assert re.fullmatch(r"attribution-graph_[a-z0-9-]*large_\d{4}-\d\d-\d\d_\d{4}\.html", saved.name), (
+        saved.name
+    )
+    # Go on editing the original, then open the save in this browser: it shows what was saved.
+    set_state(cdp, {"pinnedIds": latents[:3]})
+    cdp.open(saved.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:1]
+    # Edit the saved page itself, reopen it: still the snapshot, and the later edits are offered.
+    set_state(cdp, {"pinnedIds": latents[:2]})
+    cdp.open(saved.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:1]
+    assert cdp.evaluate("!document.getElementById('offer').hidden")
+    cdp.evaluate("document.getElementById('offer-btn').click()")
+    assert pinned_ids(cdp) == latents[:2]
+
+    # A copy in another folder, and another build of the same graph: neither takes the original's state.
+    copy = tmp_path / "copy" / "index.html"
+    copy.parent.mkdir()
+    shutil.copy(index, copy)
+    rebuilt = tmp_path / "rebuilt"
+    create_attribution_dashboard(result, None, output_dir=rebuilt, display=False)
+    for other in (copy, rebuilt / "index.html"):
+        cdp.open(other.resolve().as_uri(), 1400)
+        assert pinned_ids(cdp) == [], other
+        assert cdp.evaluate("!document.getElementById('offer').hidden"), other  # offered, not imposed
+    cdp.open(index.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:3]  # the original kept its own
+    cdp.evaluate("localStorage.clear()")
+    assert_clean(cdp)
+
+
+def sweep_signature(pairs, result) -> list[list[int]]:
+    """Per (node_t, edge_t): [nodes, edges, node checksum, edge checksum] of view_graph(prune(...))."""
+    out = []
+    for node_t, edge_t in pairs:
+        want = view_graph(prune(result, node_t, edge_t))
+        where = want.indices
+        out.append(
+            [
+                len(where),
+                len(want.edges),
+                sum(i * i for i in where),
+                sum(where[s] * 1_000_003 + where[t] for s, t, _ in want.edges),
+            ]
+        )
+    return out
+
+
+PAGE_SIGNATURE = """(pairs => pairs.map(p => {
+    const g = window.dashboard.pruneAt(p[0], p[1]);
+    return [g.nodes.length, g.edges.length, g.nodes.reduce((a, i) => a + i * i, 0),
+            g.edges.reduce((a, e) => a + e[0] * 1000003 + e[1], 0)];
+}))"""
+
+
+def assert_sliders_exact_everywhere(cdp, result, node_steps) -> None:
+    """Through the sliders at 1.0 (edge) for each node step, then without drawing at every edge step."""
+    own = float(result.settings["node_threshold"])
+    assert cdp.evaluate("document.getElementById('node-thr').max") == "1"  # the graph can be widened fully
+    assert_sliders_prune_as_python(cdp, result, [(n, 1.0) for n in (own, 1.0)] + [(1.0, 0.85)])
+    pairs = [(n, e / 100) for n in node_steps for e in range(5, 101)]
+    got = cdp.evaluate(f"{PAGE_SIGNATURE}({json.dumps(pairs)})")
+    want = sweep_signature(pairs, result)
+    bad = [(p, g, w) for p, g, w in zip(pairs, got, want) if g != w]
+    assert not bad, (len(bad), bad[:5])
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_the_planted_graph(page, planted_dashboard):
+    result, index = planted_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (0.5, 0.8, 0.95, 1.0))
+    assert_clean(cdp)
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_the_toy_graph(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (0.8, 1.0))
+    assert_clean(cdp)
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_a_30k_edge_graph(page, tmp_path):
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (1.0,))
+    assert_clean(cdp)

@@ -61,7 +61,9 @@ def float32_list(values: torch.Tensor) -> list[float]:
     return [float(str(x)) for x in arr]  # numpy prints a float32 as its shortest decimal
 
 
-def _node_max(ranked: torch.Tensor, order: torch.Tensor, A: torch.Tensor, n_logits: int, floor: float) -> float:
+def _node_max(
+    ranked: torch.Tensor, order: torch.Tensor, A: torch.Tensor, n_logits: int, floor: float
+) -> float:
     """The largest slider step (not below `floor`) whose candidate nodes hold at most EDGE_BUDGET edges."""
     n = A.shape[0]
     nonzero = A != 0
@@ -111,14 +113,26 @@ def _edge_cuts(
     else:
         crossed = torch.full_like(steps, flat.numel(), dtype=torch.long)
     cuts = flat[crossed - 1]  # (steps,)
-    want = (s32[:, None] >= cuts[None, :]) & (s32 > 0)[:, None]  # (edges, steps): prune_edges' verdict
+    # Only where a cut lies between an edge's two scores (or within NEAR of them) can the verdicts differ:
+    # find those (edge, step) pairs by searching the cuts (they fall as the step rises), then check them.
     c64 = cuts.to(torch.float64)
-    page = (s64[:, None] >= c64[None, :]) & (s64 > 0)[:, None]
-    near = (s64[:, None] - c64[None, :]).abs() <= NEAR * c64.abs()[None, :]
+    s32d = s32.to(torch.float64)
+    lo, hi = torch.minimum(s32d, s64), torch.maximum(s32d, s64)
+    lo, hi = lo - NEAR * lo.abs(), hi + NEAR * hi.abs()
+    ascending = c64.flip(0)
+    first = torch.searchsorted(ascending, lo)
+    last = torch.searchsorted(ascending, hi, right=True)
+    counts = last - first
+    edge_k = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    offsets = torch.arange(edge_k.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    step_k = c64.numel() - 1 - (first[edge_k] + offsets)  # back to the steps' order
+    c = c64[step_k]
+    want = (s32[edge_k] >= cuts[step_k]) & (s32[edge_k] > 0)  # prune_edges' verdict
+    page = (s64[edge_k] >= c) & (s64[edge_k] > 0)  # the page's, from its float64 score
+    near = (s64[edge_k] - c).abs() <= NEAR * c.abs()
     keep, drop = {}, {}
     for which, mask in ((keep, want & (near | ~page)), (drop, ~want & (near | page))):
-        edge_k, step_k = torch.nonzero(mask, as_tuple=True)
-        for e, q in zip(where[edge_k].tolist(), step_k.tolist()):
+        for e, q in zip(where[edge_k[mask]].tolist(), step_k[mask].tolist()):
             which.setdefault(str(STEPS[q]), []).append(e)
     for which in (keep, drop):
         for k in which:

@@ -38,7 +38,6 @@
   var BY_KEY = {};  // latent key ("layer_feature") -> its nodes, one per position
   NODES.forEach(function (n, i) { if (n.key) (BY_KEY[n.key] = BY_KEY[n.key] || []).push(i); });
   var maxAbs = 1e-12, maxInfl = 1e-12;
-  EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
   NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
 
   // ------------------------------------------------------------------------------------------- state
@@ -140,12 +139,15 @@
     live.forEach(function (k, q) { if (score[q] > 0 && score[q] >= cutoff) keep[CAND[k]] = 1; });
     return keep;
   }
-  function reprune() {
-    var i, j, kept = pruneNodes(state.nodeThr), keep = pruneEdges(kept, state.edgeThr);
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = !!keep[j];
-    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit";
-    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = true; nodeVis[EDGES[j][1]] = true; }
-    prunedKept = nodeVis.slice();
+  // What prune keeps at (nodeT, edgeT), after the viewers' clean-up: {nodes, edges} as 0/1 per index, and
+  // {kept}: the nodes before the clean-up.
+  function pruneAt(nodeT, edgeT) {
+    var i, j, kept = pruneNodes(nodeT), keep = pruneEdges(kept, edgeT);
+    var nodeVis = new Uint8Array(NODES.length), edgeVis = new Uint8Array(EDGES.length);
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = keep[j];
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit" ? 1 : 0;
+    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = 1; nodeVis[EDGES[j][1]] = 1; }
+    var before = nodeVis.slice();
     var changed = true;
     while (changed) {  // view_graph's clean-up
       changed = false;
@@ -154,12 +156,19 @@
         if (!nodeVis[i] || n.type === "logit" || n.type === "embedding") continue;
         var hasIn = n.inE.some(function (j) { return edgeVis[j]; }), hasOut = n.outE.some(function (j) { return edgeVis[j]; });
         if (!hasOut || (n.type === "latent" && !hasIn)) {
-          nodeVis[i] = false; changed = true;
-          n.inE.concat(n.outE).forEach(function (j) { edgeVis[j] = false; });
+          nodeVis[i] = 0; changed = true;
+          n.inE.concat(n.outE).forEach(function (j) { edgeVis[j] = 0; });
         }
       }
     }
-    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = true;  // every token has one
+    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = 1;  // every token has one
+    return {nodes: nodeVis, edges: edgeVis, kept: before};
+  }
+  function reprune() {
+    var got = pruneAt(state.nodeThr, state.edgeThr), i;
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = !!got.nodes[i];
+    for (i = 0; i < EDGES.length; i++) edgeVis[i] = !!got.edges[i];
+    prunedKept = Array.prototype.slice.call(got.kept).map(Boolean);
     drawStats();
   }
 
@@ -174,6 +183,8 @@
 
   // ------------------------------------------------------------------------------------------- header
   function drawStats() {  // the counts and thresholds of what is drawn now (hidden nodes and their edges left out)
+    maxAbs = 1e-12;  // edges are drawn against the strongest kept one
+    for (var j = 0; j < EDGES.length; j++) if (edgeVis[j]) maxAbs = Math.max(maxAbs, Math.abs(EDGES[j][2]));
     var el = document.getElementById("stats-now");
     if (!el) return;
     var nv = 0, ev = 0, i, hidden = state.hidden;
@@ -326,12 +337,18 @@
   function sy(y) { return y * view.k + view.y; }
 
   // Labels: every pinned node's (and in the subgraph every node's), then the most influential latents'.
-  // Each takes the first free spot around its node (right, left, above, below); a label never covers
-  // another (it may cover a node: the white halo keeps it legible). Pinned and subgraph labels always
-  // show, moving further out if they must; the others are left out when no spot is free.
-  var measure = document.createElement("canvas").getContext("2d");
+  // Each takes the first free spot around its node (right, left, above, below): a spot is free when it
+  // covers no node and no other label, at any width. Pinned and subgraph labels move further out if they
+  // must; a label with no free spot is left out (the tooltip and the pins bar still name it).
+  var measure = document.createElement("canvas").getContext("2d"), tokMeasure = document.createElement("canvas").getContext("2d");
   measure.font = "10px " + getComputedStyle(document.body).fontFamily;
+  tokMeasure.font = "11px ui-monospace, \"DejaVu Sans Mono\", monospace";  // .tok, as the stylesheet sets it
   function textWidth(text) { return measure.measureText(text).width; }
+  function extent(ctx, fallback) {  // [ascent, descent] of a font: the height a text's box takes
+    var m = ctx.measureText("Hg");
+    return [m.fontBoundingBoxAscent || fallback[0], m.fontBoundingBoxDescent || fallback[1]];
+  }
+  var LAB_H = extent(measure, [9.5, 2.5]), TOK_H = extent(tokMeasure, [10.5, 3]);
   var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
   function placeLabels() {
     var place = {}, boxes = [];
@@ -342,20 +359,22 @@
       }
       return true;
     }
-    items.forEach(function (it) {  // the logits' token labels sit above them
+    items.forEach(function (it) {  // every node's shape (a pixel around it), and the logits' token labels above them
+      var x = sx(it.bx), y = sy(it.by), h = (it.type === "error" ? Math.max(2.5, it.r * 0.8) : it.r) + 1;
+      boxes.push([x - h, y - h, x + h, y + h]);
       if (it.type !== "logit") return;
-      var w = textWidth(cut(shown(NODES[it.node].token), 10)) * 1.1, x = sx(it.bx), y = sy(it.by) - it.r - 4;
-      boxes.push([x - w / 2, y - 10, x + w / 2, y + 2]);
+      var w = tokMeasure.measureText(cut(shown(NODES[it.node].token), 10)).width + 2, yb = y - it.r - 4;
+      boxes.push([x - w / 2, yb - TOK_H[0], x + w / 2, yb + TOK_H[1]]);
     });
     function tryPlace(k, always) {
       var it = items[k], l = itemLabel(it);
       if (!l || !l.text || it.type === "logit") return false;
       var text = cut(l.text, 22), w = textWidth(text) + 2, x = sx(it.bx), y = sy(it.by), r = it.r;
-      for (var reach = 0; reach < (always ? 4 : 1); reach++) {
+      for (var reach = 0; reach < (always ? 8 : 1); reach++) {
         for (var q = 0; q < SPOTS.length; q++) {
           var side = SPOTS[q][0], dy = SPOTS[q][1] * 12 + (SPOTS[q][1] < 0 ? -reach * 24 : reach * 24);
-          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx;
-          var box = [x0, y + dy - 8, x0 + w, y + dy + 3];
+          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx, yb = y + dy + 3;
+          var box = [x0, yb - LAB_H[0], x0 + w, yb + LAB_H[1]];
           if (free(box)) {
             boxes.push(box);
             place[k] = {text: text, derived: l.derived, dx: dx, dy: dy + 3, anchor: side < 0 ? "end" : "start"};
@@ -363,9 +382,7 @@
           }
         }
       }
-      if (!always) return false;
-      place[k] = {text: text, derived: l.derived, dx: r + 3, dy: 3, anchor: "start"};  // no room anywhere: as before
-      return true;
+      return false;
     }
     var order = items.map(function (it, k) { return k; });
     order.sort(function (a, b) { return items[b].influence - items[a].influence; });
@@ -1498,6 +1515,13 @@
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
     // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
     // and the drawn edges as [source, target].
+    // prune's graph at any thresholds, without drawing it: graph indices of the nodes and [source, target] edges.
+    pruneAt: function (nodeT, edgeT) {
+      var got = pruneAt(nodeT, edgeT), nodes = [], edges = [], i;
+      for (i = 0; i < NODES.length; i++) if (got.nodes[i]) nodes.push(NODES[i].idx);
+      for (i = 0; i < EDGES.length; i++) if (got.edges[i]) edges.push([NODES[EDGES[i][0]].idx, NODES[EDGES[i][1]].idx]);
+      return {nodes: nodes.sort(function (a, b) { return a - b; }), edges: edges};
+    },
     pruned: function () {
       var ids = function (vis) { return NODES.map(function (n, i) { return vis[i] ? n.idx : -1; }).filter(function (x) { return x >= 0; }).sort(function (a, b) { return a - b; }); };
       return {kept: prunedKept && ids(prunedKept), visible: ids(nodeVis),
