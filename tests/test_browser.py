@@ -1159,3 +1159,152 @@ def test_sliders_equal_prune_at_every_edge_step_on_a_30k_edge_graph(page, tmp_pa
     open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
     assert_sliders_exact_everywhere(cdp, result, (1.0,))
     assert_clean(cdp)
+
+
+def test_unpinning_a_member_takes_it_out_of_its_supernode(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    latents = [k for k, i in enumerate(view.indices) if result.graph.nodes[i].node_type.value == "latent"]
+    latents.sort(key=lambda k: -float(result.influence[view.indices[k]]))
+    three = latents[:3]
+    for k in three:
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    assert cdp.evaluate(f"window.dashboard.group('three', {json.dumps(three)})")
+    # Unpin one member as a learner does: a ctrl-click on it in the whole graph.
+    node_id = result.graph.nodes[view.indices[three[2]]].node_id
+    box = centre(cdp, f'.node[data-node-id="{node_id}"]')
+    cdp.click(box["x"], box["y"], modifiers=CTRL)
+    got = cdp.evaluate("""(() => { const s = window.dashboard.state;
+        return {pinned: s.pinned.slice().sort((a, b) => a - b),
+                members: s.supernodes.map(sn => sn.members.slice().sort((a, b) => a - b)),
+                scores: window.dashboard.subgraphScores()}; })()""")
+    assert got["pinned"] == sorted(three[:2]) and got["members"] == [sorted(three[:2])], got
+    # The scores are those of the two pins alone (grouped or not, a group is its members).
+    cdp.evaluate("window.dashboard.forget()")
+    for k in three[:2]:
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    assert got["scores"] == cdp.evaluate("window.dashboard.subgraphScores()")
+    # Unpinning one of the last two dissolves the group.
+    cdp.evaluate(f"window.dashboard.group('two', {json.dumps(three[:2])})")
+    cdp.evaluate(f"window.dashboard.togglePin({three[0]})")
+    assert cdp.evaluate("window.dashboard.state.supernodes.length") == 0
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def load_state_file(cdp, path: Path) -> None:
+    """ "load state" as a learner uses it: the file chooser given `path`."""
+    doc = cdp.send("DOM.getDocument")
+    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
+    cdp.send("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+
+
+def test_load_state_refuses_bad_fields_with_a_message(page, toy_dashboard, tmp_path):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    good = json.loads(cdp.evaluate("window.dashboard.stateJSON()"))
+    before = cdp.evaluate("JSON.stringify(window.dashboard.state)")
+    latent = next(n["id"] for n in cdp.evaluate("window.dashboard.data.nodes") if n["type"] == "latent")
+    cases = {
+        "node_threshold": {"node_threshold": -5},
+        "edge_threshold": {"edge_threshold": 7},
+        "pinnedIds": {"pinnedIds": ["no_such_node"]},
+        "supernodes": {"supernodes": [["one", latent]]},
+        "linkType": {"linkType": "sideways"},
+        "colorBy": {"colorBy": 3},
+        "panelWidth": {"panelWidth": "wide"},
+        "hiddenIds": {"hiddenIds": "no_such_node"},
+        "labels": {"labels": {"no_such_node": "x"}},
+    }
+    for field, bad in cases.items():
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps({**good, "qParams": {**good["qParams"], **bad}}))
+        load_state_file(cdp, path)
+        status = cdp.evaluate("document.getElementById('status').textContent")
+        assert status.startswith("did not load") and field in status, (field, status)
+        assert cdp.evaluate("JSON.stringify(window.dashboard.state)") == before, field  # nothing taken
+        assert drawn_graph(cdp)["header_edge_thr"] == "0.85"
+    # A good file loads.
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps({**good, "qParams": {**good["qParams"], "node_threshold": 0.5}}))
+    load_state_file(cdp, path)
+    assert cdp.evaluate("window.dashboard.state.nodeThr") == 0.5
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_reset_clears_everything_and_the_header_counts_what_is_drawn(page, world, tmp_path):
+    model, tcs, result, _ = world
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    cdp.evaluate("document.getElementById('suggest-btn').click()")
+    assert cdp.evaluate("document.querySelectorAll('#pins .suggest').length") > 0
+    # Hide a node: the header counts what is drawn.
+    cdp.evaluate("window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.type === 'latent'))")
+    cdp.evaluate("document.getElementById('hide-btn').click()")
+    got = drawn_graph(cdp)
+    assert got["header_nodes"] == len(got["ids"]) == len(view_graph(result).indices) - 1, got
+    # With "show all edges" every drawn edge is drawn: as many as the header says.
+    cdp.evaluate("document.getElementById('show-all').click()")
+    n_drawn = cdp.evaluate("window.dashboard.drawnEdges().length")
+    assert got["header_edges"] == n_drawn < len(view_graph(result).edges)
+    # Reset: no pins, no suggestions, nothing hidden, every edge toggle back.
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    after = cdp.evaluate("""({suggest: document.querySelectorAll('#pins .suggest').length,
+        pins: document.getElementById('pins').textContent,
+        hidden: Object.keys(window.dashboard.state.hidden).length,
+        showAll: document.getElementById('show-all').checked,
+        nodes: document.querySelectorAll('#graph .node').length})""")
+    assert after == {
+        "suggest": 0,
+        "pins": "",
+        "hidden": 0,
+        "showAll": False,
+        "nodes": len(view_graph(result).indices),
+    }, after
+    assert_clean(cdp)
+
+
+def label_overlaps(cdp) -> list:
+    """Every label that covers a node's shape or another label (boxes as drawn, half a pixel of slack)."""
+    return cdp.evaluate("""(() => {
+        const box = el => {
+            const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+        const hit = (a, b) =>
+            a[0] < b[2] - 0.5 && b[0] < a[2] - 0.5 && a[1] < b[3] - 0.5 && b[1] < a[3] - 0.5;
+        const labels = [...document.querySelectorAll('#graph .node text')].map(t => ({
+            id: t.closest('.node').dataset.nodeId, text: t.textContent, box: box(t)}));
+        const shapes = [...document.querySelectorAll('#graph .node .shape')].map(s => ({
+            id: s.closest('.node').dataset.nodeId, box: box(s)}));
+        const out = [];
+        labels.forEach((a, k) => {
+            shapes.forEach(s => { if (hit(a.box, s.box)) out.push([a.id, a.text, 'covers node', s.id]); });
+            labels.slice(k + 1).forEach(b => {
+                if (hit(a.box, b.box)) out.push([a.id, a.text, 'covers label', b.id]); });
+        });
+        return out; })()""")
+
+
+@pytest.mark.parametrize("width", [700, 1000, 1400, 1600, 2000])
+def test_labels_cover_no_node_and_no_label_at_any_width(page, planted_dashboard, width):
+    _, index = planted_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), width)
+    assert cdp.evaluate("document.querySelectorAll('#graph .node text.lab:not(.tok)').length") >= 1
+    assert label_overlaps(cdp) == []
+    # Widened to every node, with the five most influential latents pinned (their labels always wanted).
+    set_sliders(cdp, 1.0, 0.85)
+    cdp.evaluate("""(() => { const d = window.dashboard, lat = d.items().filter(it => it.type === 'latent');
+        lat.sort((a, b) => b.influence - a.influence);
+        lat.slice(0, 5).forEach(it => d.togglePin(it.node)); })()""")
+    assert label_overlaps(cdp) == []
+    assert cdp.evaluate("document.querySelectorAll('#graph .node.pinned text').length") >= 3
+    if width == 1600:
+        shot(cdp, "labels-planted-1600.png")
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)

@@ -125,6 +125,27 @@ def latent_logit_tables(
     }
 
 
+# Latents the sliders can bring back get a panel too (logit table, examples, derived label), the most
+# influential first, up to this many beyond the drawn ones (each costs ~1-2 kB of page).
+EXTRA_PANELS = 300
+
+
+def panel_latents(result: AttributionResult, view) -> list[tuple[int, int]]:
+    """`(layer, feature)` of the latents that get a panel: every drawn one, and the EXTRA_PANELS most
+    influential of the others."""
+    nodes = result.graph.nodes
+    shown = set(view.indices)
+    drawn = {(int(nodes[i].layer), int(nodes[i].feature)) for i in shown if node_kind(nodes[i]) == "latent"}
+    others: list[tuple[int, int]] = []
+    for i in result_influence(result).argsort(descending=True).tolist():
+        if len(others) >= EXTRA_PANELS:
+            break
+        key = (int(nodes[i].layer), int(nodes[i].feature)) if node_kind(nodes[i]) == "latent" else None
+        if i not in shown and key is not None and key not in drawn and key not in others:
+            others.append(key)
+    return sorted(drawn | set(others))
+
+
 def _example_info(example_data: dict, feature: int, tokenizer, n_examples: int) -> dict | None:
     """Activation histogram, frequency and top sequences of one latent, in the page's format."""
     row = feature_row(example_data, feature)
@@ -242,13 +263,7 @@ def dashboard_data(
     in_view = {(s, t) for s, t, _ in view.edges}
     extra_edges = [[s, t, w, q] for (s, t), (w, q) in exact.items() if (s, t) not in in_view]
 
-    latents = sorted(
-        {
-            (int(graph.nodes[i].layer), graph.nodes[i].feature)
-            for i in view.indices
-            if node_kind(graph.nodes[i]) == "latent"
-        }
-    )
+    latents = panel_latents(result, view)
     panels: dict[str, dict] = {f"{layer}_{f}": {} for layer, f in latents}
     if logit_tables is None and transcoders is not None:
         logit_tables = latent_logit_tables(model, transcoders, latents)
@@ -466,14 +481,8 @@ def create_attribution_dashboard(
     view = view_graph(result)
     tables = None
     if transcoders is not None:
-        latents = sorted(
-            {
-                (int(result.graph.nodes[i].layer), int(result.graph.nodes[i].feature))
-                for i in view.indices
-                if node_kind(result.graph.nodes[i]) == "latent"
-            }
-        )
-        tables = latent_logit_tables(model, transcoders, latents)  # shared by the page and the export
+        # Shared by the page and the export.
+        tables = latent_logit_tables(model, transcoders, panel_latents(result, view))
     out = Path(output_dir)
     state = read_saved_state(out)
     graph_json = build_graph_json(result, model, transcoders, slug=slug, logit_tables=tables, state=state)
