@@ -1308,3 +1308,59 @@ def test_labels_cover_no_node_and_no_label_at_any_width(page, planted_dashboard,
         shot(cdp, "labels-planted-1600.png")
     cdp.evaluate("window.dashboard.forget()")
     assert_clean(cdp)
+
+
+@pytest.fixture(scope="module")
+def explorer(world):
+    from part3_attribution_graphs.explorer import attribution_explorer
+
+    model, tcs, result, _ = world
+    return attribution_explorer(
+        model, tcs, {"opposites": result.prompt}, results={result.prompt: result}, display=False
+    )
+
+
+LAB_OUTPUTS = """<!DOCTYPE html><body><div class="jp-OutputArea">
+<div class="jp-OutputArea-child"><div class="jp-OutputArea-output">{snapshot}</div></div>
+<div class="jp-OutputArea-child"><div class="jp-OutputArea-output" id="widget">{widget}</div></div>
+</div></body>"""
+
+
+def test_explorer_shows_a_picture_of_its_graph_where_the_widget_cannot_run(page, explorer, tmp_path):
+    """JupyterLab's outputs of the explorer cell: the picture, then the widget. Live, the widget shows and
+    the picture hides; reopened without the kernel ("model not found"), the picture shows and the error
+    hides; untrusted (no scripts), the picture shows."""
+    from part3_attribution_graphs.explorer import ExplorerSnapshot
+
+    snapshot = ExplorerSnapshot(explorer)._repr_html_()
+    cdp = page
+    shown = "document.querySelector('.p3ag-explorer-snapshot').offsetHeight > 0"
+    widget_shown = "document.getElementById('widget').offsetHeight > 0"
+    cases = {
+        "live": ('<div class="widget-vbox">the live explorer</div>', False, True),
+        "reopened": (
+            '<div class="jupyter-widgets">Error displaying widget: model not found</div>',
+            True,
+            False,
+        ),
+        "untrusted": (
+            "Attribution explorer (a live widget: it needs this notebook's kernel; re-run the cell)",
+            True,
+            True,
+        ),
+    }
+    for case, (widget, picture, widget_visible) in cases.items():
+        body = re.sub(r"<script>.*?</script>", "", snapshot, flags=re.S) if case == "untrusted" else snapshot
+        path = tmp_path / f"{case}.html"
+        path.write_text(LAB_OUTPUTS.format(snapshot=body, widget=widget), encoding="utf-8")
+        cdp.open(path.resolve().as_uri(), 1400)
+        cdp.evaluate("new Promise(r => setTimeout(r, 800))")
+        assert cdp.evaluate(shown) is picture, case
+        assert cdp.evaluate(widget_shown) is widget_visible, case
+        if picture:  # the picture is the graph the explorer drew: every kept node
+            assert (
+                cdp.evaluate("document.querySelectorAll('svg circle.node').length") == explorer.counts["kept"]
+            )
+            shot(cdp, f"explorer-{case}.png")
+    assert_clean(cdp)
+    assert "re-run the cell" in repr(explorer.widget)  # the widget's plain-text form says what to do
