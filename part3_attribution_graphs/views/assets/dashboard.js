@@ -351,13 +351,22 @@
   var LAB_H = extent(measure, [9.5, 2.5]), TOK_H = extent(tokMeasure, [10.5, 3]);
   var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
   function placeLabels() {
-    var place = {}, boxes = [];
-    function free(b) {
-      for (var q = 0; q < boxes.length; q++) {
-        var o = boxes[q];
-        if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
-      }
+    // The taken boxes, in a grid of 40 px cells (a spot is checked against the boxes of its cells only).
+    var place = {}, grid = {}, CELL = 40;
+    function cells(b, fn) {
+      for (var gx = Math.floor(b[0] / CELL); gx <= Math.floor(b[2] / CELL); gx++)
+        for (var gy = Math.floor(b[1] / CELL); gy <= Math.floor(b[3] / CELL); gy++) if (fn(gx + "," + gy) === false) return false;
       return true;
+    }
+    var boxes = {push: function (b) { cells(b, function (key) { (grid[key] = grid[key] || []).push(b); }); }};
+    function free(b) {
+      return cells(b, function (key) {
+        var list = grid[key] || [];
+        for (var q = 0; q < list.length; q++) {
+          var o = list[q];
+          if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
+        }
+      });
     }
     items.forEach(function (it) {  // every node's shape (a pixel around it), and the logits' token labels above them
       var x = sx(it.bx), y = sy(it.by), h = (it.type === "error" ? Math.max(2.5, it.r * 0.8) : it.r) + 1;
@@ -608,12 +617,14 @@
         var lv = Math.round(strength(d, maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
         (buckets[k] = buckets[k] || []).push(d);
       });
+      // The dimmed bitmap is painted the first time a node is focused, not with every new graph.
       allCache = {list: drawnEdges, w: canvas.width, h: canvas.height, k: view.k, x: view.x, y: view.y,
-                  plain: bitmap(dpr, buckets, false), dim: bitmap(dpr, buckets, true)};
+                  plain: bitmap(dpr, buckets, false), dim: null, buckets: buckets};
       fresh = true;
     }
     var s = view.k / allCache.k;  // the bitmap's view moved to this one (exact when fresh)
     ctx2d.setTransform(dpr * s, 0, 0, dpr * s, dpr * (view.x - allCache.x * s), dpr * (view.y - allCache.y * s));
+    if (top.length && !allCache.dim) allCache.dim = bitmap(dpr, allCache.buckets, true);
     ctx2d.drawImage(top.length ? allCache.dim : allCache.plain, 0, 0, W, H);
     ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
     drawTop(top, maxAbs);
