@@ -36,7 +36,9 @@ PROBE = """(() => {
       let nodes = null;
       try { nodes = f ? f.contentDocument.querySelectorAll('#graph .node').length : null; }
       catch (e) { nodes = -1; }
-      return {frame: !!f, note_visible: !!note && note.offsetHeight > 0, nodes: nodes};
+      return {frame: !!f, note_visible: !!note && note.offsetHeight > 0, nodes: nodes,
+              note_height: note ? note.offsetHeight : null,
+              note_width: note ? [note.scrollWidth, note.clientWidth] : null};
     }),
     explorer_note: outs.some(o => o.textContent.includes('Attribution explorer: live')),
     // The explorer's stand-in picture (shown where the widget cannot run) and the widget's own state.
