@@ -224,7 +224,16 @@ class AttributionExplorer:
         for w in (self.prompt_picker, self.node_slider, self.edge_slider):
             w.observe(self.update, names="value")
         self.add_button.on_click(self.add_prompt)
-        self.widget = widgets.VBox(
+
+        class ExplorerBox(widgets.VBox):
+            """The explorer's box, with a plain-text form that says what to do where widgets do not run."""
+
+            def __repr__(self) -> str:
+                return (
+                    "Attribution explorer (a live widget: it needs this notebook's kernel; re-run the cell)"
+                )
+
+        self.widget = ExplorerBox(
             [
                 self.prompt_picker,
                 widgets.HBox([self.node_slider, self.edge_slider]),
@@ -330,8 +339,94 @@ def attribution_explorer(
             return explorer
         if get_ipython() is not None:
             show(ExplorerNote())
+            show(ExplorerSnapshot(explorer))  # what a reopened notebook shows without the kernel
             show(explorer.widget)
     return explorer
+
+
+def _asset(name: str) -> str:
+    return (files("part3_attribution_graphs.views") / "assets" / name).read_text(encoding="utf-8")
+
+
+def figure_svg(figure: go.Figure, width: int = 900) -> str:
+    """A static SVG of a `graph_figure`: its edge traces as paths, its nodes as circles, tokens and rows as
+    text; no script, so it shows in an untrusted notebook and after the kernel is gone."""
+    layout = figure.layout
+    xs = [v for t in figure.data for v in (t.x or ()) if v is not None]
+    ys = [v for t in figure.data for v in (t.y or ()) if v is not None]
+    ticks_x = list(layout.xaxis.tickvals or ())
+    ticks_y = list(layout.yaxis.tickvals or ())
+    x0, x1 = min(xs + ticks_x, default=0) - 0.6, max(xs + ticks_x, default=1) + 0.6
+    y0, y1 = min(ys + ticks_y, default=0) - 0.6, max(ys + ticks_y, default=1) + 0.6
+    height, left, bottom, top = int(layout.height or 400), 50, 80, 10
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - x0) / (x1 - x0) * (width - left - 10),
+            top + (y1 - y) / (y1 - y0) * (height - top - bottom),
+        )
+
+    parts = []
+    for trace in figure.data:
+        if trace.mode == "lines":
+            d, pen = [], "M"
+            for x, y in zip(trace.x, trace.y):
+                if x is None:
+                    pen = "M"
+                    continue
+                X, Y = px(x, y)
+                d.append(f"{pen}{X:.1f} {Y:.1f}")
+                pen = "L"
+            parts.append(
+                f'<path d="{" ".join(d)}" fill="none" stroke="{trace.line.color}" '
+                f'stroke-width="{trace.line.width}"/>'
+            )
+        else:
+            for x, y, tip in zip(trace.x, trace.y, trace.hovertext or [""] * len(trace.x)):
+                X, Y = px(x, y)
+                parts.append(
+                    f'<circle class="node" cx="{X:.1f}" cy="{Y:.1f}" r="4.5" fill="{trace.marker.color}" '
+                    f'stroke="{trace.marker.line.color}"><title>{html.escape(tip.replace("<br>", ", "))}'
+                    "</title></circle>"
+                )
+    for v, label in zip(ticks_y, layout.yaxis.ticktext or ()):
+        X, Y = px(x0, v)
+        parts.append(
+            f'<text x="{left - 6}" y="{Y + 4:.1f}" text-anchor="end">{html.escape(str(label))}</text>'
+        )
+    for v, label in zip(ticks_x, layout.xaxis.ticktext or ()):
+        X, Y = px(v, y0)
+        parts.append(
+            f'<text x="{X:.1f}" y="{Y + 14:.1f}" text-anchor="end" '
+            f'transform="rotate(-45 {X:.1f} {Y + 14:.1f})">{html.escape(str(label))}</text>'
+        )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'style="max-width: 100%; height: auto; font: 11px sans-serif; fill: #374151;" '
+        f'viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'
+    )
+
+
+class ExplorerSnapshot:
+    """The explorer's graph as it was drawn, as a static picture shown in its place when the widget cannot
+    run (a reopened notebook: "model not found"; an untrusted one) and hidden while the widget is live
+    (`views/assets/explorer_snapshot.html`)."""
+
+    def __init__(self, explorer: AttributionExplorer):
+        self.caption = html.escape(
+            f"{explorer.prompt_picker.label}, node threshold {explorer.node_slider.value:.2f}, "
+            f"edge threshold {explorer.edge_slider.value:.2f}"
+        )
+        self.svg = figure_svg(explorer.figure) if explorer.figure is not None else ""
+
+    def _repr_html_(self) -> str:
+        page = _asset("explorer_snapshot.html")
+        return page.replace("__CAPTION__", self.caption).replace("__SVG__", self.svg)
+
+    def __repr__(self) -> str:
+        return (
+            f"Attribution explorer, as last drawn ({html.unescape(self.caption)}): re-run the cell to use it"
+        )
 
 
 class ExplorerNote:
@@ -339,9 +434,7 @@ class ExplorerNote:
     "model not found"): what it is and what to do (`views/assets/explorer_note.html`)."""
 
     def _repr_html_(self) -> str:
-        return (files("part3_attribution_graphs.views") / "assets" / "explorer_note.html").read_text(
-            encoding="utf-8"
-        )
+        return _asset("explorer_note.html")
 
     def __repr__(self) -> str:
         return html.unescape(re.sub(r"<[^>]+>", "", self._repr_html_())).strip()

@@ -377,7 +377,7 @@ def test_pins_supernode_labels_slider_save_and_restore(page, toy_dashboard, tmp_
     }
     # Save: this page again, with the state inside.
     cdp.evaluate("document.getElementById('save-btn').click()")
-    saved_page = wait_for(downloads / "attribution-graph.html")
+    saved_page = wait_for_glob(downloads, "attribution-graph_*.html")
     # Hostile text in the state stays text in a saved page: its scripts are the page's own two.
     hostile = "</script><script>window.pwned = 1</script><img src=x onerror='window.pwned = 1'>"
     member_id = json.dumps(pick["members"][1])
@@ -447,6 +447,19 @@ def wait_for(path: Path, seconds: float = 20) -> Path:
     assert path.exists(), f"nothing downloaded to {path}"
     time.sleep(0.2)  # let the download finish writing
     return path
+
+
+def wait_for_glob(folder: Path, pattern: str, seconds: float = 20) -> Path:
+    """The one file matching `pattern` in `folder` once a download has written it."""
+    deadline = time.time() + seconds
+    while (
+        not [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")] and time.time() < deadline
+    ):
+        time.sleep(0.1)
+    found = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
+    assert len(found) == 1, f"expected one download matching {pattern} in {folder}, found {found}"
+    time.sleep(0.2)  # let the download finish writing
+    return found[0]
 
 
 def restored_state(cdp) -> dict:
@@ -1013,3 +1026,341 @@ def test_chromium_missing_gives_install_hint(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert find_chromium(try_install=False) is None
     assert "scripts/install_chromium.sh" in INSTALL_HINT
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 26: the workbench as researchers keep using it.
+
+
+@pytest.fixture(scope="module")
+def planted_dashboard(planted_world, tmp_path_factory):
+    """The planted world's graph of the CLI's default prompt, as `make graph` draws it."""
+    from part3_attribution_graphs.__main__ import DEFAULT_PROMPTS
+
+    model, tcs = planted_world
+    result = attribute(model, tcs, format_prompt(*DEFAULT_PROMPTS["planted"]), batch_size=64)
+    out = tmp_path_factory.mktemp("planted")
+    create_attribution_dashboard(result, model, tcs, output_dir=out, display=False)
+    return result, out / "index.html"
+
+
+def set_state(cdp, q_params: dict) -> None:
+    """Give the page a state as "load state" would (through the page's own applyState)."""
+    cdp.evaluate(f"window.dashboard.applyState({{qParams: {json.dumps(q_params)}}})")
+
+
+def pinned_ids(cdp) -> list[str]:
+    return cdp.evaluate("window.dashboard.state.pinned.map(i => window.dashboard.data.nodes[i].id)")
+
+
+def test_saved_page_is_a_snapshot_and_copies_keep_their_own_state(page, toy_dashboard, tmp_path):
+    """Save, go on editing, reopen the save: the save shows what was saved (the later edits are offered);
+    a copy of the page elsewhere, or another build of the graph, starts clean (another copy's state is
+    offered)."""
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    latents = cdp.evaluate("""window.dashboard.data.nodes.map((n, i) => n.type === 'latent' ? n.id : null)
+        .filter(Boolean).slice(0, 3)""")
+    set_state(cdp, {"pinnedIds": latents[:1]})
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    cdp.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    cdp.evaluate("document.getElementById('save-btn').click()")
+    saved = wait_for_glob(downloads, "*.html")
+    # Go on editing the original, then open the save in this browser: it shows what was saved.
+    set_state(cdp, {"pinnedIds": latents[:3]})
+    cdp.open(saved.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:1]
+    # Edit the saved page itself, reopen it: still the snapshot, and the later edits are offered.
+    set_state(cdp, {"pinnedIds": latents[:2]})
+    cdp.open(saved.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:1]
+    assert cdp.evaluate("!document.getElementById('offer').hidden")
+    cdp.evaluate("document.getElementById('offer-btn').click()")
+    assert pinned_ids(cdp) == latents[:2]
+
+    # A copy in another folder, and another build of the same graph: neither takes the original's state.
+    copy = tmp_path / "copy" / "index.html"
+    copy.parent.mkdir()
+    shutil.copy(index, copy)
+    rebuilt = tmp_path / "rebuilt"
+    create_attribution_dashboard(result, None, output_dir=rebuilt, display=False)
+    for other in (copy, rebuilt / "index.html"):
+        cdp.open(other.resolve().as_uri(), 1400)
+        assert pinned_ids(cdp) == [], other
+        assert cdp.evaluate("!document.getElementById('offer').hidden"), other  # offered, not imposed
+    cdp.open(index.resolve().as_uri(), 1400)
+    assert pinned_ids(cdp) == latents[:3]  # the original kept its own
+    cdp.evaluate("localStorage.clear()")
+    assert_clean(cdp)
+    # Saves are named after the prompt and the time, not one name for every save.
+    name = re.compile(r"attribution-graph_[a-z0-9-]*large_\d{4}-\d\d-\d\d_\d{4}\.html")
+    assert name.fullmatch(saved.name), saved.name
+
+
+def sweep_signature(pairs, result) -> list[list[int]]:
+    """Per (node_t, edge_t): [nodes, edges, node checksum, edge checksum] of view_graph(prune(...))."""
+    out = []
+    for node_t, edge_t in pairs:
+        want = view_graph(prune(result, node_t, edge_t))
+        where = want.indices
+        out.append(
+            [
+                len(where),
+                len(want.edges),
+                sum(i * i for i in where),
+                sum(where[s] * 1_000_003 + where[t] for s, t, _ in want.edges),
+            ]
+        )
+    return out
+
+
+PAGE_SIGNATURE = """(pairs => pairs.map(p => {
+    const g = window.dashboard.pruneAt(p[0], p[1]);
+    return [g.nodes.length, g.edges.length, g.nodes.reduce((a, i) => a + i * i, 0),
+            g.edges.reduce((a, e) => a + e[0] * 1000003 + e[1], 0)];
+}))"""
+
+
+def assert_sliders_exact_everywhere(cdp, result, node_steps) -> None:
+    """Through the sliders at 1.0 (edge) for each node step, then without drawing at every edge step."""
+    own = float(result.settings["node_threshold"])
+    assert_sliders_prune_as_python(cdp, result, [(own, 1.0)])
+    assert cdp.evaluate("document.getElementById('node-thr').max") == "1"  # the graph can be widened fully
+    assert_sliders_prune_as_python(cdp, result, [(1.0, 1.0), (1.0, 0.85)])
+    pairs = [(n, e / 100) for n in node_steps for e in range(5, 101)]
+    got = cdp.evaluate(f"{PAGE_SIGNATURE}({json.dumps(pairs)})")
+    want = sweep_signature(pairs, result)
+    bad = [(p, g, w) for p, g, w in zip(pairs, got, want) if g != w]
+    assert not bad, (len(bad), bad[:5])
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_the_planted_graph(page, planted_dashboard):
+    result, index = planted_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (0.5, 0.8, 0.95, 1.0))
+    assert_clean(cdp)
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_the_toy_graph(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (0.8, 1.0))
+    assert_clean(cdp)
+
+
+def test_sliders_equal_prune_at_every_edge_step_on_a_30k_edge_graph(page, tmp_path):
+    result = synthetic_result()
+    create_attribution_dashboard(result, None, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    assert_sliders_exact_everywhere(cdp, result, (1.0,))
+    assert_clean(cdp)
+
+
+def test_unpinning_a_member_takes_it_out_of_its_supernode(page, toy_dashboard):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    view = view_graph(result)
+    latents = [k for k, i in enumerate(view.indices) if result.graph.nodes[i].node_type.value == "latent"]
+    latents.sort(key=lambda k: -float(result.influence[view.indices[k]]))
+    three = latents[:3]
+    for k in three:
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    assert cdp.evaluate(f"window.dashboard.group('three', {json.dumps(three)})")
+    # Unpin one member as a learner does: a ctrl-click on it in the whole graph.
+    node_id = result.graph.nodes[view.indices[three[2]]].node_id
+    box = centre(cdp, f'.node[data-node-id="{node_id}"]')
+    cdp.click(box["x"], box["y"], modifiers=CTRL)
+    got = cdp.evaluate("""(() => { const s = window.dashboard.state;
+        return {pinned: s.pinned.slice().sort((a, b) => a - b),
+                members: s.supernodes.map(sn => sn.members.slice().sort((a, b) => a - b)),
+                scores: window.dashboard.subgraphScores()}; })()""")
+    assert got["pinned"] == sorted(three[:2]) and got["members"] == [sorted(three[:2])], got
+    # The scores are those of the two pins alone (grouped or not, a group is its members).
+    cdp.evaluate("window.dashboard.forget()")
+    for k in three[:2]:
+        cdp.evaluate(f"window.dashboard.togglePin({k})")
+    assert got["scores"] == cdp.evaluate("window.dashboard.subgraphScores()")
+    # Unpinning one of the last two dissolves the group.
+    cdp.evaluate(f"window.dashboard.group('two', {json.dumps(three[:2])})")
+    cdp.evaluate(f"window.dashboard.togglePin({three[0]})")
+    assert cdp.evaluate("window.dashboard.state.supernodes.length") == 0
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def load_state_file(cdp, path: Path) -> None:
+    """ "load state" as a learner uses it: the file chooser given `path`."""
+    doc = cdp.send("DOM.getDocument")
+    node = cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#load-file")
+    cdp.send("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+    cdp.evaluate("new Promise(r => setTimeout(r, 300))")
+
+
+def test_load_state_refuses_bad_fields_with_a_message(page, toy_dashboard, tmp_path):
+    result, index, _ = toy_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), 1400)
+    good = json.loads(cdp.evaluate("window.dashboard.stateJSON()"))
+    before = cdp.evaluate("JSON.stringify(window.dashboard.state)")
+    latent = next(n["id"] for n in cdp.evaluate("window.dashboard.data.nodes") if n["type"] == "latent")
+    cases = {
+        "node_threshold": {"node_threshold": -5},
+        "edge_threshold": {"edge_threshold": 7},
+        "pinnedIds": {"pinnedIds": ["no_such_node"]},
+        "supernodes": {"supernodes": [["one", latent]]},
+        "linkType": {"linkType": "sideways"},
+        "colorBy": {"colorBy": 3},
+        "panelWidth": {"panelWidth": "wide"},
+        "hiddenIds": {"hiddenIds": "no_such_node"},
+        "labels": {"labels": {"no_such_node": "x"}},
+    }
+    for field, bad in cases.items():
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps({**good, "qParams": {**good["qParams"], **bad}}))
+        load_state_file(cdp, path)
+        status = cdp.evaluate("document.getElementById('status').textContent")
+        assert status.startswith("did not load") and field in status, (field, status)
+        assert cdp.evaluate("JSON.stringify(window.dashboard.state)") == before, field  # nothing taken
+        assert drawn_graph(cdp)["header_edge_thr"] == "0.85"
+    # A good file loads.
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps({**good, "qParams": {**good["qParams"], "node_threshold": 0.5}}))
+    load_state_file(cdp, path)
+    assert cdp.evaluate("window.dashboard.state.nodeThr") == 0.5
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+def test_reset_clears_everything_and_the_header_counts_what_is_drawn(page, world, tmp_path):
+    model, tcs, result, _ = world
+    utils.create_attribution_dashboard(result, model, tcs, output_dir=tmp_path, display=False)
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    cdp.evaluate("document.getElementById('suggest-btn').click()")
+    assert cdp.evaluate("document.querySelectorAll('#pins .suggest').length") > 0
+    # Hide a node: the header counts what is drawn.
+    cdp.evaluate("window.dashboard.select(window.dashboard.data.nodes.findIndex(n => n.type === 'latent'))")
+    cdp.evaluate("document.getElementById('hide-btn').click()")
+    got = drawn_graph(cdp)
+    assert got["header_nodes"] == len(got["ids"]) == len(view_graph(result).indices) - 1, got
+    # With "show all edges" every drawn edge is drawn: as many as the header says.
+    cdp.evaluate("document.getElementById('show-all').click()")
+    n_drawn = cdp.evaluate("window.dashboard.drawnEdges().length")
+    assert got["header_edges"] == n_drawn < len(view_graph(result).edges)
+    # Reset: no pins, no suggestions, nothing hidden, every edge toggle back.
+    cdp.evaluate("document.getElementById('forget-btn').click()")
+    after = cdp.evaluate("""({suggest: document.querySelectorAll('#pins .suggest').length,
+        pins: document.getElementById('pins').textContent,
+        hidden: Object.keys(window.dashboard.state.hidden).length,
+        showAll: document.getElementById('show-all').checked,
+        nodes: document.querySelectorAll('#graph .node').length})""")
+    assert after == {
+        "suggest": 0,
+        "pins": "",
+        "hidden": 0,
+        "showAll": False,
+        "nodes": len(view_graph(result).indices),
+    }, after
+    assert_clean(cdp)
+
+
+def label_overlaps(cdp) -> list:
+    """Every label that covers a node's shape or another label (boxes as drawn, half a pixel of slack)."""
+    return cdp.evaluate("""(() => {
+        const box = el => {
+            const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+        const hit = (a, b) =>
+            a[0] < b[2] - 0.5 && b[0] < a[2] - 0.5 && a[1] < b[3] - 0.5 && b[1] < a[3] - 0.5;
+        const labels = [...document.querySelectorAll('#graph .node text')].map(t => ({
+            id: t.closest('.node').dataset.nodeId, text: t.textContent, box: box(t)}));
+        const shapes = [...document.querySelectorAll('#graph .node .shape')].map(s => ({
+            id: s.closest('.node').dataset.nodeId, box: box(s)}));
+        const out = [];
+        labels.forEach((a, k) => {
+            shapes.forEach(s => { if (hit(a.box, s.box)) out.push([a.id, a.text, 'covers node', s.id]); });
+            labels.slice(k + 1).forEach(b => {
+                if (hit(a.box, b.box)) out.push([a.id, a.text, 'covers label', b.id]); });
+        });
+        return out; })()""")
+
+
+@pytest.mark.parametrize("width", [700, 1000, 1400, 1600, 2000])
+def test_labels_cover_no_node_and_no_label_at_any_width(page, planted_dashboard, width):
+    _, index = planted_dashboard
+    cdp = page
+    open_fresh(cdp, index.resolve().as_uri(), width)
+    assert cdp.evaluate("document.querySelectorAll('#graph .node text.lab:not(.tok)').length") >= 1
+    assert label_overlaps(cdp) == []
+    # Widened to every node, with the five most influential latents pinned (their labels always wanted).
+    set_sliders(cdp, 1.0, 0.85)
+    cdp.evaluate("""(() => { const d = window.dashboard, lat = d.items().filter(it => it.type === 'latent');
+        lat.sort((a, b) => b.influence - a.influence);
+        lat.slice(0, 5).forEach(it => d.togglePin(it.node)); })()""")
+    assert label_overlaps(cdp) == []
+    assert cdp.evaluate("document.querySelectorAll('#graph .node.pinned text').length") >= 3
+    if width == 1600:
+        shot(cdp, "labels-planted-1600.png")
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)
+
+
+@pytest.fixture(scope="module")
+def explorer(world):
+    from part3_attribution_graphs.explorer import attribution_explorer
+
+    model, tcs, result, _ = world
+    return attribution_explorer(
+        model, tcs, {"opposites": result.prompt}, results={result.prompt: result}, display=False
+    )
+
+
+LAB_OUTPUTS = """<!DOCTYPE html><body><div class="jp-OutputArea">
+<div class="jp-OutputArea-child"><div class="jp-OutputArea-output">{snapshot}</div></div>
+<div class="jp-OutputArea-child"><div class="jp-OutputArea-output" id="widget">{widget}</div></div>
+</div></body>"""
+
+
+def test_explorer_shows_a_picture_of_its_graph_where_the_widget_cannot_run(page, explorer, tmp_path):
+    """JupyterLab's outputs of the explorer cell: the picture, then the widget. Live, the widget shows and
+    the picture hides; reopened without the kernel ("model not found"), the picture shows and the error
+    hides; untrusted (no scripts), the picture shows."""
+    from part3_attribution_graphs.explorer import ExplorerSnapshot
+
+    snapshot = ExplorerSnapshot(explorer)._repr_html_()
+    cdp = page
+    shown = "document.querySelector('.p3ag-explorer-snapshot').offsetHeight > 0"
+    widget_shown = "document.getElementById('widget').offsetHeight > 0"
+    cases = {
+        "live": ('<div class="widget-vbox">the live explorer</div>', False, True),
+        "reopened": (
+            '<div class="jupyter-widgets">Error displaying widget: model not found</div>',
+            True,
+            False,
+        ),
+        "untrusted": (
+            "Attribution explorer (a live widget: it needs this notebook's kernel; re-run the cell)",
+            True,
+            True,
+        ),
+    }
+    for case, (widget, picture, widget_visible) in cases.items():
+        body = re.sub(r"<script>.*?</script>", "", snapshot, flags=re.S) if case == "untrusted" else snapshot
+        path = tmp_path / f"{case}.html"
+        path.write_text(LAB_OUTPUTS.format(snapshot=body, widget=widget), encoding="utf-8")
+        cdp.open(path.resolve().as_uri(), 1400)
+        cdp.evaluate("new Promise(r => setTimeout(r, 800))")
+        assert cdp.evaluate(shown) is picture, case
+        assert cdp.evaluate(widget_shown) is widget_visible, case
+        if picture:  # the picture is the graph the explorer drew: every kept node
+            assert (
+                cdp.evaluate("document.querySelectorAll('svg circle.node').length") == explorer.counts["kept"]
+            )
+            shot(cdp, f"explorer-{case}.png")
+    assert_clean(cdp)
+    assert "re-run the cell" in repr(explorer.widget)  # the widget's plain-text form says what to do

@@ -14,7 +14,8 @@ Numbers (milliseconds, medians where repeated):
   hover      a mouseover on a node to the next frame (logits and latents)
   wheel      one wheel step over the graph to the next frame
   show_all_* the same with "show all edges" on
-  slider     the edge slider moved (re-pruning as `prune` does) to the next frame
+  slider_*   a slider moved (re-pruning as `prune` does) to the next frame: median and max over
+             SLIDER_MOVES, with and without "show all edges"
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from pathlib import Path
 import torch
 
 N_TOKENS, N_LAYERS, LATENTS_PER_LAYER, N_LOGITS, N_EDGES = 20, 18, 40, 10, 30_000
+# The slider moves timed (each from where the last left the sliders): both sliders, up and down, 1.0 included.
+SLIDER_MOVES = [("edge-thr", e) for e in (0.7, 0.5, 0.95, 1.0, 0.3, 0.85)] + [
+    ("node-thr", n) for n in (0.5, 0.3, 0.8, 0.95, 1.0, 0.6)
+]
 
 
 @dataclass
@@ -156,11 +161,19 @@ def measure(index: Path, width: int = 1400) -> dict:
                 for dy in (-120, 120, -120, 120)
             ]
             hovers["wheel" + ("_all" if show_all else "")] = statistics.median(times)
-        slider = cdp.evaluate(f"""(async () => {{
-            const s = document.getElementById('edge-thr'), t = performance.now();
-            s.value = 0.7; s.dispatchEvent(new Event('input', {{bubbles: true}}));
-            return (await {frame}) - t;
-        }})()""")
+        slides = {}
+        for show_all in (False, True):  # "show all edges" is on after the hovers: off, then on again
+            cdp.evaluate("document.getElementById('show-all').click()")
+            times = []
+            for slider_id, value in SLIDER_MOVES:
+                times.append(
+                    cdp.evaluate(f"""(async () => {{
+                    const s = document.getElementById('{slider_id}'), t = performance.now();
+                    s.value = {value}; s.dispatchEvent(new Event('input', {{bubbles: true}}));
+                    return (await {frame}) - t;
+                }})()""")
+                )
+            slides["all" if show_all else "plain"] = times
         errors = page_errors(cdp)
     return {
         "load_ms": round(load, 1),
@@ -172,7 +185,10 @@ def measure(index: Path, width: int = 1400) -> dict:
         "show_all_hover_logit_ms": round(hovers["logit_all"], 1),
         "show_all_hover_latent_ms": round(hovers["latent_all"], 1),
         "show_all_wheel_ms": round(hovers["wheel_all"], 1),
-        "slider_ms": round(slider, 1),
+        "slider_median_ms": round(statistics.median(slides["plain"]), 1),
+        "slider_max_ms": round(max(slides["plain"]), 1),
+        "show_all_slider_median_ms": round(statistics.median(slides["all"]), 1),
+        "show_all_slider_max_ms": round(max(slides["all"]), 1),
         "page_errors": len(errors),
     }
 

@@ -2,6 +2,7 @@
 then trusted, then reopened; print what every dashboard output and the explorer cell show.
 
     python -m part3_attribution_graphs.tools.jupyterlab_check     # needs the `lab` extra and Chromium
+    python -m part3_attribution_graphs.tools.jupyterlab_check some.ipynb   # another executed notebook
 
 JupyterLab runs with throwaway settings and trust database (nothing of yours is read or changed) on a
 copy of the notebook. Exits 1 if any dashboard output is blank (neither a graph nor the line that
@@ -35,9 +36,17 @@ PROBE = """(() => {
       let nodes = null;
       try { nodes = f ? f.contentDocument.querySelectorAll('#graph .node').length : null; }
       catch (e) { nodes = -1; }
-      return {frame: !!f, note_visible: !!note && note.offsetHeight > 0, nodes: nodes};
+      return {frame: !!f, note_visible: !!note && note.offsetHeight > 0, nodes: nodes,
+              note_height: note ? note.offsetHeight : null,
+              note_width: note ? [note.scrollWidth, note.clientWidth] : null};
     }),
     explorer_note: outs.some(o => o.textContent.includes('Attribution explorer: live')),
+    // The explorer's stand-in picture (shown where the widget cannot run) and the widget's own state.
+    explorer_picture: [...document.querySelectorAll('.p3ag-explorer-snapshot')].map(p => p.offsetHeight > 0),
+    explorer_live: document.querySelectorAll('.widget-vbox').length,
+    widget_errors_visible: outs.filter(o => o.offsetHeight > 0 &&
+      /Error displaying widget|model not found|Loading widget/.test(o.innerText)).length,
+    trust_line_heights: [...document.querySelectorAll('[data-p3ag-untrusted]')].map(d => d.offsetHeight),
   };
 })()"""
 SCROLL = """(() => { const p = document.querySelector('.jp-WindowedPanel-outer');
@@ -76,7 +85,7 @@ def main() -> int:
     root = work / "nb"
     root.mkdir()
     notebook = root / "solutions.ipynb"
-    shutil.copy(NOTEBOOKS["solutions"], notebook)
+    shutil.copy(Path(sys.argv[1]) if len(sys.argv) > 1 else NOTEBOOKS["solutions"], notebook)
     before = notebook.read_bytes()
     env = {
         **os.environ,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from importlib.resources import files
@@ -122,6 +123,27 @@ def latent_logit_tables(
         }
         for key, (ti, tv, bi, bv, hist) in raw.items()
     }
+
+
+# Latents the sliders can bring back get a panel too (logit table, examples, derived label), the most
+# influential first, up to this many beyond the drawn ones (each costs ~1-2 kB of page).
+EXTRA_PANELS = 300
+
+
+def panel_latents(result: AttributionResult, view) -> list[tuple[int, int]]:
+    """`(layer, feature)` of the latents that get a panel: every drawn one, and the EXTRA_PANELS most
+    influential of the others."""
+    nodes = result.graph.nodes
+    shown = set(view.indices)
+    drawn = {(int(nodes[i].layer), int(nodes[i].feature)) for i in shown if node_kind(nodes[i]) == "latent"}
+    others: list[tuple[int, int]] = []
+    for i in result_influence(result).argsort(descending=True).tolist():
+        if len(others) >= EXTRA_PANELS:
+            break
+        key = (int(nodes[i].layer), int(nodes[i].feature)) if node_kind(nodes[i]) == "latent" else None
+        if i not in shown and key is not None and key not in drawn and key not in others:
+            others.append(key)
+    return sorted(drawn | set(others))
 
 
 def _example_info(example_data: dict, feature: int, tokenizer, n_examples: int) -> dict | None:
@@ -234,20 +256,14 @@ def dashboard_data(
             entry["lw"] = sliders.logit_weights[idx]
         nodes.append(entry)
 
-    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry 1 marks an edge the
-    # sliders prune, with its exact float32 weight.
-    exact = {(where[s], where[t]): w for s, t, w in sliders.edges}
-    edges = [[s, t, exact[s, t], 1] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
+    # Edges: the view's (drawn at first), then the candidates' others; a 4th entry q > 0 marks an edge the
+    # sliders prune, with its exact float32 weight: it is sliders.edges[q - 1] (the edge cuts name them so).
+    exact = {(where[s], where[t]): (w, q + 1) for q, (s, t, w) in enumerate(sliders.edges)}
+    edges = [[s, t, *exact[s, t]] if (s, t) in exact else [s, t, _sig(w), 0] for s, t, w in view.edges]
     in_view = {(s, t) for s, t, _ in view.edges}
-    extra_edges = [[s, t, w, 1] for (s, t), w in exact.items() if (s, t) not in in_view]
+    extra_edges = [[s, t, w, q] for (s, t), (w, q) in exact.items() if (s, t) not in in_view]
 
-    latents = sorted(
-        {
-            (int(graph.nodes[i].layer), graph.nodes[i].feature)
-            for i in view.indices
-            if node_kind(graph.nodes[i]) == "latent"
-        }
-    )
+    latents = panel_latents(result, view)
     panels: dict[str, dict] = {f"{layer}_{f}": {} for layer, f in latents}
     if logit_tables is None and transcoders is not None:
         logit_tables = latent_logit_tables(model, transcoders, latents)
@@ -302,6 +318,9 @@ def dashboard_data(
             "n_layers": n_layers,
             "n_nodes": len(view.indices),
             "n_nodes_full": len(graph),
+            # This build of the page: the browser keeps its state per graph and page, so two builds of one
+            # graph (or two copies in other folders) never share it unasked.
+            "build": uuid.uuid4().hex[:12],
             "n_edges": len(edges),
             "n_dropped": len(view.dropped),
             "node_threshold": settings.get("node_threshold"),
@@ -321,8 +340,10 @@ def dashboard_data(
         "extra": {"nodes": nodes[len(view.indices) :], "edges": extra_edges},
         "prune": {
             "node_max": sliders.node_threshold,
+            "node_own": sliders.own_threshold,
             "shares": sliders.shares,
             "n_ranked": sliders.n_ranked,
+            "cuts": {str(k): v for k, v in sliders.cuts.items()},
         },
         "latents": panels,
         # Latent keys that could be one supernode (views/suggestions.py): [a, b, score, why].
@@ -460,14 +481,8 @@ def create_attribution_dashboard(
     view = view_graph(result)
     tables = None
     if transcoders is not None:
-        latents = sorted(
-            {
-                (int(result.graph.nodes[i].layer), int(result.graph.nodes[i].feature))
-                for i in view.indices
-                if node_kind(result.graph.nodes[i]) == "latent"
-            }
-        )
-        tables = latent_logit_tables(model, transcoders, latents)  # shared by the page and the export
+        # Shared by the page and the export.
+        tables = latent_logit_tables(model, transcoders, panel_latents(result, view))
     out = Path(output_dir)
     state = read_saved_state(out)
     graph_json = build_graph_json(result, model, transcoders, slug=slug, logit_tables=tables, state=state)

@@ -7,6 +7,8 @@
   var PAGE = "<!DOCTYPE html>\n" + document.documentElement.outerHTML;
   var DATA = JSON.parse(document.getElementById("dashboard-data").textContent);
   var META = DATA.meta, LATENTS = DATA.latents, PRUNE = DATA.prune || {shares: [], n_ranked: 0, node_max: 1};
+  // The thresholds the page was written with (the sliders start there; the node slider reaches node_max).
+  var OWN_NODE = PRUNE.node_own !== undefined ? PRUNE.node_own : PRUNE.node_max, OWN_EDGE = META.edge_threshold || 1;
   // The view's nodes and edges come first (drawn at first); the candidates the sliders can bring back follow.
   var EXTRA = DATA.extra || {nodes: [], edges: []};
   var NODES = DATA.nodes.concat(EXTRA.nodes), EDGES = DATA.edges.concat(EXTRA.edges);
@@ -36,13 +38,12 @@
   var BY_KEY = {};  // latent key ("layer_feature") -> its nodes, one per position
   NODES.forEach(function (n, i) { if (n.key) (BY_KEY[n.key] = BY_KEY[n.key] || []).push(i); });
   var maxAbs = 1e-12, maxInfl = 1e-12;
-  EDGES.forEach(function (e) { maxAbs = Math.max(maxAbs, Math.abs(e[2])); });
   NODES.forEach(function (n) { if (n.type !== "logit") maxInfl = Math.max(maxInfl, n.influence); });
 
   // ------------------------------------------------------------------------------------------- state
   var state = {
     pinned: [], clicked: null, hover: null, supernodes: [], labels: {}, ticked: {}, hidden: {}, linkType: "both", colorBy: "weight", sgPos: {}, panelWidth: null,
-    nodeThr: PRUNE.node_max, edgeThr: META.edge_threshold || 1, showAll: false, subgraph: false
+    nodeThr: OWN_NODE, edgeThr: OWN_EDGE, showAll: false, subgraph: false
   };
   function labelOf(i) {
     var n = NODES[i];
@@ -66,15 +67,18 @@
   // them, `B[t, s] * importance[t]` with B the row-normalised |A| and importance the influence on the
   // logits within those nodes (plus the logit weight), and keeps the best until their share reaches
   // edge_t; then the viewers' clean-up (view_graph): a latent needs an input and an output, an error
-  // node an output. Weights are float32 as in Python; shares are rounded to float32 before comparing,
-  // as torch compares them.
+  // node an output. Weights are float32 as in Python. Where the edge cut falls is decided by float32
+  // round-off the page cannot repeat (at 1.0 it falls among scores of ~1e-8), so at every slider step the
+  // page takes the cut Python computed (PRUNE.cuts: the cutoff, and the few edges whose float64 score here
+  // would land on the other side of it, with their verdict); off the steps it computes the cut itself.
   var F32 = Math.fround, N_VIEW = DATA.nodes.length, E_VIEW = DATA.edges.length;
   var nodeVis = NODES.map(function (n, i) { return i < N_VIEW; });
   var edgeVis = EDGES.map(function (e, j) { return j < E_VIEW; });
   var prunedKept = null;  // nodes prune keeps at the sliders' thresholds (null: Python's own result)
   var SHARES = PRUNE.shares.map(F32);
-  var CAND = [], ABSW = [];  // the edges prune_edges sees, and their |weight| as float32
-  EDGES.forEach(function (e, j) { if (e[3] === 1) { CAND.push(j); ABSW.push(Math.abs(F32(e[2]))); } });
+  var CAND = [], ABSW = [], AT = {};  // the edges prune_edges sees, their |weight| as float32, and by position
+  EDGES.forEach(function (e, j) { if (e[3] >= 1) { AT[e[3] - 1] = CAND.length; CAND.push(j); ABSW.push(Math.abs(F32(e[2]))); } });
+  var CUTS = PRUNE.cuts || {}, STEP0 = 5;  // PRUNE.cuts[k].cut[step - STEP0]: the cut at step/100
   var LOGITS = [];
   NODES.forEach(function (n, i) { if (n.lw !== undefined) LOGITS.push(i); });
 
@@ -84,7 +88,17 @@
     k = Math.min(k + 1, PRUNE.n_ranked);  // n_to_cross
     var kept = new Uint8Array(NODES.length);
     NODES.forEach(function (n, i) { if ((n.rank !== undefined && n.rank < k) || n.lw !== undefined) kept[i] = 1; });
+    kept.k = k;
     return kept;
+  }
+  // Python's cut at this node set and edge step, or null off the steps: {cut, keep: {cand: 1}, drop: {cand: 1}}.
+  function shippedCut(k, t) {
+    var step = Math.round(t * 100), table = CUTS[k];
+    if (!table || Math.abs(t * 100 - step) > 1e-9 || step < STEP0 || step - STEP0 >= table.cut.length) return null;
+    var out = {cut: F32(table.cut[step - STEP0]), keep: {}, drop: {}};
+    ((table.keep || {})[step] || []).forEach(function (q) { out.keep[AT[q]] = 1; });
+    ((table.drop || {})[step] || []).forEach(function (q) { out.drop[AT[q]] = 1; });
+    return out;
   }
   function pruneEdges(kept, t) {
     var N = NODES.length, live = [], k, j, i;
@@ -102,6 +116,13 @@
     }
     LOGITS.forEach(function (i) { infl[i] += F32(NODES[i].lw); });
     var score = live.map(function (k, q) { return b[q] * infl[EDGES[CAND[k]][1]]; });
+    var keep = new Uint8Array(EDGES.length), shipped = shippedCut(kept.k, t);
+    if (shipped) {
+      live.forEach(function (k, q) {
+        if (shipped.keep[k] || (!shipped.drop[k] && score[q] > 0 && score[q] >= shipped.cut)) keep[CAND[k]] = 1;
+      });
+      return keep;
+    }
     var order = score.map(function (x, q) { return q; });
     order.sort(function (a, c) { return score[c] - score[a]; });
     var total = 0, acc = 0, below = 0;
@@ -115,16 +136,18 @@
     }
     // n_to_cross = below + 1 scores; the last of them is the cutoff (zero once it falls among non-edges).
     var cutoff = total > 0 && below < order.length ? score[order[below]] : 0;
-    var keep = new Uint8Array(EDGES.length);
     live.forEach(function (k, q) { if (score[q] > 0 && score[q] >= cutoff) keep[CAND[k]] = 1; });
     return keep;
   }
-  function reprune() {
-    var i, j, kept = pruneNodes(state.nodeThr), keep = pruneEdges(kept, state.edgeThr);
-    for (j = 0; j < EDGES.length; j++) edgeVis[j] = !!keep[j];
-    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit";
-    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = true; nodeVis[EDGES[j][1]] = true; }
-    prunedKept = nodeVis.slice();
+  // What prune keeps at (nodeT, edgeT), after the viewers' clean-up: {nodes, edges} as 0/1 per index, and
+  // {kept}: the nodes before the clean-up.
+  function pruneAt(nodeT, edgeT) {
+    var i, j, kept = pruneNodes(nodeT), keep = pruneEdges(kept, edgeT);
+    var nodeVis = new Uint8Array(NODES.length), edgeVis = new Uint8Array(EDGES.length);
+    for (j = 0; j < EDGES.length; j++) edgeVis[j] = keep[j];
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = NODES[i].type === "logit" ? 1 : 0;
+    for (j = 0; j < EDGES.length; j++) if (keep[j]) { nodeVis[EDGES[j][0]] = 1; nodeVis[EDGES[j][1]] = 1; }
+    var before = nodeVis.slice();
     var changed = true;
     while (changed) {  // view_graph's clean-up
       changed = false;
@@ -133,18 +156,25 @@
         if (!nodeVis[i] || n.type === "logit" || n.type === "embedding") continue;
         var hasIn = n.inE.some(function (j) { return edgeVis[j]; }), hasOut = n.outE.some(function (j) { return edgeVis[j]; });
         if (!hasOut || (n.type === "latent" && !hasIn)) {
-          nodeVis[i] = false; changed = true;
-          n.inE.concat(n.outE).forEach(function (j) { edgeVis[j] = false; });
+          nodeVis[i] = 0; changed = true;
+          n.inE.concat(n.outE).forEach(function (j) { edgeVis[j] = 0; });
         }
       }
     }
-    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = true;  // every token has one
+    for (i = 0; i < NODES.length; i++) if (NODES[i].type === "embedding") nodeVis[i] = 1;  // every token has one
+    return {nodes: nodeVis, edges: edgeVis, kept: before};
+  }
+  function reprune() {
+    var got = pruneAt(state.nodeThr, state.edgeThr), i;
+    for (i = 0; i < NODES.length; i++) nodeVis[i] = !!got.nodes[i];
+    for (i = 0; i < EDGES.length; i++) edgeVis[i] = !!got.edges[i];
+    prunedKept = Array.prototype.slice.call(got.kept).map(Boolean);
     drawStats();
   }
 
   // At the thresholds the page was written with it shows Python's own result; elsewhere it prunes again.
   function setPruning() {
-    if (state.nodeThr !== PRUNE.node_max || state.edgeThr !== (META.edge_threshold || 1)) { reprune(); return; }
+    if (state.nodeThr !== OWN_NODE || state.edgeThr !== OWN_EDGE) { reprune(); return; }
     for (var i = 0; i < NODES.length; i++) nodeVis[i] = i < N_VIEW;
     for (var j = 0; j < EDGES.length; j++) edgeVis[j] = j < E_VIEW;
     prunedKept = null;
@@ -152,12 +182,14 @@
   }
 
   // ------------------------------------------------------------------------------------------- header
-  function drawStats() {  // the counts and thresholds of what is drawn now
+  function drawStats() {  // the counts and thresholds of what is drawn now (hidden nodes and their edges left out)
+    maxAbs = 1e-12;  // edges are drawn against the strongest kept one
+    for (var j = 0; j < EDGES.length; j++) if (edgeVis[j]) maxAbs = Math.max(maxAbs, Math.abs(EDGES[j][2]));
     var el = document.getElementById("stats-now");
     if (!el) return;
-    var nv = 0, ev = 0, i;
-    for (i = 0; i < NODES.length; i++) if (nodeVis[i]) nv++;
-    for (i = 0; i < EDGES.length; i++) if (edgeVis[i]) ev++;
+    var nv = 0, ev = 0, i, hidden = state.hidden;
+    for (i = 0; i < NODES.length; i++) if (nodeVis[i] && !hidden[i]) nv++;
+    for (i = 0; i < EDGES.length; i++) if (edgeVis[i] && !hidden[EDGES[i][0]] && !hidden[EDGES[i][1]]) ev++;
     el.innerHTML = "<span>nodes <b>" + nv + "</b> of " + META.n_nodes_full + "</span>" +
       "<span>edges <b>" + ev + "</b></span>" +
       "<span>node threshold <b>" + fmt(state.nodeThr) + "</b></span>" +
@@ -305,36 +337,53 @@
   function sy(y) { return y * view.k + view.y; }
 
   // Labels: every pinned node's (and in the subgraph every node's), then the most influential latents'.
-  // Each takes the first free spot around its node (right, left, above, below); a label never covers
-  // another (it may cover a node: the white halo keeps it legible). Pinned and subgraph labels always
-  // show, moving further out if they must; the others are left out when no spot is free.
-  var measure = document.createElement("canvas").getContext("2d");
+  // Each takes the first free spot around its node (right, left, above, below): a spot is free when it
+  // covers no node and no other label, at any width. Pinned and subgraph labels move further out if they
+  // must; a label with no free spot is left out (the tooltip and the pins bar still name it).
+  var measure = document.createElement("canvas").getContext("2d"), tokMeasure = document.createElement("canvas").getContext("2d");
   measure.font = "10px " + getComputedStyle(document.body).fontFamily;
+  tokMeasure.font = "11px ui-monospace, \"DejaVu Sans Mono\", monospace";  // .tok, as the stylesheet sets it
   function textWidth(text) { return measure.measureText(text).width; }
+  function extent(ctx, fallback) {  // [ascent, descent] of a font: the height a text's box takes
+    var m = ctx.measureText("Hg");
+    return [m.fontBoundingBoxAscent || fallback[0], m.fontBoundingBoxDescent || fallback[1]];
+  }
+  var LAB_H = extent(measure, [9.5, 2.5]), TOK_H = extent(tokMeasure, [10.5, 3]);
   var SPOTS = [[1, 0], [-1, 0], [1, -1], [1, 1], [-1, -1], [-1, 1], [1, -2], [1, 2], [-1, -2], [-1, 2], [0, -1], [0, 1]];
   function placeLabels() {
-    var place = {}, boxes = [];
-    function free(b) {
-      for (var q = 0; q < boxes.length; q++) {
-        var o = boxes[q];
-        if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
-      }
+    // The taken boxes, in a grid of 40 px cells (a spot is checked against the boxes of its cells only).
+    var place = {}, grid = {}, CELL = 40;
+    function cells(b, fn) {
+      for (var gx = Math.floor(b[0] / CELL); gx <= Math.floor(b[2] / CELL); gx++)
+        for (var gy = Math.floor(b[1] / CELL); gy <= Math.floor(b[3] / CELL); gy++) if (fn(gx + "," + gy) === false) return false;
       return true;
     }
-    items.forEach(function (it) {  // the logits' token labels sit above them
+    var boxes = {push: function (b) { cells(b, function (key) { (grid[key] = grid[key] || []).push(b); }); }};
+    function free(b) {
+      return cells(b, function (key) {
+        var list = grid[key] || [];
+        for (var q = 0; q < list.length; q++) {
+          var o = list[q];
+          if (b[0] < o[2] && o[0] < b[2] && b[1] < o[3] && o[1] < b[3]) return false;
+        }
+      });
+    }
+    items.forEach(function (it) {  // every node's shape (a pixel around it), and the logits' token labels above them
+      var x = sx(it.bx), y = sy(it.by), h = (it.type === "error" ? Math.max(2.5, it.r * 0.8) : it.r) + 1;
+      boxes.push([x - h, y - h, x + h, y + h]);
       if (it.type !== "logit") return;
-      var w = textWidth(cut(shown(NODES[it.node].token), 10)) * 1.1, x = sx(it.bx), y = sy(it.by) - it.r - 4;
-      boxes.push([x - w / 2, y - 10, x + w / 2, y + 2]);
+      var w = tokMeasure.measureText(cut(shown(NODES[it.node].token), 10)).width + 2, yb = y - it.r - 4;
+      boxes.push([x - w / 2, yb - TOK_H[0], x + w / 2, yb + TOK_H[1]]);
     });
     function tryPlace(k, always) {
       var it = items[k], l = itemLabel(it);
       if (!l || !l.text || it.type === "logit") return false;
       var text = cut(l.text, 22), w = textWidth(text) + 2, x = sx(it.bx), y = sy(it.by), r = it.r;
-      for (var reach = 0; reach < (always ? 4 : 1); reach++) {
+      for (var reach = 0; reach < (always ? 8 : 1); reach++) {
         for (var q = 0; q < SPOTS.length; q++) {
           var side = SPOTS[q][0], dy = SPOTS[q][1] * 12 + (SPOTS[q][1] < 0 ? -reach * 24 : reach * 24);
-          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx;
-          var box = [x0, y + dy - 8, x0 + w, y + dy + 3];
+          var dx = side === 0 ? -w / 2 : side * (r + 3), x0 = side < 0 ? x + dx - w : x + dx, yb = y + dy + 3;
+          var box = [x0, yb - LAB_H[0], x0 + w, yb + LAB_H[1]];
           if (free(box)) {
             boxes.push(box);
             place[k] = {text: text, derived: l.derived, dx: dx, dy: dy + 3, anchor: side < 0 ? "end" : "start"};
@@ -342,9 +391,7 @@
           }
         }
       }
-      if (!always) return false;
-      place[k] = {text: text, derived: l.derived, dx: r + 3, dy: 3, anchor: "start"};  // no room anywhere: as before
-      return true;
+      return false;
     }
     var order = items.map(function (it, k) { return k; });
     order.sort(function (a, b) { return items[b].influence - items[a].influence; });
@@ -570,12 +617,14 @@
         var lv = Math.round(strength(d, maxAbs) * (LEVELS - 1)), k = 2 * lv + (d[2] >= 0 ? 0 : 1);
         (buckets[k] = buckets[k] || []).push(d);
       });
+      // The dimmed bitmap is painted the first time a node is focused, not with every new graph.
       allCache = {list: drawnEdges, w: canvas.width, h: canvas.height, k: view.k, x: view.x, y: view.y,
-                  plain: bitmap(dpr, buckets, false), dim: bitmap(dpr, buckets, true)};
+                  plain: bitmap(dpr, buckets, false), dim: null, buckets: buckets};
       fresh = true;
     }
     var s = view.k / allCache.k;  // the bitmap's view moved to this one (exact when fresh)
     ctx2d.setTransform(dpr * s, 0, 0, dpr * s, dpr * (view.x - allCache.x * s), dpr * (view.y - allCache.y * s));
+    if (top.length && !allCache.dim) allCache.dim = bitmap(dpr, allCache.buckets, true);
     ctx2d.drawImage(top.length ? allCache.dim : allCache.plain, 0, 0, W, H);
     ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
     drawTop(top, maxAbs);
@@ -632,7 +681,7 @@
     svgEl.setAttribute("width", W); svgEl.setAttribute("height", H);
     graphEl.style.height = H + "px";
     if (state.hover !== null && !items[state.hover]) state.hover = null;
-    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); fitPanel(); persist();
+    drawNodes(); drawAxes(); drawEdges(); highlight(); drawPins(); drawStats(); fitPanel(); persist();
   }
   function refresh() { drawEdges(); highlight(); }
 
@@ -761,9 +810,20 @@
   // ------------------------------------------------------------------------------------------- pins and supernodes
   var status = document.getElementById("status");
   function say(text) { status.textContent = text; }
+  // A supernode's members are pinned nodes: unpinning one takes it out of its group (a group left with one
+  // member is dissolved), so the pins, the groups and the subgraph's scores always agree.
   function togglePin(i) {
     var k = state.pinned.indexOf(i);
-    if (k >= 0) { state.pinned.splice(k, 1); delete state.ticked[i]; } else state.pinned.push(i);
+    if (k >= 0) {
+      state.pinned.splice(k, 1); delete state.ticked[i];
+      var s = superOf(i);
+      if (s >= 0) {
+        var sn = state.supernodes[s];
+        sn.members.splice(sn.members.indexOf(i), 1);
+        if (sn.members.length < 2) { state.supernodes.splice(s, 1); say("unpinned; supernode \u201c" + sn.name + "\u201d dissolved"); }
+        else say("unpinned; removed from supernode \u201c" + sn.name + "\u201d");
+      }
+    } else state.pinned.push(i);
     render();
     if (state.clicked !== null) select(state.clicked);
   }
@@ -904,7 +964,7 @@
 
   // ------------------------------------------------------------------------------------------- sliders
   var nodeThr = document.getElementById("node-thr"), edgeThr = document.getElementById("edge-thr");
-  nodeThr.max = String(PRUNE.node_max);  // the page holds the nodes kept up to the result's own threshold
+  nodeThr.max = String(PRUNE.node_max);  // the page holds every node prune keeps up to node_max (1 within its budget)
   function showThresholds() {
     nodeThr.value = state.nodeThr; edgeThr.value = state.edgeThr;
     document.getElementById("node-thr-val").textContent = (+state.nodeThr).toFixed(2);
@@ -1197,15 +1257,19 @@
       (s && s.labels && Object.keys(s.labels).length) || (q.labels && Object.keys(q.labels).length) ||
       (q.hiddenIds && q.hiddenIds.length) || (q.linkType && q.linkType !== "both") || typeof q.panelWidth === "number" || q.colorBy === "share" ||
       (q.sgPositions && Object.keys(q.sgPositions).length) ||
-      (typeof q.node_threshold === "number" && q.node_threshold !== PRUNE.node_max) ||
-      (typeof q.edge_threshold === "number" && q.edge_threshold !== (META.edge_threshold || 1)));
+      (typeof q.node_threshold === "number" && q.node_threshold !== OWN_NODE) ||
+      (typeof q.edge_threshold === "number" && q.edge_threshold !== OWN_EDGE));
   }
-  // This graph's state in the browser's storage (works from file:// too), under a key of its own.
-  var STORE_KEY = (function () {
-    var text = META.prompt + "|" + NODES.map(function (n) { return n.id; }).join(",") + "|" + EDGES.length, h = 2166136261;
+  // This page's state in the browser's storage (works from file:// too), under a key of the graph and the
+  // page: the graph's content, this build of it (META.build) and where the page lies. Two copies or two
+  // builds of one graph keep their own states; another copy's state is offered, never applied unasked.
+  function hash(text) {
+    var h = 2166136261;
     for (var k = 0; k < text.length; k++) { h ^= text.charCodeAt(k); h = Math.imul(h, 16777619) >>> 0; }
-    return "part3-attribution-dashboard:" + h.toString(16);
-  })();
+    return h.toString(16);
+  }
+  var GRAPH_KEY = "part3-attribution-dashboard:" + hash(META.prompt + "|" + NODES.map(function (n) { return n.id; }).join(",") + "|" + EDGES.length);
+  var STORE_KEY = GRAPH_KEY + ":" + (META.build || "") + ":" + hash(location.href.split("#")[0]);
   var storing = false;  // off until the saved state is back, so the first draw does not overwrite it
   var localStore;
   function storage() {  // null where the browser refuses (a sandboxed frame, storage turned off)
@@ -1226,12 +1290,46 @@
     var ls = storage();
     try { return ls ? JSON.parse(ls.getItem(STORE_KEY) || "null") : null; } catch (err) { return null; }
   }
+  // The newest state another copy or build of this graph kept in this browser, or null.
+  function otherCopy() {
+    var ls = storage(), best = null;
+    if (!ls) return null;
+    try {
+      for (var k = 0; k < ls.length; k++) {
+        var key = ls.key(k);
+        if (key.indexOf(GRAPH_KEY + ":") !== 0 || key === STORE_KEY || /:probe$/.test(key)) continue;
+        var s = JSON.parse(ls.getItem(key) || "null");
+        if (s && hasState(s) && (!best || (s.saved_at || 0) > (best.saved_at || 0))) best = s;
+      }
+    } catch (err) { return null; }
+    return best;
+  }
+  // A state the learner may take instead of the one shown (a newer one kept in this browser, or another
+  // copy's): one line with a button, until taken or dismissed.
+  var offered = null;
+  function offer(s, text) {
+    offered = s;
+    document.getElementById("offer-text").textContent = text + " (" + new Date(s.saved_at || 0).toLocaleString() + ")";
+    document.getElementById("offer").hidden = false;
+  }
+  function dropOffer() { offered = null; document.getElementById("offer").hidden = true; }
+  document.getElementById("offer-btn").addEventListener("click", function () {
+    var s = offered;
+    dropOffer();
+    if (s) { applyState(s); persist(); say("restored the offered state"); }
+  });
+  document.getElementById("offer-no").addEventListener("click", dropOffer);
   function forget() {
     var ls = storage();
     try { if (ls) ls.removeItem(STORE_KEY); } catch (err) { /* refused */ }
     storing = false;
     state.clicked = null;
-    applyState({qParams: {node_threshold: PRUNE.node_max, edge_threshold: META.edge_threshold || 1}});
+    suggestions = [];
+    dropOffer();
+    state.showAll = false; document.getElementById("show-all").checked = false;
+    document.getElementById("supernode-name").value = "";
+    view = {k: 1, x: 0, y: 0};
+    applyState({qParams: {node_threshold: OWN_NODE, edge_threshold: OWN_EDGE}});
     storing = true;
     say("pins, supernodes, labels and thresholds cleared, here and in this browser's storage");
   }
@@ -1251,7 +1349,15 @@
     var open = PAGE.indexOf('id="dashboard-data">'), from = PAGE.indexOf(">", open) + 1, to = PAGE.indexOf("<\/script>", from);
     return PAGE.slice(0, from) + json + PAGE.slice(to);
   }
-  function slug() { return String((DATA.export.metadata || {}).slug || "attribution-graph").replace(/[^\w.-]+/g, "-"); }
+  // A saved page's name: the prompt's last words and the time, e.g.
+  // "attribution-graph_the-opposite-of-small-is-large_2026-12-04_2203.html".
+  function saveName() {
+    var words = String(META.prompt).replace(/<[^>]*>/g, " ").toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "");
+    if (words.length > 48) words = words.slice(words.length - 48).replace(/^[^-]*-/, "");
+    var d = new Date(), two = function (x) { return (x < 10 ? "0" : "") + x; };
+    var when = d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + "_" + two(d.getHours()) + two(d.getMinutes());
+    return "attribution-graph" + (words ? "_" + words : "") + "_" + when + ".html";
+  }
   function applyState(s) {
     var q = (s && s.qParams) || {}, known = function (id) { return byId[id] !== undefined; };
     var pins = q.pinnedIds || [];
@@ -1260,11 +1366,15 @@
     state.supernodes = (q.supernodes || []).map(function (sn) {
       return {name: String(sn[0]), members: sn.slice(1).filter(known).map(function (id) { return byId[id]; })};
     }).filter(function (sn) { return sn.members.length > 0; });
+    state.supernodes.forEach(function (sn) {  // members are pinned nodes
+      sn.members.forEach(function (i) { if (state.pinned.indexOf(i) < 0) state.pinned.push(i); });
+    });
     state.labels = {};
     var labels = (s && s.labels) || q.labels || {};
     Object.keys(labels).forEach(function (id) { if (known(id)) state.labels[id] = String(labels[id]); });
-    if (typeof q.node_threshold === "number") state.nodeThr = Math.min(+nodeThr.max, q.node_threshold);
-    if (typeof q.edge_threshold === "number") state.edgeThr = q.edge_threshold;
+    // On the sliders' steps (where the page prunes exactly as prune does).
+    if (typeof q.node_threshold === "number") { nodeThr.value = q.node_threshold; state.nodeThr = +nodeThr.value; }
+    if (typeof q.edge_threshold === "number") { edgeThr.value = q.edge_threshold; state.edgeThr = +edgeThr.value; }
     state.hidden = {};
     (q.hiddenIds || []).filter(known).forEach(function (id) { state.hidden[byId[id]] = true; });
     state.linkType = q.linkType === "in" || q.linkType === "out" ? q.linkType : "both";
@@ -1281,9 +1391,59 @@
     showThresholds(); setPruning(); render();
     if (q.clickedId && known(q.clickedId)) select(byId[q.clickedId]); else select(null);
   }
+  // What is wrong with a state file, field by field (empty when it can be loaded as it is).
+  function stateProblems(s) {
+    if (!s || typeof s !== "object" || Array.isArray(s)) return ["it is not a saved state (a JSON object with qParams)"];
+    var q = s.qParams, out = [];
+    if (!q || typeof q !== "object" || Array.isArray(q)) return ["it has no qParams object: export it with \u201cexport JSON\u201d"];
+    function ids(name, list) {
+      if (typeof list === "string") list = list ? list.split(",") : [];
+      if (!Array.isArray(list)) { out.push(name + " must be a list of node ids"); return; }
+      var bad = list.filter(function (id) { return typeof id !== "string" || byId[id] === undefined; });
+      if (bad.length) out.push(name + " has " + bad.length + " id(s) that are not nodes of this graph (e.g. " + cut(JSON.stringify(bad[0]), 40) + "): was it exported from another graph?");
+    }
+    function fraction(name, max) {
+      var v = q[name];
+      if (v === undefined || v === null) return;
+      if (typeof v !== "number" || !isFinite(v) || v <= 0 || v > 1) out.push(name + " must be a number in (0, 1], got " + cut(JSON.stringify(v), 20));
+      else if (v > max) out.push(name + " " + v + " is above " + max + ", the most this page holds");
+    }
+    if (q.pinnedIds !== undefined) ids("pinnedIds", q.pinnedIds);
+    if (q.hiddenIds !== undefined) ids("hiddenIds", q.hiddenIds);
+    if (q.supernodes !== undefined) {
+      if (!Array.isArray(q.supernodes)) out.push("supernodes must be a list of [name, node id, ...]");
+      else q.supernodes.forEach(function (sn, k) {
+        if (!Array.isArray(sn) || typeof sn[0] !== "string" || sn.length < 3) out.push("supernodes[" + k + "] must be [name, two or more node ids]");
+        else ids("supernodes[" + k + "]", sn.slice(1));
+      });
+    }
+    if (q.clickedId !== undefined && q.clickedId !== "" && q.clickedId !== null) ids("clickedId", [q.clickedId]);
+    if (q.linkType !== undefined && ["both", "in", "out"].indexOf(q.linkType) < 0) out.push('linkType must be "both", "in" or "out"');
+    if (q.colorBy !== undefined && ["weight", "share"].indexOf(q.colorBy) < 0) out.push('colorBy must be "weight" or "share"');
+    if (q.panelWidth !== undefined && q.panelWidth !== null && (typeof q.panelWidth !== "number" || !isFinite(q.panelWidth) || q.panelWidth < 0))
+      out.push("panelWidth must be a number of pixels or null");
+    if (q.sgPositions !== undefined) {
+      var pos = q.sgPositions;
+      if (!pos || typeof pos !== "object" || Array.isArray(pos) || Object.keys(pos).some(function (key) {
+        var xy = pos[key];
+        return !Array.isArray(xy) || xy.length !== 2 || !isFinite(xy[0]) || !isFinite(xy[1]) || typeof xy[0] !== "number" || typeof xy[1] !== "number";
+      })) out.push("sgPositions must map names to [x, y] numbers");
+    }
+    fraction("node_threshold", +nodeThr.max);
+    fraction("edge_threshold", 1);
+    [["labels", q.labels], ["labels", s.labels]].forEach(function (pair) {
+      var labels = pair[1];
+      if (labels === undefined) return;
+      if (!labels || typeof labels !== "object" || Array.isArray(labels)) { out.push("labels must map node ids to text"); return; }
+      ids("labels", Object.keys(labels));
+      if (Object.keys(labels).some(function (id) { return typeof labels[id] !== "string"; })) out.push("labels must be text");
+    });
+    return out;
+  }
   document.getElementById("save-btn").addEventListener("click", function () {
-    download(slug() + ".html", pageWithState(), "text/html");
-    say("downloaded " + slug() + ".html: this page with your pins, supernodes, labels and thresholds inside; open it to go on");
+    var name = saveName();
+    download(name, pageWithState(), "text/html");
+    say("downloaded " + name + ": this page with your pins, supernodes, labels and thresholds inside; open it to go on");
   });
   document.getElementById("export-btn").addEventListener("click", function () {
     download("neuronpedia.json", stateJSON(), "application/json");
@@ -1296,8 +1456,11 @@
     if (!file) return;
     var reader = new FileReader();
     reader.onload = function () {
-      try { applyState(JSON.parse(reader.result)); say("loaded " + file.name); }
-      catch (err) { say("could not read " + file.name + ": " + err.message); }
+      var s;
+      try { s = JSON.parse(reader.result); } catch (err) { say("could not read " + file.name + ": it is not JSON (" + err.message + ")"); return; }
+      var problems = stateProblems(s);
+      if (problems.length) { say("did not load " + file.name + ": " + problems.join("; ")); return; }
+      applyState(s); persist(); say("loaded " + file.name);
     };
     reader.readAsText(file);
     ev.target.value = "";
@@ -1323,12 +1486,22 @@
 
   // At the thresholds it was written with, the page shows what Python pruned: no re-pruning needed.
   showThresholds(); render(); overview();
-  // The state to open with: the newer of the one written into the page and the one in this browser.
+  // The state to open with. A page with a state inside (a saved page) is a snapshot: it opens with that
+  // state, and a newer one this browser kept for it is offered. Otherwise the state this browser kept for
+  // this page comes back; failing that, another copy's is offered.
   var initial = DATA.state || {}, local = stored();
-  if (local && hasState(local) && (local.saved_at || 0) >= (initial.saved_at || 0)) {
-    applyState(local); say("your pins, labels and thresholds for this graph are back (kept in this browser)");
-  } else if (hasState(initial)) applyState(initial);
-  else {
+  if (hasState(initial)) {
+    applyState(initial);
+    say("the state saved in this page" + (initial.saved_at ? " (" + new Date(initial.saved_at).toLocaleString() + ")" : ""));
+    if (local && hasState(local) && (local.saved_at || 0) > (initial.saved_at || 0) &&
+        JSON.stringify(local.qParams) + JSON.stringify(local.labels) !== JSON.stringify(initial.qParams) + JSON.stringify(initial.labels)) {
+      offer(local, "this browser has later changes to this page");
+    }
+  } else if (local && hasState(local)) {
+    applyState(local); say("your pins, labels and thresholds for this page are back (kept in this browser)");
+  } else {
+    var other = otherCopy();
+    if (other) offer(other, "another copy of this graph has a state in this browser");
     say(storage() ? "changes are kept in this browser; \u201csave\u201d downloads this page with them inside" :
         "this browser keeps nothing for this page: \u201csave\u201d downloads it with your changes inside");
     // Served over http (e.g. by Jupyter), a neuronpedia.json saved beside the page is read too.
@@ -1339,7 +1512,7 @@
     }
   }
   storing = true;
-  persist();
+  if (!offered) persist();  // with an offer open, the offered state stays kept until the learner edits
   fitFrame();
   window.dashboard = {
     data: DATA, state: state, select: select, redraw: render, togglePin: togglePin, group: group,
@@ -1353,6 +1526,13 @@
     visible: function () { return {nodes: nodeVis.filter(Boolean).length, edges: edgeVis.filter(Boolean).length}; },
     // Graph indices: what prune keeps at the sliders' thresholds (null before a slider moved), what is drawn,
     // and the drawn edges as [source, target].
+    // prune's graph at any thresholds, without drawing it: graph indices of the nodes and [source, target] edges.
+    pruneAt: function (nodeT, edgeT) {
+      var got = pruneAt(nodeT, edgeT), nodes = [], edges = [], i;
+      for (i = 0; i < NODES.length; i++) if (got.nodes[i]) nodes.push(NODES[i].idx);
+      for (i = 0; i < EDGES.length; i++) if (got.edges[i]) edges.push([NODES[EDGES[i][0]].idx, NODES[EDGES[i][1]].idx]);
+      return {nodes: nodes.sort(function (a, b) { return a - b; }), edges: edges};
+    },
     pruned: function () {
       var ids = function (vis) { return NODES.map(function (n, i) { return vis[i] ? n.idx : -1; }).filter(function (x) { return x >= 0; }).sort(function (a, b) { return a - b; }); };
       return {kept: prunedKept && ids(prunedKept), visible: ids(nodeVis),
