@@ -34,6 +34,7 @@ import torch
 
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
+from .labels import derived_labels
 from .neuronpedia import (
     build_graph_json,
     cumulative_influence,
@@ -261,6 +262,7 @@ def dashboard_data(
                 bottom=[[tok, _sig(v)] for tok, v in t["bottom"]],
                 logit_hist=[counts, _sig(lo), _sig(hi)],
             )
+    words: dict[str, str] = {}  # the word most enriched in each latent's top sequences (views/labels.py)
     if example_data_by_layer:
         for layer, f in latents:
             data = example_data_by_layer.get(layer)
@@ -268,8 +270,9 @@ def dashboard_data(
                 ex = _example_info(data, f, getattr(model, "tokenizer", None), n_examples)
                 if ex is not None:
                     panels[f"{layer}_{f}"]["ex"] = ex
-    for panel in panels.values():
-        panel["derived"] = derived_label(panel)
+        words = derived_labels(example_data_by_layer, latents, getattr(model, "tokenizer", None))
+    for key, panel in panels.items():
+        panel["derived"] = words.get(key) or derived_label(panel)
     peaks = {
         (layer, f): {shown_token(e["tokens"][e["peak"]]) for e in ex["examples"] if e["tokens"]}
         for layer, f in latents

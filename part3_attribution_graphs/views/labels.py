@@ -25,7 +25,7 @@ import torch
 
 from .examples import feature_row
 
-__all__ = ["MIN_SUPPORT", "corpus_presence", "enriched_words", "latent_labels"]
+__all__ = ["MIN_SUPPORT", "corpus_presence", "enriched_words", "latent_labels", "derived_labels"]
 
 MIN_SUPPORT = 0.2  # a label word is in at least this share of the latent's top sequences (and in two)
 
@@ -117,3 +117,19 @@ def latent_labels(example_data: dict, features: Iterable[int], tokenizer=None) -
         else:
             out[int(f)] = f"on {where}" if where else ""
     return out
+
+
+def derived_labels(
+    example_data_by_layer: dict[int, dict], latents: Iterable[tuple[int, int]], tokenizer=None
+) -> dict[str, str]:
+    """`{"layer_latent": label}` (the dashboard's keys) for the latents whose layer has example data."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, f in latents:
+        if layer in example_data_by_layer:
+            by_layer.setdefault(int(layer), []).append(int(f))
+    return {
+        f"{layer}_{f}": label
+        for layer, feats in by_layer.items()
+        for f, label in latent_labels(example_data_by_layer[layer], feats, tokenizer).items()
+        if label
+    }

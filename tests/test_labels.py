@@ -1,0 +1,83 @@
+"""Latent labels from example data (views/labels.py): the word most enriched in a latent's top sequences
+against the corpus, and the tokens it peaks on; the dashboard shows them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from part3_attribution_graphs.views.labels import derived_labels, enriched_words, latent_labels
+
+WORDS = ["<pad>", "<bos>", "What", "is", "the", "fruit", "of", "Caldor", "Borea", "plum", "pear", ":"]
+WORDS += ["Northhaven", "Eastford", "Westfield"]
+ID = {w: i for i, w in enumerate(WORDS)}
+
+
+class WordTokenizer:
+    """One word per id; `<pad>` and `<bos>` special."""
+
+    all_special_ids = [0, 1]
+
+    def batch_decode(self, ids):
+        return [" ".join(WORDS[i] for i in row) for row in ids]
+
+
+def example_data():
+    """Twelve sequences: four about Caldor's towns (answer plum), eight about a Borea town (answer pear; one
+    says plum too). Latent 0 fires on the town in the Caldor ones; latent 1 on ':' everywhere; latent 2
+    never."""
+    rows = []
+    for k in range(12):
+        town, land, fruit = ("Northhaven", "Caldor", "plum") if k % 2 == 0 else ("Eastford", "Caldor", "plum")
+        if k >= 4:
+            town, land, fruit = "Westfield", "Borea", "plum" if k == 4 else "pear"
+        rows.append(["<bos>", "What", "is", "the", "fruit", "of", town, ":", fruit, land])
+    tokens = torch.tensor([[ID[w] for w in row] for row in rows])
+    acts = torch.zeros(3, 12)
+    seq = torch.full((3, 12), -1)
+    pos = torch.full((3, 12), -1)
+    acts[0, :4], seq[0, :4], pos[0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.arange(4), 6
+    acts[1], seq[1], pos[1] = torch.linspace(2, 1, 12), torch.arange(12), 7
+    return {
+        "activations": acts,
+        "seq_ids": seq,
+        "positions": pos,
+        "feature_frequencies": torch.tensor([4 / 108, 12 / 108, 0.0]),
+        "tokens": tokens,
+    }
+
+
+def test_a_label_names_the_most_enriched_word_and_where_the_latent_peaks():
+    data = example_data()
+    words = enriched_words(data, 0, WordTokenizer(), k=3)
+    # Caldor: in all 4 top sequences, 4 of 12 in the corpus; plum: all 4, but 5 of 12; the template: all 12.
+    assert [w for w, _, _ in words] == ["Caldor", "plum"]
+    assert words[0][1:] == pytest.approx((1.0, 3.0))
+    labels = latent_labels(data, [0, 1, 2], WordTokenizer())
+    assert labels[0] == "Caldor (on 'Northhaven', 'Eastford')"
+    assert labels[1] == "on ':'"  # fires everywhere: no word tells its sequences apart
+    assert labels[2] == ""
+
+
+def test_derived_labels_are_keyed_as_the_dashboard_keys_latents():
+    data = example_data()
+    got = derived_labels({3: data}, [(3, 0), (3, 2), (5, 0)], WordTokenizer())
+    assert got == {"3_0": "Caldor (on 'Northhaven', 'Eastford')"}
+
+
+def test_the_dashboard_labels_latents_by_their_enriched_word(planted_world):
+    """The page's derived label is the labels module's (a word and the peaks), not "fires on ..."."""
+    from part3_attribution_graphs.attribution import attribute
+    from part3_attribution_graphs.views.dashboard import dashboard_data
+    from part3_attribution_graphs.views.examples import features_in_graph, make_toy_example_data
+    from part3_attribution_graphs.worlds.gemma import START_POSN
+    from part3_attribution_graphs.worlds.planted import planted_facts
+
+    model, tcs = planted_world
+    result = attribute(model, tcs, planted_facts("two_hop", "heldout")[0].prompt, start_posn=START_POSN)
+    examples = make_toy_example_data(model, tcs, features_by_layer=features_in_graph(result))
+    data = dashboard_data(result, model, tcs, example_data_by_layer=examples)
+    keys = [(int(k.split("_")[0]), int(k.split("_")[1])) for k in data["latents"]]
+    want = derived_labels(examples, keys, model.tokenizer)
+    assert want and all(data["latents"][k]["derived"] == label for k, label in want.items())
+    assert not any(p["derived"].startswith("fires on") for p in data["latents"].values() if p.get("ex"))
