@@ -81,3 +81,22 @@ def test_the_dashboard_labels_latents_by_their_enriched_word(planted_world):
     want = derived_labels(examples, keys, model.tokenizer)
     assert want and all(data["latents"][k]["derived"] == label for k, label in want.items())
     assert not any(p["derived"].startswith("fires on") for p in data["latents"].values() if p.get("ex"))
+
+
+def test_peak_tokens_cover_every_recorded_example_not_only_the_shown_ones():
+    from part3_attribution_graphs.views.labels import peak_tokens
+
+    data = example_data()
+    peaks = peak_tokens({2: data}, [(2, 0), (2, 1), (2, 2), (4, 0)], WordTokenizer())
+    assert peaks == {(2, 0): {"Northhaven", "Eastford"}, (2, 1): {":"}}
+
+
+def test_suggested_groups_join_pairs_transitively_and_recovered_groups_needs_an_exact_match():
+    from part3_attribution_graphs.views.suggestions import recovered_groups, suggested_groups
+
+    pool = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5), (2, 6)]
+    pairs = [((0, 1), (0, 2), 0.9, "decoder"), ((0, 2), (1, 3), 0.6, "examples"), ((2, 5), (9, 9), 1, "x")]
+    groups = suggested_groups(pool, pairs)
+    assert groups == [{(0, 1), (0, 2), (1, 3)}, {(1, 4)}, {(2, 5)}, {(2, 6)}]
+    truth = {"a": [(0, 1), (0, 2), (1, 3)], "b": [(1, 4), (2, 5)], "c": [(2, 6)], "d": [(0, 1), (0, 2)]}
+    assert recovered_groups(truth, groups) == {"a": True, "b": False, "c": True, "d": False}

@@ -25,7 +25,14 @@ import torch
 
 from .examples import feature_row
 
-__all__ = ["MIN_SUPPORT", "corpus_presence", "enriched_words", "latent_labels", "derived_labels"]
+__all__ = [
+    "MIN_SUPPORT",
+    "corpus_presence",
+    "enriched_words",
+    "latent_labels",
+    "derived_labels",
+    "peak_tokens",
+]
 
 MIN_SUPPORT = 0.2  # a label word is in at least this share of the latent's top sequences (and in two)
 
@@ -133,3 +140,25 @@ def derived_labels(
         for f, label in latent_labels(example_data_by_layer[layer], feats, tokenizer).items()
         if label
     }
+
+
+def peak_tokens(
+    example_data_by_layer: dict[int, dict], latents: Iterable[tuple[int, int]], tokenizer=None
+) -> dict[tuple[int, int], set[str]]:
+    """`{(layer, latent): the tokens it peaks on}` over all its recorded examples (not only those a page
+    shows), for the latents whose layer has example data: what `suggestions.similar_latents` compares."""
+    out = {}
+    for layer, f in latents:
+        data = example_data_by_layer.get(layer)
+        if data is None:
+            continue
+        _, peaks = _top_sequences(data, f)
+        if peaks:
+            ids = sorted(peaks)
+            texts = (
+                tokenizer.batch_decode([[i] for i in ids])
+                if tokenizer is not None
+                else [f"<{i}>" for i in ids]
+            )
+            out[layer, f] = set(texts)
+    return out
