@@ -286,3 +286,51 @@ def test_the_case_study_tally_calls_the_learners_swap_group():
         n for n in ast.walk(ast.parse(cell)) if isinstance(n, ast.Subscript) and "run_b" in ast.unparse(n)
     ]
     assert not swap_values, "the tally reads B's values itself instead of calling swap_group"
+
+
+def test_make_graph_draws_town_to_land_latent_to_answer(tmp_path):
+    """The default `make graph` page shows the planted mechanism: among the nodes it draws, a latent of the
+    question's own land, reached by drawn edges from the town's embedding and reaching the answer's logit,
+    labelled from its examples."""
+    import json
+    import re
+
+    from part3_attribution_graphs import __main__ as cli
+    from part3_attribution_graphs.worlds.planted import load_planted_world
+
+    args = cli.settle_arguments(cli.build_parser(), cli.build_parser().parse_args([]))
+    prompt = format_prompt(args.user, args.response)
+    fact = next(f for f in planted_facts("two_hop") if f.prompt == prompt)
+    cli.main(["--out", str(tmp_path / "graph")])
+    page = (tmp_path / "graph" / "index.html").read_text()
+    data = json.loads(re.search(r'id="dashboard-data">(.*?)</script>', page, re.S).group(1))
+    nodes, edges = data["nodes"], data["edges"]
+    model, tcs = load_planted_world()
+    tokens = model.to_str_tokens(prompt)
+    town = {p for p, t in enumerate(tokens) if t.strip() and t.strip() in fact.entity.split()}
+    mine = set(land_latents(model, tcs)[fact.intermediate])
+    land = [
+        k
+        for k, n in enumerate(nodes)
+        if n["type"] == "latent" and (n["layer"], n["ctx"], n["feature"]) in mine
+    ]
+    assert land, f"no latent of {fact.intermediate} is drawn"
+    succ: dict[int, set[int]] = {}
+    for s, t, *_ in edges:
+        succ.setdefault(s, set()).add(t)
+
+    def reach(starts: set[int]) -> set[int]:
+        seen, todo = set(starts), list(starts)
+        while todo:
+            for t in succ.get(todo.pop(), ()):
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+    from_town = reach({k for k, n in enumerate(nodes) if n["type"] == "embedding" and n["ctx"] in town})
+    answer = {k for k, n in enumerate(nodes) if n["type"] == "logit" and n["token"] == fact.answer}
+    through = [k for k in land if k in from_town and reach({k}) & answer]
+    assert through, f"no drawn path town -> {fact.intermediate} latent -> {fact.answer!r}"
+    labels = [data["latents"][nodes[k]["key"]].get("derived", "") for k in through]
+    assert all(labels) and not any(label.startswith("fires on") for label in labels)
