@@ -334,3 +334,13 @@ def test_make_graph_draws_town_to_land_latent_to_answer(tmp_path):
     assert through, f"no drawn path town -> {fact.intermediate} latent -> {fact.answer!r}"
     labels = [data["latents"][nodes[k]["key"]].get("derived", "") for k in through]
     assert all(labels) and not any(label.startswith("fires on") for label in labels)
+
+
+def test_question_results_grid_has_a_row_per_question_and_a_column_per_measure():
+    from part3_attribution_graphs.views.case_study_figures import plot_question_results
+
+    fig = plot_question_results(["q1", "q2"], {"share": [0.25, 1.0], "swap": [True, False]})
+    assert list(fig.data[0].y) == ["q1", "q2"] and list(fig.data[0].x) == ["share", "swap"]
+    assert [list(row) for row in fig.data[0].z] == [[0.25, 1.0], [1.0, 0.0]]
+    with pytest.raises(ValueError, match="one value per question"):
+        plot_question_results(["q1"], {"share": [0.1, 0.2]})
