@@ -344,3 +344,27 @@ def test_question_results_grid_has_a_row_per_question_and_a_column_per_measure()
     assert [list(row) for row in fig.data[0].z] == [[0.25, 1.0], [1.0, 0.0]]
     with pytest.raises(ValueError, match="one value per question"):
         plot_question_results(["q1"], {"share": [0.1, 0.2]})
+
+
+def test_the_readmes_case_study_figures_are_the_notebooks_outputs():
+    """Every figure the README's case-study section quotes ("14 of 24 (58%)", "17.2x") is printed by the
+    committed solutions notebook's case study: the README quotes measurements, not hopes."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## The case study: find the mechanism") :]
+    section = section[: section.index("\n## ", 5)]
+    notebook = json.loads((root / "solutions" / "part3_attribution_graphs_solutions.ipynb").read_text())
+    printed = "".join(
+        "".join(out.get("text", ""))
+        for cell in notebook["cells"]
+        if cell["cell_type"] == "code" and str(cell.get("id", "")).startswith("case-")
+        for out in cell.get("outputs", [])
+    )
+    figures = re.findall(r"\d+ of \d+ \(\d+%\)|\d+ of \d+|\d+\.\d+%|\d+\.\d+x", section)
+    assert len(figures) >= 8, f"the section quotes too few measured figures: {figures}"
+    missing = [f for f in figures if f not in printed]
+    assert not missing, f"README figures not printed by the notebook's case study: {missing}"
