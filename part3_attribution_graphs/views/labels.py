@@ -7,17 +7,17 @@ planted world a land latent reads "Caldor (on 'Northhaven', 'Eastford')" where t
 said "fires on ':'".
 
 Enrichment of a word w: `support = n_top(w) / n_top` (the share of the latent's top sequences that
-contain it) against `background = n_corpus(w) / n_corpus` (the share of corpus sequences that do);
-the label's word maximises `support * log(support / background)` (a word in every corpus sequence
-scores 0, a rare one in a single top sequence little). The peak tokens themselves are left out of
-the candidates, so the word says something the peaks do not. A subset load of hub example data
-(`load_example_data(features=...)`) keeps only the sequences some loaded latent needs, so there
-the background is that smaller corpus.
+contain it) against `background = n_corpus(w) / n_corpus` (the share of corpus sequences that do).
+The label's word has the largest `lift = support / background` among the words in at least
+`MIN_SUPPORT` of the top sequences (and two of them), ties going to the larger support: the template
+words of the questions a latent fires in are enriched a little, the name they share a lot. The peak
+tokens themselves are left out of the candidates, so the word says something the peaks do not. A
+subset load of hub example data (`load_example_data(features=...)`) keeps only the sequences some
+loaded latent needs, so there the background is that smaller corpus.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -89,9 +89,9 @@ def enriched_words(
     for i, word in words.items():
         support, background = inside[i] / len(seqs), counts[i] / n_corpus
         if support >= MIN_SUPPORT and inside[i] >= 2 and support > background:
-            scored.append((support * math.log(support / background), word, support, support / background))
-    scored.sort(key=lambda x: (-x[0], x[1]))
-    return [(word, support, lift) for _, word, support, lift in scored[:k]]
+            scored.append((word, support, support / background))
+    scored.sort(key=lambda x: (-x[2], -x[1], x[0]))
+    return scored[:k]
 
 
 def _peak_text(peaks: Counter, tokenizer) -> str:
