@@ -261,16 +261,17 @@ def same_site_control(
 
 
 def subspace_site(truth: Mapping[str, Sequence[tuple[int, int, int]]]) -> tuple[int, int]:
-    """`(layer, position)` where the planted latents say the variable is first written: the position holding
-    the most of them, and the lowest layer with one there (its residual stream after that layer)."""
-    count: dict[int, int] = {}
-    for latents in truth.values():
-        for _, pos, _ in set(latents):
-            count[pos] = count.get(pos, 0) + 1
-    if not count:
+    """`(layer, position)` where the planted latents say the variable is first written: their lowest layer,
+    and the position there holding the most of them (the residual stream after that layer)."""
+    every = {x for latents in truth.values() for x in latents}
+    if not every:
         raise ValueError("truth holds no latents: there is no site to read the variable at.")
-    pos = max(count, key=lambda p: (count[p], -p))
-    return min(layer for latents in truth.values() for layer, p, _ in latents if p == pos), pos
+    layer = min(layer for layer, _, _ in every)
+    count: dict[int, int] = {}
+    for at, pos, _ in every:
+        if at == layer:
+            count[pos] = count.get(pos, 0) + 1
+    return layer, max(count, key=lambda p: (count[p], -p))
 
 
 @torch.no_grad()

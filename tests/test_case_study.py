@@ -177,9 +177,10 @@ def test_same_site_control_draws_as_many_other_active_latents_at_each_site():
     assert len({tuple(same_site_control(latents, active, random.Random(s))) for s in range(5)}) > 1
 
 
-def test_subspace_site_is_the_busiest_position_at_its_lowest_layer():
-    truth = {"a": [(2, 5, 1), (1, 5, 2), (0, 3, 4)], "b": [(3, 5, 9), (0, 3, 4)]}
-    assert subspace_site(truth) == (1, 5)
+def test_subspace_site_is_the_lowest_layer_at_its_busiest_position():
+    truth = {"a": [(2, 5, 1), (1, 5, 2), (0, 3, 4), (0, 6, 1)], "b": [(3, 5, 9), (0, 3, 4), (0, 3, 8)]}
+    assert subspace_site(truth) == (0, 3)
+    assert subspace_site({"a": [(2, 5, 1), (1, 5, 2)], "b": [(1, 7, 3)]}) == (1, 5)
     with pytest.raises(ValueError, match="no latents"):
         subspace_site({"a": []})
 

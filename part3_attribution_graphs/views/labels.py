@@ -1,10 +1,11 @@
 """Latent labels derived from example data: what a latent responds to, in words.
 
 A latent's recorded top activations (GemmaScope 2's example layout, `views/examples.py`) sit in
-sequences of a corpus. The word that best tells those sequences apart from the corpus, the one most
-*enriched* in them, says what the latent responds to; the tokens it peaks on say where. On the
-planted world a land latent reads "Caldor (on 'Northhaven', 'Eastford')" where the peak token alone
-said "fires on ':'".
+sequences of a corpus; a label reads the strong ones (at least `TOP_SHARE` of its largest). The word
+that best tells those sequences apart from the corpus, the one most *enriched* in them, says what the
+latent responds to; the tokens it peaks on say where: a latent whose strong examples are the towns of
+one land, in sequences that name the land, reads "Caldor (on 'Northhaven', 'Eastford')", where the
+peak tokens alone would say "fires on 'Northhaven', 'Eastford'".
 
 Enrichment of a word w: `support = n_top(w) / n_top` (the share of the latent's top sequences that
 contain it) against `background = n_corpus(w) / n_corpus` (the share of corpus sequences that do).
@@ -26,6 +27,7 @@ import torch
 from .examples import feature_row
 
 __all__ = [
+    "TOP_SHARE",
     "MIN_SUPPORT",
     "corpus_presence",
     "enriched_words",
@@ -34,6 +36,7 @@ __all__ = [
     "peak_tokens",
 ]
 
+TOP_SHARE = 0.5  # the examples a label reads: activations at least this share of the latent's largest
 MIN_SUPPORT = 0.2  # a label word is in at least this share of the latent's top sequences (and in two)
 
 
@@ -64,6 +67,7 @@ def _top_sequences(example_data: dict, feature: int) -> tuple[list[int], Counter
     pos = example_data["positions"][row].long()
     corpus = example_data["tokens"]
     valid = (act > 0) & (seq >= 0) & (seq < corpus.shape[0]) & (pos >= 0) & (pos < corpus.shape[1])
+    valid &= act >= TOP_SHARE * act.max()  # its strong activations: a weak one says little about it
     seq, pos = seq[valid], pos[valid]
     peaks: Counter = Counter()
     for s in torch.unique(seq).tolist():
