@@ -113,16 +113,17 @@ def test_a_swap_with_its_own_values_changes_nothing(toy_world):
 
 
 def test_land_latents_only_where_the_land_can_be_known():
-    """Before the town's second word the land is unknown, and every two-hop prompt reads the same tokens up to
-    the town: no latent there may code for a land, whatever its rounding noise."""
+    """Before the town the land is unknown, and every two-hop prompt of one template reads the same tokens:
+    no latent before the town's first token may code for a land, whatever its rounding noise."""
     from part3_attribution_graphs.worlds.planted import land_latents, load_planted_world, planted_facts
 
     model, tcs = load_planted_world()
-    facts = planted_facts("two_hop")
-    found = land_latents(model, tcs, facts)
-    first_town_word = model.to_str_tokens(facts[0].prompt).index(" " + facts[0].entity.split()[0])
+    found = land_latents(model, tcs)
+    fact = planted_facts("two_hop")[0]
+    tokens = [t.strip() for t in model.to_str_tokens(fact.prompt)]
+    first_town_token = min(p for p, t in enumerate(tokens) if t and t in fact.entity.split())
     positions = {pos for latents in found.values() for _, pos, _ in latents}
-    assert positions and min(positions) > first_town_word
+    assert positions and min(positions) >= first_town_token
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,14 +187,16 @@ def test_subspace_site_is_the_lowest_layer_at_its_busiest_position():
 
 
 def test_group_subspace_spans_the_centred_group_means(planted_world):
-    model, _ = planted_world
+    model, tcs = planted_world
     facts = planted_facts("two_hop", "train")
     prompts, groups = [f.prompt for f in facts], [f.intermediate for f in facts]
-    Q = group_subspace(model, prompts, groups, 0, -1)
+    layer, pos = subspace_site(land_latents(model, tcs))  # where the lands differ
+    Q = group_subspace(model, prompts, groups, layer, pos)
     assert Q.shape == (model.cfg.d_model, len(set(groups)) - 1)
     torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1], dtype=Q.dtype), atol=1e-5, rtol=0)
-    _, cache = model.run_with_cache(model.to_tokens(prompts), names_filter="blocks.0.hook_resid_post")
-    x = cache["blocks.0.hook_resid_post"][:, -1].double()  # computed here, independently
+    name = f"blocks.{layer}.hook_resid_post"
+    _, cache = model.run_with_cache(model.to_tokens(prompts), names_filter=name)
+    x = cache[name][:, pos].double()  # computed here, independently
     means = torch.stack([x[[g == name for g in groups]].mean(0) for name in sorted(set(groups))])
     centred = means - means.mean(0)
     Qd = Q.double()
