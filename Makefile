@@ -72,7 +72,7 @@ bench-dashboard: install
 	bash scripts/install_chromium.sh
 	$(PY) -m part3_attribution_graphs.tools.bench_dashboard
 
-## The planted world's ground truth: accuracy, land latents, graph paths, ablations and swaps (a markdown table).
+## The planted world's ground truth, scored against its plan: interventions with controls, the graph, a threshold sweep (out/ground_truth_sweep.html).
 ground-truth: install
 	$(PY) -m part3_attribution_graphs.tools.ground_truth
 

@@ -17,10 +17,10 @@ from part3_attribution_graphs.tools import ground_truth, train_planted
 from part3_attribution_graphs.views.examples import feature_examples, make_toy_example_data
 from part3_attribution_graphs.worlds import planted
 
-# What the shortened recipe (seed 0) reaches on the training prompts (chance: 1 in 335): measured
-# 2026-12-02, copy 100% and opposite 83% after 120 steps; the floors leave a margin for other CPUs.
+# What the shortened recipe (seed 0) reaches on the training prompts (chance: 1 in 365): measured
+# 2026-12-04 on the redesigned world, copy 100% and opposite 32% after 120 steps; the floors leave a margin.
 SHORT_MODEL_STEPS, SHORT_TC_STEPS = 120, 30
-SHORT_RUN_MIN_ACCURACY = {"copy/train": 0.9, "opposite/train": 0.6}
+SHORT_RUN_MIN_ACCURACY = {"copy/train": 0.9, "opposite/train": 0.2}
 MAX_FVU = 0.1  # the shipped transcoders' fraction of variance unexplained, per layer
 MAX_L0 = 30  # latents firing per token, on average
 
@@ -51,13 +51,44 @@ def test_facts_are_consistent_with_the_tables():
     assert not train & {f.prompt for f in planted.planted_facts(split="heldout")}
 
 
-def test_no_single_word_of_a_town_tells_its_land():
-    """The land has to be computed from both words: each word occurs in towns of several lands."""
-    lands_of: dict[str, set[str]] = {}
-    for town, land in planted.planted_members().items():
-        for word in town.split():
-            lands_of.setdefault(word, set()).add(land)
-    assert all(len(lands) >= 2 for lands in lands_of.values()), lands_of
+def test_every_land_holds_out_different_attributes_across_its_towns():
+    """Strict held-out composition: each town has one held-out two-hop question, and a land's three
+    towns hold out three different attributes, so each held-out attribute of a land was learnt through its
+    other towns."""
+    held: dict[str, list[str]] = {}
+    for f in planted.planted_facts("two_hop", "heldout"):
+        held.setdefault(f.intermediate, []).append(f.attribute)
+    assert set(held) == set(planted.planted_groups())
+    for land, attributes in held.items():
+        assert len(attributes) == 3 and len(set(attributes)) == 3, (land, attributes)
+    trained = {(f.intermediate, f.attribute) for f in planted.planted_facts("two_hop", "train")}
+    assert all((land, a) in trained for land, attrs in held.items() for a in attrs)
+
+
+def test_every_town_is_one_token_named_first():
+    """The town is one token at `TOWN_POSN` in every single- and two-hop prompt (where the land is
+    planted)."""
+    tok = planted.make_planted_tokenizer()
+    for f in planted.planted_facts("two_hop") + planted.planted_facts("single_hop"):
+        assert tok.tokenize(f.prompt)[planted.TOWN_POSN - 1] == f.entity  # tokenize() leaves out <bos>
+
+
+def test_unknown_words_are_named_not_turned_into_unk(planted_world):
+    """A word the world does not have ('Paris', a town in lower case) is an error naming it, before any
+    forward pass; it used to become <unk> silently."""
+    from part3_attribution_graphs.attribution import attribute
+    from part3_attribution_graphs.interventions import intervene
+    from part3_attribution_graphs.worlds.gemma import format_prompt
+
+    model, transcoders = planted_world
+    town = planted.TOWNS[0]
+    with pytest.raises(ValueError, match="'Paris'"):
+        attribute(model, transcoders, format_prompt("What is the capital of Paris?", "Answer:"))
+    with pytest.raises(ValueError, match=repr(town.lower())):
+        intervene(model, transcoders, format_prompt(f"{town.lower()}. Which land is it in?"), [])
+    with pytest.raises(ValueError, match="'Paris'"):
+        model.to_tokens("Paris")
+    assert planted.make_planted_tokenizer()(planted.planted_facts()[0].prompt).input_ids
 
 
 def test_every_prompt_and_answer_is_in_the_vocabulary():
@@ -110,6 +141,66 @@ def test_load_refuses_another_vocabulary(tmp_path):
         planted.load_planted_world(data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="train_planted"):
         planted.load_planted_world(data_dir=tmp_path / "nowhere")
+
+
+def _copy_world(tmp_path):
+    folder = planted.planted_data_dir()
+    for name in ("model.safetensors", "transcoders.safetensors", "meta.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    return tmp_path
+
+
+def test_load_names_a_truncated_or_corrupt_file(tmp_path):
+    world = _copy_world(tmp_path)
+    data = (world / "transcoders.safetensors").read_bytes()
+    (world / "transcoders.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="transcoders.safetensors"):
+        planted.load_planted_world(data_dir=world)
+    (world / "transcoders.safetensors").write_bytes(data)
+    (world / "meta.json").write_text("")
+    with pytest.raises(ValueError, match="meta.json"):
+        planted.load_planted_world(data_dir=world)
+
+
+def test_load_checks_layer_order_and_finiteness(tmp_path):
+    from safetensors.torch import save_file
+
+    world = _copy_world(tmp_path)
+    state = load_file(str(world / "transcoders.safetensors"))
+    swapped = {(f"{1 - int(k[0])}" + k[1:] if k[0] in "01" else k): v for k, v in state.items()}
+    save_file(swapped, str(world / "transcoders.safetensors"))
+    with pytest.raises(ValueError, match="layer 0"):
+        planted.load_planted_world(data_dir=world)
+    bad = dict(state)
+    bad["2.W_dec"] = bad["2.W_dec"].clone()
+    bad["2.W_dec"][0, 0] = float("nan")
+    save_file(bad, str(world / "transcoders.safetensors"))
+    with pytest.raises(ValueError, match="NaN"):
+        planted.load_planted_world(data_dir=world)
+
+
+def test_planted_functions_go_through_the_guard(planted_world):
+    """Another world's model, a bad threshold, facts without a land: clear errors, the model left clean."""
+    from part3_attribution_graphs.guard import ENTRY_POINTS
+    from part3_attribution_graphs.toy import make_toy_world
+
+    model, transcoders = planted_world
+    for name in ("planted_accuracy", "land_latents", "latent_activations"):
+        assert f"part3_attribution_graphs.worlds.planted.{name}" in ENTRY_POINTS, name
+    toy_model, toy_tcs = make_toy_world()
+    with pytest.raises(ValueError, match="another world"):
+        planted.land_latents(toy_model, toy_tcs)
+    with pytest.raises(ValueError, match="another world"):
+        planted.planted_accuracy(toy_model)
+    with pytest.raises(ValueError, match="max_out"):
+        planted.land_latents(model, transcoders, max_out=float("nan"))
+    with pytest.raises(ValueError, match="land"):
+        planted.land_latents(model, transcoders, planted.planted_facts("opposite"))
+    with pytest.raises(ValueError, match="templates"):
+        planted.land_latents(
+            model, transcoders, planted.planted_facts("two_hop") + planted.planted_facts("single_hop")
+        )
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
 def test_model_answers_every_mechanism(planted_world):
@@ -182,19 +273,45 @@ def test_write_world_replaces_the_folder_whole(tmp_path):
 # ------------------------------------------------------------------------------- ground truth and views
 
 
-def test_land_latents_found_by_contrast_that_fire_for_their_land(planted_world):
+def test_land_latents_follow_the_fixed_rule_on_training_prompts_only(planted_world):
+    """Recomputed independently: each land latent fires on >= MIN_IN of its land's training prompts and
+    <= MAX_OUT of the others'; held-out prompts play no part (passing them or not gives the same latents)."""
     model, transcoders = planted_world
     facts = planted.planted_facts("two_hop")
     found = planted.land_latents(model, transcoders, facts)
-    assert set(found) == set(planted.planted_members().values())
-    assert all(found.values()), {k: len(v) for k, v in found.items()}
-    # Independently: each found latent fires more often on its land's prompts than on the others'.
-    acts = planted.latent_activations(model, transcoders, [f.prompt for f in facts])
+    assert found == planted.land_latents(model, transcoders, planted.planted_facts("two_hop", "train"))
+    train = planted.planted_facts("two_hop", "train")
+    _, cache = model.run_with_cache(model.to_tokens([f.prompt for f in train]))
     for land, latents in found.items():
-        mine = torch.tensor([f.intermediate == land for f in facts])
-        for layer, pos, f in latents[:5]:
-            fired = acts[layer][:, pos, f] > 0
-            assert fired[mine].float().mean() > fired[~mine].float().mean()
+        mine = torch.tensor([f.intermediate == land for f in train])
+        for layer, pos, k in latents:
+            tc = transcoders[layer]
+            pre = cache[f"blocks.{layer}.mlp.hook_in"][:, pos] @ tc.W_enc[:, k] + tc.b_enc[k]
+            fired = (pre > tc.threshold[k]) & (pre > 0)
+            assert fired[mine].float().mean() >= planted.MIN_IN
+            assert fired[~mine].float().mean() <= planted.MAX_OUT
+
+
+def test_each_land_has_one_to_ten_latents_at_the_planted_site(planted_world):
+    model, transcoders = planted_world
+    found = planted.land_latents(model, transcoders)
+    at_site = {land: [x for x in v if (x[0], x[1]) == planted.LAND_SITE] for land, v in found.items()}
+    assert all(1 <= len(v) <= 10 for v in at_site.values()), {k: len(v) for k, v in at_site.items()}
+
+
+def test_swapping_the_land_latents_swaps_held_out_answers(planted_world):
+    """The planted variable, found by the fixed rule: setting the site's land latents to another land's values
+    gives that land's answer on at least 80% of held-out pairs (frozen), random latents of the same count at
+    the same site on at most 15%."""
+    model, transcoders = planted_world
+    facts = planted.planted_facts("two_hop")
+    found = planted.land_latents(model, transcoders, facts)
+    right = ground_truth._answered(model, facts)
+    idx = [i for i, f in enumerate(facts) if f.split == "heldout" and right[i]]
+    pairs = ground_truth._pairs(facts, idx, 1, torch.Generator().manual_seed(0))
+    rates = ground_truth.intervention_rates(model, transcoders, facts, idx, pairs, found, modes=("frozen",))
+    assert rates["swap/planted/frozen"][0] >= 0.8, rates
+    assert rates["swap/random/frozen"][0] <= 0.15, rates
 
 
 def test_example_data_comes_from_the_worlds_own_text(planted_world):
@@ -202,16 +319,21 @@ def test_example_data_comes_from_the_worlds_own_text(planted_world):
     data = make_toy_example_data(model, transcoders, features_by_layer={0: [0]})
     corpus = planted.example_corpus()
     assert torch.equal(data[0]["tokens"], corpus.int())
-    # A land latent's examples are about its land: its name or one of its towns, in every top example.
-    found = planted.land_latents(model, transcoders, planted.planted_facts("single_hop"), min_explained=0.8)
-    land, latents = next((k, v) for k, v in sorted(found.items()) if v)
-    layer, _, latent = latents[0]
-    examples = feature_examples(data[layer], latent, model.tokenizer, n_examples=3)
-    assert len(examples) == 3 and all(ex["tokens"][-1] != "<pad>" for ex in examples)
-    names = [land] + [t for t, g in planted.planted_members().items() if g == land]
-    for ex in examples:
-        text = "".join(ex["tokens"])
-        assert any(name in text for name in names), (land, text)
+    # A land latent's top examples are about its land (its name or one of its towns): measured, 7 of 8
+    # lands have a latent at the planted site whose three top examples all are (layer-0 latents also fire
+    # elsewhere).
+    found = planted.land_latents(model, transcoders)
+    members = planted.planted_members()
+    about = 0
+    for land, latents in found.items():
+        names = [land] + [t for t, g in members.items() if g == land]
+        for layer, _, latent in (x for x in latents if (x[0], x[1]) == planted.LAND_SITE):
+            examples = feature_examples(data[layer], latent, model.tokenizer, n_examples=3)
+            assert len(examples) == 3 and all(ex["tokens"][-1] != "<pad>" for ex in examples)
+            if all(any(n in "".join(ex["tokens"]) for n in names) for ex in examples):
+                about += 1
+                break
+    assert about >= 6, f"only {about} of 8 lands have a latent whose top examples are about the land"
 
 
 def test_graph_path_needs_every_link():

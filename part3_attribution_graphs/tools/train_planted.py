@@ -6,15 +6,19 @@ settings and statistics) into `DIR` (default: the package's `worlds/planted_data
 folder's files in one rename. Seeded: the same seed on the same machine gives the same bits.
 
 1. **The model** (Gemma 3's architecture at `planted.PLANTED_SPEC`, tied embeddings as Gemma's) learns
-   the training split of `planted_facts()` plus corpus-only lines: every name in a greeting ("Say hi
-   to Oz.") so held-out names have trained embeddings, and copy questions with a distractor name before
-   them. The loss is the answer token's cross-entropy plus a small weight on every other token of the
-   user's turn (next-word prediction, which trains the embeddings of words that are never answers).
-   AdamW, weight decay on the matrices (it favours the economical, shared route through the land).
-2. **The transcoders**: one JumpReLU skip transcoder per layer, trained on that layer's MLP input and
-   output over the corpus (every split's text, no labels): normalised MSE plus `l0_coeff` times L0, with
-   the straight-through (rectangle kernel) gradient for the thresholds, the skip initialised by least
-   squares and trained with the rest.
+   the training split of `planted_facts()` plus corpus-only lines: a line per town stating its land ("Ambry
+   is in Harrow."), every name in a greeting ("Say hi to Oz.") so held-out names have trained embeddings,
+   and copy questions with a distractor name before them. The loss is the answer token's cross-entropy plus
+   a small weight on every other token of the user's turn (next-word prediction, which trains the
+   embeddings of words that are never answers). AdamW, weight decay on the matrices. What plants the land at
+   the town (`planted.LAND_SITE`): in town examples, MLPs 1-3 are dropped at the town (`P_DROP`), layer 0's
+   residual there is rebuilt from other towns' (`SWAPS`: the answer follows MLP 0's output, never the town's
+   token itself), and MLP 0's output at the town is pulled toward its land's mean (`LAND_WEIGHT`).
+2. **The transcoders**: one JumpReLU transcoder per layer, trained on that layer's MLP input and output over
+   the corpus (every split's text, no labels): normalised MSE plus `l0_coeff` times L0, with the
+   straight-through (rectangle kernel) gradient for the thresholds. The skip is fixed at 0 (`W_skip` zeros):
+   a least-squares skip writes a large town-specific term that the latents then cancel town by town, so no
+   latent codes the land. A zero skip is still a skip: the files load as SAELens skip transcoders.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -44,36 +49,60 @@ __all__ = ["corpus", "train_model", "train_transcoder", "train_world", "write_wo
 
 ANSWER_WEIGHT = 1.0  # loss weight of the answer token
 TEXT_WEIGHT = 0.1  # loss weight of each other token of the user's turn
+TOWN_MECHANISMS = ("single_hop", "two_hop")  # questions that name a town, at planted.TOWN_POSN
+DROP_MLPS = (1, 2, 3)  # MLPs dropped at the town's position in training, so that MLP 0 forms the land there
+P_DROP = 0.8  # chance that a town example runs without those MLPs at the town
+# Layer 0's residual at the town is rebuilt in three ways (each with this chance, else left alone), so that
+# the answer can follow only MLP 0's output there: "swap", another town's whole residual (the answer becomes
+# that town's, so the last position cannot read the town's token itself in layer 0); "context", another
+# town's residual with this town's MLP 0 output (the answer stays); "sibling", this town's residual with the
+# MLP 0 output of another town of the same land (the answer stays: MLP 0 must write the land, not the town).
+SWAPS = {"swap": 0.4, "context": 0.4, "sibling": 0.1}
+# The planted variable itself: MLP 0's output at the town is pulled toward its land's mean (this weight times
+# the within-land share of its variance over the 24 towns), so that what MLP 0 writes there is the land.
+LAND_WEIGHT = 1.0
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text).input_ids
 
 
-def corpus(seed: int = 0) -> tuple[list[tuple[list[int], int]], list[list[int]]]:
-    """`(training sequences, transcoder text)`.
+class Example(NamedTuple):
+    """One training sequence: token ids, the answer's position (-1: none), and for the town questions the
+    town and what is asked about it (an attribute, or "land"), so that a town swap can relabel it."""
 
-    Training sequences are `(token ids of prompt + answer, answer position)`: the train split of every
-    mechanism, greetings (answer position -1: no answer) and copy questions with a distractor. The
-    transcoder text is every planted prompt with its answer (both splits: activations only, no labels)
-    plus the greetings and distractor lines.
+    ids: list[int]
+    answer_pos: int
+    town: str | None = None
+    asks: str | None = None
+
+
+def corpus(seed: int = 0) -> tuple[list[Example], list[list[int]]]:
+    """`(training examples, transcoder text)`.
+
+    Training examples: the train split of every mechanism, a line per town stating its land, greetings
+    (no answer) and copy questions with a distractor. The transcoder text is every planted prompt with its
+    answer (both splits: activations only, no labels) plus the greetings, land lines and distractor lines.
     """
     rng = random.Random(seed)
     tok = planted.make_planted_tokenizer()
-    train: list[tuple[list[int], int]] = []
+    train: list[Example] = []
     for fact in planted.planted_facts(split="train"):
         ids = _encode(tok, fact.prompt + fact.answer)
-        train.append((ids, len(ids) - 1))
+        town = fact.entity if fact.mechanism in TOWN_MECHANISMS else None
+        train.append(Example(ids, len(ids) - 1, town, fact.attribute if town else None))
+    for town, land in planted.planted_members().items():
+        ids = _encode(tok, format_prompt(planted.LAND_LINE.format(town=town, land=land)))
+        train.append(Example(ids, ids.index(tok.convert_tokens_to_ids(" " + land)), town, "land"))
     for name in planted.NAMES:
-        ids = _encode(tok, format_prompt(planted.GREETING.format(name=name)))
-        train.append((ids, -1))
+        train.append(Example(_encode(tok, format_prompt(planted.GREETING.format(name=name))), -1))
     copy_names = [f.entity for f in planted.planted_facts("copy", "train")]
     for name in copy_names:
         for _ in range(3):
             other = rng.choice([n for n in planted.NAMES if n != name])
             user = planted.GREETING.format(name=other) + " " + planted.COPY.format(name=name)
             ids = _encode(tok, format_prompt(user, planted.RESPONSE) + " " + name)
-            train.append((ids, len(ids) - 1))
+            train.append(Example(ids, len(ids) - 1))
     # Copying any token but the held-out names' (the copy question with the token in the name's place), so
     # that what is learnt is copying, not a list of names.
     held = {tok.convert_tokens_to_ids(f.entity) for f in planted.planted_facts("copy", "heldout")}
@@ -82,9 +111,9 @@ def corpus(seed: int = 0) -> tuple[list[tuple[list[int], int]], list[list[int]]]
     head, tail = _encode(tok, before.rstrip(" ")), _encode(tok, after)[1:]  # tail without its <bos>
     for token in range(len(tok)):
         if token not in held and token not in tok.all_special_ids:
-            train.append((head + [token] + tail + [token], len(head) + len(tail) + 1))
+            train.append(Example(head + [token] + tail + [token], len(head) + len(tail) + 1))
     text = [_encode(tok, f.prompt + f.answer) for f in planted.planted_facts()]
-    text += [ids for ids, pos in train if pos < 0 or len(ids) > 22]
+    text += [ex.ids for ex in train if ex.answer_pos < 0 or ex.asks == "land" or len(ex.ids) > 22]
     return train, text
 
 
@@ -151,21 +180,49 @@ def train_model(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     start = START_POSN - 1  # the position that predicts the first word of the user's text
+    relabel = _Relabel(tok)
+    # The chat template's prefix and each town: layer 0's residual at the town depends on these alone.
+    prefix = _encode(tok, format_prompt(""))[: planted.TOWN_POSN]
+    town_tokens = torch.tensor([prefix + [tok.convert_tokens_to_ids(t)] for t in planted.TOWNS])
+    members = planted.planted_members()
+    land_of = torch.tensor([[float(members[t] == g) for t in planted.TOWNS] for g in planted.LANDS])
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="model", leave=False):
         idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
-        tokens = _pad([train[i][0] for i in idx], pad)
-        answer_pos = torch.tensor([train[i][1] for i in idx])
-        logits = _logits(model, tokens[:, :-1])
-        targets = tokens[:, 1:]
+        batch = [train[i] for i in idx]
+        tokens = _pad([ex.ids for ex in batch], pad)
+        answer_pos = torch.tensor([ex.answer_pos for ex in batch])
+        targets = tokens[:, 1:].clone()
+        has_town = torch.tensor([ex.town is not None for ex in batch])
+        drop = has_town & (torch.rand(batch_size, generator=gen) < P_DROP)
+        draw = torch.rand(batch_size, generator=gen)
+        modes, donors = [None] * batch_size, [0] * batch_size
+        for b in has_town.nonzero().flatten().tolist():
+            edge = 0.0
+            for mode, chance in SWAPS.items():
+                if edge <= draw[b] < edge + chance:
+                    modes[b] = mode
+                edge += chance
+            if modes[b] is not None:
+                options = relabel.donors(batch[b], modes[b])
+                donors[b] = options[int(torch.randint(len(options), (1,), generator=gen))]
+            if modes[b] == "swap":
+                targets[b, batch[b].answer_pos - 1] = relabel.answer(planted.TOWNS[donors[b]], batch[b].asks)
+        resid0, mlp0 = _town_layer0(model, town_tokens)
+        towns = [relabel.index[ex.town] if ex.town else -1 for ex in batch]
+        hooks = _town_hooks(resid0, mlp0, towns, drop, modes, donors)
+        with model.hooks(fwd_hooks=hooks):
+            logits = _logits(model, tokens[:, :-1])
+        land_means = land_of @ mlp0 / land_of.sum(1, keepdim=True)  # (n_lands, d_model)
+        within = ((mlp0 - land_of.T @ land_means) ** 2).sum() / ((mlp0 - mlp0.mean(0)) ** 2).sum()
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         pos = torch.arange(targets.shape[1])
         is_answer = pos[None] == (answer_pos[:, None] - 1)
         is_text = (pos[None] >= start) & (targets != pad) & ~is_answer
         weights = ANSWER_WEIGHT * is_answer.float() / batch_size + TEXT_WEIGHT * is_text.float() / batch_size
-        loss = (ce * weights).sum()
+        loss = (ce * weights).sum() + LAND_WEIGHT * within
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,6 +247,81 @@ def train_model(
         "accuracy": planted.planted_accuracy(model),
     }
     return model, stats
+
+
+class _Relabel:
+    """Town swaps in training: which towns may stand in, and what the answer becomes."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.members = planted.planted_members()
+        self.groups = planted.planted_groups()
+        self.index = {town: k for k, town in enumerate(planted.TOWNS)}
+        self.trained = {(f.entity, f.attribute) for f in planted.planted_facts("two_hop", "train")}
+
+    def donors(self, ex: Example, mode: str) -> list[int]:
+        """Towns that may stand in for this example's town. "swap": another town, never one whose question is
+        held out (the swap would teach the held-out composed question itself); "context": any other town;
+        "sibling": another town of the same land."""
+        land = self.members[ex.town]
+        return [
+            k
+            for k, town in enumerate(planted.TOWNS)
+            if town != ex.town
+            and (mode != "swap" or ex.asks == "land" or (town, ex.asks) in self.trained)
+            and (mode != "sibling" or self.members[town] == land)
+            and (mode != "context" or self.members[town] != land)
+        ]
+
+    def answer(self, town: str, asks: str) -> int:
+        land = self.members[town]
+        word = " " + land if asks == "land" else self.groups[land][asks]
+        return self.tok.convert_tokens_to_ids(word)
+
+
+def _town_layer0(model, town_tokens) -> tuple[Tensor, Tensor]:
+    """Layer 0's residual and MLP 0's output at the town, for every town on the chat-template prefix (what any
+    town question computes there: the position sees only the prefix and the town)."""
+    p = planted.TOWN_POSN
+    mlp0 = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", lambda out, hook: mlp0.append(out[:, p]))]):
+        resid0 = model(town_tokens, stop_at_layer=1)[:, p]
+    return resid0, mlp0[0]
+
+
+def _town_hooks(resid0, mlp0, towns: list[int], drop, modes: list, donors: list[int]) -> list:
+    """Training-time edits at the town's position: the MLPs of `DROP_MLPS` zeroed in the rows of `drop`, and
+    layer 0's residual rebuilt from every town's (`_town_layer0`) as `modes` says."""
+    p = planted.TOWN_POSN
+    hooks = []
+    rows = [b for b, mode in enumerate(modes) if mode is not None]
+    if rows:
+        rebuilt = []
+        for b in rows:
+            t, d = towns[b], donors[b]
+            if modes[b] == "swap":
+                rebuilt.append(resid0[d])
+            elif modes[b] == "context":
+                rebuilt.append(resid0[d] - mlp0[d] + mlp0[t])
+            else:
+                rebuilt.append(resid0[t] - mlp0[t] + mlp0[d])
+        rebuilt = torch.stack(rebuilt)
+
+        def rebuild(resid, hook):
+            resid = resid.clone()
+            resid[rows, p] = rebuilt.to(resid.dtype)
+            return resid
+
+        hooks.append(("blocks.0.hook_resid_post", rebuild))
+    if drop.any():
+
+        def drop_mlp(out, hook):
+            keep = torch.ones(out.shape[:2] + (1,), dtype=out.dtype)
+            keep[drop, p] = 0.0
+            return out * keep
+
+        hooks += [(f"blocks.{layer}.hook_mlp_out", drop_mlp) for layer in DROP_MLPS]
+    return hooks
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -233,17 +365,24 @@ def train_transcoder(
     steps: int = 1500,
     batch_size: int = 1024,
     lr: float = 5e-3,
-    l0_coeff: float = 5e-4,
+    l0_coeff: float = 1e-2,
     bandwidth: float = 0.05,
     init_threshold: float = 0.1,
+    skip: bool = False,
 ) -> tuple[dict[str, Tensor], dict]:
     """A JumpReLU skip transcoder `y ~ JumpReLU(x W_enc + b_enc) W_dec + b_dec + x W_skip.T`, and statistics.
 
     Loss: mean squared error over the variance of `y` (FVU) plus `l0_coeff` times the mean number of
-    latents firing, with the L0 coefficient ramped up over the first fifth of the steps.
+    latents firing, with the L0 coefficient ramped up over the first fifth of the steps. `skip=False` (the
+    planted world's): `W_skip` stays 0, so the latents carry all of the MLP's output (a least-squares skip
+    writes a large town-specific term that latents then cancel town by town, and no latent codes the land).
     """
     n, d = x.shape
     W_skip, b_skip, resid = fit_affine_skip(x.double(), y.double())
+    fvu_skip = float((resid.float() ** 2).sum(1).mean())
+    if not skip:
+        W_skip, b_skip = torch.zeros_like(W_skip), y.double().mean(0)
+        resid = y.double() - b_skip
     # Decoder rows: random directions, a tenth of what the skip misses; encoder: their transposes, scaled so
     # that pre-activations are about unit size; thresholds start low, so that most latents fire at first.
     directions = torch.nn.functional.normalize(torch.randn(d_sae, d, generator=gen), dim=1)
@@ -257,8 +396,8 @@ def train_transcoder(
         "b_dec": b_skip.float(),
         "W_skip": W_skip.float(),
     }
-    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    opt = torch.optim.Adam(params.values(), lr=lr, betas=(0.9, 0.999))
+    params = {k: v.clone().requires_grad_(k != "W_skip" or skip) for k, v in params.items()}
+    opt = torch.optim.Adam([v for v in params.values() if v.requires_grad], lr=lr, betas=(0.9, 0.999))
     var = float(((y - y.mean(0)) ** 2).sum(1).mean())
 
     def forward(xb):
@@ -284,7 +423,8 @@ def train_transcoder(
             "seconds": round(time.perf_counter() - t0, 1),
             "l0": round(float(fired.sum(1).mean()), 2),
             "fvu": round(float(((out - y) ** 2).sum(1).mean() / var), 5),
-            "fvu_skip_only": round(float((resid.float() ** 2).sum(1).mean() / var), 5),
+            "fvu_skip_only": round(fvu_skip / var, 5),  # what a least-squares skip alone would leave
+            "skip": skip,
             "dead_latents": int((fired.sum(0) == 0).sum()),
             "n_tokens": n,
         }
@@ -315,7 +455,7 @@ def train_world(
     seed: int = 0,
     model_steps: int = 1500,
     tc_steps: int = 1000,
-    l0_coeff: float = 5e-4,
+    l0_coeff: float = 1e-2,
     weight_decay: float = 2.0,
     freeze_embeddings: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
@@ -381,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=1500)
     parser.add_argument("--tc-steps", type=int, default=1000)
-    parser.add_argument("--l0-coeff", type=float, default=5e-4)
+    parser.add_argument("--l0-coeff", type=float, default=1e-2)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core CPU)"
     )

@@ -10,24 +10,26 @@ API (what checks, the lesson and the benchmark read):
   `fact.prompt` is exactly what `attribute` / `intervene` take for this world (chat template included).
 - `planted_groups() -> {group: {attribute: answer}}`, `planted_members() -> {entity: group}`.
 - `GROUND_TRUTH`: for each mechanism, which concept the model should compute, where, and from what.
-- `land_latents(model, transcoders, facts=None, min_explained=0.5) -> {land: [(layer, position, latent)]}`:
-  the latents that code for each land, found by contrasting prompts (no label but the land); setting them
-  to another land's values (`intervene`) swaps the answer (rates in the README's planted-world table).
+- `land_latents(model, transcoders, facts=None) -> {land: [(layer, position, latent)]}`: the latents
+  selective for each land by a fixed rule on *training* prompts only (fires on >= `MIN_IN` of the land's
+  prompts, <= `MAX_OUT` of the others'); `LAND_SITE` is where the recipe plants the land (layer 0, the
+  town). Setting them to another land's values swaps the answer (rates in the README's planted-world table).
 
 The world (all names invented, so no reader's knowledge of real places gets in the way):
 
-- 24 towns with two-word names ("North Haven") in 8 lands, 3 towns per land; no single word of a
-  town's name tells its land (each land's towns share no word), so the land must be *computed* from
-  the pair, by an MLP, not read off one embedding (the embeddings are random and frozen, too). Each land
-  has 6 attributes (capital, language, colour, animal, fruit, sport).
-- `single_hop`: "Which land is North Haven in?" -> the land. `group_attribute`: "What is the fruit of
-  Borea?" -> the fruit. `two_hop`: "What is the fruit of the land with North Haven?" -> the land's fruit;
-  5 of each town's 6 attributes are asked during training, the sixth (a different one for each town of
-  a land) is held out, so a held-out composed question can only be answered through the land. Answers
-  are one word with its leading space (" Borea"), after the model's turn starts with `RESPONSE` ("Answer:").
+- 24 one-word towns (`TOWNS`) in 8 lands, 3 towns per land. Each land has 6 attributes (capital, language,
+  colour, animal, fruit, sport). Every town question names the town first, as its own sentence, at
+  `TOWN_POSN`: the land is formed there (by MLP 0) and moved to the answer by attention.
+- `single_hop`: "Ambry. Which land is it in?" -> the land. `group_attribute`: "What is the fruit of Borea?"
+  -> the fruit. `two_hop`: "Ambry. What is the fruit of its land?" -> the land's fruit. Each town holds out
+  one composed question, and a land's three towns hold out three *different* attributes (`_two_hop_heldout`),
+  so a held-out question can only be answered through the land, whose attribute the model learnt from its
+  other towns. Answers are one word with its leading space (" Borea"), after the model's turn starts with
+  `RESPONSE` ("Answer:").
 - `opposite`: 12 antonym pairs (both ways) under 4 templates; the last template is held out.
 - `copy`: "My name is Zed. What is my name?" -> "Zed"; 8 of the 24 names are never copied in training.
 
+Words outside the vocabulary ("Paris", a town in lower case) raise `UnknownWordError` naming them.
 The recipe that made the shipped files is `python -m part3_attribution_graphs.tools.train_planted`.
 """
 
@@ -48,6 +50,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
+from ..guard import guarded
 from .gemma import format_prompt
 from .synthetic import WorldSpec, _config, new_skip_transcoder
 from .toy import make_word_tokenizer
@@ -63,6 +66,8 @@ __all__ = [
     "planted_members",
     "planted_words",
     "make_planted_tokenizer",
+    "PlantedTokenizer",
+    "UnknownWordError",
     "load_planted_world",
     "build_planted_model",
     "RESPONSE",
@@ -103,8 +108,11 @@ _ANSWERS = {
     "fruit": ("apple", "pear", "plum", "fig", "lemon", "grape", "cherry", "melon"),
     "sport": ("chess", "polo", "golf", "rugby", "tennis", "hockey", "cricket", "rowing"),
 }
-TOWN_FIRST = ("North", "South", "East", "West", "Upper", "Lower")
-TOWN_SECOND = ("Haven", "Field", "Ford", "Bridge")
+TOWNS = (
+    "Ambry", "Brisk", "Cindle", "Dorrow", "Emmer", "Fallow", "Gorse", "Heddle", "Inkle", "Jessop", "Kittle",
+    "Larch", "Mottle", "Nettle", "Orrick", "Pimble", "Quill", "Rundle", "Sallow", "Tansy", "Umber", "Vetch",
+    "Wicker", "Yarrow",
+)  # fmt: skip
 OPPOSITES = (
     ("hot", "cold"),
     ("big", "small"),
@@ -126,9 +134,12 @@ NAMES = (
 N_HELDOUT_NAMES = 8  # the last 8 names are never copied in training
 
 RESPONSE = "Answer:"  # the model's turn starts so, and every answer is one word with its leading space
-SINGLE_HOP = "Which land is {town} in?"
+SINGLE_HOP = "{town}. Which land is it in?"
 GROUP_ATTRIBUTE = "What is the {attribute} of {land}?"
-TWO_HOP = "What is the {attribute} of the land with {town}?"
+TWO_HOP = "{town}. What is the {attribute} of its land?"
+LAND_LINE = "{town} is in {land}."  # corpus text: a line per town stating its land
+TOWN_POSN = 4  # every single- and two-hop prompt names its town first, right after the chat template
+LAND_SITE = (0, TOWN_POSN)  # where the recipe makes the land: MLP 0 at the town (layer, position)
 OPPOSITE_TEMPLATES = (
     "What is the opposite of {word}?",
     "Give the opposite of {word}.",
@@ -141,14 +152,13 @@ GREETING = "Say hi to {name}."  # a line that trains every name's embedding, wit
 # Which concept each mechanism computes, where and from what: as planted, and where the shipped model was
 # measured to do it (residual-stream and MLP-output patching, tools/ground_truth.py and the README).
 GROUND_TRUTH = {
-    "single_hop": "the land, computed from both words of the town (no single word tells it): layer 0's "
-    "attention brings the two words to the last position, MLPs 0-1 there compute the land (patching B's MLP "
-    "0+1 outputs at the last position gives B's land), later layers write it out",
+    "single_hop": "the land, formed at the town's own position by MLP 0 (LAND_SITE) and moved to the last "
+    "position by attention, which writes it out",
     "group_attribute": "the land's attribute, looked up at the last position from the land's name (moved "
     "there by attention) and the attribute word",
-    "two_hop": "town -> land -> attribute: the land is computed at the last position as in single_hop (MLPs "
-    "0-1), then the attribute is looked up from it in MLPs 2-3; held-out questions can only be answered that "
-    "way. The land is a distributed code over latents shared between lands, not one latent per land",
+    "two_hop": "town -> land -> attribute: MLP 0 writes the land at the town (LAND_SITE: a few land latents "
+    "there), attention moves it to the last position, where later MLPs look the attribute up; held-out "
+    "questions can only be answered that way",
     "opposite": "the antonym, computed from the word (moved by attention to the last position) and the "
     "relation 'opposite', whatever the template",
     "copy": "the token after 'My name is', copied by attention to the last position; works for names never "
@@ -180,18 +190,11 @@ def planted_groups() -> dict[str, dict[str, str]]:
 
 @cache
 def _membership() -> tuple[tuple[str, str], ...]:
-    """`((town, land), ...)`: 3 towns per land, no two of a land's towns sharing a word (seeded draw)."""
-    rng = random.Random(1234)
-    cells = [(i, j) for i in range(len(TOWN_FIRST)) for j in range(len(TOWN_SECOND))]
-    while True:
-        rng.shuffle(cells)
-        groups = [cells[3 * g : 3 * g + 3] for g in range(len(LANDS))]
-        if all(len({i for i, _ in g}) == 3 and len({j for _, j in g}) == 3 for g in groups):
-            break
-    pairs = [
-        (f"{TOWN_FIRST[i]} {TOWN_SECOND[j]}", LANDS[g]) for g, group in enumerate(groups) for i, j in group
-    ]
-    return tuple(sorted(pairs, key=lambda p: (TOWN_FIRST.index(p[0].split()[0]), p[0])))
+    """`((town, land), ...)`: 3 towns per land (seeded draw), in `TOWNS` order."""
+    towns = list(TOWNS)
+    random.Random(1234).shuffle(towns)
+    land_of = {town: LANDS[k // 3] for k, town in enumerate(towns)}
+    return tuple((town, land_of[town]) for town in TOWNS)
 
 
 def planted_members() -> dict[str, str]:
@@ -199,9 +202,14 @@ def planted_members() -> dict[str, str]:
     return dict(_membership())
 
 
-def _two_hop_heldout(town_index: int) -> set[str]:
-    """The attributes whose composed question is held out for this town: 1 of 6, rotating by town."""
-    return {ATTRIBUTES[town_index % len(ATTRIBUTES)]}
+def _two_hop_heldout(town: str) -> str:
+    """The attribute whose composed question is held out for this town: the j-th town of land g holds out
+    attribute (g + 2j) mod 6, so a land's three towns hold out three different attributes (and the held-out
+    question can only be answered through the land, whose attribute the model learnt from its other towns)."""
+    members = planted_members()
+    land = members[town]
+    j = [t for t, g in members.items() if g == land].index(town)
+    return ATTRIBUTES[(LANDS.index(land) + 2 * j) % len(ATTRIBUTES)]
 
 
 @cache
@@ -220,11 +228,11 @@ def _all_facts() -> tuple[PlantedFact, ...]:
             facts.append(
                 PlantedFact(_prompt(user), answer, "group_attribute", "train", land, None, attribute)
             )
-    for t, (town, land) in enumerate(members.items()):
-        held = _two_hop_heldout(t)
+    for town, land in members.items():
+        held = _two_hop_heldout(town)
         for attribute in ATTRIBUTES:
             user = TWO_HOP.format(attribute=attribute, town=town)
-            split = "heldout" if attribute in held else "train"
+            split = "heldout" if attribute == held else "train"
             facts.append(
                 PlantedFact(_prompt(user), groups[land][attribute], "two_hop", split, town, land, attribute)
             )
@@ -259,16 +267,51 @@ def planted_facts(mechanism: str | None = None, split: str | None = None) -> lis
 
 def planted_words() -> list[str]:
     """Every word of the world's vocabulary, in the order the tokenizer numbers them."""
-    templates = (RESPONSE, SINGLE_HOP, GROUP_ATTRIBUTE, TWO_HOP, *OPPOSITE_TEMPLATES, COPY, GREETING)
+    templates = (
+        RESPONSE,
+        SINGLE_HOP,
+        GROUP_ATTRIBUTE,
+        TWO_HOP,
+        LAND_LINE,
+        *OPPOSITE_TEMPLATES,
+        COPY,
+        GREETING,
+    )
     words = ["user", "model"] + re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", "", " ".join(templates)))
     words += list(LANDS) + list(ATTRIBUTES) + [w for a in ATTRIBUTES for w in _ANSWERS[a]]
-    words += list(TOWN_FIRST) + list(TOWN_SECOND) + [w for pair in OPPOSITES for w in pair] + list(NAMES)
+    words += list(TOWNS) + [w for pair in OPPOSITES for w in pair] + list(NAMES)
     return list(dict.fromkeys(words))
 
 
+class UnknownWordError(ValueError):
+    """Text holds a word the planted world's vocabulary does not have."""
+
+
+class PlantedTokenizer(PreTrainedTokenizerFast):
+    """A word-level tokenizer that refuses unknown words instead of turning them into `<unk>` silently."""
+
+    def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):
+        out = super()._batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+        unknown: list[str] = []
+        for text, enc in zip(batch_text_or_text_pairs, out.encodings or []):
+            if isinstance(text, str):
+                unknown += [
+                    text[a:b].strip() for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_token_id
+                ]
+        if unknown:
+            words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            raise UnknownWordError(
+                f"The planted world has no word {words}: its vocabulary is its own invented names "
+                f"(towns such as {TOWNS[0]!r}, capitalised; lands such as {LANDS[0]!r}) and the words of its "
+                "templates. Use words from `planted_words()`, or `planted_facts()` for its prompts."
+            )
+        return out
+
+
 def make_planted_tokenizer() -> PreTrainedTokenizerFast:
-    """The world's word-level tokenizer (chat-template markers are single special tokens)."""
-    return make_word_tokenizer(planted_words(), TOKENIZER_NAME)
+    """The world's word-level tokenizer (chat-template markers are single special tokens; an unknown word
+    raises `UnknownWordError` naming it)."""
+    return make_word_tokenizer(planted_words(), TOKENIZER_NAME, PlantedTokenizer)
 
 
 def planted_data_dir() -> Path:
@@ -277,10 +320,74 @@ def planted_data_dir() -> Path:
     return Path(str(resources.files("part3_attribution_graphs.worlds") / "planted_data"))
 
 
+MAX_LOAD_FVU = 0.5  # a transcoder that leaves more of its layer's MLP unexplained was not trained on it
+
+
+class PlantedFileError(ValueError):
+    """A planted world file is missing, truncated, corrupt or does not fit the world."""
+
+
+def _read_tensors(path: Path, device: str) -> dict[str, Tensor]:
+    """A safetensors file's tensors, every one finite; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the planted world's files are incomplete. Rebuild them with "
+            "`python -m part3_attribution_graphs.tools.train_planted`."
+        )
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors' own errors name no file
+        raise PlantedFileError(
+            f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or corrupt. Rebuild it "
+            "with `python -m part3_attribution_graphs.tools.train_planted`."
+        ) from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise PlantedFileError(f"{path} holds NaN or inf values in {bad[:5]}: rebuild it with train_planted.")
+    return state
+
+
+def _read_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: rebuild the planted world with train_planted.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlantedFileError(f"{path} is not valid JSON ({err}): rebuild it with train_planted.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise PlantedFileError(f"{path} has no vocab_size: it is not a planted world's meta.json.")
+    return meta
+
+
+@torch.no_grad()
+def _check_layers(
+    model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], folder: Path
+) -> None:
+    """Each transcoder must reconstruct its own layer's MLP on the world's prompts: layers stored in the wrong
+    order, or a model and transcoders from different runs, fail here."""
+    tokens = model.to_tokens([f.prompt for f in planted_facts("two_hop")[:12]])
+    names = [f"blocks.{layer}.{h}" for layer in transcoders for h in ("mlp.hook_in", "hook_mlp_out")]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    for layer, tc in transcoders.items():
+        y = cache[f"blocks.{layer}.hook_mlp_out"][:, 1:]
+        out = tc(cache[f"blocks.{layer}.mlp.hook_in"][:, 1:])
+        fvu = float(((out - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum())
+        if not fvu < MAX_LOAD_FVU:
+            raise PlantedFileError(
+                f"{folder / 'transcoders.safetensors'}: the transcoder stored for layer {layer} does not "
+                f"fit layer {layer}'s MLP (it leaves {fvu:.0%} of its output unexplained): layers stored in "
+                "the wrong order, or files from different runs. Rebuild them together with train_planted."
+            )
+
+
 def load_planted_world(
     device: str = "cpu", data_dir: str | Path | None = None
 ) -> tuple[HookedSAETransformer, dict[int, JumpReLUSkipTranscoder]]:
-    """The trained planted model and its trained JumpReLU skip transcoders, read from the shipped files.
+    """The trained planted model and its trained JumpReLU transcoders, read from the shipped files.
+
+    Every file is checked: readable (a truncated or corrupt one is named), finite, of the world's shape, and
+    each transcoder fits its own layer's MLP (layers in order).
 
     Args:
         device: where model and transcoders live.
@@ -295,7 +402,7 @@ def load_planted_world(
             f"{folder} has no model.safetensors: the planted world's files are missing. Rebuild them with "
             "`python -m part3_attribution_graphs.tools.train_planted`."
         )
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = _read_meta(folder)
     tokenizer = make_planted_tokenizer()
     if meta["vocab_size"] != len(tokenizer):
         raise ValueError(
@@ -303,20 +410,34 @@ def load_planted_world(
             f"has {len(tokenizer)}: retrain with `python -m part3_attribution_graphs.tools.train_planted`."
         )
     model = build_planted_model(tokenizer, device)
-    state = load_file(str(folder / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = _read_tensors(folder / "model.safetensors", device)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:
+        missing, unexpected = [], ["(a tensor of the wrong shape)"]
     params = {name for name, _ in model.named_parameters()}
     if unexpected or params & set(missing):
-        raise ValueError(f"{folder}/model.safetensors does not fit the planted world's shape: retrain it.")
+        raise PlantedFileError(
+            f"{folder}/model.safetensors does not fit the planted world's shape: retrain it."
+        )
     model.eval()
-    tc_state = load_file(str(folder / "transcoders.safetensors"), device=str(device))
+    tc_state = _read_tensors(folder / "transcoders.safetensors", device)
     transcoders = {}
     for layer in range(PLANTED_SPEC.n_layers):
         tc = new_skip_transcoder(
             layer, PLANTED_SPEC.d_model, PLANTED_SPEC.d_sae, PLANTED_SPEC.model_name, device
         )
-        tc.load_state_dict({k.split(".", 1)[1]: v for k, v in tc_state.items() if k.startswith(f"{layer}.")})
+        try:
+            tc.load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in tc_state.items() if k.startswith(f"{layer}.")}
+            )
+        except RuntimeError as err:
+            raise PlantedFileError(
+                f"{folder}/transcoders.safetensors has no complete transcoder for layer {layer} ({err}): "
+                "retrain it."
+            ) from None
         transcoders[layer] = tc.eval()
+    _check_layers(model, transcoders, folder)
     return model, transcoders
 
 
@@ -327,6 +448,41 @@ def build_planted_model(tokenizer: PreTrainedTokenizerFast, device: str = "cpu")
     return model
 
 
+def _check_planted_model(model: HookedSAETransformer) -> None:
+    if not is_planted_model(model):
+        raise ValueError(
+            "This function reads the planted world's facts, but the model is another world's (its "
+            f"tokenizer is {getattr(model.tokenizer, 'name_or_path', None)!r}): pass the model of "
+            "`load_planted_world()`."
+        )
+
+
+def _check_facts(name: str, facts: object, one_template: bool = False, lands: bool = False) -> None:
+    if facts is None:
+        return
+    if (
+        not isinstance(facts, (list, tuple))
+        or not all(isinstance(f, PlantedFact) for f in facts)
+        or not facts
+    ):
+        raise TypeError(f"{name} must be a non-empty list of PlantedFact (from planted_facts()), or None.")
+    if lands and any(f.intermediate is None for f in facts):
+        raise ValueError(
+            f"{name} must be questions about towns (each with its land), e.g. planted_facts('two_hop')."
+        )
+    if one_template and len({len(make_planted_tokenizer()(f.prompt).input_ids) for f in facts}) > 1:
+        raise ValueError(
+            f"{name} mixes templates (prompts of different lengths), so a position means different words: "
+            "pass one mechanism's questions, e.g. planted_facts('two_hop')."
+        )
+
+
+def _accuracy_args(args: dict) -> None:
+    _check_planted_model(args["model"])
+    _check_facts("facts", args["facts"])
+
+
+@guarded(model="model", check=_accuracy_args)
 @torch.no_grad()
 def planted_accuracy(model: HookedSAETransformer, facts: list[PlantedFact] | None = None) -> dict[str, float]:
     """Top-1 accuracy per mechanism and split, `{"two_hop/heldout": 0.97, ...}` (splits without prompts left
@@ -369,6 +525,20 @@ def example_corpus() -> Int[Tensor, "n_seq seq"]:
 LatentSet = list[tuple[int, int, int]]  # (layer, position, latent)
 
 
+def _activation_args(args: dict) -> None:
+    prompts = args["prompts"]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(
+            "prompts must be a non-empty list of prompt strings (e.g. [f.prompt for f in facts])."
+        )
+    tok = args["model"].tokenizer
+    if len({len(tok(p).input_ids) for p in prompts}) > 1:
+        raise ValueError(
+            "prompts must all have the same number of tokens (one template), to run as one batch."
+        )
+
+
+@guarded(model="model", transcoders="transcoders", check=_activation_args)
 @torch.no_grad()
 def latent_activations(
     model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], prompts: list[str]
@@ -379,37 +549,45 @@ def latent_activations(
     return {layer: tc.encode(cache[tc.cfg.metadata.hook_name]) for layer, tc in transcoders.items()}
 
 
+MIN_IN = 0.5  # a land latent fires on at least half of its land's training prompts ...
+MAX_OUT = 0.1  # ... and on at most a tenth of the other lands' training prompts
+
+
+def _land_args(args: dict) -> None:
+    _check_planted_model(args["model"])
+    _check_facts("facts", args["facts"], one_template=True, lands=True)
+    for name in ("min_in", "max_out"):
+        if not 0.0 <= args[name] <= 1.0:
+            raise ValueError(f"{name} is a share of prompts, between 0 and 1, not {args[name]!r}.")
+
+
+@guarded(model="model", transcoders="transcoders", reals=("min_in", "max_out"), check=_land_args)
 def land_latents(
     model: HookedSAETransformer,
     transcoders: dict[int, JumpReLUSkipTranscoder],
     facts: list[PlantedFact] | None = None,
-    min_in: float = 0.6,
-    min_explained: float = 0.5,
+    min_in: float = MIN_IN,
+    max_out: float = MAX_OUT,
 ) -> dict[str, LatentSet]:
-    """`{land: [(layer, position, latent), ...]}`: the latents that code for the land, by contrast of prompts.
+    """`{land: [(layer, position, latent), ...]}`: the latents selective for each land, on training prompts.
 
-    A latent at (layer, position) codes for the land when the land explains at least `min_explained` of
-    the variance of its activation over `facts` (between-land over total sum of squares); it belongs to
-    each land on whose prompts it fires at least `min_in` of the time. A land can be coded by latents
-    shared with other lands (a code, not one latent per land), so a latent can belong to several.
-    `facts` (default: the two-hop questions) must share one template (same length), so that a position
-    means the same word in each. At `min_explained=0.5` setting these latents to another land's values swaps
-    the answer in most held-out two-hop prompts, at 0.3 in nearly all (the README's planted-world table).
+    The rule, fixed before any intervention: a latent at (layer, position) is a land's when it fires on at
+    least `min_in` of that land's *training* prompts among `facts` and on at most `max_out` of the other
+    lands' training prompts. Held-out prompts in `facts` are ignored, so the latents are never chosen by the
+    questions they are then tested on. `facts` (default: the two-hop questions) must share one template (one
+    length), so that a position means the same word in each.
     """
     facts = planted_facts("two_hop") if facts is None else facts
-    acts = latent_activations(model, transcoders, [f.prompt for f in facts])
-    lands = sorted({f.intermediate for f in facts})
-    onehot = torch.nn.functional.one_hot(torch.tensor([lands.index(f.intermediate) for f in facts])).float()
+    train = [f for f in facts if f.split == "train" and f.intermediate is not None]
+    if not train:
+        raise ValueError("land_latents needs training prompts about towns (e.g. planted_facts('two_hop')).")
+    acts = latent_activations(model, transcoders, [f.prompt for f in train])
+    lands = sorted({f.intermediate for f in train})
     out: dict[str, LatentSet] = {land: [] for land in lands}
     for layer, a in acts.items():
-        a = a.float()  # (n, seq, d_sae)
-        means = torch.einsum("ng,nsf->gsf", onehot, a) / onehot.sum(0)[:, None, None]
-        total = ((a - a.mean(0)) ** 2).sum(0)
-        between = (onehot.sum(0)[:, None, None] * (means - a.mean(0)) ** 2).sum(0)
-        # Positions every prompt shares (the chat template) leave a latent constant: no variance to explain.
-        varies = total > 1e-6 * (a**2).sum(0).clamp(min=1e-12)
-        coding = (between >= min_explained * total) & varies
-        rate = torch.einsum("ng,nsf->gsf", onehot, (a > 0).float()) / onehot.sum(0)[:, None, None]
-        for g, land in enumerate(lands):
-            out[land] += [(layer, pos, f) for pos, f in (coding & (rate[g] >= min_in)).nonzero().tolist()]
+        fired = (a > 0).float()  # (n, seq, d_sae)
+        for land in lands:
+            mine = torch.tensor([f.intermediate == land for f in train])
+            selective = (fired[mine].mean(0) >= min_in) & (fired[~mine].mean(0) <= max_out)
+            out[land] += [(layer, pos, k) for pos, k in selective.nonzero().tolist()]
     return out

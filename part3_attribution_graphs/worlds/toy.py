@@ -56,13 +56,16 @@ def make_toy_tokenizer() -> PreTrainedTokenizerFast:
     return make_word_tokenizer(TOY_WORDS, "toy-world-g3")
 
 
-def make_word_tokenizer(words: list[str], name: str) -> PreTrainedTokenizerFast:
+def make_word_tokenizer(
+    words: list[str], name: str, cls: type[PreTrainedTokenizerFast] = PreTrainedTokenizerFast
+) -> PreTrainedTokenizerFast:
     """A word-level tokenizer that splits text the way Gemma's SentencePiece model does for these words.
 
     Words carry their leading space (`" sun"`), newlines are their own token, and the chat-template
     markers are single special tokens, so `format_prompt(...)` starts with the same four tokens as on
     Gemma: `<bos>`, `<start_of_turn>`, `user`, `\\n`. Each word comes with and without its leading space,
-    then punctuation and digits; `name` must not contain "gemma" (TransformerLens special-cases it).
+    then punctuation and digits; `name` must not contain "gemma" (TransformerLens special-cases it). `cls`:
+    the tokenizer class (the planted world's refuses words outside its vocabulary).
     """
     vocab: dict[str, int] = {}
     for tok in SPECIAL_TOKENS + ["\n", "\n\n"]:
@@ -82,7 +85,7 @@ def make_word_tokenizer(words: list[str], name: str) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
-    fast = PreTrainedTokenizerFast(
+    fast = cls(
         tokenizer_object=tok,
         bos_token="<bos>",
         eos_token="<eos>",
