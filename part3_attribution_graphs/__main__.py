@@ -34,10 +34,10 @@ from pathlib import Path
 
 DEFAULT_WORLD = "planted"  # offline, and its mechanisms are known: the graph has something to find
 # Each world's default prompt, (user turn, start of the answer). The planted world's is one of its held-out
-# two-hop questions (`planted_facts("two_hop", "heldout")[0]`, the lesson's case; a test keeps it one, and
-# checks that its page draws town -> land latent -> answer): Ambry -> Harrow -> the language, Harric. Other
-# worlds get the lesson's couplet of opposites.
-DEFAULT_PROMPTS = {"planted": ("Ambry. What is the language of its land?", "Answer:")}
+# two-hop questions (`planted_facts("two_hop", "heldout")`; a test keeps it one): Tansy -> Caldor -> the
+# capital, Corvin; its graph's strongest path runs from the town through a Caldor latent to the answer.
+# Other worlds get the lesson's couplet of opposites.
+DEFAULT_PROMPTS = {"planted": ("Tansy. What is the capital of its land?", "Answer:")}
 DEFAULT_USER, DEFAULT_RESPONSE = "What is the opposite of small?", "The opposite of small is **large"
 # The files this program writes into --out, and the list it keeps there of the ones it wrote.
 GRAPH_FILES = ("graph.pt", "nodes.json")

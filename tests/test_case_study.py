@@ -113,17 +113,21 @@ def test_a_swap_with_its_own_values_changes_nothing(toy_world):
 
 
 def test_land_latents_only_where_the_land_can_be_known():
-    """Before the town the land is unknown, and every two-hop prompt of one template reads the same tokens:
-    no latent before the town's first token may code for a land, whatever its rounding noise."""
-    from part3_attribution_graphs.worlds.planted import land_latents, load_planted_world, planted_facts
+    """Before the town the land is unknown, and every two-hop prompt reads the same tokens up to the town: no
+    latent there may code for a land, whatever its rounding noise."""
+    from part3_attribution_graphs.worlds.planted import (
+        TOWN_POSN,
+        land_latents,
+        load_planted_world,
+        planted_facts,
+    )
 
     model, tcs = load_planted_world()
-    found = land_latents(model, tcs)
-    fact = planted_facts("two_hop")[0]
-    tokens = [t.strip() for t in model.to_str_tokens(fact.prompt)]
-    first_town_token = min(p for p, t in enumerate(tokens) if t and t in fact.entity.split())
+    facts = planted_facts("two_hop")
+    found = land_latents(model, tcs, facts)
+    assert model.to_str_tokens(facts[0].prompt)[TOWN_POSN] == facts[0].entity
     positions = {pos for latents in found.values() for _, pos, _ in latents}
-    assert positions and min(positions) >= first_town_token
+    assert positions and min(positions) >= TOWN_POSN
 
 
 # --------------------------------------------------------------------------------------------------

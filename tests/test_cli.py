@@ -96,7 +96,7 @@ def test_a_good_run_writes_its_files_and_prints_the_summary(tmp_path, capsys):
 def test_planted_world_dashboard_with_interventions_on_pruned_away_latents(tmp_path):
     """On the planted world the most influential latents can be pruned away; the dashboard gets the measured
     ones it shows and nodes.json keeps all (this run used to stop: "the dashboard does not show" node 425)."""
-    user = "Nettle. What is the fruit of its land?"
+    user = "Ambry. What is the fruit of its land?"
     args = ["--world", "planted", "--user", user, "--response", "Answer:", "--interventions", "5"]
     summary = cli.main([*args, "--out", str(tmp_path / "graph"), "--no-examples"])
     assert "index.html" in summary["files"] and set(summary["interventions"]) == {"frozen", "live"}

@@ -27,7 +27,7 @@ PROMPT = format_prompt("What is the opposite of small?", "The opposite of small 
 COUPLET = format_prompt(
     "Write me a short rhyming couplet.", "The sun descends, a golden hue,\nAs evening whispers, soft and"
 )
-PLANTED_PROMPT = format_prompt("Nettle. What is the fruit of its land?", "Answer:")
+PLANTED_PROMPT = format_prompt("Ambry. What is the fruit of its land?", "Answer:")
 EVERY_LATENT = 10**6  # top_k large enough that every active latent becomes a node
 
 
