@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard ground-truth planted clean
+.PHONY: install lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard ground-truth planted readme-case-study clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,10 @@ notebooks: install
 
 demo: install
 	bash scripts/instructor_demo.sh
+
+## The README's case-study table, rewritten from the committed solutions notebook's outputs (after `make notebooks`).
+readme-case-study: install
+	$(PY) -m part3_attribution_graphs.tools.case_study_table
 
 bench: install
 	$(PY) -m part3_attribution_graphs.tools.bench

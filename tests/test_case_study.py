@@ -376,3 +376,19 @@ def test_the_readmes_case_study_figures_are_the_notebooks_outputs():
     assert len(figures) >= 8, f"the section quotes too few measured figures: {figures}"
     missing = [f for f in figures if f not in printed]
     assert not missing, f"README figures not printed by the notebook's case study: {missing}"
+
+
+def test_the_readmes_case_study_table_is_what_its_generator_makes_of_the_notebook():
+    """`make readme-case-study` regenerates the README's table from the solutions notebook: the committed
+    README holds exactly its output, and rewriting a stale table restores it."""
+    import json
+
+    from part3_attribution_graphs.tools.case_study_table import NOTEBOOK, README, case_study_table, with_table
+
+    table = case_study_table(json.loads(NOTEBOOK.read_text()))
+    readme = README.read_text()
+    assert table in readme, "README's case-study table is stale: run `make readme-case-study`"
+    stale = readme.replace(
+        table, table.replace("| swap: land latents |", "| swap: land latents | 0 of 24 |x")
+    )
+    assert with_table(stale, table) == readme
