@@ -50,8 +50,9 @@ def example_data():
 def test_a_label_names_the_most_enriched_word_and_where_the_latent_peaks():
     data = example_data()
     words = enriched_words(data, 0, WordTokenizer(), k=3)
-    # Caldor: in all 4 top sequences, 4 of 12 in the corpus; plum: all 4, but 5 of 12; the template: all 12.
-    assert [w for w, _, _ in words] == ["Caldor", "plum"]
+    # Each peak group (Northhaven, Eastford: 2 sequences each) holds Caldor in both, 4 of 12 in the corpus
+    # (lift 3); plum in both, but 5 of 12 (lift 2.4, under MIN_LIFT); the template: all 12 (lift 1).
+    assert [w for w, _, _ in words] == ["Caldor"]
     assert words[0][1:] == pytest.approx((1.0, 3.0))
     labels = latent_labels(data, [0, 1, 2], WordTokenizer())
     assert labels[0] == "Caldor (on 'Northhaven', 'Eastford')"
@@ -100,3 +101,38 @@ def test_suggested_groups_join_pairs_transitively_and_recovered_groups_needs_an_
     assert groups == [{(0, 1), (0, 2), (1, 3)}, {(1, 4)}, {(2, 5)}, {(2, 6)}]
     truth = {"a": [(0, 1), (0, 2), (1, 3)], "b": [(1, 4), (2, 5)], "c": [(2, 6)], "d": [(0, 1), (0, 2)]}
     assert recovered_groups(truth, groups) == {"a": True, "b": False, "c": True, "d": False}
+
+
+def test_land_latents_at_the_planted_site_are_labelled_with_their_land(planted_world):
+    """On the planted world, a land latent at the site where the land is made (layer 0, the town) is mostly
+    labelled with its land's name, and no label word is a template word (in a third of the corpus or more).
+    Measured on the shipped world: 52% of a land's site latents on average (Avalon and Caldor 4 of 4, Dunmar
+    3 of 4, Fenwick 0 of 3), a majority in 3 of 8 lands; the label from all strong examples at once, before,
+    named 7% (template words "its", "land" won)."""
+    from part3_attribution_graphs.views.examples import make_toy_example_data
+    from part3_attribution_graphs.views.labels import corpus_presence
+    from part3_attribution_graphs.worlds.planted import LAND_SITE, land_latents
+
+    model, tcs = planted_world
+    site = {
+        land: sorted({k for layer, pos, k in latents if (layer, pos) == LAND_SITE})
+        for land, latents in land_latents(model, tcs).items()
+    }
+    layer = LAND_SITE[0]
+    data = make_toy_example_data(
+        model, tcs, features_by_layer={layer: {k for ks in site.values() for k in ks}}
+    )[layer]
+    counts, n = corpus_presence(data, model.tokenizer)
+    frequent = {word for word, c in counts.items() if c >= n / 3}
+    assert {"its", "land", "What"} & frequent  # the template words the old labels chose
+    share = {}
+    for land, keys in site.items():
+        words = [enriched_words(data, k, model.tokenizer, (counts, n), k=1) for k in keys]
+        share[land] = sum(bool(w) and w[0][0] == land for w in words) / len(keys)
+        common = [w[0][0] for w in words if w and w[0][0] in frequent]
+        assert not common, f"{land}: template words name latents: {common}"
+        labels = latent_labels(data, keys, model.tokenizer)
+        assert all(labels[k].startswith(w[0][0]) for k, w in zip(keys, words) if w)
+    mean = sum(share.values()) / len(share)
+    assert mean >= 0.5, f"site latents labelled with their land: {share}"
+    assert sum(s > 0.5 for s in share.values()) >= 3, f"lands whose site latents mostly name them: {share}"

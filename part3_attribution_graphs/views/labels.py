@@ -7,13 +7,17 @@ latent responds to; the tokens it peaks on say where: a latent whose strong exam
 one land, in sequences that name the land, reads "Caldor (on 'Northhaven', 'Eastford')", where the
 peak tokens alone would say "fires on 'Northhaven', 'Eastford'".
 
-Enrichment of a word w: `support = n_top(w) / n_top` (the share of the latent's top sequences that
-contain it) against `background = n_corpus(w) / n_corpus` (the share of corpus sequences that do).
-The label's word has the largest `lift = support / background` among the words in at least
-`MIN_SUPPORT` of the top sequences (and two of them), ties going to the larger support: the template
-words of the questions a latent fires in are enriched a little, the name they share a lot. The peak
-tokens themselves are left out of the candidates, so the word says something the peaks do not. A
-subset load of hub example data (`load_example_data(features=...)`) keeps only the sequences some
+Enrichment of a word w in a set of sequences: `support = n_set(w) / n_set` (the share of them that
+contain it) against `background = n_corpus(w) / n_corpus` (the share of corpus sequences that do);
+`lift = support / background`. A word in most of the corpus cannot reach `MIN_LIFT`, so template
+words never name a latent. Latents are often polysemantic (a layer-0 land latent fires on its land's
+towns and, as strongly, on "opposite" or "."), so one set of all its examples mixes its meanings and
+the template words they share win. The label therefore reads the latent's recorded examples grouped
+by the token they peak on: each group of two or more sequences names its most enriched word (lift at
+least `MIN_LIFT`, in at least `MIN_SUPPORT` of the group and two sequences, not a token the latent
+peaks on), and the label's word is the one named by the most examples: the three towns of a land
+each name the land (the lines "Ambry is in Harrow." and the single-hop answers), so the land wins.
+A subset load of hub example data (`load_example_data(features=...)`) keeps only the sequences some
 loaded latent needs, so there the background is that smaller corpus.
 """
 
@@ -29,6 +33,7 @@ from .examples import feature_row
 __all__ = [
     "TOP_SHARE",
     "MIN_SUPPORT",
+    "MIN_LIFT",
     "corpus_presence",
     "enriched_words",
     "latent_labels",
@@ -37,7 +42,8 @@ __all__ = [
 ]
 
 TOP_SHARE = 0.5  # the examples a label reads: activations at least this share of the latent's largest
-MIN_SUPPORT = 0.2  # a label word is in at least this share of the latent's top sequences (and in two)
+MIN_SUPPORT = 0.2  # a label word is in at least this share of a peak group's sequences (and in two)
+MIN_LIFT = 3.0  # ... and at least this many times as common there as in the corpus (measured: 3 and 5 alike)
 
 
 def _words(tokenizer, ids: Iterable[int]) -> dict[int, str]:
@@ -48,13 +54,19 @@ def _words(tokenizer, ids: Iterable[int]) -> dict[int, str]:
     return {i: t.strip() for i, t in zip(ids, texts) if i not in special and any(c.isalnum() for c in t)}
 
 
-def corpus_presence(example_data: dict) -> tuple[Counter, int]:
-    """`(sequences containing each token id, number of sequences)` of the example data's corpus."""
-    tokens = example_data["tokens"]
+def _word_sets(rows: list[list[int]], word_of: dict[int, str]) -> list[set[str]]:
+    """Each row's words: token ids with the same text (" What", "What") are one word."""
+    return [{word_of[i] for i in row if i in word_of} for row in rows]
+
+
+def corpus_presence(example_data: dict, tokenizer=None) -> tuple[Counter, int]:
+    """`(sequences containing each word, number of sequences)` of the example data's corpus."""
+    rows = example_data["tokens"].tolist()
+    word_of = _words(tokenizer, {i for row in rows for i in row})
     counts: Counter = Counter()
-    for row in tokens.tolist():
-        counts.update(set(row))
-    return counts, int(tokens.shape[0])
+    for words in _word_sets(rows, word_of):
+        counts.update(words)
+    return counts, len(rows)
 
 
 def _top_sequences(example_data: dict, feature: int) -> tuple[list[int], Counter]:
@@ -75,27 +87,55 @@ def _top_sequences(example_data: dict, feature: int) -> tuple[list[int], Counter
     return sorted(set(seq.tolist())), peaks
 
 
+def _peak_groups(example_data: dict, feature: int) -> dict[int, set[int]]:
+    """`{token id: the sequences where the latent's recorded examples peak on it}`, over all of them."""
+    row = feature_row(example_data, feature)
+    if row is None:
+        return {}
+    act = example_data["activations"][row].float()
+    seq = example_data["seq_ids"][row].long()
+    pos = example_data["positions"][row].long()
+    corpus = example_data["tokens"]
+    valid = (act > 0) & (seq >= 0) & (seq < corpus.shape[0]) & (pos >= 0) & (pos < corpus.shape[1])
+    groups: dict[int, set[int]] = {}
+    for s, p in zip(seq[valid].tolist(), pos[valid].tolist()):
+        groups.setdefault(int(corpus[s, p]), set()).add(s)
+    return groups
+
+
 def enriched_words(
     example_data: dict, feature: int, tokenizer=None, presence: tuple[Counter, int] | None = None, k: int = 3
 ) -> list[tuple[str, float, float]]:
-    """The `k` words most enriched in the latent's top sequences, best first: `(word, support, lift)`
-    (`lift = support / background`, see the module docstring); its peak tokens left out."""
-    seqs, peaks = _top_sequences(example_data, feature)
-    if not seqs:
+    """The `k` words named by the most of the latent's examples, best first: `(word, share of its examples
+    whose peak group names it, the largest lift it has in such a group)` (see the module docstring)."""
+    groups = _peak_groups(example_data, feature)
+    if not groups:
         return []
-    counts, n_corpus = presence if presence is not None else corpus_presence(example_data)
+    counts, n_corpus = presence if presence is not None else corpus_presence(example_data, tokenizer)
     corpus = example_data["tokens"]
-    inside: Counter = Counter()
-    for s in seqs:
-        inside.update(set(corpus[s].tolist()))
-    words = _words(tokenizer, [i for i in inside if i not in peaks])
-    scored = []
-    for i, word in words.items():
-        support, background = inside[i] / len(seqs), counts[i] / n_corpus
-        if support >= MIN_SUPPORT and inside[i] >= 2 and support > background:
-            scored.append((word, support, support / background))
-    scored.sort(key=lambda x: (-x[2], -x[1], x[0]))
-    return scored[:k]
+    rows = {s: corpus[s].tolist() for seqs in groups.values() for s in seqs}
+    word_of = _words(tokenizer, {i for row in rows.values() for i in row} | set(groups))
+    peak_words = {word_of[i] for i in groups if i in word_of}
+    votes: Counter = Counter()
+    lifts: dict[str, float] = {}
+    for seqs in groups.values():
+        if len(seqs) < 2:
+            continue
+        inside: Counter = Counter()
+        for words in _word_sets([rows[s] for s in seqs], word_of):
+            inside.update(words - peak_words)
+        best = None
+        for word, n in inside.items():
+            support = n / len(seqs)
+            lift = support / (counts[word] / n_corpus)
+            if support >= MIN_SUPPORT and n >= 2 and lift >= MIN_LIFT:
+                best = max(best or (lift, support, word), (lift, support, word))
+        if best is not None:
+            votes[best[2]] += len(seqs)
+            lifts[best[2]] = max(lifts.get(best[2], 0.0), best[0])
+    total = sum(len(seqs) for seqs in groups.values())
+    ranked = sorted(votes, key=lambda w: (-votes[w], -lifts[w], w))
+    return [(w, votes[w] / total, lifts[w]) for w in ranked[:k]]
 
 
 def _peak_text(peaks: Counter, tokenizer) -> str:
@@ -117,7 +157,7 @@ def _peak_text(peaks: Counter, tokenizer) -> str:
 def latent_labels(example_data: dict, features: Iterable[int], tokenizer=None) -> dict[int, str]:
     """`{feature: label}`: the most enriched word of each latent's top sequences and the tokens it peaks
     on, "Caldor (on 'Northhaven', 'Eastford')"; "on ':'" when no word is enriched; "" without examples."""
-    presence = corpus_presence(example_data)
+    presence = corpus_presence(example_data, tokenizer)
     out = {}
     for f in features:
         _, peaks = _top_sequences(example_data, f)
