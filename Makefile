@@ -15,7 +15,7 @@ CONSTRAINTS := constraints-tested.txt
 PINNED_TIER := tests/test_real_hub.py tests/test_worlds.py tests/test_loading.py tests/test_crosscheck.py \
 	tests/test_cli.py tests/test_gemma270m.py -k "not test_autograder_passes_the_reference_on_real_weights"
 
-.PHONY: install install-latest test-latest test-pinned lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard ground-truth planted clean
+.PHONY: install install-latest test-latest test-pinned lab graph test test-fast test-browser test-gemma270m lint notebooks demo bench bench-dashboard ground-truth planted readme-case-study clean
 
 install: $(VENV)/.installed
 
@@ -95,6 +95,10 @@ notebooks: install
 
 demo: install
 	bash scripts/instructor_demo.sh
+
+## The README's case-study table, rewritten from the committed solutions notebook's outputs (after `make notebooks`).
+readme-case-study: install
+	$(PY) -m part3_attribution_graphs.tools.case_study_table
 
 bench: install
 	$(PY) -m part3_attribution_graphs.tools.bench

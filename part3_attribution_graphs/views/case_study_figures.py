@@ -1,5 +1,5 @@
-"""Figures for the case study: the strongest path, which latents carry which group, and how often the
-interventions that test the hypothesis succeed."""
+"""Figures for the case study: the strongest path, which latents carry which group, how often the
+interventions that test the hypothesis succeed, and each question's results side by side."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["plot_path", "plot_group_latents", "plot_intervention_rates"]
+__all__ = ["plot_path", "plot_group_latents", "plot_intervention_rates", "plot_question_results"]
 
 
 def plot_path(labels: Sequence[str], shares: Sequence[float], title: str = "The strongest path") -> go.Figure:
@@ -106,5 +106,37 @@ def plot_intervention_rates(
         yaxis={"title": "share of prompts", "range": [0, 1.15], "tickformat": ".0%"},
         width=650,
         height=420,
+    )
+    return fig
+
+
+def plot_question_results(
+    questions: Sequence[str],
+    results: Mapping[str, Sequence[float]],
+    title: str = "Every held-out question",
+) -> go.Figure:
+    """A grid: one row per question, one column per measure (each a share in [0, 1], or a yes/no as 1/0),
+    so that the questions where the graph and the interventions disagree stand out."""
+    names = list(results)
+    if any(len(results[name]) != len(questions) for name in names):
+        raise ValueError("Each measure needs one value per question.")
+    z = [[float(results[name][q]) for name in names] for q in range(len(questions))]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=names,
+            y=list(questions),
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            colorbar={"title": "share / yes"},
+            hovertemplate="%{y}<br>%{x}: %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        yaxis={"autorange": "reversed"},
+        width=200 + 150 * len(names),
+        height=max(300, 120 + 18 * len(questions)),
     )
     return fig

@@ -35,6 +35,7 @@ import torch
 
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
+from .labels import derived_labels, peak_tokens
 from .neuronpedia import (
     build_graph_json,
     cumulative_influence,
@@ -277,6 +278,7 @@ def dashboard_data(
                 bottom=[[tok, _sig(v)] for tok, v in t["bottom"]],
                 logit_hist=[counts, _sig(lo), _sig(hi)],
             )
+    words: dict[str, str] = {}  # the word most enriched in each latent's top sequences (views/labels.py)
     if example_data_by_layer:
         for layer, f in latents:
             data = example_data_by_layer.get(layer)
@@ -284,13 +286,10 @@ def dashboard_data(
                 ex = _example_info(data, f, getattr(model, "tokenizer", None), n_examples)
                 if ex is not None:
                     panels[f"{layer}_{f}"]["ex"] = ex
-    for panel in panels.values():
-        panel["derived"] = derived_label(panel)
-    peaks = {
-        (layer, f): {shown_token(e["tokens"][e["peak"]]) for e in ex["examples"] if e["tokens"]}
-        for layer, f in latents
-        if (ex := panels[f"{layer}_{f}"].get("ex"))
-    }
+        words = derived_labels(example_data_by_layer, latents, getattr(model, "tokenizer", None))
+    for key, panel in panels.items():
+        panel["derived"] = words.get(key) or derived_label(panel)
+    peaks = peak_tokens(example_data_by_layer or {}, latents, getattr(model, "tokenizer", None))
     similar = [
         [f"{a[0]}_{a[1]}", f"{b[0]}_{b[1]}", _sig(score, 3), why]
         for a, b, score, why in similar_latents(latents, transcoders, peaks)

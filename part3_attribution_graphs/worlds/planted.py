@@ -507,10 +507,13 @@ def is_planted_model(model: HookedSAETransformer) -> bool:
 
 def example_corpus() -> Int[Tensor, "n_seq seq"]:
     """The world's own text as token ids, one conversation per row after `<bos>`, right-padded with `<pad>`:
-    every planted question with its answer and `<end_of_turn>`, greetings with every name, and copy
-    questions about other words. The feature dashboard's example data for this world is read from it."""
+    every planted question with its answer and `<end_of_turn>`, the line per town stating its land (as in
+    training: without it a town's land is named only in its one single-hop answer), greetings with every
+    name, and copy questions about other words. The feature dashboard's example data for this world is read
+    from it."""
     tok = make_planted_tokenizer()
     texts = [f.prompt + f.answer + "<end_of_turn>" for f in planted_facts()]
+    texts += [format_prompt(LAND_LINE.format(town=t, land=g)) for t, g in planted_members().items()]
     texts += [format_prompt(GREETING.format(name=n)) for n in NAMES]
     texts += [
         format_prompt(COPY.format(name=w), RESPONSE) + " " + w + "<end_of_turn>"

@@ -1,0 +1,138 @@
+"""Latent labels from example data (views/labels.py): the word most enriched in a latent's top sequences
+against the corpus, and the tokens it peaks on; the dashboard shows them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from part3_attribution_graphs.views.labels import derived_labels, enriched_words, latent_labels
+
+WORDS = ["<pad>", "<bos>", "What", "is", "the", "fruit", "of", "Caldor", "Borea", "plum", "pear", ":"]
+WORDS += ["Northhaven", "Eastford", "Westfield"]
+ID = {w: i for i, w in enumerate(WORDS)}
+
+
+class WordTokenizer:
+    """One word per id; `<pad>` and `<bos>` special."""
+
+    all_special_ids = [0, 1]
+
+    def batch_decode(self, ids):
+        return [" ".join(WORDS[i] for i in row) for row in ids]
+
+
+def example_data():
+    """Twelve sequences: four about Caldor's towns (answer plum), eight about a Borea town (answer pear; one
+    says plum too). Latent 0 fires on the town in the Caldor ones; latent 1 on ':' everywhere; latent 2
+    never."""
+    rows = []
+    for k in range(12):
+        town, land, fruit = ("Northhaven", "Caldor", "plum") if k % 2 == 0 else ("Eastford", "Caldor", "plum")
+        if k >= 4:
+            town, land, fruit = "Westfield", "Borea", "plum" if k == 4 else "pear"
+        rows.append(["<bos>", "What", "is", "the", "fruit", "of", town, ":", fruit, land])
+    tokens = torch.tensor([[ID[w] for w in row] for row in rows])
+    acts = torch.zeros(3, 12)
+    seq = torch.full((3, 12), -1)
+    pos = torch.full((3, 12), -1)
+    acts[0, :4], seq[0, :4], pos[0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.arange(4), 6
+    acts[1], seq[1], pos[1] = torch.linspace(2, 1, 12), torch.arange(12), 7
+    return {
+        "activations": acts,
+        "seq_ids": seq,
+        "positions": pos,
+        "feature_frequencies": torch.tensor([4 / 108, 12 / 108, 0.0]),
+        "tokens": tokens,
+    }
+
+
+def test_a_label_names_the_most_enriched_word_and_where_the_latent_peaks():
+    data = example_data()
+    words = enriched_words(data, 0, WordTokenizer(), k=3)
+    # Each peak group (Northhaven, Eastford: 2 sequences each) holds Caldor in both, 4 of 12 in the corpus
+    # (lift 3); plum in both, but 5 of 12 (lift 2.4, under MIN_LIFT); the template: all 12 (lift 1).
+    assert [w for w, _, _ in words] == ["Caldor"]
+    assert words[0][1:] == pytest.approx((1.0, 3.0))
+    labels = latent_labels(data, [0, 1, 2], WordTokenizer())
+    assert labels[0] == "Caldor (on 'Northhaven', 'Eastford')"
+    assert labels[1] == "on ':'"  # fires everywhere: no word tells its sequences apart
+    assert labels[2] == ""
+
+
+def test_derived_labels_are_keyed_as_the_dashboard_keys_latents():
+    data = example_data()
+    got = derived_labels({3: data}, [(3, 0), (3, 2), (5, 0)], WordTokenizer())
+    assert got == {"3_0": "Caldor (on 'Northhaven', 'Eastford')"}
+
+
+def test_the_dashboard_labels_latents_by_their_enriched_word(planted_world):
+    """The page's derived label is the labels module's (a word and the peaks), not "fires on ..."."""
+    from part3_attribution_graphs.attribution import attribute
+    from part3_attribution_graphs.views.dashboard import dashboard_data
+    from part3_attribution_graphs.views.examples import features_in_graph, make_toy_example_data
+    from part3_attribution_graphs.worlds.gemma import START_POSN
+    from part3_attribution_graphs.worlds.planted import planted_facts
+
+    model, tcs = planted_world
+    result = attribute(model, tcs, planted_facts("two_hop", "heldout")[0].prompt, start_posn=START_POSN)
+    examples = make_toy_example_data(model, tcs, features_by_layer=features_in_graph(result))
+    data = dashboard_data(result, model, tcs, example_data_by_layer=examples)
+    keys = [(int(k.split("_")[0]), int(k.split("_")[1])) for k in data["latents"]]
+    want = derived_labels(examples, keys, model.tokenizer)
+    assert want and all(data["latents"][k]["derived"] == label for k, label in want.items())
+    assert not any(p["derived"].startswith("fires on") for p in data["latents"].values() if p.get("ex"))
+
+
+def test_peak_tokens_cover_every_recorded_example_not_only_the_shown_ones():
+    from part3_attribution_graphs.views.labels import peak_tokens
+
+    data = example_data()
+    peaks = peak_tokens({2: data}, [(2, 0), (2, 1), (2, 2), (4, 0)], WordTokenizer())
+    assert peaks == {(2, 0): {"Northhaven", "Eastford"}, (2, 1): {":"}}
+
+
+def test_suggested_groups_join_pairs_transitively_and_recovered_groups_needs_an_exact_match():
+    from part3_attribution_graphs.views.suggestions import recovered_groups, suggested_groups
+
+    pool = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5), (2, 6)]
+    pairs = [((0, 1), (0, 2), 0.9, "decoder"), ((0, 2), (1, 3), 0.6, "examples"), ((2, 5), (9, 9), 1, "x")]
+    groups = suggested_groups(pool, pairs)
+    assert groups == [{(0, 1), (0, 2), (1, 3)}, {(1, 4)}, {(2, 5)}, {(2, 6)}]
+    truth = {"a": [(0, 1), (0, 2), (1, 3)], "b": [(1, 4), (2, 5)], "c": [(2, 6)], "d": [(0, 1), (0, 2)]}
+    assert recovered_groups(truth, groups) == {"a": True, "b": False, "c": True, "d": False}
+
+
+def test_land_latents_at_the_planted_site_are_labelled_with_their_land(planted_world):
+    """On the planted world, a land latent at the site where the land is made (layer 0, the town) is mostly
+    labelled with its land's name, and no label word is a template word (in a third of the corpus or more).
+    Measured on the shipped world: 52% of a land's site latents on average (Avalon and Caldor 4 of 4, Dunmar
+    3 of 4, Fenwick 0 of 3), a majority in 3 of 8 lands; the label from all strong examples at once, before,
+    named 7% (template words "its", "land" won)."""
+    from part3_attribution_graphs.views.examples import make_toy_example_data
+    from part3_attribution_graphs.views.labels import corpus_presence
+    from part3_attribution_graphs.worlds.planted import LAND_SITE, land_latents
+
+    model, tcs = planted_world
+    site = {
+        land: sorted({k for layer, pos, k in latents if (layer, pos) == LAND_SITE})
+        for land, latents in land_latents(model, tcs).items()
+    }
+    layer = LAND_SITE[0]
+    data = make_toy_example_data(
+        model, tcs, features_by_layer={layer: {k for ks in site.values() for k in ks}}
+    )[layer]
+    counts, n = corpus_presence(data, model.tokenizer)
+    frequent = {word for word, c in counts.items() if c >= n / 3}
+    assert {"its", "land", "What"} & frequent  # the template words the old labels chose
+    share = {}
+    for land, keys in site.items():
+        words = [enriched_words(data, k, model.tokenizer, (counts, n), k=1) for k in keys]
+        share[land] = sum(bool(w) and w[0][0] == land for w in words) / len(keys)
+        common = [w[0][0] for w in words if w and w[0][0] in frequent]
+        assert not common, f"{land}: template words name latents: {common}"
+        labels = latent_labels(data, keys, model.tokenizer)
+        assert all(labels[k].startswith(w[0][0]) for k, w in zip(keys, words) if w)
+    mean = sum(share.values()) / len(share)
+    assert mean >= 0.5, f"site latents labelled with their land: {share}"
+    assert sum(s > 0.5 for s in share.values()) >= 3, f"lands whose site latents mostly name them: {share}"
