@@ -3,10 +3,23 @@ once from its shipped files."""
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 
 from part3_attribution_graphs.toy import make_toy_world
+
+
+def need(module: str):
+    """Import an optional dependency, or skip the test without it, unless `P3AG_REQUIRE` (comma-separated)
+    names the module: then a missing module fails the test. The CI tier that installs an extra requires
+    it, so a broken install cannot pass as a skip."""
+    required = {m.strip() for m in os.environ.get("P3AG_REQUIRE", "").split(",") if m.strip()}
+    if module in required:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (the pinned tier requires it)")
 
 
 @pytest.fixture(scope="session")

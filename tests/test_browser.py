@@ -21,10 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import need
 
 pytestmark = pytest.mark.browser
 
-pytest.importorskip("websocket", reason="pip install websocket-client")
+need("websocket")  # websocket-client, in the dev extra
 
 from part3_attribution_graphs import utils  # noqa: E402
 from part3_attribution_graphs.attribution import attribute  # noqa: E402

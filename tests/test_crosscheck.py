@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import need
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.nodes import NodeType
 from part3_attribution_graphs.worlds.gemma import START_POSN, format_prompt
 
-pytest.importorskip("circuit_tracer")
+need("circuit_tracer")
 from part3_attribution_graphs.tools import bench  # noqa: E402
 from part3_attribution_graphs.tools.crosscheck import (  # noqa: E402
     aligned_adjacency,
@@ -29,7 +30,7 @@ COUPLET = format_prompt(
 EVERY_LATENT = 10**6
 RTOL = 1e-5  # relative to the largest edge, float32
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+pytestmark = [pytest.mark.crosscheck, pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
 
 def both_graphs(toy_world, prompt: str, start_posn: int):

@@ -10,8 +10,9 @@ import json
 import os
 
 import pytest
+from conftest import need
 
-pytest.importorskip("ipykernel")
+need("ipykernel")
 from jupyter_client.manager import start_new_kernel  # noqa: E402
 
 from part3_attribution_graphs.tools import notebook_builder as nbb  # noqa: E402

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import need
 
 from part3_attribution_graphs import solutions
 from part3_attribution_graphs import tests as autograder
@@ -28,9 +29,7 @@ pytestmark = pytest.mark.gemma270m
 # The tier's own dependencies come with the `gemma270m` extra (`make test` installs it; `make test-fast`
 # deselects
 # this tier, and collection must not fail without it).
-spm = pytest.importorskip(
-    "sentencepiece", reason="install the gemma270m extra: pip install -e '.[gemma270m]'"
-)
+spm = need("sentencepiece")  # the gemma270m extra
 
 CHAT = "<start_of_turn>user\nWrite me a short rhyming couplet.<end_of_turn>\n<start_of_turn>model\n"
 

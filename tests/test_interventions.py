@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hook_count
+from conftest import hook_count, need
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.interventions import (
@@ -390,11 +390,12 @@ CT_MODES = {
 }
 
 
+@pytest.mark.crosscheck
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("mode", list(CT_MODES))
 @pytest.mark.parametrize("apply_fn", [True, False], ids=["acts", "pre"])
 def test_same_as_circuit_tracer_feature_intervention(toy_world, mode, apply_fn):
-    pytest.importorskip("circuit_tracer")
+    need("circuit_tracer")
     from part3_attribution_graphs.tools.crosscheck import ct_replacement_model
 
     model, tcs = toy_world

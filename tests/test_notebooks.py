@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 import torch
+from conftest import need
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.exercises import EXERCISES as REGISTRY
@@ -194,7 +195,7 @@ def test_solutions_notebook_passes_nbval(tmp_path):
 
 @pytest.mark.notebook
 def test_instructor_demo_runs_the_exercises_notebook_with_reference_solutions(in_kernel_env):
-    pytest.importorskip("papermill")
+    need("papermill")
     tmp_path = in_kernel_env
     executed = nbb.instructor_demo(tmp_path, world="toy")
     nb = nbformat.read(executed, as_version=4)

@@ -365,3 +365,30 @@ def test_graph_path_needs_every_link():
     cut = adj.clone()
     cut[3, 2] = 0.0
     assert not ground_truth.graph_has_path(result(cut), [1], {(1, 5, 7)}, 9)
+
+
+def test_every_shipped_planted_file_is_package_data():
+    """A wheel holds only what `package-data` names (and its globs skip dot files): every file of the shipped
+    world, the recipe's list of written files included, must match a pattern."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    import part3_attribution_graphs
+
+    root = Path(part3_attribution_graphs.__file__).parent
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["part3_attribution_graphs"]
+    shipped = [p.relative_to(root).as_posix() for p in (root / "worlds" / "planted_data").iterdir()]
+    assert ".written-by-train_planted.json" in {Path(p).name for p in shipped}
+    # fnmatch's * matches a leading dot, setuptools' glob does not: a pattern covers a dot file only by name.
+    missing = [
+        p
+        for p in shipped
+        if not any(
+            fnmatch.fnmatch(p, pat) and (not Path(p).name.startswith(".") or "*" not in pat)
+            for pat in patterns
+        )
+    ]
+    assert not missing, f"shipped but not in [tool.setuptools.package-data]: {missing}"

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import need
 
 from part3_attribution_graphs.attribution import attribute
 from part3_attribution_graphs.nodes import NodeType
@@ -56,10 +57,11 @@ def test_a_graph_fed_only_by_errors_has_replacement_score_zero(results):
     assert compute_graph_scores(dataclasses.replace(result, adjacency_matrix=A))["replacement_score"] == 0
 
 
+@pytest.mark.crosscheck
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("key", [(0, EVERY_LATENT), (START_POSN, EVERY_LATENT), (START_POSN, 5)])
 def test_scores_equal_circuit_tracers_on_the_same_graph(key, results, toy_world):
-    pytest.importorskip("circuit_tracer")
+    need("circuit_tracer")
     from circuit_tracer.graph import compute_graph_scores as ct_graph_scores
 
     from part3_attribution_graphs.tools.crosscheck import to_ct_graph
@@ -73,10 +75,11 @@ def test_scores_equal_circuit_tracers_on_the_same_graph(key, results, toy_world)
     assert ours["completeness_score"] == pytest.approx(completeness, rel=1e-5)
 
 
+@pytest.mark.crosscheck
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_scores_equal_circuit_tracers_on_its_own_graph(results, toy_world):
     """Without masking and with every latent, circuit-tracer's own graph is ours: so are its scores."""
-    pytest.importorskip("circuit_tracer")
+    need("circuit_tracer")
     from circuit_tracer.graph import compute_graph_scores as ct_graph_scores
 
     from part3_attribution_graphs.tools.crosscheck import ct_attribute, ct_replacement_model

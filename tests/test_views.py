@@ -11,6 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import pytest
 import torch
+from conftest import need
 from safetensors.torch import save_file
 
 from part3_attribution_graphs import utils
@@ -91,7 +92,7 @@ def n_nodes(result) -> int:
 
 
 def test_export_validates_against_schema(world, result, tmp_path):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need("jsonschema")
     schema = load_schema()
     jsonschema.Draft7Validator.check_schema(schema)
     model, tcs = world
@@ -537,8 +538,9 @@ def test_inspect_feature(world, example_data):
 # ------------------------------------------------------------------------------------------- circuit-tracer
 
 
+@pytest.mark.crosscheck
 def test_circuit_tracer_export_loads_back(world, result, example_data, tmp_path):
-    pytest.importorskip("circuit_tracer")
+    need("circuit_tracer")
     from circuit_tracer.frontend import feature_models, graph_models
     from circuit_tracer.frontend.local_server import serve
 
