@@ -203,7 +203,7 @@ def test_stale_temporaries_of_dead_writers_are_cleaned(tmp_path):
     assert all(p.exists() for p in live) and not any(p.exists() for p in stale)
 
 
-def test_concurrent_loads_build_the_entry_once(tmp_path, monkeypatch):
+def test_concurrent_loads_build_the_entry_once(tmp_path, monkeypatch, fake_gguf_package):
     """Two loads at once: one builds while the other waits for the lock, then reads what was built."""
     builds = []
 
