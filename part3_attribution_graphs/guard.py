@@ -243,7 +243,7 @@ def check_token_rows(model: Any, rows: object, name: str = "tokens") -> None:
     for k, ids in enumerate(table):
         bad = ((ids < 0) | (ids >= model.cfg.d_vocab)).nonzero()
         if len(bad):
-            at = tuple(int(i) for i in bad[0]) if len(table) == 1 else (k, int(bad[0, 0]))
+            at = tuple(int(i) for i in bad[0]) if ids.dim() == 2 else (k, int(bad[0, 0]))
             raise ValueError(
                 f"{name}{list(at)} = {int(ids[tuple(bad[0])])} is not a token id: ids run "
                 f"0..{model.cfg.d_vocab - 1} (d_vocab)."

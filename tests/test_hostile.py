@@ -1212,6 +1212,14 @@ def test_error_gemma270m_helpers_refuse_token_ids_past_the_vocabulary_and_mismat
     assert not any(tmp_path.iterdir())
 
 
+def test_error_collect_activations_names_the_row_and_place_of_a_bad_token_id(world):
+    from part3_attribution_graphs.tools.train_planted import collect_activations
+
+    model, _ = world
+    with pytest.raises(ValueError, match=rf"text\[1, 2\] = {model.cfg.d_vocab} is not a token id"):
+        collect_activations(model, [[2, 5], [2, 5, model.cfg.d_vocab]])
+
+
 @pytest.fixture
 def planted_left_clean(planted_world):
     """The planted model ends a case as it began: same parameters and buffers, no hooks."""
