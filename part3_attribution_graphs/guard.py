@@ -10,10 +10,13 @@ declared with `@guarded(...)`, which says what its arguments are; the guard then
   at once fails with "Already borrowed");
 - checks the model once per outermost call: not a `copy.deepcopy`, not loaded in `inference_mode`, and warns
   naming every hook already on it (they would run during the call and change what it computes);
-- checks a prompt's length against `n_ctx` before any forward pass (text and token ids), and that token ids
-  are whole numbers in the vocabulary: a longer input would make TransformerLens grow its rotary and mask
-  buffers for good. Buffers a call replaced anyway are put back: a failed call leaves the model bit-identical;
+- checks a prompt's length against `n_ctx` before any forward pass (text and token ids, one prompt or a
+  batch of them), and that token ids are whole numbers in the vocabulary: a longer input would make
+  TransformerLens grow its rotary and mask buffers for good. Buffers a call replaced anyway are put back: a
+  failed call leaves the model bit-identical;
 - checks transcoders: one per layer it names, reading and writing that layer's MLP, with finite weights;
+- lets an argument declared optional be None: then it is not checked, and a call without its model takes
+  no lock (the exports draw a result without one);
 - checks numbers strictly: counts and indices with `operator.index` (no `True` for 1, no `3.7` for 3), flags
   as real bools, layer lists as lists (not the string "12"), values finite and within the model's dtype;
 - checks a result against the model and transcoders it is used with (`check_result_fits`: names, shapes and
@@ -46,6 +49,7 @@ from torch import Tensor
 
 from .checks import (
     ExistingHooksWarning,
+    _as_transcoder_dict,
     as_count,
     check_context,
     check_some_transcoders,
@@ -69,6 +73,7 @@ __all__ = [
     "check_latent_nodes",
     "check_result_fits",
     "check_token_input",
+    "check_token_rows",
     "clean_run_state",
     "guarded",
     "model_session",
@@ -210,6 +215,39 @@ def check_token_input(model: Any, prompt_or_tokens: object, name: str = "prompt_
             f"{name}[{i}] = {int(ids[i])} is not a token id: ids run 0..{model.cfg.d_vocab - 1} (d_vocab)."
         )
     return ids.numel()
+
+
+def check_token_rows(model: Any, rows: object, name: str = "tokens") -> None:
+    """Check the token ids of several prompts before any forward pass: a 2-d integer tensor `(n_seq, seq)`
+    or a list of lists of ids, every row non-empty and within `n_ctx`, every id in the vocabulary."""
+    if isinstance(rows, Tensor):
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of token ids, got dtype {rows.dtype}.")
+        if rows.dim() != 2 or 0 in rows.shape:
+            raise ValueError(
+                f"{name} must be token ids of shape (n_seq, seq), one prompt per row, got shape "
+                f"{tuple(rows.shape)}."
+            )
+        table = [rows]
+    elif isinstance(rows, (list, tuple)) and rows and all(isinstance(r, (list, tuple)) and r for r in rows):
+        table = [
+            torch.tensor([as_count(f"{name}[{i}][{j}]", t, minimum=-(1 << 62)) for j, t in enumerate(row)])
+            for i, row in enumerate(rows)
+        ]
+    else:
+        raise TypeError(
+            f"{name} must be token ids of several prompts: a 2-d integer tensor (n_seq, seq) or a non-empty "
+            f"list of non-empty lists of ids, got {type(rows).__name__}."
+        )
+    check_context(model, max(t.shape[-1] for t in table), f"A row of {name}")
+    for k, ids in enumerate(table):
+        bad = ((ids < 0) | (ids >= model.cfg.d_vocab)).nonzero()
+        if len(bad):
+            at = tuple(int(i) for i in bad[0]) if ids.dim() == 2 else (k, int(bad[0, 0]))
+            raise ValueError(
+                f"{name}{list(at)} = {int(ids[tuple(bad[0])])} is not a token id: ids run "
+                f"0..{model.cfg.d_vocab - 1} (d_vocab)."
+            )
 
 
 def clean_run_state(run: Any) -> dict[str, dict[str, tuple]]:
@@ -508,12 +546,15 @@ class Spec:
     transcoders: str | None = None  # a {layer: transcoder} dict (any subset of layers)
     transcoder: str | None = None  # one transcoder
     tokens: str | None = None  # text or token ids of one prompt, within n_ctx
+    token_rows: str | None = None  # token ids of several prompts, each within n_ctx (`check_token_rows`)
     result: str | None = None  # an AttributionResult (checked against the model, when there is one)
     counts: Mapping[str, int] = field(default_factory=dict)  # name -> minimum (None allowed if the default)
     flags: tuple[str, ...] = ()  # True / False (None allowed if the default is None)
     layers: tuple[str, ...] = ()  # None or a list of layer numbers
     reals: tuple[str, ...] = ()  # finite numbers within the model's dtype
     check: Callable[[dict[str, Any]], None] | None = None  # the entry point's own extra checks
+    # Which of model, transcoders, transcoder, tokens, token_rows and result may be None (then unchecked).
+    optional: tuple[str, ...] = ()
 
 
 def _dtype_of(args: dict[str, Any], spec: Spec) -> torch.dtype:
@@ -529,8 +570,13 @@ def _dtype_of(args: dict[str, Any], spec: Spec) -> torch.dtype:
     return torch.float32
 
 
+def _given(spec: Spec, args: dict[str, Any], name: str | None) -> bool:
+    """Whether the argument `name` of the spec is there to check (named, and not an allowed None)."""
+    return name is not None and not (args[name] is None and name in spec.optional)
+
+
 def _check_arguments(spec: Spec, args: dict[str, Any], defaults: dict[str, Any]) -> None:
-    model = args.get(spec.model) if spec.model else None
+    model = args.get(spec.model) if _given(spec, args, spec.model) else None
     for name, minimum in spec.counts.items():
         if not (args[name] is None and defaults.get(name) is None):
             args[name] = as_count(name, args[name], minimum)
@@ -541,18 +587,27 @@ def _check_arguments(spec: Spec, args: dict[str, Any], defaults: dict[str, Any])
     dtype = _dtype_of(args, spec)
     for name in spec.reals:
         args[name] = as_real(name, args[name], dtype)
-    if spec.transcoders:
-        check_some_transcoders(model, args[spec.transcoders])
-    if spec.transcoder:
+    if _given(spec, args, spec.transcoders):
+        if model is None:  # without the model only their form can be checked
+            for key, tc in _as_transcoder_dict(args[spec.transcoders]).items():
+                if not (hasattr(getattr(tc, "cfg", None), "metadata") and hasattr(tc, "W_dec")):
+                    raise TypeError(
+                        f"transcoders[{key!r}] must be a transcoder (SAELens, with .cfg.metadata), got "
+                        f"{type(tc).__name__}."
+                    )
+        else:
+            check_some_transcoders(model, args[spec.transcoders])
+    if _given(spec, args, spec.transcoder):
         check_transcoder(model, args[spec.transcoder], name=spec.transcoder)
-    if spec.tokens:
+    if _given(spec, args, spec.tokens):
         args[f"_{spec.tokens}_length"] = check_token_input(model, args[spec.tokens], spec.tokens)
-    if spec.result:
+    if _given(spec, args, spec.token_rows):
+        check_token_rows(model, args[spec.token_rows], spec.token_rows)
+    if _given(spec, args, spec.result):
         _check_result_type(spec.result, args[spec.result])
         if model is not None:
-            check_result_fits(
-                args[spec.result], model, args.get(spec.transcoders) if spec.transcoders else None
-            )
+            transcoders = args[spec.transcoders] if _given(spec, args, spec.transcoders) else None
+            check_result_fits(args[spec.result], model, transcoders)
     if spec.check is not None:
         spec.check(args)
 
@@ -575,8 +630,9 @@ def guarded(**spec_fields: Any) -> Callable[[F], F]:
                 raise TypeError(f"{label}(): {err}") from None
             bound.apply_defaults()
             values = dict(bound.arguments)
-            model = values.get(spec.model) if spec.model else None
-            session = model_session(model, label, stacklevel=5) if spec.model else _no_session()
+            with_model = _given(spec, values, spec.model)
+            model = values[spec.model] if with_model else None
+            session = model_session(model, label, stacklevel=5) if with_model else _no_session()
             with session:
                 _check_arguments(spec, values, defaults)
                 for key in bound.arguments:

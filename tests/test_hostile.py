@@ -819,6 +819,7 @@ NO_MODEL_MODULES = {
     "staging": "moves files into a folder",
     "exercises": "the exercise catalogue: names and text",
     "tools.bench_dashboard": "times a page built from a synthetic result it makes itself",
+    "tools.case_study_table": "reads a notebook's outputs and edits the README",
     "tools.chromium": "drives a browser",
     "tools.gpu_bench": "runs tools.bench and edits the README table",
     "tools.jupyterlab_check": "checks a JupyterLab install",
@@ -874,6 +875,22 @@ NO_MODEL_FUNCTIONS = {
     "tools.train_planted.main": "command line",
     "views.case_study_figures.plot_path": "draws labels and numbers",
     "views.case_study_figures.plot_intervention_rates": "draws numbers",
+    "views.case_study_figures.plot_question_results": "draws numbers",
+    "case_study.enrichment": "arithmetic over graph scores",
+    "case_study.misleading_question": "picks a question from graph scores",
+    "case_study.subspace_site": "reads a site off the planted truth",
+    "explorer.figure_svg": "renders a figure",
+    "tools.ground_truth.sweep_figure": "draws numbers",
+    "worlds.offline_hub.OfflineHub.server_errors": "a test server's switch",
+    "worlds.offline_hub.OfflineHub.reset_mid_body": "a test server's switch",
+    # views/labels.py and views/suggestions.py: words and latent keys (the supernodes branch's files).
+    "views.labels.corpus_presence": "counts words of example data",
+    "views.labels.enriched_words": "words of example data",
+    "views.labels.latent_labels": "labels from example data",
+    "views.labels.derived_labels": "labels from example data",
+    "views.labels.peak_tokens": "tokens of example data",
+    "views.suggestions.suggested_groups": "groups latent keys",
+    "views.suggestions.recovered_groups": "compares groups of latent keys",
     "views.circuit_tracer_export.feature_json": "formats one feature's data",
     "views.dashboard.render_dashboard_html": "renders a dict",
     "views.dashboard.read_saved_state": "reads a JSON file",
@@ -937,6 +954,7 @@ NOT_ENTRY_POINTS = {
         "guard.check_latent_nodes",
         "guard.check_result_fits",
         "guard.check_token_input",
+        "guard.check_token_rows",
         "guard.clean_run_state",
         "guard.model_session",
         "checks.check_context",
@@ -1008,6 +1026,7 @@ NOT_ENTRY_POINTS = {
         "tools.crosscheck.to_ct_graph",
     },
     "training and fixture helpers on tensors they are handed by their own callers (no model runs)": {
+        "case_study.same_site_control",
         "tools.train_planted.train_transcoder",
         "worlds.synthetic.fit_affine_skip",
         "worlds.synthetic.set_transcoder_params",
@@ -1034,35 +1053,18 @@ NOT_ENTRY_POINTS = {
         "views.sliders.slider_graph",
         "views.sliders.float32_list",
         "views.examples.load_example_data_parallel",
+        "views.dashboard.panel_latents",
         "explorer.graph_counts",
     },
-    # A known gap (issue 27): these take a model and are not guarded yet. They live in files other branches
-    # are rewriting (worlds/planted.py: its own branch decorates them; views/*, worlds/*, the benchmark).
-    # The list only shrinks: guarding one fails the test below until it leaves the list.
-    "NOT YET GUARDED (known gap, other branches' files)": {
-        "views.circuit_tracer_export.export_circuit_tracer",
-        "views.dashboard.latent_logit_tables",
-        "views.dashboard.dashboard_data",
-        "views.dashboard.create_attribution_dashboard",
-        "views.examples.make_toy_example_data",
-        "views.examples.local_example_rows",
-        "views.neuronpedia.default_scan",
-        "views.neuronpedia.build_graph_json",
-        "views.neuronpedia.export_neuronpedia",
-        "views.suggestions.similar_latents",
-        "worlds.gemma270m.compare_with_transformers",
-        "worlds.gemma270m.fit_transcoders",
-        "worlds.gemma270m.mean_l0",
-        "worlds.gemma270m_scope.fit_report",
-        "worlds.gemma270m_scope.write_random_transcoders",
-        "worlds.offline_hub.write_gemmascope_layout",
-        "worlds.planted.planted_accuracy",
+    "predicates that read one attribute of what they are handed (no model runs, nothing to refuse)": {
         "worlds.planted.is_planted_model",
-        "worlds.planted.latent_activations",
-        "worlds.planted.land_latents",
-        "tools.ground_truth.measure",
-        "tools.ground_truth.graph_has_path",
-        "tools.train_planted.collect_activations",
+    },
+    "writers of the transcoders they are handed, for the offline hub's fixtures (no model runs)": {
+        "worlds.offline_hub.write_gemmascope_layout",
+    },
+    # views/suggestions.py is the supernodes branch's file; the lead merges both branches.
+    "guarded on the supernodes branch (its file)": {
+        "views.suggestions.similar_latents",
     },
 }
 
@@ -1139,3 +1141,117 @@ def test_every_public_entry_point_goes_through_the_guard(name, monkeypatch):
     ]
     with pytest.raises(_Entered):  # the guard runs before the body, whatever the arguments
         fn(*[object()] * len(params))
+
+
+# --- Issue 27: the views', worlds' and tools' entry points refuse bad input before they run --------------
+
+
+def test_error_the_dashboard_refuses_a_result_from_another_world(world, other_graph, tmp_path):
+    from part3_attribution_graphs.views.dashboard import create_attribution_dashboard
+
+    model, transcoders = world
+    out = tmp_path / "dashboard"
+    with pytest.raises(ValueError, match=r"made on another world than the model and transcoders given"):
+        create_attribution_dashboard(other_graph, model, transcoders, output_dir=out, display=False)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_error_the_dashboard_needs_the_model_with_the_transcoders(world, graph):
+    from part3_attribution_graphs.views.dashboard import dashboard_data
+
+    _, transcoders = world
+    with pytest.raises(ValueError, match=r"transcoders were given without the model.*Pass the model too"):
+        dashboard_data(graph, None, transcoders)
+
+
+def test_error_logit_tables_refuse_a_negative_count_and_a_latent_past_d_sae(world):
+    from part3_attribution_graphs.views.dashboard import latent_logit_tables
+
+    model, transcoders = world
+    with pytest.raises(ValueError, match=r"k must be at least 1, got -1"):
+        latent_logit_tables(model, transcoders, [(1, 5)], k=-1)
+    d_sae = transcoders[1].cfg.d_sae
+    with pytest.raises(ValueError, match=rf"latents\[0\] latent = {d_sae} is out of range"):
+        latent_logit_tables(model, transcoders, [(1, d_sae)])
+
+
+def test_error_the_neuronpedia_export_refuses_transcoders_of_another_world(world, graph, tmp_path):
+    from part3_attribution_graphs.views.neuronpedia import export_neuronpedia
+
+    model, _ = world
+    _, others = make_toy_world(
+        seed=1
+    )  # same shapes, other weights: only the result's record tells them apart
+    path = tmp_path / "graph.json"
+    with pytest.raises(ValueError, match=r"transcoder \d+'s weights differ"):
+        export_neuronpedia(graph, model, others, path=path)
+    assert not path.exists()
+
+
+def test_error_example_data_longer_than_the_context_is_refused_before_the_model_runs(world):
+    from part3_attribution_graphs.views.examples import make_toy_example_data
+
+    model, transcoders = world
+    # Unrefused, TransformerLens would grow the model's rotary buffers to 500 positions (the fixture sees it).
+    with pytest.raises(ValueError, match=r"seq_len has 500 tokens but the model's context holds n_ctx=128"):
+        make_toy_example_data(model, transcoders, n_sequences=2, seq_len=500)
+
+
+def test_error_gemma270m_helpers_refuse_token_ids_past_the_vocabulary_and_mismatched_shapes(world, tmp_path):
+    from part3_attribution_graphs.worlds.gemma270m import mean_l0
+    from part3_attribution_graphs.worlds.gemma270m_scope import fit_report, write_random_transcoders
+
+    model, transcoders = world
+    tokens = torch.tensor([[2, 5, 7], [2, model.cfg.d_vocab, 7]])
+    with pytest.raises(ValueError, match=rf"tokens\[1, 1\] = {model.cfg.d_vocab} is not a token id"):
+        mean_l0(model, transcoders, tokens)
+    with pytest.raises(ValueError, match=r"transcoders is empty"):
+        fit_report(model, {}, PROMPT)
+    with pytest.raises(ValueError, match=r"d_model = 32, but the model's is 64"):
+        write_random_transcoders(tmp_path, model, n_layers=2, d_model=32, d_sae=16)
+    assert not any(tmp_path.iterdir())
+
+
+def test_error_collect_activations_names_the_row_and_place_of_a_bad_token_id(world):
+    from part3_attribution_graphs.tools.train_planted import collect_activations
+
+    model, _ = world
+    with pytest.raises(ValueError, match=rf"text\[1, 2\] = {model.cfg.d_vocab} is not a token id"):
+        collect_activations(model, [[2, 5], [2, 5, model.cfg.d_vocab]])
+
+
+@pytest.fixture
+def planted_left_clean(planted_world):
+    """The planted model ends a case as it began: same parameters and buffers, no hooks."""
+    model, _ = planted_world
+    before = _state(model)
+    yield planted_world
+    now = _state(model)
+    assert now.keys() == before.keys()
+    assert all(torch.equal(now[k], before[k]) for k in before), "the planted model changed"
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, match",
+    [
+        ({"n_pairs": 0}, ValueError, r"n_pairs must be at least 1, got 0"),
+        ({"n_prompts": 2.5}, TypeError, r"n_prompts must be a whole number"),
+        ({"sweep": "no"}, TypeError, r"sweep must be True or False"),
+        ({"layers": [0]}, ValueError, r"transcoders must have one entry per layer 0\.\.3"),
+    ],
+)
+def test_error_ground_truth_measure_refuses_bad_arguments_before_it_runs(
+    planted_left_clean, monkeypatch, kwargs, kind, match
+):
+    from part3_attribution_graphs.tools import ground_truth
+
+    def ran(*args, **kwargs):
+        raise AssertionError("measure ran the model with a bad argument")
+
+    # measure's first step: reaching it means the argument was not refused (and would cost minutes).
+    monkeypatch.setattr(ground_truth.planted, "planted_accuracy", ran)
+    model, transcoders = planted_left_clean
+    layers = kwargs.pop("layers", sorted(transcoders))
+    with pytest.raises(kind, match=match):
+        ground_truth.measure(model, {layer: transcoders[layer] for layer in layers}, **kwargs)

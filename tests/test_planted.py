@@ -355,7 +355,10 @@ def test_graph_path_needs_every_link():
 
     def result(a):
         return SimpleNamespace(
-            kept_indices=torch.arange(4), pruned_matrix=a, graph=SimpleNamespace(nodes=nodes)
+            kept_indices=torch.arange(4),
+            pruned_matrix=a,
+            adjacency_matrix=a,
+            graph=SimpleNamespace(nodes=nodes),
         )
 
     assert ground_truth.graph_has_path(result(adj), [1], {(1, 5, 7)}, 9)

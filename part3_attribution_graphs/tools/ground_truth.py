@@ -47,6 +47,8 @@ import torch
 from ..arguments import whole_number
 from ..attribution import attribute
 from ..case_study import strongest_path
+from ..checks import check_transcoders
+from ..guard import guarded
 from ..interventions import intervene
 from ..nodes import NodeType
 from ..progress import tqdm
@@ -60,6 +62,7 @@ SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # max_out values of the threshold
 KINDS = ("planted", "random", "whole site")
 
 
+@guarded(result="result", counts={"target_token": 0})
 def graph_has_path(result, sources: Iterable[int], via: set[tuple[int, int, int]], target_token: int) -> bool:
     """Whether the pruned graph has a path from an embedding at one of `sources` (positions) through a kept
     latent in `via` ((layer, position, latent)) to the logit of `target_token`."""
@@ -140,6 +143,19 @@ def _at_site(found: dict[str, LatentSet], site: tuple[int, int]) -> dict[str, La
     return {land: [x for x in v if (x[0], x[1]) == site] for land, v in found.items()}
 
 
+def _planted_args(a: dict) -> None:
+    if not planted.is_planted_model(a["model"]):
+        raise ValueError(
+            "The ground truth is the planted world's facts, but the model is another world's: pass the model "
+            "and transcoders of load_planted_world()."
+        )
+
+
+# Each row of the table measures the planted world: its model (and transcoders) are checked as measure's.
+_ROW = dict(model="model", counts={"seed": 0}, check=_planted_args)
+
+
+@guarded(**_ROW, transcoders="transcoders")
 def intervention_rates(
     model, transcoders, facts, idx: list[int], pairs: list[tuple[int, int]], found, modes=MODES, seed: int = 0
 ) -> dict[str, tuple[float, int]]:
@@ -185,6 +201,7 @@ def intervention_rates(
     return {k: _rate(v) for k, v in tally.items()}
 
 
+@guarded(**_ROW)
 @torch.no_grad()
 def subspace_swaps(model, facts, pairs: list[tuple[int, int]], seed: int = 0) -> dict[str, tuple[float, int]]:
     """The model's own land variable, no dictionary: at the planted site, MLP 0's output projected on the span
@@ -218,6 +235,7 @@ def subspace_swaps(model, facts, pairs: list[tuple[int, int]], seed: int = 0) ->
     return {k: _rate(v) for k, v in tally.items()}
 
 
+@guarded(model="model", transcoders="transcoders", check=_planted_args)
 def graph_scores(model, transcoders, facts, idx: list[int], found) -> dict[str, tuple[float, int]]:
     """The default graph of each question against the truth: precision, base rate, enrichment, recall and the
     strongest path (see the module docstring)."""
@@ -262,6 +280,7 @@ def graph_scores(model, transcoders, facts, idx: list[int], found) -> dict[str, 
     }
 
 
+@guarded(**_ROW, transcoders="transcoders")
 def threshold_sweep(
     model, transcoders, facts, idx: list[int], pairs, values=SWEEP, seed: int = 0
 ) -> dict[float, dict[str, tuple[float, int]]]:
@@ -300,6 +319,7 @@ def sweep_figure(sweep: dict[float, dict[str, tuple[float, int]]]):
     return fig
 
 
+@guarded(model="model", transcoders="transcoders", check=_planted_args)
 def opposite_rates(model, transcoders) -> dict[str, tuple[float, int]]:
     """Opposite latents at the last position (fixed rule) and their ablation on the held-out template."""
     train = planted.planted_facts(split="train")
@@ -327,6 +347,7 @@ def opposite_rates(model, transcoders) -> dict[str, tuple[float, int]]:
     return {"latents": (len(found), 1), **{k: _rate(v) for k, v in tally.items()}}
 
 
+@guarded(model="model", check=_planted_args)
 @torch.no_grad()
 def copy_swaps(model) -> dict[str, tuple[float, int]]:
     """Held-out copy prompts: the name's value vectors (every layer, at its position) set to another
@@ -352,6 +373,18 @@ def copy_swaps(model) -> dict[str, tuple[float, int]]:
     return {"answers the other name": _rate(other), "keeps its own": _rate(own)}
 
 
+def _measure_args(a: dict) -> None:
+    _planted_args(a)
+    # Graphs are attributed over every layer: a partial dict would fail only after the interventions ran.
+    check_transcoders(a["model"], a["transcoders"])
+
+
+@guarded(
+    model="model",
+    counts={"n_pairs": 1, "n_graphs": 1, "seed": 0, "n_prompts": 1},
+    flags=("sweep",),
+    check=_measure_args,
+)
 def measure(
     model,
     transcoders,

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..arguments import real, whole_number
+from ..guard import guarded
 from ..progress import tqdm
 from ..staging import OutputError, OutputFolder
 from ..worlds import planted
@@ -435,6 +436,12 @@ def train_transcoder(
     return final, stats
 
 
+def _text_args(a: dict) -> None:
+    if not isinstance(a["text"], list):
+        raise TypeError(f"text must be a list of token id lists (corpus()), got {type(a['text']).__name__}.")
+
+
+@guarded(model="model", token_rows="text", check=_text_args)
 @torch.no_grad()
 def collect_activations(model, text: list[list[int]]) -> dict[int, tuple[Tensor, Tensor]]:
     """`{layer: (MLP inputs, MLP outputs)}` at every non-padding position after `<bos>`."""

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..guard import guarded
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
 from .neuronpedia import build_graph_json, cantor_pair, kept_nodes, node_kind
@@ -93,6 +94,7 @@ def _merge_metadata(folder: Path, metadata: dict) -> None:
     path.write_text(json.dumps(index, indent=2, ensure_ascii=False))
 
 
+@guarded(result="result", model="model", transcoders="transcoders", optional=("model", "transcoders"))
 def export_circuit_tracer(
     result: AttributionResult,
     path: str | Path,

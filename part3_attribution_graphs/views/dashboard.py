@@ -26,13 +26,15 @@ import html
 import json
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..checks import as_count
+from ..guard import as_index, as_real, guarded
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
 from .labels import derived_labels, peak_tokens
@@ -73,6 +75,27 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{float(x):.{digits}g}")
 
 
+def _tables_args(a: dict) -> None:
+    latents, transcoders = a["latents"], a["transcoders"]
+    if isinstance(latents, (str, bytes, Mapping)) or not isinstance(latents, Iterable):
+        raise TypeError(f"latents must be a list of (layer, latent) pairs, got {type(latents).__name__}.")
+    checked = []
+    for i, item in enumerate(latents):
+        if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 2:
+            raise ValueError(f"latents[{i}] = {item!r}: each entry is a (layer, latent) pair.")
+        layer = as_count(f"latents[{i}] layer", item[0])
+        if layer not in transcoders:
+            raise ValueError(
+                f"latents[{i}]: there is no transcoder at layer {layer}; the transcoders cover layers "
+                f"{sorted(transcoders)}."
+            )
+        d_sae = transcoders[layer].cfg.d_sae
+        what = f"layer {layer}'s transcoder has {d_sae} latents"
+        checked.append((layer, as_index(f"latents[{i}] latent", item[1], d_sae, what)))
+    a["latents"] = checked  # read once: a generator is not consumed twice
+
+
+@guarded(model="model", transcoders="transcoders", counts={"k": 1, "bins": 1}, check=_tables_args)
 @torch.no_grad()
 def latent_logit_tables(
     model: HookedSAETransformer,
@@ -184,6 +207,40 @@ def derived_label(panel: dict) -> str:
     return ""
 
 
+def _dashboard_args(a: dict) -> None:
+    if a["transcoders"] is not None and a["model"] is None:
+        raise ValueError(
+            "transcoders were given without the model: the latents' logit tables need its W_U. Pass the "
+            "model too, or leave transcoders out (the page then shows no logit tables)."
+        )
+    interventions = a["interventions"]
+    if interventions is None:
+        return
+    if not isinstance(interventions, Mapping):
+        raise TypeError(
+            "interventions must be a dict {node index: (predicted, measured)}, got "
+            f"{type(interventions).__name__}."
+        )
+    checked = {}
+    for idx, change in interventions.items():
+        where = f"interventions[{idx!r}]"
+        index = as_count(f"{where}'s node index", idx)
+        if isinstance(change, (str, bytes)) or not hasattr(change, "__len__") or len(change) != 2:
+            raise ValueError(f"{where} = {change!r}: each value is a (predicted, measured) pair of numbers.")
+        checked[index] = (as_real(f"{where} predicted", change[0]), as_real(f"{where} measured", change[1]))
+    a["interventions"] = checked
+
+
+_DASHBOARD = dict(
+    result="result",
+    model="model",
+    transcoders="transcoders",
+    optional=("model", "transcoders"),
+    check=_dashboard_args,
+)
+
+
+@guarded(**_DASHBOARD, counts={"n_examples": 0})
 def dashboard_data(
     result: AttributionResult,
     model: HookedSAETransformer | None,
@@ -447,6 +504,7 @@ def _show_inline(page: str, index: Path) -> None:
     display(DashboardFrame(page, index))
 
 
+@guarded(**_DASHBOARD, flags=("display",))
 def create_attribution_dashboard(
     result: AttributionResult,
     model: HookedSAETransformer | None,

@@ -32,7 +32,7 @@ Every failure is a `HubUnreachableError` whose `kind` says what went wrong (see 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +42,8 @@ from huggingface_hub import hf_hub_download
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..checks import as_count, check_context
+from ..guard import as_indices, guarded
 from ..progress import tqdm
 from ..worlds.hub import (
     HubUnreachableError,
@@ -406,6 +408,41 @@ def _logit_tables(W_dec: Tensor, W_U: Tensor, rows: Tensor, n_top: int) -> tuple
     )
 
 
+def _example_args(a: dict) -> None:
+    """The latents asked for exist in their layer's transcoder; a random corpus fits in the context."""
+    model, transcoders, features = a["model"], a["transcoders"], a["features_by_layer"]
+    if not transcoders:
+        raise ValueError("transcoders is empty: pass the world's {layer: transcoder} dict.")
+    if a.get("tokens") is None:
+        check_context(model, a["seq_len"], "seq_len", hint="Pass a smaller seq_len")
+    elif not isinstance(a["tokens"], Tensor):
+        raise TypeError(
+            f"tokens must be a 2-d tensor of token ids (n_seq, seq), got {type(a['tokens']).__name__}."
+        )
+    if features is None:
+        return
+    if not isinstance(features, Mapping):
+        raise TypeError(
+            "features_by_layer must be a dict {layer: latent indices} (e.g. features_in_graph(result)), got "
+            f"{type(features).__name__}."
+        )
+    checked = {}
+    for key, latents in features.items():
+        layer = as_count(f"features_by_layer key {key!r}", key)
+        if layer in transcoders:  # other layers are left out, as documented
+            d_sae = transcoders[layer].cfg.d_sae
+            latents = sorted(latents) if isinstance(latents, (set, frozenset)) else latents
+            what = f"layer {layer}'s transcoder has {d_sae} latents"
+            latents = as_indices(f"features_by_layer[{layer}]", latents, d_sae, what)
+        checked[layer] = latents
+    a["features_by_layer"] = checked
+
+
+# Counts of the corpus: `seq_len` holds `<bos>` and at least one token.
+_CORPUS = {"n_sequences": 1, "seq_len": 2, "n_examples": 1, "seed": 0, "batch_size": 1}
+
+
+@guarded(model="model", transcoders="transcoders", counts=_CORPUS, check=_example_args)
 @torch.no_grad()
 def local_example_rows(
     model,
@@ -470,6 +507,14 @@ def features_in_graph(result) -> dict[int, list[int]]:
     return {layer: sorted(f) for layer, f in sorted(out.items())}
 
 
+@guarded(
+    model="model",
+    transcoders="transcoders",
+    token_rows="tokens",
+    optional=("tokens",),
+    counts=_CORPUS,
+    check=_example_args,
+)
 @torch.no_grad()
 def make_toy_example_data(
     model,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..guard import guarded
 from ..nodes import NodeInfo
 from ..result import AttributionResult
 
@@ -194,6 +195,11 @@ def pruned_edges(result: AttributionResult) -> list[tuple[int, int, float]]:
     return list(zip(sources.tolist(), targets.tolist(), weights))
 
 
+# Without the model an export draws the graph and names no latent; transcoders alone only name the scan.
+_OPTIONAL_WORLD = dict(model="model", transcoders="transcoders", optional=("model", "transcoders"))
+
+
+@guarded(**_OPTIONAL_WORLD)
 def default_scan(model: HookedSAETransformer | None = None, transcoders: dict | None = None) -> str:
     """The model id Neuronpedia files a graph under: the model's name, else the transcoders' model name."""
     name = getattr(getattr(model, "cfg", None), "model_name", None)
@@ -224,6 +230,7 @@ def _round(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
+@guarded(result="result", **_OPTIONAL_WORLD)
 def build_graph_json(
     result: AttributionResult,
     model: HookedSAETransformer | None = None,
@@ -372,6 +379,7 @@ def _version() -> str:
     return __version__
 
 
+@guarded(result="result", **_OPTIONAL_WORLD)
 def export_neuronpedia(
     result: AttributionResult,
     model: HookedSAETransformer | None = None,

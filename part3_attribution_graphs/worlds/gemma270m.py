@@ -67,6 +67,8 @@ from transformer_lens import HookedTransformerConfig
 from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from part3_attribution_graphs.checks import check_transcoders
+from part3_attribution_graphs.guard import guarded
 from part3_attribution_graphs.worlds.gguf_tokenizer import build_gemma3_tokenizer, wrap_gemma3_tokenizer
 from part3_attribution_graphs.worlds.synthetic import new_skip_transcoder, set_transcoder_params
 
@@ -310,6 +312,34 @@ def _fit_one(
     )
 
 
+def _rows_args(a: dict) -> None:
+    tokens = a["tokens"]
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(
+            f"tokens must be a 2-d tensor of token ids (n_seq, seq), e.g. calibration_tokens(model), got "
+            f"{type(tokens).__name__}."
+        )
+    if tokens.shape[1] < 2:
+        raise ValueError(
+            f"tokens has rows of {tokens.shape[1]} token: each needs <bos> and at least one more (the <bos> "
+            "position is left out)."
+        )
+
+
+def _fit_args(a: dict) -> None:
+    _rows_args(a)
+    if a["target_l0"] <= 0:
+        raise ValueError(
+            f"target_l0 is the number of latents active per token; set it above 0, not {a['target_l0']}."
+        )
+
+
+def _l0_args(a: dict) -> None:
+    check_transcoders(a["model"], a["transcoders"])  # L0 is measured at every layer
+    _rows_args(a)
+
+
+@guarded(model="model", token_rows="tokens", reals=("target_l0",), check=_fit_args)
 def fit_transcoders(
     model: HookedSAETransformer, tokens: torch.Tensor, target_l0: float = TARGET_L0
 ) -> dict[int, JumpReLUSkipTranscoder]:
@@ -321,6 +351,7 @@ def fit_transcoders(
     }
 
 
+@guarded(model="model", token_rows="tokens", check=_l0_args)
 @torch.no_grad()
 def mean_l0(
     model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], tokens: torch.Tensor
@@ -612,6 +643,19 @@ def load_gemma3_270m_offline(
     return model, transcoders
 
 
+def _compare_args(a: dict) -> None:
+    if not isinstance(a["prompt"], str):
+        raise TypeError(f"prompt must be text (both tokenizers read it), got {type(a['prompt']).__name__}.")
+    if not isinstance(a["hf_model"], torch.nn.Module):
+        raise TypeError(
+            "hf_model must be a transformers model (load_hf_gemma3_270m), got "
+            f"{type(a['hf_model']).__name__}."
+        )
+    if not callable(a["tokenizer"]):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(a['tokenizer']).__name__}.")
+
+
+@guarded(model="model", tokens="prompt", check=_compare_args)
 @torch.no_grad()
 def compare_with_transformers(
     model: HookedSAETransformer, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str

@@ -35,6 +35,7 @@ import torch
 from sae_lens import HookedSAETransformer, JumpReLUSkipTranscoder
 from safetensors.torch import save_file
 
+from ..guard import guarded
 from .gemma import format_prompt, load_saes_parallel, transcoder_ids
 from .hub import check_hub, hub_cache_dir, hub_offline
 
@@ -90,6 +91,12 @@ def transcoders_cached() -> bool:
     )
 
 
+def _report_args(a: dict) -> None:
+    if not a["transcoders"]:
+        raise ValueError("transcoders is empty: pass the {layer: transcoder} dict to report on.")
+
+
+@guarded(model="model", transcoders="transcoders", tokens="prompt", check=_report_args)
 @torch.no_grad()
 def fit_report(
     model: HookedSAETransformer, transcoders: dict[int, JumpReLUSkipTranscoder], prompt: str = LESSON_PROMPT
@@ -161,6 +168,30 @@ def load_gemma270m_scope_world(
     return model, transcoders
 
 
+def _random_args(a: dict) -> None:
+    if not isinstance(a["root"], (str, Path)):
+        raise TypeError(f"root must be a folder (str or Path), got {type(a['root']).__name__}.")
+    if a["target_l0"] > a["d_sae"]:
+        raise ValueError(f"target_l0 = {a['target_l0']} latents per token is more than d_sae = {a['d_sae']}.")
+    model = a["model"]
+    if model is None:
+        return
+    if a["n_layers"] > model.cfg.n_layers:
+        raise ValueError(
+            f"n_layers = {a['n_layers']}, but the model has {model.cfg.n_layers} layers to read inputs from."
+        )
+    if a["d_model"] != model.cfg.d_model:
+        raise ValueError(
+            f"d_model = {a['d_model']}, but the model's is {model.cfg.d_model}: its inputs would not fit."
+        )
+
+
+@guarded(
+    model="model",
+    optional=("model",),
+    counts={"n_layers": 1, "d_model": 1, "d_sae": 1, "target_l0": 1, "seed": 0},
+    check=_random_args,
+)
 @torch.no_grad()
 def write_random_transcoders(
     root: str | Path,
