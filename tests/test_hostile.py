@@ -715,9 +715,12 @@ def test_correct_the_autograder_restores_global_torch_state(capsys):
         torch.set_default_dtype(torch.float64)
         torch.set_grad_enabled(False)
         torch.use_deterministic_algorithms(True)
-        torch.set_float32_matmul_precision("medium")
         torch.manual_seed(1234)
-        return solutions.compute_influence(*args, **kwargs)
+        answer = solutions.compute_influence(*args, **kwargs)
+        # Set after the work: "medium" lets a CPU with bfloat16 units (AMX) round float32 matmuls to bfloat16,
+        # which would make this answer wrong (1e-3 off) rather than careless.
+        torch.set_float32_matmul_precision("medium")
+        return answer
 
     try:
         autograder.test_compute_influence(compute_influence)
