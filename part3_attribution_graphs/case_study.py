@@ -331,6 +331,5 @@ def subspace_swap(
 # (strongest_path and path_shares read a pruned matrix only, and are graded on hand-made stand-ins.)
 firing_rates = guarded(model="model", transcoders="transcoders")(firing_rates)
 swap_group = guarded(model="model", transcoders="transcoders")(swap_group)
-score_graph = guarded(result="result")(score_graph)
 group_subspace = guarded(model="model", counts={"layer": 0, "position": 0})(group_subspace)
 subspace_swap = guarded(model="model", counts={"layer": 0, "position": 0})(subspace_swap)

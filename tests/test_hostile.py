@@ -1002,6 +1002,7 @@ NOT_ENTRY_POINTS = {
     "exercise references that read a pruned matrix only (no model runs), graded on hand-made stand-ins": {
         "case_study.strongest_path",
         "case_study.path_shares",
+        "case_study.score_graph",  # not an exercise: reads a result's nodes and kept indices, tested the same way
     },
     "graders: they take the learner's function and run the (guarded) references": {
         f"tests.{name}.test_{name}"
