@@ -6,10 +6,10 @@ contexts: the land latents of Caldor all fire on Heddle, Inkle and Tansy whereve
 But latents are polysemantic, and the other contexts they record (".", "opposite", "What") are shared
 by latents of every land: on the planted world an unweighted overlap recovers at most 5 of its 8 lands
 from all its land latents (at any threshold from 0.1 to 0.5), and the decoder cosine (0.5-0.7 between
-latents of different lands) joins them. So each context is weighted by how rare it is among the recorded examples: `1 / n`, where `n` is
-the number of latents that record it, over all the example data given (every layer sharing the corpus;
-on a subset load, the loaded latents only). The score of a pair is the weighted Jaccard overlap of
-their contexts,
+latents of different lands) joins them. So each context is weighted by how rare it is among the
+recorded examples: `1 / n`, where `n` is the number of latents that record it, over all the example
+data given (every layer sharing the corpus; on a subset load, the loaded latents only). The score of a
+pair is the weighted Jaccard overlap of their contexts,
 
     shared(a, b) = w(C_a & C_b) / w(C_a | C_b),   w(S) = sum over contexts c in S of 1 / n_c,
 
@@ -26,7 +26,6 @@ same in Python); `recovered_groups` scores suggestions against known groups (the
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -86,16 +85,14 @@ def _contexts_of_rows(data: dict, offset: int) -> Int[Tensor, "n_latents n_examp
 
 def _recorded_contexts(
     example_data_by_layer: Mapping[int, dict], latents: Iterable[Latent]
-) -> tuple[dict[Latent, Int[Tensor, " n"]], Counter]:
-    """`({(layer, latent): its recorded context ids}, {context id: latents recording it})`: the first for the
-    given latents that have examples, the second counted over every latent the example data records."""
+) -> tuple[dict[Latent, Int[Tensor, " n"]], tuple[Int[Tensor, " m"], Int[Tensor, " m"]]]:
+    """`({(layer, latent): its recorded context ids}, (context ids, latents recording each))`: the first
+    for the given latents that have examples, the second (ids sorted) over every latent the example data
+    records."""
     offsets = _corpus_ids(example_data_by_layer)
-    counts: Counter = Counter()
-    rows: dict[int, Tensor] = {}
-    for layer, data in example_data_by_layer.items():
-        rows[layer] = ids = _contexts_of_rows(data, offsets[layer])
-        values, n = torch.unique(ids[ids >= 0], return_counts=True)
-        counts.update(dict(zip(values.tolist(), n.tolist())))
+    rows = {layer: _contexts_of_rows(data, offsets[layer]) for layer, data in example_data_by_layer.items()}
+    every = torch.cat([ids[ids >= 0] for ids in rows.values()]) if rows else torch.zeros(0, dtype=torch.long)
+    counts = torch.unique(every, return_counts=True)
     out = {}
     for layer, f in latents:
         if layer not in rows:
@@ -109,22 +106,23 @@ def _recorded_contexts(
 
 
 def _shared_contexts(
-    contexts: Mapping[Latent, Int[Tensor, " n"]], counts: Mapping[int, int]
+    contexts: Mapping[Latent, Int[Tensor, " n"]], counts: tuple[Int[Tensor, " m"], Int[Tensor, " m"]]
 ) -> tuple[list[Latent], Float[Tensor, "k k"]]:
     """`(keys, shared)`: the weighted Jaccard overlap of every pair of the latents' contexts (the module
-    docstring's `shared`), computed as one sparse product."""
+    docstring's `shared`), as a sparse product, 256 latents at a time."""
     keys = sorted(contexts)
     if not keys:
         return keys, torch.zeros(0, 0)
     every = torch.cat([contexts[k] for k in keys])
     columns, where = torch.unique(every, return_inverse=True)
-    weight = 1.0 / torch.tensor([counts[c] for c in columns.tolist()], dtype=torch.float64)
+    ids, n = counts
+    weight = 1.0 / n[torch.searchsorted(ids, columns)].double()  # each context is among `ids`
     row = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(contexts[k]) for k in keys]))
     weighted = torch.sparse_coo_tensor(
         torch.stack([row, where]), weight[where], (len(keys), len(columns)), check_invariants=True
     ).coalesce()
     both = torch.zeros(len(keys), len(keys), dtype=torch.float64)  # w(C_a & C_b)
-    for lo in range(0, len(keys), 256):  # the other side dense, 256 latents at a time: (contexts, 256)
+    for lo in range(0, len(keys), 256):  # the other side dense: (contexts, 256)
         part = (row >= lo) & (row < lo + 256)
         ones = torch.zeros(len(columns), min(256, len(keys) - lo), dtype=torch.float64)
         ones[where[part], row[part] - lo] = 1.0
