@@ -689,7 +689,8 @@ def test_explorer_adds_a_prompt_without_flicker(world, result):
 def test_similar_latents_by_shared_rare_contexts_and_by_decoder_without_examples():
     """Latents that fire on the same rare contexts are offered; contexts that many latents record count
     little, so two latents that share only those are not (an unweighted overlap would join them); latents
-    without examples are compared by their decoders."""
+    of a layer without example data are compared by their decoders, and one that recorded no example
+    (it never fired on the corpus) is in no pair, whatever its decoder."""
     from types import SimpleNamespace
 
     from part3_attribution_graphs.views.suggestions import similar_latents
@@ -698,7 +699,7 @@ def test_similar_latents_by_shared_rare_contexts_and_by_decoder_without_examples
     own = {0: common + [(0, 2), (1, 2), (4, 4)], 1: common + [(0, 2), (1, 2)]}  # (0, 2), (1, 2): weight 1/2
     own |= {2: common + [(2, 3), (3, 3)], 3: common + [(2, 3), (3, 3)]}
     own |= {k: common for k in range(4, 10)}
-    acts, seq, pos = torch.zeros(10, 9), torch.full((10, 9), -1), torch.full((10, 9), -1)
+    acts, seq, pos = torch.zeros(11, 9), torch.full((11, 9), -1), torch.full((11, 9), -1)  # 10: none
     for k, where in own.items():
         acts[k, : len(where)] = torch.linspace(2, 1, len(where))
         seq[k, : len(where)] = torch.tensor([s for s, _ in where])
@@ -706,8 +707,8 @@ def test_similar_latents_by_shared_rare_contexts_and_by_decoder_without_examples
     corpus = torch.ones(6, 5, dtype=torch.int)
     examples = {1: {"activations": acts, "seq_ids": seq, "positions": pos, "tokens": corpus}}
     W0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]])
-    tcs = {0: SimpleNamespace(W_dec=W0), 1: SimpleNamespace(W_dec=torch.tensor([[0.0, 0.0, 1.0]] * 10))}
-    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)], tcs, examples)
+    tcs = {0: SimpleNamespace(W_dec=W0), 1: SimpleNamespace(W_dec=torch.tensor([[0.0, 0.0, 1.0]] * 11))}
+    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (1, 10)], tcs, examples)
     assert [(a, b, why) for a, b, _, why in pairs] == [
         ((0, 0), (0, 1), "decoder"),  # layer 0 has no examples
         ((1, 0), (1, 1), "contexts"),
