@@ -8,8 +8,9 @@ by latents of every land: on the planted world an unweighted overlap recovers at
 from all its land latents (at any threshold from 0.1 to 0.5), and the decoder cosine (0.5-0.7 between
 latents of different lands) joins them. So each context is weighted by how rare it is among the
 recorded examples: `1 / n`, where `n` is the number of latents that record it, over all the example
-data given (every layer sharing the corpus; on a subset load, the loaded latents only). The score of a
-pair is the weighted Jaccard overlap of their contexts,
+data given (a context is the same sequence and position in any layer's data, also where each layer holds
+its own subset of the corpus; on a subset load only the loaded latents count). The score of a pair is
+the weighted Jaccard overlap of their contexts,
 
     shared(a, b) = w(C_a & C_b) / w(C_a | C_b),   w(S) = sum over contexts c in S of 1 / n_c,
 
@@ -55,32 +56,29 @@ MIN_COVERAGE = 0.5  # ... and that holds at least this share of its latents (and
 Latent = tuple[int, int]  # (layer, latent)
 
 
-def _corpus_ids(example_data_by_layer: Mapping[int, dict]) -> dict[int, int]:
-    """`{layer: offset}` so that `offset + seq * seq_len + pos` names one context: layers whose example data
-    holds the same corpus share an offset (their contexts are the same text); other corpora get their own."""
-    offsets: dict[int, int] = {}
-    corpora: list[tuple[Tensor, int]] = []
-    end = 0
-    for layer in sorted(example_data_by_layer):
-        tokens = example_data_by_layer[layer]["tokens"]
-        for seen, offset in corpora:
-            if seen.shape == tokens.shape and torch.equal(seen, tokens):
-                offsets[layer] = offset
-                break
-        else:
-            offsets[layer] = end
-            corpora.append((tokens, end))
-            end += tokens.numel()
-    return offsets
+def _row_ids(example_data_by_layer: Mapping[int, dict]) -> tuple[dict[int, Int[Tensor, " n_seq"]], int]:
+    """`({layer: an id per corpus row}, width)`: rows with the same tokens get the same id in every layer, so
+    that `row_id * width + pos` names one context across layers even where each layer's data holds its own
+    subset of the corpus (a subset load of hub example data)."""
+    corpora = {layer: data["tokens"].long() for layer, data in example_data_by_layer.items()}
+    width = max((t.shape[1] for t in corpora.values()), default=1)
+    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in corpora.values()]
+    if not padded or not sum(len(t) for t in padded):
+        return {layer: torch.zeros(len(t), dtype=torch.long) for layer, t in corpora.items()}, width
+    _, ids = torch.unique(torch.cat(padded), dim=0, return_inverse=True)
+    return dict(zip(corpora, ids.split([len(t) for t in padded]))), width
 
 
-def _contexts_of_rows(data: dict, offset: int) -> Int[Tensor, "n_latents n_examples"]:
+def _contexts_of_rows(
+    data: dict, row_ids: Int[Tensor, " n_seq"], width: int
+) -> Int[Tensor, "n_latents n_examples"]:
     """Context ids of every recorded example of every row of one layer's data; -1 where none is recorded."""
     corpus = data["tokens"]
     seq, pos = data["seq_ids"].long(), data["positions"].long()
     valid = (data["activations"] > 0) & (seq >= 0) & (seq < corpus.shape[0])
     valid &= (pos >= 0) & (pos < corpus.shape[1])
-    return torch.where(valid, offset + seq * corpus.shape[1] + pos, -1)
+    rows = row_ids[seq.clamp(0, max(len(row_ids) - 1, 0))] if len(row_ids) else seq
+    return torch.where(valid, rows * width + pos, -1)
 
 
 def _recorded_contexts(
@@ -89,8 +87,8 @@ def _recorded_contexts(
     """`({(layer, latent): its recorded context ids}, (context ids, latents recording each))`: the first
     for the given latents that have examples, the second (ids sorted) over every latent the example data
     records."""
-    offsets = _corpus_ids(example_data_by_layer)
-    rows = {layer: _contexts_of_rows(data, offsets[layer]) for layer, data in example_data_by_layer.items()}
+    row_ids, width = _row_ids(example_data_by_layer)
+    rows = {layer: _contexts_of_rows(d, row_ids[layer], width) for layer, d in example_data_by_layer.items()}
     every = torch.cat([ids[ids >= 0] for ids in rows.values()]) if rows else torch.zeros(0, dtype=torch.long)
     counts = torch.unique(every, return_counts=True)
     out = {}
