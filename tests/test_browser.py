@@ -1365,3 +1365,36 @@ def test_explorer_shows_a_picture_of_its_graph_where_the_widget_cannot_run(page,
             shot(cdp, f"explorer-{case}.png")
     assert_clean(cdp)
     assert "re-run the cell" in repr(explorer.widget)  # the widget's plain-text form says what to do
+
+
+def test_supernode_suggestions_on_the_planted_graph_are_pythons_and_group_the_lands_latents(
+    page, planted_world, tmp_path
+):
+    """With example data, the page's suggestions among the drawn latents are `suggested_groups` of
+    `similar_latents` (the pairs the page ships), and on `make graph`'s question (a Caldor town) the land
+    latents drawn at the planted site are one suggestion, with no other latent."""
+    from part3_attribution_graphs.__main__ import DEFAULT_PROMPTS
+    from part3_attribution_graphs.views.examples import features_in_graph
+    from part3_attribution_graphs.views.suggestions import similar_latents, suggested_groups
+    from part3_attribution_graphs.worlds.planted import LAND_SITE, land_latents
+
+    model, tcs = planted_world
+    result = attribute(model, tcs, format_prompt(*DEFAULT_PROMPTS["planted"]), batch_size=64)
+    examples = utils.make_toy_example_data(model, tcs, features_by_layer=features_in_graph(result))
+    create_attribution_dashboard(
+        result, model, tcs, example_data_by_layer=examples, output_dir=tmp_path, display=False
+    )
+    cdp = page
+    open_fresh(cdp, (tmp_path / "index.html").resolve().as_uri(), 1400)
+    nodes = cdp.evaluate("window.dashboard.data.nodes")
+    drawn = {i: tuple(map(int, n["key"].split("_"))) for i, n in enumerate(nodes) if n["type"] == "latent"}
+    cdp.evaluate("document.getElementById('suggest-btn').click()")
+    got = [{drawn[i] for i in g["members"]} for g in cdp.evaluate("window.dashboard.suggest()")]
+    keys = sorted(set(drawn.values()))
+    groups = suggested_groups(keys, similar_latents(keys, tcs, examples))
+    at_many = {k for k in keys if list(drawn.values()).count(k) > 1}  # one latent at several positions
+    assert sorted(map(sorted, got)) == sorted(sorted(g) for g in groups if len(g) > 1 or g & at_many)
+    caldor = {(y, k) for y, p, k in land_latents(model, tcs)["Caldor"] if (y, p) == LAND_SITE}
+    assert len(caldor & set(keys)) >= 2 and (caldor & set(keys)) in got
+    cdp.evaluate("window.dashboard.forget()")
+    assert_clean(cdp)

@@ -860,6 +860,14 @@ NO_MODEL_FUNCTIONS = {
     "tools.bench.shrink": "a smaller world spec",
     "tools.bench.format_table": "formats numbers",
     "views.dashboard.derived_label": "a panel's label",
+    "views.labels.corpus_presence": "counts words of example data (a dict of a corpus and its top examples)",
+    "views.labels.enriched_words": "ditto",
+    "views.labels.latent_labels": "ditto",
+    "views.labels.derived_labels": "ditto",
+    "views.labels.peak_tokens": "ditto",
+    "views.suggestions.suggested_groups": "joins lists of (layer, latent) keys",
+    "views.suggestions.group_scores": "scores lists of (layer, latent) keys",
+    "views.suggestions.recovered_groups": "ditto",
     "views.examples.FeatureTable.to_html": "renders a table it holds",
     "worlds.gemma270m.peak_rss_gib": "a memory figure",
     "worlds.gemma270m.main": "command line: loads its own world",
@@ -886,14 +894,6 @@ NO_MODEL_FUNCTIONS = {
     "tools.ground_truth.sweep_figure": "draws numbers",
     "worlds.offline_hub.OfflineHub.server_errors": "a test server's switch",
     "worlds.offline_hub.OfflineHub.reset_mid_body": "a test server's switch",
-    # views/labels.py and views/suggestions.py: words and latent keys (the supernodes branch's files).
-    "views.labels.corpus_presence": "counts words of example data",
-    "views.labels.enriched_words": "words of example data",
-    "views.labels.latent_labels": "labels from example data",
-    "views.labels.derived_labels": "labels from example data",
-    "views.labels.peak_tokens": "tokens of example data",
-    "views.suggestions.suggested_groups": "groups latent keys",
-    "views.suggestions.recovered_groups": "compares groups of latent keys",
     "views.circuit_tracer_export.feature_json": "formats one feature's data",
     "views.dashboard.render_dashboard_html": "renders a dict",
     "views.dashboard.read_saved_state": "reads a JSON file",
@@ -1002,7 +1002,7 @@ NOT_ENTRY_POINTS = {
     "exercise references that read a pruned matrix only (no model runs), graded on hand-made stand-ins": {
         "case_study.strongest_path",
         "case_study.path_shares",
-        "case_study.score_graph",  # not an exercise: reads a result's nodes and kept indices, tested the same way
+        "case_study.score_graph",  # not an exercise: reads nodes and kept indices, tested the same way
     },
     "graders: they take the learner's function and run the (guarded) references": {
         f"tests.{name}.test_{name}"
@@ -1065,10 +1065,6 @@ NOT_ENTRY_POINTS = {
     },
     "writers of the transcoders they are handed, for the offline hub's fixtures (no model runs)": {
         "worlds.offline_hub.write_gemmascope_layout",
-    },
-    # views/suggestions.py is the supernodes branch's file; the lead merges both branches.
-    "guarded on the supernodes branch (its file)": {
-        "views.suggestions.similar_latents",
     },
 }
 

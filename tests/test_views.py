@@ -688,18 +688,61 @@ def test_explorer_adds_a_prompt_without_flicker(world, result):
     assert ex.shown == [other] and ex.prompt_picker.value == other
 
 
-def test_similar_latents_by_decoder_and_by_examples():
+def test_similar_latents_by_shared_rare_contexts_and_by_decoder_without_examples():
+    """Latents that fire on the same rare contexts are offered; contexts that many latents record count
+    little, so two latents that share only those are not (an unweighted overlap would join them); latents
+    of a layer without example data are compared by their decoders, and one that recorded no example
+    (it never fired on the corpus) is in no pair, whatever its decoder."""
     from types import SimpleNamespace
 
     from part3_attribution_graphs.views.suggestions import similar_latents
 
-    W = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    tcs = {0: SimpleNamespace(W_dec=W[:2]), 1: SimpleNamespace(W_dec=W[2:])}
-    peaks = {(1, 0): {" big", " large"}, (1, 1): {" large", " big", " huge"}, (0, 0): {" x"}}
-    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1)], tcs, peaks)
+    common = [(s, 1) for s in range(6)]  # recorded by latents 0-3 and by six others (4-9): weight 1/10 each
+    own = {0: common + [(0, 2), (1, 2), (4, 4)], 1: common + [(0, 2), (1, 2)]}  # (0, 2), (1, 2): weight 1/2
+    own |= {2: common + [(2, 3), (3, 3)], 3: common + [(2, 3), (3, 3)]}
+    own |= {k: common for k in range(4, 10)}
+    acts, seq, pos = torch.zeros(11, 9), torch.full((11, 9), -1), torch.full((11, 9), -1)  # 10: none
+    for k, where in own.items():
+        acts[k, : len(where)] = torch.linspace(2, 1, len(where))
+        seq[k, : len(where)] = torch.tensor([s for s, _ in where])
+        pos[k, : len(where)] = torch.tensor([p for _, p in where])
+    corpus = torch.arange(30, dtype=torch.int).reshape(6, 5)  # six distinct sequences
+    examples = {1: {"activations": acts, "seq_ids": seq, "positions": pos, "tokens": corpus}}
+    W0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]])
+    tcs = {0: SimpleNamespace(W_dec=W0), 1: SimpleNamespace(W_dec=torch.tensor([[0.0, 0.0, 1.0]] * 11))}
+    pairs = similar_latents([(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (1, 10)], tcs, examples)
     assert [(a, b, why) for a, b, _, why in pairs] == [
-        ((0, 0), (0, 1), "decoder"),
-        ((1, 0), (1, 1), "examples"),
-    ]
-    assert pairs[0][2] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5) and pairs[1][2] == pytest.approx(2 / 3)
+        ((0, 0), (0, 1), "decoder"),  # layer 0 has no examples
+        ((1, 0), (1, 1), "contexts"),
+        ((1, 2), (1, 3), "contexts"),
+    ]  # (1, 0) and (1, 2): unweighted Jaccard 6/10, weighted 0.6/3.6; their decoders agree, unused
+    assert pairs[0][2] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
+    assert pairs[1][2] == pytest.approx((0.6 + 1) / (0.6 + 1 + 1)) and pairs[2][2] == pytest.approx(1.0)
     assert similar_latents([(0, 0), (1, 0)], None, None) == []
+
+
+def test_similar_latents_match_contexts_across_layers_that_hold_different_subsets_of_the_corpus():
+    """A subset load of hub example data keeps, per layer, only the sequences its latents need, with seq_ids
+    into that subset: a context is the same text at the same position, whatever row it has in each layer."""
+    from part3_attribution_graphs.views.suggestions import similar_latents
+
+    corpus = torch.arange(40).reshape(8, 5)
+
+    def layer(rows, where):
+        """A layer's data holding corpus rows `rows`: one latent, firing at each (corpus row, position)."""
+        seq = torch.tensor([[rows.index(s) for s, _ in where]])
+        pos = torch.tensor([[p for _, p in where]])
+        return {
+            "activations": torch.ones(1, len(where)),
+            "seq_ids": seq,
+            "positions": pos,
+            "tokens": corpus[rows],
+        }
+
+    fires = [(1, 2), (3, 4), (6, 1)]  # (corpus row, position)
+    examples = {1: layer([1, 3, 6], fires), 2: layer([6, 0, 3, 1], fires)}
+    assert [(a, b, why) for a, b, _, why in similar_latents([(1, 0), (2, 0)], None, examples)] == [
+        ((1, 0), (2, 0), "contexts")
+    ]
+    examples[2] = layer([6, 0, 3, 1], [(1, 3), (3, 2), (6, 2)])  # the same rows, other positions
+    assert similar_latents([(1, 0), (2, 0)], None, examples) == []

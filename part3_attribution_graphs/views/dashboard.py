@@ -37,7 +37,7 @@ from ..checks import as_count
 from ..guard import as_index, as_real, guarded
 from ..result import AttributionResult
 from .examples import activation_histogram, feature_examples, feature_row
-from .labels import derived_labels, peak_tokens
+from .labels import derived_labels
 from .neuronpedia import (
     build_graph_json,
     cumulative_influence,
@@ -346,10 +346,9 @@ def dashboard_data(
         words = derived_labels(example_data_by_layer, latents, getattr(model, "tokenizer", None))
     for key, panel in panels.items():
         panel["derived"] = words.get(key) or derived_label(panel)
-    peaks = peak_tokens(example_data_by_layer or {}, latents, getattr(model, "tokenizer", None))
     similar = [
         [f"{a[0]}_{a[1]}", f"{b[0]}_{b[1]}", _sig(score, 3), why]
-        for a, b, score, why in similar_latents(latents, transcoders, peaks)
+        for a, b, score, why in similar_latents(latents, transcoders, example_data_by_layer)
     ]
 
     settings = result_settings(result)

@@ -190,7 +190,7 @@ def peak_tokens(
     example_data_by_layer: dict[int, dict], latents: Iterable[tuple[int, int]], tokenizer=None
 ) -> dict[tuple[int, int], set[str]]:
     """`{(layer, latent): the tokens it peaks on}` over all its recorded examples (not only those a page
-    shows), for the latents whose layer has example data: what `suggestions.similar_latents` compares."""
+    shows), for the latents whose layer has example data."""
     out = {}
     for layer, f in latents:
         data = example_data_by_layer.get(layer)

@@ -865,8 +865,9 @@
     return {replacement: j > 0 ? emb / j : 0, completeness: den > 0 ? num / den : 0};
   }
   // Suggested supernodes: among the pinned latents (or, with fewer than two pinned, the drawn ones), those
-  // that are one latent at several positions, or whose decoder directions or top examples agree
-  // (DATA.similar, from views/suggestions.py), joined transitively.
+  // that are one latent at several positions, or that fire on the same contexts of the example corpus
+  // (without examples: whose decoder directions agree) (DATA.similar, from views/suggestions.py), joined
+  // transitively as suggestions.suggested_groups joins them.
   var suggestions = [];
   function suggestSupernodes() {
     var pool = state.pinned.filter(function (i) { return NODES[i].type === "latent" && superOf(i) < 0; });
@@ -882,7 +883,7 @@
     Object.keys(atKey).forEach(function (key) { atKey[key].slice(1).forEach(function (i) { join(atKey[key][0], i, "same latent"); }); });
     (DATA.similar || []).forEach(function (p) {
       var as = atKey[p[0]], bs = atKey[p[1]];
-      if (as && bs) join(as[0], bs[0], p[3] === "decoder" ? "decoders cos " + fmt(p[2]) : "examples agree " + fmt(p[2]));
+      if (as && bs) join(as[0], bs[0], p[3] === "decoder" ? "decoders cos " + fmt(p[2]) : "same contexts " + fmt(p[2]));
     });
     var groups = {};
     pool.forEach(function (i) { (groups[root(i)] = groups[root(i)] || []).push(i); });
@@ -890,7 +891,7 @@
       return {members: groups[r].sort(function (a, b) { return a - b; }), why: (why[r] || []).filter(function (w, k, all) { return all.indexOf(w) === k; })};
     });
     say(suggestions.length ? suggestions.length + " suggested supernode" + (suggestions.length > 1 ? "s" : "") + ": see the pins bar" :
-        "no latents here agree (same latent, decoders, or examples)");
+        "no latents here agree (same latent, same contexts, or decoders)");
     drawPins();
     return suggestions;
   }
