@@ -2,7 +2,8 @@
 (redirects to another host with signed, expiring URLs; re-uploads; gzip; rate limits; tokens; the real file
 layouts; missing files; SAELens' own requests; Xet; captive portals; lying or slow hosts; unusable caches)
 and of issue 25 (RateLimit windows, 5xx, resets mid-body, TLS and proxy failures, settings read at call
-time, huggingface_hub's token order and backoff, the fallback after a gated 403).
+time, huggingface_hub's token order and backoff, the fallback after a gated 403, a wall-clock download
+deadline, one commit per load, a normal download through hf_xet and the fake's CAS).
 
 Every server is on 127.0.0.1 (`worlds.offline_hub`), reached through `HF_ENDPOINT` as any installed
 huggingface_hub version allows; nothing reaches the network.
@@ -803,6 +804,35 @@ def test_a_trickling_download_is_stopped_at_the_deadline_and_auto_falls_back(
     assert "deadline" in str(outcome[0]) and elapsed < 3 + 10
     assert partial == []  # the killed transfer's `.incomplete` blob is gone
     assert name == registry.OFFLINE_WORLD and "deadline" in capsys.readouterr().out
+
+
+def test_a_trickling_download_into_local_dir_is_stopped_and_its_partial_file_removed(tmp_path, monkeypatch):
+    """The same deadline for a whole example file downloaded into `local_dir` (huggingface_hub keeps that
+    partial file under `local_dir/.cache/huggingface/download/`)."""
+    write_example_files({LAYER: real_example_schema(64, 50, k=8)}, tmp_path / "hub", repo_id=REPO_ID)
+    monkeypatch.setenv("P3AG_DOWNLOAD_DEADLINE_S", "3")
+    outcome = []
+    with offline_hub(tmp_path / "hub") as served:
+        served.trickle_s = 2.0
+
+        def run():
+            try:
+                load_example_data(
+                    LAYER, model_size="270m", instruction_tuned=False, local_dir=tmp_path / "mine"
+                )
+                outcome.append("loaded")
+            except HubUnreachableError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        thread.join(3 + 10)
+        elapsed = time.perf_counter() - t0
+        assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+        partial = list((tmp_path / "mine").rglob("*.incomplete"))
+    assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network", outcome[0]
+    assert "deadline" in str(outcome[0]) and partial == []
 
 
 def test_the_download_deadline_setting_is_checked():

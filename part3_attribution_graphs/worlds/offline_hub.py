@@ -79,6 +79,18 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
     deduplication across files, no v2 reconstruction and no upload API (xorbs are made here from the
     folder's files, `OfflineHub.xorbs`). `xet_broken` (row 8) keeps the broken token route.
 
+18. Revisions (huggingface_hub 0.36 and 2.x `hf_api.py` `model_info`, `file_download.py`
+    `hf_hub_download`, `_get_metadata_or_catch_error`, `_cache_commit_hash_for_specific_revision`):
+    `HfApi.model_info(repo, revision=rev)` is `GET /api/models/{repo}/revision/{quote(rev, safe="")}`,
+    whose JSON names the commit as `sha`; an unknown revision is `404` with `X-Error-Code:
+    RevisionNotFound` (huggingface_hub raises `RevisionNotFoundError`). `hf_hub_download(revision=rev)`
+    sends `HEAD /{repo}/resolve/{rev}/{file}` and reads the commit from `X-Repo-Commit` (with the ETag and
+    size of row 2; 2.x follows redirects only on the hub's own origin, the `302` to storage carries them);
+    it keeps the file under `snapshots/{commit}/` and, when `rev` is not itself a commit, writes the
+    commit to `refs/{rev}`. Here: `/api/models/{repo}/revision/{rev}` and `/resolve/{rev}/` answer `main`
+    with the newest commit and a sha of the repository's history with that commit's files
+    (`OfflineHub.commit`, `OfflineHub.file_at`), anything else `404 RevisionNotFound`.
+
 How it is reached: through the supported door only. `offline_hub` sets `HF_ENDPOINT`, `HF_HUB_CACHE`
 and `HF_HUB_OFFLINE=0` in the environment for the block; this package reads them when it calls
 (`worlds.hub.hub_endpoint`, `hub_cache_dir`, `hub_offline`) and passes `endpoint=` and `cache_dir=` to
