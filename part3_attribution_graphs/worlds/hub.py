@@ -742,16 +742,19 @@ def _download_in_child(job: dict, timeout: float) -> str:
         HubRequestError: what the download raised (its kind, status and headers kept), or "network" when
             the deadline passed.
     """
-    root = str(Path(__file__).resolve().parents[2])  # where this package is imported from, for the child
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "from part3_attribution_graphs.worlds.hub import _child_main; _child_main()"
+    # The child imports this very copy of the package: its folder goes first on the child's path, unless it
+    # is already there (site-packages, which must not go ahead of the standard library)
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys; root = {root!r}; sys.path[:0] = [] if root in sys.path else [root]; "
+        "from part3_attribution_graphs.worlds.hub import _child_main; _child_main()"
+    )
     started = time.time()
     with subprocess.Popen(
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
         text=True,
     ) as child:  # closes its pipes on the way out
         out = _run_child(child, job, timeout, started)
