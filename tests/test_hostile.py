@@ -925,6 +925,8 @@ NO_MODEL_FUNCTIONS = {
     "worlds.offline_hub.OfflineHub.rate_limit": "a test server's switch",
     "worlds.offline_hub.OfflineHub.expire_signed_urls": "a test server's switch",
     "worlds.offline_hub.OfflineHub.commit": "a test server's state",
+    "worlds.offline_hub.OfflineHub.file_at": "a test server's state",
+    "worlds.offline_hub.OfflineHub.xorbs": "a test server's storage",
     "worlds.offline_hub.OfflineHub.etag": "a file's tag",
     "worlds.planted.planted_facts": "the planted facts",
     "worlds.planted.planted_groups": "names",

@@ -2,7 +2,8 @@
 (redirects to another host with signed, expiring URLs; re-uploads; gzip; rate limits; tokens; the real file
 layouts; missing files; SAELens' own requests; Xet; captive portals; lying or slow hosts; unusable caches)
 and of issue 25 (RateLimit windows, 5xx, resets mid-body, TLS and proxy failures, settings read at call
-time, huggingface_hub's token order and backoff, the fallback after a gated 403).
+time, huggingface_hub's token order and backoff, the fallback after a gated 403, a wall-clock download
+deadline, one commit per load, a normal download through hf_xet and the fake's CAS).
 
 Every server is on 127.0.0.1 (`worlds.offline_hub`), reached through `HF_ENDPOINT` as any installed
 huggingface_hub version allows; nothing reaches the network.
@@ -176,10 +177,10 @@ def test_a_rate_limit_window_longer_than_the_deadline_fails_at_once_naming_it(sc
         served.rate_limit(1000, window_s=300)
         with pytest.raises(HubUnreachableError, match="rate limited") as err:
             _load(cache=False)
-        resolves = sum("/resolve/" in p for p, _ in served.requests)
+        asked = len(served.requests)  # the revision's commit is the first thing asked
     assert err.value.kind == "rate limited"
     assert "300 s" in str(err.value)
-    assert resolves == 1  # not five tries, each answered 429 within the same window
+    assert asked == 1  # not five tries, each answered 429 within the same window
 
 
 # ------------------------------------------------------------------ row 4: tokens
@@ -452,7 +453,7 @@ def test_an_example_file_in_huggingface_hubs_cache_is_read_there(schema_file, tm
         load_example_data(LAYER, model_size="270m", instruction_tuned=False)  # the whole file, into the cache
         before = len(served.requests)
         _assert_rows(_load(cache=False), data)  # rows from that file: no range request
-        assert len(served.requests) == before
+        assert [p for p, _ in served.requests[before:]] == [f"/api/models/{REPO_ID}/revision/main"]
     with no_hub_at_all(hf_cache):
         _assert_rows(_load(cache=False), data)
 
@@ -601,7 +602,36 @@ def test_a_xet_storage_failure_is_a_hub_error_and_auto_falls_back(toy_world, tmp
     assert name == registry.OFFLINE_WORLD and "Xet" in capsys.readouterr().out
 
 
-def test_hf_xets_cas_runtime_error_is_a_hub_error(monkeypatch):
+def test_a_normal_download_goes_through_xet_end_to_end(toy_world, tmp_path):
+    """With the hub advertising Xet (`X-Xet-Hash`), huggingface_hub hands the download to hf_xet, which gets a
+    CAS token from the hub, the file's reconstruction from the CAS and its xorbs by ranges from storage: the
+    transcoders and a whole example file load that way, and the file is never fetched as a blob. Today's
+    fake serves no CAS, so every download there takes the plain HTTP path."""
+    pytest.importorskip("hf_xet")  # without it huggingface_hub downloads over plain HTTP: no Xet path
+    _, transcoders = toy_world
+    write_gemmascope_layout({0: transcoders[0]}, tmp_path, repo_id=REPO_ID)
+    data = real_example_schema(64, 600, k=40)  # 0.7 MB: 11 chunks
+    write_example_files({LAYER: data}, tmp_path, repo_id=REPO_ID)
+    with offline_hub(tmp_path, cache_dir=tmp_path / "hf") as served:
+        served.xet = True
+        loaded = load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+        whole = load_example_data(LAYER, model_size="270m", instruction_tuned=False)
+        params, examples = (
+            served.etag(tmp_path / REPO_ID / name)
+            for name in (f"transcoder_all/{transcoder_ids(1)[0]}/params.safetensors", FILENAME)
+        )
+        asked = list(served.requests)
+    torch.testing.assert_close(loaded[0].W_enc, transcoders[0].W_enc)
+    assert torch.equal(whole["tokens"], data["tokens"])
+    paths = [p for p, _ in asked]
+    for file_hash in (params, examples):
+        assert f"/v1/reconstructions/{file_hash}" in paths  # the CAS was asked how to rebuild it
+        assert not any(p.startswith(f"/blobs/{file_hash}") for p in paths)  # never fetched as one blob
+    xorb_reads = [r for p, r in asked if p.startswith("/blobs/") and r]
+    assert xorb_reads and any("/xet-read-token/" in p for p in paths)
+
+
+def test_hf_xets_cas_runtime_error_is_a_hub_error(monkeypatch, tmp_path):
     """hf_xet reports CAS failures as `RuntimeError: Data processing error: CAS service error`: the loader
     must turn it into a HubUnreachableError (which `auto` falls back from), not let it escape."""
     from part3_attribution_graphs.worlds import gemma
@@ -612,7 +642,8 @@ def test_hf_xets_cas_runtime_error_is_a_hub_error(monkeypatch):
         )
 
     monkeypatch.setattr(gemma, "gemmascope_transcoder_loader", cas_down)  # where the download happens
-    with pytest.raises(HubUnreachableError, match="CAS service error") as err:
+    (tmp_path / REPO_ID).mkdir(parents=True)  # the repository whose revision is resolved first
+    with offline_hub(tmp_path), pytest.raises(HubUnreachableError, match="CAS service error") as err:
         load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
     assert err.value.kind == "unexpected answer"
 
@@ -728,6 +759,150 @@ def test_a_trickling_host_is_given_up_on_at_the_deadline(schema_file, monkeypatc
     assert outcome, "still waiting on the trickle after 10 s"
     assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network"
     assert "deadline" in str(outcome[0]) and time.perf_counter() - t0 < 10
+
+
+# ------------------------------------------------------------ issue 25 item 6: a wall-clock download deadline
+
+
+def test_a_trickling_download_is_stopped_at_the_deadline_and_auto_falls_back(
+    toy_world, tmp_path, monkeypatch, capsys
+):
+    """A transfer that trickles (one byte every 2 s: no read timeout fires, a file takes minutes) is stopped
+    at `P3AG_DOWNLOAD_DEADLINE_S` on the wall clock, its partial file removed, as a "network" failure that
+    `auto` falls back from. Today's code checks its deadline only between attempts: it waits for minutes."""
+    from part3_attribution_graphs.worlds import gemma270m
+
+    model, transcoders = toy_world
+    write_gemmascope_layout({0: transcoders[0]}, tmp_path, repo_id=REPO_ID)
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("P3AG_DOWNLOAD_DEADLINE_S", "3")
+    outcome = []
+    with offline_hub(tmp_path, cache_dir=cache) as served:
+        served.trickle_s = 2.0
+
+        def run():
+            try:
+                load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+                outcome.append("loaded")
+            except HubUnreachableError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        thread.join(3 + 10)
+        elapsed = time.perf_counter() - t0
+        assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+        partial = list(cache.rglob("*.incomplete"))
+
+        monkeypatch.setattr(gemma270m, "load_gemma3_270m_offline", lambda **k: (model, {}))
+        monkeypatch.setattr(
+            registry, "choose_world", lambda w: ("gemma270m-scope", "t") if w == "auto" else (w, "")
+        )
+        name, _, _ = registry.load_world("auto", device="cpu")
+    assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network", outcome[0]
+    assert "deadline" in str(outcome[0]) and elapsed < 3 + 10
+    assert partial == []  # the killed transfer's `.incomplete` blob is gone
+    assert name == registry.OFFLINE_WORLD and "deadline" in capsys.readouterr().out
+
+
+def test_a_trickling_download_into_local_dir_is_stopped_and_its_partial_file_removed(tmp_path, monkeypatch):
+    """The same deadline for a whole example file downloaded into `local_dir` (huggingface_hub keeps that
+    partial file under `local_dir/.cache/huggingface/download/`)."""
+    write_example_files({LAYER: real_example_schema(64, 50, k=8)}, tmp_path / "hub", repo_id=REPO_ID)
+    monkeypatch.setenv("P3AG_DOWNLOAD_DEADLINE_S", "3")
+    outcome = []
+    with offline_hub(tmp_path / "hub") as served:
+        served.trickle_s = 2.0
+
+        def run():
+            try:
+                load_example_data(
+                    LAYER, model_size="270m", instruction_tuned=False, local_dir=tmp_path / "mine"
+                )
+                outcome.append("loaded")
+            except HubUnreachableError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        thread.join(3 + 10)
+        elapsed = time.perf_counter() - t0
+        assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+        partial = list((tmp_path / "mine").rglob("*.incomplete"))
+    assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network", outcome[0]
+    assert "deadline" in str(outcome[0]) and partial == []
+
+
+def test_the_download_deadline_setting_is_checked():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("P3AG_DOWNLOAD_DEADLINE_S", "soon")
+        with pytest.raises(ValueError, match="P3AG_DOWNLOAD_DEADLINE_S"):
+            hub.download_deadline_s()
+        mp.setenv("P3AG_DOWNLOAD_DEADLINE_S", "1800")
+        assert hub.download_deadline_s() == 1800.0
+
+
+# ------------------------------------------------------------ issue 25 item 11: one load, one commit
+
+
+def test_the_fake_hub_answers_revisions_as_huggingface_hub_expects(toy_world, tmp_path):
+    """huggingface_hub's own client against the fake: `model_info(revision=)` names the commit, an unknown
+    revision is `RevisionNotFoundError` (from `X-Error-Code`), and an old commit's sha still downloads the
+    old bytes after `main` moved on."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import RevisionNotFoundError
+    from safetensors.torch import load_file
+
+    first, second = real_example_schema(64, 50, k=8, seed=1), real_example_schema(64, 50, k=8, seed=2)
+    write_example_files({LAYER: first}, tmp_path, repo_id=REPO_ID)
+    with offline_hub(tmp_path, cache_dir=tmp_path / "hf") as served:
+        api = HfApi(endpoint=served.endpoint, token=False)
+        old = api.model_info(REPO_ID, revision="main").sha
+        served.reupload(REPO_ID, FILENAME, second)
+        new = api.model_info(REPO_ID, revision="main").sha
+        assert old != new == served.commit(REPO_ID) and api.model_info(REPO_ID, revision=old).sha == old
+        with pytest.raises(RevisionNotFoundError):
+            api.model_info(REPO_ID, revision="no-such-branch")
+        kw = {"endpoint": served.endpoint, "cache_dir": tmp_path / "hf", "token": False}
+        at_old = load_file(hf_hub_download(REPO_ID, FILENAME, revision=old, **kw))
+        at_main = load_file(hf_hub_download(REPO_ID, FILENAME, **kw))
+    assert torch.equal(at_old["activations"], first["activations"])
+    assert torch.equal(at_main["activations"], second["activations"])
+
+
+def test_transcoders_and_example_data_of_one_load_come_from_one_commit(toy_world, tmp_path, monkeypatch):
+    """A re-upload to `main` between the transcoders' download and the example data's must not mix
+    commits: the example data of that load is read at the commit the transcoders came from (or at the one
+    the user pins). Today's code resolves `main` separately for each, so it reads the re-uploaded file."""
+    _, transcoders = toy_world
+    root = tmp_path / "hub"
+    first, second = real_example_schema(1024, 2000, seed=1), real_example_schema(1024, 2000, seed=2)
+    write_gemmascope_layout({0: transcoders[0]}, root, repo_id=REPO_ID)
+    write_example_files({0: first}, root, repo_id=REPO_ID)
+    kw = {
+        "model_size": "270m",
+        "instruction_tuned": False,
+        "features_by_layer": {0: FEATURES},
+        "n_examples": 20,
+    }
+    with offline_hub(root, cache_dir=tmp_path / "hf") as served:
+        pinned = served.commit(REPO_ID)
+        loaded = load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
+        served.reupload(REPO_ID, example_file_path(0), second)  # main moves on mid-load
+        same_load = load_example_data_parallel([0], range_cache=tmp_path / "c.db", transcoders=loaded, **kw)
+        _assert_rows(same_load[0], first)  # the transcoders' commit, not the re-upload
+        first_load = [p for p, _ in served.requests if "/resolve/" in p]
+        fresh = load_example_data_parallel([0], range_cache=tmp_path / "c.db", **kw)  # a new load: new main
+        explicit = load_example_data_parallel([0], range_cache=False, revision=pinned, **kw)
+        monkeypatch.setenv("P3AG_HUB_REVISION", pinned)
+        from_setting = load_example_data_parallel([0], range_cache=False, **kw)
+    assert loaded[0].cfg.metadata.hub_revision == pinned
+    assert first_load and all(f"/resolve/{pinned}/" in p for p in first_load), first_load
+    for got in (explicit, from_setting):
+        _assert_rows(got[0], first)
+    _assert_rows(fresh[0], second)
 
 
 # ------------------------------------------------------------------ row 12: an unusable cache file

@@ -34,6 +34,7 @@ from part3_attribution_graphs.views.neuronpedia import (
     load_schema,
     view_graph,
 )
+from part3_attribution_graphs.worlds import hub as hub_mod
 from part3_attribution_graphs.worlds.gemma import HubUnreachableError, format_prompt
 
 PROMPT = format_prompt("What is the opposite of small?", "The opposite of small is **large")
@@ -425,49 +426,47 @@ def write_hub_layout(root: Path, data_by_layer: dict, **kw) -> None:
 
 
 def test_example_loader_offline(monkeypatch, tmp_path, example_data):
+    """Whole example files from the (loopback) hub, reached through HF_ENDPOINT: the right repository and
+    folder for each variant."""
+    from part3_attribution_graphs.worlds.offline_hub import offline_hub
+
     hub = tmp_path / "hub"
-    write_hub_layout(hub, {2: example_data[2], 3: example_data[3]})
-    calls = []
+    write_hub_layout(hub / "google/gemma-scope-2-1b-it", {2: example_data[2], 3: example_data[3]})
+    (hub / "google/gemma-scope-2-270m-pt").mkdir(parents=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with offline_hub(hub) as served:
+        loaded = load_example_data(2)
+        asked = [path for path, _ in served.requests if "/resolve/" in path]
+        assert asked and all(
+            "/google/gemma-scope-2-1b-it/resolve/" in path
+            and path.endswith("transcoder_all/layer_2_width_16k_l0_small_affine/examples.safetensors")
+            for path in asked
+        ), asked
+        assert set(loaded) == set(example_data[2])
+        for key, value in example_data[2].items():
+            assert torch.equal(loaded[key], value), key
 
-    def fake_download(repo_id, filename, local_dir=None, token=None, **settings):  # endpoint, cache_dir, ...
-        calls.append((repo_id, filename))
-        return str(hub / filename)
+        both = load_example_data_parallel([2, 3], max_workers=2)
+        assert sorted(both) == [2, 3] and torch.equal(both[3]["activations"], example_data[3]["activations"])
 
-    monkeypatch.setattr(examples_mod, "hf_hub_download", fake_download)
-    loaded = load_example_data(2)
-    assert calls == [
-        (
-            "google/gemma-scope-2-1b-it",
-            "transcoder_all/layer_2_width_16k_l0_small_affine/examples.safetensors",
-        )
-    ]
-    assert set(loaded) == set(example_data[2])
-    for key, value in example_data[2].items():
-        assert torch.equal(loaded[key], value), key
-
-    both = load_example_data_parallel([2, 3], max_workers=2)
-    assert sorted(both) == [2, 3] and torch.equal(both[3]["activations"], example_data[3]["activations"])
-
-    # Other variants name other repositories and folders.
-    calls.clear()
-
-    def record_then_fail(repo_id, filename, **kw):
-        calls.append((repo_id, filename))
-        raise FileNotFoundError(filename)
-
-    monkeypatch.setattr(examples_mod, "hf_hub_download", record_then_fail)
-    with pytest.raises(HubUnreachableError):
-        load_example_data(5, model_size="270m", instruction_tuned=False, l0="big", affine=False, width="262k")
-    assert calls == [
-        ("google/gemma-scope-2-270m-pt", "transcoder_all/layer_5_width_262k_l0_big/examples.safetensors")
-    ]
+        # Other variants name other repositories and folders.
+        served.requests.clear()
+        with pytest.raises(HubUnreachableError, match="not found"):
+            load_example_data(
+                5, model_size="270m", instruction_tuned=False, l0="big", affine=False, width="262k"
+            )
+        asked = [path for path, _ in served.requests if "/resolve/" in path]
+    assert asked and all(
+        "/google/gemma-scope-2-270m-pt/resolve/" in path
+        and path.endswith("transcoder_all/layer_5_width_262k_l0_big/examples.safetensors")
+        for path in asked
+    ), asked
 
 
 def test_example_subset_load_matches_full(monkeypatch, tmp_path, world, example_data):
     model, _ = world
     hub = tmp_path / "hub"
-    write_hub_layout(hub, {1: example_data[1]})
-    monkeypatch.setattr(examples_mod, "hf_hub_download", lambda repo_id, filename, **kw: str(hub / filename))
+    write_hub_layout(hub, {1: example_data[1]})  # local_dir holds the file: nothing is downloaded
     fired = (example_data[1]["activations"][:, 0] > 0).nonzero().flatten()[:5].tolist()
     short = load_example_data(1, features=fired, n_examples=20, local_dir=hub)
     assert short["activations"].shape == (len(fired), 20)
@@ -483,21 +482,24 @@ def test_example_subset_load_matches_full(monkeypatch, tmp_path, world, example_
 
 
 def test_example_loader_reads_local_dir_without_download(monkeypatch, tmp_path, example_data):
-    write_hub_layout(tmp_path, {0: example_data[0]})
+    from part3_attribution_graphs.worlds.offline_hub import offline_hub
 
-    def no_network(**kw):
-        raise AssertionError("should not download")
-
-    monkeypatch.setattr(examples_mod, "hf_hub_download", no_network)
-    loaded = load_example_data(0, local_dir=tmp_path)
+    write_hub_layout(tmp_path / "local", {0: example_data[0]})
+    with offline_hub(tmp_path / "hub") as served:
+        loaded = load_example_data(0, local_dir=tmp_path / "local")
+    assert served.requests == []
     assert torch.equal(loaded["tokens"], example_data[0]["tokens"])
 
 
 def test_example_loader_without_network_says_so(monkeypatch):
-    def offline(**kw):
-        raise OSError("[Errno -3] Temporary failure in name resolution")
+    import socket
 
-    monkeypatch.setattr(examples_mod, "hf_hub_download", offline)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{sock.getsockname()[1]}")  # nothing listens there
+    sock.close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_mod, "REQUEST_DEADLINE_S", 3.0)
     with pytest.raises(HubUnreachableError, match="network") as info:
         load_example_data(0)
     assert "make_toy_example_data" in str(info.value) and "google/gemma-scope-2-1b-it" in str(info.value)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import hf_hub_download
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -46,12 +45,14 @@ from ..checks import as_count, check_context
 from ..guard import as_indices, guarded
 from ..progress import tqdm
 from ..worlds.hub import (
+    HubRequestError,
     HubUnreachableError,
     hub_cache_dir,
     hub_download,
     hub_error,
     hub_offline,
     implicit_token,
+    resolve_revision,
 )
 
 if TYPE_CHECKING:
@@ -103,17 +104,14 @@ def example_file_path(
     return f"{category}/layer_{layer}_width_{width}_l0_{l0}{'_affine' if affine else ''}/examples.safetensors"
 
 
-def _download(repo_id: str, filename: str, local_dir: str | Path | None) -> Path:
-    """The local path of `filename`: read from `local_dir` if it is already there, else downloaded (into
-    `local_dir` if given, else huggingface_hub's cache), with `worlds.hub`'s retries and token rules."""
+def _download(repo_id: str, filename: str, local_dir: str | Path | None, revision: str | None = None) -> Path:
+    """The local path of `filename`: read from `local_dir` if it is already there, else downloaded at
+    `revision` (into `local_dir` if given, else huggingface_hub's cache), with `worlds.hub`'s retries,
+    deadline and token rules."""
     if local_dir is not None and (Path(local_dir) / filename).is_file():
         return Path(local_dir) / filename
-
-    def fetch(**kwargs) -> str:
-        return hf_hub_download(local_dir=local_dir, **kwargs)
-
     try:
-        return Path(hub_download(repo_id, filename, download=fetch))
+        return Path(hub_download(repo_id, filename, revision=revision, local_dir=local_dir))
     except Exception as err:  # network, auth, missing-file and Xet errors all come through here
         raise hub_error(
             f"{filename} of {repo_id}",
@@ -174,13 +172,18 @@ def _read_subset(source, features: list[int], n_examples: int | None, where: str
 
 
 def _read_by_range(
-    repo_id: str, filename: str, features: list[int], n_examples: int | None, cache: str | Path | None
+    repo_id: str,
+    filename: str,
+    features: list[int],
+    n_examples: int | None,
+    cache: str | Path | None,
+    revision: str = "main",
 ) -> dict[str, Tensor]:
     """`_read_subset` over HTTP range requests to the hub (the header and the needed rows only)."""
     from .remote_safetensors import RemoteSafetensors
 
     try:
-        source = RemoteSafetensors(repo_id, filename, token=implicit_token(), cache=cache)
+        source = RemoteSafetensors(repo_id, filename, revision, token=implicit_token(), cache=cache)
         data = _read_subset(source, features, n_examples, f"{repo_id}/{filename}")
     except (
         OSError,
@@ -208,6 +211,7 @@ def load_example_data(
     features: Iterable[int] | None = None,
     n_examples: int | None = None,
     range_cache: str | Path | None = None,
+    revision: str | None = None,
 ) -> dict[str, Tensor]:
     """One transcoder's `examples.safetensors` from GemmaScope 2, as a dict of tensors.
 
@@ -226,7 +230,9 @@ def load_example_data(
         only these latents (and the sequences they need); adds `feature_ids`. n_examples: keep only the first
         (largest) this many examples per latent. range_cache: the SQLite file that keeps ranges read from the
         hub (default
-            `~/.cache/part3_attribution_graphs/hub_ranges.sqlite`).
+            `~/.cache/part3_attribution_graphs/hub_ranges.sqlite`). revision: the repository's branch, tag or
+        commit (default `P3AG_HUB_REVISION`, else `main`), resolved to a commit sha once
+        (`worlds.hub.resolve_revision`) and used for every request.
 
     Raises:
         HubUnreachableError: the file could not be downloaded or read.
@@ -236,15 +242,21 @@ def load_example_data(
 
     repo_id = repo_id or example_repo_id(model_size, instruction_tuned)
     filename = example_file_path(layer, category, width, l0, affine)
+    if local_dir is None or not (Path(local_dir) / filename).is_file():
+        try:
+            revision = resolve_revision(repo_id, revision)
+        except HubRequestError as err:
+            raise hub_error(f"{filename} of {repo_id} (its revision)", err, TOY_HINT) from err
     if features is not None and local_dir is None:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir())
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(), revision=revision)
         if not isinstance(cached, str):  # not in huggingface_hub's cache already: read the rows by range
-            return _read_by_range(repo_id, filename, [int(i) for i in features], n_examples, range_cache)
+            feats = [int(i) for i in features]
+            return _read_by_range(repo_id, filename, feats, n_examples, range_cache, revision)
         path = Path(cached)
     else:
-        path = _download(repo_id, filename, local_dir)
+        path = _download(repo_id, filename, local_dir, revision)
     if features is not None:
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -281,8 +293,13 @@ def load_example_data_parallel(
     range_cache: str | Path | None = None,
     model=None,
     transcoders: dict | None = None,
+    revision: str | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """`load_example_data` for several layers, in parallel threads; keyed by layer.
+
+    Every layer is read at one commit: `revision` if given; else the commit `transcoders` were loaded from
+    (`load_saes_parallel` notes it in each SAE's `cfg.metadata`), when they come from this repository;
+    else `P3AG_HUB_REVISION` or `main`, resolved once.
 
     Each full file holds its own ~500 MB corpus, so loading all 26 layers whole needs ~20 GB of RAM.
     Pass `features_by_layer` (e.g. `features_in_graph(result)`) to read only what a graph needs: without
@@ -298,6 +315,9 @@ def load_example_data_parallel(
     """
     layers = list(layers)
     fallback = model is not None and transcoders is not None and features_by_layer is not None
+    repo_id = repo_id or example_repo_id(model_size, instruction_tuned)
+    if revision is None:
+        revision = _transcoders_revision(transcoders, repo_id)
     if features_by_layer is not None and local_dir is None and not hub_offline():
         from ..worlds.hub import check_hub
 
@@ -325,11 +345,25 @@ def load_example_data_parallel(
                 features=feats,
                 n_examples=n_examples,
                 range_cache=range_cache,
+                revision=revision,
             )
         except HubUnreachableError as err:
             if not fallback:
                 raise
             return err
+
+    files = [example_file_path(layer, category, width, l0, affine) for layer in layers]
+    if local_dir is None or not all((Path(local_dir) / f).is_file() for f in files):
+        try:
+            revision = resolve_revision(repo_id, revision)  # once, so that no two layers mix commits
+        except HubRequestError as err:
+            error = hub_error(f"the example data of {repo_id} (its revision)", err, TOY_HINT)
+            if not fallback:
+                raise error from err
+            print(
+                f"No example data from the hub ({error.kind}): making rows for the graph's latents locally."
+            )
+            return local_example_rows(model, transcoders, _pick(features_by_layer, layers))
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         loaded = dict(zip(layers, tqdm(pool.map(load, layers), total=len(layers), desc="Example data")))
@@ -342,6 +376,15 @@ def load_example_data_parallel(
         )
         loaded.update(local_example_rows(model, transcoders, _pick(features_by_layer, failed)))
     return loaded
+
+
+def _transcoders_revision(transcoders: dict | None, repo_id: str) -> str | None:
+    """The commit `transcoders` were loaded from (`load_saes_parallel` notes it), if from `repo_id`."""
+    for tc in (transcoders or {}).values():
+        metadata = getattr(getattr(tc, "cfg", None), "metadata", None)
+        if metadata is not None and getattr(metadata, "hub_repo", None) == repo_id:
+            return getattr(metadata, "hub_revision", None)
+    return None
 
 
 def _pick(features_by_layer: dict[int, Iterable[int]], layers: Iterable[int]) -> dict[int, list[int]]:

@@ -7,6 +7,7 @@ so and names the offline worlds (see `worlds.hub`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -18,13 +19,14 @@ from sae_lens import SAE, HookedSAETransformer
 
 from .hub import (
     OFFLINE_HINT,
+    HubRequestError,
     HubUnreachableError,
     MissingTokenError,
     check_hub,
-    failure_kind,
     hub_download,
     hub_error,
     load_hf_token,
+    resolve_revision,
     transport_errors,
     use_token,
 )
@@ -75,39 +77,34 @@ def gemmascope_transcoder_loader(
     device: str = "cpu",
     force_download: bool = False,
     cfg_overrides: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
     """A SAELens converter (`SAE.from_pretrained(..., converter=...)`) for GemmaScope 2's transcoders.
 
     It gives the config and weights SAELens' own `gemma_3` loader gives (`tests/test_loading.py` compares
     them), but makes its two downloads (`config.json`, `params.safetensors`) through `worlds.hub.hub_download`
     (rate limits and server errors retried, a stale token dropped, huggingface_hub's cache and
-    `HF_HUB_OFFLINE` honoured) and reads the tensor shapes from the downloaded file. SAELens' loader
-    also reads them with its own HTTP range requests, which ignore `HF_HUB_OFFLINE`, so it cannot load
-    from a warm cache offline.
+    `HF_HUB_OFFLINE` honoured, a wall-clock deadline), at `revision` (a commit sha: `load_saes_parallel`
+    passes the one it resolved, so every layer comes from one commit), and reads the tensor shapes from the
+    downloaded file. SAELens' loader also reads them with its own HTTP range requests, which ignore
+    `HF_HUB_OFFLINE`, so it cannot load from a warm cache offline.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
 
     token = None  # hub_download sends the implicit token (find_hf_token) unless switched off
-
-    def fetch(**kwargs) -> str:
-        return hf_hub_download(force_download=force_download, **kwargs)
-
+    pinned = {"revision": revision, "force_download": force_download}
     try:
         raw = json.loads(
-            Path(hub_download(repo_id, f"{folder_name}/config.json", token, download=fetch)).read_text()
+            Path(hub_download(repo_id, f"{folder_name}/config.json", token, **pinned)).read_text()
         )
-    except EntryNotFoundError as err:  # an old layout without config.json: what the folder name says
-        if failure_kind(err) != "not found":
+    except HubRequestError as err:  # an old layout without config.json: what the folder name says
+        if err.kind != "not found":
             raise
         raw = {
             "model_name": repo_id.replace("gemma-scope-2", "gemma-3"),
             "affine_connection": "affine" in folder_name,
         }
-    params = load_file(
-        hub_download(repo_id, f"{folder_name}/params.safetensors", token, download=fetch), device
-    )
+    params = load_file(hub_download(repo_id, f"{folder_name}/params.safetensors", token, **pinned), device)
     layer = int(re.search(r"layer_(\d+)", folder_name).group(1))
     d_in, d_sae = params["w_enc"].shape
     affine = bool(raw.get("affine_connection", False))
@@ -169,14 +166,27 @@ def load_saes_parallel(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_workers: int = 4,
+    revision: str | None = None,
 ) -> dict[int, SAE]:
     """Load several SAELens SAEs (downloads in parallel threads), keyed by the layer in each id.
 
     Transcoders get their input hook corrected to `blocks.{l}.mlp.hook_in` (the ln2 output they were
     trained on); the SAELens config names `blocks.{l}.hook_mlp_in`, the residual stream *before* ln2.
+    GemmaScope 2 releases are read at one commit: `revision` (a branch, tag or sha; default
+    `P3AG_HUB_REVISION`, else `main`) resolved once (`worlds.hub.resolve_revision`); each SAE's
+    `cfg.metadata` keeps `hub_repo` and `hub_revision`, which `load_example_data_parallel(transcoders=...)`
+    reads so that example data comes from the same commit.
     """
+    converter, repo_id, sha = None, None, None
+    if release.startswith("gemma-scope-2-"):
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    converter = gemmascope_transcoder_loader if release.startswith("gemma-scope-2-") else None
+        repo_id = get_pretrained_saes_directory()[release].repo_id
+        try:
+            sha = resolve_revision(repo_id, revision)
+        except HubRequestError as err:
+            raise _hub_error(f"{release} (its revision)", err, gated=None) from err
+        converter = functools.partial(gemmascope_transcoder_loader, revision=sha)
 
     def load_one(sae_id: str) -> SAE:
         try:
@@ -194,18 +204,21 @@ def load_saes_parallel(
         sae = sae.to(device=device, dtype=dtype)
         if getattr(sae.cfg.metadata, "hook_name_out", None):
             sae.cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
+        if sha is not None:
+            sae.cfg.metadata.hub_repo, sae.cfg.metadata.hub_revision = repo_id, sha
         saes[layer] = sae
     return saes
 
 
 def load_gemma_world(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, max_workers: int = 4
+    device: str = "cpu", dtype: torch.dtype = torch.float32, max_workers: int = 4, revision: str | None = None
 ) -> tuple[HookedSAETransformer, dict[int, SAE]]:
-    """Gemma 3-1B IT and its 26 `width_16k_l0_small_affine` GemmaScope 2 transcoders."""
+    """Gemma 3-1B IT and its 26 `width_16k_l0_small_affine` GemmaScope 2 transcoders, all from one commit of
+    `google/gemma-scope-2-1b-it` (`revision`, see `load_saes_parallel`)."""
     token = load_hf_token()
     check_hub(GEMMA_MODEL)
     model = load_gemma_model(device=device, dtype=dtype, token=token)
     transcoders = load_saes_parallel(
-        TRANSCODER_RELEASE, transcoder_ids(model.cfg.n_layers), device, dtype, max_workers
+        TRANSCODER_RELEASE, transcoder_ids(model.cfg.n_layers), device, dtype, max_workers, revision
     )
     return model, transcoders

@@ -142,6 +142,7 @@ def load_gemma270m_scope_world(
     max_workers: int = 4,
     cache_dir: str | Path | None = None,
     report: bool = True,
+    revision: str | None = None,
 ) -> tuple[HookedSAETransformer, dict[int, JumpReLUSkipTranscoder]]:
     """Gemma 3 270M from PyPI and its 18 GemmaScope 2 `width_16k_l0_small_affine` transcoders from the hub.
 
@@ -150,6 +151,8 @@ def load_gemma270m_scope_world(
         max_workers: transcoder downloads in parallel.
         cache_dir: the 270M weight cache (see `worlds.gemma270m.load_gemma3_270m_offline`).
         report: print `fit_report` on the lesson's prompt.
+        revision: the repository's branch, tag or commit (default `P3AG_HUB_REVISION`, else `main`),
+            resolved to one commit for all 18 transcoders (see `worlds.gemma.load_saes_parallel`).
 
     Raises:
         HubUnreachableError: the hub did not answer (within seconds), or a transcoder could not be loaded
@@ -161,7 +164,7 @@ def load_gemma270m_scope_world(
         check_hub(f"the GemmaScope 2 transcoders ({RELEASE})")
     model, _ = gemma270m.load_gemma3_270m_offline(device=device, dtype=dtype, cache_dir=cache_dir)
     transcoders = load_saes_parallel(
-        RELEASE, transcoder_ids(model.cfg.n_layers), str(device), dtype, max_workers
+        RELEASE, transcoder_ids(model.cfg.n_layers), str(device), dtype, max_workers, revision
     )
     if report:
         print_fit_report(fit_report(model, transcoders))

@@ -20,7 +20,13 @@
   it (the hub refuses an unknown token even for a public repository), with a warning that it is stale.
 - `hub_download`: one `huggingface_hub.hf_hub_download` (its cache, its backoff for 5xx and dropped
   connections, and in 2.x for 429); only what the installed version's backoff does not retry (a 429 in
-  0.36) is waited out here, and a stale token is dropped as above.
+  0.36) is waited out here, and a stale token is dropped as above. It runs in a child process, so that
+  the wall-clock deadline (`download_deadline_s`, `P3AG_DOWNLOAD_DEADLINE_S`) holds even for a transfer
+  that trickles (no read timeout fires) or hangs inside hf_xet: at the deadline the child is killed, its
+  partial file removed, and a "network" error raised.
+- `resolve_revision`: the commit a branch or tag names now (`GET /api/models/{repo}/revision/{rev}`, what
+  `HfApi.model_info` asks), so that every file of one load comes from one commit (`P3AG_HUB_REVISION`
+  pins one).
 - `failure_kind` / `hub_error`: every failure is told as "not found", "forbidden", "network", "offline",
   "rate limited", "hub error", "not the hub", "proxy", "TLS", "disk full", "cache not writable" or
   "unexpected answer", with what to do.
@@ -28,12 +34,17 @@
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import errno
+import functools
 import inspect
+import json
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -58,6 +69,8 @@ __all__ = [
     "check_hub",
     "hub_request",
     "hub_download",
+    "download_deadline_s",
+    "resolve_revision",
     "failure_kind",
     "hub_error",
 ]
@@ -72,7 +85,7 @@ OFFLINE_HINT = (
 CHECK_TIMEOUT_S = 3.0  # one round trip to the hub; a reachable hub answers in well under a second
 CHECK_REPO = "google/gemma-scope-2-270m-pt"  # public; its info is JSON naming it, which no proxy makes up
 REQUEST_DEADLINE_S = 60.0  # one request, retries and waits included
-DOWNLOAD_DEADLINE_S = 600.0  # the longest hub_download waits out 429s itself (not the transfer: see README)
+DOWNLOAD_DEADLINE_S = 600.0  # one file, transfer and 429 waits included (P3AG_DOWNLOAD_DEADLINE_S overrides)
 MAX_TRIES = 5
 MAX_BACKOFF_S = 8.0  # the longest wait between tries when the hub names none (huggingface_hub's too)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -591,45 +604,222 @@ def _backoff_retries_429() -> bool:
     return 429 in (default if isinstance(default, tuple) else (default,))
 
 
+def download_deadline_s() -> float:
+    """Seconds one `hub_download` may take in all, read when called: `P3AG_DOWNLOAD_DEADLINE_S` if set (a
+    slow link may need more for a large file), else `DOWNLOAD_DEADLINE_S`."""
+    raw = os.environ.get("P3AG_DOWNLOAD_DEADLINE_S", "").strip()
+    if not raw:
+        return DOWNLOAD_DEADLINE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(
+            f"P3AG_DOWNLOAD_DEADLINE_S={raw!r} is not a positive number of seconds: set it to e.g. 1800, or "
+            f"unset it for the default ({DOWNLOAD_DEADLINE_S:g} s)."
+        )
+    return value
+
+
+class _Answer:
+    """The status and headers of the hub's answer to a download made in the child process."""
+
+    def __init__(self, status: int | None, headers: dict[str, str]) -> None:
+        import requests
+
+        self.status_code, self.headers = status, requests.structures.CaseInsensitiveDict(headers)
+
+
+_MARK = "part3-hub-download:"  # starts the child's one line of answer on stdout
+_KEPT_HEADERS = ("RateLimit", "Retry-After", "X-Error-Code", "X-Error-Message")
+
+
+def _child_main() -> None:
+    """In the child process: one `hf_hub_download` with the JSON arguments on stdin; prints its path, or
+    what failed (message, `failure_kind`, status and the headers `hub_download` reads), as one line."""
+    from huggingface_hub import hf_hub_download
+
+    job = json.loads(sys.stdin.read())
+    try:
+        answer = {"path": hf_hub_download(**job)}
+    except Exception as err:  # all of it goes back to the parent, which decides
+        response = next((e.response for e in _causes(err) if getattr(e, "response", None) is not None), None)
+        headers = (
+            {}
+            if response is None
+            else {k: response.headers[k] for k in _KEPT_HEADERS if k in response.headers}
+        )
+        answer = {
+            "error": f"{type(err).__name__}: {err}",
+            "kind": failure_kind(err),
+            "status": next((s for s in map(_status, _causes(err)) if isinstance(s, int)), None),
+            "headers": headers,
+        }
+    print(_MARK + json.dumps(answer), flush=True)
+
+
+def _remove_partial(job: dict, since: float) -> list[Path]:
+    """Remove the partial file(s) a killed download left: in huggingface_hub's cache, each
+    `blobs/{etag}.incomplete` of the repository whose lock (`.locks/.../{etag}.lock`, the lock
+    huggingface_hub holds while it writes one) is free now; under `local_dir`, the `.incomplete` files
+    beside the file's download metadata written since `since`, under that file's lock. Returns them."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub.file_download import repo_folder_name
+
+    removed = []
+
+    def remove_if_free(partial: Path, lock_path: Path) -> None:
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):  # another download is writing it
+            return
+        try:
+            partial.unlink(missing_ok=True)
+            removed.append(partial)
+        finally:
+            lock.release()
+
+    if job.get("local_dir"):
+        folder = Path(job["local_dir"]) / ".cache" / "huggingface" / "download" / Path(job["filename"]).parent
+        lock_path = folder / f"{Path(job['filename']).name}.lock"
+        for partial in folder.glob("*.incomplete"):
+            if partial.stat().st_mtime >= since - 1:
+                remove_if_free(partial, lock_path)
+        return removed
+    repo = repo_folder_name(repo_id=job["repo_id"], repo_type="model")
+    cache = Path(job["cache_dir"])
+    for partial in (cache / repo / "blobs").glob("*.incomplete"):
+        remove_if_free(partial, cache / ".locks" / repo / f"{partial.name.removesuffix('.incomplete')}.lock")
+    return removed
+
+
+def _run_child(child: subprocess.Popen, job: dict, timeout: float, started: float) -> list[str]:
+    """Hand `job` to `child` and collect its stdout lines, its stderr copied to ours; kill it after
+    `timeout` s (and remove its partial file)."""
+    out: list[str] = []
+
+    def pump_stderr() -> None:
+        # progress bars (redrawn with "\r", no newline) and warnings, shown as they come
+        text = codecs.getincrementaldecoder("utf-8")("replace")
+        for piece in iter(lambda: os.read(child.stderr.fileno(), 4096), b""):
+            sys.stderr.write(text.decode(piece))
+
+    readers = [
+        threading.Thread(target=lambda: out.extend(child.stdout), daemon=True),
+        threading.Thread(target=pump_stderr, daemon=True),
+    ]
+    try:
+        child.stdin.write(json.dumps(job))
+        child.stdin.close()
+        for reader in readers:
+            reader.start()
+        child.wait(timeout=max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        removed = _remove_partial(job, started)
+        raise HubRequestError(
+            f"{job['repo_id']}/{job['filename']}: not downloaded before the deadline ({timeout:.0f} s were "
+            "left for it: a stalled or trickling transfer; on a slow link raise P3AG_DOWNLOAD_DEADLINE_S): "
+            f"stopped{', its partial file removed' if removed else ''}",
+            "network",
+        ) from None
+    finally:
+        if child.poll() is None:  # interrupted (KeyboardInterrupt): do not leave it running
+            child.kill()
+            child.wait()
+    for reader in readers:
+        reader.join(5)
+    return out
+
+
+def _download_in_child(job: dict, timeout: float) -> str:
+    """`hf_hub_download(**job)` in a child process, killed (and its partial file removed) after `timeout` s.
+
+    Raises:
+        HubRequestError: what the download raised (its kind, status and headers kept), or "network" when
+            the deadline passed.
+    """
+    # The child imports this very copy of the package: its folder goes first on the child's path, unless it
+    # is already there (site-packages, which must not go ahead of the standard library)
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys; root = {root!r}; sys.path[:0] = [] if root in sys.path else [root]; "
+        "from part3_attribution_graphs.worlds.hub import _child_main; _child_main()"
+    )
+    started = time.time()
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:  # closes its pipes on the way out
+        out = _run_child(child, job, timeout, started)
+    line = next((x for x in reversed(out) if x.startswith(_MARK)), None)
+    if line is None:
+        raise HubRequestError(
+            f"{job['repo_id']}/{job['filename']}: the download process ended without an answer (exit code "
+            f"{child.returncode})",
+            "unexpected answer",
+        )
+    answer = json.loads(line[len(_MARK) :])
+    if "path" in answer:
+        return answer["path"]
+    err = HubRequestError(answer["error"], answer["kind"], answer["status"])
+    err.response = _Answer(answer["status"], answer["headers"])
+    raise err
+
+
 def hub_download(
     repo_id: str,
     filename: str,
     token: str | None = None,
-    deadline_s: float = DOWNLOAD_DEADLINE_S,
+    deadline_s: float | None = None,
     download: Callable[..., T] | None = None,
     revision: str | None = None,
+    **options,
 ) -> T:
-    """`hf_hub_download(repo_id, filename)` into huggingface_hub's cache, with the settings read now
-    (`endpoint=hub_endpoint()`, `cache_dir=hub_cache_dir()`, `local_files_only=hub_offline()`).
+    """`hf_hub_download(repo_id, filename, **options)` into huggingface_hub's cache (or `local_dir`), with the
+    settings read now (`endpoint=hub_endpoint()`, `cache_dir=hub_cache_dir()`,
+    `local_files_only=hub_offline()`), within `deadline_s` (default `download_deadline_s()`) in all.
 
+    The download runs in a child process, killed at the deadline (its partial file removed): a transfer
+    that trickles or hangs cannot hold the caller. `download`, a callable taking `hf_hub_download`'s
+    arguments, runs in this process instead (in a thread, given up on at the deadline but not stopped).
     huggingface_hub's own backoff retries server errors and dropped connections (and in 2.x rate limits);
-    here only a 429 it does not retry is waited out (the wait the hub names, if it fits in `deadline_s`),
+    here only a 429 it does not retry is waited out (the wait the hub names, if it fits in the deadline),
     and a 401 to a token is retried once without it (a stale token, warned about). `token` None sends the
-    implicit token (`implicit_token`).
+    implicit token (`implicit_token`). `options`: `force_download`, `local_dir` (JSON values).
 
     Raises:
-        whatever huggingface_hub raised (`failure_kind` tells what it means).
+        HubRequestError: from the child process: what huggingface_hub raised (its `kind`, status and
+            headers kept), or "network" at the deadline. From `download`: whatever it raised.
     """
-    from huggingface_hub import hf_hub_download
-
-    download = download or hf_hub_download
-    deadline = time.monotonic() + deadline_s
+    deadline = time.monotonic() + (download_deadline_s() if deadline_s is None else deadline_s)
     # False (not None): huggingface_hub would otherwise send its own token by the settings it read at import
     send_token: str | bool = (token if token else implicit_token()) or False
     stale = False
     waits = 0
     while True:
         offline = hub_offline()
+        job = {
+            "repo_id": repo_id,
+            "filename": filename,
+            "token": send_token,
+            "endpoint": hub_endpoint(),
+            "cache_dir": hub_cache_dir(),
+            "local_files_only": offline,
+            **({"revision": revision} if revision is not None else {}),
+            **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()},
+        }
         try:
-            path = download(
-                repo_id=repo_id,
-                filename=filename,
-                token=send_token,
-                endpoint=hub_endpoint(),
-                cache_dir=hub_cache_dir(),
-                local_files_only=offline,
-                **({"revision": revision} if revision is not None else {}),
-            )
+            if download is None:
+                path = _download_in_child(job, deadline - time.monotonic())
+            else:
+                path = _in_thread(functools.partial(download, **job), deadline, f"{repo_id}/{filename}")
             if stale:
                 _warn_stale(f"{repo_id}/{filename}")
             return path
@@ -647,3 +837,83 @@ def hub_download(
                 raise _too_long(f"{repo_id}/{filename}", wait, deadline - time.monotonic(), 429) from err
             waits += 1
             time.sleep(wait)
+
+
+def _in_thread(work: Callable[[], T], deadline: float, what: str) -> T:
+    """`work()` in a daemon thread, given up on (not stopped) at `deadline` (a `time.monotonic()` instant)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as err:  # handed to the caller as it is
+            outcome.append((False, err))
+
+    thread = threading.Thread(target=run, name="hub-download", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not outcome:
+        raise HubRequestError(f"{what}: not downloaded before the deadline", "network")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+_REVISIONS_LOCK = threading.Lock()
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def resolve_revision(repo_id: str, revision: str | None = None, token: str | None = None) -> str:
+    """The commit sha `revision` names in `repo_id` now (default: `P3AG_HUB_REVISION` if set, else
+    `main`), asked once (`GET {endpoint}/api/models/{repo_id}/revision/{revision}`, as
+    `HfApi.model_info` does) and written to huggingface_hub's cache as `refs/{revision}`, as
+    `hf_hub_download` writes it. A sha is returned as it is. With `HF_HUB_OFFLINE` set: the sha in that
+    `refs` file, else `revision` unchanged (a download then finds what the cache holds for it).
+
+    Raises:
+        HubRequestError: the hub did not answer with the commit ("not found" for an unknown revision).
+    """
+    import requests
+    from huggingface_hub.file_download import repo_folder_name
+
+    revision = revision or os.environ.get("P3AG_HUB_REVISION", "").strip() or "main"
+    if _COMMIT.fullmatch(revision):
+        return revision
+    ref = Path(hub_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    if hub_offline():
+        sha = ref.read_text().strip() if ref.is_file() else ""
+        return sha if _COMMIT.fullmatch(sha) else revision
+    from urllib.parse import quote
+
+    url = f"{hub_endpoint()}/api/models/{repo_id}/revision/{quote(revision, safe='')}"
+    send = token if token else implicit_token()
+    with requests.Session() as session:
+        response = hub_request(session, url, token=send, what=f"{repo_id}@{revision}")
+        try:
+            status, headers = response.status_code, response.headers
+            answer = response.json() if status == 200 and "json" in headers.get("Content-Type", "") else None
+        except ValueError:
+            answer = None
+        finally:
+            response.close()
+    sha = answer.get("sha") if isinstance(answer, dict) else None
+    if not (isinstance(sha, str) and _COMMIT.fullmatch(sha)):
+        kind = {404: "not found", 401: "forbidden", 403: "forbidden", 407: "proxy"}.get(status)
+        if kind is None:
+            kind = "not the hub" if "html" in headers.get("Content-Type", "") else "unexpected answer"
+        raise HubRequestError(
+            f"{url}: HTTP {status}, no commit for revision {revision!r} of {repo_id}"
+            f" ({headers.get('X-Error-Message') or 'no commit sha in the answer'})",
+            kind,
+            status,
+        )
+    with _REVISIONS_LOCK:  # as hf_hub_download keeps it: the branch's commit, for offline use later
+        try:
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            partial = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+            partial.write_text(sha)
+            os.replace(partial, ref)
+        except OSError:  # a cache that cannot be written costs only offline use of this ref
+            pass
+    return sha

@@ -12,9 +12,9 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
    accepts gzip with the whole file, gzipped, `200`, and counts what it managed to send.
 2. That `302` carries `X-Repo-Commit` (the commit `rev` resolved to), `X-Linked-Etag` (the file's
    sha256, quoted) and `X-Linked-Size`; huggingface_hub keys its cache by them. Files are re-uploaded
-   with the same names and shapes. Here: every file has a sha256 ETag, every repository a commit, and
-   `reupload` writes new bytes under a new commit while old signed URLs keep serving the old bytes
-   until they expire (storage is addressed by content).
+   with the same names and shapes. Here: every file has a sha256 ETag, every repository a history of
+   commits, and `reupload` writes new bytes under a new commit on `main`, while the older commits (asked
+   by sha) and old signed URLs keep serving the old bytes (storage is addressed by content).
 3. The hub rate-limits `/resolve/` and `/api/` per IP or token in fixed 5-minute windows (hub-docs
    `rate-limits.md`) and says so in IETF draft headers: `RateLimit: "api";r=0;t=N` (none left, the
    window resets in N s) and `RateLimit-Policy: "fixed window";"api";q=500;w=300`. huggingface_hub 2.x's
@@ -44,7 +44,8 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
    `captive="page"` or `captive="407"` makes the hub endpoint do that.
 10. A `206` says in `Content-Range` which bytes it holds. Here: `range_shift` answers `206` with bytes
     from another offset (and says so in `Content-Range`), for ranges from `range_shift_from` on.
-11. Here: `trickle_s` sends storage bodies one byte per `trickle_s` seconds.
+11. Here: `trickle_s` sends bodies (the hub's own files and storage's) one byte per `trickle_s` seconds, so
+    no read timeout fires and only a wall-clock deadline ends the transfer.
 12. (the client's cache file; nothing to serve)
 13. The hub and its CDN answer `500`/`502`/`503`/`504` in outages (huggingface_hub retries them, 5 tries,
     waits 1-8 s). Here: `server_errors(n, status)` answers the next `n` hub requests with `status`.
@@ -56,12 +57,39 @@ requests 2.3x `sessions.py`), and what `offline_hub` does for each (the numbers 
 16. A proxy that wants credentials answers `407` (to a `CONNECT` for HTTPS, to the request itself for
     HTTP). Here: `proxy` is the URL of a proxy that answers every request `407` (set it as
     `HTTP_PROXY`/`HTTPS_PROXY`).
-17. The Xet path of a normal download (not served here): with `hf_xet` installed and `X-Xet-Hash` on
-    the `/resolve/` answer, huggingface_hub asks `X-Xet-Refresh-Route` for a CAS URL and token
-    (`X-Xet-Cas-Url`, `X-Xet-Access-Token`, `X-Xet-Token-Expiration`) and hf_xet then reads the file's
-    reconstruction and its xorb ranges from CAS; its failures surface as
-    `RuntimeError: Data processing error: CAS service error ...`. Only the broken route of row 8 is
-    served; a working CAS server is not.
+17. The Xet path of a normal download (huggingface_hub 0.36 `file_download.py` `xet_get` and
+    `utils/_xet.py`, 2.x the same; hf_xet 1.8, whose requests were watched against this server; xet-core
+    `spec/api.md`, `download_protocol.md`, `xorb.md`). With hf_xet installed and `X-Xet-Hash` on the
+    `/resolve/` answer, huggingface_hub GETs `X-Xet-Refresh-Route` (`/api/models/{repo}/xet-read-token/
+    {rev}`) for `X-Xet-Cas-Url`, `X-Xet-Access-Token` and `X-Xet-Token-Expiration` and calls
+    `hf_xet.download_files`. hf_xet asks the CAS `GET /v2/reconstructions/{file_hash}`, on a 404
+    `GET /v1/reconstructions/{file_hash}` (bearer token, `Range: bytes=0-{size-1}`) for
+    `{offset_into_first_range, terms: [{hash, unpacked_length, range}], fetch_info: {xorb: [{range, url,
+    url_range}]}}`, GETs each presigned xorb `url` with `Range: bytes={url_range}` (no token), decodes
+    the xorb (per chunk an 8-byte header: version 0, compressed size u24 LE, scheme 0 none / 1 LZ4 /
+    2 byte-grouped LZ4, uncompressed size u24 LE; then the data), writes the file, and POSTs
+    `/v1/telemetry` to the CAS. Its failures surface as `RuntimeError: Data processing error: CAS
+    service error ...`. Here: with `xet`, the storage host is also the CAS: it answers `/v1/`
+    reconstructions (with `Range`; 401 to another token, 404 to an unknown file, 416 past the end) and
+    serves xorbs at signed, expiring URLs that need `Range` (403 without, as the spec says), under the
+    knobs of rows 10, 11 and 14; `/v2/` answers 404, so hf_xet takes the documented v1 API. Unlike the
+    real CAS: the file hash is the file's sha256 (the real one is a Merkle hash of its chunks; a download
+    only names it, never recomputes it), chunks are cut every 64 KiB (the real ones by content, 8-128
+    KiB) and stored uncompressed (scheme 0, which the spec allows for any chunk), and there is no
+    deduplication across files, no v2 reconstruction and no upload API (xorbs are made here from the
+    folder's files, `OfflineHub.xorbs`). `xet_broken` (row 8) keeps the broken token route.
+
+18. Revisions (huggingface_hub 0.36 and 2.x `hf_api.py` `model_info`, `file_download.py`
+    `hf_hub_download`, `_get_metadata_or_catch_error`, `_cache_commit_hash_for_specific_revision`):
+    `HfApi.model_info(repo, revision=rev)` is `GET /api/models/{repo}/revision/{quote(rev, safe="")}`,
+    whose JSON names the commit as `sha`; an unknown revision is `404` with `X-Error-Code:
+    RevisionNotFound` (huggingface_hub raises `RevisionNotFoundError`). `hf_hub_download(revision=rev)`
+    sends `HEAD /{repo}/resolve/{rev}/{file}` and reads the commit from `X-Repo-Commit` (with the ETag and
+    size of row 2; 2.x follows redirects only on the hub's own origin, the `302` to storage carries them);
+    it keeps the file under `snapshots/{commit}/` and, when `rev` is not itself a commit, writes the
+    commit to `refs/{rev}`. Here: `/api/models/{repo}/revision/{rev}` and `/resolve/{rev}/` answer `main`
+    with the newest commit and a sha of the repository's history with that commit's files
+    (`OfflineHub.commit`, `OfflineHub.file_at`), anything else `404 RevisionNotFound`.
 
 How it is reached: through the supported door only. `offline_hub` sets `HF_ENDPOINT`, `HF_HUB_CACHE`
 and `HF_HUB_OFFLINE=0` in the environment for the block; this package reads them when it calls
@@ -114,6 +142,8 @@ __all__ = [
 GEMMASCOPE_REPO = "google/gemma-scope-2-1b-it"
 # Stored in LFS/Xet, so /resolve/ redirects to storage; any other file is a git file the hub serves itself.
 _LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
+_CHUNK = 64 * 1024  # Xet's target chunk size (its chunks are 8-128 KiB, cut by content; any cut reads back)
+_XORB_CHUNKS = 1024  # chunks per xorb: Xet's xorbs hold about 64 MiB
 
 
 def write_gemmascope_layout(
@@ -199,7 +229,7 @@ def real_example_schema(
 
 @dataclass
 class OfflineHub:
-    """The folder served as the hub, its two loopback URLs, what they sent, and the knobs of rows 1-11."""
+    """The folder served as the hub, its loopback URLs, what they sent, and the knobs of the rows above."""
 
     root: Path
     endpoint: str = ""
@@ -211,6 +241,8 @@ class OfflineHub:
     valid_tokens: set[str] | None = None  # None: any token is accepted
     captive: str | None = None  # "page", "403" or "407"
     xet_broken: bool = False
+    xet: bool = False  # row 17: stored files are advertised as Xet, and the CAS serves them
+    xet_token: str = "xet-read-token-0"
     range_shift: int = 0
     range_shift_from: int = 0  # only ranges starting here or later are shifted
     trickle_s: float = 0.0
@@ -225,9 +257,11 @@ class OfflineHub:
     _server_errors: int = 0
     _resets: int = 0
     _generation: int = 0
-    _commits: dict[str, str] = field(default_factory=dict)
+    _log: dict[str, list[str]] = field(default_factory=dict)  # repo -> its commits, oldest first
+    _changes: dict[str, list[tuple[int, str, Path]]] = field(default_factory=dict)  # (commit, file, before)
     _blobs: dict[str, Path] = field(default_factory=dict)  # sha256 -> file holding those bytes
     _etags: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    _xorbs: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)  # file -> (xorb, chunk ends)
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -252,23 +286,40 @@ class OfflineHub:
         with self.lock:
             self._generation += 1
 
-    def commit(self, repo_id: str) -> str:
+    def commit(self, repo_id: str, revision: str = "main") -> str | None:
+        """The commit sha `revision` names (`main`: the newest; a sha: itself if it is one of the
+        repository's), else None."""
         with self.lock:
-            return self._commits.setdefault(repo_id, hashlib.sha1(repo_id.encode()).hexdigest())
+            log = self._log.setdefault(repo_id, [hashlib.sha1(repo_id.encode()).hexdigest()])
+            if revision == "main":
+                return log[-1]
+            return revision if revision in log else None
+
+    def file_at(self, repo_id: str, commit: str, filename: str) -> Path:
+        """The file holding `filename` as it was at `commit`: the bytes a later re-upload replaced, if one
+        did, else the folder's file."""
+        with self.lock:
+            at = self._log[repo_id].index(commit)
+            for changed_in, name, before in self._changes.get(repo_id, []):
+                if name == filename and changed_in > at:  # the first change after `commit` kept its bytes
+                    return before
+        return self.root / repo_id / filename
 
     def reupload(self, repo_id: str, filename: str, tensors: dict[str, Tensor]) -> None:
-        """Replace a file by new tensors under a new commit; old signed URLs keep the old bytes."""
+        """Replace a file by new tensors under a new commit on `main`; the older commits keep serving the
+        old bytes (at their sha), and so do old signed URLs."""
         path = self.root / repo_id / filename
         old = self.etag(path)
         keep = self.root / ".blobs" / old
         keep.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, keep)
+        before = self.commit(repo_id)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         with self.lock:
             self._blobs[old] = keep
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-        new_commit = hashlib.sha1((self.commit(repo_id) + filename).encode()).hexdigest()
-        with self.lock:
-            self._commits[repo_id] = new_commit
+            log = self._log[repo_id]
+            self._changes.setdefault(repo_id, []).append((len(log), filename, keep))
+            log.append(hashlib.sha1((before + filename).encode()).hexdigest())
 
     def etag(self, path: Path) -> str:
         stat = path.stat()
@@ -285,6 +336,42 @@ class OfflineHub:
                 self._etags[key] = known
                 self._blobs.setdefault(known, path)
         return known
+
+    def xorbs(self, file_hash: str) -> list[tuple[str, list[int]]]:
+        """The file `file_hash` (its sha256 here) as Xet stores it: chunks of at most `_CHUNK` bytes, stored
+        uncompressed (scheme 0) in xorbs of at most `_XORB_CHUNKS` chunks, each written to `.xorbs/` and
+        served by the storage host like a blob. Returns, per xorb in file order, its hash and the end of
+        each of its chunks in the xorb's serialized bytes."""
+        with self.lock:
+            known, source = self._xorbs.get(file_hash), self._blobs.get(file_hash)
+        if known is not None or source is None:
+            return known or []
+        layout = []
+        with open(source, "rb") as f:
+            while True:
+                chunks: list[bytes] = []
+                for _ in range(_XORB_CHUNKS):
+                    chunk = f.read(_CHUNK)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                if not chunks:
+                    break
+                serialized, ends = bytearray(), []
+                for chunk in chunks:  # version 0, compressed size, scheme 0 (none), uncompressed size
+                    n = len(chunk).to_bytes(3, "little")
+                    serialized += bytes([0]) + n + bytes([0]) + n + chunk
+                    ends.append(len(serialized))
+                xorb_hash = hashlib.sha256(b"xorb" + bytes(serialized)).hexdigest()
+                path = self.root / ".xorbs" / xorb_hash
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(serialized)
+                layout.append((xorb_hash, ends))
+                with self.lock:
+                    self._blobs[xorb_hash] = path
+        with self.lock:
+            self._xorbs[file_hash] = layout
+        return layout
 
     def _take(self, counter: str) -> bool:
         with self.lock:
@@ -427,12 +514,27 @@ class _HubHandler(_Base):
             self._reply(401, error, body, {"Content-Type": "application/json"})
             return
         path = unquote(urlparse(self.path).path)
-        if "/xet-read-token/" in path:  # row 8: a CAS token route that does not give one
-            self._reply(200, b"{}", body, {"Content-Type": "application/json"})
+        if "/xet-read-token/" in path:
+            if hub.xet_broken:  # row 8: a CAS token route that does not give one
+                self._reply(200, b"{}", body, {"Content-Type": "application/json"})
+                return
+            expires = int(time.time() + hub.url_lifetime_s)  # row 17: the CAS URL and a read token for it
+            answer = {"casUrl": hub.storage, "accessToken": hub.xet_token, "exp": expires}
+            self._reply(
+                200,
+                json.dumps(answer).encode(),
+                body,
+                {
+                    "Content-Type": "application/json",
+                    "X-Xet-Cas-Url": hub.storage,
+                    "X-Xet-Access-Token": hub.xet_token,
+                    "X-Xet-Token-Expiration": str(expires),
+                },
+            )
             return
-        api = re.match(r"^/api/models/(.+?)(?:/revision/[^/]+)?$", path)
+        api = re.match(r"^/api/models/(.+?)(?:/revision/([^/]+))?$", path)
         if api:
-            self._repo_info(api.group(1), body)
+            self._repo_info(api.group(1), api.group(2) or "main", body)
             return
         resolve = re.match(r"^/(.+?)/resolve/([^/]+)/(.+)$", path)
         if resolve is None:
@@ -440,16 +542,23 @@ class _HubHandler(_Base):
             return
         self._resolve(*resolve.groups(), body)
 
-    def _repo_info(self, repo_id: str, body: bool) -> None:
+    def _repo_info(self, repo_id: str, revision: str, body: bool) -> None:
         hub = self.hub
         if not (hub.root / repo_id).is_dir():
             self._not_found("RepoNotFound", 401, body)
             return
-        info = {"id": repo_id, "sha": hub.commit(repo_id), "private": False, "gated": False}
+        commit = hub.commit(repo_id, revision)
+        if commit is None:
+            self._not_found("RevisionNotFound", 404, body, revision)
+            return
+        info = {"id": repo_id, "sha": commit, "private": False, "gated": False}
         self._reply(200, json.dumps(info).encode(), body, {"Content-Type": "application/json"})
 
-    def _not_found(self, code: str, status: int, body: bool) -> None:
-        message = "Repository not found" if code == "RepoNotFound" else "Entry not found"
+    def _not_found(self, code: str, status: int, body: bool, revision: str = "") -> None:
+        message = {
+            "RepoNotFound": "Repository not found",
+            "RevisionNotFound": f"Invalid rev id: {revision}",
+        }.get(code, "Entry not found")
         self._reply(
             status,
             json.dumps({"error": message}).encode(),
@@ -462,8 +571,11 @@ class _HubHandler(_Base):
         if not (hub.root / repo_id).is_dir():
             self._not_found("RepoNotFound", 401, body)
             return
-        path = hub.root / repo_id / filename
-        commit = hub.commit(repo_id)
+        commit = hub.commit(repo_id, unquote(revision))
+        if commit is None:
+            self._not_found("RevisionNotFound", 404, body, revision)
+            return
+        path = hub.file_at(repo_id, commit, filename)
         if not path.is_file():
             self._reply(
                 404,
@@ -492,19 +604,31 @@ class _HubHandler(_Base):
             "X-Linked-Size": str(size),
             "ETag": f'"{hashlib.sha1(etag.encode()).hexdigest()}"',
         }
-        if hub.xet_broken:
+        if hub.xet_broken or hub.xet:
             headers["X-Xet-Hash"] = etag
             headers["X-Xet-Refresh-Route"] = f"{hub.endpoint}/api/models/{repo_id}/xet-read-token/{commit}"
         self._reply(302, b"", body, headers)
 
 
 class _StorageHandler(_Base):
+    """The storage host: signed blob URLs (rows 1, 2, 11, 14) and, for row 17, the Xet CAS (its
+    reconstruction API and its xorbs, also at signed URLs)."""
+
     storage_host = True
+
+    def do_POST(self) -> None:  # hf_xet posts telemetry to the CAS: taken and dropped
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.hub.lock:
+            self.hub.requests.append((self.path, ""))
+        self._reply(200, b"{}", True, {"Content-Type": "application/json"})
 
     def _serve(self, body: bool) -> None:
         hub = self.hub
         with hub.lock:
             hub.requests.append((self.path, self.headers.get("Range", "")))
+        if re.match(r"^/v\d+/reconstructions/", self.path):
+            self._reconstruction(body)
+            return
         if self.headers.get("Authorization"):
             with hub.lock:
                 hub.storage_saw_authorization += 1
@@ -524,7 +648,56 @@ class _StorageHandler(_Base):
         if blob is None or not blob.is_file():
             self._reply(404, b"NoSuchKey", body)
             return
+        if blob.parent.name == ".xorbs" and not self.headers.get("Range"):  # a xorb is read by ranges only
+            self._reply(403, b"<Error><Code>AccessDenied</Code>Range required</Error>", body)
+            return
         self._send_file(blob, body, {"ETag": f'"{url.path.removeprefix("/blobs/")}"'})
+
+    def _reconstruction(self, body: bool) -> None:
+        """`GET /v1/reconstructions/{file_hash}` (optional `Range`): the terms and fetch info of xet-core's
+        `QueryReconstructionResponse`; `/v2/` is not served (404: hf_xet then asks `/v1/`)."""
+        hub = self.hub
+        found = re.match(r"^/v1/reconstructions/([0-9a-f]{64})$", urlparse(self.path).path)
+        if found is None:
+            self._reply(404, b'{"error": "Not found"}', body, {"Content-Type": "application/json"})
+            return
+        if self.headers.get("Authorization") != f"Bearer {hub.xet_token}":
+            self._reply(401, b'{"error": "Unauthorized"}', body, {"Content-Type": "application/json"})
+            return
+        layout = hub.xorbs(found.group(1))
+        if not layout:
+            self._reply(404, b'{"error": "File not found"}', body, {"Content-Type": "application/json"})
+            return
+        # every chunk's place: (xorb, index in it, first file byte, length, start and end in the xorb)
+        places, at = [], 0
+        for xorb_hash, ends in layout:
+            for i, end in enumerate(ends):
+                start = ends[i - 1] if i else 0
+                places.append((xorb_hash, i, at, end - start - 8, start, end))
+                at += end - start - 8
+        size = at
+        ranged = re.match(r"bytes=(\d+)-(\d+)$", self.headers.get("Range", ""))
+        first, last = (int(ranged.group(1)), min(int(ranged.group(2)), size - 1)) if ranged else (0, size - 1)
+        if first >= size:
+            self._reply(
+                416, b'{"error": "Range not satisfiable"}', body, {"Content-Type": "application/json"}
+            )
+            return
+        wanted = [p for p in places if p[2] + p[3] > first and p[2] <= last]
+        with hub.lock:
+            generation = hub._generation
+        expires = time.time() + hub.url_lifetime_s
+        terms, fetch_info = [], {}
+        for xorb_hash in dict.fromkeys(p[0] for p in wanted):  # one term per xorb, in file order
+            mine = [p for p in wanted if p[0] == xorb_hash]
+            chunks = {"start": mine[0][1], "end": mine[-1][1] + 1}
+            terms.append({"hash": xorb_hash, "unpacked_length": sum(p[3] for p in mine), "range": chunks})
+            url = f"{hub.storage}/blobs/{xorb_hash}?gen={generation}&exp={expires:.3f}"
+            fetch_info[xorb_hash] = [
+                {"range": chunks, "url": url, "url_range": {"start": mine[0][4], "end": mine[-1][5] - 1}}
+            ]
+        answer = {"offset_into_first_range": first - wanted[0][2], "terms": terms, "fetch_info": fetch_info}
+        self._reply(200, json.dumps(answer).encode(), body, {"Content-Type": "application/json"})
 
 
 class _ProxyHandler(_Base):
@@ -551,7 +724,7 @@ def _serve(handler: type[_Base], hub: OfflineHub) -> ThreadingHTTPServer:
     return server
 
 
-_SETTINGS = ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+_SETTINGS = ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_XET_CACHE")
 
 
 @contextlib.contextmanager
@@ -559,7 +732,8 @@ def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterat
     """Serve `root` as the Hugging Face hub for the duration of the block (see the module docstring).
 
     `HF_ENDPOINT` points at the loopback hub, `HF_HUB_CACHE` at `cache_dir` (default `root/.hf_cache`) and
-    `HF_HUB_OFFLINE` is `0`, in the environment, for the block (then restored): nothing touches the real hub
+    `HF_HUB_OFFLINE` is `0` (and `HF_XET_CACHE` is `root/.hf_xet`), in the environment, for the block (then
+    restored): nothing touches the real hub
     or the real cache, and nothing of huggingface_hub or SAELens is replaced.
     """
     hub = OfflineHub(root=Path(root))
@@ -571,7 +745,14 @@ def offline_hub(root: str | Path, cache_dir: str | Path | None = None) -> Iterat
     hub.tls_endpoint = f"https://127.0.0.1:{ports[0]}"  # TLS to a plain HTTP port: the handshake fails
     cache = Path(cache_dir) if cache_dir is not None else hub.root / ".hf_cache"
     before = {name: os.environ.get(name) for name in _SETTINGS}
-    os.environ.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"})
+    os.environ.update(
+        {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_CACHE": str(cache),
+            "HF_HUB_OFFLINE": "0",
+            "HF_XET_CACHE": str(hub.root / ".hf_xet"),  # hf_xet's chunk cache and logs, not the user's
+        }
+    )
     try:
         yield hub
     finally:
