@@ -290,10 +290,24 @@ class UnknownWordError(ValueError):
 class PlantedTokenizer(PreTrainedTokenizerFast):
     """A word-level tokenizer that refuses unknown words instead of turning them into `<unk>` silently."""
 
+    # Every encode goes through `_batch_encode_plus` in transformers 4 and through `_encode_plus` in 5 (which
+    # dropped the batch method); each version's one route is checked, once.
+    _BATCH_ROUTE = hasattr(PreTrainedTokenizerFast, "_batch_encode_plus")
+
     def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):
         out = super()._batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+        self._refuse_unknown(batch_text_or_text_pairs, out)
+        return out
+
+    def _encode_plus(self, text, *args, **kwargs):
+        out = super()._encode_plus(text, *args, **kwargs)
+        if not self._BATCH_ROUTE:
+            self._refuse_unknown([text] if isinstance(text, str) else text, out)
+        return out
+
+    def _refuse_unknown(self, texts, out) -> None:
         unknown: list[str] = []
-        for text, enc in zip(batch_text_or_text_pairs, out.encodings or []):
+        for text, enc in zip(texts, out.encodings or []):
             if isinstance(text, str):
                 unknown += [
                     text[a:b].strip() for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_token_id
@@ -305,7 +319,6 @@ class PlantedTokenizer(PreTrainedTokenizerFast):
                 f"(towns such as {TOWNS[0]!r}, capitalised; lands such as {LANDS[0]!r}) and the words of its "
                 "templates. Use words from `planted_words()`, or `planted_facts()` for its prompts."
             )
-        return out
 
 
 def make_planted_tokenizer() -> PreTrainedTokenizerFast:
