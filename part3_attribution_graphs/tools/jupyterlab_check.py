@@ -6,7 +6,8 @@ then trusted, then reopened; print what every dashboard output and the explorer 
 
 JupyterLab runs with throwaway settings and trust database (nothing of yours is read or changed) on a
 copy of the notebook. Exits 1 if any dashboard output is blank (neither a graph nor the line that
-says what to do) or if opening the notebook changed the file.
+says what to do), if the explorer cell shows neither its widget nor its picture (given the picture's 10 s
+wait), or if opening the notebook changed the file.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ PROBE = """(() => {
     explorer_note: outs.some(o => o.textContent.includes('Attribution explorer: live')),
     // The explorer's stand-in picture (shown where the widget cannot run) and the widget's own state.
     explorer_picture: [...document.querySelectorAll('.p3ag-explorer-snapshot')].map(p => p.offsetHeight > 0),
+    explorer_state: [...document.querySelectorAll('.p3ag-explorer-snapshot')]
+      .map(p => p.getAttribute('data-state')),
     explorer_live: document.querySelectorAll('.widget-vbox').length,
     widget_errors_visible: outs.filter(o => o.offsetHeight > 0 &&
       /Error displaying widget|model not found|Loading widget/.test(o.innerText)).length,
@@ -70,7 +73,9 @@ def _look(chromium: str, url: str) -> dict:
         for _ in range(80):
             cdp.evaluate(SCROLL)
             time.sleep(0.15)
-        time.sleep(3)
+        # The explorer's picture waits 10 s for a widget before it stands in: look at it, then wait that out.
+        cdp.evaluate("document.querySelector('.p3ag-explorer-snapshot')?.scrollIntoView()")
+        time.sleep(12)
         return cdp.evaluate(PROBE)
 
 
@@ -131,6 +136,12 @@ def main() -> int:
         for case, probe in seen.items()
         for k, d in enumerate(probe["dashboards"])
         if not (d["note_visible"] or (d["frame"] and (d["nodes"] or 0) > 0))
+    ]
+    # The explorer cell: a live widget, or its picture standing in (never neither).
+    blank += [
+        (case, "explorer")
+        for case, probe in seen.items()
+        if probe["explorer_picture"] and not (probe["explorer_live"] or any(probe["explorer_picture"]))
     ]
     print(json.dumps({**seen, "file_changed_by_opening": changed, "blank_outputs": blank}, indent=1))
     return 1 if blank or changed or not all(p["dashboards"] for p in seen.values()) else 0
