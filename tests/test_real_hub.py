@@ -764,6 +764,27 @@ def test_a_trickling_host_is_given_up_on_at_the_deadline(schema_file, monkeypatc
 # ------------------------------------------------------------ issue 25 item 6: a wall-clock download deadline
 
 
+def _within(load, wait_s: float) -> tuple[list, float]:
+    """Run `load` on a daemon thread for at most `wait_s` seconds (a stuck one is left behind): its outcome
+    ("loaded" or the HubUnreachableError it raised) and the seconds waited; fails if it was still running."""
+    outcome: list = []
+
+    def run():
+        try:
+            load()
+            outcome.append("loaded")
+        except HubUnreachableError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    thread.join(wait_s)
+    elapsed = time.perf_counter() - t0
+    assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+    return outcome, elapsed
+
+
 def test_a_trickling_download_is_stopped_at_the_deadline_and_auto_falls_back(
     toy_world, tmp_path, monkeypatch, capsys
 ):
@@ -776,23 +797,12 @@ def test_a_trickling_download_is_stopped_at_the_deadline_and_auto_falls_back(
     write_gemmascope_layout({0: transcoders[0]}, tmp_path, repo_id=REPO_ID)
     cache = tmp_path / "hf"
     monkeypatch.setenv("P3AG_DOWNLOAD_DEADLINE_S", "3")
-    outcome = []
     with offline_hub(tmp_path, cache_dir=cache) as served:
         served.trickle_s = 2.0
 
-        def run():
-            try:
-                load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1)
-                outcome.append("loaded")
-            except HubUnreachableError as err:
-                outcome.append(err)
-
-        thread = threading.Thread(target=run, daemon=True)
-        t0 = time.perf_counter()
-        thread.start()
-        thread.join(3 + 10)
-        elapsed = time.perf_counter() - t0
-        assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+        outcome, elapsed = _within(
+            lambda: load_saes_parallel(RELEASE, transcoder_ids(1), max_workers=1), 3 + 10
+        )
         partial = list(cache.rglob("*.incomplete"))
 
         monkeypatch.setattr(gemma270m, "load_gemma3_270m_offline", lambda **k: (model, {}))
@@ -811,25 +821,15 @@ def test_a_trickling_download_into_local_dir_is_stopped_and_its_partial_file_rem
     partial file under `local_dir/.cache/huggingface/download/`)."""
     write_example_files({LAYER: real_example_schema(64, 50, k=8)}, tmp_path / "hub", repo_id=REPO_ID)
     monkeypatch.setenv("P3AG_DOWNLOAD_DEADLINE_S", "3")
-    outcome = []
     with offline_hub(tmp_path / "hub") as served:
         served.trickle_s = 2.0
 
-        def run():
-            try:
-                load_example_data(
-                    LAYER, model_size="270m", instruction_tuned=False, local_dir=tmp_path / "mine"
-                )
-                outcome.append("loaded")
-            except HubUnreachableError as err:
-                outcome.append(err)
-
-        thread = threading.Thread(target=run, daemon=True)
-        t0 = time.perf_counter()
-        thread.start()
-        thread.join(3 + 10)
-        elapsed = time.perf_counter() - t0
-        assert outcome, f"still downloading {elapsed:.0f} s after the 3 s deadline"
+        outcome, _ = _within(
+            lambda: load_example_data(
+                LAYER, model_size="270m", instruction_tuned=False, local_dir=tmp_path / "mine"
+            ),
+            3 + 10,
+        )
         partial = list((tmp_path / "mine").rglob("*.incomplete"))
     assert isinstance(outcome[0], HubUnreachableError) and outcome[0].kind == "network", outcome[0]
     assert "deadline" in str(outcome[0]) and partial == []
