@@ -257,6 +257,38 @@ def test_short_recipe_is_deterministic_and_learns(tmp_path):
     )
 
 
+def test_answer_rows_are_the_positions_that_predict_each_answer(planted_world):
+    """The transcoders' extra copies are of the right rows: each is the MLP input where the prompt ends."""
+    model, _ = planted_world
+    _, text = train_planted.corpus(0)
+    facts = planted.planted_facts()
+    rows = train_planted._answer_rows(text)
+    x, _ = train_planted.collect_activations(model, text)[1]
+    picks = [0, 1, len(facts) // 2, len(facts) - 1]
+    _, cache = model.run_with_cache(
+        model.to_tokens([facts[i].prompt for i in picks]), names_filter="blocks.1.mlp.hook_in"
+    )
+    for k, i in enumerate(picks):
+        n = len(model.to_str_tokens(facts[i].prompt))  # the prompts differ in length: padded at the end
+        torch.testing.assert_close(x[rows[i]], cache["blocks.1.mlp.hook_in"][k, n - 1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(x[rows[0]], x[rows[0] + 1])  # a row further on is another position
+
+
+def test_two_hop_answers_share_their_land_and_attribute_parts(planted_world):
+    """The embedding of each two-hop answer is nearer its land's other answers, and its attribute's other
+    lands' answers, than the rest (`train_planted.ANSWER_PARTS`)."""
+    model, _ = planted_world
+    groups = planted.planted_groups()
+    ids = {(g, a): model.to_single_token(w) for g, attrs in groups.items() for a, w in attrs.items()}
+    E = torch.nn.functional.normalize(model.W_E[list(ids.values())], dim=1)
+    cos = E @ E.T
+    keys = list(ids)
+    same_land = torch.tensor([[k[0] == j[0] and k != j for j in keys] for k in keys])
+    same_attr = torch.tensor([[k[1] == j[1] and k != j for j in keys] for k in keys])
+    neither = torch.tensor([[k[0] != j[0] and k[1] != j[1] for j in keys] for k in keys])
+    assert cos[same_land].mean() > cos[same_attr].mean() > cos[neither].mean() + 0.1
+
+
 def test_write_world_writes_its_three_files_and_keeps_the_folders_others(tmp_path):
     out = tmp_path / "world"
     out.mkdir()
@@ -314,6 +346,35 @@ def test_swapping_the_land_latents_swaps_held_out_answers(planted_world):
     rates = ground_truth.intervention_rates(model, transcoders, facts, idx, pairs, found, modes=("frozen",))
     assert rates["swap/planted/frozen"][0] >= 0.8, rates
     assert rates["swap/random/frozen"][0] <= 0.15, rates
+
+
+def test_ablating_the_land_latents_takes_held_out_answers_away(planted_world):
+    """Setting the site's land latents to 0 removes the answer on at least 80% of held-out questions, frozen
+    and live (measured 2026-12-05: 88% / 100%); random latents of the same count at the same site on at most
+    15% (measured 0%)."""
+    model, transcoders = planted_world
+    facts = planted.planted_facts("two_hop")
+    found = planted.land_latents(model, transcoders, facts)
+    right = ground_truth._answered(model, facts)
+    idx = [i for i, f in enumerate(facts) if f.split == "heldout" and right[i]]
+    modes = ("frozen", "live")
+    rates = ground_truth.intervention_rates(model, transcoders, facts, idx, [], found, modes=modes)
+    for mode in modes:
+        assert rates[f"ablation/planted/{mode}"][0] >= 0.8, rates
+        assert rates[f"ablation/random/{mode}"][0] <= 0.15, rates
+
+
+def test_the_strongest_path_mostly_runs_through_the_land(planted_world):
+    """`attribute`'s default graph of each held-out question: its strongest path passes through a land
+    latent of the question's own land in 19 of 24 (measured 2026-12-05; the aim was 80%, the previous world
+    12 of 24), and kept latents are land latents far above the base rate (measured 9.5x)."""
+    model, transcoders = planted_world
+    facts = planted.planted_facts("two_hop")
+    found = planted.land_latents(model, transcoders, facts)
+    idx = [i for i, f in enumerate(facts) if f.split == "heldout"]
+    scores = ground_truth.graph_scores(model, transcoders, facts, idx, found)
+    assert scores["strongest path through the land"][0] >= 0.75, scores
+    assert scores["enrichment"][0] >= 4, scores
 
 
 def test_example_data_comes_from_the_worlds_own_text(planted_world):

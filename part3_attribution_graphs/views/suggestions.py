@@ -211,27 +211,38 @@ def suggested_groups(latents: list[Latent], pairs: list[tuple]) -> list[set[Late
     return list(groups.values())
 
 
-def group_scores(truth: dict[str, list[Latent]], groups: list[set[Latent]]) -> dict[str, tuple[float, float]]:
+def group_scores(
+    truth: dict[str, list[Latent]],
+    groups: list[set[Latent]],
+    kin: dict[str, list[Latent]] | None = None,
+) -> dict[str, tuple[float, float]]:
     """For each known group, `(purity, coverage)` of its best suggested group of two or more latents: the
-    share of that group's members that are the known group's, and the share of the known group's latents
-    in it. Best: at least `MIN_PURITY` pure if any is, then holding the most, then the purer; `(0.0, 0.0)`
-    if no such group holds any of its latents."""
+    share of that group's members that are the known group's (or its `kin`: latents of the same concept
+    elsewhere, such as a land's latents at other sites, which do not make a suggestion impure), and the
+    share of the known group's latents in it. Best: at least `MIN_PURITY` pure if any is, then holding the
+    most, then the purer; `(0.0, 0.0)` if no such group holds any of its latents."""
     out = {}
     for name, members in truth.items():
         members = set(members)
+        own = members | set((kin or {}).get(name, ()))
         best = (False, 0, 0.0)
         for g in groups:
             if len(g) >= 2 and g & members:
-                purity = len(g & members) / len(g)
+                purity = len(g & own) / len(g)
                 best = max(best, (purity >= MIN_PURITY, len(g & members), purity))
         out[name] = (best[2], best[1] / len(members) if members else 0.0)
     return out
 
 
-def recovered_groups(truth: dict[str, list[Latent]], groups: list[set[Latent]]) -> dict[str, bool]:
+def recovered_groups(
+    truth: dict[str, list[Latent]],
+    groups: list[set[Latent]],
+    kin: dict[str, list[Latent]] | None = None,
+) -> dict[str, bool]:
     """For each known group, whether the suggestions recover it: a suggested group of two or more latents,
-    at least `MIN_PURITY` of it the known group's, holds at least `MIN_COVERAGE` of the known group."""
+    at least `MIN_PURITY` of it the known group's (or its `kin`'s), holds at least `MIN_COVERAGE` of the
+    known group."""
     return {
         name: purity >= MIN_PURITY and coverage >= MIN_COVERAGE
-        for name, (purity, coverage) in group_scores(truth, groups).items()
+        for name, (purity, coverage) in group_scores(truth, groups, kin).items()
     }

@@ -25,7 +25,8 @@ The world (all names invented, so no reader's knowledge of real places gets in t
   one composed question, and a land's three towns hold out three *different* attributes (`_two_hop_heldout`),
   so a held-out question can only be answered through the land, whose attribute the model learnt from its
   other towns. Answers are one word with its leading space (" Borea"), after the model's turn starts with
-  `RESPONSE` ("Answer:").
+  `RESPONSE` ("Answer:"). A two-hop answer's embedding shares a part with its land's other answers and a
+  part with the other lands' answers to the same attribute (`tools/train_planted.ANSWER_PARTS`).
 - `opposite`: 12 antonym pairs (both ways) under 4 templates; the last template is held out.
 - `copy`: "My name is Zed. What is my name?" -> "Zed"; 8 of the 24 names are never copied in training.
 
@@ -157,8 +158,9 @@ GROUND_TRUTH = {
     "group_attribute": "the land's attribute, looked up at the last position from the land's name (moved "
     "there by attention) and the attribute word",
     "two_hop": "town -> land -> attribute: MLP 0 writes the land at the town (LAND_SITE: a few land latents "
-    "there), attention moves it to the last position, where later MLPs look the attribute up; held-out "
-    "questions can only be answered that way",
+    "there), attention moves it to the last position and adds it to the attribute read from the question; "
+    "the answer is the word whose embedding shares both (each answer's embedding holds a part of its "
+    "land's and a part of its attribute's); held-out questions can only be answered that way",
     "opposite": "the antonym, computed from the word (moved by attention to the last position) and the "
     "relation 'opposite', whatever the template",
     "copy": "the token after 'My name is', copied by attention to the last position; works for names never "
