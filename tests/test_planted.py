@@ -333,15 +333,20 @@ def test_each_land_has_one_to_ten_latents_at_the_planted_site(planted_world):
     assert all(1 <= len(v) <= 10 for v in at_site.values()), {k: len(v) for k, v in at_site.items()}
 
 
+def _held_out_two_hop(model, transcoders):
+    """`(facts, land latents by the fixed rule, indices of the held-out questions the model answers)`."""
+    facts = planted.planted_facts("two_hop")
+    found = planted.land_latents(model, transcoders, facts)
+    right = ground_truth._answered(model, facts)
+    return facts, found, [i for i, f in enumerate(facts) if f.split == "heldout" and right[i]]
+
+
 def test_swapping_the_land_latents_swaps_held_out_answers(planted_world):
     """The planted variable, found by the fixed rule: setting the site's land latents to another land's values
     gives that land's answer on at least 80% of held-out pairs (frozen), random latents of the same count at
     the same site on at most 15%."""
     model, transcoders = planted_world
-    facts = planted.planted_facts("two_hop")
-    found = planted.land_latents(model, transcoders, facts)
-    right = ground_truth._answered(model, facts)
-    idx = [i for i, f in enumerate(facts) if f.split == "heldout" and right[i]]
+    facts, found, idx = _held_out_two_hop(model, transcoders)
     pairs = ground_truth._pairs(facts, idx, 1, torch.Generator().manual_seed(0))
     rates = ground_truth.intervention_rates(model, transcoders, facts, idx, pairs, found, modes=("frozen",))
     assert rates["swap/planted/frozen"][0] >= 0.8, rates
@@ -353,10 +358,7 @@ def test_ablating_the_land_latents_takes_held_out_answers_away(planted_world):
     and live (measured 2026-12-05: 88% / 100%); random latents of the same count at the same site on at most
     15% (measured 0%)."""
     model, transcoders = planted_world
-    facts = planted.planted_facts("two_hop")
-    found = planted.land_latents(model, transcoders, facts)
-    right = ground_truth._answered(model, facts)
-    idx = [i for i, f in enumerate(facts) if f.split == "heldout" and right[i]]
+    facts, found, idx = _held_out_two_hop(model, transcoders)
     modes = ("frozen", "live")
     rates = ground_truth.intervention_rates(model, transcoders, facts, idx, [], found, modes=modes)
     for mode in modes:

@@ -14,11 +14,14 @@ on the same machine gives the same bits; the shipped world is seed 2 (`SHIPPED_S
    a small weight on every other token of the user's turn (next-word prediction, which trains the
    embeddings of words that are never answers). AdamW, weight decay on the matrices. What plants the land at
    the town (`planted.LAND_SITE`): in town examples, MLPs 1-3 are dropped at the town (`P_DROP`), layer 0's
-   residual there is rebuilt from other towns' (`SWAPS`: the answer follows MLP 0's output, never the town's
-   token itself), and MLP 0's output at the town is pulled toward its land's mean (`LAND_WEIGHT`).
+   residual there is rebuilt around MLP 0's output from a random town's (`SWAPS`: the answer follows MLP 0's
+   output, never the town's token itself), and MLP 0's output at the town is pulled toward its land's mean
+   (`LAND_WEIGHT`). The two-hop answers' frozen embeddings share a land part and an attribute part
+   (`ANSWER_PARTS`), so that the answer is the land added to the attribute.
 2. **The transcoders**: one JumpReLU transcoder per layer, trained on that layer's MLP input and output over
-   the corpus (every split's text, no labels): normalised MSE plus `l0_coeff` times L0, with the
-   straight-through (rectangle kernel) gradient for the thresholds. The skip is fixed at 0 (`W_skip` zeros):
+   the corpus (every split's text, no labels, each question's answering position `ANSWER_COPIES` extra times):
+   normalised MSE plus `l0_coeff` times L0, with the straight-through (rectangle kernel) gradient for the
+   thresholds. The skip is fixed at 0 (`W_skip` zeros):
    a least-squares skip writes a large town-specific term that the latents then cancel town by town, so no
    latent codes the land. A zero skip is still a skip: the files load as SAELens skip transcoders.
 """
